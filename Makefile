@@ -1,0 +1,56 @@
+# hammal: `make run` starts the mirror on embedded defaults, `make test` runs
+# the whole trial suite. Both install what they need on a fresh machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := redis-server docker-registry skopeo
+SYSTEM_BINARIES := redis-server docker-registry skopeo
+export PYTHONPATH := $(CURDIR)
+# Large socket buffers make glibc map and unmap memory constantly; these keep
+# it from doing so (see README, "Performance").
+export MALLOC_MMAP_THRESHOLD_ ?= 4194304
+export MALLOC_TRIM_THRESHOLD_ ?= 67108864
+
+HAMMAL_ARGS ?=
+
+.PHONY: all deps system-deps run test test-unit test-integration lint bench clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.installed
+
+system-deps:
+	@missing=""; for b in $(SYSTEM_BINARIES); do \
+	  command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages for:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
+run: deps
+	$(BIN)/twistd --pidfile= -n hammal $(HAMMAL_ARGS)
+
+test: deps system-deps
+	$(BIN)/trial --reporter=text tests
+
+test-unit: deps
+	$(BIN)/trial $$(cd tests && ls test_*.py | sed 's/\.py$$//; s/^/tests./')
+
+test-integration: deps system-deps
+	$(BIN)/trial tests.integration
+
+lint: deps
+	$(BIN)/mypy hammal twisted/plugins/hammal_plugin.py
+
+clean:
+	rm -rf $(VENV) _trial_temp twisted/plugins/dropin.cache
