@@ -1,0 +1,242 @@
+"""
+hammal's settings: the command-line option table (each option with an
+environment fallback) and the typed, validated L{Settings} built from it
+once at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+from urllib.parse import unquote, urlsplit
+
+import attrs
+
+from hammal.registry.auth import Credentials
+from hammal.registry.reference import is_docker_hub
+
+DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+
+
+class ConfigError(ValueError):
+    """An option value that hammal cannot start with; one line for ops."""
+
+
+@attrs.frozen
+class OptionSpec:
+    """One C{--name VALUE} option: default, help, and its env variable."""
+
+    name: str
+    default: str | None
+    help: str
+    extra_env: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        return "HAMMAL_" + self.name.upper().replace("-", "_")
+
+
+#: Every valued option, in --help order.
+PARAMETERS: tuple[OptionSpec, ...] = (
+    OptionSpec("port", DEFAULT_PORT, "Port number or Twisted server endpoint string to listen on."),
+    OptionSpec("tls-cert", None, "PEM certificate chain for --tls (leaf first)."),
+    OptionSpec("tls-key", None, "PEM private key for --tls."),
+    OptionSpec("upstream", DEFAULT_UPSTREAM, "Base URL of the registry to mirror."),
+    OptionSpec(
+        "upstream-username",
+        None,
+        "User name for upstream tokens (never logged).",
+        ("DOCKER_USERNAME",),
+    ),
+    OptionSpec(
+        "upstream-password",
+        None,
+        "Password or access token for upstream tokens (never logged).",
+        ("DOCKER_PASSWORD",),
+    ),
+    OptionSpec("redis", None, "redis://[:password@]host[:port][/db] for a shared token cache."),
+    OptionSpec("connect-timeout", "10", "Seconds to wait for an upstream connection."),
+    OptionSpec("read-timeout", "30", "Seconds of upstream silence before giving up."),
+    OptionSpec("retries", "3", "Retries of a failed upstream GET/HEAD."),
+    OptionSpec("retry-backoff", "0.5", "Base seconds of the exponential retry backoff."),
+    OptionSpec("blob-redirect", "follow", "follow: stream blobs from upstream's CDN; pass: redirect clients."),
+    OptionSpec("log-format", "text", "text or json."),
+    OptionSpec("buffer-size", "256K", "Socket read/write buffer per connection (e.g. 64K, 1M)."),
+    OptionSpec("max-upstream-connections", "64", "Persistent connections kept per upstream host."),
+)
+
+#: Every flag: name, help.
+FLAGS: tuple[tuple[str, str], ...] = (
+    ("tls", "Serve HTTPS (TLS 1.2+) with --tls-cert and --tls-key."),
+    ("library-prefix", "Rewrite one-part names to library/NAME (default: on for Docker Hub)."),
+    ("no-library-prefix", "Never rewrite one-part names."),
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_SIZE = re.compile(r"(\d+)\s*([KMG]?)(?:I?B)?\Z", re.IGNORECASE)
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    """The boolean an environment variable sets, L{None} if unset."""
+    value = env.get(name)
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def parse_size(text: str, what: str) -> int:
+    """C{"256K"} → 262144."""
+    match = _SIZE.match(text.strip())
+    if match is None:
+        raise ConfigError(f"{what} must be a size like 256K or 1M, not {text!r}")
+    number, unit = int(match.group(1)), match.group(2).upper()
+    return number * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit]
+
+
+def _number(text: str, what: str, minimum: float, integer: bool = False) -> float:
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number, not {text!r}")
+    if value < minimum:
+        raise ConfigError(f"{what} must be at least {minimum:g}")
+    return value
+
+
+def port_description(text: str) -> str:
+    """A port number becomes a TCP endpoint on all interfaces."""
+    text = text.strip()
+    if text.isdigit():
+        if not 0 < int(text) < 65536:
+            raise ConfigError(f"--port {text} is not a valid port number")
+        return f"tcp:{text}"
+    if not text:
+        raise ConfigError("--port must not be empty")
+    return text
+
+
+@attrs.frozen
+class RedisAddress:
+    host: str
+    port: int
+    db: int
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """Parse C{redis://[:password@]host[:port][/db]}."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ConfigError(f"--redis must look like redis://host:6379/0, not {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError(f"--redis has an invalid port: {url!r}")
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise ConfigError(f"--redis database must be a number, not {db_text!r}")
+    password = unquote(parts.password) if parts.password else None
+    return RedisAddress(parts.hostname, port, int(db_text), password)
+
+
+@attrs.frozen
+class Settings:
+    """Everything hammal runs with, validated."""
+
+    port: str = DEFAULT_PORT
+    tls: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    upstream: str = DEFAULT_UPSTREAM
+    library_prefix: bool = True
+    credentials: Credentials | None = None
+    redis: RedisAddress | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 3
+    retry_backoff: float = 0.5
+    blob_redirect: str = "follow"
+    log_format: str = "text"
+    buffer_size: int = 256 * 1024
+    max_upstream_connections: int = 64
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object]) -> Settings:
+        """
+        Validate parsed options (after env fallbacks were applied).
+
+        @raise ConfigError: with a one-line explanation.
+        """
+
+        def text(name: str) -> str | None:
+            value = options.get(name)
+            return None if value in (None, "") else str(value)
+
+        upstream = (text("upstream") or DEFAULT_UPSTREAM).rstrip("/")
+        parts = urlsplit(upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--upstream must be an http(s) URL, not {upstream!r}")
+        if parts.path or parts.query or parts.fragment or parts.username:
+            raise ConfigError("--upstream must be a bare base URL like https://registry-1.docker.io")
+        if options.get("library-prefix") and options.get("no-library-prefix"):
+            raise ConfigError("--library-prefix and --no-library-prefix exclude each other")
+        if options.get("library-prefix"):
+            library_prefix = True
+        elif options.get("no-library-prefix"):
+            library_prefix = False
+        else:
+            library_prefix = is_docker_hub(parts.hostname)
+
+        username, password = text("upstream-username"), text("upstream-password")
+        if (username is None) != (password is None):
+            raise ConfigError("--upstream-username and --upstream-password go together")
+        credentials = Credentials(username, password) if username and password else None
+
+        tls = bool(options.get("tls"))
+        tls_cert, tls_key = text("tls-cert"), text("tls-key")
+        if tls and not (tls_cert and tls_key):
+            raise ConfigError("--tls needs --tls-cert and --tls-key")
+
+        blob_redirect = text("blob-redirect") or "follow"
+        if blob_redirect not in ("follow", "pass"):
+            raise ConfigError(f"--blob-redirect must be follow or pass, not {blob_redirect!r}")
+        log_format = text("log-format") or "text"
+        if log_format not in ("text", "json"):
+            raise ConfigError(f"--log-format must be text or json, not {log_format!r}")
+        buffer_size = parse_size(text("buffer-size") or "256K", "--buffer-size")
+        if not 4096 <= buffer_size <= 64 * 1024**2:
+            raise ConfigError("--buffer-size must be between 4K and 64M")
+        redis_url = text("redis")
+
+        return cls(
+            port=port_description(text("port") or DEFAULT_PORT),
+            tls=tls,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            upstream=upstream,
+            library_prefix=library_prefix,
+            credentials=credentials,
+            redis=parse_redis_url(redis_url) if redis_url else None,
+            connect_timeout=_number(text("connect-timeout") or "10", "--connect-timeout", 0.001),
+            read_timeout=_number(text("read-timeout") or "30", "--read-timeout", 0.001),
+            retries=int(_number(text("retries") or "3", "--retries", 0, integer=True)),
+            retry_backoff=_number(text("retry-backoff") or "0.5", "--retry-backoff", 0),
+            blob_redirect=blob_redirect,
+            log_format=log_format,
+            buffer_size=buffer_size,
+            max_upstream_connections=int(
+                _number(
+                    text("max-upstream-connections") or "64",
+                    "--max-upstream-connections",
+                    1,
+                    integer=True,
+                )
+            ),
+        )

@@ -1,0 +1,398 @@
+"""
+The upstream registry client: one logical request, made reliable.
+
+A call to L{UpstreamClient.request} authorises itself (L{UpstreamAuth}),
+follows blob redirects to CDNs without credentials, retries connection
+errors, timeouts, 429 and 502/503/504 with backoff and jitter, and maps what
+cannot be retried to hammal's error types. Bodies are never buffered here:
+the caller gets the live response.
+"""
+
+from __future__ import annotations
+
+import json
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from hammal import __version__
+from hammal.errors import (
+    Denied,
+    RegistryError,
+    TooManyRequests,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from hammal.registry.auth import Credentials, UpstreamAuth
+from hammal.registry.challenge import select_challenge
+from hammal.registry.reference import pull_scope
+from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
+from hammal.registry.tokens import TokenCache
+from hammal.stream import discard_body, read_body
+
+RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+USER_AGENT = f"hammal/{__version__}".encode()
+
+_CONNECTION_ERRORS = (
+    error.ConnectError,
+    error.DNSLookupError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    ResponseNeverReceived,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    OSError,
+)
+
+
+@attrs.frozen
+class Upstream:
+    """
+    A registry hammal mirrors.
+
+    @ivar url: base URL without a trailing slash, e.g.
+        ``https://registry-1.docker.io``.
+    @ivar library_prefix: whether one-part names live under ``library/``.
+    """
+
+    url: str
+    library_prefix: bool = False
+    credentials: Credentials | None = None
+
+    @property
+    def host(self) -> str:
+        """``host[:port]``, for messages and logs."""
+        return urlsplit(self.url).netloc
+
+
+@attrs.define
+class Trace:
+    """What one client request cost upstream, for the access log."""
+
+    attempts: int = 0
+    redirects: int = 0
+
+
+@implementer(IAgent)
+class _IdentityEncodingAgent:
+    """
+    Asks upstream for bytes exactly as stored (``Accept-Encoding:
+    identity``), overriding the gzip that treq would request, so that
+    lengths and digests stay those of the content.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> defer.Deferred[IResponse]:
+        headers = headers.copy() if headers is not None else Headers()
+        headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    """A pool whose connections do not log each start and stop."""
+
+    _factory = _QuietFactory
+
+
+def make_http_client(
+    reactor: Any,
+    connect_timeout: float,
+    max_per_host: int = 64,
+    tls_policy: IPolicyForHTTPS | None = None,
+) -> HTTPClient:
+    """
+    A treq client with a large persistent pool (the default of 2 per host
+    halves the request rate) and no cookie storage.
+    """
+    pool = _QuietPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_per_host
+    pool.cachedConnectionTimeout = 120
+    kwargs: dict[str, Any] = {"connectTimeout": connect_timeout, "pool": pool}
+    if tls_policy is not None:
+        kwargs["contextFactory"] = tls_policy
+    return http_client_over(Agent(reactor, **kwargs))
+
+
+def http_client_over(agent: IAgent) -> HTTPClient:
+    """
+    The treq client hammal uses over C{agent}: identity encoding, no
+    cookies.
+    """
+    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return HTTPClient(_IdentityEncodingAgent(agent), cookiejar=no_cookies)
+
+
+def upstream_error(response: IResponse, body: bytes, where: str) -> RegistryError:
+    """
+    The error to report for a non-success upstream response: upstream's own
+    OCI error code and message where it sent one.
+    """
+    code, message, detail = "UNKNOWN", f"{where} answered HTTP {response.code}", None
+    try:
+        errors = json.loads(body).get("errors") or []
+        first = errors[0]
+        code = str(first.get("code") or code)
+        message = str(first.get("message") or message)
+        detail = first.get("detail")
+    except (ValueError, AttributeError, IndexError, TypeError):
+        pass
+    if response.code == 429:
+        retry_after = response.headers.getRawHeaders(b"retry-after", [b""])[0]
+        headers = {"Retry-After": retry_after.decode("latin-1")} if retry_after else {}
+        return TooManyRequests(
+            f"{where} rate limit reached ({message}); configure --upstream-username"
+            " and --upstream-password for a higher pull limit",
+            headers=headers,
+        )
+    if response.code in (401, 403):
+        return Denied(f"{where} refused access: {message}", detail)
+    if response.code >= 500:
+        return UpstreamUnavailable(f"{where} failed: HTTP {response.code} {message}")
+    if response.code < 400:
+        return UpstreamBadResponse(f"{where} answered unexpectedly: HTTP {response.code}")
+    return UpstreamError(response.code, code, message, detail)
+
+
+class UpstreamClient:
+    """
+    Requests to one upstream registry, authorised and retried.
+
+    @param follow_redirects: follow blob redirects to CDNs (C{True}) or
+        return them to the caller.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        http: HTTPClient,
+        clock: IReactorTime,
+        tokens: TokenCache,
+        policy: RetryPolicy,
+        read_timeout: float,
+    ) -> None:
+        self.upstream = upstream
+        self._http = http
+        self._clock = clock
+        self._policy = policy
+        self.read_timeout = read_timeout
+        self._auth = UpstreamAuth(
+            upstream.url,
+            tokens,
+            self._send,
+            upstream_error,
+            upstream.credentials,
+            clock,
+        )
+
+    async def request(
+        self,
+        method: bytes,
+        name: str,
+        path: str,
+        headers: Headers,
+        trace: Trace,
+        follow_redirects: bool = True,
+    ) -> IResponse:
+        """
+        Send C{method} for C{/v2/<name>/<path>} upstream and return the
+        response, whose body is still to be read.
+
+        Redirects are followed when C{follow_redirects}; C{headers} must
+        hold only what may go upstream (see L{hammal.web.headers}).
+
+        @raise RegistryError: when upstream could not give an answer worth
+            relaying after every retry.
+        """
+        url = f"{self.upstream.url}/v2/{name}/{path}"
+        scope = pull_scope(name)
+        retry = 0
+        while True:
+            trace.attempts += 1
+            retry_after: float | None = None
+            try:
+                response = await self._attempt(method, url, headers, scope, follow_redirects, trace)
+            except (UpstreamUnavailable, UpstreamTimeout, TooManyRequests) as failure:
+                if isinstance(failure, TooManyRequests):
+                    retry_after = parse_retry_after(
+                        failure.headers.get("Retry-After"), self._clock.seconds()
+                    )
+                delay = self._policy.delay(retry, retry_after)
+                if delay is None:
+                    raise
+                reason = failure.message
+            else:
+                if response.code not in RETRIABLE_STATUSES:
+                    return response
+                retry_after = parse_retry_after(
+                    _header(response, b"retry-after"), self._clock.seconds()
+                )
+                delay = self._policy.delay(retry, retry_after)
+                if delay is None:
+                    return response
+                reason = f"HTTP {response.code}"
+                await discard_body(response)
+            self.log.info(
+                "retrying {method} {url} in {delay:.2f}s after {reason}",
+                method=method.decode(),
+                url=url,
+                delay=delay,
+                reason=reason,
+            )
+            await sleep(self._clock, delay)
+            retry += 1
+
+    async def _attempt(
+        self,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        scope: str,
+        follow_redirects: bool,
+        trace: Trace,
+    ) -> IResponse:
+        authorization = await self._auth.authorization(scope)
+        response = await self._send(method, url, _with_authorization(headers, authorization))
+        if response.code == 401:
+            challenge = select_challenge(
+                value.decode("latin-1")
+                for value in response.headers.getRawHeaders(b"www-authenticate", [])
+            )
+            if challenge is not None:
+                answer = await self._auth.answer(challenge, scope, authorization)
+                if answer is not None:
+                    await discard_body(response)
+                    authorization = answer
+                    response = await self._send(method, url, _with_authorization(headers, answer))
+        if follow_redirects and response.code in REDIRECT_STATUSES:
+            response = await self._follow(method, url, headers, authorization, response, trace)
+        return response
+
+    async def _follow(
+        self,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        authorization: bytes | None,
+        response: IResponse,
+        trace: Trace,
+    ) -> IResponse:
+        """
+        Follow redirects. Credentials go only to the origin they were meant
+        for; a CDN gets the signed URL and nothing else.
+        """
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS):
+            location = _header(response, b"location")
+            if location is None:
+                return response
+            await discard_body(response)
+            url = urljoin(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise UpstreamBadResponse(f"{self.upstream.host} redirected to a non-HTTP URL")
+            trace.redirects += 1
+            same_origin = _origin(url) == origin
+            response = await self._send(
+                method, url, _with_authorization(headers, authorization if same_origin else None)
+            )
+            if response.code not in REDIRECT_STATUSES:
+                return response
+        raise UpstreamBadResponse(f"{self.upstream.host} redirected more than {MAX_REDIRECTS} times")
+
+    async def _send(self, method: bytes, url: str, headers: Headers) -> IResponse:
+        """One HTTP exchange, with hammal's errors for what went wrong."""
+        headers.setRawHeaders(b"user-agent", [USER_AGENT])
+        host = urlsplit(url).netloc
+        d = self._http.request(
+            method.decode("ascii"),
+            url,
+            headers=headers,
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        d.addTimeout(self.read_timeout, self._clock)
+        try:
+            response: IResponse = await d
+        except defer.TimeoutError:
+            raise UpstreamTimeout(f"{host} did not answer within {self.read_timeout:g} seconds")
+        except error.ConnectingCancelledError:
+            raise UpstreamTimeout(f"connecting to {host} timed out")
+        except error.TimeoutError:
+            raise UpstreamTimeout(f"connecting to {host} timed out")
+        except _CONNECTION_ERRORS as failure:
+            raise UpstreamUnavailable(f"cannot reach {host}: {_describe(failure)}")
+        return response
+
+    async def fetch_document(self, response: IResponse, limit: int) -> bytes:
+        """Read a small body (manifest, tag list) within the read timeout."""
+        d = read_body(response, limit)
+        d.addTimeout(self.read_timeout, self._clock)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise UpstreamTimeout(
+                f"{self.upstream.host} stalled for {self.read_timeout:g} seconds mid-response"
+            )
+
+
+def _describe(failure: BaseException) -> str:
+    if isinstance(failure, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
+        reasons = getattr(failure, "reasons", None) or []
+        if reasons:
+            return reasons[0].getErrorMessage()
+    text = str(failure) or type(failure).__name__
+    return text[:200]
+
+
+def _header(response: IResponse, name: bytes) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return (parts.scheme, parts.hostname, port)
+
+
+def _with_authorization(headers: Headers, authorization: bytes | None) -> Headers:
+    headers = headers.copy()
+    if authorization is None:
+        headers.removeHeader(b"authorization")
+    else:
+        headers.setRawHeaders(b"authorization", [authorization])
+    return headers

@@ -1,0 +1,174 @@
+"""
+Upstream token caches: one contract, an in-process and a Redis
+implementation, and a resilient pairing of both.
+
+Keys are namespaced and versioned (``hammal:token:v1:...``). Every
+implementation expires entries by itself: the memory cache on its injected
+clock, Redis through key TTLs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+KEY_PREFIX = "hammal:token:v1:"
+
+
+class TokenCache(Protocol):
+    """
+    Where upstream bearer tokens are kept until shortly before they expire.
+    """
+
+    def get(self, key: str) -> Deferred[str | None]:
+        """The token stored under C{key}, or L{None}."""
+
+    def set(self, key: str, token: str, ttl: float) -> Deferred[None]:
+        """Store C{token} under C{key} for C{ttl} seconds."""
+
+    def delete(self, key: str) -> Deferred[None]:
+        """Forget C{key}."""
+
+
+class MemoryTokenCache:
+    """
+    A bounded in-process L{TokenCache}; the least recently used entry goes
+    when it is full.
+    """
+
+    def __init__(self, clock: IReactorTime, max_entries: int = 10000) -> None:
+        self._clock = clock
+        self._max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, key: str) -> Deferred[str | None]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return succeed(None)
+        token, expires = entry
+        if self._clock.seconds() >= expires:
+            del self._entries[key]
+            return succeed(None)
+        self._entries.move_to_end(key)
+        return succeed(token)
+
+    def set(self, key: str, token: str, ttl: float) -> Deferred[None]:
+        self._entries[key] = (token, self._clock.seconds() + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+        return succeed(None)
+
+    def delete(self, key: str) -> Deferred[None]:
+        self._entries.pop(key, None)
+        return succeed(None)
+
+
+class RedisTokenCache:
+    """
+    A L{TokenCache} in Redis, shared by every hammal instance using it.
+
+    @param redis: a txredisapi connection or pool.
+    @param timeout: seconds before a Redis call counts as failed.
+    """
+
+    def __init__(self, redis: Any, clock: IReactorTime, timeout: float = 1.0) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._timeout = timeout
+
+    def _call(self, d: Deferred[Any]) -> Deferred[Any]:
+        return d.addTimeout(self._timeout, self._clock)
+
+    def get(self, key: str) -> Deferred[str | None]:
+        d = self._call(self._redis.get(KEY_PREFIX + key))
+        return d.addCallback(lambda value: value if value else None)
+
+    def set(self, key: str, token: str, ttl: float) -> Deferred[None]:
+        milliseconds = max(1, int(ttl * 1000))
+        d = self._call(self._redis.set(KEY_PREFIX + key, token, pexpire=milliseconds))
+        return d.addCallback(lambda _: None)
+
+    def delete(self, key: str) -> Deferred[None]:
+        d = self._call(self._redis.delete(KEY_PREFIX + key))
+        return d.addCallback(lambda _: None)
+
+
+class ResilientTokenCache:
+    """
+    A shared L{TokenCache} backed by a local one: hammal keeps serving when
+    the shared cache (Redis) fails.
+
+    Every token is also kept locally. When the shared cache fails, one
+    warning is logged and it is left alone for C{retry_after} seconds; the
+    first success after that logs its return.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        shared: TokenCache,
+        local: TokenCache,
+        clock: IReactorTime,
+        retry_after: float = 5.0,
+        name: str = "redis",
+    ) -> None:
+        self._shared = shared
+        self._local = local
+        self._clock = clock
+        self._retry_after = retry_after
+        self._name = name
+        self._down_until: float | None = None
+
+    @property
+    def shared_healthy(self) -> bool:
+        """Whether the shared cache answered its last call."""
+        return self._down_until is None
+
+    def _usable(self) -> bool:
+        return self._down_until is None or self._clock.seconds() >= self._down_until
+
+    def _succeeded(self, result: Any) -> Any:
+        if self._down_until is not None:
+            self._down_until = None
+            self.log.info("{cache} token cache is reachable again", cache=self._name)
+        return result
+
+    def _failed(self, failure: Any, fallback: Any) -> Any:
+        if self._down_until is None:
+            self.log.warn(
+                "{cache} token cache failed ({error}); using the in-process cache",
+                cache=self._name,
+                error=failure.getErrorMessage() or failure.type.__name__,
+            )
+        self._down_until = self._clock.seconds() + self._retry_after
+        return fallback
+
+    async def _get(self, key: str) -> str | None:
+        local = await self._local.get(key)
+        if local is not None or not self._usable():
+            return local
+        d = self._shared.get(key).addCallbacks(self._succeeded, self._failed, errbackArgs=(None,))
+        return await d
+
+    def get(self, key: str) -> Deferred[str | None]:
+        return Deferred.fromCoroutine(self._get(key))
+
+    def _both(self, local: Deferred[None], shared: Any) -> Deferred[None]:
+        if not self._usable():
+            return local
+        d: Deferred[None] = shared()
+        return d.addCallbacks(self._succeeded, self._failed, errbackArgs=(None,))
+
+    def set(self, key: str, token: str, ttl: float) -> Deferred[None]:
+        return self._both(
+            self._local.set(key, token, ttl), lambda: self._shared.set(key, token, ttl)
+        )
+
+    def delete(self, key: str) -> Deferred[None]:
+        return self._both(self._local.delete(key), lambda: self._shared.delete(key))

@@ -1,0 +1,236 @@
+"""
+Moving upstream response bodies: into memory for small documents, and
+straight into a consumer (the client's request) for blobs.
+
+The blob path never buffers: L{BodyPipe} registers itself as the consumer's
+streaming producer and forwards pause/resume to the upstream transport, so a
+slow client slows the upstream read instead of growing memory. It verifies
+length and digest on the fly and holds back the last chunk until both are
+known to be right: a client never sees a corrupt transfer complete.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from zope.interface import implementer
+
+from hammal.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from hammal.registry.reference import Digest
+
+
+class BodyTooLarge(UpstreamBadResponse):
+    """Upstream sent more than the size limit for a document."""
+
+
+class _Collector(Protocol):
+    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+        self._limit = limit
+        self._done = done
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            if not self._done.called:
+                self._done.errback(BodyTooLarge(f"upstream response exceeds {self._limit} bytes"))
+            if self.transport is not None:
+                self.transport.stopProducing()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(b"".join(self._chunks))
+        else:
+            self._done.errback(
+                UpstreamUnavailable(f"upstream connection broke: {reason.getErrorMessage()}")
+            )
+
+
+def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
+    """
+    Read a whole response body of at most C{limit} bytes.
+
+    @raise BodyTooLarge: (asynchronously) past C{limit}; the upstream
+        connection is dropped.
+    """
+    if response.length is not UNKNOWN_LENGTH and response.length > limit:
+        done: Deferred[bytes] = Deferred()
+        response.deliverBody(_Collector(-1, done))
+        return done
+    done = Deferred()
+    response.deliverBody(_Collector(limit, done))
+    return done
+
+
+def discard_body(response: IResponse) -> Deferred[None]:
+    """Read and drop a (small) body so its connection can be reused."""
+    return read_body(response, 64 * 1024).addBoth(lambda _: None)
+
+
+class TransferBroken(UpstreamUnavailable):
+    """The upstream body ended early, or was not what was asked for."""
+
+
+@implementer(IPushProducer)
+class BodyPipe(Protocol):
+    """
+    Copies an upstream body into C{consumer} with backpressure, checking
+    its length and digest.
+
+    The pipe is the consumer's producer: pauses from the consumer pause the
+    upstream transport (and the idle timer, since silence is then our
+    choice), and stopping the pipe drops the upstream connection.
+
+    @ivar done: fires with the number of bytes written once the body was
+        complete and verified and its last chunk written; fails with
+        L{TransferBroken} or L{UpstreamTimeout} otherwise, in which case the
+        consumer has not been given the last chunk.
+    """
+
+    def __init__(
+        self,
+        consumer: IConsumer,
+        clock: IReactorTime,
+        idle_timeout: float,
+        expected_length: int | None = None,
+        digest: Digest | None = None,
+        upstream: str = "upstream",
+    ) -> None:
+        self.done: Deferred[int] = Deferred()
+        self._consumer = consumer
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._expected_length = expected_length
+        self._digest = digest
+        self._hasher = digest.hasher() if digest is not None else None
+        self._upstream = upstream
+        self._received = 0
+        self._pending: bytes = b""
+        self._paused = False
+        self._stopped = False
+        self._idle_call: IDelayedCall | None = None
+
+    # Protocol: the upstream side.
+
+    def connectionMade(self) -> None:
+        self._consumer.registerProducer(self, True)
+        self._arm_idle_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        self._received += len(data)
+        if self._expected_length is not None and self._received > self._expected_length:
+            self._fail(TransferBroken(f"{self._upstream} sent more bytes than announced"))
+            return
+        if self._hasher is not None:
+            self._hasher.update(data)
+        if self._pending:
+            self._consumer.write(self._pending)
+        self._pending = data
+        if not self._paused:
+            self._arm_idle_timer()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancel_idle_timer()
+        if self.done.called:
+            return
+        if self._stopped:
+            self.done.errback(TransferBroken("the transfer was stopped"))
+            return
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            self.done.errback(
+                TransferBroken(
+                    f"{self._upstream} broke the transfer after {self._received} bytes:"
+                    f" {reason.getErrorMessage()}"
+                )
+            )
+            return
+        if self._expected_length is not None and self._received != self._expected_length:
+            self.done.errback(
+                TransferBroken(
+                    f"{self._upstream} sent {self._received} of {self._expected_length} bytes"
+                )
+            )
+            return
+        if self._digest is not None and self._hasher is not None:
+            if not self._digest.matches(self._hasher):
+                self.done.errback(
+                    TransferBroken(f"{self._upstream} sent bytes that do not match {self._digest}")
+                )
+                return
+        if self._pending:
+            self._consumer.write(self._pending)
+            self._pending = b""
+        self.done.callback(self._received)
+
+    # IPushProducer: the consumer side.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._cancel_idle_timer()
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._arm_idle_timer()
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The consumer went away: drop the upstream connection."""
+        self._stopped = True
+        self._pending = b""
+        self._cancel_idle_timer()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    # Internals.
+
+    def _fail(self, error: Exception) -> None:
+        self._cancel_idle_timer()
+        self._pending = b""
+        if not self.done.called:
+            self.done.errback(error)
+        self._stopped = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._idle_timeout)
+        else:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._idle)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _idle(self) -> None:
+        self._idle_call = None
+        self._fail(
+            UpstreamTimeout(
+                f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
+                f" after {self._received} bytes"
+            )
+        )
+
+
+def expected_length(response: IResponse) -> int | None:
+    """The body length upstream announced, or L{None}."""
+    length: Any = response.length
+    return None if length is UNKNOWN_LENGTH else int(length)

@@ -1,0 +1,34 @@
+"""
+The root of the resource tree: ``/v2`` for the registry API, ``/healthz``
+for orchestrators, and a short text at ``/``.
+"""
+
+from __future__ import annotations
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+
+class _Text(Resource):
+    isLeaf = True
+
+    def __init__(self, body: bytes, content_type: bytes = b"text/plain; charset=utf-8") -> None:
+        super().__init__()
+        self._body = body
+        self._content_type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", self._content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        return self._body
+
+    render_HEAD = render_GET
+
+
+def build_root(v2: Resource) -> Resource:
+    """The resource tree hammal serves."""
+    root = Resource()
+    root.putChild(b"", _Text(b"hammal registry mirror: point your client at this host.\n"))
+    root.putChild(b"v2", v2)
+    root.putChild(b"healthz", _Text(b"ok\n"))
+    return root

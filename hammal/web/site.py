@@ -1,0 +1,88 @@
+"""
+The HTTP site: a request type that carries what the access log reports,
+and one access-log event per request, finished or aborted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from hammal.registry.client import Trace
+
+
+class HammalRequest(Request):
+    """
+    A request that remembers when it started, which route it took and what
+    it cost upstream.
+    """
+
+    clock: IReactorTime | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.route_kind = "-"
+        self.trace = Trace()
+        self.cache_status = "-"
+        self.started_at = 0.0
+        self._access_logged = False
+
+    def process(self) -> None:
+        if self.clock is not None:
+            self.started_at = self.clock.seconds()
+        super().process()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        site = getattr(self.channel, "site", None) or getattr(self, "site", None)
+        if isinstance(site, HammalSite):
+            site.log_access(self, aborted=True)
+
+
+class HammalSite(Site):
+    """A L{Site} that writes structured access-log events."""
+
+    access_log = Logger(namespace="hammal.access")
+
+    def __init__(self, resource: IResource, clock: IReactorTime, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.noisy = False
+        self._clock = clock
+        clock_bound = type("BoundHammalRequest", (HammalRequest,), {"clock": clock})
+        self.requestFactory = clock_bound
+
+    def log(self, request: Request) -> None:
+        """Called by twisted.web as a request finishes."""
+        self.log_access(request, aborted=False)
+
+    def log_access(self, request: Request, aborted: bool) -> None:
+        """Emit the access-log event for C{request}, once."""
+        if not isinstance(request, HammalRequest) or request._access_logged:
+            return
+        request._access_logged = True
+        duration = self._clock.seconds() - request.started_at if request.started_at else 0.0
+        self.access_log.info(
+            '{client} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms'
+            " route={route} upstream_attempts={attempts} cache={cache}{aborted_text}",
+            client=_client_address(request),
+            method=request.method.decode("latin-1"),
+            path=request.uri.decode("latin-1")[:1024],
+            status=request.code,
+            bytes=request.sentLength,
+            duration_ms=duration * 1000,
+            route=request.route_kind,
+            attempts=request.trace.attempts,
+            cache=request.cache_status,
+            aborted=aborted,
+            aborted_text=" aborted" if aborted else "",
+        )
+
+
+def _client_address(request: Request) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", "-"))

@@ -1,0 +1,159 @@
+"""
+The ``/v2/`` resource: routing and HTTP translation for the registry API.
+
+It parses the path, checks the method, hands the work to the
+L{PullProxy}, and writes what comes back: documents whole, blobs through a
+L{BodyPipe} with backpressure. It holds no registry logic of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from hammal.errors import RegistryError, TagInvalid, Unsupported
+from hammal.proxy import BlobReply, Document, PullProxy
+from hammal.registry.reference import parse_tag
+from hammal.stream import BodyPipe
+from hammal.web.errors import abort_client, write_error
+from hammal.web.headers import upstream_request_headers
+from hammal.web.routes import Route, RouteKind, parse_route
+
+API_VERSION = b"registry/2.0"
+
+
+class V2Resource(Resource):
+    """Everything below ``/v2``."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, proxy: PullProxy, clock: IReactorTime, read_timeout: float) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._clock = clock
+        self._read_timeout = read_timeout
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(b"docker-distribution-api-version", API_VERSION)
+        work = Deferred.fromCoroutine(self._serve(request))
+        request.notifyFinish().addErrback(lambda _: work.cancel())
+        return NOT_DONE_YET
+
+    async def _serve(self, request: Request) -> None:
+        try:
+            route = parse_route(request.path)
+            _set_route_kind(request, route.kind.value)
+            if request.method not in (b"GET", b"HEAD"):
+                request.setHeader(b"allow", b"GET, HEAD")
+                raise Unsupported("hammal is a pull-only mirror: only GET and HEAD are allowed")
+            await self._dispatch(request, route)
+        except RegistryError as error:
+            write_error(request, error)
+        except CancelledError:
+            return
+        except Exception:
+            self.log.failure("unexpected error serving {path}", path=request.uri[:512])
+            write_error(request, RegistryError("internal error"))
+
+    async def _dispatch(self, request: Request, route: Route) -> None:
+        if route.kind is RouteKind.BASE:
+            _write_document(request, Document(200, [(b"content-type", [b"application/json"])], b"{}"))
+            return
+        if route.kind is RouteKind.AUTH:
+            raise Unsupported("this mirror needs no token: it runs with --auth none")
+        headers = upstream_request_headers(request.requestHeaders)
+        trace = request.trace  # type: ignore[attr-defined]
+        if route.kind is RouteKind.MANIFEST:
+            assert route.reference is not None
+            headers.removeHeader(b"range")
+            document = await self._proxy.manifest(
+                request.method, route.name, route.reference, headers, trace
+            )
+            _write_document(request, document)
+        elif route.kind is RouteKind.TAGS:
+            document = await self._proxy.tags(route.name, _tags_query(request), headers, trace)
+            _write_document(request, document)
+        else:
+            reply = await self._proxy.blob(request.method, route.name, route.digest, headers, trace)
+            if isinstance(reply, Document):
+                _write_document(request, reply)
+            else:
+                await self._stream(request, reply)
+
+    async def _stream(self, request: Request, reply: BlobReply) -> None:
+        _start_response(request, reply.status, reply.headers, reply.length)
+        if reply.response is None:
+            request.finish()
+            return
+        pipe = BodyPipe(
+            request,
+            self._clock,
+            self._read_timeout,
+            expected_length=reply.length,
+            digest=reply.verify,
+            upstream=self._proxy.upstream_host,
+        )
+        reply.response.deliverBody(pipe)
+        try:
+            await pipe.done
+        except CancelledError:
+            pipe.stopProducing()
+            raise
+        except RegistryError as error:
+            request.unregisterProducer()
+            if not getattr(request, "_disconnected", False):
+                self.log.warn(
+                    "aborting {path}: {error}", path=request.uri[:512], error=error.message
+                )
+                abort_client(request)
+            return
+        request.unregisterProducer()
+        if not getattr(request, "_disconnected", False):
+            request.finish()
+
+
+def _set_route_kind(request: Request, kind: str) -> None:
+    if hasattr(request, "route_kind"):
+        request.route_kind = kind  # type: ignore[attr-defined]
+
+
+def _start_response(
+    request: Request, status: int, headers: list[tuple[bytes, list[bytes]]], length: int | None
+) -> None:
+    request.setResponseCode(status)
+    for name, values in headers:
+        request.responseHeaders.setRawHeaders(name, values)
+    if length is not None:
+        request.setHeader(b"content-length", b"%d" % length)
+
+
+def _write_document(request: Request, document: Document) -> None:
+    if getattr(request, "_disconnected", False):
+        return
+    _start_response(request, document.status, document.headers, document.content_length)
+    if document.body:
+        request.write(document.body)
+    request.finish()
+
+
+def _tags_query(request: Request) -> str:
+    """The validated ``n`` and ``last`` parameters of a tag-list request."""
+    args = request.args or {}
+    query: list[tuple[str, str]] = []
+    n = args.get(b"n")
+    if n:
+        text = n[0].decode("latin-1")
+        if not text.isdigit() or len(text) > 6:
+            raise TagInvalid("n must be a non-negative integer")
+        query.append(("n", text))
+    last = args.get(b"last")
+    if last:
+        query.append(("last", parse_tag(last[0].decode("latin-1"))))
+    return urlencode(query)
