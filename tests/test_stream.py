@@ -1,0 +1,142 @@
+"""
+Tests for L{hammal.stream.BodyPipe}: backpressure, verification, tail
+hold-back and the idle timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone, ResponseFailed
+
+from hammal.errors import UpstreamTimeout
+from hammal.registry.reference import Digest
+from hammal.stream import BodyPipe, TransferBroken
+from tests.fakes import FakeConsumer, FakeProducerTransport
+
+CHUNKS = [b"a" * 1000, b"b" * 1000, b"c" * 500]
+DATA = b"".join(CHUNKS)
+DIGEST = Digest("sha256", hashlib.sha256(DATA).hexdigest())
+
+
+class BodyPipeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.consumer = FakeConsumer()
+        self.transport = FakeProducerTransport()
+
+    def pipe(self, length: int | None = len(DATA), digest: Digest | None = DIGEST) -> BodyPipe:
+        pipe = BodyPipe(self.consumer, self.clock, 5.0, length, digest, "up.test")
+        pipe.makeConnection(self.transport)
+        return pipe
+
+    def test_registers_as_streaming_producer(self) -> None:
+        """The pipe becomes the consumer's push producer at once."""
+        pipe = self.pipe()
+        self.assertIs(self.consumer.producer, pipe)
+        self.assertTrue(self.consumer.streaming)
+
+    def test_consumer_pause_pauses_upstream(self) -> None:
+        """A consumer that pauses the pipe pauses the upstream transport."""
+        pipe = self.pipe()
+        pipe.pauseProducing()
+        self.assertTrue(self.transport.paused)
+        pipe.resumeProducing()
+        self.assertFalse(self.transport.paused)
+
+    def test_consumer_stop_drops_upstream(self) -> None:
+        """A client that goes away drops the upstream connection."""
+        pipe = self.pipe()
+        pipe.dataReceived(CHUNKS[0])
+        pipe.stopProducing()
+        self.assertTrue(self.transport.stopped)
+        pipe.connectionLost(Failure(ResponseFailed([])))
+        self.failureResultOf(pipe.done, TransferBroken)
+
+    def test_verified_body_delivered_whole(self) -> None:
+        """A correct body arrives complete and done fires with its size."""
+        pipe = self.pipe()
+        for chunk in CHUNKS:
+            pipe.dataReceived(chunk)
+        pipe.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(pipe.done), len(DATA))
+        self.assertEqual(self.consumer.received, DATA)
+
+    def test_tail_held_until_verified(self) -> None:
+        """The last chunk received is not written before the body is verified."""
+        pipe = self.pipe()
+        for chunk in CHUNKS:
+            pipe.dataReceived(chunk)
+        self.assertEqual(self.consumer.received, CHUNKS[0] + CHUNKS[1])
+        pipe.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.consumer.received, DATA)
+
+    def test_corrupt_body_never_completes(self) -> None:
+        """A digest mismatch fails the transfer and withholds the tail."""
+        pipe = self.pipe()
+        pipe.dataReceived(CHUNKS[0])
+        pipe.dataReceived(CHUNKS[1])
+        pipe.dataReceived(b"X" * 500)
+        pipe.connectionLost(Failure(ResponseDone()))
+        failure = self.failureResultOf(pipe.done, TransferBroken)
+        self.assertIn("do not match", failure.value.message)
+        self.assertEqual(len(self.consumer.received), 2000)
+
+    def test_short_body_fails(self) -> None:
+        """A body that ends before Content-Length fails."""
+        pipe = self.pipe(digest=None)
+        pipe.dataReceived(CHUNKS[0])
+        pipe.connectionLost(Failure(ResponseDone()))
+        failure = self.failureResultOf(pipe.done, TransferBroken)
+        self.assertIn("1000 of 2500", failure.value.message)
+
+    def test_long_body_fails(self) -> None:
+        """More bytes than announced stop the transfer."""
+        pipe = self.pipe(length=1500, digest=None)
+        pipe.dataReceived(CHUNKS[0])
+        pipe.dataReceived(CHUNKS[1])
+        self.failureResultOf(pipe.done, TransferBroken)
+        self.assertTrue(self.transport.stopped)
+
+    def test_broken_connection_fails(self) -> None:
+        """An upstream reset mid-body fails the transfer."""
+        pipe = self.pipe()
+        pipe.dataReceived(CHUNKS[0])
+        pipe.connectionLost(Failure(ResponseFailed([Failure(ConnectionError("reset"))])))
+        self.failureResultOf(pipe.done, TransferBroken)
+
+    def test_idle_timeout(self) -> None:
+        """Upstream silence beyond the timeout aborts the transfer."""
+        pipe = self.pipe()
+        pipe.dataReceived(CHUNKS[0])
+        self.clock.advance(4.9)
+        pipe.dataReceived(CHUNKS[1])
+        self.clock.advance(4.9)
+        self.assertNoResult(pipe.done)
+        self.clock.advance(0.2)
+        self.failureResultOf(pipe.done, UpstreamTimeout)
+        self.assertTrue(self.transport.stopped)
+
+    def test_no_timeout_while_paused(self) -> None:
+        """Silence while the client holds us paused is not upstream's fault."""
+        pipe = self.pipe()
+        pipe.dataReceived(CHUNKS[0])
+        pipe.pauseProducing()
+        self.clock.advance(60)
+        self.assertNoResult(pipe.done)
+        pipe.resumeProducing()
+        self.clock.advance(5.1)
+        self.failureResultOf(pipe.done, UpstreamTimeout)
+
+    def test_memory_bounded_by_one_chunk(self) -> None:
+        """The pipe holds at most one chunk, however long the body is."""
+        size = 10_000
+        pipe = BodyPipe(self.consumer, self.clock, 5.0, None, None)
+        pipe.makeConnection(self.transport)
+        for _ in range(size):
+            pipe.dataReceived(b"z" * 10)
+        self.assertEqual(len(pipe._pending), 10)
+        self.assertEqual(len(self.consumer.received), (size - 1) * 10)
