@@ -11,7 +11,7 @@ known to be right: a client never sees a corrupt transfer complete.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
@@ -42,8 +42,7 @@ class _Collector(Protocol):
         if self._size > self._limit:
             if not self._done.called:
                 self._done.errback(BodyTooLarge(f"upstream response exceeds {self._limit} bytes"))
-            if self.transport is not None:
-                self.transport.stopProducing()
+            _producer(self.transport).stopProducing()
             return
         self._chunks.append(data)
 
@@ -56,6 +55,28 @@ class _Collector(Protocol):
             self._done.errback(
                 UpstreamUnavailable(f"upstream connection broke: {reason.getErrorMessage()}")
             )
+
+
+@implementer(IPushProducer)
+class _NoProducer:
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _producer(transport: object) -> IPushProducer:
+    """
+    The push producer behind a response body's transport (twisted.web's
+    client hands body protocols a producer, typed as a plain transport).
+    """
+    if transport is None:
+        return _NoProducer()
+    return cast(IPushProducer, transport)
 
 
 def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
@@ -181,22 +202,19 @@ class BodyPipe(Protocol):
     def pauseProducing(self) -> None:
         self._paused = True
         self._cancel_idle_timer()
-        if self.transport is not None:
-            self.transport.pauseProducing()
+        _producer(self.transport).pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._arm_idle_timer()
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        _producer(self.transport).resumeProducing()
 
     def stopProducing(self) -> None:
         """The consumer went away: drop the upstream connection."""
         self._stopped = True
         self._pending = b""
         self._cancel_idle_timer()
-        if self.transport is not None:
-            self.transport.stopProducing()
+        _producer(self.transport).stopProducing()
 
     # Internals.
 
@@ -206,8 +224,7 @@ class BodyPipe(Protocol):
         if not self.done.called:
             self.done.errback(error)
         self._stopped = True
-        if self.transport is not None:
-            self.transport.stopProducing()
+        _producer(self.transport).stopProducing()
 
     def _arm_idle_timer(self) -> None:
         if self._idle_call is not None and self._idle_call.active():

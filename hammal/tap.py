@@ -93,7 +93,7 @@ def _token_cache(settings: Settings, reactor: Any) -> TokenCache:
     local = MemoryTokenCache(reactor)
     if settings.redis is None:
         return local
-    import txredisapi  # type: ignore[import-untyped]
+    import txredisapi
 
     address = settings.redis
     redis = txredisapi.lazyConnectionPool(

@@ -11,12 +11,13 @@ the caller gets the live response.
 from __future__ import annotations
 
 import json
-from http.cookiejar import CookieJar, DefaultCookiePolicy
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import attrs
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -151,7 +152,7 @@ def http_client_over(agent: IAgent) -> HTTPClient:
     The treq client hammal uses over C{agent}: identity encoding, no
     cookies.
     """
-    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     return HTTPClient(_IdentityEncodingAgent(agent), cookiejar=no_cookies)
 
 

@@ -33,8 +33,8 @@ def write_error(request: Request, error: RegistryError) -> None:
         request.responseHeaders.removeHeader(name)
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     request.setHeader(b"content-length", b"%d" % len(body))
-    for name, value in error.headers.items():
-        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+    for header, value in error.headers.items():
+        request.setHeader(header.encode("latin-1"), value.encode("latin-1"))
     request.write(body)
     request.finish()
 

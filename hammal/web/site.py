@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -53,14 +54,17 @@ class HammalSite(Site):
         super().__init__(resource, **kwargs)
         self.noisy = False
         self._clock = clock
-        clock_bound = type("BoundHammalRequest", (HammalRequest,), {"clock": clock})
-        self.requestFactory = clock_bound
+        class _ClockedRequest(HammalRequest):
+            pass
 
-    def log(self, request: Request) -> None:
+        _ClockedRequest.clock = clock
+        self.requestFactory = _ClockedRequest
+
+    def log(self, request: http.Request) -> None:
         """Called by twisted.web as a request finishes."""
         self.log_access(request, aborted=False)
 
-    def log_access(self, request: Request, aborted: bool) -> None:
+    def log_access(self, request: http.Request, aborted: bool) -> None:
         """Emit the access-log event for C{request}, once."""
         if not isinstance(request, HammalRequest) or request._access_logged:
             return
@@ -83,6 +87,6 @@ class HammalSite(Site):
         )
 
 
-def _client_address(request: Request) -> str:
+def _client_address(request: http.Request) -> str:
     address = request.getClientAddress()
     return str(getattr(address, "host", "-"))

@@ -121,7 +121,7 @@ class V2Resource(Resource):
 
 def _set_route_kind(request: Request, kind: str) -> None:
     if hasattr(request, "route_kind"):
-        request.route_kind = kind  # type: ignore[attr-defined]
+        request.route_kind = kind
 
 
 def _start_response(
