@@ -64,6 +64,8 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("log-format", "text", "text or json."),
     OptionSpec("buffer-size", "256K", "Socket read/write buffer per connection (e.g. 64K, 1M)."),
     OptionSpec("max-upstream-connections", "64", "Persistent connections kept per upstream host."),
+    OptionSpec("cache-dir", "var/cache", "Directory of the pull-through cache."),
+    OptionSpec("cache-max-size", None, "Largest size of cached blobs (e.g. 50G); LRU eviction past it."),
 )
 
 #: Every flag: name, help.
@@ -71,11 +73,12 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("tls", "Serve HTTPS (TLS 1.2+) with --tls-cert and --tls-key."),
     ("library-prefix", "Rewrite one-part names to library/NAME (default: on for Docker Hub)."),
     ("no-library-prefix", "Never rewrite one-part names."),
+    ("no-cache", "Run as a pure proxy: cache nothing on disk."),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-_SIZE = re.compile(r"(\d+)\s*([KMG]?)(?:I?B)?\Z", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?\Z", re.IGNORECASE)
 
 
 def env_flag(env: Mapping[str, str], name: str) -> bool | None:
@@ -97,7 +100,7 @@ def parse_size(text: str, what: str) -> int:
     if match is None:
         raise ConfigError(f"{what} must be a size like 256K or 1M, not {text!r}")
     number, unit = int(match.group(1)), match.group(2).upper()
-    return number * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit]
+    return number * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
 
 
 def _number(text: str, what: str, minimum: float, integer: bool = False) -> float:
@@ -166,6 +169,8 @@ class Settings:
     log_format: str = "text"
     buffer_size: int = 256 * 1024
     max_upstream_connections: int = 64
+    cache_dir: str | None = "var/cache"
+    cache_max_size: int | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> Settings:
@@ -214,6 +219,9 @@ class Settings:
         if not 4096 <= buffer_size <= 64 * 1024**2:
             raise ConfigError("--buffer-size must be between 4K and 64M")
         redis_url = text("redis")
+        cache_dir = None if options.get("no-cache") else (text("cache-dir") or "var/cache")
+        max_size_text = text("cache-max-size")
+        cache_max_size = parse_size(max_size_text, "--cache-max-size") if max_size_text else None
 
         return cls(
             port=port_description(text("port") or DEFAULT_PORT),
@@ -231,6 +239,8 @@ class Settings:
             blob_redirect=blob_redirect,
             log_format=log_format,
             buffer_size=buffer_size,
+            cache_dir=cache_dir,
+            cache_max_size=cache_max_size,
             max_upstream_connections=int(
                 _number(
                     text("max-upstream-connections") or "64",

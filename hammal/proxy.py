@@ -12,20 +12,32 @@ in one hop.
 from __future__ import annotations
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.client import REDIRECT_STATUSES, Trace, UpstreamClient, upstream_error
 from hammal.registry.reference import Digest, Reference, upstream_name
-from hammal.stream import expected_length
+from hammal.cache.blobs import BlobCache
+from hammal.cache.fetch import BlobFetch
+from hammal.stream import BodySource, UpstreamBody, expected_length
+from hammal.web.ranges import content_range, parse_range
 from hammal.web.headers import relayed_response_headers
 
 #: The largest manifest or tag list hammal accepts from upstream.
 MAX_DOCUMENT_SIZE = 8 * 1024 * 1024
 
 HeaderList = list[tuple[bytes, list[bytes]]]
+
+#: RFC 9211 ``Cache-Status`` values: how a response was served.
+CACHE_HIT = "hammal; hit"
+CACHE_MISS = "hammal; fwd=miss"
+CACHE_COALESCED = "hammal; fwd=miss; collapsed; detail=coalesced"
+CACHE_STALE = "hammal; fwd=stale"
+CACHE_BYPASS = "hammal; fwd=bypass"
 
 
 @attrs.frozen
@@ -45,17 +57,18 @@ class Document:
 @attrs.frozen
 class BlobReply:
     """
-    A blob response whose body is still upstream.
+    A blob response whose body is still to be streamed.
 
-    @ivar response: the live upstream response, or L{None} for HEAD.
-    @ivar verify: the digest to check the body against (full bodies only).
+    @ivar body: where the bytes come from; L{None} for HEAD.
+    @ivar cache_status: how it was served (an RFC 9211 ``Cache-Status``).
     """
 
     status: int
     headers: HeaderList
     length: int | None
-    response: IResponse | None
-    verify: Digest | None
+    body: BodySource | None
+    cache_status: str = CACHE_BYPASS
+
 
 
 def _header(headers: HeaderList, name: bytes) -> bytes | None:
@@ -79,10 +92,19 @@ class PullProxy:
 
     log = Logger()
 
-    def __init__(self, client: UpstreamClient, library_prefix: bool, blob_redirect: str) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        library_prefix: bool,
+        blob_redirect: str,
+        clock: IReactorTime,
+        blobs: BlobCache | None = None,
+    ) -> None:
         self._client = client
         self._library_prefix = library_prefix
         self._follow_blob_redirects = blob_redirect == "follow"
+        self._clock = clock
+        self._blobs = blobs if self._follow_blob_redirects else None
 
     @property
     def upstream_host(self) -> str:
@@ -144,9 +166,14 @@ class PullProxy:
         self, method: bytes, name: str, digest: Digest, headers: Headers, trace: Trace
     ) -> BlobReply | Document:
         """
-        Start fetching a blob. A full C{200} body is verified against
-        C{digest} while it streams; a C{206} is relayed as upstream sent it.
+        Answer for a blob: from the cache, from a fetch in flight, or
+        straight from upstream. A full C{200} body is verified against
+        C{digest} while it streams.
         """
+        if self._blobs is not None:
+            reply = await self._cached_blob(method, name, digest, headers, trace, self._blobs)
+            if reply is not None:
+                return reply
         response = await self._client.request(
             method,
             self.upstream_name(name),
@@ -170,10 +197,90 @@ class PullProxy:
         if method == b"HEAD":
             announced = response.headers.getRawHeaders(b"content-length", [None])[0]
             length = int(announced) if announced and announced.isdigit() else None
-            return BlobReply(response.code, relayed, length, None, None)
-        length = expected_length(response)
+            return BlobReply(response.code, relayed, length, None)
         verify = digest if response.code == 200 else None
-        return BlobReply(response.code, relayed, length, response, verify)
+        body = UpstreamBody(response, self._clock, self._client.read_timeout, verify, self.upstream_host)
+        return BlobReply(response.code, relayed, expected_length(response), body)
+
+    async def _cached_blob(
+        self,
+        method: bytes,
+        name: str,
+        digest: Digest,
+        headers: Headers,
+        trace: Trace,
+        blobs: BlobCache,
+    ) -> BlobReply | None:
+        """The answer through the cache, or L{None} to go straight upstream."""
+        requested_range = headers.getRawHeaders(b"range", [None])[0]
+        size = blobs.store.size(digest)
+        if size is not None:
+            blobs.store.touch(digest)
+            return self._cache_reply(
+                blobs, method, digest, size, requested_range, None, CACHE_HIT, b"application/octet-stream"
+            )
+        running = blobs.in_flight(digest)
+        if method == b"HEAD" and (running is None or running.size is None):
+            return None
+        if running is None and not blobs.has_room():
+            self.log.warn("cache disk is nearly full: serving {digest} uncached", digest=str(digest))
+            return None
+        upstream_headers = headers.copy()
+        upstream_headers.removeHeader(b"range")
+        upstream_name = self.upstream_name(name)
+
+        def start(offset: int) -> Deferred[IResponse]:
+            attempt_headers = upstream_headers.copy()
+            if offset:
+                attempt_headers.setRawHeaders(b"range", [b"bytes=%d-" % offset])
+            return Deferred.fromCoroutine(
+                self._client.request(
+                    b"GET",
+                    upstream_name,
+                    f"blobs/{digest}",
+                    attempt_headers,
+                    trace if offset == 0 else Trace(),
+                )
+            )
+
+        fetch, joined = blobs.fetch(digest, start, self.upstream_host)
+        await fetch.when_started()
+        return self._cache_reply(
+            blobs,
+            method,
+            digest,
+            fetch.size,
+            requested_range,
+            fetch,
+            CACHE_COALESCED if joined else CACHE_MISS,
+            fetch.content_type,
+        )
+
+    def _cache_reply(
+        self,
+        blobs: BlobCache,
+        method: bytes,
+        digest: Digest,
+        size: int | None,
+        requested_range: bytes | None,
+        fetch: BlobFetch | None,
+        cache_status: str,
+        content_type: bytes,
+    ) -> BlobReply:
+        headers: HeaderList = [
+            (b"content-type", [content_type]),
+            (b"docker-content-digest", [str(digest).encode()]),
+            (b"accept-ranges", [b"bytes"]),
+        ]
+        status, start, end = 200, 0, size
+        if size is not None:
+            selected = parse_range(requested_range, size)
+            if selected is not None:
+                status, (start, end) = 206, selected
+                headers.append((b"content-range", [content_range(start, end, size)]))
+        length = None if end is None else end - start
+        body = None if method == b"HEAD" else blobs.body(digest, start, end, fetch)
+        return BlobReply(status, headers, length, body, cache_status)
 
     async def tags(self, name: str, query: str, headers: Headers, trace: Trace) -> Document:
         """Fetch a tag list page; C{query} holds the validated C{n}/C{last}."""

@@ -12,6 +12,7 @@ known to be right: a client never sees a corrupt transfer complete.
 from __future__ import annotations
 
 from typing import Any, cast
+from typing import Protocol as Protocol_
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
@@ -251,3 +252,55 @@ def expected_length(response: IResponse) -> int | None:
     """The body length upstream announced, or L{None}."""
     length: Any = response.length
     return None if length is UNKNOWN_LENGTH else int(length)
+
+
+class BodySource(Protocol_):
+    """
+    Where a blob response's bytes come from: delivered to a consumer with
+    backpressure, stoppable when the client leaves.
+    """
+
+    def deliver(self, consumer: IConsumer) -> Deferred[int]:
+        """
+        Start writing to C{consumer} (registering a streaming producer);
+        fires with the byte count once everything was written, or fails
+        without the consumer having received a complete body.
+        """
+
+    def stop(self) -> None:
+        """The client went away: release what the delivery holds."""
+
+
+class UpstreamBody:
+    """A live upstream response body, verified through a L{BodyPipe}."""
+
+    def __init__(
+        self,
+        response: IResponse,
+        clock: IReactorTime,
+        idle_timeout: float,
+        verify: Digest | None,
+        upstream: str,
+    ) -> None:
+        self._response = response
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._verify = verify
+        self._upstream = upstream
+        self._pipe: BodyPipe | None = None
+
+    def deliver(self, consumer: IConsumer) -> Deferred[int]:
+        self._pipe = BodyPipe(
+            consumer,
+            self._clock,
+            self._idle_timeout,
+            expected_length(self._response),
+            self._verify,
+            self._upstream,
+        )
+        self._response.deliverBody(self._pipe)
+        return self._pipe.done
+
+    def stop(self) -> None:
+        if self._pipe is not None:
+            self._pipe.stopProducing()

@@ -14,10 +14,15 @@ from typing import Any, Mapping
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import abstract, tcp
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from hammal.cache.blobs import BlobCache
+from hammal.cache.fetch import Sync
+from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, PARAMETERS, ConfigError, Settings, env_flag
 from hammal.logs import json_log_observer
 from hammal.proxy import PullProxy
@@ -109,6 +114,33 @@ def _token_cache(settings: Settings, reactor: Any) -> TokenCache:
     return ResilientTokenCache(RedisTokenCache(redis, reactor), local, reactor)
 
 
+def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
+    if settings.cache_dir is None:
+        return None
+    store = BlobStore(settings.cache_dir, settings.cache_max_size)
+    try:
+        store.open()
+    except OSError as failure:
+        raise usage.UsageError(f"cannot use --cache-dir {settings.cache_dir}: {failure.strerror}")
+    return BlobCache(
+        store,
+        reactor,
+        settings.read_timeout,
+        resumes=settings.retries,
+        chunk_size=settings.buffer_size,
+        sync=_threaded_sync(reactor),
+    )
+
+
+def _threaded_sync(reactor: Any) -> Sync:
+    """fdatasync on the reactor's thread pool, off the event loop."""
+
+    def sync(fd: int) -> Deferred[None]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), os.fdatasync, fd)
+
+    return sync
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build hammal's service tree from parsed C{options}."""
     if reactor is None:
@@ -128,8 +160,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         RetryPolicy(retries=settings.retries, base=settings.retry_backoff),
         settings.read_timeout,
     )
-    proxy = PullProxy(client, settings.library_prefix, settings.blob_redirect)
-    root = build_root(V2Resource(proxy, reactor, settings.read_timeout))
+    proxy = PullProxy(
+        client,
+        settings.library_prefix,
+        settings.blob_redirect,
+        reactor,
+        _blob_cache(settings, reactor),
+    )
+    root = build_root(V2Resource(proxy))
     site = HammalSite(root, reactor)
     site.displayTracebacks = False
     factory: Any = site

@@ -73,6 +73,8 @@ class FakeUpstream(Resource):
         self.expires_in: int | None = 300
         self.held: list[Request] = []
         self.hold_blobs = False
+        self.reset_after: list[int] = []
+        self.honour_range = True
 
     # Seeding.
 
@@ -203,7 +205,20 @@ class FakeUpstream(Resource):
         if self.corrupt_blobs:
             data = data[:-1] + bytes([data[-1] ^ 1])
         request.setHeader(b"content-type", b"application/octet-stream")
+        requested = (request.getHeader(b"range") or b"").decode()
+        if self.honour_range and requested.startswith("bytes=") and requested.endswith("-"):
+            start = int(requested[6:-1])
+            request.setResponseCode(206)
+            request.setHeader(
+                b"content-range", f"bytes {start}-{len(data) - 1}/{len(data)}".encode()
+            )
+            data = data[start:]
         request.setHeader(b"content-length", str(len(data)).encode())
+        if self.reset_after and request.method == b"GET":
+            cut = self.reset_after.pop(0)
+            request.write(data[:cut])
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return NOT_DONE_YET
         if self.hold_blobs and request.method == b"GET":
             half = len(data) // 2
             request.write(data[:half])

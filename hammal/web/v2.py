@@ -3,7 +3,7 @@ The ``/v2/`` resource: routing and HTTP translation for the registry API.
 
 It parses the path, checks the method, hands the work to the
 L{PullProxy}, and writes what comes back: documents whole, blobs through a
-L{BodyPipe} with backpressure. It holds no registry logic of its own.
+a body source with backpressure. It holds no registry logic of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -20,7 +19,6 @@ from twisted.web.server import NOT_DONE_YET, Request
 from hammal.errors import RegistryError, TagInvalid, Unsupported
 from hammal.proxy import BlobReply, Document, PullProxy
 from hammal.registry.reference import parse_tag
-from hammal.stream import BodyPipe
 from hammal.web.errors import abort_client, write_error
 from hammal.web.headers import upstream_request_headers
 from hammal.web.routes import Route, RouteKind, parse_route
@@ -34,11 +32,9 @@ class V2Resource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, proxy: PullProxy, clock: IReactorTime, read_timeout: float) -> None:
+    def __init__(self, proxy: PullProxy) -> None:
         super().__init__()
         self._proxy = proxy
-        self._clock = clock
-        self._read_timeout = read_timeout
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"docker-distribution-api-version", API_VERSION)
@@ -89,22 +85,15 @@ class V2Resource(Resource):
 
     async def _stream(self, request: Request, reply: BlobReply) -> None:
         _start_response(request, reply.status, reply.headers, reply.length)
-        if reply.response is None:
+        _set_cache_status(request, reply.cache_status)
+        if reply.body is None:
             request.finish()
             return
-        pipe = BodyPipe(
-            request,
-            self._clock,
-            self._read_timeout,
-            expected_length=reply.length,
-            digest=reply.verify,
-            upstream=self._proxy.upstream_host,
-        )
-        reply.response.deliverBody(pipe)
+        request.write(b"")  # headers now: clients give up on slow ones
         try:
-            await pipe.done
+            await reply.body.deliver(request)
         except CancelledError:
-            pipe.stopProducing()
+            reply.body.stop()
             raise
         except RegistryError as error:
             request.unregisterProducer()
@@ -122,6 +111,12 @@ class V2Resource(Resource):
 def _set_route_kind(request: Request, kind: str) -> None:
     if hasattr(request, "route_kind"):
         request.route_kind = kind
+
+
+def _set_cache_status(request: Request, status: str) -> None:
+    request.setHeader(b"cache-status", status.encode())
+    if hasattr(request, "cache_status"):
+        request.cache_status = status.split("; ", 1)[1]
 
 
 def _start_response(

@@ -1,0 +1,153 @@
+"""
+The pull-through blob cache: hits from disk, misses through one shared
+L{BlobFetch} per digest, each client reading at its own pace.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.logger import Logger
+
+from hammal.cache.fetch import BlobFetch, BlobReader, StartUpstream, Sync, sync_now
+from hammal.cache.store import BlobStore
+from hammal.registry.reference import Digest
+
+#: Free space below which new transfers are not written to disk.
+MIN_FREE_BYTES = 256 * 1024 * 1024
+
+
+class CachedBody:
+    """
+    A L{hammal.stream.BodySource} reading C{[start, end)} of a cached blob,
+    or of a fetch in progress. The blob is pinned against eviction while it
+    is read.
+    """
+
+    def __init__(
+        self,
+        cache: BlobCache,
+        digest: Digest,
+        start: int,
+        end: int | None,
+        fetch: BlobFetch | None,
+    ) -> None:
+        self._cache = cache
+        self._digest = digest
+        self._start = start
+        self._end = end
+        self._fetch = fetch
+        self._reader: BlobReader | None = None
+
+    def deliver(self, consumer: IConsumer) -> Deferred[int]:
+        store = self._cache.store
+        if self._fetch is not None and self._fetch.complete:
+            self._fetch = None  # committed already: read the stored blob
+        path = self._fetch.path if self._fetch is not None else store.path(self._digest)
+        reader = BlobReader(
+            consumer,
+            self._cache.clock,
+            path,
+            self._start,
+            self._end,
+            self._fetch,
+            self._cache.chunk_size,
+        )
+        self._reader = reader
+        store.pin(self._digest)
+        self._cache.readers += 1
+
+        def release(result: object) -> object:
+            store.unpin(self._digest)
+            self._cache.readers -= 1
+            return result
+
+        reader.done.addBoth(release)
+        reader.begin()
+        return reader.done
+
+    def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.stopProducing()
+
+
+class BlobCache:
+    """
+    Coordinates the store and the fetches in flight.
+
+    @ivar fetches_started: upstream fetches begun (for tests and metrics).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: BlobStore,
+        clock: IReactorTime,
+        read_timeout: float,
+        resumes: int,
+        chunk_size: int = 256 * 1024,
+        sync: Sync = sync_now,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.chunk_size = chunk_size
+        self._read_timeout = read_timeout
+        self._resumes = resumes
+        self._sync = sync
+        self._fetches: dict[str, BlobFetch] = {}
+        self.fetches_started = 0
+        self.readers = 0
+
+    def has_room(self) -> bool:
+        """Whether the disk has space for new transfers."""
+        try:
+            stat = os.statvfs(self.store.root)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize >= MIN_FREE_BYTES
+
+    def in_flight(self, digest: Digest) -> BlobFetch | None:
+        """The running fetch of C{digest}, if any."""
+        fetch = self._fetches.get(str(digest))
+        if fetch is None or fetch.failure is not None or fetch.complete:
+            return None
+        return fetch
+
+    def fetch(self, digest: Digest, start_upstream: StartUpstream, upstream: str) -> tuple[BlobFetch, bool]:
+        """
+        The fetch of C{digest}: the one in flight (C{True}: joined) or a new
+        one started now (C{False}). A fetch runs to its end whoever leaves.
+        """
+        running = self.in_flight(digest)
+        if running is not None:
+            return running, True
+        fetch = BlobFetch(
+            digest,
+            self.store,
+            self.clock,
+            start_upstream,
+            self._read_timeout,
+            self._resumes,
+            upstream,
+            self._sync,
+        )
+        key = str(digest)
+        self._fetches[key] = fetch
+        self.fetches_started += 1
+
+        def forget(_: object) -> None:
+            if self._fetches.get(key) is fetch:
+                del self._fetches[key]
+
+        fetch.finished.addBoth(forget)
+        Deferred.fromCoroutine(fetch.run())
+        return fetch, False
+
+    def body(
+        self, digest: Digest, start: int, end: int | None, fetch: BlobFetch | None = None
+    ) -> CachedBody:
+        """A body source for bytes C{[start, end)}."""
+        return CachedBody(self, digest, start, end, fetch)

@@ -1,0 +1,451 @@
+"""
+One upstream fetch per blob, fanned out through the growing cache file.
+
+A L{BlobFetch} streams a blob from upstream into a temporary file, hashing
+it on the way, resuming with ``Range`` when upstream breaks mid-body, and
+commits it to the L{BlobStore} once the digest matched. Any number of
+L{BlobReader}s follow the file at their own pace, each the push producer of
+its own client: a slow client never slows the fetch or the other clients,
+and a client leaving never stops the fetch. Readers are given bytes only up
+to the last complete chunk but one until the digest is verified, so a
+corrupt transfer is never seen complete by anyone.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Awaitable, Callable
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
+
+from hammal.cache.store import BlobStore
+from hammal.errors import RegistryError, UpstreamTimeout
+from hammal.registry.client import upstream_error
+from hammal.registry.reference import Digest
+from hammal.stream import TransferBroken, _producer, discard_body, expected_length, read_body
+
+StartUpstream = Callable[[int], Awaitable[IResponse]]
+"""Requests the blob from upstream starting at a byte offset."""
+
+Sync = Callable[[int], Deferred[None]]
+"""Makes a file descriptor's data durable (fdatasync), maybe on a thread."""
+
+
+def sync_now(fd: int) -> Deferred[None]:
+    """Durability without a thread (tests, or filesystems where it is cheap)."""
+    os.fdatasync(fd)
+    return succeed(None)
+
+
+class DigestMismatch(TransferBroken):
+    """The bytes upstream sent do not hash to the digest asked for."""
+
+
+class BlobFetch:
+    """
+    The single upstream transfer of one blob into the cache.
+
+    @ivar size: the blob's size once upstream announced it.
+    @ivar readable: how many bytes of the temporary file readers may use.
+    @ivar complete: whether the blob was verified (and committed).
+    @ivar failure: why the fetch failed, if it did.
+    @ivar content_type: upstream's ``Content-Type``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        digest: Digest,
+        store: BlobStore,
+        clock: IReactorTime,
+        start_upstream: StartUpstream,
+        read_timeout: float,
+        resumes: int,
+        upstream: str,
+        sync: Sync = sync_now,
+    ) -> None:
+        self.digest = digest
+        self.store = store
+        self._clock = clock
+        self._start_upstream = start_upstream
+        self._read_timeout = read_timeout
+        self._resumes = resumes
+        self._upstream = upstream
+        self._sync = sync
+        self.size: int | None = None
+        self.written = 0
+        self.readable = 0
+        self.complete = False
+        self.failure: RegistryError | None = None
+        self.content_type = b"application/octet-stream"
+        self.path = store.temporary_path(digest)
+        self.upstream_requests = 0
+        self._fd: int | None = None
+        self._hasher = digest.hasher()
+        self._listeners: set[Callable[[], None]] = set()
+        self._started: list[Deferred[BlobFetch]] = []
+        self.finished: Deferred[None] = Deferred()
+
+    # Observation.
+
+    def when_started(self) -> Deferred[BlobFetch]:
+        """Fires once the temporary file exists and readers can follow."""
+        if self._fd is not None or self.complete:
+            return succeed(self)
+        if self.failure is not None:
+            return fail(self.failure)
+        d: Deferred[BlobFetch] = Deferred()
+        self._started.append(d)
+        return d
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.add(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.discard(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    # The transfer.
+
+    async def run(self) -> None:
+        """Fetch, verify and commit; never raises (failures are recorded)."""
+        try:
+            await self._transfer()
+        except RegistryError as failure:
+            self._fail(failure)
+        except Exception as failure:  # a bug must not leave readers hanging
+            self.log.failure("blob fetch {digest} crashed", digest=str(self.digest))
+            self._fail(RegistryError(f"internal error fetching {self.digest}: {failure}"))
+        finally:
+            self._close()
+            if not self.finished.called:
+                self.finished.callback(None)
+
+    async def _transfer(self) -> None:
+        response = await self._request(0)
+        self.size = expected_length(response)
+        content_type = response.headers.getRawHeaders(b"content-type")
+        if content_type:
+            self.content_type = content_type[0]
+        self._open()
+        for d in self._started:
+            d.callback(self)
+        self._started.clear()
+        resumes_left = self._resumes
+        while True:
+            try:
+                await self._receive(response, skip=0 if response.code == 206 else self.written)
+                break
+            except (TransferBroken, UpstreamTimeout) as broken:
+                if isinstance(broken, DigestMismatch) or resumes_left <= 0:
+                    raise
+                if self.size is not None and self.written >= self.size:
+                    raise
+                resumes_left -= 1
+                self.log.info(
+                    "resuming {digest} at byte {offset}: {reason}",
+                    digest=str(self.digest),
+                    offset=self.written,
+                    reason=broken.message,
+                )
+                response = await self._request(self.written)
+        await self._verify_and_commit()
+
+    async def _request(self, offset: int) -> IResponse:
+        self.upstream_requests += 1
+        response = await self._start_upstream(offset)
+        if response.code == 200 or (response.code == 206 and offset > 0):
+            if response.code == 206 and not _starts_at(response, offset):
+                await discard_body(response)
+                raise TransferBroken(f"{self._upstream} answered a resume with the wrong range")
+            return response
+        try:
+            body = await read_body(response, 64 * 1024)
+        except RegistryError:
+            body = b""
+        raise upstream_error(response, body, self._upstream)
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _receive(self, response: IResponse, skip: int) -> Deferred[None]:
+        writer = _FileWriter(self, skip, self._clock, self._read_timeout, self._upstream)
+        response.deliverBody(writer)
+        return writer.done
+
+    def append(self, data: bytes) -> None:
+        """Write a chunk to the temporary file; readers may use the previous ones."""
+        assert self._fd is not None
+        if self.size is not None and self.written + len(data) > self.size:
+            raise TransferBroken(f"{self._upstream} sent more bytes than announced")
+        view = memoryview(data)
+        while view:
+            count = os.write(self._fd, view)
+            view = view[count:]
+        self._hasher.update(data)
+        self.readable = self.written
+        self.written += len(data)
+        self._notify()
+
+    async def _verify_and_commit(self) -> None:
+        if self.size is not None and self.written != self.size:
+            raise TransferBroken(f"{self._upstream} sent {self.written} of {self.size} bytes")
+        if not self.digest.matches(self._hasher):
+            self.log.warn(
+                "digest mismatch for {digest} from {upstream}: discarded",
+                digest=str(self.digest),
+                upstream=self._upstream,
+            )
+            raise DigestMismatch(f"{self._upstream} sent bytes that do not match {self.digest}")
+        assert self._fd is not None
+        await self._sync(self._fd)
+        self.size = self.written
+        self.readable = self.written
+        self.complete = True
+        try:
+            self.store.commit(self.path, self.digest)
+        except OSError as failure:
+            self.log.warn(
+                "could not store {digest}: {error}", digest=str(self.digest), error=failure
+            )
+        self._notify()
+
+    def _fail(self, failure: RegistryError) -> None:
+        self.failure = failure
+        for d in self._started:
+            d.errback(failure)
+        self._started.clear()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as problem:
+            if problem.errno != errno.ENOENT:
+                self.log.warn("could not remove {path}: {error}", path=self.path, error=problem)
+        self._notify()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _starts_at(response: IResponse, offset: int) -> bool:
+    values = response.headers.getRawHeaders(b"content-range", [])
+    if not values:
+        return False
+    text = values[0].decode("latin-1").strip()
+    if not text.startswith("bytes "):
+        return False
+    start = text[6:].split("-", 1)[0]
+    return start.isdigit() and int(start) == offset
+
+
+class _FileWriter(Protocol):
+    """Receives one upstream response body into a L{BlobFetch}."""
+
+    def __init__(
+        self, fetch: BlobFetch, skip: int, clock: IReactorTime, idle_timeout: float, upstream: str
+    ) -> None:
+        self.done: Deferred[None] = Deferred()
+        self._fetch = fetch
+        self._skip = skip
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._upstream = upstream
+        self._idle: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._idle = self._clock.callLater(self._idle_timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            data = data[dropped:]
+            self._skip -= dropped
+            if not data:
+                return
+        try:
+            self._fetch.append(data)
+        except TransferBroken as broken:
+            self._stop(broken)
+        except OSError as failure:
+            self._stop(TransferBroken(f"cannot write the cache file: {failure.strerror}"))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(
+                TransferBroken(
+                    f"{self._upstream} broke the transfer after {self._fetch.written} bytes:"
+                    f" {reason.getErrorMessage()}"
+                )
+            )
+
+    def _timed_out(self) -> None:
+        self._stop(
+            UpstreamTimeout(
+                f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
+                f" after {self._fetch.written} bytes"
+            )
+        )
+
+    def _stop(self, error: RegistryError) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if not self.done.called:
+            self.done.errback(error)
+        _producer(self.transport).stopProducing()
+
+
+@implementer(IPushProducer)
+class BlobReader:
+    """
+    Streams bytes C{[start, end)} of a blob to C{consumer}: from a complete
+    cache file, or following a L{BlobFetch} as it grows.
+
+    @ivar done: fires with the bytes written when the range was delivered;
+        fails with the fetch's error if the fetch failed first.
+    """
+
+    def __init__(
+        self,
+        consumer: IConsumer,
+        clock: IReactorTime,
+        path: str,
+        start: int,
+        end: int | None,
+        fetch: BlobFetch | None = None,
+        chunk_size: int = 256 * 1024,
+    ) -> None:
+        self.done: Deferred[int] = Deferred()
+        self._consumer = consumer
+        self._clock = clock
+        self._path = path
+        self._offset = start
+        self._start = start
+        self._end = end
+        self._fetch = fetch
+        self._chunk_size = chunk_size
+        self._fd: int | None = None
+        self._paused = False
+        self._stopped = False
+        self._scheduled: IDelayedCall | None = None
+
+    def begin(self) -> None:
+        """Open the file, register with the consumer and start sending."""
+        try:
+            self._fd = os.open(self._path, os.O_RDONLY)
+        except OSError as failure:
+            self._finish(TransferBroken(f"cannot read the cache file: {failure.strerror}"))
+            return
+        self._consumer.registerProducer(self, True)
+        if self._fetch is not None:
+            self._fetch.subscribe(self._progress)
+        self._pump()
+
+    # IPushProducer.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        if self._stopped:
+            return
+        self._paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        """The client went away."""
+        self._stopped = True
+        self._finish(TransferBroken("the client went away"))
+
+    # Internals.
+
+    def _progress(self) -> None:
+        if not self._paused:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._scheduled is None or not self._scheduled.active():
+            self._scheduled = self._clock.callLater(0, self._pump)
+
+    def _limit(self) -> int | None:
+        """How far the reader may read now; L{None} while nothing more is known."""
+        fetch = self._fetch
+        if fetch is None or fetch.complete:
+            size = fetch.size if fetch is not None else None
+            if self._end is not None:
+                return self._end
+            return size
+        if fetch.failure is not None:
+            return None
+        if self._end is not None:
+            return min(self._end, fetch.readable)
+        return fetch.readable
+
+    def _pump(self) -> None:
+        self._scheduled = None
+        for _ in range(16):
+            if self._paused or self._stopped or self._fd is None:
+                return
+            fetch = self._fetch
+            if fetch is not None and fetch.failure is not None:
+                self._finish(fetch.failure)
+                return
+            limit = self._limit()
+            if limit is None or self._offset >= limit:
+                if self._delivered(limit):
+                    self._finish(None)
+                return
+            data = os.pread(self._fd, min(self._chunk_size, limit - self._offset), self._offset)
+            if not data:
+                self._finish(TransferBroken("the cache file ended early"))
+                return
+            self._offset += len(data)
+            self._consumer.write(data)
+        self._schedule()
+
+    def _delivered(self, limit: int | None) -> bool:
+        if self._end is not None:
+            return self._offset >= self._end
+        complete = self._fetch is None or self._fetch.complete
+        return complete and limit is not None and self._offset >= limit
+
+    def _finish(self, failure: RegistryError | None) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        if self._fetch is not None:
+            self._fetch.unsubscribe(self._progress)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.done.called:
+            return
+        if failure is None:
+            self.done.callback(self._offset - self._start)
+        else:
+            self.done.errback(failure)
