@@ -41,7 +41,12 @@ class Coalescer(Generic[T]):
             waiting.append(observer)
             return observer
         self._observers[key] = [observer]
-        ensureDeferred(work()).addBoth(self._deliver, key)
+        try:
+            started = ensureDeferred(work())
+        except Exception:
+            self._deliver(Failure(), key)
+        else:
+            started.addBoth(self._deliver, key)
         return observer
 
     def _forget(self, key: Hashable, observer: Deferred[T]) -> None:

@@ -6,6 +6,7 @@ once at start-up.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping
 from urllib.parse import unquote, urlsplit
@@ -108,6 +109,8 @@ def _number(text: str, what: str, minimum: float, integer: bool = False) -> floa
         value = int(text) if integer else float(text)
     except ValueError:
         raise ConfigError(f"{what} must be a number, not {text!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, not {text!r}")
     if value < minimum:
         raise ConfigError(f"{what} must be at least {minimum:g}")
     return value
@@ -136,12 +139,15 @@ class RedisAddress:
 def parse_redis_url(url: str) -> RedisAddress:
     """Parse C{redis://[:password@]host[:port][/db]}."""
     parts = urlsplit(url)
+    # The URL may hold a password: never quote it back.
     if parts.scheme != "redis" or not parts.hostname:
-        raise ConfigError(f"--redis must look like redis://host:6379/0, not {url!r}")
+        raise ConfigError("--redis must look like redis://[:password@]host:6379/0")
     try:
-        port = parts.port or 6379
+        port = parts.port if parts.port is not None else 6379
     except ValueError:
-        raise ConfigError(f"--redis has an invalid port: {url!r}")
+        raise ConfigError("--redis has an invalid port")
+    if not 0 < port < 65536:
+        raise ConfigError("--redis has an invalid port")
     db_text = parts.path.lstrip("/") or "0"
     if not db_text.isdigit():
         raise ConfigError(f"--redis database must be a number, not {db_text!r}")

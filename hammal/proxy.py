@@ -11,7 +11,6 @@ in one hop.
 
 from __future__ import annotations
 
-import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.internet.defer import Deferred
@@ -23,63 +22,22 @@ from hammal.registry.client import REDIRECT_STATUSES, Trace, UpstreamClient, ups
 from hammal.registry.reference import Digest, Reference, upstream_name
 from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import BlobFetch
-from hammal.stream import BodySource, UpstreamBody, expected_length
+from hammal.replies import (
+    CACHE_COALESCED,
+    CACHE_HIT,
+    CACHE_MISS,
+    BlobReply,
+    Document,
+    HeaderList,
+    find_header,
+    replace_header,
+)
+from hammal.stream import UpstreamBody, expected_length
 from hammal.web.ranges import content_range, parse_range
 from hammal.web.headers import relayed_response_headers
 
 #: The largest manifest or tag list hammal accepts from upstream.
 MAX_DOCUMENT_SIZE = 8 * 1024 * 1024
-
-HeaderList = list[tuple[bytes, list[bytes]]]
-
-#: RFC 9211 ``Cache-Status`` values: how a response was served.
-CACHE_HIT = "hammal; hit"
-CACHE_MISS = "hammal; fwd=miss"
-CACHE_COALESCED = "hammal; fwd=miss; collapsed; detail=coalesced"
-CACHE_STALE = "hammal; fwd=stale"
-CACHE_BYPASS = "hammal; fwd=bypass"
-
-
-@attrs.frozen
-class Document:
-    """A complete small response: status, headers and body."""
-
-    status: int
-    headers: HeaderList
-    body: bytes = b""
-    length: int | None = None
-
-    @property
-    def content_length(self) -> int:
-        return self.length if self.length is not None else len(self.body)
-
-
-@attrs.frozen
-class BlobReply:
-    """
-    A blob response whose body is still to be streamed.
-
-    @ivar body: where the bytes come from; L{None} for HEAD.
-    @ivar cache_status: how it was served (an RFC 9211 ``Cache-Status``).
-    """
-
-    status: int
-    headers: HeaderList
-    length: int | None
-    body: BodySource | None
-    cache_status: str = CACHE_BYPASS
-
-
-
-def _header(headers: HeaderList, name: bytes) -> bytes | None:
-    for key, values in headers:
-        if key == name and values:
-            return values[0]
-    return None
-
-
-def _set_header(headers: HeaderList, name: bytes, value: bytes) -> HeaderList:
-    return [(key, values) for key, values in headers if key != name] + [(name, [value])]
 
 
 class PullProxy:
@@ -136,7 +94,7 @@ class PullProxy:
         relayed = relayed_response_headers(response.headers)
         if method == b"HEAD":
             announced = response.headers.getRawHeaders(b"content-length", [None])[0]
-            digest = _header(relayed, b"docker-content-digest")
+            digest = find_header(relayed, b"docker-content-digest")
             if digest is not None and announced is not None and announced.isdigit():
                 return Document(200, relayed, length=int(announced))
             document = await self.manifest(b"GET", name, reference, headers, trace)
@@ -153,13 +111,13 @@ class PullProxy:
                 )
             actual = reference
         else:
-            claimed = _header(relayed, b"docker-content-digest")
+            claimed = find_header(relayed, b"docker-content-digest")
             if claimed is not None and claimed.decode("latin-1") != str(actual):
                 raise UpstreamBadResponse(
                     f"{self.upstream_host} sent a manifest whose digest is not the"
                     f" announced {claimed.decode('latin-1')[:80]}"
                 )
-        relayed = _set_header(relayed, b"docker-content-digest", str(actual).encode())
+        relayed = replace_header(relayed, b"docker-content-digest", str(actual).encode())
         return Document(200, relayed, body)
 
     async def blob(
@@ -191,7 +149,7 @@ class PullProxy:
         if response.code not in (200, 206):
             raise await self._error(response)
         relayed = relayed_response_headers(response.headers)
-        relayed = _set_header(relayed, b"docker-content-digest", str(digest).encode())
+        relayed = replace_header(relayed, b"docker-content-digest", str(digest).encode())
         if not any(key == b"content-type" for key, _ in relayed):
             relayed.append((b"content-type", [b"application/octet-stream"]))
         if method == b"HEAD":

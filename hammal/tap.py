@@ -40,16 +40,17 @@ def _parameter_help(spec: Any) -> str:
     return f"{spec.help} [env: {names}]"
 
 
+def _flag_help(name: str, text: str) -> str:
+    return f"{text} [env: HAMMAL_{name.upper().replace('-', '_')}]"
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd hammal``."""
 
     synopsis = "[options]"
     longdesc = "A high-concurrency Docker/OCI registry pull-through mirror."
     optParameters = [[spec.name, None, spec.default, _parameter_help(spec)] for spec in PARAMETERS]
-    optFlags = [
-        [name, None, f"{text} [env: HAMMAL_{name.upper().replace('-', '_')}]"]
-        for name, text in FLAGS
-    ]
+    optFlags = [[name, None, _flag_help(name, text)] for name, text in FLAGS]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
@@ -70,8 +71,22 @@ class Options(usage.Options):
                     break
         for name, _ in FLAGS:
             value = env_flag(self._environ, "HAMMAL_" + name.upper().replace("-", "_"))
-            if value is not None:
+            if value is None:
+                continue
+            if name == "library-prefix":
+                # false means "never", like --no-library-prefix
+                self["library-prefix"], self["no-library-prefix"] = int(value), int(not value)
+            else:
                 self[name] = int(value)
+
+    def opt_library_prefix(self) -> None:
+        self["library-prefix"], self["no-library-prefix"] = 1, 0
+
+    def opt_no_library_prefix(self) -> None:
+        self["library-prefix"], self["no-library-prefix"] = 0, 1
+
+    opt_library_prefix.__doc__ = _flag_help("library-prefix", dict(FLAGS)["library-prefix"])
+    opt_no_library_prefix.__doc__ = _flag_help("no-library-prefix", dict(FLAGS)["no-library-prefix"])
 
     def postOptions(self) -> None:
         if self._environment_error is not None:

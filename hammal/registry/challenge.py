@@ -14,7 +14,7 @@ import attrs
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _PARAM = re.compile(rf"\s*({_TOKEN})\s*=\s*({_QUOTED}|{_TOKEN})\s*(,|\Z)")
-_SCHEME = re.compile(rf"\s*,?\s*({_TOKEN})(?:\s+|\Z)")
+_SCHEME = re.compile(rf"\s*,?\s*({_TOKEN})(?:\s+|(?=,)|\Z)")
 _UNESCAPE = re.compile(r"\\(.)")
 
 

@@ -9,6 +9,7 @@ spreads a thundering herd of clients instead of synchronising it.
 from __future__ import annotations
 
 import random
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Callable
 
@@ -38,7 +39,7 @@ class RetryPolicy:
 
     def backoff(self, retry: int) -> float:
         """The delay before retry number C{retry} (0 for the first)."""
-        return self.random() * min(self.cap, self.base * (2**retry))
+        return self.random() * min(self.cap, self.base * (2 ** min(retry, 62)))
 
     def delay(self, retry: int, retry_after: float | None) -> float | None:
         """
@@ -62,7 +63,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -70,6 +71,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return None
     if when is None:
         return None
+    if when.tzinfo is None:  # RFC 9110: HTTP dates are always GMT
+        when = when.replace(tzinfo=timezone.utc)
     return max(0.0, when.timestamp() - now)
 
 

@@ -18,6 +18,9 @@ from twisted.logger import Logger
 
 KEY_PREFIX = "hammal:token:v1:"
 
+#: How long a deletion made during an outage is remembered.
+TOMBSTONE_SECONDS = 3600.0
+
 
 class TokenCache(Protocol):
     """
@@ -124,6 +127,9 @@ class ResilientTokenCache:
         self._retry_after = retry_after
         self._name = name
         self._down_until: float | None = None
+        # Keys deleted while the shared cache was unreachable: its copy
+        # must not come back when it does.
+        self._tombstones: dict[str, float] = {}
 
     @property
     def shared_healthy(self) -> bool:
@@ -153,6 +159,13 @@ class ResilientTokenCache:
         local = await self._local.get(key)
         if local is not None or not self._usable():
             return local
+        if key in self._tombstones:
+            if self._tombstones[key] > self._clock.seconds():
+                await self.delete(key)
+                if key in self._tombstones:
+                    return None
+            else:
+                del self._tombstones[key]
         d = self._shared.get(key).addCallbacks(self._succeeded, self._failed, errbackArgs=(None,))
         return await d
 
@@ -166,9 +179,18 @@ class ResilientTokenCache:
         return d.addCallbacks(self._succeeded, self._failed, errbackArgs=(None,))
 
     def set(self, key: str, token: str, ttl: float) -> Deferred[None]:
+        self._tombstones.pop(key, None)
         return self._both(
             self._local.set(key, token, ttl), lambda: self._shared.set(key, token, ttl)
         )
 
     def delete(self, key: str) -> Deferred[None]:
-        return self._both(self._local.delete(key), lambda: self._shared.delete(key))
+        self._tombstones[key] = self._clock.seconds() + TOMBSTONE_SECONDS
+
+        def deleted(result: None) -> None:
+            if self._down_until is None:
+                self._tombstones.pop(key, None)
+            return result
+
+        d = self._both(self._local.delete(key), lambda: self._shared.delete(key))
+        return d.addCallback(deleted)

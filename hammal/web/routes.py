@@ -72,19 +72,19 @@ def parse_route(raw_path: bytes) -> Route:
         return Route(RouteKind.AUTH)
     if path in ("/v2/_catalog",):
         raise Unsupported("a mirror does not offer a repository catalog")
-    if _UPLOAD.match(path):
-        raise Unsupported("hammal is a pull-only mirror: pushing is not supported")
     match = _MANIFEST.match(path)
     if match:
         name = validate_name(match["name"])
         return Route(RouteKind.MANIFEST, name, parse_reference(match["ref"]))
+    match = _TAGS.match(path)
+    if match:
+        return Route(RouteKind.TAGS, validate_name(match["name"]))
+    if _UPLOAD.match(path):
+        raise Unsupported("hammal is a pull-only mirror: pushing is not supported")
     match = _BLOB.match(path)
     if match:
         name = validate_name(match["name"])
         return Route(RouteKind.BLOB, name, Digest.parse(match["ref"]))
-    match = _TAGS.match(path)
-    if match:
-        return Route(RouteKind.TAGS, validate_name(match["name"]))
     if _REFERRERS.match(path):
         raise NotFound("the referrers API is not offered by this mirror")
     raise NotFound("no such registry API endpoint")

@@ -17,7 +17,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from hammal.errors import RegistryError, TagInvalid, Unsupported
-from hammal.proxy import BlobReply, Document, PullProxy
+from hammal.proxy import PullProxy
+from hammal.replies import BlobReply, Document
 from hammal.registry.reference import parse_tag
 from hammal.web.errors import abort_client, write_error
 from hammal.web.headers import upstream_request_headers
