@@ -67,6 +67,9 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("max-upstream-connections", "64", "Persistent connections kept per upstream host."),
     OptionSpec("cache-dir", "var/cache", "Directory of the pull-through cache."),
     OptionSpec("cache-max-size", None, "Largest size of cached blobs (e.g. 50G); LRU eviction past it."),
+    OptionSpec("manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."),
+    OptionSpec("stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."),
+    OptionSpec("negative-ttl", "30", "Seconds an upstream 404 for a tag or digest is remembered."),
 )
 
 #: Every flag: name, help.
@@ -177,6 +180,9 @@ class Settings:
     max_upstream_connections: int = 64
     cache_dir: str | None = "var/cache"
     cache_max_size: int | None = None
+    manifest_ttl: float = 300.0
+    stale_if_error: float = 86400.0
+    negative_ttl: float = 30.0
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> Settings:
@@ -246,6 +252,9 @@ class Settings:
             log_format=log_format,
             buffer_size=buffer_size,
             cache_dir=cache_dir,
+            manifest_ttl=_number(text("manifest-ttl") or "300", "--manifest-ttl", 0),
+            stale_if_error=_number(text("stale-if-error") or "86400", "--stale-if-error", 0),
+            negative_ttl=_number(text("negative-ttl") or "30", "--negative-ttl", 0),
             cache_max_size=cache_max_size,
             max_upstream_connections=int(
                 _number(

@@ -11,17 +11,21 @@ in one hop.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from hammal.cache.blobs import BlobCache
+from hammal.cache.fetch import BlobFetch
+from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
 from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.client import REDIRECT_STATUSES, Trace, UpstreamClient, upstream_error
 from hammal.registry.reference import Digest, Reference, upstream_name
-from hammal.cache.blobs import BlobCache
-from hammal.cache.fetch import BlobFetch
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,
@@ -32,9 +36,12 @@ from hammal.replies import (
     find_header,
     replace_header,
 )
-from hammal.stream import UpstreamBody, expected_length
-from hammal.web.ranges import content_range, parse_range
+from hammal.stream import UpstreamBody, discard_body, expected_length
 from hammal.web.headers import relayed_response_headers
+from hammal.web.ranges import content_range, parse_range
+
+ManifestCacheFactory = Callable[[FetchManifest, HeadDigest], ManifestCache]
+"""Builds the manifest cache around the proxy's upstream fetchers."""
 
 #: The largest manifest or tag list hammal accepts from upstream.
 MAX_DOCUMENT_SIZE = 8 * 1024 * 1024
@@ -57,12 +64,16 @@ class PullProxy:
         blob_redirect: str,
         clock: IReactorTime,
         blobs: BlobCache | None = None,
+        manifests: ManifestCacheFactory | None = None,
     ) -> None:
         self._client = client
         self._library_prefix = library_prefix
         self._follow_blob_redirects = blob_redirect == "follow"
         self._clock = clock
         self._blobs = blobs if self._follow_blob_redirects else None
+        self._manifests = (
+            manifests(self._fetch_manifest, self._head_digest) if manifests is not None else None
+        )
 
     @property
     def upstream_host(self) -> str:
@@ -83,12 +94,55 @@ class PullProxy:
         self, method: bytes, name: str, reference: Reference, headers: Headers, trace: Trace
     ) -> Document:
         """
-        Fetch a manifest. The body is checked against the requested digest,
-        or against upstream's ``Docker-Content-Digest`` for a tag; a HEAD
-        that upstream answers without a digest is completed with a GET.
+        Answer for a manifest: through the cache when the client accepts
+        the types hammal caches, else straight from upstream.
         """
+        accepted = accepted_types(headers.getRawHeaders(b"accept", []))
+        if self._manifests is None or not accepted:
+            return await self._upstream_manifest(method, name, reference, headers, trace)
+        document = await self._manifests.get(
+            self.upstream_name(name), reference, accepted, headers, trace
+        )
+        if method == b"HEAD":
+            return attrs.evolve(document, body=b"", length=len(document.body))
+        return document
+
+    async def _fetch_manifest(
+        self, upstream_name: str, reference: Reference, headers: Headers, trace: Trace
+    ) -> Document:
+        return await self._upstream_manifest(b"GET", upstream_name, reference, headers, trace, True)
+
+    async def _head_digest(
+        self, upstream_name: str, tag: str, headers: Headers, trace: Trace
+    ) -> str | None:
+        response = await self._client.request(
+            b"HEAD", upstream_name, f"manifests/{tag}", headers, trace
+        )
+        if response.code != 200:
+            raise await self._error(response)
+        await discard_body(response)
+        digest = response.headers.getRawHeaders(b"docker-content-digest", [None])[0]
+        return digest.decode("latin-1") if digest else None
+
+    async def _upstream_manifest(
+        self,
+        method: bytes,
+        name: str,
+        reference: Reference,
+        headers: Headers,
+        trace: Trace,
+        name_is_upstream: bool = False,
+    ) -> Document:
+        """
+        Fetch a manifest from upstream. The body is checked against the
+        requested digest, or against upstream's ``Docker-Content-Digest``
+        for a tag; a HEAD that upstream answers without a digest is
+        completed with a GET.
+        """
+        if not name_is_upstream:
+            name = self.upstream_name(name)
         path = f"manifests/{reference}"
-        response = await self._client.request(method, self.upstream_name(name), path, headers, trace)
+        response = await self._client.request(method, name, path, headers, trace)
         if response.code != 200:
             raise await self._error(response)
         relayed = relayed_response_headers(response.headers)
@@ -97,7 +151,7 @@ class PullProxy:
             digest = find_header(relayed, b"docker-content-digest")
             if digest is not None and announced is not None and announced.isdigit():
                 return Document(200, relayed, length=int(announced))
-            document = await self.manifest(b"GET", name, reference, headers, trace)
+            document = await self._upstream_manifest(b"GET", name, reference, headers, trace, True)
             return Document(200, document.headers, length=len(document.body))
         body = await self._client.fetch_document(response, MAX_DOCUMENT_SIZE)
         announced_length = expected_length(response)

@@ -9,7 +9,7 @@ line wins.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -22,13 +22,26 @@ from twisted.python import usage
 
 from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import Sync
+from hammal.cache.manifests import (
+    DiskTagStore,
+    FetchManifest,
+    HeadDigest,
+    ManifestCache,
+    ManifestStore,
+)
 from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, PARAMETERS, ConfigError, Settings, env_flag
 from hammal.logs import json_log_observer
 from hammal.proxy import PullProxy
 from hammal.registry.client import Upstream, UpstreamClient, make_http_client
 from hammal.registry.retry import RetryPolicy
-from hammal.registry.tokens import MemoryTokenCache, RedisTokenCache, ResilientTokenCache, TokenCache
+from hammal.registry.tokens import (
+    TAG_KEY_PREFIX,
+    MemoryTokenCache,
+    RedisTokenCache,
+    ResilientTokenCache,
+    TokenCache,
+)
 from hammal.tls import server_tls_options
 from hammal.web.root import build_root
 from hammal.web.site import HammalSite
@@ -109,14 +122,14 @@ def _tune_buffers(size: int) -> None:
     abstract.FileDescriptor.SEND_LIMIT = size
 
 
-def _token_cache(settings: Settings, reactor: Any) -> TokenCache:
-    local = MemoryTokenCache(reactor)
+def _redis(settings: Settings) -> Any:
+    """A reconnecting txredisapi pool, or L{None} without --redis."""
     if settings.redis is None:
-        return local
+        return None
     import txredisapi
 
     address = settings.redis
-    redis = txredisapi.lazyConnectionPool(
+    return txredisapi.lazyConnectionPool(
         host=address.host,
         port=address.port,
         dbid=address.db,
@@ -126,7 +139,47 @@ def _token_cache(settings: Settings, reactor: Any) -> TokenCache:
         connectTimeout=2,
         replyTimeout=2,
     )
+
+
+def _token_cache(redis: Any, reactor: Any) -> TokenCache:
+    local = MemoryTokenCache(reactor)
+    if redis is None:
+        return local
     return ResilientTokenCache(RedisTokenCache(redis, reactor), local, reactor)
+
+
+def _manifest_cache(
+    settings: Settings, redis: Any, reactor: Any
+) -> Callable[[FetchManifest, HeadDigest], ManifestCache] | None:
+    """Tag entries in Redis when configured (shared), else on disk."""
+    if settings.cache_dir is None:
+        return None
+    store = ManifestStore(settings.cache_dir)
+    disk_tags = DiskTagStore(settings.cache_dir, reactor)
+    try:
+        store.open()
+        disk_tags.open()
+    except OSError as failure:
+        raise usage.UsageError(f"cannot use --cache-dir {settings.cache_dir}: {failure.strerror}")
+    tags: TokenCache = disk_tags
+    if redis is not None:
+        shared = RedisTokenCache(redis, reactor, prefix=TAG_KEY_PREFIX)
+        tags = ResilientTokenCache(shared, disk_tags, reactor)
+
+    def build(fetch: FetchManifest, head_digest: HeadDigest) -> ManifestCache:
+        return ManifestCache(
+            store,
+            tags,
+            reactor,
+            settings.upstream,
+            fetch,
+            head_digest,
+            ttl=settings.manifest_ttl,
+            stale_if_error=settings.stale_if_error,
+            negative_ttl=settings.negative_ttl,
+        )
+
+    return build
 
 
 def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
@@ -165,13 +218,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     settings = options.settings or Settings.from_options(options)
     _tune_buffers(settings.buffer_size)
 
+    redis = _redis(settings)
     http = make_http_client(reactor, settings.connect_timeout, settings.max_upstream_connections)
     upstream = Upstream(settings.upstream, settings.library_prefix, settings.credentials)
     client = UpstreamClient(
         upstream,
         http,
         reactor,
-        _token_cache(settings, reactor),
+        _token_cache(redis, reactor),
         RetryPolicy(retries=settings.retries, base=settings.retry_backoff),
         settings.read_timeout,
     )
@@ -181,6 +235,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         settings.blob_redirect,
         reactor,
         _blob_cache(settings, reactor),
+        _manifest_cache(settings, redis, reactor),
     )
     root = build_root(V2Resource(proxy))
     site = HammalSite(root, reactor)

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from hammal.cache.blobs import BlobCache
+from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore
 from hammal.cache.store import BlobStore
 from hammal.proxy import PullProxy
 from hammal.registry.client import Upstream, UpstreamClient
@@ -47,11 +48,30 @@ class Mirror:
             read_timeout=10,
         )
         self.blobs: BlobCache | None = None
+        manifests = None
         if cache_dir is not None:
             store = BlobStore(cache_dir)
             store.open()
             self.blobs = BlobCache(store, self.clock, read_timeout=10, resumes=2, chunk_size=1000)
-        proxy = PullProxy(client, True, blob_redirect, self.clock, self.blobs)
+            manifest_store = ManifestStore(cache_dir)
+            manifest_store.open()
+            self.tags = DiskTagStore(cache_dir, self.clock)
+            self.tags.open()
+
+            def manifests(fetch: Any, head: Any) -> ManifestCache:
+                return ManifestCache(
+                    manifest_store,
+                    self.tags,
+                    self.clock,
+                    f"https://{REGISTRY}",
+                    fetch,
+                    head,
+                    ttl=300,
+                    stale_if_error=3600,
+                    negative_ttl=30,
+                )
+
+        proxy = PullProxy(client, True, blob_redirect, self.clock, self.blobs, manifests)
         root = build_root(V2Resource(proxy))
         self.agent = RequestTraversalAgent(root)
         self.agent._serverFactory = HammalSite(root, self.clock)  # type: ignore[attr-defined]

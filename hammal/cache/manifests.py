@@ -15,13 +15,36 @@ import hashlib
 import json
 import os
 import secrets
-from typing import Iterable
+from collections import OrderedDict
+from typing import Any, Callable, Coroutine, Iterable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 
-from hammal.registry.reference import Digest
+from hammal.coalesce import Coalescer
+from hammal.errors import (
+    RegistryError,
+    TooManyRequests,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from hammal.registry.client import Trace
+from hammal.registry.reference import Digest, Reference
+from hammal.registry.tokens import TokenCache
+from hammal.replies import (
+    CACHE_COALESCED,
+    CACHE_HIT,
+    CACHE_MISS,
+    CACHE_REVALIDATED,
+    CACHE_STALE,
+    STALE_WARNING,
+    Document,
+    find_header,
+)
 
 #: Manifest media types hammal caches (anything else passes through).
 MANIFEST_TYPES = frozenset(
@@ -166,3 +189,232 @@ class DiskTagStore:
         except OSError:
             pass
         return succeed(None)
+
+
+FetchManifest = Callable[[str, Reference, Headers, Trace], Coroutine[Any, Any, Document]]
+"""GETs a manifest upstream (verified) as a L{Document}."""
+
+HeadDigest = Callable[[str, str, Headers, Trace], Coroutine[Any, Any, str | None]]
+"""HEADs a tag upstream and returns its ``Docker-Content-Digest``."""
+
+_TRANSIENT = (UpstreamUnavailable, UpstreamTimeout, TooManyRequests)
+
+
+class ManifestCache:
+    """
+    The manifest side of the pull-through cache: digests from disk, tags
+    with a TTL, revalidation by HEAD, stale-if-error, a short negative
+    cache, coalescing of identical upstream work, and index children
+    fetched so that a later pull by digest works offline.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: ManifestStore,
+        tags: TokenCache,
+        clock: IReactorTime,
+        upstream: str,
+        fetch: FetchManifest,
+        head_digest: HeadDigest,
+        ttl: float = 300.0,
+        stale_if_error: float = 86400.0,
+        negative_ttl: float = 30.0,
+    ) -> None:
+        self._store = store
+        self._tags = tags
+        self._clock = clock
+        self._upstream = upstream
+        self._fetch = fetch
+        self._head_digest = head_digest
+        self._ttl = ttl
+        self._stale_if_error = stale_if_error
+        self._negative_ttl = negative_ttl
+        self._negative: OrderedDict[str, tuple[float, RegistryError]] = OrderedDict()
+        self._work: Coalescer[Any] = Coalescer()
+
+    async def get(
+        self,
+        name: str,
+        reference: Reference,
+        accepted: frozenset[str],
+        headers: Headers,
+        trace: Trace,
+    ) -> Document:
+        """
+        The manifest for C{name} (upstream's name) and C{reference}, as a
+        L{Document} whose C{cache_status} says how it was found.
+        """
+        if isinstance(reference, Digest):
+            return await self._by_digest(name, reference, accepted, headers, trace)
+        return await self._by_tag(name, reference, accepted, headers, trace)
+
+    # By digest: immutable.
+
+    async def _by_digest(
+        self, name: str, digest: Digest, accepted: frozenset[str], headers: Headers, trace: Trace
+    ) -> Document:
+        stored = self._store.get(digest)
+        if stored is not None and stored.media_type in accepted:
+            return _document(stored, CACHE_HIT)
+        key = f"digest\n{name}\n{digest}\n" + ",".join(sorted(accepted))
+        self._check_negative(key)
+        joined = key in self._work
+        try:
+            document = await self._work.run(
+                key, lambda: Deferred.fromCoroutine(self._fetch_and_store(name, digest, headers, trace))
+            )
+        except UpstreamError as failure:
+            self._remember_negative(key, failure)
+            raise
+        return attrs.evolve(document, cache_status=CACHE_COALESCED if joined else CACHE_MISS)
+
+    # By tag: trusted for ttl, then revalidated.
+
+    async def _by_tag(
+        self, name: str, tag: str, accepted: frozenset[str], headers: Headers, trace: Trace
+    ) -> Document:
+        key = tag_key(self._upstream, name, tag, accepted)
+        entry = TagEntry.loads(await self._tags.get(key) or "")
+        stored = self._store.get(Digest.parse(entry.digest)) if entry is not None else None
+        if entry is not None and stored is not None:
+            age = self._clock.seconds() - entry.checked_at
+            if age < self._ttl:
+                return _document(stored, CACHE_HIT)
+            try:
+                current = await self._work.run(
+                    ("head", key),
+                    lambda: Deferred.fromCoroutine(self._head_digest(name, tag, headers, trace)),
+                )
+            except _TRANSIENT as failure:
+                return self._stale_or_raise(stored, age, failure)
+            except UpstreamError:
+                await self._tags.delete(key)
+                raise
+            if current == entry.digest:
+                await self._remember_tag(key, stored)
+                return _document(stored, CACHE_REVALIDATED)
+        self._check_negative(key)
+        joined = ("get", key) in self._work
+        try:
+            document = await self._work.run(
+                ("get", key),
+                lambda: Deferred.fromCoroutine(self._fetch_tag(key, name, tag, headers, trace)),
+            )
+        except UpstreamError as failure:
+            self._remember_negative(key, failure)
+            raise
+        except _TRANSIENT as failure:
+            if entry is not None and stored is not None:
+                return self._stale_or_raise(stored, self._clock.seconds() - entry.checked_at, failure)
+            raise
+        return attrs.evolve(document, cache_status=CACHE_COALESCED if joined else CACHE_MISS)
+
+    def _stale_or_raise(self, stored: StoredManifest, age: float, failure: RegistryError) -> Document:
+        if age >= self._ttl + self._stale_if_error:
+            raise failure
+        self.log.warn(
+            "serving stale {digest} ({age:.0f}s old): {error}",
+            digest=str(stored.digest),
+            age=age,
+            error=failure.message,
+        )
+        document = _document(stored, CACHE_STALE)
+        return attrs.evolve(document, headers=document.headers + [(b"warning", [STALE_WARNING])])
+
+    async def _fetch_tag(
+        self, key: str, name: str, tag: str, headers: Headers, trace: Trace
+    ) -> Document:
+        document = await self._fetch(name, tag, headers, trace)
+        stored = self._keep(name, document, headers)
+        if stored is not None:
+            await self._remember_tag(key, stored)
+        return document
+
+    async def _fetch_and_store(
+        self, name: str, digest: Digest, headers: Headers, trace: Trace
+    ) -> Document:
+        document = await self._fetch(name, digest, headers, trace)
+        self._keep(name, document, headers)
+        return document
+
+    def _keep(self, name: str, document: Document, headers: Headers) -> StoredManifest | None:
+        """Store a fetched manifest of a cacheable type; fetch an index's children."""
+        media_type = (find_header(document.headers, b"content-type") or b"").decode("latin-1")
+        media_type = media_type.split(";", 1)[0].strip().lower()
+        digest_text = find_header(document.headers, b"docker-content-digest")
+        if media_type not in MANIFEST_TYPES or digest_text is None:
+            return None
+        stored = StoredManifest(Digest.parse(digest_text.decode("latin-1")), media_type, document.body)
+        try:
+            self._store.put(stored)
+        except OSError as failure:
+            self.log.warn("could not store manifest {digest}: {error}", digest=str(stored.digest), error=failure)
+            return stored
+        if media_type in INDEX_TYPES:
+            Deferred.fromCoroutine(self._fetch_children(name, stored, headers))
+        return stored
+
+    async def _fetch_children(self, name: str, index: StoredManifest, headers: Headers) -> None:
+        try:
+            children = json.loads(index.body).get("manifests") or []
+        except (ValueError, AttributeError):
+            return
+        for child in children:
+            try:
+                digest = Digest.parse(str(child.get("digest")))
+                media_type = str(child.get("mediaType") or "")
+            except (RegistryError, AttributeError):
+                continue
+            if media_type not in MANIFEST_TYPES or self._store.get(digest) is not None:
+                continue
+            child_headers = headers.copy()
+            child_headers.setRawHeaders(b"accept", [media_type.encode()])
+            key = f"digest\n{name}\n{digest}\n{media_type}"
+            try:
+                await self._work.run(
+                    key,
+                    lambda: Deferred.fromCoroutine(
+                        self._fetch_and_store(name, digest, child_headers, Trace())
+                    ),
+                )
+            except RegistryError as failure:
+                self.log.info(
+                    "could not prefetch {digest} of index {index}: {error}",
+                    digest=str(digest),
+                    index=str(index.digest),
+                    error=failure.message,
+                )
+
+    async def _remember_tag(self, key: str, stored: StoredManifest) -> None:
+        entry = TagEntry(str(stored.digest), stored.media_type, self._clock.seconds())
+        await self._tags.set(key, entry.dumps(), self._ttl + self._stale_if_error)
+
+    def _check_negative(self, key: str) -> None:
+        remembered = self._negative.get(key)
+        if remembered is None:
+            return
+        expires, failure = remembered
+        if expires > self._clock.seconds():
+            raise failure
+        del self._negative[key]
+
+    def _remember_negative(self, key: str, failure: UpstreamError) -> None:
+        if failure.status != 404 or self._negative_ttl <= 0:
+            return
+        self._negative[key] = (self._clock.seconds() + self._negative_ttl, failure)
+        while len(self._negative) > 10000:
+            self._negative.popitem(last=False)
+
+
+def _document(stored: StoredManifest, cache_status: str) -> Document:
+    return Document(
+        200,
+        [
+            (b"content-type", [stored.media_type.encode()]),
+            (b"docker-content-digest", [str(stored.digest).encode()]),
+        ],
+        stored.body,
+        cache_status=cache_status,
+    )

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 KEY_PREFIX = "hammal:token:v1:"
+TAG_KEY_PREFIX = "hammal:tag:v1:"
 
 #: How long a deletion made during an outage is remembered.
 TOMBSTONE_SECONDS = 3600.0
@@ -79,25 +80,28 @@ class RedisTokenCache:
     @param timeout: seconds before a Redis call counts as failed.
     """
 
-    def __init__(self, redis: Any, clock: IReactorTime, timeout: float = 1.0) -> None:
+    def __init__(
+        self, redis: Any, clock: IReactorTime, timeout: float = 1.0, prefix: str = KEY_PREFIX
+    ) -> None:
         self._redis = redis
         self._clock = clock
         self._timeout = timeout
+        self._prefix = prefix
 
     def _call(self, d: Deferred[Any]) -> Deferred[Any]:
         return d.addTimeout(self._timeout, self._clock)
 
     def get(self, key: str) -> Deferred[str | None]:
-        d = self._call(self._redis.get(KEY_PREFIX + key))
+        d = self._call(self._redis.get(self._prefix + key))
         return d.addCallback(lambda value: value if value else None)
 
     def set(self, key: str, token: str, ttl: float) -> Deferred[None]:
         milliseconds = max(1, int(ttl * 1000))
-        d = self._call(self._redis.set(KEY_PREFIX + key, token, pexpire=milliseconds))
+        d = self._call(self._redis.set(self._prefix + key, token, pexpire=milliseconds))
         return d.addCallback(lambda _: None)
 
     def delete(self, key: str) -> Deferred[None]:
-        d = self._call(self._redis.delete(KEY_PREFIX + key))
+        d = self._call(self._redis.delete(self._prefix + key))
         return d.addCallback(lambda _: None)
 
 

@@ -73,6 +73,7 @@ class V2Resource(Resource):
             document = await self._proxy.manifest(
                 request.method, route.name, route.reference, headers, trace
             )
+            _set_cache_status(request, document.cache_status)
             _write_document(request, document)
         elif route.kind is RouteKind.TAGS:
             document = await self._proxy.tags(route.name, _tags_query(request), headers, trace)
@@ -80,6 +81,7 @@ class V2Resource(Resource):
         else:
             reply = await self._proxy.blob(request.method, route.name, route.digest, headers, trace)
             if isinstance(reply, Document):
+                _set_cache_status(request, reply.cache_status)
                 _write_document(request, reply)
             else:
                 await self._stream(request, reply)
