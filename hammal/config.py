@@ -70,6 +70,13 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."),
     OptionSpec("stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."),
     OptionSpec("negative-ttl", "30", "Seconds an upstream 404 for a tag or digest is remembered."),
+    OptionSpec("metrics-port", None, "Serve /metrics on this port or endpoint only (not on --port)."),
+    OptionSpec("drain-timeout", "30", "Seconds to let in-flight transfers finish on SIGTERM."),
+    OptionSpec("max-connections", "10000", "Client connections beyond this are refused with 503 (0: no limit)."),
+    OptionSpec("idle-timeout", "300", "Seconds an idle client connection is kept."),
+    OptionSpec("max-headers", "100", "Most request headers accepted per request."),
+    OptionSpec("max-header-bytes", "16384", "Most bytes of request line and headers."),
+    OptionSpec("ready-window", "60", "/readyz: upstream must have answered within this many seconds (else it is probed)."),
 )
 
 #: Every flag: name, help.
@@ -78,6 +85,7 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("library-prefix", "Rewrite one-part names to library/NAME (default: on for Docker Hub)."),
     ("no-library-prefix", "Never rewrite one-part names."),
     ("no-cache", "Run as a pure proxy: cache nothing on disk."),
+    ("debug", "Log upstream exchanges (never secrets)."),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -183,6 +191,14 @@ class Settings:
     manifest_ttl: float = 300.0
     stale_if_error: float = 86400.0
     negative_ttl: float = 30.0
+    metrics_port: str | None = None
+    drain_timeout: float = 30.0
+    max_connections: int | None = 10000
+    idle_timeout: float = 300.0
+    max_headers: int = 100
+    max_header_bytes: int = 16384
+    ready_window: float = 60.0
+    debug: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> Settings:
@@ -255,6 +271,19 @@ class Settings:
             manifest_ttl=_number(text("manifest-ttl") or "300", "--manifest-ttl", 0),
             stale_if_error=_number(text("stale-if-error") or "86400", "--stale-if-error", 0),
             negative_ttl=_number(text("negative-ttl") or "30", "--negative-ttl", 0),
+            metrics_port=port_description(text("metrics-port") or "") if text("metrics-port") else None,
+            drain_timeout=_number(text("drain-timeout") or "30", "--drain-timeout", 0),
+            max_connections=int(
+                _number(text("max-connections") or "10000", "--max-connections", 0, integer=True)
+            )
+            or None,
+            idle_timeout=_number(text("idle-timeout") or "300", "--idle-timeout", 1),
+            max_headers=int(_number(text("max-headers") or "100", "--max-headers", 10, integer=True)),
+            max_header_bytes=int(
+                _number(text("max-header-bytes") or "16384", "--max-header-bytes", 1024, integer=True)
+            ),
+            ready_window=_number(text("ready-window") or "60", "--ready-window", 1),
+            debug=bool(options.get("debug")),
             cache_max_size=cache_max_size,
             max_upstream_connections=int(
                 _number(

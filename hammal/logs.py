@@ -1,12 +1,44 @@
-"""Log observers selectable with ``--log-format``."""
+"""
+Log observers for twistd: text or JSON on standard output, filtered at
+info level (debug with ``--debug``).
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
-from twisted.logger import ILogObserver, jsonFileLogObserver
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
 
 
-def json_log_observer() -> ILogObserver:
-    """One JSON object per event on standard output (for twistd --logger)."""
-    return jsonFileLogObserver(sys.stdout)
+def observer_factory(log_format: str, debug: bool) -> Callable[[], ILogObserver]:
+    """A factory for twistd's ``logger`` option."""
+
+    def make() -> ILogObserver:
+        if log_format == "json":
+            observer = jsonFileLogObserver(sys.stdout)
+        else:
+            observer = textFileLogObserver(sys.stdout)
+        level = LogLevel.debug if debug else LogLevel.info
+        return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=level)])
+
+    return make
+
+
+# Named factories: twistd takes its ``logger`` option as a dotted name.
+text_observer = observer_factory("text", debug=False)
+text_debug_observer = observer_factory("text", debug=True)
+json_observer = observer_factory("json", debug=False)
+json_debug_observer = observer_factory("json", debug=True)
+
+
+def observer_name(log_format: str, debug: bool) -> str:
+    """The dotted name of the factory for twistd's ``logger`` option."""
+    return f"{__name__}.{log_format}{'_debug' if debug else ''}_observer"

@@ -23,6 +23,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
+from hammal import metrics
 from hammal.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from hammal.registry.reference import Digest
 
@@ -157,6 +158,7 @@ class BodyPipe(Protocol):
         if self._expected_length is not None and self._received > self._expected_length:
             self._fail(TransferBroken(f"{self._upstream} sent more bytes than announced"))
             return
+        metrics.upstream_bytes.inc(len(data))
         if self._hasher is not None:
             self._hasher.update(data)
         if self._pending:
@@ -189,6 +191,7 @@ class BodyPipe(Protocol):
             return
         if self._digest is not None and self._hasher is not None:
             if not self._digest.matches(self._hasher):
+                metrics.digest_mismatches.inc()
                 self.done.errback(
                     TransferBroken(f"{self._upstream} sent bytes that do not match {self._digest}")
                 )

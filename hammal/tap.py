@@ -19,6 +19,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from hammal import metrics
+from hammal.drain import DrainService
 
 from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import Sync
@@ -31,7 +37,7 @@ from hammal.cache.manifests import (
 )
 from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, PARAMETERS, ConfigError, Settings, env_flag
-from hammal.logs import json_log_observer
+from hammal.logs import observer_name
 from hammal.proxy import PullProxy
 from hammal.registry.client import Upstream, UpstreamClient, make_http_client
 from hammal.registry.retry import RetryPolicy
@@ -43,7 +49,9 @@ from hammal.registry.tokens import (
     TokenCache,
 )
 from hammal.tls import server_tls_options
-from hammal.web.root import build_root
+from hammal.web.root import MetricsResource, build_root
+from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
+from hammal.web.limits import ConnectionLimit
 from hammal.web.site import HammalSite
 from hammal.web.v2 import V2Resource
 
@@ -108,8 +116,8 @@ class Options(usage.Options):
             self.settings = Settings.from_options(self)
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
-        if self.settings.log_format == "json" and self.parent is not None:
-            self.parent["logger"] = json_log_observer
+        if self.parent is not None and self.parent.get("logger") is None:
+            self.parent["logger"] = observer_name(self.settings.log_format, self.settings.debug)
 
 
 def _tune_buffers(size: int) -> None:
@@ -209,6 +217,12 @@ def _threaded_sync(reactor: Any) -> Sync:
     return sync
 
 
+def _tune_http_limits(settings: Settings) -> None:
+    """Request header limits (process-wide, like the buffer sizes)."""
+    http.HTTPChannel.maxHeaders = settings.max_headers
+    http.HTTPChannel.totalHeadersSize = settings.max_header_bytes
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build hammal's service tree from parsed C{options}."""
     if reactor is None:
@@ -217,40 +231,81 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = default_reactor
     settings = options.settings or Settings.from_options(options)
     _tune_buffers(settings.buffer_size)
+    _tune_http_limits(settings)
 
     redis = _redis(settings)
-    http = make_http_client(reactor, settings.connect_timeout, settings.max_upstream_connections)
+    http_client = make_http_client(
+        reactor, settings.connect_timeout, settings.max_upstream_connections
+    )
     upstream = Upstream(settings.upstream, settings.library_prefix, settings.credentials)
     client = UpstreamClient(
         upstream,
-        http,
+        http_client,
         reactor,
         _token_cache(redis, reactor),
         RetryPolicy(retries=settings.retries, base=settings.retry_backoff),
         settings.read_timeout,
     )
+    blobs = _blob_cache(settings, reactor)
     proxy = PullProxy(
         client,
         settings.library_prefix,
         settings.blob_redirect,
         reactor,
-        _blob_cache(settings, reactor),
+        blobs,
         _manifest_cache(settings, redis, reactor),
     )
-    root = build_root(V2Resource(proxy))
-    site = HammalSite(root, reactor)
+    if blobs is not None:
+        metrics.blob_cache_size.set_function(lambda: blobs.store.total_size)
+        metrics.blob_cache_blobs.set_function(lambda: len(blobs.store))
+        metrics.coalesced_readers.set_function(lambda: blobs.readers)
+
+    readiness = Readiness()
+    if redis is not None:
+        readiness.add("redis", redis_answers(redis, reactor))
+    if settings.cache_dir is not None:
+        readiness.add("cache", cache_dir_writable(settings.cache_dir))
+    readiness.add("upstream", lambda: client.reachable(settings.ready_window))
+
+    metrics_resource = MetricsResource(registry=metrics.REGISTRY)
+    root = build_root(
+        V2Resource(proxy),
+        ReadyResource(readiness),
+        metrics_resource if settings.metrics_port is None else None,
+    )
+    site = HammalSite(root, reactor, timeout=settings.idle_timeout)
     site.displayTracebacks = False
-    factory: Any = site
-    if settings.tls:
-        assert settings.tls_cert and settings.tls_key
-        factory = TLSMemoryBIOFactory(
-            server_tls_options(settings.tls_cert, settings.tls_key), False, site
-        )
 
     service = MultiService()
-    try:
-        endpoint = serverFromString(reactor, settings.port)
-    except (ValueError, KeyError, TypeError) as failure:
-        raise usage.UsageError(f"--port {settings.port!r} is not a valid endpoint: {failure}")
-    StreamServerEndpointService(endpoint, factory).setServiceParent(service)
+    _listen(reactor, settings.port, _secured(settings, ConnectionLimit(site, settings.max_connections)), service)
+    if settings.metrics_port is not None:
+        metrics_root = Resource()
+        metrics_root.putChild(b"metrics", metrics_resource)
+        metrics_site = _QuietSite(metrics_root)
+        _listen(reactor, settings.metrics_port, metrics_site, service)
+    DrainService(readiness, lambda: site.active_requests, reactor, settings.drain_timeout).setServiceParent(service)
     return service
+
+
+class _QuietSite(Site):
+    """The metrics listener: scrapes are not traffic worth a log line."""
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+def _secured(settings: Settings, factory: Any) -> Any:
+    if not settings.tls:
+        return factory
+    assert settings.tls_cert and settings.tls_key
+    return TLSMemoryBIOFactory(server_tls_options(settings.tls_cert, settings.tls_key), False, factory)
+
+
+def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as failure:
+        raise usage.UsageError(f"{description!r} is not a valid endpoint: {failure}")
+    StreamServerEndpointService(endpoint, factory).setServiceParent(parent)

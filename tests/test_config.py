@@ -5,8 +5,16 @@ environment fallbacks, command-line precedence and validation.
 
 from __future__ import annotations
 
+import sys
+
+import json
+
+import io
+
 from typing import Any, Mapping, Sequence
 
+from twisted.logger import LogLevel
+from twisted.python.reflect import namedAny
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,7 +31,6 @@ from hammal.config import (
     parse_size,
     port_description,
 )
-from hammal.logs import json_log_observer
 from hammal.registry.auth import Credentials
 from hammal.tap import Options
 
@@ -370,28 +377,47 @@ class ValidationTests(SynchronousTestCase):
 
 
 class LogFormatTests(SynchronousTestCase):
-    """C{--log-format json} installs the JSON observer on twistd's options."""
+    """The options install hammal's log observer on twistd's options."""
 
-    def test_json_sets_parent_logger(self) -> None:
-        options = Options(environ={})
+    def observe(self, args: list[str], environ: dict[str, str] | None = None) -> str:
+        """Parse C{args}, build the observer, send it two events, return what it wrote."""
+        options = Options(environ=environ or {})
         parent: dict[str, Any] = {}
         options.parent = parent  # type: ignore[assignment]
-        options.parseOptions(["--log-format", "json"])
-        self.assertIs(parent["logger"], json_log_observer)
+        options.parseOptions(args)
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        observer = namedAny(parent["logger"])()
+        for level in (LogLevel.debug, LogLevel.info):
+            observer(
+                {
+                    "log_level": level,
+                    "log_format": "event {n}",
+                    "log_namespace": "test",
+                    "log_time": 0.0,
+                    "n": level.name,
+                }
+            )
+        return out.getvalue()
+
+    def test_json(self) -> None:
+        lines = self.observe(["--log-format", "json"]).strip().splitlines()
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(json.loads(lines[0].strip("\x1e"))["n"], "info")
 
     def test_json_from_environment(self) -> None:
-        options = Options(environ={"HAMMAL_LOG_FORMAT": "json"})
-        parent: dict[str, Any] = {}
-        options.parent = parent  # type: ignore[assignment]
-        options.parseOptions([])
-        self.assertIs(parent["logger"], json_log_observer)
+        output = self.observe([], {"HAMMAL_LOG_FORMAT": "json"})
+        self.assertIn('"n": "info"', output)
 
-    def test_text_leaves_parent_alone(self) -> None:
-        options = Options(environ={})
-        parent: dict[str, Any] = {}
-        options.parent = parent  # type: ignore[assignment]
-        options.parseOptions([])
-        self.assertNotIn("logger", parent)
+    def test_text_filters_debug(self) -> None:
+        output = self.observe([])
+        self.assertIn("event info", output)
+        self.assertNotIn("event debug", output)
+
+    def test_debug_shows_debug(self) -> None:
+        output = self.observe(["--debug"])
+        self.assertIn("event debug", output)
+        self.assertIn("event info", output)
 
     def test_json_without_parent(self) -> None:
         self.assertEqual(settings(["--log-format", "json"]).log_format, "json")

@@ -22,7 +22,9 @@ from hammal.registry.client import Upstream, UpstreamClient
 from hammal.registry.retry import RetryPolicy
 from hammal.registry.tokens import MemoryTokenCache
 from hammal.stream import read_body
-from hammal.web.root import build_root
+from hammal.metrics import REGISTRY
+from hammal.web.health import Readiness, ReadyResource
+from hammal.web.root import MetricsResource, build_root
 from hammal.web.site import HammalSite
 from hammal.web.v2 import V2Resource
 from tests.fakes import CDN, MANIFEST_V2, REGISTRY, FakeUpstream, stub_for
@@ -72,7 +74,8 @@ class Mirror:
                 )
 
         proxy = PullProxy(client, True, blob_redirect, self.clock, self.blobs, manifests)
-        root = build_root(V2Resource(proxy))
+        self.readiness = Readiness()
+        root = build_root(V2Resource(proxy), ReadyResource(self.readiness), MetricsResource(REGISTRY))
         self.agent = RequestTraversalAgent(root)
         self.agent._serverFactory = HammalSite(root, self.clock)  # type: ignore[attr-defined]
 

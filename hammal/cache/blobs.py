@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 
+from hammal import metrics
 from hammal.cache.fetch import BlobFetch, BlobReader, StartUpstream, Sync, sync_now
 from hammal.cache.store import BlobStore
 from hammal.registry.reference import Digest
@@ -137,6 +138,7 @@ class BlobCache:
         key = str(digest)
         self._fetches[key] = fetch
         self.fetches_started += 1
+        metrics.blob_fetches.inc()
 
         def forget(_: object) -> None:
             if self._fetches.get(key) is fetch:

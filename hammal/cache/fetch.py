@@ -27,6 +27,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from hammal import metrics
 from hammal.cache.store import BlobStore
 from hammal.errors import RegistryError, UpstreamTimeout
 from hammal.registry.client import upstream_error
@@ -196,6 +197,7 @@ class BlobFetch:
             count = os.write(self._fd, view)
             view = view[count:]
         self._hasher.update(data)
+        metrics.upstream_bytes.inc(len(data))
         self.readable = self.written
         self.written += len(data)
         self._notify()
@@ -204,6 +206,7 @@ class BlobFetch:
         if self.size is not None and self.written != self.size:
             raise TransferBroken(f"{self._upstream} sent {self.written} of {self.size} bytes")
         if not self.digest.matches(self._hasher):
+            metrics.digest_mismatches.inc()
             self.log.warn(
                 "digest mismatch for {digest} from {upstream}: discarded",
                 digest=str(self.digest),

@@ -24,6 +24,7 @@ from typing import Iterator
 
 from twisted.logger import Logger
 
+from hammal import metrics
 from hammal.registry.reference import Digest
 
 #: A temporary file untouched for this long belongs to a dead transfer.
@@ -196,6 +197,7 @@ class BlobStore:
             digest = Digest.parse(key)
             self.remove(digest)
             self.evictions += 1
+            metrics.blob_cache_evictions.inc()
             self.log.info("evicted {digest} from the blob cache", digest=key)
 
 

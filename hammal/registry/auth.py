@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from hammal import metrics
 from hammal.coalesce import Coalescer
 from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.challenge import Challenge
@@ -121,6 +122,7 @@ class UpstreamAuth:
         if challenge.scheme == "basic":
             return self._credentials.basic() if self._credentials else None
         token = await self._cache.get(self._key(scope))
+        metrics.token_cache.labels("miss" if token is None else "hit").inc()
         if token is None:
             token = await self._fetch(challenge, scope)
         return b"Bearer " + token.encode()

@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from hammal import __version__
+from hammal import __version__, metrics
 from hammal.errors import (
     Denied,
     RegistryError,
@@ -211,6 +211,7 @@ class UpstreamClient:
         self._clock = clock
         self._policy = policy
         self.read_timeout = read_timeout
+        self.last_reached: float | None = None
         self._auth = UpstreamAuth(
             upstream.url,
             tokens,
@@ -270,10 +271,11 @@ class UpstreamClient:
             self.log.info(
                 "retrying {method} {url} in {delay:.2f}s after {reason}",
                 method=method.decode(),
-                url=url,
+                url=_without_query(url),
                 delay=delay,
                 reason=reason,
             )
+            metrics.upstream_retries.labels(self.upstream.host).inc()
             await sleep(self._clock, delay)
             retry += 1
 
@@ -338,6 +340,7 @@ class UpstreamClient:
         """One HTTP exchange, with hammal's errors for what went wrong."""
         headers.setRawHeaders(b"user-agent", [USER_AGENT])
         host = urlsplit(url).netloc
+        started = self._clock.seconds()
         d = self._http.request(
             method.decode("ascii"),
             url,
@@ -349,14 +352,55 @@ class UpstreamClient:
         try:
             response: IResponse = await d
         except defer.TimeoutError:
+            metrics.upstream_errors.labels(host, "timeout").inc()
             raise UpstreamTimeout(f"{host} did not answer within {self.read_timeout:g} seconds")
-        except error.ConnectingCancelledError:
-            raise UpstreamTimeout(f"connecting to {host} timed out")
-        except error.TimeoutError:
+        except (error.ConnectingCancelledError, error.TimeoutError):
+            metrics.upstream_errors.labels(host, "connect-timeout").inc()
             raise UpstreamTimeout(f"connecting to {host} timed out")
         except _CONNECTION_ERRORS as failure:
+            metrics.upstream_errors.labels(host, "connection").inc()
             raise UpstreamUnavailable(f"cannot reach {host}: {_describe(failure)}")
+        if host == self.upstream.host and response.code < 500:
+            self.last_reached = self._clock.seconds()
+        metrics.upstream_latency.labels(host).observe(self._clock.seconds() - started)
+        self.log.debug(
+            "upstream {method} {where} -> {status} in {ms:.1f}ms",
+            method=method.decode("ascii"),
+            where=_without_query(url),
+            status=response.code,
+            ms=(self._clock.seconds() - started) * 1000,
+        )
+        metrics.upstream_requests.labels(host, str(response.code)).inc()
+        self._note_rate_limit(response)
         return response
+
+    def _note_rate_limit(self, response: IResponse) -> None:
+        """Docker Hub's ``ratelimit-remaining: 76;w=21600``, as a gauge."""
+        value = _header(response, b"ratelimit-remaining")
+        if value is None:
+            return
+        count = value.split(";", 1)[0].strip()
+        if count.isdigit():
+            metrics.upstream_ratelimit_remaining.labels(
+                self.upstream.host, self._auth.identity
+            ).set(int(count))
+
+    async def reachable(self, within: float) -> str | None:
+        """
+        L{None} if upstream answered within the last C{within} seconds or
+        answers a probe of ``/v2/`` now (any HTTP answer counts), else the
+        problem.
+        """
+        if self.last_reached is not None and self._clock.seconds() - self.last_reached < within:
+            return None
+        try:
+            response = await self._send(b"GET", f"{self.upstream.url}/v2/", Headers())
+        except RegistryError as failure:
+            return failure.message
+        await discard_body(response)
+        if response.code >= 500:
+            return f"{self.upstream.host} answers HTTP {response.code}"
+        return None
 
     async def fetch_document(self, response: IResponse, limit: int) -> bytes:
         """Read a small body (manifest, tag list) within the read timeout."""
@@ -377,6 +421,12 @@ def _describe(failure: BaseException) -> str:
             return reasons[0].getErrorMessage()
     text = str(failure) or type(failure).__name__
     return text[:200]
+
+
+def _without_query(url: str) -> str:
+    """A URL fit for logs: signed query strings are credentials."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def _header(response: IResponse, name: bytes) -> str | None:

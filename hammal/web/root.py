@@ -5,6 +5,7 @@ for orchestrators, and a short text at ``/``.
 
 from __future__ import annotations
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -25,10 +26,30 @@ class _Text(Resource):
     render_HEAD = render_GET
 
 
-def build_root(v2: Resource) -> Resource:
-    """The resource tree hammal serves."""
+class MetricsResource(Resource):
+    """``/metrics``: hammal's Prometheus registry, rendered on request."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._registry)
+
+
+def build_root(v2: Resource, ready: Resource, metrics: Resource | None) -> Resource:
+    """
+    The resource tree hammal serves; C{metrics} is left out when it has a
+    listener of its own.
+    """
     root = Resource()
     root.putChild(b"", _Text(b"hammal registry mirror: point your client at this host.\n"))
     root.putChild(b"v2", v2)
     root.putChild(b"healthz", _Text(b"ok\n"))
+    root.putChild(b"readyz", ready)
+    if metrics is not None:
+        root.putChild(b"metrics", metrics)
     return root

@@ -14,6 +14,7 @@ from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from hammal import metrics
 from hammal.registry.client import Trace
 
 
@@ -36,6 +37,10 @@ class HammalRequest(Request):
     def process(self) -> None:
         if self.clock is not None:
             self.started_at = self.clock.seconds()
+        metrics.in_flight_requests.inc()
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, HammalSite):
+            site.active_requests += 1
         super().process()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -53,6 +58,7 @@ class HammalSite(Site):
     def __init__(self, resource: IResource, clock: IReactorTime, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.noisy = False
+        self.active_requests = 0
         self._clock = clock
         class _ClockedRequest(HammalRequest):
             pass
@@ -69,7 +75,14 @@ class HammalSite(Site):
         if not isinstance(request, HammalRequest) or request._access_logged:
             return
         request._access_logged = True
+        if request.started_at:
+            metrics.in_flight_requests.dec()
+            self.active_requests -= 1
         duration = self._clock.seconds() - request.started_at if request.started_at else 0.0
+        route = request.route_kind
+        metrics.requests.labels(route, str(request.code)).inc()
+        metrics.response_bytes.labels(route).inc(request.sentLength)
+        metrics.request_duration.labels(route).observe(duration)
         self.access_log.info(
             '{client} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms'
             " route={route} upstream_attempts={attempts} cache={cache}{aborted_text}",

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from hammal import metrics
 from hammal.errors import RegistryError, TagInvalid, Unsupported
 from hammal.proxy import PullProxy
 from hammal.replies import BlobReply, Document
@@ -118,8 +119,10 @@ def _set_route_kind(request: Request, kind: str) -> None:
 
 def _set_cache_status(request: Request, status: str) -> None:
     request.setHeader(b"cache-status", status.encode())
+    outcome = metrics.outcome_of(status)
+    metrics.cache_responses.labels(getattr(request, "route_kind", "-"), outcome).inc()
     if hasattr(request, "cache_status"):
-        request.cache_status = status.split("; ", 1)[1]
+        request.cache_status = outcome
 
 
 def _start_response(

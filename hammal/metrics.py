@@ -1,0 +1,129 @@
+"""
+hammal's Prometheus metrics, on a registry of hammal's own.
+
+Everything is defined here, in one place, so that the names form one
+documented set; the code that observes an event imports the metric it
+moves. Labels are bounded: routes, status codes, upstream hosts,
+outcomes, never names or digests.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+requests = Counter(
+    "hammal_requests",
+    "Client requests by route kind and status.",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+response_bytes = Counter(
+    "hammal_response_bytes",
+    "Body bytes sent to clients.",
+    ["route"],
+    registry=REGISTRY,
+)
+request_duration = Histogram(
+    "hammal_request_duration_seconds",
+    "Time from request to the end of the response.",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+open_connections = Gauge(
+    "hammal_open_connections", "Client connections open now.", registry=REGISTRY
+)
+in_flight_requests = Gauge(
+    "hammal_in_flight_requests", "Client requests being served now.", registry=REGISTRY
+)
+
+upstream_requests = Counter(
+    "hammal_upstream_requests",
+    "HTTP exchanges with upstream hosts (registry, token realm, CDN) by status.",
+    ["host", "status"],
+    registry=REGISTRY,
+)
+upstream_latency = Histogram(
+    "hammal_upstream_latency_seconds",
+    "Time until upstream's response headers arrived.",
+    ["host"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+upstream_errors = Counter(
+    "hammal_upstream_errors",
+    "Upstream exchanges that failed without a response, by kind.",
+    ["host", "kind"],
+    registry=REGISTRY,
+)
+upstream_retries = Counter(
+    "hammal_upstream_retries",
+    "Retries of upstream requests.",
+    ["upstream"],
+    registry=REGISTRY,
+)
+upstream_bytes = Counter(
+    "hammal_upstream_bytes",
+    "Body bytes received from upstream for blobs.",
+    registry=REGISTRY,
+)
+upstream_ratelimit_remaining = Gauge(
+    "hammal_upstream_ratelimit_remaining",
+    "Docker Hub's ratelimit-remaining for hammal's upstream identity.",
+    ["upstream", "identity"],
+    registry=REGISTRY,
+)
+
+token_cache = Counter(
+    "hammal_token_cache_lookups",
+    "Upstream token lookups by result (hit, miss).",
+    ["result"],
+    registry=REGISTRY,
+)
+cache_responses = Counter(
+    "hammal_cache_responses",
+    "Responses by cache outcome (hit, miss, coalesced, revalidated, stale, bypass).",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+blob_cache_evictions = Counter(
+    "hammal_blob_cache_evictions", "Blobs evicted from the cache.", registry=REGISTRY
+)
+blob_cache_size = Gauge(
+    "hammal_blob_cache_size_bytes", "Bytes of blobs in the cache.", registry=REGISTRY
+)
+blob_cache_blobs = Gauge(
+    "hammal_blob_cache_blobs", "Blobs in the cache.", registry=REGISTRY
+)
+blob_fetches = Counter(
+    "hammal_blob_fetches", "Upstream blob fetches started by the cache.", registry=REGISTRY
+)
+coalesced_readers = Gauge(
+    "hammal_blob_readers",
+    "Clients reading cached blobs or following transfers in flight.",
+    registry=REGISTRY,
+)
+digest_mismatches = Counter(
+    "hammal_digest_mismatches",
+    "Upstream transfers rejected because their bytes did not match the digest.",
+    registry=REGISTRY,
+)
+
+
+def outcome_of(cache_status: str) -> str:
+    """The short outcome label for a ``Cache-Status`` value."""
+    if "detail=coalesced" in cache_status:
+        return "coalesced"
+    if "stale-if-error" in cache_status:
+        return "stale"
+    if "fwd=stale" in cache_status:
+        return "revalidated"
+    if "fwd=bypass" in cache_status:
+        return "bypass"
+    if "fwd=miss" in cache_status:
+        return "miss"
+    return "hit"

@@ -1,0 +1,101 @@
+"""
+``/healthz`` and ``/readyz`` for orchestrators.
+
+``/healthz`` says the process serves. ``/readyz`` says it should get
+traffic: not draining, Redis answering (when configured), the cache
+directory writable, and upstream reached recently (or reachable now).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any, Awaitable, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+Check = Callable[[], Awaitable[str | None]]
+"""A readiness check: L{None} when fine, else what is wrong."""
+
+
+class Readiness:
+    """The readiness checks and the draining flag."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._checks: list[tuple[str, Check]] = []
+
+    def add(self, name: str, check: Check) -> None:
+        self._checks.append((name, check))
+
+    async def report(self) -> dict[str, str]:
+        """Every check's outcome (``ok`` or the problem)."""
+        results = {"draining": "draining: not accepting new work" if self.draining else "ok"}
+        for name, check in self._checks:
+            try:
+                problem = await check()
+            except Exception as failure:
+                problem = f"{type(failure).__name__}: {failure}"
+            results[name] = problem or "ok"
+        return results
+
+
+def cache_dir_writable(path: str) -> Check:
+    """A check that C{path} accepts a new file."""
+
+    async def check() -> str | None:
+        probe = os.path.join(path, f".ready-{secrets.token_hex(4)}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.unlink(probe)
+        except OSError as failure:
+            return f"cache directory not writable: {failure.strerror}"
+        return None
+
+    return check
+
+
+def redis_answers(redis: Any, clock: Any, timeout: float = 1.0) -> Check:
+    """A check that Redis answers PING within C{timeout}."""
+
+    async def check() -> str | None:
+        try:
+            await redis.ping().addTimeout(timeout, clock)
+        except Exception as failure:
+            return f"redis not reachable: {type(failure).__name__}"
+        return None
+
+    return check
+
+
+class ReadyResource(Resource):
+    """``/readyz``: 200 when every check passes, else 503, with details."""
+
+    isLeaf = True
+
+    def __init__(self, readiness: Readiness) -> None:
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request: Request) -> Any:
+        Deferred.fromCoroutine(self._answer(request))
+        return NOT_DONE_YET
+
+    render_HEAD = render_GET
+
+    async def _answer(self, request: Request) -> None:
+        report = await self._readiness.report()
+        ready = all(value == "ok" for value in report.values())
+        body = json.dumps({"ready": ready, "checks": report}).encode()
+        if getattr(request, "_disconnected", False):
+            return
+        request.setResponseCode(200 if ready else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()

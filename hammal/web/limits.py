@@ -1,0 +1,81 @@
+"""
+Connection accounting and limits in front of the site: every client
+connection is counted, and past C{max_connections} a new one is answered
+with a clean ``503`` and closed instead of being left to time out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from hammal import metrics
+from hammal.errors import RegistryError
+from hammal.web.errors import error_body
+
+
+class ServerBusy(RegistryError):
+    code = "TOOMANYREQUESTS"
+    status = 503
+
+
+def _busy_response() -> bytes:
+    body = error_body(ServerBusy("hammal is at its connection limit; retry shortly"))
+    head = (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"Content-Type: application/json; charset=utf-8\r\n"
+        b"Retry-After: 1\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
+class _Refusal(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_busy_response())
+        self.transport.loseConnection()
+
+
+class _CountedProtocol(ProtocolWrapper):
+    def connectionMade(self) -> None:
+        metrics.open_connections.inc()
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        metrics.open_connections.dec()
+        super().connectionLost(reason)
+
+
+class ConnectionLimit(WrappingFactory):
+    """
+    Wraps the site's factory: counts connections, refuses those beyond
+    C{max_connections} (L{None}: no limit).
+    """
+
+    protocol = _CountedProtocol
+    noisy = False
+    log = Logger()
+
+    def __init__(self, wrapped: Any, max_connections: int | None) -> None:
+        super().__init__(wrapped)
+        self.max_connections = max_connections
+        self._warned = False
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if self.max_connections is not None and len(self.protocols) >= self.max_connections:
+            if not self._warned:
+                self.log.warn(
+                    "refusing connections beyond --max-connections {limit}",
+                    limit=self.max_connections,
+                )
+                self._warned = True
+            return _Refusal()
+        self._warned = False
+        return super().buildProtocol(addr)
