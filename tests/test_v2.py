@@ -22,7 +22,7 @@ from hammal.registry.client import Upstream, UpstreamClient
 from hammal.registry.retry import RetryPolicy
 from hammal.registry.tokens import MemoryTokenCache
 from hammal.stream import read_body
-from hammal.metrics import REGISTRY
+from hammal.metrics import REGISTRY as METRICS
 from hammal.web.health import Readiness, ReadyResource
 from hammal.web.root import MetricsResource, build_root
 from hammal.web.site import HammalSite
@@ -75,7 +75,7 @@ class Mirror:
 
         proxy = PullProxy(client, True, blob_redirect, self.clock, self.blobs, manifests)
         self.readiness = Readiness()
-        root = build_root(V2Resource(proxy), ReadyResource(self.readiness), MetricsResource(REGISTRY))
+        root = build_root(V2Resource(proxy), ReadyResource(self.readiness), MetricsResource(METRICS))
         self.agent = RequestTraversalAgent(root)
         self.agent._serverFactory = HammalSite(root, self.clock)  # type: ignore[attr-defined]
 
