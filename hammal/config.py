@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -18,6 +18,9 @@ from hammal.registry.reference import is_docker_hub
 
 DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -43,7 +46,11 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("port", DEFAULT_PORT, "Port number or Twisted server endpoint string to listen on."),
     OptionSpec("tls-cert", None, "PEM certificate chain for --tls (leaf first)."),
     OptionSpec("tls-key", None, "PEM private key for --tls."),
-    OptionSpec("upstream", DEFAULT_UPSTREAM, "Base URL of the registry to mirror."),
+    OptionSpec(
+        "upstream",
+        None,
+        f"Base URL of the registry to mirror (default {DEFAULT_UPSTREAM} unless --route is given).",
+    ),
     OptionSpec(
         "upstream-username",
         None,
@@ -77,6 +84,22 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("max-headers", "100", "Most request headers accepted per request."),
     OptionSpec("max-header-bytes", "16384", "Most bytes of request line and headers."),
     OptionSpec("ready-window", "60", "/readyz: upstream must have answered within this many seconds (else it is probed)."),
+)
+
+#: Repeatable options: given several times, or space-separated in the env variable.
+LISTS: tuple[OptionSpec, ...] = (
+    OptionSpec("route", None, "HOST=UPSTREAM_URL: requests for Host HOST go to UPSTREAM_URL (repeatable)."),
+    OptionSpec(
+        "route-credentials",
+        None,
+        "HOST=USER:PASSWORD_FILE: upstream credentials for a --route (repeatable).",
+    ),
+    OptionSpec(
+        "mirror",
+        None,
+        "[HOST=]URL: a mirror of the upstream (of --route HOST) tried when it fails (repeatable).",
+    ),
+    OptionSpec("allow-upstream", None, "HOST that ?upstream=HOST may name (repeatable)."),
 )
 
 #: Every flag: name, help.
@@ -139,6 +162,53 @@ def port_description(text: str) -> str:
     return text
 
 
+def base_url(text: str, what: str) -> str:
+    """Validate a registry base URL (``https://host[:port]``, nothing more)."""
+    url = text.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} must be an http(s) URL, not {url[:200]!r}")
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{what} must be a bare base URL like https://registry-1.docker.io")
+    return url
+
+
+def _items(options: Mapping[str, object], name: str) -> list[str]:
+    value = options.get(name) or []
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    return [str(item) for item in value]  # type: ignore[attr-defined]
+
+
+def _pair(item: str, what: str, parse_value: Callable[[str, str], T]) -> tuple[str, T]:
+    host, separator, value = item.partition("=")
+    host = host.strip().lower()
+    if not separator or not host or not value:
+        raise ConfigError(f"{what} takes HOST=VALUE, not {item.split('=')[0][:100]!r}...")
+    return host, parse_value(value, what)
+
+
+def _mirror(item: str) -> tuple[str | None, str]:
+    if "=" in item and not item.startswith("http"):
+        host, url = _pair(item, "--mirror", base_url)
+        return host, url
+    return None, base_url(item, "--mirror")
+
+
+def _credentials_from_file(value: str, what: str) -> Credentials:
+    user, separator, path = value.partition(":")
+    if not separator or not user or not path:
+        raise ConfigError(f"{what} takes HOST=USER:PASSWORD_FILE")
+    try:
+        with open(path, encoding="utf-8") as secret:
+            password = secret.read().strip()
+    except OSError as failure:
+        raise ConfigError(f"{what}: cannot read {path}: {failure.strerror}")
+    if not password:
+        raise ConfigError(f"{what}: {path} is empty")
+    return Credentials(user, password)
+
+
 @attrs.frozen
 class RedisAddress:
     host: str
@@ -174,8 +244,13 @@ class Settings:
     tls: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
-    upstream: str = DEFAULT_UPSTREAM
+    upstream: str | None = DEFAULT_UPSTREAM
+    routes: tuple[tuple[str, str], ...] = ()
+    route_credentials: tuple[tuple[str, Credentials], ...] = ()
+    mirrors: tuple[tuple[str | None, str], ...] = ()
+    allow_upstream: frozenset[str] = frozenset()
     library_prefix: bool = True
+    force_library_prefix: bool | None = None
     credentials: Credentials | None = None
     redis: RedisAddress | None = None
     connect_timeout: float = 10.0
@@ -200,6 +275,12 @@ class Settings:
     ready_window: float = 60.0
     debug: bool = False
 
+    def library_prefix_for(self, url: str) -> bool:
+        """Whether names get ``library/`` at the upstream C{url}."""
+        if self.force_library_prefix is not None:
+            return self.force_library_prefix
+        return is_docker_hub(urlsplit(url).hostname or "")
+
     @classmethod
     def from_options(cls, options: Mapping[str, object]) -> Settings:
         """
@@ -212,20 +293,31 @@ class Settings:
             value = options.get(name)
             return None if value in (None, "") else str(value)
 
-        upstream = (text("upstream") or DEFAULT_UPSTREAM).rstrip("/")
-        parts = urlsplit(upstream)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--upstream must be an http(s) URL, not {upstream!r}")
-        if parts.path or parts.query or parts.fragment or parts.username:
-            raise ConfigError("--upstream must be a bare base URL like https://registry-1.docker.io")
+        routes = tuple(_pair(item, "--route", base_url) for item in _items(options, "route"))
+        given = text("upstream")
+        upstream = base_url(given, "--upstream") if given else (None if routes else DEFAULT_UPSTREAM)
+        parts = urlsplit(upstream or routes[0][1])
+        mirrors = tuple(_mirror(item) for item in _items(options, "mirror"))
+        route_hosts = {host for host, _ in routes}
+        for host, _ in mirrors:
+            if host is not None and host not in route_hosts:
+                raise ConfigError(f"--mirror {host}=... names no --route host")
+        route_credentials = tuple(
+            _pair(item, "--route-credentials", _credentials_from_file)
+            for item in _items(options, "route-credentials")
+        )
+        for host, _ in route_credentials:
+            if host not in route_hosts:
+                raise ConfigError(f"--route-credentials {host}=... names no --route host")
+        allow_upstream = frozenset(item.strip().lower() for item in _items(options, "allow-upstream"))
         if options.get("library-prefix") and options.get("no-library-prefix"):
             raise ConfigError("--library-prefix and --no-library-prefix exclude each other")
+        forced: bool | None = None
         if options.get("library-prefix"):
-            library_prefix = True
+            forced = True
         elif options.get("no-library-prefix"):
-            library_prefix = False
-        else:
-            library_prefix = is_docker_hub(parts.hostname)
+            forced = False
+        library_prefix = forced if forced is not None else is_docker_hub(parts.hostname or "")
 
         username, password = text("upstream-username"), text("upstream-password")
         if (username is None) != (password is None):
@@ -257,7 +349,12 @@ class Settings:
             tls_cert=tls_cert,
             tls_key=tls_key,
             upstream=upstream,
+            routes=routes,
+            route_credentials=route_credentials,
+            mirrors=mirrors,
+            allow_upstream=allow_upstream,
             library_prefix=library_prefix,
+            force_library_prefix=forced,
             credentials=credentials,
             redis=parse_redis_url(redis_url) if redis_url else None,
             connect_timeout=_number(text("connect-timeout") or "10", "--connect-timeout", 0.001),

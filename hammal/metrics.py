@@ -66,6 +66,12 @@ upstream_retries = Counter(
     ["upstream"],
     registry=REGISTRY,
 )
+upstream_failovers = Counter(
+    "hammal_upstream_failovers",
+    "Times an upstream or mirror failed and the next one was tried.",
+    ["host"],
+    registry=REGISTRY,
+)
 upstream_bytes = Counter(
     "hammal_upstream_bytes",
     "Body bytes received from upstream for blobs.",

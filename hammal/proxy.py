@@ -24,7 +24,7 @@ from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import BlobFetch
 from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
 from hammal.errors import RegistryError, UpstreamBadResponse
-from hammal.registry.client import REDIRECT_STATUSES, Trace, UpstreamClient, upstream_error
+from hammal.registry.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
 from hammal.registry.reference import Digest, Reference, upstream_name
 from hammal.replies import (
     CACHE_COALESCED,
@@ -40,8 +40,8 @@ from hammal.stream import UpstreamBody, discard_body, expected_length
 from hammal.web.headers import relayed_response_headers
 from hammal.web.ranges import content_range, parse_range
 
-ManifestCacheFactory = Callable[[FetchManifest, HeadDigest], ManifestCache]
-"""Builds the manifest cache around the proxy's upstream fetchers."""
+ManifestCacheFactory = Callable[[str, FetchManifest, HeadDigest], ManifestCache]
+"""Builds the manifest cache for an upstream URL around the proxy's fetchers."""
 
 #: The largest manifest or tag list hammal accepts from upstream.
 MAX_DOCUMENT_SIZE = 8 * 1024 * 1024
@@ -59,7 +59,7 @@ class PullProxy:
 
     def __init__(
         self,
-        client: UpstreamClient,
+        client: RegistryClient,
         library_prefix: bool,
         blob_redirect: str,
         clock: IReactorTime,
@@ -72,8 +72,15 @@ class PullProxy:
         self._clock = clock
         self._blobs = blobs if self._follow_blob_redirects else None
         self._manifests = (
-            manifests(self._fetch_manifest, self._head_digest) if manifests is not None else None
+            manifests(client.upstream.url, self._fetch_manifest, self._head_digest)
+            if manifests is not None
+            else None
         )
+
+    @property
+    def client(self) -> RegistryClient:
+        """The upstream this proxy pulls from."""
+        return self._client
 
     @property
     def upstream_host(self) -> str:

@@ -36,10 +36,12 @@ from hammal.cache.manifests import (
     ManifestStore,
 )
 from hammal.cache.store import BlobStore
-from hammal.config import FLAGS, PARAMETERS, ConfigError, Settings, env_flag
+from hammal.config import FLAGS, LISTS, PARAMETERS, ConfigError, Settings, env_flag
 from hammal.logs import observer_name
-from hammal.proxy import PullProxy
-from hammal.registry.client import Upstream, UpstreamClient, make_http_client
+from hammal.proxy import ManifestCacheFactory, PullProxy
+from hammal.registry.auth import Credentials
+from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
+from hammal.upstreams import FailoverClient, UpstreamSelector
 from hammal.registry.retry import RetryPolicy
 from hammal.registry.tokens import (
     TAG_KEY_PREFIX,
@@ -76,6 +78,9 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        self._given_lists: set[str] = set()
+        for spec in LISTS:
+            self[spec.name] = []
         self.settings: Settings | None = None
         try:
             self._apply_environment()
@@ -84,7 +89,34 @@ class Options(usage.Options):
         else:
             self._environment_error = None
 
+    def _add_to_list(self, name: str, value: str) -> None:
+        """Repeatable options: the command line replaces the environment's list."""
+        if name not in self._given_lists:
+            self._given_lists.add(name)
+            self[name] = []
+        self[name].append(value)
+
+    def opt_route(self, value: str) -> None:
+        self._add_to_list("route", value)
+
+    def opt_route_credentials(self, value: str) -> None:
+        self._add_to_list("route-credentials", value)
+
+    def opt_mirror(self, value: str) -> None:
+        self._add_to_list("mirror", value)
+
+    def opt_allow_upstream(self, value: str) -> None:
+        self._add_to_list("allow-upstream", value)
+
+    for _spec in LISTS:
+        locals()["opt_" + _spec.name.replace("-", "_")].__doc__ = _parameter_help(_spec)
+    del _spec
+
     def _apply_environment(self) -> None:
+        for spec in LISTS:
+            listed = self._environ.get(spec.env)
+            if listed:
+                self[spec.name] = listed.replace(",", " ").split()
         for spec in PARAMETERS:
             for variable in (spec.env, *spec.extra_env):
                 if self._environ.get(variable):
@@ -156,9 +188,7 @@ def _token_cache(redis: Any, reactor: Any) -> TokenCache:
     return ResilientTokenCache(RedisTokenCache(redis, reactor), local, reactor)
 
 
-def _manifest_cache(
-    settings: Settings, redis: Any, reactor: Any
-) -> Callable[[FetchManifest, HeadDigest], ManifestCache] | None:
+def _manifest_cache(settings: Settings, redis: Any, reactor: Any) -> ManifestCacheFactory | None:
     """Tag entries in Redis when configured (shared), else on disk."""
     if settings.cache_dir is None:
         return None
@@ -174,12 +204,12 @@ def _manifest_cache(
         shared = RedisTokenCache(redis, reactor, prefix=TAG_KEY_PREFIX)
         tags = ResilientTokenCache(shared, disk_tags, reactor)
 
-    def build(fetch: FetchManifest, head_digest: HeadDigest) -> ManifestCache:
+    def build(upstream: str, fetch: FetchManifest, head_digest: HeadDigest) -> ManifestCache:
         return ManifestCache(
             store,
             tags,
             reactor,
-            settings.upstream,
+            upstream,
             fetch,
             head_digest,
             ttl=settings.manifest_ttl,
@@ -237,39 +267,60 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     http_client = make_http_client(
         reactor, settings.connect_timeout, settings.max_upstream_connections
     )
-    upstream = Upstream(settings.upstream, settings.library_prefix, settings.credentials)
-    client = UpstreamClient(
-        upstream,
-        http_client,
-        reactor,
-        _token_cache(redis, reactor),
-        RetryPolicy(retries=settings.retries, base=settings.retry_backoff),
-        settings.read_timeout,
-    )
+    tokens = _token_cache(redis, reactor)
+    policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
     blobs = _blob_cache(settings, reactor)
-    proxy = PullProxy(
-        client,
-        settings.library_prefix,
-        settings.blob_redirect,
-        reactor,
-        blobs,
-        _manifest_cache(settings, redis, reactor),
+    manifests = _manifest_cache(settings, redis, reactor)
+
+    def client_for(url: str, credentials: Credentials | None) -> UpstreamClient:
+        upstream = Upstream(url, settings.library_prefix_for(url), credentials)
+        return UpstreamClient(upstream, http_client, reactor, tokens, policy, settings.read_timeout)
+
+    def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullProxy:
+        members = [client_for(url, credentials)]
+        members += [client_for(m, credentials) for h, m in settings.mirrors if h == host]
+        client: RegistryClient = members[0] if len(members) == 1 else FailoverClient(members, reactor)
+        return PullProxy(
+            client,
+            settings.library_prefix_for(url),
+            settings.blob_redirect,
+            reactor,
+            blobs,
+            manifests,
+        )
+
+    def adhoc(host: str) -> PullProxy:
+        """?upstream=HOST: speed-testing a mirror; its redirects are passed on."""
+        url = f"https://{host}"
+        return PullProxy(client_for(url, None), settings.library_prefix_for(url), "pass", reactor)
+
+    route_credentials = dict(settings.route_credentials)
+    default = (
+        proxy_for(None, settings.upstream, settings.credentials) if settings.upstream else None
     )
+    routed = {
+        host: proxy_for(host, url, route_credentials.get(host)) for host, url in settings.routes
+    }
+    registries = [(url, routed[host]) for host, url in settings.routes]
+    if default is not None and settings.upstream is not None:
+        registries.insert(0, (settings.upstream, default))
+    selector = UpstreamSelector(default, routed, registries, settings.allow_upstream, adhoc)
     if blobs is not None:
         metrics.blob_cache_size.set_function(lambda: blobs.store.total_size)
         metrics.blob_cache_blobs.set_function(lambda: len(blobs.store))
         metrics.coalesced_readers.set_function(lambda: blobs.readers)
+    probe = (default or next(iter(routed.values()))).client
 
     readiness = Readiness()
     if redis is not None:
         readiness.add("redis", redis_answers(redis, reactor))
     if settings.cache_dir is not None:
         readiness.add("cache", cache_dir_writable(settings.cache_dir))
-    readiness.add("upstream", lambda: client.reachable(settings.ready_window))
+    readiness.add("upstream", lambda: probe.reachable(settings.ready_window))
 
     metrics_resource = MetricsResource(registry=metrics.REGISTRY)
     root = build_root(
-        V2Resource(proxy),
+        V2Resource(selector),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
     )

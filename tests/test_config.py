@@ -87,6 +87,7 @@ FULL_SETTINGS = Settings(
     tls_key="/etc/hammal/key.pem",
     upstream="https://ghcr.io",
     library_prefix=True,
+    force_library_prefix=True,
     credentials=Credentials("alice", "s3cret"),
     redis=RedisAddress("cache.internal", 6380, 2),
     connect_timeout=2.5,
@@ -114,7 +115,8 @@ class DefaultsTests(SynchronousTestCase):
         options = Options(environ=given)
         self.assertIs(options._environ, given)
         self.assertEqual(options["retries"], "7")
-        self.assertEqual(options["upstream"], DEFAULT_UPSTREAM)
+        self.assertIsNone(options["upstream"])
+        self.assertEqual(Settings.from_options(options).upstream, DEFAULT_UPSTREAM)
 
 
 class EnvironmentTests(SynchronousTestCase):
@@ -183,6 +185,7 @@ class EnvironmentTests(SynchronousTestCase):
                 tls_key="/k2.pem",
                 upstream="http://registry.test:5000",
                 library_prefix=True,
+                force_library_prefix=True,
                 credentials=Credentials("bob", "hunter2"),
                 redis=RedisAddress("other", 6379, 0, "pw"),
                 connect_timeout=1.0,

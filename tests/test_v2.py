@@ -23,6 +23,7 @@ from hammal.registry.retry import RetryPolicy
 from hammal.registry.tokens import MemoryTokenCache
 from hammal.stream import read_body
 from hammal.metrics import REGISTRY as METRICS
+from hammal.upstreams import UpstreamSelector
 from hammal.web.health import Readiness, ReadyResource
 from hammal.web.root import MetricsResource, build_root
 from hammal.web.site import HammalSite
@@ -60,12 +61,12 @@ class Mirror:
             self.tags = DiskTagStore(cache_dir, self.clock)
             self.tags.open()
 
-            def manifests(fetch: Any, head: Any) -> ManifestCache:
+            def manifests(upstream: str, fetch: Any, head: Any) -> ManifestCache:
                 return ManifestCache(
                     manifest_store,
                     self.tags,
                     self.clock,
-                    f"https://{REGISTRY}",
+                    upstream,
                     fetch,
                     head,
                     ttl=300,
@@ -75,7 +76,11 @@ class Mirror:
 
         proxy = PullProxy(client, True, blob_redirect, self.clock, self.blobs, manifests)
         self.readiness = Readiness()
-        root = build_root(V2Resource(proxy), ReadyResource(self.readiness), MetricsResource(METRICS))
+        self.proxy = proxy
+        selector = UpstreamSelector(proxy, {}, [(f"https://{REGISTRY}", proxy)])
+        root = build_root(
+            V2Resource(selector), ReadyResource(self.readiness), MetricsResource(METRICS)
+        )
         self.agent = RequestTraversalAgent(root)
         self.agent._serverFactory = HammalSite(root, self.clock)  # type: ignore[attr-defined]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import attrs
@@ -185,6 +185,30 @@ def upstream_error(response: IResponse, body: bytes, where: str) -> RegistryErro
     if response.code < 400:
         return UpstreamBadResponse(f"{where} answered unexpectedly: HTTP {response.code}")
     return UpstreamError(response.code, code, message, detail)
+
+
+class RegistryClient(Protocol):
+    """What the pull logic needs of an upstream: one registry or a failover set."""
+
+    @property
+    def upstream(self) -> Upstream: ...
+
+    @property
+    def read_timeout(self) -> float: ...
+
+    async def request(
+        self,
+        method: bytes,
+        name: str,
+        path: str,
+        headers: Headers,
+        trace: Trace,
+        follow_redirects: bool = True,
+    ) -> IResponse: ...
+
+    async def fetch_document(self, response: IResponse, limit: int) -> bytes: ...
+
+    async def reachable(self, within: float) -> str | None: ...
 
 
 class UpstreamClient:

@@ -18,11 +18,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from hammal import metrics
 from hammal.errors import RegistryError, TagInvalid, Unsupported
-from hammal.proxy import PullProxy
 from hammal.replies import BlobReply, Document
 from hammal.registry.reference import parse_tag
 from hammal.web.errors import abort_client, write_error
 from hammal.web.headers import upstream_request_headers
+from hammal.upstreams import UpstreamSelector
 from hammal.web.routes import Route, RouteKind, parse_route
 
 API_VERSION = b"registry/2.0"
@@ -34,9 +34,9 @@ class V2Resource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, proxy: PullProxy) -> None:
+    def __init__(self, upstreams: UpstreamSelector) -> None:
         super().__init__()
-        self._proxy = proxy
+        self._upstreams = upstreams
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"docker-distribution-api-version", API_VERSION)
@@ -61,26 +61,30 @@ class V2Resource(Resource):
             write_error(request, RegistryError("internal error"))
 
     async def _dispatch(self, request: Request, route: Route) -> None:
+        host = _text(request.getHeader(b"host"))
+        ns, upstream = _query_text(request, b"ns"), _query_text(request, b"upstream")
         if route.kind is RouteKind.BASE:
+            if ns is not None or upstream is not None or not self._upstreams.base_allowed(host):
+                self._upstreams.select(host, ns, upstream, "")  # refuses what it must
             _write_document(request, Document(200, [(b"content-type", [b"application/json"])], b"{}"))
             return
         if route.kind is RouteKind.AUTH:
             raise Unsupported("this mirror needs no token: it runs with --auth none")
+        selection = self._upstreams.select(host, ns, upstream, route.name)
+        proxy, name = selection.proxy, selection.name
         headers = upstream_request_headers(request.requestHeaders)
         trace = request.trace  # type: ignore[attr-defined]
         if route.kind is RouteKind.MANIFEST:
             assert route.reference is not None
             headers.removeHeader(b"range")
-            document = await self._proxy.manifest(
-                request.method, route.name, route.reference, headers, trace
-            )
+            document = await proxy.manifest(request.method, name, route.reference, headers, trace)
             _set_cache_status(request, document.cache_status)
             _write_document(request, document)
         elif route.kind is RouteKind.TAGS:
-            document = await self._proxy.tags(route.name, _tags_query(request), headers, trace)
+            document = await proxy.tags(name, _tags_query(request), headers, trace)
             _write_document(request, document)
         else:
-            reply = await self._proxy.blob(request.method, route.name, route.digest, headers, trace)
+            reply = await proxy.blob(request.method, name, route.digest, headers, trace)
             if isinstance(reply, Document):
                 _set_cache_status(request, reply.cache_status)
                 _write_document(request, reply)
@@ -115,6 +119,15 @@ class V2Resource(Resource):
 def _set_route_kind(request: Request, kind: str) -> None:
     if hasattr(request, "route_kind"):
         request.route_kind = kind
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+def _query_text(request: Request, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    return values[0].decode("latin-1") if values else None
 
 
 def _set_cache_status(request: Request, status: str) -> None:

@@ -1,0 +1,233 @@
+"""
+Many registries behind one mirror: choosing the upstream for a request,
+and failing over between an upstream and its mirrors.
+
+A request names its upstream, in order of precedence, by ``?upstream=``
+(only hosts in ``--allow-upstream``), containerd's ``?ns=`` (only configured
+registries), a registry host as the first path component
+(``/v2/ghcr.io/owner/repo/...``), or the ``Host`` header (``--route``);
+otherwise the default ``--upstream`` serves it. Nothing a client sends ever
+becomes a host hammal connects to unless the operator listed it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Callable, Sequence
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from hammal import metrics
+from hammal.errors import Denied, NotFound, RegistryError, UpstreamTimeout, UpstreamUnavailable
+from hammal.proxy import PullProxy
+from hammal.registry.client import Trace, Upstream, UpstreamClient
+from hammal.registry.reference import DOCKER_HUB_HOSTS, is_docker_hub
+
+
+def registry_names(url: str) -> frozenset[str]:
+    """The names clients use for the registry at C{url} (``docker.io`` for the Hub)."""
+    host = (urlsplit(url).netloc or "").lower()
+    if is_docker_hub(urlsplit(url).hostname or ""):
+        return frozenset(DOCKER_HUB_HOSTS | {host})
+    return frozenset({host})
+
+
+@attrs.frozen
+class Selection:
+    """The proxy for a request, and the repository name with any prefix removed."""
+
+    proxy: PullProxy
+    name: str
+
+
+class UpstreamSelector:
+    """
+    Picks the L{PullProxy} for each request.
+
+    @param default: serves requests nothing else claims; L{None} answers
+        them with a 404 listing the configured hosts.
+    @param by_host: mirror host names (``Host`` header) to proxies.
+    @param registries: every configured proxy; ``?ns=`` and path prefixes
+        may name any of them by registry host.
+    @param adhoc: builds a proxy for an ``--allow-upstream`` host.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        default: PullProxy | None,
+        by_host: dict[str, PullProxy],
+        registries: Sequence[tuple[str, PullProxy]],
+        allow_upstream: frozenset[str] = frozenset(),
+        adhoc: Callable[[str], PullProxy] | None = None,
+    ) -> None:
+        self._default = default
+        self._by_host = {host.lower(): proxy for host, proxy in by_host.items()}
+        self._by_registry: dict[str, PullProxy] = {}
+        for url, proxy in registries:
+            for name in registry_names(url):
+                self._by_registry.setdefault(name, proxy)
+        self._allow_upstream = frozenset(h.lower() for h in allow_upstream)
+        self._adhoc = adhoc
+        self._adhoc_proxies: dict[str, PullProxy] = {}
+
+    def select(
+        self, host: str | None, ns: str | None, upstream: str | None, name: str
+    ) -> Selection:
+        """
+        The proxy for a request to repository C{name}.
+
+        @raise Denied: for an ``?upstream=`` or ``?ns=`` hammal may not use.
+        @raise NotFound: when no upstream serves the request.
+        """
+        if upstream is not None:
+            return Selection(self._allowed_upstream(upstream), name)
+        if ns is not None:
+            proxy = self._by_registry.get(ns.lower())
+            if proxy is None:
+                raise Denied(f"ns={ns[:100]!r} is not a registry this mirror serves")
+            return Selection(proxy, name)
+        first, _, rest = name.partition("/")
+        if rest and ("." in first or first == "localhost"):
+            proxy = self._by_registry.get(first)
+            if proxy is not None:
+                return Selection(proxy, rest)
+        proxy = self._by_host.get(_host_name(host))
+        if proxy is not None:
+            return Selection(proxy, name)
+        if self._default is not None:
+            return Selection(self._default, name)
+        raise NotFound(
+            "this mirror does not serve that host",
+            detail={"hosts": sorted(self._by_host)},
+        )
+
+    def base_allowed(self, host: str | None) -> bool:
+        """Whether ``/v2/`` on C{host} should answer (any upstream serves it)."""
+        return self._default is not None or _host_name(host) in self._by_host
+
+    def hosts(self) -> list[str]:
+        return sorted(self._by_host)
+
+    def _allowed_upstream(self, value: str) -> PullProxy:
+        host = value.strip().lower()
+        if host not in self._allow_upstream or self._adhoc is None:
+            raise Denied(f"upstream={value[:100]!r} is not allowed on this mirror")
+        if _is_internal(host) and host not in self._allow_upstream:
+            raise Denied(f"upstream={value[:100]!r} is an internal address")  # pragma: no cover
+        proxy = self._adhoc_proxies.get(host)
+        if proxy is None:
+            proxy = self._adhoc_proxies[host] = self._adhoc(host)
+        return proxy
+
+
+def _host_name(host: str | None) -> str:
+    """The host of a ``Host`` header, lower-case, without the port."""
+    if not host:
+        return ""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_internal(host: str) -> bool:
+    """Loopback, link-local and private literal addresses."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host in ("localhost",) or host.endswith(".localhost")
+    return address.is_loopback or address.is_link_local or address.is_private
+
+
+class FailoverClient:
+    """
+    An upstream and its mirrors, tried in order: a member that fails to
+    answer (connection, timeout, 5xx) is skipped for C{cooldown} seconds.
+    Presents L{UpstreamClient}'s interface.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, members: Sequence[UpstreamClient], clock: IReactorTime, cooldown: float = 30.0
+    ) -> None:
+        assert members
+        self._members = list(members)
+        self._clock = clock
+        self._cooldown = cooldown
+        self._resting: dict[int, float] = {}
+
+    @property
+    def upstream(self) -> Upstream:
+        return self._members[0].upstream
+
+    @property
+    def read_timeout(self) -> float:
+        return self._members[0].read_timeout
+
+    def _order(self) -> list[int]:
+        now = self._clock.seconds()
+        healthy = [i for i in range(len(self._members)) if self._resting.get(i, 0) <= now]
+        resting = sorted(
+            (i for i in range(len(self._members)) if i not in healthy),
+            key=lambda i: self._resting[i],
+        )
+        return healthy + resting
+
+    async def request(
+        self,
+        method: bytes,
+        name: str,
+        path: str,
+        headers: Headers,
+        trace: Trace,
+        follow_redirects: bool = True,
+    ) -> IResponse:
+        last_error: RegistryError | None = None
+        order = self._order()
+        for position, index in enumerate(order):
+            member = self._members[index]
+            try:
+                response = await member.request(method, name, path, headers, trace, follow_redirects)
+            except (UpstreamUnavailable, UpstreamTimeout) as failure:
+                last_error = failure
+                self._rest(index, failure.message)
+                continue
+            if response.code >= 500 and position < len(order) - 1:
+                self._rest(index, f"HTTP {response.code}")
+                await member.fetch_document(response, 64 * 1024)
+                continue
+            return response
+        assert last_error is not None
+        raise last_error
+
+    def _rest(self, index: int, reason: str) -> None:
+        host = self._members[index].upstream.host
+        if self._resting.get(index, 0) <= self._clock.seconds():
+            self.log.warn(
+                "upstream {host} failed ({reason}); trying the next mirror for {cooldown:g}s",
+                host=host,
+                reason=reason,
+                cooldown=self._cooldown,
+            )
+        self._resting[index] = self._clock.seconds() + self._cooldown
+        metrics.upstream_failovers.labels(host).inc()
+
+    async def fetch_document(self, response: IResponse, limit: int) -> bytes:
+        return await self._members[0].fetch_document(response, limit)
+
+    async def reachable(self, within: float) -> str | None:
+        problems = []
+        for member in self._members:
+            problem = await member.reachable(within)
+            if problem is None:
+                return None
+            problems.append(problem)
+        return "; ".join(problems)

@@ -1,0 +1,219 @@
+"""
+Tests for L{hammal.upstreams}: choosing the upstream of a request, and
+failing over between an upstream and its mirrors; plus the options that
+configure them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from hammal.errors import Denied, NotFound, UpstreamUnavailable
+from hammal.proxy import PullProxy
+from hammal.registry.client import Trace, Upstream
+from hammal.tap import Options
+from hammal.upstreams import FailoverClient, UpstreamSelector
+from tests.test_v2 import Mirror
+
+
+class FakeProxy:
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+
+def proxies(*labels: str) -> dict[str, PullProxy]:
+    return {label: cast(PullProxy, FakeProxy(label)) for label in labels}
+
+
+class SelectorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        p = proxies("hub", "quay", "ghcr", "adhoc")
+        self.p = p
+        self.built: list[str] = []
+
+        def adhoc(host: str) -> PullProxy:
+            self.built.append(host)
+            return p["adhoc"]
+
+        self.selector = UpstreamSelector(
+            p["hub"],
+            {"quay.example.com": p["quay"], "ghcr.example.com": p["ghcr"]},
+            [
+                ("https://registry-1.docker.io", p["hub"]),
+                ("https://quay.io", p["quay"]),
+                ("https://ghcr.io", p["ghcr"]),
+            ],
+            frozenset({"mirror.gcr.io"}),
+            adhoc,
+        )
+
+    def pick(self, host: str | None = None, ns: str | None = None, upstream: str | None = None, name: str = "a/b") -> tuple[str, str]:
+        selection = self.selector.select(host, ns, upstream, name)
+        return cast(FakeProxy, selection.proxy).label, selection.name
+
+    def test_host_header(self) -> None:
+        self.assertEqual(self.pick("quay.example.com"), ("quay", "a/b"))
+        self.assertEqual(self.pick("QUAY.example.com:443"), ("quay", "a/b"))
+        self.assertEqual(self.pick("other.example.com"), ("hub", "a/b"))
+
+    def test_ns(self) -> None:
+        """containerd's ?ns= picks a configured registry; docker.io means the Hub."""
+        self.assertEqual(self.pick("quay.example.com", ns="docker.io"), ("hub", "a/b"))
+        self.assertEqual(self.pick(ns="ghcr.io"), ("ghcr", "a/b"))
+        self.assertRaises(Denied, self.pick, ns="evil.example.com")
+        self.assertRaises(Denied, self.pick, ns="127.0.0.1:6379")
+
+    def test_path_prefix(self) -> None:
+        self.assertEqual(self.pick(name="ghcr.io/owner/repo"), ("ghcr", "owner/repo"))
+        self.assertEqual(self.pick(name="quay.io/x"), ("quay", "x"))
+        self.assertEqual(self.pick(name="unknown.io/x"), ("hub", "unknown.io/x"))
+
+    def test_upstream_parameter_allowlist(self) -> None:
+        """?upstream= works only for listed hosts; nothing else is ever contacted."""
+        self.assertEqual(self.pick(upstream="mirror.gcr.io"), ("adhoc", "a/b"))
+        self.assertEqual(self.built, ["mirror.gcr.io"])
+        for host in ("evil.example.com", "127.0.0.1", "169.254.169.254", "localhost", "10.0.0.1"):
+            self.assertRaises(Denied, self.pick, upstream=host)
+        self.assertEqual(self.built, ["mirror.gcr.io"])
+
+    def test_unknown_host_without_default(self) -> None:
+        p = proxies("quay")
+        selector = UpstreamSelector(None, {"quay.example.com": p["quay"]}, [("https://quay.io", p["quay"])])
+        error = self.assertRaises(NotFound, selector.select, "other.example.com", None, None, "a")
+        self.assertEqual(error.detail, {"hosts": ["quay.example.com"]})
+        self.assertFalse(selector.base_allowed("other.example.com"))
+        self.assertTrue(selector.base_allowed("quay.example.com"))
+
+
+class SelectionThroughResourceTests(SynchronousTestCase):
+    def test_ns_refused_with_json(self) -> None:
+        mirror = Mirror()
+        response = mirror.request(b"GET", "/v2/alpine/manifests/1?ns=evil.example.com")
+        self.assertEqual(response.code, 403)
+        self.assertEqual(json.loads(mirror.body(response))["errors"][0]["code"], "DENIED")
+        self.assertEqual(mirror.world.seen, [])
+
+    def test_upstream_param_refused(self) -> None:
+        mirror = Mirror()
+        response = mirror.request(b"GET", "/v2/?upstream=169.254.169.254")
+        self.assertEqual(response.code, 403)
+        self.assertEqual(mirror.world.seen, [])
+
+
+class FakeMember:
+    def __init__(self, host: str, answers: list[Any]) -> None:
+        self.upstream = Upstream(f"https://{host}")
+        self.read_timeout = 1.0
+        self.answers = answers
+        self.calls = 0
+
+    async def request(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def fetch_document(self, response: Any, limit: int) -> bytes:
+        return b""
+
+
+class FakeResponse:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+class FailoverTests(SynchronousTestCase):
+    def request(self, client: FailoverClient) -> Deferred[Any]:
+        return Deferred.fromCoroutine(client.request(b"GET", "a", "manifests/1", Headers(), Trace()))
+
+    def test_next_mirror_on_failure_then_cooldown(self) -> None:
+        clock = Clock()
+        primary = FakeMember("primary", [UpstreamUnavailable("down"), FakeResponse(200)])
+        mirror = FakeMember("mirror", [FakeResponse(200), FakeResponse(200)])
+        client = FailoverClient(cast(Any, [primary, mirror]), clock, cooldown=30)
+        self.assertEqual(self.successResultOf(self.request(client)).code, 200)
+        self.assertEqual((primary.calls, mirror.calls), (1, 1))
+        clock.advance(10)
+        self.successResultOf(self.request(client))
+        self.assertEqual((primary.calls, mirror.calls), (1, 2), "primary is cooling down")
+        clock.advance(21)
+        self.successResultOf(self.request(client))
+        self.assertEqual(primary.calls, 2, "primary is tried again after the cool-down")
+
+    def test_5xx_fails_over(self) -> None:
+        primary = FakeMember("primary", [FakeResponse(503)])
+        mirror = FakeMember("mirror", [FakeResponse(200)])
+        client = FailoverClient(cast(Any, [primary, mirror]), Clock())
+        self.assertEqual(self.successResultOf(self.request(client)).code, 200)
+
+    def test_all_down(self) -> None:
+        members = [FakeMember(h, [UpstreamUnavailable(f"{h} down")]) for h in ("a", "b")]
+        client = FailoverClient(cast(Any, members), Clock())
+        failure = self.failureResultOf(self.request(client), UpstreamUnavailable)
+        self.assertIn("b down", failure.value.message)
+
+
+class RouteOptionsTests(SynchronousTestCase):
+    def parse(self, argv: list[str], environ: dict[str, str] | None = None) -> Any:
+        options = Options(environ=environ or {})
+        options.parseOptions(argv)
+        return options.settings
+
+    def test_routes(self) -> None:
+        settings = self.parse(
+            ["--route", "quay.example.com=https://quay.io", "--route", "Hub.example.com=https://registry-1.docker.io"]
+        )
+        self.assertEqual(
+            settings.routes,
+            (("quay.example.com", "https://quay.io"), ("hub.example.com", "https://registry-1.docker.io")),
+        )
+        self.assertIsNone(settings.upstream, "with routes and no --upstream there is no fallback")
+        self.assertTrue(settings.library_prefix_for("https://registry-1.docker.io"))
+        self.assertFalse(settings.library_prefix_for("https://quay.io"))
+
+    def test_routes_from_environment_replaced_by_command_line(self) -> None:
+        environ = {"HAMMAL_ROUTE": "a.example.com=https://quay.io b.example.com=https://ghcr.io"}
+        self.assertEqual(len(self.parse([], environ).routes), 2)
+        self.assertEqual(
+            self.parse(["--route", "c.example.com=https://gcr.io"], environ).routes,
+            (("c.example.com", "https://gcr.io"),),
+        )
+
+    def test_route_credentials(self) -> None:
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write("s3cret\n")
+        settings = self.parse(
+            ["--route", "q.example.com=https://quay.io", "--route-credentials", f"q.example.com=robot:{secret}"]
+        )
+        (host, credentials), = settings.route_credentials
+        self.assertEqual((host, credentials.username, credentials.password), ("q.example.com", "robot", "s3cret"))
+        self.assertNotIn("s3cret", repr(settings))
+
+    def test_bad_values(self) -> None:
+        for argv in (
+            ["--route", "no-equals"],
+            ["--route", "a.example.com=ftp://quay.io"],
+            ["--route", "a.example.com=https://quay.io/path"],
+            ["--route-credentials", "a.example.com=u:/nonexistent"],
+            ["--mirror", "nohost.example.com=https://m.example.com"],
+        ):
+            self.assertRaises(UsageError, self.parse, argv)
+
+    def test_mirrors(self) -> None:
+        settings = self.parse(
+            ["--mirror", "https://m1.example.com", "--route", "q.example.com=https://quay.io", "--mirror", "q.example.com=https://m2.example.com"]
+        )
+        self.assertEqual(
+            settings.mirrors, ((None, "https://m1.example.com"), ("q.example.com", "https://m2.example.com"))
+        )
+
+
