@@ -77,6 +77,8 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."),
     OptionSpec("stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."),
     OptionSpec("negative-ttl", "30", "Seconds an upstream 404 for a tag or digest is remembered."),
+    OptionSpec("upstream-ca", None, "PEM CA certificate(s) to verify upstreams with (private CAs)."),
+    OptionSpec("url302", None, "Redirect / to this URL instead of showing the usage page."),
     OptionSpec("metrics-port", None, "Serve /metrics on this port or endpoint only (not on --port)."),
     OptionSpec("drain-timeout", "30", "Seconds to let in-flight transfers finish on SIGTERM."),
     OptionSpec("max-connections", "10000", "Client connections beyond this are refused with 503 (0: no limit)."),
@@ -159,6 +161,15 @@ def port_description(text: str) -> str:
         return f"tcp:{text}"
     if not text:
         raise ConfigError("--port must not be empty")
+    return text
+
+
+def _redirect_url(text: str | None) -> str | None:
+    if text is None:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c in text for c in "\r\n"):
+        raise ConfigError("--url302 must be an http(s) URL")
     return text
 
 
@@ -267,6 +278,8 @@ class Settings:
     stale_if_error: float = 86400.0
     negative_ttl: float = 30.0
     metrics_port: str | None = None
+    upstream_ca: str | None = None
+    url302: str | None = None
     drain_timeout: float = 30.0
     max_connections: int | None = 10000
     idle_timeout: float = 300.0
@@ -368,6 +381,8 @@ class Settings:
             manifest_ttl=_number(text("manifest-ttl") or "300", "--manifest-ttl", 0),
             stale_if_error=_number(text("stale-if-error") or "86400", "--stale-if-error", 0),
             negative_ttl=_number(text("negative-ttl") or "30", "--negative-ttl", 0),
+            upstream_ca=text("upstream-ca"),
+            url302=_redirect_url(text("url302")),
             metrics_port=port_description(text("metrics-port") or "") if text("metrics-port") else None,
             drain_timeout=_number(text("drain-timeout") or "30", "--drain-timeout", 0),
             max_connections=int(

@@ -50,7 +50,8 @@ from hammal.registry.tokens import (
     ResilientTokenCache,
     TokenCache,
 )
-from hammal.tls import server_tls_options
+from hammal.tls import ReloadOnHangup, ReloadingServerTLS, upstream_tls_policy
+from hammal.web.front import FrontPage
 from hammal.web.root import MetricsResource, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
 from hammal.web.limits import ConnectionLimit
@@ -264,8 +265,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     _tune_http_limits(settings)
 
     redis = _redis(settings)
+    tls_policy = None
+    if settings.upstream_ca is not None:
+        try:
+            tls_policy = upstream_tls_policy(settings.upstream_ca)
+        except ConfigError as failure:
+            raise usage.UsageError(str(failure))
     http_client = make_http_client(
-        reactor, settings.connect_timeout, settings.max_upstream_connections
+        reactor, settings.connect_timeout, settings.max_upstream_connections, tls_policy
     )
     tokens = _token_cache(redis, reactor)
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
@@ -323,12 +330,22 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         V2Resource(selector),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
+        FrontPage(settings.url302),
     )
     site = HammalSite(root, reactor, timeout=settings.idle_timeout)
     site.displayTracebacks = False
 
     service = MultiService()
-    _listen(reactor, settings.port, _secured(settings, ConnectionLimit(site, settings.max_connections)), service)
+    factory: Any = ConnectionLimit(site, settings.max_connections)
+    if settings.tls:
+        assert settings.tls_cert and settings.tls_key
+        try:
+            tls = ReloadingServerTLS(settings.tls_cert, settings.tls_key)
+        except ConfigError as failure:
+            raise usage.UsageError(str(failure))
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+        ReloadOnHangup(tls, reactor).setServiceParent(service)
+    _listen(reactor, settings.port, factory, service)
     if settings.metrics_port is not None:
         metrics_root = Resource()
         metrics_root.putChild(b"metrics", metrics_resource)
@@ -345,13 +362,6 @@ class _QuietSite(Site):
 
     def log(self, request: http.Request) -> None:
         pass
-
-
-def _secured(settings: Settings, factory: Any) -> Any:
-    if not settings.tls:
-        return factory
-    assert settings.tls_cert and settings.tls_key
-    return TLSMemoryBIOFactory(server_tls_options(settings.tls_cert, settings.tls_key), False, factory)
 
 
 def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:

@@ -9,6 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from hammal.web.front import FrontPage
+
 
 class _Text(Resource):
     isLeaf = True
@@ -40,13 +42,15 @@ class MetricsResource(Resource):
         return generate_latest(self._registry)
 
 
-def build_root(v2: Resource, ready: Resource, metrics: Resource | None) -> Resource:
+def build_root(
+    v2: Resource, ready: Resource, metrics: Resource | None, front: Resource | None = None
+) -> Resource:
     """
     The resource tree hammal serves; C{metrics} is left out when it has a
     listener of its own.
     """
     root = Resource()
-    root.putChild(b"", _Text(b"hammal registry mirror: point your client at this host.\n"))
+    root.putChild(b"", front or FrontPage())
     root.putChild(b"v2", v2)
     root.putChild(b"healthz", _Text(b"ok\n"))
     root.putChild(b"readyz", ready)

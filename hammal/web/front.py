@@ -1,0 +1,71 @@
+"""
+The front page: copy-paste client configuration for this very host, or a
+redirect (``--url302``). The ``Host`` header is client input: it is
+validated and HTML-escaped before it appears in the page.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(?::\d{1,5})?\Z|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?\Z")
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>hammal registry mirror</title>
+<style>body{{font-family:sans-serif;max-width:52em;margin:2em auto;padding:0 1em}}
+pre{{background:#f4f4f4;padding:.8em;overflow-x:auto}}</style></head><body>
+<h1>hammal registry mirror</h1>
+<p>This host mirrors container images. Pull through it with any client:</p>
+<h2>Docker</h2>
+<p><code>/etc/docker/daemon.json</code>, then restart the daemon:</p>
+<pre>{{"registry-mirrors": ["{scheme}://{host}"]}}</pre>
+<p>or name the mirror directly:</p>
+<pre>docker pull {host}/library/alpine:latest</pre>
+<h2>podman</h2>
+<p><code>/etc/containers/registries.conf</code>:</p>
+<pre>[[registry]]
+location = "docker.io"
+[[registry.mirror]]
+location = "{host}"</pre>
+<h2>containerd</h2>
+<p><code>/etc/containerd/certs.d/docker.io/hosts.toml</code>:</p>
+<pre>server = "https://registry-1.docker.io"
+[host."{scheme}://{host}"]
+  capabilities = ["pull", "resolve"]</pre>
+</body></html>
+"""
+
+
+def front_page(host: str, secure: bool) -> bytes:
+    """The page for C{host}; an invalid Host header becomes a placeholder."""
+    if not _HOST.match(host):
+        host = "mirror.example.com"
+    scheme = "https" if secure else "http"
+    return _PAGE.format(host=html.escape(host, quote=True), scheme=scheme).encode()
+
+
+class FrontPage(Resource):
+    """``/``: usage for this host, or a redirect to C{url302}."""
+
+    isLeaf = True
+
+    def __init__(self, url302: str | None = None) -> None:
+        super().__init__()
+        self._url302 = url302
+
+    def render_GET(self, request: Request) -> bytes:
+        if self._url302 is not None:
+            request.setResponseCode(302)
+            request.setHeader(b"location", self._url302.encode())
+            return b""
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'")
+        return front_page(host, request.isSecure())
+
+    render_HEAD = render_GET
