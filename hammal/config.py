@@ -77,6 +77,18 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."),
     OptionSpec("stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."),
     OptionSpec("negative-ttl", "30", "Seconds an upstream 404 for a tag or digest is remembered."),
+    OptionSpec("auth", "none", "Client authentication: none, basic, token or passthrough."),
+    OptionSpec(
+        "auth-user", None, "The user for --auth basic/token (never logged).", ("REGISTRY_USERNAME",)
+    ),
+    OptionSpec(
+        "auth-password", None, "Its password (never logged).", ("REGISTRY_PASSWORD",)
+    ),
+    OptionSpec("htpasswd", None, "bcrypt htpasswd file of users for --auth basic/token (re-read on change)."),
+    OptionSpec("allow-users", None, "a,b: only these users may pull, whatever their credentials."),
+    OptionSpec("token-key-file", None, "Secret (32+ bytes) signing --auth token tokens; share it between instances."),
+    OptionSpec("token-lifetime", "300", "Seconds a token from /v2/auth is valid."),
+    OptionSpec("region-header", None, "Request header holding the client's country code (set by a CDN)."),
     OptionSpec("upstream-ca", None, "PEM CA certificate(s) to verify upstreams with (private CAs)."),
     OptionSpec("url302", None, "Redirect / to this URL instead of showing the usage page."),
     OptionSpec("metrics-port", None, "Serve /metrics on this port or endpoint only (not on --port)."),
@@ -102,7 +114,30 @@ LISTS: tuple[OptionSpec, ...] = (
         "[HOST=]URL: a mirror of the upstream (of --route HOST) tried when it fails (repeatable).",
     ),
     OptionSpec("allow-upstream", None, "HOST that ?upstream=HOST may name (repeatable)."),
+    OptionSpec("allow-ip", None, "CIDR allowed to pull; others are refused (repeatable)."),
+    OptionSpec("deny-ip", None, "CIDR refused (repeatable)."),
+    OptionSpec("trusted-proxy", None, "CIDR of proxies whose X-Forwarded-For is believed (repeatable)."),
+    OptionSpec("allow-ua", None, "REGEX a User-Agent must match (repeatable; env: one per line)."),
+    OptionSpec("deny-ua", None, "REGEX of refused User-Agents (repeatable; env: one per line)."),
+    OptionSpec("allow-path", None, "REGEX a request path must match (repeatable; env: one per line)."),
+    OptionSpec("allow-region", None, "Country codes allowed by --region-header (repeatable)."),
+    OptionSpec("deny-region", None, "Country codes refused by --region-header (repeatable)."),
 )
+
+#: The repeatable options that are access rules.
+RULE_LISTS = (
+    "allow-ip",
+    "deny-ip",
+    "trusted-proxy",
+    "allow-ua",
+    "deny-ua",
+    "allow-path",
+    "allow-region",
+    "deny-region",
+)
+
+#: Repeatable options whose values are regular expressions: in the env, one per line.
+REGEX_LISTS = frozenset({"allow-ua", "deny-ua", "allow-path"})
 
 #: Every flag: name, help.
 FLAGS: tuple[tuple[str, str], ...] = (
@@ -162,6 +197,18 @@ def port_description(text: str) -> str:
     if not text:
         raise ConfigError("--port must not be empty")
     return text
+
+
+def _choice(value: str, what: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(choices)}, not {value[:40]!r}")
+    return value
+
+
+def _auth_user(user: str | None, password: str | None) -> Credentials | None:
+    if (user is None) != (password is None):
+        raise ConfigError("--auth-user and --auth-password go together")
+    return Credentials(user, password) if user and password else None
 
 
 def _redirect_url(text: str | None) -> str | None:
@@ -278,6 +325,14 @@ class Settings:
     stale_if_error: float = 86400.0
     negative_ttl: float = 30.0
     metrics_port: str | None = None
+    auth: str = "none"
+    auth_user: Credentials | None = None
+    htpasswd: str | None = None
+    allow_users: str | None = None
+    token_key_file: str | None = None
+    token_lifetime: float = 300.0
+    rules: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    region_header: str | None = None
     upstream_ca: str | None = None
     url302: str | None = None
     drain_timeout: float = 30.0
@@ -381,6 +436,18 @@ class Settings:
             manifest_ttl=_number(text("manifest-ttl") or "300", "--manifest-ttl", 0),
             stale_if_error=_number(text("stale-if-error") or "86400", "--stale-if-error", 0),
             negative_ttl=_number(text("negative-ttl") or "30", "--negative-ttl", 0),
+            auth=_choice(text("auth") or "none", "--auth", ("none", "basic", "token", "passthrough")),
+            auth_user=_auth_user(text("auth-user"), text("auth-password")),
+            htpasswd=text("htpasswd"),
+            allow_users=text("allow-users"),
+            token_key_file=text("token-key-file"),
+            token_lifetime=_number(text("token-lifetime") or "300", "--token-lifetime", 1),
+            rules={
+                name: tuple(_items(options, name))
+                for name in RULE_LISTS
+                if _items(options, name)
+            },
+            region_header=text("region-header"),
             upstream_ca=text("upstream-ca"),
             url302=_redirect_url(text("url302")),
             metrics_port=port_description(text("metrics-port") or "") if text("metrics-port") else None,

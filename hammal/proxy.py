@@ -83,6 +83,10 @@ class PullProxy:
         return self._client
 
     @property
+    def library_prefix(self) -> bool:
+        return self._library_prefix
+
+    @property
     def upstream_host(self) -> str:
         return self._client.upstream.host
 

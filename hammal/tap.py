@@ -24,6 +24,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from hammal import metrics
+from hammal.access import (
+    AccessRules,
+    AllowList,
+    HtpasswdFile,
+    SingleUser,
+    TokenIssuer,
+    UserDirectory,
+    parse_user_list,
+)
 from hammal.drain import DrainService
 
 from hammal.cache.blobs import BlobCache
@@ -36,7 +45,7 @@ from hammal.cache.manifests import (
     ManifestStore,
 )
 from hammal.cache.store import BlobStore
-from hammal.config import FLAGS, LISTS, PARAMETERS, ConfigError, Settings, env_flag
+from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.logs import observer_name
 from hammal.proxy import ManifestCacheFactory, PullProxy
 from hammal.registry.auth import Credentials
@@ -52,6 +61,7 @@ from hammal.registry.tokens import (
 )
 from hammal.tls import ReloadOnHangup, ReloadingServerTLS, upstream_tls_policy
 from hammal.web.front import FrontPage
+from hammal.web.gate import Gate
 from hammal.web.root import MetricsResource, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
 from hammal.web.limits import ConnectionLimit
@@ -109,6 +119,30 @@ class Options(usage.Options):
     def opt_allow_upstream(self, value: str) -> None:
         self._add_to_list("allow-upstream", value)
 
+    def opt_allow_ip(self, value: str) -> None:
+        self._add_to_list("allow-ip", value)
+
+    def opt_deny_ip(self, value: str) -> None:
+        self._add_to_list("deny-ip", value)
+
+    def opt_trusted_proxy(self, value: str) -> None:
+        self._add_to_list("trusted-proxy", value)
+
+    def opt_allow_ua(self, value: str) -> None:
+        self._add_to_list("allow-ua", value)
+
+    def opt_deny_ua(self, value: str) -> None:
+        self._add_to_list("deny-ua", value)
+
+    def opt_allow_path(self, value: str) -> None:
+        self._add_to_list("allow-path", value)
+
+    def opt_allow_region(self, value: str) -> None:
+        self._add_to_list("allow-region", value)
+
+    def opt_deny_region(self, value: str) -> None:
+        self._add_to_list("deny-region", value)
+
     for _spec in LISTS:
         locals()["opt_" + _spec.name.replace("-", "_")].__doc__ = _parameter_help(_spec)
     del _spec
@@ -116,7 +150,9 @@ class Options(usage.Options):
     def _apply_environment(self) -> None:
         for spec in LISTS:
             listed = self._environ.get(spec.env)
-            if listed:
+            if listed and spec.name in REGEX_LISTS:
+                self[spec.name] = [line for line in listed.splitlines() if line.strip()]
+            elif listed:
                 self[spec.name] = listed.replace(",", " ").split()
         for spec in PARAMETERS:
             for variable in (spec.env, *spec.extra_env):
@@ -254,6 +290,51 @@ def _tune_http_limits(settings: Settings) -> None:
     http.HTTPChannel.totalHeadersSize = settings.max_header_bytes
 
 
+def _gate(settings: Settings, reactor: Any) -> Gate | None:
+    """The access gate, or L{None} when nothing is restricted."""
+    rules_given = any(settings.rules.values())
+    if settings.auth == "none" and not rules_given:
+        return None
+    try:
+        rules = None
+        if rules_given:
+            r = settings.rules
+            rules = AccessRules(
+                allow_ip=r.get("allow-ip", ()),
+                deny_ip=r.get("deny-ip", ()),
+                trusted_proxies=r.get("trusted-proxy", ()),
+                allow_ua=r.get("allow-ua", ()),
+                deny_ua=r.get("deny-ua", ()),
+                allow_path=r.get("allow-path", ()),
+                region_header=settings.region_header,
+                allow_region=[c for item in r.get("allow-region", ()) for c in item.split(",") if c],
+                deny_region=[c for item in r.get("deny-region", ()) for c in item.split(",") if c],
+            )
+        users: UserDirectory | None = None
+        if settings.htpasswd is not None:
+            users = HtpasswdFile(settings.htpasswd, reactor)
+        elif settings.auth_user is not None:
+            users = SingleUser(settings.auth_user.username, settings.auth_user.password)
+        if users is not None and settings.allow_users:
+            users = AllowList(users, parse_user_list(settings.allow_users))
+        issuer = None
+        if settings.auth == "token":
+            issuer = TokenIssuer(_token_key(settings), reactor, settings.token_lifetime)
+        return Gate(settings.auth, reactor, reactor, rules, users, issuer)
+    except (ValueError, ConfigError) as failure:
+        raise usage.UsageError(str(failure))
+
+
+def _token_key(settings: Settings) -> bytes:
+    if settings.token_key_file is None:
+        return TokenIssuer.generate_key()
+    try:
+        with open(settings.token_key_file, "rb") as key_file:
+            return key_file.read().strip()
+    except OSError as failure:
+        raise ConfigError(f"cannot read --token-key-file: {failure.strerror}")
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build hammal's service tree from parsed C{options}."""
     if reactor is None:
@@ -327,7 +408,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     metrics_resource = MetricsResource(registry=metrics.REGISTRY)
     root = build_root(
-        V2Resource(selector),
+        V2Resource(selector, _gate(settings, reactor)),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
         FrontPage(settings.url302),

@@ -223,6 +223,9 @@ class FailoverClient:
     async def fetch_document(self, response: IResponse, limit: int) -> bytes:
         return await self._members[0].fetch_document(response, limit)
 
+    async def send_direct(self, method: bytes, url: str, headers: Headers) -> IResponse:
+        return await self._members[0].send_direct(method, url, headers)
+
     async def reachable(self, within: float) -> str | None:
         problems = []
         for member in self._members:

@@ -145,8 +145,13 @@ class FakeUpstream(Resource):
         return self._json(request, 200, document)
 
     def _authorised(self, request: Request) -> bool:
+        """Any token reads public repositories; private/ needs a named user's."""
         authorization = (request.getHeader(b"authorization") or b"").decode()
-        return authorization.startswith("Bearer tok-")
+        if not authorization.startswith("Bearer tok-"):
+            return False
+        if "/v2/private/" in request.path.decode():
+            return "-anonymous-" not in authorization
+        return True
 
     def _registry(self, request: Request) -> Any:
         if self.faults:
@@ -155,7 +160,7 @@ class FakeUpstream(Resource):
                 request.setHeader(b"retry-after", self.retry_after.encode())
             return self._json(request, status, {"errors": [{"code": "UNAVAILABLE", "message": "x"}]})
         path = request.path.decode()
-        if path == "/v2/":
+        if path == "/v2/" and self._authorised(request):
             return self._json(request, 200, {})
         if not self._authorised(request):
             name = path[len("/v2/") :].split("/manifests/")[0].split("/blobs/")[0]

@@ -37,7 +37,11 @@ class Mirror:
     """hammal's resource tree over a fake upstream, with an in-memory client."""
 
     def __init__(
-        self, blob_redirect: str = "follow", retries: int = 1, cache_dir: str | None = None
+        self,
+        blob_redirect: str = "follow",
+        retries: int = 1,
+        cache_dir: str | None = None,
+        gate: Any = None,
     ) -> None:
         self.world = FakeUpstream()
         self.upstream_http = stub_for(self.world)
@@ -79,7 +83,7 @@ class Mirror:
         self.proxy = proxy
         selector = UpstreamSelector(proxy, {}, [(f"https://{REGISTRY}", proxy)])
         root = build_root(
-            V2Resource(selector), ReadyResource(self.readiness), MetricsResource(METRICS)
+            V2Resource(selector, gate), ReadyResource(self.readiness), MetricsResource(METRICS)
         )
         self.agent = RequestTraversalAgent(root)
         self.agent._serverFactory = HammalSite(root, self.clock)  # type: ignore[attr-defined]

@@ -210,6 +210,8 @@ class RegistryClient(Protocol):
 
     async def reachable(self, within: float) -> str | None: ...
 
+    async def send_direct(self, method: bytes, url: str, headers: Headers) -> IResponse: ...
+
 
 class UpstreamClient:
     """
@@ -312,6 +314,13 @@ class UpstreamClient:
         follow_redirects: bool,
         trace: Trace,
     ) -> IResponse:
+        given = headers.getRawHeaders(b"authorization")
+        if given:
+            # A client's own upstream token (passthrough): used as it is.
+            response = await self._send(method, url, headers.copy())
+            if follow_redirects and response.code in REDIRECT_STATUSES:
+                response = await self._follow(method, url, headers, given[0], response, trace)
+            return response
         authorization = await self._auth.authorization(scope)
         response = await self._send(method, url, _with_authorization(headers, authorization))
         if response.code == 401:
@@ -408,6 +417,10 @@ class UpstreamClient:
             metrics.upstream_ratelimit_remaining.labels(
                 self.upstream.host, self._auth.identity
             ).set(int(count))
+
+    async def send_direct(self, method: bytes, url: str, headers: Headers) -> IResponse:
+        """One exchange with C{url}, without hammal's own credentials or retries."""
+        return await self._send(method, url, headers.copy())
 
     async def reachable(self, within: float) -> str | None:
         """

@@ -23,6 +23,7 @@ from hammal.registry.reference import parse_tag
 from hammal.web.errors import abort_client, write_error
 from hammal.web.headers import upstream_request_headers
 from hammal.upstreams import UpstreamSelector
+from hammal.web.gate import Admission, Gate
 from hammal.web.routes import Route, RouteKind, parse_route
 
 API_VERSION = b"registry/2.0"
@@ -34,9 +35,10 @@ class V2Resource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, upstreams: UpstreamSelector) -> None:
+    def __init__(self, upstreams: UpstreamSelector, gate: Gate | None = None) -> None:
         super().__init__()
         self._upstreams = upstreams
+        self._gate = gate
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"docker-distribution-api-version", API_VERSION)
@@ -46,6 +48,8 @@ class V2Resource(Resource):
 
     async def _serve(self, request: Request) -> None:
         try:
+            if self._gate is not None:
+                self._gate.check_rules(request)
             route = parse_route(request.path)
             _set_route_kind(request, route.kind.value)
             if request.method not in (b"GET", b"HEAD"):
@@ -63,17 +67,31 @@ class V2Resource(Resource):
     async def _dispatch(self, request: Request, route: Route) -> None:
         host = _text(request.getHeader(b"host"))
         ns, upstream = _query_text(request, b"ns"), _query_text(request, b"upstream")
+        if route.kind is RouteKind.AUTH:
+            if self._gate is None:
+                raise Unsupported("this mirror needs no token: it runs with --auth none")
+            proxy = self._upstreams.select(host, ns, upstream, "").proxy
+            _write_document(request, await self._gate.token_response(request, proxy))
+            return
+        admission = Admission()
+        if self._gate is not None:
+            repository = None if route.kind is RouteKind.BASE else route.name
+            admission = await self._gate.admit(request, repository)
         if route.kind is RouteKind.BASE:
             if ns is not None or upstream is not None or not self._upstreams.base_allowed(host):
                 self._upstreams.select(host, ns, upstream, "")  # refuses what it must
             _write_document(request, Document(200, [(b"content-type", [b"application/json"])], b"{}"))
             return
-        if route.kind is RouteKind.AUTH:
-            raise Unsupported("this mirror needs no token: it runs with --auth none")
         selection = self._upstreams.select(host, ns, upstream, route.name)
         proxy, name = selection.proxy, selection.name
         headers = upstream_request_headers(request.requestHeaders)
         trace = request.trace  # type: ignore[attr-defined]
+        if admission.upstream_authorization is not None:
+            assert self._gate is not None
+            await self._gate.confirm_access(
+                proxy, admission.upstream_authorization, name, _upstream_path(route)
+            )
+            headers.setRawHeaders(b"authorization", [admission.upstream_authorization])
         if route.kind is RouteKind.MANIFEST:
             assert route.reference is not None
             headers.removeHeader(b"range")
@@ -119,6 +137,15 @@ class V2Resource(Resource):
 def _set_route_kind(request: Request, kind: str) -> None:
     if hasattr(request, "route_kind"):
         request.route_kind = kind
+
+
+def _upstream_path(route: Route) -> str:
+    """The upstream path that proves read access to what C{route} asks for."""
+    if route.kind is RouteKind.MANIFEST:
+        return f"manifests/{route.reference}"
+    if route.kind is RouteKind.BLOB:
+        return f"blobs/{route.reference}"
+    return "tags/list"
 
 
 def _text(value: bytes | None) -> str | None:
