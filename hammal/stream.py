@@ -88,12 +88,16 @@ def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
     @raise BodyTooLarge: (asynchronously) past C{limit}; the upstream
         connection is dropped.
     """
-    if response.length is not UNKNOWN_LENGTH and response.length > limit:
-        done: Deferred[bytes] = Deferred()
-        response.deliverBody(_Collector(-1, done))
-        return done
-    done = Deferred()
-    response.deliverBody(_Collector(limit, done))
+    collector: _Collector
+
+    def cancel(d: Deferred[bytes]) -> None:
+        """A reader that gives up (timeout) drops the connection too."""
+        _producer(collector.transport).stopProducing()
+
+    done: Deferred[bytes] = Deferred(cancel)
+    too_large = response.length is not UNKNOWN_LENGTH and response.length > limit
+    collector = _Collector(-1 if too_large else limit, done)
+    response.deliverBody(collector)
     return done
 
 

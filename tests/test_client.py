@@ -168,12 +168,17 @@ class TokenAuthTests(SynchronousTestCase):
         self.assertEqual(failure.value.headers["Retry-After"], "3600")
         self.assertEqual(len(self.h.world.hits(REALM)), 1)
 
-    def test_wrong_credentials(self) -> None:
-        """Rejected credentials give Denied, not a crash."""
+    def test_wrong_credentials_fall_back_to_anonymous(self) -> None:
+        """Rejected credentials do not take public pulls down: hammal asks anonymously."""
         world = FakeUpstream()
         world.users["ci"] = "right"
+        world.add_image("library/alpine", "3.20", b"{}")
         h = ClientHarness(world, credentials=Credentials("ci", "wrong"))
-        self.failureResultOf(h.settle(h.get("manifests/3.20")), Denied)
+        self.assertEqual(self.successResultOf(h.settle(h.get("manifests/3.20"))).code, 200)
+        realm = world.hits(REALM)
+        self.assertEqual(len(realm), 2)
+        self.assertIsNotNone(realm[0].header("authorization"))
+        self.assertIsNone(realm[1].header("authorization"))
 
 
 class RetryTests(SynchronousTestCase):

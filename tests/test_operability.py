@@ -151,4 +151,14 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(transports[2].disconnecting)
         self.assertFalse(transports[0].disconnecting)
 
+    def test_tls_probe_on_plain_port_answered_at_once(self) -> None:
+        """A TLS ClientHello on a plain port gets a 400 and a close, not a long wait."""
+        factory = ConnectionLimit(Site(Resource()), max_connections=None)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(transport.disconnecting)
+
 

@@ -163,10 +163,25 @@ class UpstreamAuth:
         separator = "&" if parts.query else "?"
         url = realm + separator + urlencode(query)
         headers = Headers({b"accept": [b"application/json"]})
-        if self._credentials is not None and (parts.scheme == "https" or not self._upstream_secure):
+        with_credentials = self._credentials is not None and (
+            parts.scheme == "https" or not self._upstream_secure
+        )
+        if with_credentials:
+            assert self._credentials is not None
             headers.setRawHeaders(b"authorization", [self._credentials.basic()])
         response = await self._send(b"GET", url, headers)
         body = await read_body(response, 1024 * 1024)
+        if response.code == 401 and with_credentials:
+            # Wrong or revoked credentials must not take public pulls down.
+            self.log.warn(
+                "{realm_host} rejected the configured upstream credentials;"
+                " asking for an anonymous token",
+                realm_host=parts.hostname,
+            )
+            metrics.upstream_errors.labels(parts.hostname, "credentials-rejected").inc()
+            headers.removeHeader(b"authorization")
+            response = await self._send(b"GET", url, headers)
+            body = await read_body(response, 1024 * 1024)
         if response.code != 200:
             raise self._error_for(response, body, parts.hostname)
         try:

@@ -381,12 +381,17 @@ class UpstreamClient:
             allow_redirects=False,
             unbuffered=True,
         )
-        d.addTimeout(self.read_timeout, self._clock)
+
+        def timed_out(result: object, timeout: float) -> None:
+            # treq reports the cancellation as ResponseNeverReceived: replace it.
+            raise UpstreamTimeout(f"{host} did not answer within {timeout:g} seconds")
+
+        d.addTimeout(self.read_timeout, self._clock, onTimeoutCancel=timed_out)
         try:
             response: IResponse = await d
-        except defer.TimeoutError:
+        except UpstreamTimeout:
             metrics.upstream_errors.labels(host, "timeout").inc()
-            raise UpstreamTimeout(f"{host} did not answer within {self.read_timeout:g} seconds")
+            raise
         except (error.ConnectingCancelledError, error.TimeoutError):
             metrics.upstream_errors.labels(host, "connect-timeout").inc()
             raise UpstreamTimeout(f"connecting to {host} timed out")

@@ -43,10 +43,32 @@ class _Refusal(Protocol):
         self.transport.loseConnection()
 
 
+#: The answer to a TLS ClientHello on a plain-HTTP port: clients that probe
+#: HTTPS first (skopeo, podman with insecure registries) fall back to HTTP at
+#: once instead of waiting out their TLS handshake timeout.
+_NOT_TLS = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: 30\r\n\r\nthis port speaks plain HTTP.\r\n"
+)
+_TLS_HANDSHAKE = 0x16
+
+
 class _CountedProtocol(ProtocolWrapper):
+    _first = True
+
     def connectionMade(self) -> None:
         metrics.open_connections.inc()
         super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first and data:
+            self._first = False
+            if data[0] == _TLS_HANDSHAKE:
+                assert self.transport is not None
+                self.transport.write(_NOT_TLS)
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         metrics.open_connections.dec()
