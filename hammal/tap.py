@@ -36,7 +36,7 @@ from hammal.access import (
 from hammal.drain import DrainService
 
 from hammal.cache.blobs import BlobCache
-from hammal.cache.fetch import Sync
+from hammal.cache.fetch import Offload
 from hammal.cache.manifests import (
     DiskTagStore,
     FetchManifest,
@@ -271,17 +271,17 @@ def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
         settings.read_timeout,
         resumes=settings.retries,
         chunk_size=settings.buffer_size,
-        sync=_threaded_sync(reactor),
+        offload=_thread_pool_offload(reactor),
     )
 
 
-def _threaded_sync(reactor: Any) -> Sync:
-    """fdatasync on the reactor's thread pool, off the event loop."""
+def _thread_pool_offload(reactor: Any) -> Offload:
+    """Hashing and fdatasync on the reactor's thread pool, off the event loop."""
 
-    def sync(fd: int) -> Deferred[None]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), os.fdatasync, fd)
+    def offload(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
-    return sync
+    return offload
 
 
 def _tune_http_limits(settings: Settings) -> None:

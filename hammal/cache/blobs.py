@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 
 from hammal import metrics
-from hammal.cache.fetch import BlobFetch, BlobReader, StartUpstream, Sync, sync_now
+from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
 from hammal.cache.store import BlobStore
 from hammal.registry.reference import Digest
 
@@ -90,14 +90,14 @@ class BlobCache:
         read_timeout: float,
         resumes: int,
         chunk_size: int = 256 * 1024,
-        sync: Sync = sync_now,
+        offload: Offload = run_here,
     ) -> None:
         self.store = store
         self.clock = clock
         self.chunk_size = chunk_size
         self._read_timeout = read_timeout
         self._resumes = resumes
-        self._sync = sync
+        self._offload = offload
         self._fetches: dict[str, BlobFetch] = {}
         self.fetches_started = 0
         self.readers = 0
@@ -133,7 +133,7 @@ class BlobCache:
             self._read_timeout,
             self._resumes,
             upstream,
-            self._sync,
+            self._offload,
         )
         key = str(digest)
         self._fetches[key] = fetch

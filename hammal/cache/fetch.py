@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
@@ -37,14 +37,28 @@ from hammal.stream import TransferBroken, _producer, discard_body, expected_leng
 StartUpstream = Callable[[int], Awaitable[IResponse]]
 """Requests the blob from upstream starting at a byte offset."""
 
-Sync = Callable[[int], Deferred[None]]
-"""Makes a file descriptor's data durable (fdatasync), maybe on a thread."""
+Offload = Callable[..., Deferred[Any]]
+"""Runs C{f(*args)} off the event loop (a thread pool) and returns its result."""
 
 
-def sync_now(fd: int) -> Deferred[None]:
-    """Durability without a thread (tests, or filesystems where it is cheap)."""
-    os.fdatasync(fd)
-    return succeed(None)
+def run_here(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """An L{Offload} that runs in place: for tests and tools."""
+    return succeed(f(*args))
+
+
+def _hash_range(fd: int, hasher: Any, start: int, end: int, chunk: int = 1 << 20) -> int:
+    """
+    Feed bytes C{[start, end)} of C{fd} to C{hasher} (runs on a thread:
+    hashlib releases the GIL, so hashing overlaps the network work).
+    """
+    offset = start
+    while offset < end:
+        data = os.pread(fd, min(chunk, end - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, "the cache file is shorter than what was written")
+        hasher.update(data)
+        offset += len(data)
+    return end
 
 
 class DigestMismatch(TransferBroken):
@@ -73,7 +87,7 @@ class BlobFetch:
         read_timeout: float,
         resumes: int,
         upstream: str,
-        sync: Sync = sync_now,
+        offload: Offload = run_here,
     ) -> None:
         self.digest = digest
         self.store = store
@@ -82,7 +96,7 @@ class BlobFetch:
         self._read_timeout = read_timeout
         self._resumes = resumes
         self._upstream = upstream
-        self._sync = sync
+        self._offload = offload
         self.size: int | None = None
         self.written = 0
         self.readable = 0
@@ -92,7 +106,11 @@ class BlobFetch:
         self.path = store.temporary_path(digest)
         self.upstream_requests = 0
         self._fd: int | None = None
+        self._hash_fd: int | None = None
         self._hasher = digest.hasher()
+        self._hashed = 0
+        self._hashing: Deferred[int] | None = None
+        self._hash_waiter: Deferred[None] | None = None
         self._listeners: set[Callable[[], None]] = set()
         self._started: list[Deferred[BlobFetch]] = []
         self.finished: Deferred[None] = Deferred()
@@ -181,6 +199,7 @@ class BlobFetch:
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._hash_fd = os.open(self.path, os.O_RDONLY)
 
     def _receive(self, response: IResponse, skip: int) -> Deferred[None]:
         writer = _FileWriter(self, skip, self._clock, self._read_timeout, self._upstream)
@@ -196,15 +215,50 @@ class BlobFetch:
         while view:
             count = os.write(self._fd, view)
             view = view[count:]
-        self._hasher.update(data)
         metrics.upstream_bytes.inc(len(data))
         self.readable = self.written
         self.written += len(data)
+        self._hash_more()
         self._notify()
+
+    # Hashing follows the file on a thread, so memory never holds more than
+    # one chunk and the event loop never waits for sha256.
+
+    def _hash_more(self) -> None:
+        if self._hashing is not None or self._hash_fd is None or self.failure is not None:
+            return
+        if self._hashed >= self.written:
+            if self._hash_waiter is not None:
+                waiter, self._hash_waiter = self._hash_waiter, None
+                waiter.callback(None)
+            return
+        self._hashing = self._offload(
+            _hash_range, self._hash_fd, self._hasher, self._hashed, self.written
+        )
+        self._hashing.addCallbacks(self._hashed_to, self._hash_failed)
+
+    def _hashed_to(self, end: int) -> None:
+        self._hashing = None
+        self._hashed = end
+        self._hash_more()
+
+    def _hash_failed(self, failure: Failure) -> None:
+        self._hashing = None
+        if self._hash_waiter is not None:
+            waiter, self._hash_waiter = self._hash_waiter, None
+            waiter.errback(TransferBroken(f"cannot hash the cache file: {failure.getErrorMessage()}"))
+
+    def _hashed_all(self) -> Deferred[None]:
+        """Fires once every byte written so far went through the hasher."""
+        waiter: Deferred[None] = Deferred()
+        self._hash_waiter = waiter
+        self._hash_more()
+        return waiter
 
     async def _verify_and_commit(self) -> None:
         if self.size is not None and self.written != self.size:
             raise TransferBroken(f"{self._upstream} sent {self.written} of {self.size} bytes")
+        await self._hashed_all()
         if not self.digest.matches(self._hasher):
             metrics.digest_mismatches.inc()
             self.log.warn(
@@ -214,7 +268,7 @@ class BlobFetch:
             )
             raise DigestMismatch(f"{self._upstream} sent bytes that do not match {self.digest}")
         assert self._fd is not None
-        await self._sync(self._fd)
+        await self._offload(os.fdatasync, self._fd)
         self.size = self.written
         self.readable = self.written
         self.complete = True
@@ -244,6 +298,19 @@ class BlobFetch:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._hash_fd is not None:
+            if self._hashing is None:
+                os.close(self._hash_fd)
+            else:
+                # A hashing job still reads it: close when it ends.
+                fd = self._hash_fd
+
+                def close_after(result: Any) -> Any:
+                    os.close(fd)
+                    return result
+
+                self._hashing.addBoth(close_after)
+            self._hash_fd = None
 
 
 def _starts_at(response: IResponse, offset: int) -> bool:

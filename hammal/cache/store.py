@@ -118,13 +118,16 @@ class BlobStore:
         in the shared directory is picked up here.
         """
         key = str(digest)
-        size = self._index.get(key)
-        if size is not None:
-            return size
         try:
             size = os.stat(self.path(digest)).st_size
         except OSError:
+            # Gone (removed by another process or by hand): forget it.
+            previous = self._index.pop(key, None)
+            if previous is not None:
+                self.total_size -= previous
             return None
+        if key in self._index:
+            return size
         self._add(key, size)
         return size
 
