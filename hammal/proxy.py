@@ -36,7 +36,7 @@ from hammal.replies import (
     find_header,
     replace_header,
 )
-from hammal.stream import UpstreamBody, discard_body, expected_length
+from hammal.stream import UpstreamBody, discard_body, expected_length, not_a_blob
 from hammal.web.headers import relayed_response_headers
 from hammal.web.ranges import content_range, parse_range
 
@@ -213,6 +213,9 @@ class PullProxy:
             return Document(response.code, relayed)
         if response.code not in (200, 206):
             raise await self._error(response)
+        if not_a_blob(response):
+            await discard_body(response)
+            raise UpstreamBadResponse(f"{self.upstream_host} sent a web page instead of a blob")
         relayed = relayed_response_headers(response.headers)
         relayed = replace_header(relayed, b"docker-content-digest", str(digest).encode())
         if not any(key == b"content-type" for key, _ in relayed):

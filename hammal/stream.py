@@ -255,6 +255,15 @@ class BodyPipe(Protocol):
         )
 
 
+def not_a_blob(response: IResponse) -> bool:
+    """
+    Whether a 200 answer to a blob request is plainly something else: an
+    HTML page (captive portals, proxies and CDNs send those with 200).
+    """
+    content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
+    return content_type.startswith((b"text/html", b"application/xhtml"))
+
+
 def expected_length(response: IResponse) -> int | None:
     """The body length upstream announced, or L{None}."""
     length: Any = response.length

@@ -74,6 +74,7 @@ class FakeUpstream(Resource):
         self.held: list[Request] = []
         self.hold_blobs = False
         self.reset_after: list[int] = []
+        self.blob_content_type = b"application/octet-stream"
         self.honour_range = True
 
     # Seeding.
@@ -209,7 +210,7 @@ class FakeUpstream(Resource):
         data = self.blobs[digest]
         if self.corrupt_blobs:
             data = data[:-1] + bytes([data[-1] ^ 1])
-        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-type", self.blob_content_type)
         requested = (request.getHeader(b"range") or b"").decode()
         if self.honour_range and requested.startswith("bytes=") and requested.endswith("-"):
             start = int(requested[6:-1])

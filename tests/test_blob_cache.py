@@ -171,6 +171,17 @@ class BlobCacheTests(SynchronousTestCase):
         self.assertEqual(response.code, 416)
         self.assertEqual(header(response, b"content-range"), f"bytes */{len(BLOB)}")
 
+    def test_html_page_rejected(self) -> None:
+        """A 200 HTML page in place of a blob is a 502, not a stream."""
+        self.mirror.world.blob_content_type = b"text/html; charset=utf-8"
+        response = self.get()
+        self.assertEqual(response.code, 502)
+        self.assertFalse(os.path.exists(self.stored()))
+        uncached = Mirror()
+        uncached.world.blob_content_type = b"text/html"
+        digest = uncached.world.add_blob(BLOB)
+        self.assertEqual(uncached.request(b"GET", f"/v2/alpine/blobs/{digest}").code, 502)
+
     def test_upstream_404_not_cached(self) -> None:
         missing = "sha256:" + "f" * 64
         response = self.get(f"/v2/alpine/blobs/{missing}")

@@ -29,10 +29,17 @@ from zope.interface import implementer
 
 from hammal import metrics
 from hammal.cache.store import BlobStore
-from hammal.errors import RegistryError, UpstreamTimeout
+from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
 from hammal.registry.client import upstream_error
 from hammal.registry.reference import Digest
-from hammal.stream import TransferBroken, _producer, discard_body, expected_length, read_body
+from hammal.stream import (
+    TransferBroken,
+    _producer,
+    discard_body,
+    expected_length,
+    not_a_blob,
+    read_body,
+)
 
 StartUpstream = Callable[[int], Awaitable[IResponse]]
 """Requests the blob from upstream starting at a byte offset."""
@@ -190,6 +197,9 @@ class BlobFetch:
             if response.code == 206 and not _starts_at(response, offset):
                 await discard_body(response)
                 raise TransferBroken(f"{self._upstream} answered a resume with the wrong range")
+            if not_a_blob(response):
+                await discard_body(response)
+                raise UpstreamBadResponse(f"{self._upstream} sent a web page instead of a blob")
             return response
         try:
             body = await read_body(response, 64 * 1024)
