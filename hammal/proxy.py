@@ -37,8 +37,8 @@ from hammal.replies import (
     replace_header,
 )
 from hammal.stream import UpstreamBody, discard_body, expected_length, not_a_blob
-from hammal.web.headers import relayed_response_headers
-from hammal.web.ranges import content_range, parse_range
+from hammal.headers import relayed_response_headers
+from hammal.ranges import content_range, parse_range
 
 ManifestCacheFactory = Callable[[str, FetchManifest, HeadDigest], ManifestCache]
 """Builds the manifest cache for an upstream URL around the proxy's fetchers."""

@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.web.headers}: which headers cross the proxy in each
+Tests for L{hammal.headers}: which headers cross the proxy in each
 direction.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from hammal.web.headers import (
+from hammal.headers import (
     HOP_BY_HOP,
     end_to_end,
     relayed_response_headers,

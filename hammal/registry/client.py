@@ -261,7 +261,7 @@ class UpstreamClient:
         response, whose body is still to be read.
 
         Redirects are followed when C{follow_redirects}; C{headers} must
-        hold only what may go upstream (see L{hammal.web.headers}).
+        hold only what may go upstream (see L{hammal.headers}).
 
         @raise RegistryError: when upstream could not give an answer worth
             relaying after every retry.

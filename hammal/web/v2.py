@@ -21,7 +21,7 @@ from hammal.errors import RegistryError, TagInvalid, Unsupported
 from hammal.replies import BlobReply, Document
 from hammal.registry.reference import parse_tag
 from hammal.web.errors import abort_client, write_error
-from hammal.web.headers import upstream_request_headers
+from hammal.headers import upstream_request_headers
 from hammal.upstreams import UpstreamSelector
 from hammal.web.gate import Admission, Gate
 from hammal.web.routes import Route, RouteKind, parse_route
