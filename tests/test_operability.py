@@ -162,3 +162,34 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+
+
+class AccessLogTests(SynchronousTestCase):
+    """One structured access-log event per request, with a request id."""
+
+    def test_event_fields_and_request_id(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, object]] = []
+
+        def observe(event: dict[str, object]) -> None:
+            if event.get("log_namespace") == "hammal.access":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        mirror = Mirror()
+        mirror.world.add_image("library/alpine", "3.20", b"{}")
+        given = mirror.request(b"GET", "/v2/alpine/manifests/3.20", {b"x-request-id": [b"abc-123"]})
+        self.assertEqual(given.headers.getRawHeaders(b"x-request-id"), [b"abc-123"])
+        generated = mirror.request(b"GET", "/v2/", {b"x-request-id": [b"bad id\\x00"]})
+        (request_id,) = generated.headers.getRawHeaders(b"x-request-id")
+        self.assertRegex(request_id.decode(), r"^[0-9a-f]{16}$")
+        manifest_events = [e for e in events if e["route"] == "manifest"]
+        self.assertEqual(len(manifest_events), 1)
+        event = manifest_events[0]
+        self.assertEqual(event["request_id"], "abc-123")
+        self.assertEqual(event["status"], 200)
+        self.assertEqual(event["method"], "GET")
+        self.assertEqual(event["upstream"], "registry.test")
+        self.assertGreaterEqual(event["attempts"], 1)

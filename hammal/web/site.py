@@ -5,6 +5,8 @@ and one access-log event per request, finished or aborted.
 
 from __future__ import annotations
 
+import re
+import secrets
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -18,6 +20,9 @@ from hammal import metrics
 from hammal.registry.client import Trace
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+
+
 class HammalRequest(Request):
     """
     A request that remembers when it started, which route it took and what
@@ -29,6 +34,8 @@ class HammalRequest(Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.route_kind = "-"
+        self.upstream_host = "-"
+        self.request_id = ""
         self.trace = Trace()
         self.cache_status = "-"
         self.started_at = 0.0
@@ -37,6 +44,9 @@ class HammalRequest(Request):
     def process(self) -> None:
         if self.clock is not None:
             self.started_at = self.clock.seconds()
+        given = (self.getHeader(b"x-request-id") or b"").decode("latin-1")
+        self.request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        self.setHeader(b"x-request-id", self.request_id.encode())
         metrics.in_flight_requests.inc()
         site = getattr(self.channel, "site", None)
         if isinstance(site, HammalSite):
@@ -85,7 +95,10 @@ class HammalSite(Site):
         metrics.request_duration.labels(route).observe(duration)
         self.access_log.info(
             '{client} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms'
-            " route={route} upstream_attempts={attempts} cache={cache}{aborted_text}",
+            " route={route} upstream={upstream} upstream_attempts={attempts} cache={cache}"
+            " id={request_id}{aborted_text}",
+            request_id=request.request_id,
+            upstream=request.upstream_host,
             client=_client_address(request),
             method=request.method.decode("latin-1"),
             path=request.uri.decode("latin-1")[:1024],

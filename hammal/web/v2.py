@@ -84,6 +84,8 @@ class V2Resource(Resource):
             return
         selection = self._upstreams.select(host, ns, upstream, route.name)
         proxy, name = selection.proxy, selection.name
+        if hasattr(request, "upstream_host"):
+            request.upstream_host = proxy.upstream_host
         headers = upstream_request_headers(request.requestHeaders)
         trace = request.trace  # type: ignore[attr-defined]
         if admission.upstream_authorization is not None:
