@@ -20,6 +20,10 @@ from hammal import metrics
 from hammal.registry.client import Trace
 
 
+#: Module-level so that its namespace stays "hammal.access" (a Logger on a
+#: class takes the class's name).
+_access_log = Logger(namespace="hammal.access")
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 
 
@@ -63,7 +67,6 @@ class HammalRequest(Request):
 class HammalSite(Site):
     """A L{Site} that writes structured access-log events."""
 
-    access_log = Logger(namespace="hammal.access")
 
     def __init__(self, resource: IResource, clock: IReactorTime, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -93,7 +96,7 @@ class HammalSite(Site):
         metrics.requests.labels(route, str(request.code)).inc()
         metrics.response_bytes.labels(route).inc(request.sentLength)
         metrics.request_duration.labels(route).observe(duration)
-        self.access_log.info(
+        _access_log.info(
             '{client} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms'
             " route={route} upstream={upstream} upstream_attempts={attempts} cache={cache}"
             " id={request_id}{aborted_text}",
