@@ -265,7 +265,7 @@ class PullProxy:
                     upstream_name,
                     f"blobs/{digest}",
                     attempt_headers,
-                    trace if offset == 0 else Trace(),
+                    trace,  # resumes count against the client that started the fetch
                 )
             )
 
