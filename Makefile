@@ -50,6 +50,7 @@ test-integration: deps system-deps
 	$(BIN)/trial tests.integration
 
 lint: deps
+	$(BIN)/ruff check hammal twisted tests bench tools
 	$(BIN)/mypy hammal twisted/plugins/hammal_plugin.py
 
 clean:

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from hammal.errors import Denied, TooManyRequests, UpstreamUnavailable
+from hammal.errors import TooManyRequests, UpstreamUnavailable
 from hammal.registry.auth import Credentials
 from hammal.registry.client import Trace, Upstream, UpstreamClient
 from hammal.registry.retry import RetryPolicy
