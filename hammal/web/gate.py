@@ -33,7 +33,7 @@ from hammal.access.users import UserDirectory, check_in_thread, parse_basic
 from hammal.errors import Denied, Unauthorized, UpstreamBadResponse
 from hammal.proxy import PullProxy
 from hammal.registry.challenge import select_challenge
-from hammal.registry.client import Trace
+from hammal.registry.client import Trace, upstream_error
 from hammal.registry.reference import rewrite_scope
 from hammal.replies import Document
 from hammal.stream import read_body
@@ -215,26 +215,33 @@ class Gate:
         return challenge
 
     async def confirm_access(
-        self, proxy: PullProxy, authorization: bytes, name: str, path: str
+        self, proxy: PullProxy, authorization: bytes, name: str, path: str, headers: Headers
     ) -> None:
         """
         Passthrough: make sure upstream lets this client's token read
-        C{name} before anything cached is served to it.
+        C{name} before anything cached is served to it. C{headers} are the
+        ones going upstream (their ``Accept`` matters: Distribution hides
+        OCI manifests from clients that do not accept them).
 
         @raise Denied: when upstream refuses.
+        @raise RegistryError: upstream's own answer otherwise (404, 429...).
         """
         key = (hashlib.sha256(authorization).hexdigest(), proxy.upstream_name(name))
         now = self._clock.seconds()
         expires = self._confirmed.get(key)
         if expires is not None and expires > now:
             return
-        headers = Headers({b"authorization": [authorization]})
+        probe = headers.copy()
+        probe.removeHeader(b"range")
+        probe.setRawHeaders(b"authorization", [authorization])
         response = await proxy.client.request(
-            b"HEAD", proxy.upstream_name(name), path, headers, Trace(), follow_redirects=False
+            b"HEAD", proxy.upstream_name(name), path, probe, Trace(), follow_redirects=False
         )
-        await read_body(response, 64 * 1024)
-        if response.code >= 400:
+        body = await read_body(response, 64 * 1024)
+        if response.code in (401, 403):
             raise Denied(f"upstream refused this client access to {name}")
+        if response.code >= 400:
+            raise upstream_error(response, body, proxy.upstream_host)
         self._confirmed[key] = now + PASSTHROUGH_ACCESS_TTL
         while len(self._confirmed) > 10000:
             self._confirmed.popitem(last=False)

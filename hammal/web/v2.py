@@ -91,7 +91,7 @@ class V2Resource(Resource):
         if admission.upstream_authorization is not None:
             assert self._gate is not None
             await self._gate.confirm_access(
-                proxy, admission.upstream_authorization, name, _upstream_path(route)
+                proxy, admission.upstream_authorization, name, _upstream_path(route), headers
             )
             headers.setRawHeaders(b"authorization", [admission.upstream_authorization])
         if route.kind is RouteKind.MANIFEST:
