@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from hammal import metrics
 from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
 from hammal.cache.store import BlobStore
+from hammal.sendfile import FileSender, tcp_transport
 from hammal.registry.reference import Digest
 
 #: Free space below which new transfers are not written to disk.
@@ -40,22 +41,27 @@ class CachedBody:
         self._start = start
         self._end = end
         self._fetch = fetch
-        self._reader: BlobReader | None = None
+        self._reader: BlobReader | FileSender | None = None
 
     def deliver(self, consumer: IConsumer) -> Deferred[int]:
         store = self._cache.store
         if self._fetch is not None and self._fetch.complete:
             self._fetch = None  # committed already: read the stored blob
         path = self._fetch.path if self._fetch is not None else store.path(self._digest)
-        reader = BlobReader(
-            consumer,
-            self._cache.clock,
-            path,
-            self._start,
-            self._end,
-            self._fetch,
-            self._cache.chunk_size,
-        )
+        transport = tcp_transport(consumer) if self._cache.use_sendfile else None
+        reader: BlobReader | FileSender
+        if self._fetch is None and self._end is not None and transport is not None:
+            reader = FileSender(consumer, transport, self._cache.clock, path, self._start, self._end)
+        else:
+            reader = BlobReader(
+                consumer,
+                self._cache.clock,
+                path,
+                self._start,
+                self._end,
+                self._fetch,
+                self._cache.chunk_size,
+            )
         self._reader = reader
         store.pin(self._digest)
         self._cache.readers += 1
@@ -101,6 +107,8 @@ class BlobCache:
         self._fetches: dict[str, BlobFetch] = {}
         self.fetches_started = 0
         self.readers = 0
+        #: Cache hits on plain TCP go out with os.sendfile.
+        self.use_sendfile = True
 
     def has_room(self) -> bool:
         """Whether the disk has space for new transfers."""
