@@ -9,23 +9,53 @@ import sys
 from typing import Callable
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    formatEventAsClassicLogText,
+    formatTime,
     jsonFileLogObserver,
-    textFileLogObserver,
 )
+
+
+class _SecondsClock:
+    """
+    Time stamps for text logs, formatted once per second: formatting a
+    time stamp per event cost a fifth of a cached manifest request.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, when: float | None) -> str:
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._text = formatTime(when)
+        return self._text
+
+
+def _text_observer() -> ILogObserver:
+    clock = _SecondsClock()
+    return FileLogObserver(
+        sys.stdout, lambda event: formatEventAsClassicLogText(event, formatTime=clock)
+    )
 
 
 def observer_factory(log_format: str, debug: bool) -> Callable[[], ILogObserver]:
     """A factory for twistd's ``logger`` option."""
 
     def make() -> ILogObserver:
+        observer: ILogObserver
         if log_format == "json":
             observer = jsonFileLogObserver(sys.stdout)
         else:
-            observer = textFileLogObserver(sys.stdout)
+            observer = _text_observer()
         level = LogLevel.debug if debug else LogLevel.info
         return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=level)])
 

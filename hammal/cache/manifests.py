@@ -108,11 +108,18 @@ def tag_key(upstream: str, name: str, tag: str, accepted: frozenset[str]) -> str
 
 
 class ManifestStore:
-    """Verified manifests on disk under C{root/manifests}."""
+    """
+    Verified manifests on disk under C{root/manifests}, the most recently
+    used of them also in memory (up to C{memory_limit} bytes): a hot tag is
+    served without touching the disk.
+    """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, memory_limit: int = 32 * 1024 * 1024) -> None:
         self._root = os.path.join(root, "manifests")
         self._tmp = os.path.join(root, "tmp")
+        self._memory_limit = memory_limit
+        self._recent: OrderedDict[Digest, StoredManifest] = OrderedDict()
+        self._recent_bytes = 0
 
     def open(self) -> None:
         os.makedirs(self._root, exist_ok=True)
@@ -122,6 +129,27 @@ class ManifestStore:
         return os.path.join(self._root, digest.algorithm, digest.hex[:2], digest.hex)
 
     def get(self, digest: Digest) -> StoredManifest | None:
+        """The manifest, from memory when recently used, else from disk (verified)."""
+        remembered = self._recent.get(digest)
+        if remembered is not None:
+            self._recent.move_to_end(digest)
+            return remembered
+        manifest = self._load(digest)
+        if manifest is not None:
+            self._remember(manifest)
+        return manifest
+
+    def _remember(self, manifest: StoredManifest) -> None:
+        previous = self._recent.pop(manifest.digest, None)
+        if previous is not None:
+            self._recent_bytes -= len(previous.body)
+        self._recent[manifest.digest] = manifest
+        self._recent_bytes += len(manifest.body)
+        while self._recent_bytes > self._memory_limit and self._recent:
+            _, dropped = self._recent.popitem(last=False)
+            self._recent_bytes -= len(dropped.body)
+
+    def _load(self, digest: Digest) -> StoredManifest | None:
         path = self._path(digest)
         try:
             with open(path, "rb") as body_file:
@@ -136,6 +164,7 @@ class ManifestStore:
 
     def put(self, manifest: StoredManifest) -> None:
         """Store a manifest whose digest the caller verified."""
+        self._remember(manifest)
         path = self._path(manifest.digest)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         for target, content in (
@@ -233,6 +262,9 @@ class ManifestCache:
         self._negative_ttl = negative_ttl
         self._negative: OrderedDict[str, tuple[float, RegistryError]] = OrderedDict()
         self._work: Coalescer[Any] = Coalescer()
+        # Tag entries this process read or wrote, so a hot tag costs no
+        # store lookup; each is kept no longer than the store keeps it.
+        self._recent_tags: OrderedDict[str, tuple[TagEntry, float]] = OrderedDict()
 
     async def get(
         self,
@@ -276,7 +308,7 @@ class ManifestCache:
         self, name: str, tag: str, accepted: frozenset[str], headers: Headers, trace: Trace
     ) -> Document:
         key = tag_key(self._upstream, name, tag, accepted)
-        entry = TagEntry.loads(await self._tags.get(key) or "")
+        entry = await self._tag_entry(key)
         stored = self._store.get(Digest.parse(entry.digest)) if entry is not None else None
         if entry is not None and stored is not None:
             age = self._clock.seconds() - entry.checked_at
@@ -290,6 +322,7 @@ class ManifestCache:
             except _TRANSIENT as failure:
                 return self._stale_or_raise(stored, age, failure)
             except UpstreamError:
+                self._recent_tags.pop(key, None)
                 await self._tags.delete(key)
                 raise
             if current == entry.digest:
@@ -387,8 +420,28 @@ class ManifestCache:
                     error=failure.message,
                 )
 
+    async def _tag_entry(self, key: str) -> TagEntry | None:
+        recent = self._recent_tags.get(key)
+        if recent is not None:
+            known, expires = recent
+            if expires > self._clock.seconds():
+                self._recent_tags.move_to_end(key)
+                return known
+            del self._recent_tags[key]
+        entry = TagEntry.loads(await self._tags.get(key) or "")
+        if entry is not None:
+            self._keep_recent_tag(key, entry)
+        return entry
+
+    def _keep_recent_tag(self, key: str, entry: TagEntry) -> None:
+        self._recent_tags[key] = (entry, entry.checked_at + self._ttl + self._stale_if_error)
+        self._recent_tags.move_to_end(key)
+        while len(self._recent_tags) > 10000:
+            self._recent_tags.popitem(last=False)
+
     async def _remember_tag(self, key: str, stored: StoredManifest) -> None:
         entry = TagEntry(str(stored.digest), stored.media_type, self._clock.seconds())
+        self._keep_recent_tag(key, entry)
         await self._tags.set(key, entry.dumps(), self._ttl + self._stale_if_error)
 
     def _check_negative(self, key: str) -> None:

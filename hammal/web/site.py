@@ -96,24 +96,42 @@ class HammalSite(Site):
         metrics.requests.labels(route, str(request.code)).inc()
         metrics.response_bytes.labels(route).inc(request.sentLength)
         metrics.request_duration.labels(route).observe(duration)
+        client = _client_address(request)
+        method = _printable(request.method.decode("latin-1"))
+        path = _printable(request.uri.decode("latin-1")[:1024])
+        # The line is built here, once: a one-field format keeps twisted's
+        # formatter cheap (it was a third of a cached request's cost); the
+        # fields are still in the event for JSON logs.
+        line = (
+            f'{client} "{method} {path}" {request.code} {request.sentLength}'
+            f" {duration * 1000:.1f}ms route={route} upstream={request.upstream_host}"
+            f" upstream_attempts={request.trace.attempts} cache={request.cache_status}"
+            f" id={request.request_id}{' aborted' if aborted else ''}"
+        )
         _access_log.info(
-            '{client} "{method} {path}" {status} {bytes} {duration_ms:.1f}ms'
-            " route={route} upstream={upstream} upstream_attempts={attempts} cache={cache}"
-            " id={request_id}{aborted_text}",
+            "{access}",
+            access=line,
             request_id=request.request_id,
             upstream=request.upstream_host,
-            client=_client_address(request),
-            method=request.method.decode("latin-1"),
-            path=request.uri.decode("latin-1")[:1024],
+            client=client,
+            method=method,
+            path=path,
             status=request.code,
             bytes=request.sentLength,
-            duration_ms=duration * 1000,
-            route=request.route_kind,
+            duration_ms=round(duration * 1000, 3),
+            route=route,
             attempts=request.trace.attempts,
             cache=request.cache_status,
             aborted=aborted,
-            aborted_text=" aborted" if aborted else "",
         )
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """Control characters escaped, so a request cannot forge log lines."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _client_address(request: http.Request) -> str:
