@@ -63,6 +63,7 @@ class FileSender:
         path: str,
         start: int,
         end: int,
+        fetch: Any = None,
     ) -> None:
         self.done: Deferred[int] = Deferred()
         self._request = request
@@ -74,7 +75,9 @@ class FileSender:
         self._end = end
         self._fd: int | None = None
         self._paused = False
+        self._waiting = False
         self._scheduled: IDelayedCall | None = None
+        self._fetch = fetch
 
     def begin(self) -> None:
         try:
@@ -83,7 +86,22 @@ class FileSender:
             self._finish(TransferBroken(f"cannot read the cache file: {failure.strerror}"))
             return
         self._request.registerProducer(self, True)
+        if self._fetch is not None:
+            self._fetch.subscribe(self._progress)
         self._pump()
+
+    def _progress(self) -> None:
+        """The fetch being followed wrote more (or ended)."""
+        if self._waiting:
+            self._waiting = False
+            self.resumeProducing()
+
+    def _limit(self) -> int:
+        """How far we may send now: a fetch in flight holds back its tail."""
+        fetch = self._fetch
+        if fetch is None or fetch.complete:
+            return self._end
+        return min(self._end, fetch.readable)
 
     # IPushProducer (called through the HTTP channel).
 
@@ -122,9 +140,16 @@ class FileSender:
             if self._offset >= self._end:
                 self._finish(None)
                 return
+            if self._fetch is not None and self._fetch.failure is not None:
+                self._finish(self._fetch.failure)
+                return
+            limit = self._limit()
+            if self._offset >= limit:
+                self._waiting = True  # until the fetch writes more
+                return
             try:
                 sent = os.sendfile(
-                    socket_fd, self._fd, self._offset, min(_SLICE, self._end - self._offset)
+                    socket_fd, self._fd, self._offset, min(_SLICE, limit - self._offset)
                 )
             except BlockingIOError:
                 self._wait_for_socket()
@@ -142,10 +167,12 @@ class FileSender:
             self._request.channel.resetTimeout()
         self._scheduled = self._clock.callLater(0, self._pump)
 
-    def _finish(self, failure: TransferBroken | None) -> None:
+    def _finish(self, failure: Exception | None) -> None:
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None
+        if self._fetch is not None:
+            self._fetch.unsubscribe(self._progress)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -50,8 +50,10 @@ class CachedBody:
         path = self._fetch.path if self._fetch is not None else store.path(self._digest)
         transport = tcp_transport(consumer) if self._cache.use_sendfile else None
         reader: BlobReader | FileSender
-        if self._fetch is None and self._end is not None and transport is not None:
-            reader = FileSender(consumer, transport, self._cache.clock, path, self._start, self._end)
+        if self._end is not None and transport is not None:
+            reader = FileSender(
+                consumer, transport, self._cache.clock, path, self._start, self._end, self._fetch
+            )
         else:
             reader = BlobReader(
                 consumer,
