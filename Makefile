@@ -13,7 +13,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 67108864
 
 HAMMAL_ARGS ?=
 
-.PHONY: all deps system-deps run test test-unit test-integration lint bench clean
+.PHONY: all deps system-deps run test test-unit test-integration lint bench bench-deps clean
 
 all: test
 
@@ -48,6 +48,24 @@ test-unit: deps
 
 test-integration: deps system-deps
 	$(BIN)/trial tests.integration
+
+# Benchmark: hammal vs nginx proxy_pass vs Distribution (see bench/README.rst).
+BENCH_PACKAGES := docker-registry nginx skopeo wrk curl
+BENCH_BINARIES := docker-registry nginx skopeo wrk curl
+BENCH_ARGS ?=
+
+bench-deps:
+	@missing=""; for b in $(BENCH_BINARIES); do \
+	  command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages for:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(BENCH_PACKAGES); \
+	fi
+
+bench: deps bench-deps
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: deps
 	$(BIN)/ruff check hammal twisted tests bench tools

@@ -445,9 +445,22 @@ class _QuietSite(Site):
         pass
 
 
+#: Pending connections the kernel queues: Twisted's default of 50 makes a
+#: burst of clients wait for SYN retries.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """A TCP endpoint description with hammal's listen backlog, unless it sets one."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
+
+
 def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
     try:
-        endpoint = serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, with_backlog(description))
     except (ValueError, KeyError, TypeError) as failure:
         raise usage.UsageError(f"{description!r} is not a valid endpoint: {failure}")
     StreamServerEndpointService(endpoint, factory).setServiceParent(parent)

@@ -489,3 +489,17 @@ class RedisUrlTests(SynchronousTestCase):
     def test_invalid(self) -> None:
         for url in ("cache:6379", "rediss://cache", "redis:///0", "redis://cache:99999", "redis://cache/-1"):
             self.assertRaises(ConfigError, parse_redis_url, url)
+
+
+class BacklogTests(SynchronousTestCase):
+    """TCP listeners get a deep accept queue unless the operator set one."""
+
+    def test_backlog_added(self) -> None:
+        from hammal.tap import with_backlog
+
+        self.assertEqual(with_backlog("tcp:5000"), "tcp:5000:backlog=1024")
+        self.assertEqual(
+            with_backlog("tcp:5000:interface=127.0.0.1"), "tcp:5000:interface=127.0.0.1:backlog=1024"
+        )
+        self.assertEqual(with_backlog("tcp:5000:backlog=10"), "tcp:5000:backlog=10")
+        self.assertEqual(with_backlog("unix:/run/hammal.sock"), "unix:/run/hammal.sock")

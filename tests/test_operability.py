@@ -193,3 +193,38 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual(event["method"], "GET")
         self.assertEqual(event["upstream"], "registry.test")
         self.assertGreaterEqual(event["attempts"], 1)
+
+
+class RequestBodyTests(SynchronousTestCase):
+    """Large request bodies are refused at once, never spooled to disk."""
+
+    def test_declared_large_body_refused(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from hammal.web.site import HammalSite
+
+        site = HammalSite(Resource(), Clock())
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"PUT /v2/a/blobs/uploads/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10000000000\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_streamed_large_body_refused(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from hammal.web.site import HammalSite
+
+        site = HammalSite(Resource(), Clock())
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"POST /v2/auth HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 60000
+        for _ in range(3):
+            channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.disconnecting)

@@ -5,6 +5,7 @@ and one access-log event per request, finished or aborted.
 
 from __future__ import annotations
 
+import io
 import re
 import secrets
 from typing import Any
@@ -23,6 +24,15 @@ from hammal.registry.client import Trace
 #: Module-level so that its namespace stays "hammal.access" (a Logger on a
 #: class takes the class's name).
 _access_log = Logger(namespace="hammal.access")
+
+#: The largest request body accepted (token requests are the only bodies).
+MAX_REQUEST_BODY = 64 * 1024
+
+_BODY_TOO_LARGE = (
+    b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: 90\r\n\r\n"
+    b'{"errors":[{"code":"SIZE_INVALID","message":"request bodies are limited to 65536 bytes"}]}'
+)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 
@@ -44,6 +54,36 @@ class HammalRequest(Request):
         self.cache_status = "-"
         self.started_at = 0.0
         self._access_logged = False
+        self._body_bytes = 0
+        self._body_refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        """
+        Request bodies stay in memory and small: a pull-only registry needs
+        none, and twisted.web would spool large ones to a temporary file.
+        """
+        self.content = io.BytesIO()
+        self._body_bytes = 0
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuse_body()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_REQUEST_BODY:
+            self._refuse_body()
+            return
+        assert self.content is not None
+        self.content.write(data)
+
+    def _refuse_body(self) -> None:
+        """Answer 413 at once and drop the connection: no body is read or kept."""
+        if self._body_refused:
+            return
+        self._body_refused = True
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is not None:
+            transport.write(_BODY_TOO_LARGE)
+            transport.loseConnection()
 
     def process(self) -> None:
         if self.clock is not None:

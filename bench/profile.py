@@ -1,0 +1,172 @@
+"""Profile hammal under one of the benchmark's loads with py-spy.
+
+    .venv/bin/pip install py-spy        # not a project dependency
+    PYTHONPATH=. .venv/bin/python -m bench.profile cold [--svg] [--out DIR]
+
+Scenarios: ``cold`` (four 128 MiB layers pulled cold, one after another),
+``warm`` (the same, from the cache), ``concurrent`` (50 concurrent cold
+pulls of one layer), ``manifests`` (``wrk -c50`` on a manifest by tag).
+
+py-spy samples hammal while the load runs and writes collapsed stacks
+(``DIR/SCENARIO.txt``; with ``--svg`` a flame graph ``DIR/SCENARIO.svg`` from
+a second run). The summary printed is the share of samples per function:
+*self* (the function itself was running) and *total* (it was on the stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+from bench.clients import MiB, curl_get, curl_many, wrk
+from bench.stack import ACCEPT_ALL, BenchUpstream, HammalBench, bench_workdir, build_image
+from tests.integration.environment import clean_env
+
+PY_SPY = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+
+
+def summarize(collapsed: str, top: int = 25) -> str:
+    """Where the reactor thread spends its busy time, from py-spy's raw output.
+
+    Only stacks of the reactor thread (those through ``mainLoop``) count;
+    samples idle in ``epoll`` are counted apart. *self*: the function was
+    running; *total*: it was on the stack. Other threads (the thread pool
+    hashing or syncing) are summarized by their leaf functions.
+    """
+    self_counts: collections.Counter[str] = collections.Counter()
+    total_counts: collections.Counter[str] = collections.Counter()
+    own_counts: collections.Counter[str] = collections.Counter()
+    other: collections.Counter[str] = collections.Counter()
+    busy = idle = other_samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        leaf = _short(frames[-1])
+        if not any("mainLoop" in f for f in frames):
+            other_samples += count
+            other[leaf] += count
+            continue
+        if leaf.startswith("EPollReactor.doPoll") or leaf.startswith("doPoll"):
+            idle += count
+            continue
+        busy += count
+        self_counts[leaf] += count
+        for name in {_short(f) for f in frames}:
+            total_counts[name] += count
+        for name in {_short(f) for f in frames if "hammal/" in f and "twisted/" not in f}:
+            own_counts[name] += count
+    if not busy:
+        return "no busy samples of the reactor thread"
+    lines = [f"reactor thread: {busy} busy samples, {idle} idle in epoll "
+             f"({100 * busy / max(1, busy + idle):.0f}% busy)",
+             f"{'self%':>6} {'total%':>7}  function (share of the reactor thread's busy time)"]
+    for name, count in self_counts.most_common(top):
+        lines.append(f"{100 * count / busy:6.1f} {100 * total_counts[name] / busy:7.1f}  {name}")
+    lines += ["", "by total, hammal's own frames:"]
+    for name, count in own_counts.most_common(top):
+        lines.append(f"{100 * count / busy:7.1f}  {name}")
+    if other_samples:
+        lines += ["", f"other threads ({other_samples} samples, leaf functions):"]
+        for name, count in other.most_common(8):
+            lines.append(f"{100 * count / other_samples:7.1f}  {name}")
+    return "\n".join(lines)
+
+
+def _short(frame: str) -> str:
+    # "function (path/to/file.py:123)" -> "function (file.py:123)"
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    path, _, line = where.rpartition(":")
+    parts = path.split("/")
+    short = "/".join(parts[-2:]) if len(parts) > 1 else path
+    return f"{name} ({short})"
+
+
+def record(pid: int, out: str, fmt: str, load: Callable[[], None]) -> None:
+    """Run py-spy on *pid* while *load* runs; stop it with SIGINT after."""
+    argv = [PY_SPY, "record", "--pid", str(pid), "--rate", "200", "--format", fmt,
+            "--output", out, "--idle"]
+    spy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           env=clean_env())
+    try:
+        time.sleep(1.0)  # py-spy attaches
+        load()
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(10)
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=["cold", "warm", "concurrent", "manifests"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "profiles"))
+    parser.add_argument("--svg", action="store_true", help="also record a flame graph")
+    parser.add_argument("--buffer-size", default="1M")
+    args = parser.parse_args(argv)
+    if not os.access(PY_SPY, os.X_OK):
+        print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    workdir = bench_workdir()
+    images_dir = os.path.join(workdir, "images")
+    image = build_image(images_dir, "bench/prof", "1", [128 * MiB] * 4, seed=21)
+    upstream = BenchUpstream(workdir).start([image])
+    hammal = HammalBench(workdir, upstream, buffer_size=args.buffer_size)
+    layers = image.layers
+
+    def url(digest: str) -> str:
+        return f"{hammal.url}/v2/{image.repo}/blobs/{digest}"
+
+    def cold() -> None:
+        for d in layers:
+            r = curl_get(url(d))
+            print(f"  {d[:19]}: HTTP {r.code}, {r.speed / 1e6:.0f} MB/s", flush=True)
+
+    loads: Dict[str, Tuple[Callable[[], None], Callable[[], None]]] = {
+        "cold": (lambda: None, cold),
+        "warm": (cold, cold),
+        "concurrent": (lambda: None, lambda: print(
+            f"  50 concurrent: {curl_many(url(layers[0]), 50)[0]:.1f}s", flush=True)),
+        "manifests": (
+            lambda: None if curl_get(f"{hammal.url}/v2/{image.repo}/manifests/1",
+                                     [("Accept", ACCEPT_ALL)]) else None,
+            lambda: print("  " + str(wrk(f"{hammal.url}/v2/{image.repo}/manifests/1",
+                                         [("Accept", ACCEPT_ALL)], 50, 10))[:160], flush=True),
+        ),
+    }
+    prepare, load = loads[args.scenario]
+    try:
+        runs = [("raw", os.path.join(args.out, f"{args.scenario}.txt"))]
+        if args.svg:
+            runs.append(("flamegraph", os.path.join(args.out, f"{args.scenario}.svg")))
+        for fmt, out in runs:
+            hammal.restart_fresh()
+            prepare()
+            print(f"recording {args.scenario} ({fmt}) -> {out}", flush=True)
+            record(hammal.pids()[0], out, fmt, load)
+        with open(runs[0][1]) as f:
+            print(summarize(f.read()))
+    finally:
+        hammal.stop()
+        upstream.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

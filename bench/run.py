@@ -1,0 +1,681 @@
+"""hammal's benchmark: hammal vs nginx proxy_pass vs Distribution, on loopback.
+
+Run from the repository root::
+
+    PYTHONPATH=. .venv/bin/python -m bench.run            # full: 3 runs, 256 MiB
+    PYTHONPATH=. .venv/bin/python -m bench.run --quick    # 1 run, 64 MiB, shorter
+
+Prints every figure (medians), the ratios and the targets with PASS/MISS,
+and writes ``bench/results.json``. It never fails on a missed target: it
+reports. See ``bench/README.rst`` for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from bench.clients import (
+    MiB,
+    RSSSampler,
+    cpu_seconds,
+    curl_get,
+    curl_many,
+    many_slow_readers,
+    rss_kib,
+    slow_reader,
+    total_rss_mib,
+    wrk,
+)
+from bench.stack import (
+    ACCEPT_ALL,
+    BenchUpstream,
+    DistributionPeer,
+    HammalBench,
+    NginxReference,
+    bench_workdir,
+    build_image,
+)
+from tests.integration.environment import (
+    HarnessError,
+    http_get_digest,
+    make_tempdir,
+    skopeo_pull,
+    wait_until,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results.json")
+
+@dataclasses.dataclass
+class Config:
+    """Sizes and durations of a run."""
+
+    runs: int
+    big_size: int
+    multi_layers: List[int]
+    concurrent: int
+    wrk_seconds: int
+    slow_seconds: float
+    slow_rate: float
+    many_slow: int
+    many_slow_seconds: float
+
+
+FULL = Config(runs=3, big_size=256 * MiB, multi_layers=[8 * MiB] * 8, concurrent=50,
+              wrk_seconds=10, slow_seconds=30, slow_rate=1_000_000, many_slow=500,
+              many_slow_seconds=20)
+QUICK = Config(runs=1, big_size=64 * MiB, multi_layers=[2 * MiB] * 4, concurrent=50,
+               wrk_seconds=3, slow_seconds=10, slow_rate=1_000_000, many_slow=500,
+               many_slow_seconds=8)
+
+Proxy = Any  # HammalBench | DistributionPeer | NginxReference
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def median(values: Sequence[float]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+class Bench:
+    def __init__(self, quick: bool, runs: Optional[int], sections: Sequence[str]) -> None:
+        self.quick = quick
+        self.cfg = dataclasses.replace(QUICK if quick else FULL)
+        if runs:
+            self.cfg.runs = runs
+        self.sections = list(sections)
+        self.workdir = bench_workdir()
+        self.figures: Dict[str, Any] = {}
+        self.problems: List[str] = []
+        self.loadavg_at_start = os.getloadavg()
+        self.sha256_MBps = sha256_speed()
+        self.revision_at_start = hammal_revision()
+
+    # -- set-up ------------------------------------------------------------
+
+    def setup(self) -> None:
+        t0 = time.monotonic()
+        images_dir = os.path.join(self.workdir, "images")
+        log(f"building images in {images_dir}")
+        self.big = build_image(images_dir, "bench/big", "1", [self.cfg.big_size], seed=11)
+        self.multi = build_image(images_dir, "bench/multi", "1", self.cfg.multi_layers, seed=12)
+        self.blob, self.blob_size = self.big.largest_layer
+        log(f"big layer {self.blob} ({self.blob_size} bytes); "
+            f"multi: {len(self.multi.layers)} layers")
+        self.upstream = BenchUpstream(self.workdir).start([self.big, self.multi])
+        self.nginx = NginxReference(self.workdir, self.upstream).start()
+        self.peer = DistributionPeer(self.workdir, self.upstream)
+        self.hammal = HammalBench(self.workdir, self.upstream, buffer_size="1M")
+        self.proxies: List[Proxy] = [self.hammal, self.nginx, self.peer]
+        log(f"upstream up and seeded in {time.monotonic() - t0:.1f}s "
+            f"(registry {self.upstream.registry_url}, CDN {self.upstream.cdn_url}, "
+            f"nginx reference {self.nginx.url})")
+        self._sanity()
+
+    def blob_path(self) -> str:
+        return f"/v2/{self.big.repo}/blobs/{self.blob}"
+
+    def _sanity(self) -> None:
+        """Every proxy serves the right bytes (small blob digest, big blob size)."""
+        self.hammal.restart_fresh()
+        self.peer.restart_fresh()
+        config = [d for d in self.multi.blobs if d not in self.multi.layers][0]
+        small = self.multi.layers[0]
+        for proxy in self.proxies:
+            for digest in (config, small):
+                resp, got, size = http_get_digest(
+                    f"{proxy.url}/v2/{self.multi.repo}/blobs/{digest}",
+                    proxy.client_headers(self.multi.repo), timeout=60)
+                if resp.status != 200 or got != digest:
+                    raise HarnessError(f"{proxy.name} served {resp.status} {got} for {digest}")
+        log("sanity: every proxy serves the right digests")
+
+    # -- helpers -----------------------------------------------------------
+
+    def fresh(self, proxy: Proxy) -> None:
+        if proxy is not self.nginx:
+            proxy.restart_fresh()
+
+    def blob_url(self, proxy: Proxy) -> str:
+        return proxy.url + self.blob_path()
+
+    def wait_peer_stored(self, digests: Sequence[str], repo: str, timeout: float = 120) -> None:
+        """Distribution stores a proxied blob on a goroutine of its own: wait for it."""
+        storage = os.path.join(self.workdir, f"peer-storage-{self.peer.generation}",
+                               "docker", "registry", "v2")
+
+        def stored() -> bool:
+            for d in digests:
+                hexd = d.split(":", 1)[1]
+                data = os.path.join(storage, "blobs", "sha256", hexd[:2], hexd, "data")
+                link = os.path.join(storage, "repositories", repo, "_layers", "sha256", hexd, "link")
+                if not (os.path.exists(data) and os.path.exists(link)):
+                    return False
+            return True
+
+        wait_until(stored, "Distribution to store the blobs", timeout)
+        time.sleep(0.2)
+
+    def check_curl(self, what: str, res: Any, size: int) -> None:
+        if res.code != 200 or res.size != size:
+            self.problems.append(f"{what}: HTTP {res.code}, {res.size} of {size} bytes {res.error}")
+
+    # -- figures -----------------------------------------------------------
+
+    def throughput(self) -> None:
+        runs = self.cfg.runs
+        cold: Dict[str, List[float]] = {p.name: [] for p in self.proxies}
+        warm: Dict[str, List[float]] = {"hammal": [], "distribution": []}
+        gib = self.blob_size / (1 << 30)
+        cpu: Dict[str, List[float]] = {}  # CPU seconds of the proxy per GiB served
+
+        def get(proxy: Proxy, what: str, headers: List[Tuple[str, str]]) -> float:
+            before = cpu_seconds(proxy.pids())
+            res = curl_get(self.blob_url(proxy), headers)
+            used = cpu_seconds(proxy.pids()) - before
+            cpu.setdefault(f"{proxy.name} {what}", []).append(round(used / gib, 2))
+            self.check_curl(f"{what} {proxy.name} run {r + 1}", res, self.blob_size)
+            return res.speed / 1e6
+
+        for r in range(runs):
+            for proxy in self.proxies:
+                self.fresh(proxy)
+                headers = proxy.client_headers(self.big.repo)
+                speed = get(proxy, "cold", headers)
+                cold[proxy.name].append(speed)
+                line = f"run {r + 1}: {proxy.name} cold {speed:.0f} MB/s"
+                if proxy.name in warm:
+                    if proxy is self.peer:
+                        self.wait_peer_stored([self.blob], self.big.repo)
+                    speed = get(proxy, "warm", headers)
+                    warm[proxy.name].append(speed)
+                    line += f", warm {speed:.0f} MB/s"
+                log(line)
+        log("proxy CPU seconds per GiB served: "
+            + ", ".join(f"{k} {median(v)}" for k, v in cpu.items()))
+        self.figures["cpu_s_per_GiB"] = {k: {"runs": v, "median": median(v)} for k, v in cpu.items()}
+        # the client's ceiling: curl straight from the CDN (nginx sendfile)
+        hexd = self.blob.split(":", 1)[1]
+        cdn_url = (f"{self.upstream.cdn_url}/docker/registry/v2/blobs/sha256/"
+                   f"{hexd[:2]}/{hexd}/data")
+        direct = [curl_get(cdn_url).speed / 1e6 for _ in range(runs)]
+        log(f"client ceiling (curl from the CDN directly): {[round(x) for x in direct]} MB/s")
+        self.figures["cdn_direct_MBps"] = {"runs": direct, "median": median(direct)}
+        self.figures["cold_MBps"] = {k: {"runs": v, "median": median(v)} for k, v in cold.items()}
+        self.figures["warm_MBps"] = {k: {"runs": v, "median": median(v)} for k, v in warm.items()}
+
+    def concurrent(self) -> None:
+        runs, n = self.cfg.runs, self.cfg.concurrent
+        hexd = self.blob.split(":", 1)[1]
+        out: Dict[str, Dict[str, List[Any]]] = {}
+        for r in range(runs):
+            for proxy in self.proxies:
+                self.fresh(proxy)
+                headers = proxy.client_headers(self.big.repo)
+                offset = self.upstream.cdn.log_offset()
+                cpu_before = cpu_seconds(proxy.pids())
+                with RSSSampler(proxy.pids, interval=0.05) as sampler:
+                    wall, results = curl_many(self.blob_url(proxy), n, headers)
+                cpu_used = cpu_seconds(proxy.pids()) - cpu_before
+                time.sleep(0.5)  # the CDN logs a request when it ends
+                lines = self.upstream.cdn.log_lines(offset)
+                gets = sum(1 for line in lines if line.startswith("GET ") and hexd in line)
+                heads = sum(1 for line in lines if line.startswith("HEAD ") and hexd in line)
+                full = sum(1 for line in lines if line.startswith("GET ") and hexd in line
+                           and line.split()[3] == str(self.blob_size))
+                ok = sum(1 for x in results if x.code == 200 and x.size == self.blob_size)
+                if ok != n:
+                    bad = [f"{x.code}/{x.size}/{x.error}" for x in results
+                           if not (x.code == 200 and x.size == self.blob_size)][:5]
+                    self.problems.append(f"{n} concurrent via {proxy.name} run {r + 1}: only {ok} "
+                                         f"complete; e.g. {bad}")
+                hwm = (rss_kib(proxy.pids()[0], "VmHWM") / 1024.0) if len(proxy.pids()) == 1 else None
+                rec = out.setdefault(proxy.name, {"wall_s": [], "cdn_gets": [], "cdn_heads": [],
+                                                  "cdn_full_bodies": [], "peak_rss_MiB": [],
+                                                  "vmhwm_MiB": [], "complete": [], "cpu_s": []})
+                rec["cpu_s"].append(round(cpu_used, 1))
+                rec["wall_s"].append(round(wall, 2))
+                rec["cdn_gets"].append(gets)
+                rec["cdn_heads"].append(heads)
+                rec["cdn_full_bodies"].append(full)
+                rec["peak_rss_MiB"].append(round(sampler.peak, 1))
+                rec["vmhwm_MiB"].append(round(hwm, 1) if hwm is not None else None)
+                rec["complete"].append(ok)
+                log(f"run {r + 1}: {n} concurrent cold via {proxy.name}: {wall:.1f}s, "
+                    f"CDN GETs {gets} ({full} full bodies), HEADs {heads}, peak RSS {sampler.peak:.0f} MiB"
+                    f"{'' if hwm is None else f' (VmHWM {hwm:.0f} MiB)'}, CPU {cpu_used:.1f}s, {ok}/{n} complete")
+        self.figures["concurrent_cold"] = {
+            name: {**rec, "median_wall_s": median(rec["wall_s"]),
+                   "median_peak_rss_MiB": median(rec["peak_rss_MiB"]),
+                   "max_cdn_gets": max(rec["cdn_gets"])}
+            for name, rec in out.items()
+        }
+
+    def manifests(self) -> None:
+        runs, secs = self.cfg.runs, self.cfg.wrk_seconds
+        path = f"/v2/{self.multi.repo}/manifests/{self.multi.tag}"
+        out: Dict[str, Dict[str, List[float]]] = {}
+        for proxy in (self.hammal, self.peer):
+            if proxy.process is None:
+                proxy.restart_fresh()
+        for r in range(runs):
+            for proxy in self.proxies:
+                headers = [("Accept", ACCEPT_ALL)] + proxy.client_headers(self.multi.repo)
+                # warm it (hammal caches the tag; the others ask upstream anyway)
+                resp, digest, _ = http_get_digest(proxy.url + path, headers, timeout=30)
+                if resp.status != 200 or digest != self.multi.manifest_digest:
+                    self.problems.append(f"manifest via {proxy.name}: {resp.status} {digest}")
+                res = wrk(proxy.url + path, headers, connections=50, seconds=secs)
+                rec = out.setdefault(proxy.name, {"req_per_s": [], "p50_ms": [], "p99_ms": [],
+                                                  "non_2xx": [], "socket_errors": []})
+                rec["req_per_s"].append(res.requests_per_s)
+                rec["p50_ms"].append(res.p50_ms)
+                rec["p99_ms"].append(res.p99_ms)
+                rec["non_2xx"].append(res.non_2xx)
+                rec["socket_errors"].append(res.socket_errors)  # type: ignore[arg-type]
+                if res.non_2xx or res.requests_per_s == 0:
+                    self.problems.append(f"wrk via {proxy.name} run {r + 1}: {res.non_2xx} non-2xx"
+                                         f" of {res.requests}; {res.socket_errors}")
+                log(f"run {r + 1}: manifest by tag via {proxy.name}: {res.requests_per_s:.0f} req/s,"
+                    f" p50 {res.p50_ms:.1f} ms, p99 {res.p99_ms:.1f} ms"
+                    f"{f', {res.non_2xx} non-2xx' if res.non_2xx else ''}"
+                    f"{f', socket errors {res.socket_errors}' if res.socket_errors else ''}")
+        self.figures["manifest_by_tag"] = {
+            name: {**rec, "median_req_per_s": median(rec["req_per_s"]),
+                   "median_p50_ms": median(rec["p50_ms"]), "median_p99_ms": median(rec["p99_ms"])}
+            for name, rec in out.items()
+        }
+
+    def skopeo(self) -> None:
+        runs = self.cfg.runs
+        source_path = f"{self.multi.repo}:{self.multi.tag}"
+        out: Dict[str, Dict[str, List[float]]] = {}
+
+        def pull(proxy: Proxy) -> float:
+            dest = make_tempdir("hammal-bench-skopeo-")
+            os.rmdir(dest)
+            t0 = time.monotonic()
+            result = skopeo_pull(f"127.0.0.1:{proxy.port}/{source_path}", dest, timeout=600)
+            took = time.monotonic() - t0
+            if result.returncode != 0:
+                self.problems.append(f"skopeo via {proxy.name}: {result.stderr[-400:]}")
+            subprocess.run(["rm", "-rf", dest], check=False)
+            return round(took, 2)
+
+        for r in range(runs):
+            for proxy in self.proxies:
+                self.fresh(proxy)
+                rec = out.setdefault(proxy.name, {"cold_s": [], "warm_s": []})
+                rec["cold_s"].append(pull(proxy))
+                if proxy is self.nginx:
+                    log(f"run {r + 1}: skopeo via nginx: {rec['cold_s'][-1]}s")
+                    continue
+                if proxy is self.peer:
+                    self.wait_peer_stored(self.multi.layers, self.multi.repo)
+                rec["warm_s"].append(pull(proxy))
+                log(f"run {r + 1}: skopeo via {proxy.name}: cold {rec['cold_s'][-1]}s, "
+                    f"warm {rec['warm_s'][-1]}s")
+        self.figures["skopeo_pull_s"] = {
+            name: {**rec, "median_cold_s": median(rec["cold_s"]),
+                   "median_warm_s": median(rec["warm_s"])}
+            for name, rec in out.items()
+        }
+
+    def slow_client(self) -> None:
+        secs, rate = self.cfg.slow_seconds, self.cfg.slow_rate
+        self.hammal.restart_fresh()
+        samples: List[float] = []
+
+        def tick(_: int) -> None:
+            samples.append(round(total_rss_mib(self.hammal.pids()), 1))
+
+        res = slow_reader(self.hammal.port, self.blob_path(), [], rate, secs, tick)
+        log(f"slow client ({rate / 1e6:.0f} MB/s, {secs}s, cold blob) via hammal: {res}; "
+            f"RSS MiB first {samples[0]} max {max(samples)} last {samples[-1]}")
+        self.figures["slow_client"] = {
+            "rate_Bps": rate, "seconds": secs, "read": res, "rss_MiB": samples,
+            "first_MiB": samples[0], "max_MiB": max(samples), "last_MiB": samples[-1],
+        }
+
+    def many_slow(self) -> None:
+        """500 slow readers of the big blob: cold (they follow hammal's fetch
+        in flight) at --buffer-size 1M and at the default 256K, and warm (a
+        complete cache hit) at 1M."""
+        count, secs = self.cfg.many_slow, self.cfg.many_slow_seconds
+        out: Dict[str, Any] = {}
+        for buffer_size, state in (("1M", "cold"), ("1M", "warm"), ("256K", "cold")):
+            hammal = self.hammal if buffer_size == "1M" else HammalBench(
+                self.workdir, self.upstream, buffer_size=buffer_size)
+            hammal.restart_fresh()
+            if state == "warm":
+                warm_up = curl_get(self.blob_url(hammal))
+                self.check_curl("many-slow warm-up", warm_up, self.blob_size)
+            samples: List[float] = []
+
+            def tick(_: int) -> None:
+                samples.append(round(total_rss_mib(hammal.pids()), 1))
+
+            res = many_slow_readers(hammal.port, self.blob_path(), [], count, secs, tick)
+            hwm = rss_kib(hammal.pids()[0], "VmHWM") / 1024.0
+            key = f"{buffer_size} {state}"
+            out[key] = {**res, "rss_MiB": samples, "first_MiB": samples[0],
+                        "max_MiB": max(samples), "last_MiB": samples[-1],
+                        "vmhwm_MiB": round(hwm, 1)}
+            log(f"{count} slow clients via hammal --buffer-size {buffer_size}, {state} blob: {res};"
+                f" RSS MiB first {samples[0]} max {max(samples)} last {samples[-1]}"
+                f" (VmHWM {hwm:.0f})")
+            if hammal is not self.hammal:
+                hammal.stop()
+        self.figures["many_slow_clients"] = out
+
+    # -- report ------------------------------------------------------------
+
+    def targets(self) -> List[Dict[str, Any]]:
+        f = self.figures
+        rows: List[Dict[str, Any]] = []
+
+        def add(name: str, value: Optional[float], target: str, ok: Optional[bool], detail: str) -> None:
+            rows.append({"target": name, "value": value, "goal": target,
+                         "verdict": "n/a" if ok is None else ("PASS" if ok else "MISS"),
+                         "detail": detail})
+
+        def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+            return round(a / b, 2) if a is not None and b else None
+
+        if "cold_MBps" in f:
+            c = f["cold_MBps"]
+            r = ratio(c["hammal"]["median"], c["nginx"]["median"])
+            add("cold blob: hammal/nginx", r, ">= 0.8", None if r is None else r >= 0.8,
+                f"{c['hammal']['median']:.0f} vs {c['nginx']['median']:.0f} MB/s; sha256 here"
+                f" {self.sha256_MBps:.0f} MB/s caps it at"
+                f" {self.sha256_MBps / c['nginx']['median']:.2f}x")
+            w = f["warm_MBps"]
+            r = ratio(w["hammal"]["median"], w["distribution"]["median"])
+            add("warm blob: hammal/Distribution warm", r, ">= 1.5",
+                None if r is None else r >= 1.5,
+                f"{w['hammal']['median']:.0f} vs {w['distribution']['median']:.0f} MB/s")
+        if "concurrent_cold" in f:
+            h, d = f["concurrent_cold"]["hammal"], f["concurrent_cold"]["distribution"]
+            add("50 concurrent cold: CDN GETs by hammal", h["max_cdn_gets"], "== 1",
+                h["max_cdn_gets"] == 1, f"runs {h['cdn_gets']} (Distribution {d['cdn_gets']})")
+            peak_mb = round(max(h["peak_rss_MiB"]) * 1.048576, 1)
+            add("50 concurrent cold: hammal peak RSS (MB, worst run)", peak_mb, "< 150 MB",
+                peak_mb < 150, f"runs {h['peak_rss_MiB']} MiB")
+            r = ratio(h["median_wall_s"], d["median_wall_s"])
+            add("50 concurrent cold: wall hammal/Distribution", r, "< 0.5",
+                None if r is None else r < 0.5,
+                f"{h['median_wall_s']:.1f} vs {d['median_wall_s']:.1f} s")
+        if "manifest_by_tag" in f:
+            m = f["manifest_by_tag"]
+            r = ratio(m["hammal"]["median_req_per_s"], m["distribution"]["median_req_per_s"])
+            add("manifest by tag: req/s hammal/Distribution", r, ">= 5",
+                None if r is None else r >= 5,
+                f"{m['hammal']['median_req_per_s']:.0f} vs {m['distribution']['median_req_per_s']:.0f}"
+                f" req/s (nginx {m['nginx']['median_req_per_s']:.0f})")
+            p99 = m["hammal"]["median_p99_ms"]
+            add("manifest by tag: hammal p99 (ms)", p99, "< 20 ms", p99 < 20,
+                f"runs {m['hammal']['p99_ms']}")
+        if "many_slow_clients" in f:
+            for size, rec in f["many_slow_clients"].items():
+                max_mb = round(rec["max_MiB"] * 1.048576, 1)
+                ok = max_mb < 300 and rec["held_open"] == self.cfg.many_slow
+                add(f"{self.cfg.many_slow} slow clients held: max RSS (MB), {size} blob",
+                    max_mb, "< 300 MB, all held", ok,
+                    f"held {rec['held_open']}/{rec['connections']}, statuses {rec['statuses']}")
+        if "slow_client" in f:
+            s = f["slow_client"]
+            growth = s["max_MiB"] - s["first_MiB"]
+            add("1 MB/s slow client: RSS growth (MiB)", round(growth, 1), "flat (< 16 MiB)",
+                growth < 16, f"first {s['first_MiB']} max {s['max_MiB']} last {s['last_MiB']} MiB")
+        return rows
+
+    def report(self, elapsed: float) -> Dict[str, Any]:
+        f = self.figures
+        lines = ["", "=" * 100, f"hammal benchmark ({'quick' if self.quick else 'full'}: "
+                 f"{self.cfg.runs} run(s), blob {self.blob_size / MiB:.0f} MiB), medians", "=" * 100]
+
+        def fmt(v: Optional[float], spec: str = ".0f") -> str:
+            return "-" if v is None else format(v, spec)
+
+        def row(label: str, h: Optional[float], n: Optional[float], d: Optional[float],
+                spec: str = ".0f") -> None:
+            rhn = f"{h / n:.2f}" if h is not None and n else "-"
+            rhd = f"{h / d:.2f}" if h is not None and d else "-"
+            lines.append(f"{label:<44}{fmt(h, spec):>10}{fmt(n, spec):>10}{fmt(d, spec):>14}"
+                         f"{rhn:>10}{rhd:>10}")
+
+        lines.append(f"{'figure':<44}{'hammal':>10}{'nginx':>10}{'Distribution':>14}"
+                     f"{'h/nginx':>10}{'h/Dist':>10}")
+        if "cold_MBps" in f:
+            c, w = f["cold_MBps"], f["warm_MBps"]
+            row("cold blob, 1 client (MB/s)", c["hammal"]["median"], c["nginx"]["median"],
+                c["distribution"]["median"])
+            row("warm blob, 1 client (MB/s)", w["hammal"]["median"], None,
+                w["distribution"]["median"])
+        if "cpu_s_per_GiB" in f:
+            c = f["cpu_s_per_GiB"]
+
+            def cpu(key: str) -> Optional[float]:
+                return c[key]["median"] if key in c else None
+
+            row("proxy CPU s per GiB, cold", cpu("hammal cold"), cpu("nginx cold"),
+                cpu("distribution cold"), ".2f")
+            row("proxy CPU s per GiB, warm", cpu("hammal warm"), None, cpu("distribution warm"),
+                ".2f")
+        if "cold_MBps" in f:
+            lines.append(f"{'sha256 on one core here (MB/s)':<44}{self.sha256_MBps:>10.0f}"
+                         "   (a cold pull verified before its last chunk cannot beat it)")
+        if "cdn_direct_MBps" in f:
+            lines.append(f"{'client ceiling: curl from the CDN (MB/s)':<44}"
+                         f"{fmt(f['cdn_direct_MBps']['median']):>10}")
+        if "concurrent_cold" in f:
+            cc = f["concurrent_cold"]
+            n = self.cfg.concurrent
+            row(f"{n} concurrent cold: wall (s)", cc["hammal"]["median_wall_s"],
+                cc["nginx"]["median_wall_s"], cc["distribution"]["median_wall_s"], ".1f")
+            row(f"{n} concurrent cold: CDN blob GETs (max)", cc["hammal"]["max_cdn_gets"],
+                cc["nginx"]["max_cdn_gets"], cc["distribution"]["max_cdn_gets"])
+            row(f"{n} concurrent cold: proxy CPU (s)", median(cc["hammal"]["cpu_s"]),
+                median(cc["nginx"]["cpu_s"]), median(cc["distribution"]["cpu_s"]), ".1f")
+            row(f"{n} concurrent cold: peak RSS (MiB)", cc["hammal"]["median_peak_rss_MiB"],
+                cc["nginx"]["median_peak_rss_MiB"], cc["distribution"]["median_peak_rss_MiB"])
+        if "manifest_by_tag" in f:
+            m = f["manifest_by_tag"]
+            row("manifest by tag, wrk -c50 (req/s)", m["hammal"]["median_req_per_s"],
+                m["nginx"]["median_req_per_s"], m["distribution"]["median_req_per_s"])
+            row("manifest by tag: p50 (ms)", m["hammal"]["median_p50_ms"],
+                m["nginx"]["median_p50_ms"], m["distribution"]["median_p50_ms"], ".1f")
+            row("manifest by tag: p99 (ms)", m["hammal"]["median_p99_ms"],
+                m["nginx"]["median_p99_ms"], m["distribution"]["median_p99_ms"], ".1f")
+        if "skopeo_pull_s" in f:
+            s = f["skopeo_pull_s"]
+            row("skopeo pull, multi-layer, cold (s)", s["hammal"]["median_cold_s"],
+                s["nginx"]["median_cold_s"], s["distribution"]["median_cold_s"], ".2f")
+            row("skopeo pull, multi-layer, warm (s)", s["hammal"]["median_warm_s"], None,
+                s["distribution"]["median_warm_s"], ".2f")
+        if "slow_client" in f:
+            s = f["slow_client"]
+            lines.append(f"1 MB/s slow client, {s['seconds']}s: hammal RSS MiB first {s['first_MiB']}"
+                         f" max {s['max_MiB']} last {s['last_MiB']}")
+        if "many_slow_clients" in f:
+            for size, rec in f["many_slow_clients"].items():
+                lines.append(f"{self.cfg.many_slow} slow clients, --buffer-size {size} blob: held "
+                             f"{rec['held_open']}/{rec['connections']}, hammal RSS MiB first "
+                             f"{rec['first_MiB']} max {rec['max_MiB']} last {rec['last_MiB']}")
+        targets = self.targets()
+        lines += ["", "targets:"]
+        for t in targets:
+            lines.append(f"  [{t['verdict']:<4}] {t['target']:<60} {fmt(t['value'], '')!s:>8}"
+                         f"  goal {t['goal']:<20} {t['detail']}")
+        if self.problems:
+            lines += ["", "problems seen (the figures above may be affected):"]
+            lines += [f"  - {p}" for p in self.problems]
+        revision = hammal_revision()
+        lines.append(f"\nhammal revision {self.revision_at_start}"
+                     + ("" if revision == self.revision_at_start else
+                        f" at start, {revision} at the end: hammal changed during the run,"
+                        " the figures mix both versions"))
+        start_load = ", ".join(f"{x:.1f}" for x in self.loadavg_at_start)
+        end_load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        lines.append(f"load average at start {start_load}, at end {end_load} "
+                     f"({os.cpu_count()} CPUs)")
+        lines.append(f"elapsed {elapsed:.0f}s; results in {RESULTS}")
+        print("\n".join(lines), flush=True)
+        return {
+            "meta": {
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "mode": "quick" if self.quick else "full",
+                "config": dataclasses.asdict(self.cfg),
+                "blob": {"digest": self.blob, "size": self.blob_size},
+                "versions": _versions(),
+                "machine": {"cpus": os.cpu_count(), "cpu": _cpu_model(),
+                            "sha256_MBps_one_core": self.sha256_MBps,
+                            "python": platform.python_version(), "kernel": platform.release()},
+                "hammal_argv": _redact(self.hammal.argv()[2:]),
+                "loadavg_at_start": self.loadavg_at_start,
+                "hammal_revision": self.revision_at_start,
+                "hammal_revision_at_end": hammal_revision(),
+                "loadavg_at_end": os.getloadavg(),
+                "elapsed_s": round(elapsed, 1),
+            },
+            "figures": self.figures,
+            "targets": targets,
+            "problems": self.problems,
+        }
+
+    def stop(self) -> None:
+        for name in ("hammal", "peer", "nginx", "upstream"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                try:
+                    obj.stop()
+                except Exception:  # noqa: BLE001 - best effort
+                    traceback.print_exc()
+
+
+def sha256_speed(seconds: float = 0.5) -> float:
+    """MB/s of hashlib's sha256 on one core here: a cold pull whose last
+    chunk waits for its digest cannot be faster."""
+    import hashlib
+
+    data = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    count = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds and count < 100_000:
+        h.update(data)
+        count += 1
+    return round(count * len(data) / (time.perf_counter() - t0) / 1e6, 1)
+
+
+def hammal_revision() -> str:
+    """The commit of hammal/ measured, ``+dirty`` with uncommitted changes
+    (read-only git commands)."""
+    root = os.path.dirname(HERE)
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "hammal",
+                                "twisted"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty.strip() else "")
+
+
+def _redact(argv: Sequence[str]) -> List[str]:
+    return ["***" if i and "password" in argv[i - 1] else a for i, a in enumerate(argv)]
+
+
+def _versions() -> Dict[str, str]:
+    """The programs measured and measuring."""
+    out: Dict[str, str] = {}
+    for name, argv in {
+        "nginx": ["nginx", "-v"],
+        "distribution": ["docker-registry", "--version"],
+        "curl": ["curl", "--version"],
+        "wrk": ["wrk", "-v"],
+        "skopeo": ["skopeo", "--version"],
+        "twisted": [sys.executable, "-c", "import twisted; print(twisted.__version__)"],
+    }.items():
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            text = (proc.stdout + proc.stderr).strip().splitlines()
+            out[name] = text[0][:120] if text else ""
+        except (OSError, subprocess.SubprocessError):
+            out[name] = "?"
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+SECTIONS: Dict[str, Callable[[Bench], None]] = {
+    "throughput": Bench.throughput,
+    "concurrent": Bench.concurrent,
+    "manifests": Bench.manifests,
+    "skopeo": Bench.skopeo,
+    "slow": Bench.slow_client,
+    "many-slow": Bench.many_slow,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="hammal vs nginx vs Distribution, on loopback")
+    parser.add_argument("--quick", action="store_true", help="1 run, smaller sizes, shorter runs")
+    parser.add_argument("--runs", type=int, help="repeat each figure this many times")
+    parser.add_argument("--only", action="append", choices=sorted(SECTIONS),
+                        help="run only this section (repeatable)")
+    parser.add_argument("--output", default=None, help="where to write the JSON results"
+                        " (default bench/results.json)")
+    args = parser.parse_args(argv)
+    global RESULTS
+    if args.output:
+        RESULTS = args.output
+    sections = args.only or list(SECTIONS)
+    bench = Bench(args.quick, args.runs, sections)
+    load1 = os.getloadavg()[0]
+    if load1 > 1.0:
+        log(f"WARNING: load average {load1:.1f} on {os.cpu_count()} CPUs before starting:"
+            " other work on this machine will skew the figures")
+    t0 = time.monotonic()
+    try:
+        bench.setup()
+        for name in sections:
+            log(f"== {name}")
+            try:
+                SECTIONS[name](bench)
+            except Exception as e:  # noqa: BLE001 - report, carry on
+                traceback.print_exc()
+                bench.problems.append(f"section {name} failed: {e!r}")
+        result = bench.report(time.monotonic() - t0)
+        with open(RESULTS, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    finally:
+        bench.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
