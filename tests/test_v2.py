@@ -303,3 +303,26 @@ class BlobTests(SynchronousTestCase):
         self.assertEqual(json.loads(self.mirror.body(response))["errors"][0]["code"], "BLOB_UNKNOWN")
 
 
+
+
+class RootTests(SynchronousTestCase):
+    """Outside /v2/ too, errors are JSON, not twisted.web's HTML pages."""
+
+    def test_unknown_page(self) -> None:
+        mirror = Mirror()
+        response = mirror.request(b"GET", "/nope")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(mirror.body(response))["errors"][0]["code"], "UNSUPPORTED")
+
+    def test_wrong_method(self) -> None:
+        mirror = Mirror()
+        for path in ("/", "/healthz", "/readyz", "/metrics"):
+            response = mirror.request(b"PUT", path)
+            self.assertEqual(response.code, 405, path)
+            self.assertEqual(header(response, b"allow"), "GET, HEAD")
+            self.assertIn("errors", json.loads(mirror.body(response)))
+
+    def test_healthz(self) -> None:
+        mirror = Mirror()
+        response = mirror.request(b"GET", "/healthz")
+        self.assertEqual((response.code, mirror.body(response)), (200, b"ok\n"))

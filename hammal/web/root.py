@@ -5,10 +5,14 @@ for orchestrators, and a short text at ``/``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from hammal.errors import NotFound, RegistryError, Unsupported
+from hammal.web.errors import error_body
 from hammal.web.front import FrontPage
 
 
@@ -42,6 +46,47 @@ class MetricsResource(Resource):
         return generate_latest(self._registry)
 
 
+class _ReadOnly(Resource):
+    """
+    Guards a GET/HEAD-only leaf: other methods get an OCI-style JSON 405
+    instead of twisted.web's HTML page.
+    """
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request: Request) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _error_page(request, Unsupported("only GET and HEAD are allowed here"))
+        return self._wrapped.render(request)
+
+
+class _Root(Resource):
+    """The root: unknown paths get a JSON 404, not twisted.web's HTML."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _Missing()
+
+
+class _Missing(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _error_page(request, NotFound("no such page on this mirror"))
+
+
+def _error_page(request: Request, error: RegistryError) -> bytes:
+    body = error_body(error)
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
 def build_root(
     v2: Resource, ready: Resource, metrics: Resource | None, front: Resource | None = None
 ) -> Resource:
@@ -49,11 +94,11 @@ def build_root(
     The resource tree hammal serves; C{metrics} is left out when it has a
     listener of its own.
     """
-    root = Resource()
-    root.putChild(b"", front or FrontPage())
+    root = _Root()
+    root.putChild(b"", _ReadOnly(front or FrontPage()))
     root.putChild(b"v2", v2)
-    root.putChild(b"healthz", _Text(b"ok\n"))
-    root.putChild(b"readyz", ready)
+    root.putChild(b"healthz", _ReadOnly(_Text(b"ok\n")))
+    root.putChild(b"readyz", _ReadOnly(ready))
     if metrics is not None:
-        root.putChild(b"metrics", metrics)
+        root.putChild(b"metrics", _ReadOnly(metrics))
     return root
