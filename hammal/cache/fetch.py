@@ -18,16 +18,16 @@ import os
 from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
-from zope.interface import implementer
 
 from hammal import metrics
+from hammal.cache.follow import FileFollower
 from hammal.cache.store import BlobStore
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
 from hammal.registry.client import upstream_error
@@ -400,14 +400,10 @@ class _FileWriter(Protocol):
         _producer(self.transport).stopProducing()
 
 
-@implementer(IPushProducer)
-class BlobReader:
+class BlobReader(FileFollower):
     """
-    Streams bytes C{[start, end)} of a blob to C{consumer}: from a complete
-    cache file, or following a L{BlobFetch} as it grows.
-
-    @ivar done: fires with the bytes written when the range was delivered;
-        fails with the fetch's error if the fetch failed first.
+    Streams a byte range of a blob to C{consumer} with C{pread} and
+    C{write}: for consumers sendfile cannot serve (TLS, tests).
     """
 
     def __init__(
@@ -420,80 +416,13 @@ class BlobReader:
         fetch: BlobFetch | None = None,
         chunk_size: int = 256 * 1024,
     ) -> None:
-        self.done: Deferred[int] = Deferred()
-        self._consumer = consumer
-        self._clock = clock
-        self._path = path
-        self._offset = start
-        self._start = start
-        self._end = end
-        self._fetch = fetch
+        super().__init__(consumer, clock, path, start, end, fetch)
         self._chunk_size = chunk_size
-        self._fd: int | None = None
-        self._paused = False
-        self._stopped = False
-        self._scheduled: IDelayedCall | None = None
-
-    def begin(self) -> None:
-        """Open the file, register with the consumer and start sending."""
-        try:
-            self._fd = os.open(self._path, os.O_RDONLY)
-        except OSError as failure:
-            self._finish(TransferBroken(f"cannot read the cache file: {failure.strerror}"))
-            return
-        self._consumer.registerProducer(self, True)
-        if self._fetch is not None:
-            self._fetch.subscribe(self._progress)
-        self._pump()
-
-    # IPushProducer.
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        if self._stopped:
-            return
-        self._paused = False
-        self._schedule()
-
-    def stopProducing(self) -> None:
-        """The client went away."""
-        self._stopped = True
-        self._finish(TransferBroken("the client went away"))
-
-    # Internals.
-
-    def _progress(self) -> None:
-        if not self._paused:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        if self._scheduled is None or not self._scheduled.active():
-            self._scheduled = self._clock.callLater(0, self._pump)
-
-    def _limit(self) -> int | None:
-        """How far the reader may read now; L{None} while nothing more is known."""
-        fetch = self._fetch
-        if fetch is None or fetch.complete:
-            size = fetch.size if fetch is not None else None
-            if self._end is not None:
-                return self._end
-            return size
-        if fetch.failure is not None:
-            return None
-        if self._end is not None:
-            return min(self._end, fetch.readable)
-        return fetch.readable
 
     def _pump(self) -> None:
         self._scheduled = None
         for _ in range(16):
-            if self._paused or self._stopped or self._fd is None:
-                return
-            fetch = self._fetch
-            if fetch is not None and fetch.failure is not None:
-                self._finish(fetch.failure)
+            if self._paused or self._stopped or self._fd is None or self._failed_fetch():
                 return
             limit = self._limit()
             if limit is None or self._offset >= limit:
@@ -507,25 +436,3 @@ class BlobReader:
             self._offset += len(data)
             self._consumer.write(data)
         self._schedule()
-
-    def _delivered(self, limit: int | None) -> bool:
-        if self._end is not None:
-            return self._offset >= self._end
-        complete = self._fetch is None or self._fetch.complete
-        return complete and limit is not None and self._offset >= limit
-
-    def _finish(self, failure: RegistryError | None) -> None:
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-        self._scheduled = None
-        if self._fetch is not None:
-            self._fetch.unsubscribe(self._progress)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self.done.called:
-            return
-        if failure is None:
-            self.done.callback(self._offset - self._start)
-        else:
-            self.done.errback(failure)
