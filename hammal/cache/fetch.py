@@ -277,17 +277,20 @@ class BlobFetch:
                 upstream=self._upstream,
             )
             raise DigestMismatch(f"{self._upstream} sent bytes that do not match {self.digest}")
-        assert self._fd is not None
-        await self._offload(os.fdatasync, self._fd)
+        # Verified: clients get the tail now; the disk only has to be
+        # durable before the blob enters the store.
         self.size = self.written
         self.readable = self.written
-        self.complete = True
+        self._notify()
+        assert self._fd is not None
         try:
+            await self._offload(os.fdatasync, self._fd)
             self.store.commit(self.path, self.digest)
         except OSError as failure:
             self.log.warn(
                 "could not store {digest}: {error}", digest=str(self.digest), error=failure
             )
+        self.complete = True
         self._notify()
 
     def _fail(self, failure: RegistryError) -> None:

@@ -262,6 +262,21 @@ def stored_path(cache_dir: str, digest: str) -> str:
     return os.path.join(cache_dir, "blobs", "sha256", hexd[:2], hexd)
 
 
+def wait_stored(cache_dir: str, digest: str, timeout: float = 10.0) -> bool:
+    """
+    Whether the blob reaches the store within C{timeout}: hammal gives
+    clients the verified tail first and commits after fdatasync, so the
+    file can appear a moment after the response ended.
+    """
+    deadline = time.monotonic() + timeout
+    path = stored_path(cache_dir, digest)
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 # -- the fault server alone (if these fail, fix the harness first) -------------------
 
 
@@ -416,6 +431,7 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect_equal(len(gets), 1, f"upstream GETs of the blob ({gets})")
         self.expect_equal(gets[0]["fault"], "slow", "the one upstream GET was the slow one")
 
+        self.expect(wait_stored(hammal.owned_cache_dir or "", digest_of(SMALL)), "not stored")
         later = self.get(hammal, SMALL)
         self.expect_blob(later, SMALL, "a later GET")
         self.expect_equal(later.cache_status, HIT, "Cache-Status of a later GET")
@@ -478,7 +494,7 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         again = self.get(hammal, SMALL)
         self.expect_blob(again, SMALL, "the GET after the corrupt one")
         self.expect_equal(again.cache_status, MISS, "Cache-Status after a discarded fetch")
-        self.expect(os.path.exists(stored_path(cache, digest_of(SMALL))),
+        self.expect(wait_stored(cache, digest_of(SMALL)),
                     "the good blob was not stored")
         self.expect_equal([e["fault"] for e in self.upstream.gets(SMALL)], ["corrupt", None],
                           "upstream GETs")
@@ -519,7 +535,7 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect_blob(got, SMALL, "a transfer reset upstream")
         self.expect_equal(got.cache_status, MISS, "Cache-Status")
         assert hammal.owned_cache_dir is not None
-        self.expect(os.path.exists(stored_path(hammal.owned_cache_dir, digest_of(SMALL))),
+        self.expect(wait_stored(hammal.owned_cache_dir, digest_of(SMALL)),
                     "the resumed blob was not stored")
         gets = self.upstream.gets(SMALL)
         self.expect_equal(len(gets), 2, f"upstream GETs ({gets})")
@@ -567,6 +583,7 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         hammal = self.start()
         size, data = SMALL[0], blob(SMALL)
         self.expect_blob(self.get(hammal, SMALL), SMALL, "the first GET")
+        self.expect(wait_stored(hammal.owned_cache_dir or "", digest_of(SMALL)), "not stored")
         cases = [
             ("bytes=100-199", 100, 200),
             ("bytes=-100", size - 100, size),
@@ -622,6 +639,7 @@ class FaultUpstreamCacheTests(unittest.TestCase):
     def test_head_on_cached_blob_stays_local(self) -> None:
         hammal = self.start()
         self.expect_blob(self.get(hammal, SMALL), SMALL, "the first GET")
+        self.expect(wait_stored(hammal.owned_cache_dir or "", digest_of(SMALL)), "not stored")
         head = self.get(hammal, SMALL, method="HEAD")
         self.expect_equal(head.status, 200, "HEAD status")
         self.expect_equal(head.content_length, SMALL[0], "HEAD Content-Length")
@@ -671,9 +689,9 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         cache = hammal.owned_cache_dir
         assert cache is not None
         self.expect_blob(self.get(hammal, SMALL), SMALL, "A")
-        self.expect(os.path.exists(stored_path(cache, digest_of(SMALL))), "A was not stored")
+        self.expect(wait_stored(cache, digest_of(SMALL)), "A was not stored")
         self.expect_blob(self.get(hammal, LARGE), LARGE, "B")
-        self.expect(os.path.exists(stored_path(cache, digest_of(LARGE))), "B was not stored")
+        self.expect(wait_stored(cache, digest_of(LARGE)), "B was not stored")
         self.expect(not os.path.exists(stored_path(cache, digest_of(SMALL))),
                     f"A was not evicted: {files_under(os.path.join(cache, 'blobs'))}")
         again = self.get(hammal, SMALL)
@@ -689,6 +707,7 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         cache = self.make_dir()
         first = self.start(cache_dir=cache)
         self.expect_blob(self.get(first, SMALL), SMALL, "the first GET")
+        self.expect(wait_stored(cache, digest_of(SMALL)), "the first GET was not stored")
         first.stop()
         tmp = os.path.join(cache, "tmp")
         abandoned = os.path.join(tmp, digest_of(LARGE)[7:] + ".99999.deadbeef")
