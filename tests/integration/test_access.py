@@ -565,6 +565,10 @@ class PassthroughTests(IntegrationTestCase):
         cache = self.hammal.owned_cache_dir or ""
         for digest in image.blob_digests:
             path = os.path.join(cache, "blobs", "sha256", digest[7:9], digest[7:])
+            # The store gets a blob just after its client (after fdatasync).
+            deadline = time.monotonic() + 10
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.02)
             self.assertTrue(os.path.exists(path), f"{digest} is not in hammal's cache")
 
         anonymous = ("Authorization", "Bearer " + self._hammal_token(None))

@@ -61,6 +61,12 @@ class MetricsTests(IntegrationTestCase):
         m0 = scrape(url)
         skopeo_copy(self, f"{hammal.host}/alpine:3.20", image, ANONYMOUS)
         m1 = scrape(url)
+        # Blobs enter the store just after their clients got them (after
+        # fdatasync): wait for all of them before the warm pull.
+        deadline = time.monotonic() + 10
+        while m1.get("hammal_blob_cache_blobs") < blobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+            m1 = scrape(url)
         cdn_cold = [e for e in self.env.cdn_log() if e["method"] == "GET"]
         self.env.reset_logs()
         skopeo_copy(self, f"{hammal.host}/alpine:3.20", image, ANONYMOUS)
