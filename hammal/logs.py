@@ -12,6 +12,7 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
     formatEventAsClassicLogText,
@@ -42,9 +43,15 @@ class _SecondsClock:
 
 def _text_observer() -> ILogObserver:
     clock = _SecondsClock()
-    return FileLogObserver(
-        sys.stdout, lambda event: formatEventAsClassicLogText(event, formatTime=clock)
-    )
+
+    def format_event(event: LogEvent) -> str | None:
+        if event.get("log_format") == "{access}" and "access" in event:
+            # The access line is ready-made: skip the generic formatter,
+            # which costs more than the request it describes.
+            return f"{clock(event.get('log_time'))} [hammal.access#info] {event['access']}\n"
+        return formatEventAsClassicLogText(event, formatTime=clock)
+
+    return FileLogObserver(sys.stdout, format_event)
 
 
 def observer_factory(log_format: str, debug: bool) -> Callable[[], ILogObserver]:

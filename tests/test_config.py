@@ -422,6 +422,27 @@ class LogFormatTests(SynchronousTestCase):
         self.assertIn("event debug", output)
         self.assertIn("event info", output)
 
+    def test_access_lines_written_as_built(self) -> None:
+        options = Options(environ={})
+        parent: dict[str, Any] = {}
+        options.parent = parent  # type: ignore[assignment]
+        options.parseOptions([])
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        observer = namedAny(parent["logger"])()
+        observer(
+            {
+                "log_level": LogLevel.info,
+                "log_format": "{access}",
+                "log_namespace": "hammal.access",
+                "log_time": 0.0,
+                "access": '127.0.0.1 "GET /v2/" 200 2 0.1ms {not a field}',
+            }
+        )
+        line = out.getvalue()
+        self.assertTrue(line.endswith('[hammal.access#info] 127.0.0.1 "GET /v2/" 200 2 0.1ms {not a field}\n'))
+        self.assertTrue(line.startswith("19"), line)
+
     def test_json_without_parent(self) -> None:
         self.assertEqual(settings(["--log-format", "json"]).log_format, "json")
 

@@ -11,6 +11,7 @@ because upstream's answer depends on all four.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -101,6 +102,7 @@ class TagEntry:
             return None
 
 
+@functools.lru_cache(maxsize=4096)
 def tag_key(upstream: str, name: str, tag: str, accepted: frozenset[str]) -> str:
     """The cache key of a tag answer (hashed: upstream and names vary in length)."""
     raw = "\n".join([upstream, name, tag, *sorted(accepted)])

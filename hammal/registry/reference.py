@@ -21,6 +21,7 @@ MAX_NAME_LENGTH = 255
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*\Z")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_LOWER_HEX = re.compile(r"[0-9a-f]+")
 _DIGEST = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([A-Za-z0-9=_-]+)\Z")
 
 #: Digest algorithms hammal can verify, with their hex length.
@@ -54,7 +55,7 @@ class Digest:
         length = DIGEST_HEX_LENGTHS.get(algorithm)
         if length is None:
             raise DigestInvalid(f"unsupported digest algorithm: {algorithm[:32]!r}")
-        if len(value) != length or not all(c in "0123456789abcdef" for c in value):
+        if len(value) != length or _LOWER_HEX.fullmatch(value) is None:
             raise DigestInvalid(
                 f"invalid {algorithm} digest: expected {length} lower-case hex characters"
             )

@@ -6,6 +6,7 @@ and one access-log event per request, finished or aborted.
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import secrets
 from typing import Any
@@ -33,6 +34,15 @@ _BODY_TOO_LARGE = (
     b"Connection: close\r\nContent-Length: 90\r\n\r\n"
     b'{"errors":[{"code":"SIZE_INVALID","message":"request bodies are limited to 65536 bytes"}]}'
 )
+
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count()
+
+
+def _new_request_id() -> str:
+    """A unique id: a random per-process prefix and a counter (no syscall)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
+
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 
@@ -89,7 +99,7 @@ class HammalRequest(Request):
         if self.clock is not None:
             self.started_at = self.clock.seconds()
         given = (self.getHeader(b"x-request-id") or b"").decode("latin-1")
-        self.request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        self.request_id = given if _REQUEST_ID.match(given) else _new_request_id()
         self.setHeader(b"x-request-id", self.request_id.encode())
         metrics.in_flight_requests.inc()
         site = getattr(self.channel, "site", None)
