@@ -55,12 +55,9 @@ class Coalescer(Generic[T]):
             waiting.remove(observer)
 
     def _deliver(self, result: T | Failure, key: Hashable) -> None:
+        # Returning None consumes a failure here: every observer has had it.
         for observer in self._observers.pop(key, []):
             if isinstance(result, Failure):
                 observer.errback(result)
             else:
                 observer.callback(result)
-        if isinstance(result, Failure):
-            # Every observer has had it; do not log it as unhandled here.
-            return None
-        return None

@@ -12,7 +12,6 @@ becomes a host hammal connects to unless the operator listed it.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
@@ -116,11 +115,11 @@ class UpstreamSelector:
         return sorted(self._by_host)
 
     def _allowed_upstream(self, value: str) -> PullProxy:
+        # Only hosts the operator listed are ever contacted, so loopback,
+        # link-local and private addresses are reachable only when listed.
         host = value.strip().lower()
         if host not in self._allow_upstream or self._adhoc is None:
             raise Denied(f"upstream={value[:100]!r} is not allowed on this mirror")
-        if _is_internal(host) and host not in self._allow_upstream:
-            raise Denied(f"upstream={value[:100]!r} is an internal address")  # pragma: no cover
         proxy = self._adhoc_proxies.get(host)
         if proxy is None:
             proxy = self._adhoc_proxies[host] = self._adhoc(host)
@@ -135,15 +134,6 @@ def _host_name(host: str | None) -> str:
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def _is_internal(host: str) -> bool:
-    """Loopback, link-local and private literal addresses."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host in ("localhost",) or host.endswith(".localhost")
-    return address.is_loopback or address.is_link_local or address.is_private
 
 
 class FailoverClient:

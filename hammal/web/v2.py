@@ -18,6 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from hammal import metrics
 from hammal.errors import RegistryError, TagInvalid, Unsupported
+from hammal.registry.client import Trace
 from hammal.replies import BlobReply, Document
 from hammal.registry.reference import parse_tag
 from hammal.web.errors import abort_client, write_error
@@ -87,7 +88,7 @@ class V2Resource(Resource):
         if hasattr(request, "upstream_host"):
             request.upstream_host = proxy.upstream_host
         headers = upstream_request_headers(request.requestHeaders)
-        trace = request.trace  # type: ignore[attr-defined]
+        trace: Trace = getattr(request, "trace", None) or Trace()
         if admission.upstream_authorization is not None:
             assert self._gate is not None
             await self._gate.confirm_access(
