@@ -124,3 +124,18 @@ class FrontPageTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
         self.assertNotIn(b"<evil>", mirror.body(response))
+
+
+class ALPNTests(SynchronousTestCase):
+    """The factory TLS wraps tells Twisted's ALPN callback what hammal speaks."""
+
+    def test_connection_limit_offers_http_1_1(self) -> None:
+        from twisted.internet.interfaces import IProtocolNegotiationFactory
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        from hammal.web.limits import ConnectionLimit
+
+        factory = ConnectionLimit(Site(Resource()), None)
+        self.assertTrue(IProtocolNegotiationFactory.providedBy(factory))
+        self.assertEqual(factory.acceptableProtocols(), [b"http/1.1"])

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import implementer
 
 from hammal import metrics
 from hammal.errors import RegistryError
@@ -75,10 +76,22 @@ class _CountedProtocol(ProtocolWrapper):
         super().connectionLost(reason)
 
 
+#: What hammal speaks over TLS. HTTP/1.1 only: cache hits go out with
+#: sendfile on the connection itself, which HTTP/2's framing rules out.
+#: Clients offering C{h2} too (curl, browsers, docker, containerd) choose it.
+ALPN_PROTOCOLS = [b"http/1.1"]
+
+
+@implementer(IProtocolNegotiationFactory)
 class ConnectionLimit(WrappingFactory):
     """
     Wraps the site's factory: counts connections, refuses those beyond
     C{max_connections} (L{None}: no limit).
+
+    It answers Twisted's ALPN question itself: without
+    L{IProtocolNegotiationFactory} on the factory that TLS wraps, Twisted's
+    select callback finds no common protocol and every client offering ALPN
+    is refused with an C{internal_error} alert.
     """
 
     protocol = _CountedProtocol
@@ -89,6 +102,10 @@ class ConnectionLimit(WrappingFactory):
         super().__init__(wrapped)
         self.max_connections = max_connections
         self._warned = False
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """The protocols offered to TLS clients by ALPN."""
+        return list(ALPN_PROTOCOLS)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         if self.max_connections is not None and len(self.protocols) >= self.max_connections:
