@@ -48,6 +48,7 @@ from hammal.registry.challenge import select_challenge
 from hammal.registry.reference import pull_scope
 from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
 from hammal.registry.tokens import TokenCache
+from hammal.registry.trust import CredentialPolicy
 from hammal.stream import discard_body, read_body
 
 RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -75,11 +76,15 @@ class Upstream:
     @ivar url: base URL without a trailing slash, e.g.
         ``https://registry-1.docker.io``.
     @ivar library_prefix: whether one-part names live under ``library/``.
+    @ivar credentials: hammal's own credentials for this registry.
+    @ivar mirror_of: for a failover mirror, the URL of the upstream it
+        mirrors: a client's token for that upstream is never sent here.
     """
 
     url: str
     library_prefix: bool = False
     credentials: Credentials | None = None
+    mirror_of: str | None = None
 
     @property
     def host(self) -> str:
@@ -231,6 +236,7 @@ class UpstreamClient:
         tokens: TokenCache,
         policy: RetryPolicy,
         read_timeout: float,
+        credential_policy: CredentialPolicy | None = None,
     ) -> None:
         self.upstream = upstream
         self._http = http
@@ -245,6 +251,12 @@ class UpstreamClient:
             upstream_error,
             upstream.credentials,
             clock,
+            credential_policy,
+        )
+        # For a mirror asked on behalf of a passthrough client: only what
+        # anyone may read, since the client's identity cannot be checked here.
+        self._anonymous_auth = UpstreamAuth(
+            upstream.url, tokens, self._send, upstream_error, None, clock, credential_policy
         )
 
     async def request(
@@ -315,13 +327,18 @@ class UpstreamClient:
         trace: Trace,
     ) -> IResponse:
         given = headers.getRawHeaders(b"authorization")
-        if given:
+        auth = self._auth
+        if given and self.upstream.mirror_of is not None:
+            # A client's token is for the upstream, never for its mirror.
+            headers = _with_authorization(headers, None)
+            auth = self._anonymous_auth
+        elif given:
             # A client's own upstream token (passthrough): used as it is.
             response = await self._send(method, url, headers.copy())
             if follow_redirects and response.code in REDIRECT_STATUSES:
                 response = await self._follow(method, url, headers, given[0], response, trace)
             return response
-        authorization = await self._auth.authorization(scope)
+        authorization = await auth.authorization(scope)
         response = await self._send(method, url, _with_authorization(headers, authorization))
         if response.code == 401:
             challenge = select_challenge(
@@ -329,7 +346,7 @@ class UpstreamClient:
                 for value in response.headers.getRawHeaders(b"www-authenticate", [])
             )
             if challenge is not None:
-                answer = await self._auth.answer(challenge, scope, authorization)
+                answer = await auth.answer(challenge, scope, authorization)
                 if answer is not None:
                     await discard_body(response)
                     authorization = answer
