@@ -52,6 +52,7 @@ from hammal.proxy import ManifestCacheFactory, PullProxy
 from hammal.registry.auth import Credentials
 from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
 from hammal.upstreams import FailoverClient, UpstreamSelector
+from hammal.registry.addresses import PeerZones
 from hammal.registry.retry import RetryPolicy
 from hammal.registry.trust import CredentialPolicy
 from hammal.registry.tokens import (
@@ -360,8 +361,21 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             tls_policy = upstream_tls_policy(settings.upstream_ca)
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
+    zones = PeerZones()
     http_client = make_http_client(
-        reactor, settings.connect_timeout, settings.max_upstream_connections, tls_policy
+        reactor,
+        settings.connect_timeout,
+        settings.max_upstream_connections,
+        tls_policy,
+        zones=zones,
+    )
+    # Redirects of upstreams on public addresses: never to internal ones.
+    redirect_client = make_http_client(
+        reactor,
+        settings.connect_timeout,
+        settings.max_upstream_connections,
+        tls_policy,
+        refuse_internal=True,
     )
     tokens = _token_cache(redis, reactor)
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
@@ -385,6 +399,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             policy,
             settings.read_timeout,
             credential_policy,
+            redirect_client,
+            zones,
         )
 
     def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullProxy:
