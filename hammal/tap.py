@@ -54,7 +54,7 @@ from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, mak
 from hammal.upstreams import FailoverClient, UpstreamSelector
 from hammal.registry.addresses import PeerZones
 from hammal.registry.retry import RetryPolicy
-from hammal.registry.trust import CredentialPolicy
+from hammal.registry.trust import CredentialPolicy, load_suffix_list
 from hammal.registry.tokens import (
     TAG_KEY_PREFIX,
     MemoryTokenCache,
@@ -385,6 +385,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     credential_policy = CredentialPolicy(
         settings.trusted_realms, settings.plain_http_credentials
     )
+    load_suffix_list()
     mirror_credentials = dict(settings.mirror_credentials)
 
     def client_for(

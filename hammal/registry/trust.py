@@ -26,6 +26,11 @@ def _suffixes() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+def load_suffix_list() -> None:
+    """Parse the Public Suffix List now (about 0.1 s), not in a request."""
+    _suffixes()
+
+
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(host.strip("[]"))
