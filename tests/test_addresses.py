@@ -173,11 +173,16 @@ class _RedirectingUpstream(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.location = ""
+        self.realm: str | None = None
 
     def render(self, request: Request) -> bytes:
         path = request.path.decode()
         if path == "/v2/":
             return b"{}"
+        if self.realm is not None:
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", f'Bearer realm="{self.realm}"'.encode())
+            return b'{"errors":[{"code":"UNAUTHORIZED","message":"log in"}]}'
         request.setResponseCode(307)
         target = "/manifest" if "/manifests/" in path else f"/latest/meta-data/{path.rsplit('/', 1)[1]}"
         request.setHeader(b"location", (self.location + target).encode())
@@ -290,3 +295,22 @@ class RedirectToInternalAddressTests(TestCase):
         self.assertEqual(code, 200, body)
         self.assertEqual(body, SECRET)
         self.assertEqual(self.metadata.paths, [f"/latest/meta-data/{SECRET_DIGEST}"])
+
+    @defer.inlineCallbacks
+    def test_public_upstream_realm_on_loopback_refused(self) -> Any:
+        """A token realm is treated like a redirect: a public upstream's loopback realm is not asked."""
+        hammal, _ = self.start_hammal(_SeesPortAsPublic(self.upstream_port))
+        self.upstream.realm = f"http://127.0.0.1:{self.metadata_port}/token"
+        code, body = yield defer.ensureDeferred(self.get(f"{hammal}/v2/library/app/manifests/latest"))
+        self.assertEqual(code, 502, body)
+        self.assertIn(b"internal address", body)
+        self.assertEqual(self.metadata.paths, [])
+
+    @defer.inlineCallbacks
+    def test_internal_upstream_realm_on_loopback_asked(self) -> Any:
+        """The control: a loopback upstream's loopback realm is asked."""
+        hammal, _ = self.start_hammal(AddressPolicy())
+        self.upstream.realm = f"http://127.0.0.1:{self.metadata_port}/token"
+        code, body = yield defer.ensureDeferred(self.get(f"{hammal}/v2/library/app/manifests/latest"))
+        self.assertEqual(self.metadata.paths, ["/token"])
+        self.assertIn(b"sent no token", body, code)

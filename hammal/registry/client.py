@@ -268,7 +268,7 @@ class UpstreamClient:
         self._auth = UpstreamAuth(
             upstream.url,
             tokens,
-            self._send,
+            self._send_to_realm,
             upstream_error,
             upstream.credentials,
             clock,
@@ -277,7 +277,7 @@ class UpstreamClient:
         # For a mirror asked on behalf of a passthrough client: only what
         # anyone may read, since the client's identity cannot be checked here.
         self._anonymous_auth = UpstreamAuth(
-            upstream.url, tokens, self._send, upstream_error, None, clock, credential_policy
+            upstream.url, tokens, self._send_to_realm, upstream_error, None, clock, credential_policy
         )
 
     async def request(
@@ -425,6 +425,15 @@ class UpstreamClient:
             return self._http
         return self._redirect_http
 
+    async def _send_to_realm(self, method: bytes, url: str, headers: Headers) -> IResponse:
+        """
+        A request to the token realm upstream's challenge named: like a
+        redirect, it may lead to an internal address only from an upstream
+        that is itself on one.
+        """
+        http = self._redirect_client(_origin(self.upstream.url))
+        return await self._send(method, url, headers, http)
+
     async def _send(
         self, method: bytes, url: str, headers: Headers, http: HTTPClient | None = None
     ) -> IResponse:
@@ -453,14 +462,14 @@ class UpstreamClient:
         except InternalAddressRefused as refused:
             metrics.upstream_errors.labels(self.upstream.host, "redirect-refused").inc()
             self.log.warn(
-                "refused to follow {upstream}'s redirect to {host}: it is at {address},"
+                "refused to follow {upstream} to {host}: it is at {address},"
                 " an internal address",
                 upstream=self.upstream.host,
                 host=refused.host,
                 address=refused.address,
             )
             raise UpstreamBadResponse(
-                f"{self.upstream.host} redirected to an internal address; refused"
+                f"{self.upstream.host} sent hammal to an internal address; refused"
             )
         except (error.ConnectingCancelledError, error.TimeoutError):
             metrics.upstream_errors.labels(host, "connect-timeout").inc()
