@@ -20,12 +20,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from hammal.cache.blobs import BlobCache
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore
 from hammal.cache.store import BlobStore
+from hammal.errors import UpstreamBadResponse
 from hammal.proxy import PullProxy
 from hammal.registry.addresses import (
     AddressPolicy,
@@ -222,7 +224,7 @@ class RedirectToInternalAddressTests(TestCase):
                 )
             )
         url = f"http://127.0.0.1:{self.upstream_port}"
-        client = UpstreamClient(
+        client = self.client = UpstreamClient(
             Upstream(url, library_prefix=True),
             clients[0],
             reactor,
@@ -314,3 +316,21 @@ class RedirectToInternalAddressTests(TestCase):
         code, body = yield defer.ensureDeferred(self.get(f"{hammal}/v2/library/app/manifests/latest"))
         self.assertEqual(self.metadata.paths, ["/token"])
         self.assertIn(b"sent no token", body, code)
+
+    @defer.inlineCallbacks
+    def test_direct_requests_to_a_loopback_realm_refused(self) -> Any:
+        """
+        send_direct (passthrough logins go to upstream's realm with the
+        client's credentials): the public upstream itself is reached, a
+        loopback realm is not.
+        """
+        self.start_hammal(_SeesPortAsPublic(self.upstream_port))
+        upstream = f"http://127.0.0.1:{self.upstream_port}/v2/"
+        response = yield defer.ensureDeferred(self.client.send_direct(b"GET", upstream, Headers()))
+        self.assertEqual(response.code, 200)
+        yield treq.content(response)
+        realm = f"http://127.0.0.1:{self.metadata_port}/token"
+        d = defer.ensureDeferred(self.client.send_direct(b"GET", realm, Headers()))
+        failure = yield self.assertFailure(d, UpstreamBadResponse)
+        self.assertIn("internal address", failure.message)
+        self.assertEqual(self.metadata.paths, [])

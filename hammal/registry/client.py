@@ -503,8 +503,14 @@ class UpstreamClient:
             ).set(int(count))
 
     async def send_direct(self, method: bytes, url: str, headers: Headers) -> IResponse:
-        """One exchange with C{url}, without hammal's own credentials or retries."""
-        return await self._send(method, url, headers.copy())
+        """
+        One exchange with C{url}, without hammal's own credentials or
+        retries. A URL off the upstream (a token realm its challenge named)
+        is held to the redirect rule.
+        """
+        upstream = _origin(self.upstream.url)
+        http = self._http if _origin(url) == upstream else self._redirect_client(upstream)
+        return await self._send(method, url, headers.copy(), http)
 
     async def reachable(self, within: float) -> str | None:
         """
