@@ -6,6 +6,7 @@ once at start-up.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Callable, Mapping, TypeVar
@@ -63,6 +64,11 @@ PARAMETERS: tuple[OptionSpec, ...] = (
         "Password or access token for upstream tokens (never logged).",
         ("DOCKER_PASSWORD",),
     ),
+    OptionSpec(
+        "upstream-password-file",
+        None,
+        "File holding the upstream password, instead of --upstream-password (which ps shows).",
+    ),
     OptionSpec("redis", None, "redis://[:password@]host[:port][/db] for a shared token cache."),
     OptionSpec("connect-timeout", "10", "Seconds to wait for an upstream connection."),
     OptionSpec("read-timeout", "30", "Seconds of upstream silence before giving up."),
@@ -84,6 +90,7 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "auth-password", None, "Its password (never logged).", ("REGISTRY_PASSWORD",)
     ),
+    OptionSpec("auth-password-file", None, "File holding --auth-user's password, instead of --auth-password."),
     OptionSpec("htpasswd", None, "bcrypt htpasswd file of users for --auth basic/token (re-read on change)."),
     OptionSpec("allow-users", None, "a,b: only these users may pull, whatever their credentials."),
     OptionSpec("token-key-file", None, "Secret (32+ bytes) signing --auth token tokens; share it between instances."),
@@ -112,6 +119,18 @@ LISTS: tuple[OptionSpec, ...] = (
         "mirror",
         None,
         "[HOST=]URL: a mirror of the upstream (of --route HOST) tried when it fails (repeatable).",
+    ),
+    OptionSpec(
+        "mirror-credentials",
+        None,
+        "MIRROR=USER:PASSWORD_FILE: credentials for the --mirror at host[:port] MIRROR"
+        " (repeatable); a mirror gets no other credentials.",
+    ),
+    OptionSpec(
+        "trusted-realm",
+        None,
+        "HOST: a token realm that may get upstream credentials although it is not"
+        " on the upstream's registrable domain (repeatable).",
     ),
     OptionSpec("allow-upstream", None, "HOST that ?upstream=HOST may name (repeatable)."),
     OptionSpec("allow-ip", None, "CIDR allowed to pull; others are refused (repeatable)."),
@@ -146,6 +165,10 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("no-library-prefix", "Never rewrite one-part names."),
     ("no-cache", "Run as a pure proxy: cache nothing on disk."),
     ("debug", "Log upstream exchanges (never secrets)."),
+    (
+        "plain-http-credentials",
+        "Send upstream credentials over plain HTTP to hosts that are not loopback (unsafe).",
+    ),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -205,6 +228,43 @@ def _choice(value: str, what: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _secret(value: str | None, path: str | None, what: str) -> str | None:
+    """
+    A password given inline (C{--X-password}) or in a file
+    (C{--X-password-file}, not visible in ``ps``); never both.
+    """
+    if path is None:
+        return value
+    if value is not None:
+        raise ConfigError(f"give {what} or {what}-file, not both")
+    return _read_secret(path, f"{what}-file")
+
+
+def _read_secret(path: str, what: str) -> str:
+    """The secret in C{path}, without surrounding white space or line ending."""
+    try:
+        with open(path, encoding="utf-8") as secret:
+            password = secret.read().strip()
+    except OSError as failure:
+        raise ConfigError(f"{what}: cannot read {path}: {failure.strerror}")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path} is not UTF-8 text")
+    if not password:
+        raise ConfigError(f"{what}: {path} is empty")
+    return password
+
+
+def _realm_host(text: str) -> str:
+    """A --trusted-realm value: a host name or address, no scheme or port."""
+    host = text.strip().lower().rstrip(".").strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.\-]*[a-z0-9])?", host):
+            raise ConfigError(f"--trusted-realm takes a host name, not {text[:100]!r}")
+    return host
+
+
 def _auth_user(user: str | None, password: str | None) -> Credentials | None:
     if (user is None) != (password is None):
         raise ConfigError("--auth-user and --auth-password go together")
@@ -257,14 +317,7 @@ def _credentials_from_file(value: str, what: str) -> Credentials:
     user, separator, path = value.partition(":")
     if not separator or not user or not path:
         raise ConfigError(f"{what} takes HOST=USER:PASSWORD_FILE")
-    try:
-        with open(path, encoding="utf-8") as secret:
-            password = secret.read().strip()
-    except OSError as failure:
-        raise ConfigError(f"{what}: cannot read {path}: {failure.strerror}")
-    if not password:
-        raise ConfigError(f"{what}: {path} is empty")
-    return Credentials(user, password)
+    return Credentials(user, _read_secret(path, what))
 
 
 @attrs.frozen
@@ -306,6 +359,9 @@ class Settings:
     routes: tuple[tuple[str, str], ...] = ()
     route_credentials: tuple[tuple[str, Credentials], ...] = ()
     mirrors: tuple[tuple[str | None, str], ...] = ()
+    mirror_credentials: tuple[tuple[str, Credentials], ...] = ()
+    trusted_realms: frozenset[str] = frozenset()
+    plain_http_credentials: bool = False
     allow_upstream: frozenset[str] = frozenset()
     library_prefix: bool = True
     force_library_prefix: bool | None = None
@@ -377,6 +433,17 @@ class Settings:
         for host, _ in route_credentials:
             if host not in route_hosts:
                 raise ConfigError(f"--route-credentials {host}=... names no --route host")
+        mirror_hosts = {urlsplit(url).netloc.lower() for _, url in mirrors}
+        mirror_credentials = tuple(
+            _pair(item, "--mirror-credentials", _credentials_from_file)
+            for item in _items(options, "mirror-credentials")
+        )
+        for host, _ in mirror_credentials:
+            if host not in mirror_hosts:
+                raise ConfigError(f"--mirror-credentials {host}=... names no --mirror host[:port]")
+        trusted_realms = frozenset(
+            _realm_host(item) for item in _items(options, "trusted-realm")
+        )
         allow_upstream = frozenset(item.strip().lower() for item in _items(options, "allow-upstream"))
         if options.get("library-prefix") and options.get("no-library-prefix"):
             raise ConfigError("--library-prefix and --no-library-prefix exclude each other")
@@ -387,7 +454,10 @@ class Settings:
             forced = False
         library_prefix = forced if forced is not None else is_docker_hub(parts.hostname or "")
 
-        username, password = text("upstream-username"), text("upstream-password")
+        username = text("upstream-username")
+        password = _secret(
+            text("upstream-password"), text("upstream-password-file"), "--upstream-password"
+        )
         if (username is None) != (password is None):
             raise ConfigError("--upstream-username and --upstream-password go together")
         credentials = Credentials(username, password) if username and password else None
@@ -420,6 +490,9 @@ class Settings:
             routes=routes,
             route_credentials=route_credentials,
             mirrors=mirrors,
+            mirror_credentials=mirror_credentials,
+            trusted_realms=trusted_realms,
+            plain_http_credentials=bool(options.get("plain-http-credentials")),
             allow_upstream=allow_upstream,
             library_prefix=library_prefix,
             force_library_prefix=forced,
@@ -437,7 +510,10 @@ class Settings:
             stale_if_error=_number(text("stale-if-error") or "86400", "--stale-if-error", 0),
             negative_ttl=_number(text("negative-ttl") or "30", "--negative-ttl", 0),
             auth=_choice(text("auth") or "none", "--auth", ("none", "basic", "token", "passthrough")),
-            auth_user=_auth_user(text("auth-user"), text("auth-password")),
+            auth_user=_auth_user(
+                text("auth-user"),
+                _secret(text("auth-password"), text("auth-password-file"), "--auth-password"),
+            ),
             htpasswd=text("htpasswd"),
             allow_users=text("allow-users"),
             token_key_file=text("token-key-file"),

@@ -9,6 +9,7 @@ line wins.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 from typing import Any, Callable, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
@@ -51,7 +52,9 @@ from hammal.proxy import ManifestCacheFactory, PullProxy
 from hammal.registry.auth import Credentials
 from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
 from hammal.upstreams import FailoverClient, UpstreamSelector
+from hammal.registry.addresses import PeerZones
 from hammal.registry.retry import RetryPolicy
+from hammal.registry.trust import CredentialPolicy, load_suffix_list
 from hammal.registry.tokens import (
     TAG_KEY_PREFIX,
     MemoryTokenCache,
@@ -115,6 +118,12 @@ class Options(usage.Options):
 
     def opt_mirror(self, value: str) -> None:
         self._add_to_list("mirror", value)
+
+    def opt_mirror_credentials(self, value: str) -> None:
+        self._add_to_list("mirror-credentials", value)
+
+    def opt_trusted_realm(self, value: str) -> None:
+        self._add_to_list("trusted-realm", value)
 
     def opt_allow_upstream(self, value: str) -> None:
         self._add_to_list("allow-upstream", value)
@@ -352,21 +361,57 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             tls_policy = upstream_tls_policy(settings.upstream_ca)
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
+    zones = PeerZones()
     http_client = make_http_client(
-        reactor, settings.connect_timeout, settings.max_upstream_connections, tls_policy
+        reactor,
+        settings.connect_timeout,
+        settings.max_upstream_connections,
+        tls_policy,
+        zones=zones,
+    )
+    # Redirects of upstreams on public addresses: never to internal ones.
+    redirect_client = make_http_client(
+        reactor,
+        settings.connect_timeout,
+        settings.max_upstream_connections,
+        tls_policy,
+        refuse_internal=True,
     )
     tokens = _token_cache(redis, reactor)
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
     blobs = _blob_cache(settings, reactor)
     manifests = _manifest_cache(settings, redis, reactor)
 
-    def client_for(url: str, credentials: Credentials | None) -> UpstreamClient:
-        upstream = Upstream(url, settings.library_prefix_for(url), credentials)
-        return UpstreamClient(upstream, http_client, reactor, tokens, policy, settings.read_timeout)
+    credential_policy = CredentialPolicy(
+        settings.trusted_realms, settings.plain_http_credentials
+    )
+    load_suffix_list()
+    mirror_credentials = dict(settings.mirror_credentials)
+
+    def client_for(
+        url: str, credentials: Credentials | None, mirror_of: str | None = None
+    ) -> UpstreamClient:
+        upstream = Upstream(url, settings.library_prefix_for(url), credentials, mirror_of)
+        return UpstreamClient(
+            upstream,
+            http_client,
+            reactor,
+            tokens,
+            policy,
+            settings.read_timeout,
+            credential_policy,
+            redirect_client,
+            zones,
+        )
 
     def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullProxy:
         members = [client_for(url, credentials)]
-        members += [client_for(m, credentials) for h, m in settings.mirrors if h == host]
+        # A mirror gets only its own credentials: never the upstream's.
+        members += [
+            client_for(m, mirror_credentials.get(urlsplit(m).netloc.lower()), url)
+            for h, m in settings.mirrors
+            if h == host
+        ]
         client: RegistryClient = members[0] if len(members) == 1 else FailoverClient(members, reactor)
         return PullProxy(
             client,

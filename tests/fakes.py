@@ -76,6 +76,7 @@ class FakeUpstream(Resource):
         self.reset_after: list[int] = []
         self.blob_content_type = b"application/octet-stream"
         self.honour_range = True
+        self.realm_url = f"https://{REALM}/token"
 
     # Seeding.
 
@@ -167,7 +168,7 @@ class FakeUpstream(Resource):
             name = path[len("/v2/") :].split("/manifests/")[0].split("/blobs/")[0]
             request.setHeader(
                 b"www-authenticate",
-                f'Bearer realm="https://{REALM}/token",service="{REGISTRY}",'
+                f'Bearer realm="{self.realm_url}",service="{REGISTRY}",'
                 f'scope="repository:{name}:pull"'.encode(),
             )
             return self._json(request, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "auth"}]})

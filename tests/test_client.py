@@ -5,20 +5,28 @@ error mapping against an in-memory upstream world.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from hammal.errors import TooManyRequests, UpstreamUnavailable
-from hammal.registry.auth import Credentials
+from hammal.registry.auth import Credentials, UpstreamAuth
 from hammal.registry.client import Trace, Upstream, UpstreamClient
 from hammal.registry.retry import RetryPolicy
 from hammal.registry.tokens import MemoryTokenCache
+from hammal.registry.trust import CredentialPolicy
 from hammal.stream import read_body
 from tests.fakes import CDN, REALM, REGISTRY, FakeUpstream, stub_for
+
+#: The fake world's realm (auth.test) is another site than registry.test:
+#: tests that expect credentials there trust it, as --trusted-realm would.
+TRUST_FAKE_REALM = CredentialPolicy(trusted_realms=frozenset({REALM}))
 
 
 class ClientHarness:
@@ -29,23 +37,33 @@ class ClientHarness:
         world: FakeUpstream | None = None,
         credentials: Credentials | None = None,
         retries: int = 2,
+        policy: CredentialPolicy | None = TRUST_FAKE_REALM,
+        url: str = f"https://{REGISTRY}",
+        mirror_of: str | None = None,
     ) -> None:
         self.world = world or FakeUpstream()
         self.stub = stub_for(self.world)
         self.clock = Clock()
         self.tokens = MemoryTokenCache(self.clock)
         self.client = UpstreamClient(
-            Upstream(f"https://{REGISTRY}", library_prefix=True, credentials=credentials),
+            Upstream(url, library_prefix=True, credentials=credentials, mirror_of=mirror_of),
             self.stub,  # type: ignore[arg-type]
             self.clock,
             self.tokens,
             RetryPolicy(retries=retries, base=1.0, random=lambda: 0.5),
             read_timeout=10,
+            credential_policy=policy,
         )
 
-    def get(self, path: str, name: str = "library/alpine", trace: Trace | None = None) -> Deferred[Any]:
+    def get(
+        self,
+        path: str,
+        name: str = "library/alpine",
+        trace: Trace | None = None,
+        headers: Headers | None = None,
+    ) -> Deferred[Any]:
         return Deferred.fromCoroutine(
-            self.client.request(b"GET", name, path, Headers(), trace or Trace())
+            self.client.request(b"GET", name, path, headers or Headers(), trace or Trace())
         )
 
     def settle(self, d: Deferred[Any]) -> Any:
@@ -179,6 +197,156 @@ class TokenAuthTests(SynchronousTestCase):
         self.assertEqual(len(realm), 2)
         self.assertIsNotNone(realm[0].header("authorization"))
         self.assertIsNone(realm[1].header("authorization"))
+
+
+class _BasicRegistry(Resource):
+    """A registry that challenges for HTTP Basic and records what it gets."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.authorizations: list[str | None] = []
+
+    def render(self, request: Request) -> bytes:
+        value = request.getHeader(b"authorization")
+        self.authorizations.append(value.decode() if value else None)
+        if value is None:
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", b'Basic realm="registry"')
+            return b'{"errors":[{"code":"UNAUTHORIZED","message":"auth"}]}'
+        return b"{}"
+
+
+class CredentialDestinationTests(SynchronousTestCase):
+    """Upstream credentials go only to the upstream's own site, never in clear."""
+
+    def setUp(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.patch(UpstreamAuth, "log", Logger(observer=cast(ILogObserver, self.events.append)))
+
+    def _world(self) -> FakeUpstream:
+        world = FakeUpstream()
+        world.users["ci"] = "s3cret"
+        world.add_image("library/alpine", "3.20", b"{}")
+        world.add_image("library/busybox", "1", b"{}")
+        return world
+
+    def _warned(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] == LogLevel.warn]
+
+    def test_foreign_realm_is_asked_anonymously(self) -> None:
+        """
+        A realm on another site (auth.test for registry.test) gets no
+        credentials; one warning says so however many tokens are asked.
+        """
+        world = self._world()
+        h = ClientHarness(world, credentials=Credentials("ci", "s3cret"), policy=CredentialPolicy())
+        self.assertEqual(self.successResultOf(h.settle(h.get("manifests/3.20"))).code, 200)
+        self.assertEqual(
+            self.successResultOf(h.settle(h.get("manifests/1", name="library/busybox"))).code, 200
+        )
+        realm = world.hits(REALM)
+        self.assertEqual(len(realm), 2)
+        self.assertEqual([s.header("authorization") for s in realm], [None, None])
+        warnings = self._warned()
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("--trusted-realm auth.test", warnings[0])
+        self.assertNotIn("s3cret", "".join(warnings))
+
+    def test_trusted_realm_gets_credentials(self) -> None:
+        """--trusted-realm auth.test: the realm gets Basic credentials."""
+        world = self._world()
+        policy = CredentialPolicy(trusted_realms=frozenset({"auth.test"}))
+        h = ClientHarness(world, credentials=Credentials("ci", "s3cret"), policy=policy)
+        self.assertEqual(self.successResultOf(h.settle(h.get("manifests/3.20"))).code, 200)
+        self.assertEqual(world.hits(REALM)[0].header("authorization"), Credentials("ci", "s3cret").basic().decode())
+        self.assertEqual(self._warned(), [])
+
+    def test_plain_http_realm_gets_no_credentials(self) -> None:
+        """Over plain HTTP to a non-loopback realm, credentials stay home unless opted in."""
+        world = self._world()
+        world.realm_url = f"http://{REALM}/token"
+        trusted = frozenset({REALM})
+        h = ClientHarness(
+            world,
+            credentials=Credentials("ci", "s3cret"),
+            policy=CredentialPolicy(trusted_realms=trusted),
+            url=f"http://{REGISTRY}",
+        )
+        self.assertEqual(self.successResultOf(h.settle(h.get("manifests/3.20"))).code, 200)
+        self.assertIsNone(world.hits(REALM)[0].header("authorization"))
+        self.assertIn("--plain-http-credentials", self._warned()[0])
+
+        world = self._world()
+        world.realm_url = f"http://{REALM}/token"
+        h = ClientHarness(
+            world,
+            credentials=Credentials("ci", "s3cret"),
+            policy=CredentialPolicy(trusted_realms=trusted, plain_http=True),
+            url=f"http://{REGISTRY}",
+        )
+        self.assertEqual(self.successResultOf(h.settle(h.get("manifests/3.20"))).code, 200)
+        self.assertIsNotNone(world.hits(REALM)[0].header("authorization"))
+
+    def test_plain_http_realm_behind_https_upstream(self) -> None:
+        """An HTTPS upstream's credentials never go to a plain-HTTP realm, even opted in."""
+        world = self._world()
+        world.realm_url = f"http://{REALM}/token"
+        policy = CredentialPolicy(trusted_realms=frozenset({REALM}), plain_http=True)
+        h = ClientHarness(world, credentials=Credentials("ci", "s3cret"), policy=policy)
+        self.assertEqual(self.successResultOf(h.settle(h.get("manifests/3.20"))).code, 200)
+        self.assertIsNone(world.hits(REALM)[0].header("authorization"))
+
+    def test_mirror_never_gets_a_clients_token(self) -> None:
+        """
+        A passthrough client's token is for the upstream: a mirror gets the
+        request anonymously, neither with that token nor with its own
+        credentials (it cannot tell whether this client may read).
+        """
+        world = self._world()
+        h = ClientHarness(
+            world,
+            credentials=Credentials("ci", "s3cret"),
+            mirror_of="https://upstream.test",
+        )
+        client_token = Headers({b"authorization": [b"Bearer client-token-for-upstream"]})
+        response = self.successResultOf(h.settle(h.get("manifests/3.20", headers=client_token)))
+        self.assertEqual(response.code, 200)
+        for seen in world.seen:
+            self.assertNotIn("client-token", seen.header("authorization") or "", seen)
+        self.assertEqual([s.header("authorization") for s in world.hits(REALM)], [None])
+        self.assertIn("-anonymous-", world.hits(REGISTRY)[-1].header("authorization") or "")
+        # Without a client token the mirror uses its own credentials.
+        self.successResultOf(h.settle(h.get("manifests/1", name="library/busybox")))
+        self.assertTrue((world.hits(REALM)[-1].header("authorization") or "").startswith("Basic "))
+
+    def test_upstream_uses_a_clients_token(self) -> None:
+        """The upstream itself (not a mirror) gets a passthrough client's token as it is."""
+        world = self._world()
+        h = ClientHarness(world)
+        client_token = Headers({b"authorization": [b"Bearer tok-0-ci-x"]})
+        self.successResultOf(h.settle(h.get("manifests/3.20", headers=client_token)))
+        self.assertEqual(world.hits(REGISTRY)[0].header("authorization"), "Bearer tok-0-ci-x")
+        self.assertEqual(world.hits(REALM), [])
+
+    def test_basic_upstream_over_plain_http(self) -> None:
+        """A Basic challenge from a plain-HTTP, non-loopback upstream gets nothing."""
+        for url, opted_in, expected in (
+            ("http://registry.test", False, [None]),
+            ("http://registry.test", True, [None, Credentials("ci", "pw").basic().decode()]),
+            ("https://registry.test", False, [None, Credentials("ci", "pw").basic().decode()]),
+        ):
+            registry = _BasicRegistry()
+            h = ClientHarness(
+                credentials=Credentials("ci", "pw"),
+                policy=CredentialPolicy(plain_http=opted_in),
+                url=url,
+            )
+            h.stub = stub_for(registry)
+            h.client._http = h.stub  # type: ignore[assignment]
+            self.successResultOf(h.settle(h.get("manifests/3.20")))
+            self.assertEqual(registry.authorizations, expected, (url, opted_in))
 
 
 class RetryTests(SynchronousTestCase):

@@ -226,6 +226,42 @@ class EnvironmentTests(SynchronousTestCase):
     def test_no_credentials(self) -> None:
         self.assertIsNone(settings().credentials)
 
+    def _secret_file(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_upstream_password_file(self) -> None:
+        """The password can come from a file (command lines show in ps)."""
+        path = self._secret_file("pat-from-file\n")
+        argv = ["--upstream-username", "dave", "--upstream-password-file", path]
+        self.assertEqual(settings(argv).credentials, Credentials("dave", "pat-from-file"))
+        environ = {"HAMMAL_UPSTREAM_USERNAME": "dave", "HAMMAL_UPSTREAM_PASSWORD_FILE": path}
+        self.assertEqual(settings(environ=environ).credentials, Credentials("dave", "pat-from-file"))
+
+    def test_auth_password_file(self) -> None:
+        path = self._secret_file("hunter2\n")
+        argv = ["--auth", "basic", "--auth-user", "ops", "--auth-password-file", path]
+        self.assertEqual(settings(argv).auth_user, Credentials("ops", "hunter2"))
+
+    def test_password_file_problems(self) -> None:
+        """Both forms, a missing or empty file: one-line errors that never quote a secret."""
+        path = self._secret_file("from-file")
+        empty = self._secret_file("\n")
+        for argv, message in (
+            (["--upstream-username", "u", "--upstream-password", "inline", "--upstream-password-file", path], "not both"),
+            (["--upstream-username", "u", "--upstream-password-file", "/nonexistent/pw"], "cannot read"),
+            (["--upstream-username", "u", "--upstream-password-file", empty], "is empty"),
+            (["--upstream-password-file", path], "go together"),
+            (["--auth-user", "u", "--auth-password", "inline", "--auth-password-file", path], "not both"),
+        ):
+            with self.assertRaises(UsageError) as raised:
+                parse(argv)
+            self.assertIn(message, str(raised.exception))
+            self.assertNotIn("from-file", str(raised.exception))
+            self.assertNotIn("inline", str(raised.exception))
+
     def test_flag_values(self) -> None:
         for value in ("1", "true", "TRUE", " yes ", "On"):
             self.assertIs(env_flag({"X": value}, "X"), True, value)

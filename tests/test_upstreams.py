@@ -216,4 +216,36 @@ class RouteOptionsTests(SynchronousTestCase):
             settings.mirrors, ((None, "https://m1.example.com"), ("q.example.com", "https://m2.example.com"))
         )
 
+    def test_mirror_credentials(self) -> None:
+        """Each mirror's own credentials, keyed by its host[:port]; never shown."""
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write("mirror-pw\n")
+        settings = self.parse(
+            ["--mirror", "https://M1.example.com:8443", "--mirror-credentials", f"m1.example.com:8443=robot:{secret}"]
+        )
+        (host, credentials), = settings.mirror_credentials
+        self.assertEqual((host, credentials.username, credentials.password), ("m1.example.com:8443", "robot", "mirror-pw"))
+        self.assertNotIn("mirror-pw", repr(settings))
+        for argv in (
+            ["--mirror-credentials", f"m1.example.com=robot:{secret}"],
+            ["--mirror", "https://m1.example.com:8443", "--mirror-credentials", f"m1.example.com=robot:{secret}"],
+            ["--mirror", "https://m1.example.com", "--mirror-credentials", "m1.example.com=robot"],
+        ):
+            self.assertRaises(UsageError, self.parse, argv)
 
+    def test_trusted_realms(self) -> None:
+        settings = self.parse(["--trusted-realm", "Auth.Example.com.", "--trusted-realm", "[::1]"])
+        self.assertEqual(settings.trusted_realms, frozenset({"auth.example.com", "::1"}))
+        self.assertEqual(
+            self.parse([], {"HAMMAL_TRUSTED_REALM": "a.example.com b.example.com"}).trusted_realms,
+            frozenset({"a.example.com", "b.example.com"}),
+        )
+        self.assertEqual(self.parse([]).trusted_realms, frozenset())
+        for bad in ("https://auth.example.com", "auth.example.com:443", "a/b"):
+            self.assertRaises(UsageError, self.parse, ["--trusted-realm", bad])
+
+    def test_plain_http_credentials_flag(self) -> None:
+        self.assertFalse(self.parse([]).plain_http_credentials)
+        self.assertTrue(self.parse(["--plain-http-credentials"]).plain_http_credentials)
+        self.assertTrue(self.parse([], {"HAMMAL_PLAIN_HTTP_CREDENTIALS": "1"}).plain_http_credentials)

@@ -29,6 +29,7 @@ from hammal.coalesce import Coalescer
 from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.challenge import Challenge
 from hammal.registry.tokens import TokenCache
+from hammal.registry.trust import CredentialPolicy
 from hammal.stream import read_body
 
 #: Lifetime assumed for a token whose response gives no ``expires_in``.
@@ -77,8 +78,10 @@ class UpstreamAuth:
     """
     Supplies ``Authorization`` values for requests to one upstream.
 
-    @param upstream_url: the registry's base URL; credentials travel over
-        plain HTTP only if it is itself plain HTTP.
+    @param upstream_url: the registry's base URL.
+    @param policy: where the credentials may go: a token realm on another
+        site is asked anonymously, plain HTTP to a non-loopback host gets no
+        credentials (see L{CredentialPolicy}); each refusal is logged once.
     """
 
     log = Logger()
@@ -91,9 +94,12 @@ class UpstreamAuth:
         error_for: ErrorForResponse,
         credentials: Credentials | None = None,
         clock: IReactorTime | None = None,
+        policy: CredentialPolicy | None = None,
     ) -> None:
         self._upstream_url = upstream_url
-        self._upstream_secure = urlsplit(upstream_url).scheme == "https"
+        self._upstream_host = urlsplit(upstream_url).hostname or ""
+        self._policy = policy if policy is not None else CredentialPolicy()
+        self._withheld: set[tuple[str, str]] = set()
         self._cache = cache
         self._send = send
         self._error_for = error_for
@@ -120,7 +126,7 @@ class UpstreamAuth:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            return self._credentials.basic() if self._credentials else None
+            return self._upstream_basic()
         token = await self._cache.get(self._key(scope))
         metrics.token_cache.labels("miss" if token is None else "hit").inc()
         if token is None:
@@ -135,9 +141,9 @@ class UpstreamAuth:
         """
         self._challenge = challenge
         if challenge.scheme == "basic":
-            if self._credentials is None or rejected is not None:
+            if rejected is not None:
                 return None
-            return self._credentials.basic()
+            return self._upstream_basic()
         key = self._key(scope)
         if rejected is not None:
             cached = await self._cache.get(key)
@@ -145,6 +151,54 @@ class UpstreamAuth:
                 await self._cache.delete(key)
         token = await self._fetch(challenge, scope)
         return b"Bearer " + token.encode()
+
+    def _upstream_basic(self) -> bytes | None:
+        """Basic credentials for the upstream itself, if they may go there."""
+        if self._credentials is None:
+            return None
+        if not self._policy.transport_allowed(self._upstream_url):
+            self._withhold(
+                self._upstream_host,
+                "it is plain HTTP; use https:// or --plain-http-credentials",
+            )
+            return None
+        return self._credentials.basic()
+
+    def _realm_may_have_credentials(self, realm: str) -> bool:
+        """Whether the configured credentials may go to the token realm C{realm}."""
+        if self._credentials is None:
+            return False
+        parts = urlsplit(realm)
+        realm_host = parts.hostname or ""
+        if not self._policy.realm_trusted(self._upstream_host, realm_host):
+            self._withhold(
+                realm_host,
+                f"it is neither {self._upstream_host} nor in its registrable domain;"
+                f" add --trusted-realm {realm_host} to trust it",
+            )
+            return False
+        if parts.scheme != "https" and urlsplit(self._upstream_url).scheme == "https":
+            self._withhold(realm_host, "it is plain HTTP behind an HTTPS upstream")
+            return False
+        if not self._policy.transport_allowed(realm):
+            self._withhold(
+                realm_host, "it is plain HTTP; use https:// or --plain-http-credentials"
+            )
+            return False
+        return True
+
+    def _withhold(self, host: str, reason: str) -> None:
+        """Log, once per host and reason, that credentials were kept back."""
+        if (host, reason) in self._withheld or len(self._withheld) >= 100:
+            return
+        self._withheld.add((host, reason))
+        self.log.warn(
+            "not sending the upstream credentials for {upstream} to {host}: {reason};"
+            " asking anonymously",
+            upstream=self._upstream_host,
+            host=host,
+            reason=reason,
+        )
 
     def _fetch(self, challenge: Challenge, scope: str) -> Deferred[str]:
         key = self._key(scope)
@@ -163,9 +217,7 @@ class UpstreamAuth:
         separator = "&" if parts.query else "?"
         url = realm + separator + urlencode(query)
         headers = Headers({b"accept": [b"application/json"]})
-        with_credentials = self._credentials is not None and (
-            parts.scheme == "https" or not self._upstream_secure
-        )
+        with_credentials = self._realm_may_have_credentials(realm)
         if with_credentials:
             assert self._credentials is not None
             headers.setRawHeaders(b"authorization", [self._credentials.basic()])

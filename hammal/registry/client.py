@@ -43,11 +43,18 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from hammal.registry.addresses import (
+    AddressPolicy,
+    CheckedEndpointFactory,
+    InternalAddressRefused,
+    PeerZones,
+)
 from hammal.registry.auth import Credentials, UpstreamAuth
 from hammal.registry.challenge import select_challenge
 from hammal.registry.reference import pull_scope
 from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
 from hammal.registry.tokens import TokenCache
+from hammal.registry.trust import CredentialPolicy
 from hammal.stream import discard_body, read_body
 
 RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -75,11 +82,15 @@ class Upstream:
     @ivar url: base URL without a trailing slash, e.g.
         ``https://registry-1.docker.io``.
     @ivar library_prefix: whether one-part names live under ``library/``.
+    @ivar credentials: hammal's own credentials for this registry.
+    @ivar mirror_of: for a failover mirror, the URL of the upstream it
+        mirrors: a client's token for that upstream is never sent here.
     """
 
     url: str
     library_prefix: bool = False
     credentials: Credentials | None = None
+    mirror_of: str | None = None
 
     @property
     def host(self) -> str:
@@ -133,18 +144,27 @@ def make_http_client(
     connect_timeout: float,
     max_per_host: int = 64,
     tls_policy: IPolicyForHTTPS | None = None,
+    zones: PeerZones | None = None,
+    refuse_internal: bool = False,
+    address_policy: AddressPolicy | None = None,
+    pool: HTTPConnectionPool | None = None,
 ) -> HTTPClient:
     """
     A treq client with a large persistent pool (the default of 2 per host
     halves the request rate) and no cookie storage.
+
+    Every connection it opens is checked on its peer address: recorded in
+    C{zones}, and with C{refuse_internal} refused when internal (see
+    L{hammal.registry.addresses}). C{pool} is made here unless given.
     """
-    pool = _QuietPool(reactor, persistent=True)
+    if pool is None:
+        pool = _QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = 120
-    kwargs: dict[str, Any] = {"connectTimeout": connect_timeout, "pool": pool}
-    if tls_policy is not None:
-        kwargs["contextFactory"] = tls_policy
-    return http_client_over(Agent(reactor, **kwargs))
+    endpoints = CheckedEndpointFactory(
+        reactor, tls_policy, connect_timeout, address_policy, refuse_internal, zones
+    )
+    return http_client_over(Agent.usingEndpointFactory(reactor, endpoints, pool))
 
 
 def http_client_over(agent: IAgent) -> HTTPClient:
@@ -217,8 +237,10 @@ class UpstreamClient:
     """
     Requests to one upstream registry, authorised and retried.
 
-    @param follow_redirects: follow blob redirects to CDNs (C{True}) or
-        return them to the caller.
+    @param redirect_http: the client that follows redirects when the
+        upstream was reached on a public address: it refuses internal
+        addresses. L{None} follows them with C{http} (tests).
+    @param zones: the zones C{http} saw the upstream in.
     """
 
     log = Logger()
@@ -231,9 +253,14 @@ class UpstreamClient:
         tokens: TokenCache,
         policy: RetryPolicy,
         read_timeout: float,
+        credential_policy: CredentialPolicy | None = None,
+        redirect_http: HTTPClient | None = None,
+        zones: PeerZones | None = None,
     ) -> None:
         self.upstream = upstream
         self._http = http
+        self._redirect_http = redirect_http
+        self._zones = zones
         self._clock = clock
         self._policy = policy
         self.read_timeout = read_timeout
@@ -241,10 +268,16 @@ class UpstreamClient:
         self._auth = UpstreamAuth(
             upstream.url,
             tokens,
-            self._send,
+            self._send_to_realm,
             upstream_error,
             upstream.credentials,
             clock,
+            credential_policy,
+        )
+        # For a mirror asked on behalf of a passthrough client: only what
+        # anyone may read, since the client's identity cannot be checked here.
+        self._anonymous_auth = UpstreamAuth(
+            upstream.url, tokens, self._send_to_realm, upstream_error, None, clock, credential_policy
         )
 
     async def request(
@@ -315,13 +348,18 @@ class UpstreamClient:
         trace: Trace,
     ) -> IResponse:
         given = headers.getRawHeaders(b"authorization")
-        if given:
+        auth = self._auth
+        if given and self.upstream.mirror_of is not None:
+            # A client's token is for the upstream, never for its mirror.
+            headers = _with_authorization(headers, None)
+            auth = self._anonymous_auth
+        elif given:
             # A client's own upstream token (passthrough): used as it is.
             response = await self._send(method, url, headers.copy())
             if follow_redirects and response.code in REDIRECT_STATUSES:
                 response = await self._follow(method, url, headers, given[0], response, trace)
             return response
-        authorization = await self._auth.authorization(scope)
+        authorization = await auth.authorization(scope)
         response = await self._send(method, url, _with_authorization(headers, authorization))
         if response.code == 401:
             challenge = select_challenge(
@@ -329,7 +367,7 @@ class UpstreamClient:
                 for value in response.headers.getRawHeaders(b"www-authenticate", [])
             )
             if challenge is not None:
-                answer = await self._auth.answer(challenge, scope, authorization)
+                answer = await auth.answer(challenge, scope, authorization)
                 if answer is not None:
                     await discard_body(response)
                     authorization = answer
@@ -349,9 +387,11 @@ class UpstreamClient:
     ) -> IResponse:
         """
         Follow redirects. Credentials go only to the origin they were meant
-        for; a CDN gets the signed URL and nothing else.
+        for; a CDN gets the signed URL and nothing else. From an upstream on
+        a public address, only public addresses are followed to.
         """
         origin = _origin(url)
+        http = self._redirect_client(origin)
         for _ in range(MAX_REDIRECTS):
             location = _header(response, b"location")
             if location is None:
@@ -363,18 +403,45 @@ class UpstreamClient:
             trace.redirects += 1
             same_origin = _origin(url) == origin
             response = await self._send(
-                method, url, _with_authorization(headers, authorization if same_origin else None)
+                method,
+                url,
+                _with_authorization(headers, authorization if same_origin else None),
+                http,
             )
             if response.code not in REDIRECT_STATUSES:
                 return response
         raise UpstreamBadResponse(f"{self.upstream.host} redirected more than {MAX_REDIRECTS} times")
 
-    async def _send(self, method: bytes, url: str, headers: Headers) -> IResponse:
+    def _redirect_client(self, origin: tuple[str, str | None, int | None]) -> HTTPClient:
+        """
+        The client to follow the upstream at C{origin}'s redirects with:
+        the guarded one unless upstream was last reached on an internal
+        address itself (same trust zone).
+        """
+        if self._redirect_http is None:
+            return self._http
+        scheme, host, port = origin
+        if self._zones is not None and self._zones.internal((scheme, host or "", port or 0)):
+            return self._http
+        return self._redirect_http
+
+    async def _send_to_realm(self, method: bytes, url: str, headers: Headers) -> IResponse:
+        """
+        A request to the token realm upstream's challenge named: like a
+        redirect, it may lead to an internal address only from an upstream
+        that is itself on one.
+        """
+        http = self._redirect_client(_origin(self.upstream.url))
+        return await self._send(method, url, headers, http)
+
+    async def _send(
+        self, method: bytes, url: str, headers: Headers, http: HTTPClient | None = None
+    ) -> IResponse:
         """One HTTP exchange, with hammal's errors for what went wrong."""
         headers.setRawHeaders(b"user-agent", [USER_AGENT])
         host = urlsplit(url).netloc
         started = self._clock.seconds()
-        d = self._http.request(
+        d = (http or self._http).request(
             method.decode("ascii"),
             url,
             headers=headers,
@@ -392,6 +459,18 @@ class UpstreamClient:
         except UpstreamTimeout:
             metrics.upstream_errors.labels(host, "timeout").inc()
             raise
+        except InternalAddressRefused as refused:
+            metrics.upstream_errors.labels(self.upstream.host, "redirect-refused").inc()
+            self.log.warn(
+                "refused to follow {upstream} to {host}: it is at {address},"
+                " an internal address",
+                upstream=self.upstream.host,
+                host=refused.host,
+                address=refused.address,
+            )
+            raise UpstreamBadResponse(
+                f"{self.upstream.host} sent hammal to an internal address; refused"
+            )
         except (error.ConnectingCancelledError, error.TimeoutError):
             metrics.upstream_errors.labels(host, "connect-timeout").inc()
             raise UpstreamTimeout(f"connecting to {host} timed out")
@@ -424,8 +503,14 @@ class UpstreamClient:
             ).set(int(count))
 
     async def send_direct(self, method: bytes, url: str, headers: Headers) -> IResponse:
-        """One exchange with C{url}, without hammal's own credentials or retries."""
-        return await self._send(method, url, headers.copy())
+        """
+        One exchange with C{url}, without hammal's own credentials or
+        retries. A URL off the upstream (a token realm its challenge named)
+        is held to the redirect rule.
+        """
+        upstream = _origin(self.upstream.url)
+        http = self._http if _origin(url) == upstream else self._redirect_client(upstream)
+        return await self._send(method, url, headers.copy(), http)
 
     async def reachable(self, within: float) -> str | None:
         """
