@@ -146,6 +146,7 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("no-library-prefix", "Never rewrite one-part names."),
     ("no-cache", "Run as a pure proxy: cache nothing on disk."),
     ("debug", "Log upstream exchanges (never secrets)."),
+    ("status-show-clients", "Show full client addresses on /status (default: masked to /24 or /48)."),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -342,6 +343,7 @@ class Settings:
     max_header_bytes: int = 16384
     ready_window: float = 60.0
     debug: bool = False
+    status_show_clients: bool = False
 
     def library_prefix_for(self, url: str) -> bool:
         """Whether names get ``library/`` at the upstream C{url}."""
@@ -463,6 +465,7 @@ class Settings:
             ),
             ready_window=_number(text("ready-window") or "60", "--ready-window", 1),
             debug=bool(options.get("debug")),
+            status_show_clients=bool(options.get("status-show-clients")),
             cache_max_size=cache_max_size,
             max_upstream_connections=int(
                 _number(
