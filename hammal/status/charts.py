@@ -16,7 +16,7 @@ import attrs
 Formatter = Callable[[float], str]
 
 _WIDTH = 600
-_LEFT = 64
+_LEFT = 100
 _RIGHT = 8
 _TOP = 10
 _BOTTOM = 20
@@ -127,7 +127,7 @@ def bar_chart(
     row_h = 24
     height = max(row_h * len(rows), row_h) + 4
     label_w = 250
-    value_w = 80
+    value_w = 110
     bar_w = _WIDTH - label_w - value_w - _RIGHT
     peak = max((value for _, value in rows), default=0.0) or 1.0
     parts = [

@@ -33,7 +33,7 @@ h2{font-size:1.05rem;margin:0 0 .6rem}
 .axis{font-size:11px}
 .label{font-size:12px;fill:var(--fg)}
 .grid{stroke:var(--line);stroke-width:1}
-.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(11rem,1fr));gap:.75rem;margin:1rem 0}
+.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(46%,11rem),1fr));gap:.75rem;margin:1rem 0}
 .tile,.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.8rem 1rem}
 .tile b{display:block;font-size:1.35rem}
 .grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30rem),1fr));gap:.75rem;margin-bottom:.75rem}
@@ -47,6 +47,7 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 code{font-size:.82rem;word-break:break-all}
 meter{width:100%;height:.8rem}
 .state-ok{color:#2a9d8f}.state-failing,.state-cooling{color:#e76f51}
+@media (max-width:40rem){.axis,.label{font-size:20px}.tile b{font-size:1.15rem}}
 footer{max-width:96rem;margin:1rem auto;padding:0 1rem 2rem;font-size:.85rem}
 """
 
@@ -106,8 +107,8 @@ def _tiles(report: dict[str, Any]) -> str:
         size_text = f"{format_bytes(size)} of {format_bytes(maximum)}"
         meter = f'<meter min="0" max="{maximum}" value="{min(size, maximum)}"></meter>'
     else:
-        size_text = f"{format_bytes(size)} (no --cache-max-size)"
-        meter = ""
+        size_text = format_bytes(size)
+        meter = " · no --cache-max-size"
     tiles = [
         ("Uptime", _duration(report["uptime_seconds"]), f"hammal {escape(report['version'])}"),
         (
