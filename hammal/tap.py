@@ -422,6 +422,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics.blob_cache_size.set_function(lambda: blobs.store.total_size)
         metrics.blob_cache_blobs.set_function(lambda: len(blobs.store))
         metrics.coalesced_readers.set_function(lambda: blobs.readers)
+        metrics.blob_fills_in_flight.set_function(lambda: len(blobs.transfers()))
     probe = (default or next(iter(routed.values()))).client
 
     readiness = Readiness()
