@@ -41,7 +41,18 @@ FIELDS = (
 )
 
 
+#: How often (seconds) finished requests move upstream bytes into the ring.
+CATCH_UP_INTERVAL = 5.0
+
+
 def _upstream_bytes_counter() -> float:
+    """
+    hammal_upstream_bytes_total, read directly: the registry's public
+    C{get_sample_value} collects every metric (over 100 us a call).
+    """
+    value = getattr(metrics.upstream_bytes, "_value", None)
+    if value is not None:
+        return float(value.get())
     return metrics.REGISTRY.get_sample_value("hammal_upstream_bytes_total") or 0.0
 
 
@@ -65,13 +76,20 @@ class StatusRecorder:
         self.repositories = TopRepositories()
         self._upstream_bytes = upstream_bytes
         self._upstream_seen = upstream_bytes()
+        self._caught_up_at = self.started_at
+        self._last_request_at = self.started_at
 
-    def catch_up(self) -> None:
-        """Move upstream bytes received since the last look into this minute."""
+    def catch_up(self, at: float | None = None) -> None:
+        """
+        Move upstream bytes received since the last look into the minute
+        of C{at} (default: now).
+        """
+        now = self.clock.seconds()
+        self._caught_up_at = now
         total = self._upstream_bytes()
         received, self._upstream_seen = total - self._upstream_seen, total
         if received > 0:
-            self.minutes.add(self.clock.seconds(), bytes_from_upstream=received)
+            self.minutes.add(now if at is None else at, bytes_from_upstream=received)
 
     def request_finished(
         self,
@@ -93,7 +111,13 @@ class StatusRecorder:
         if route == "-":
             return
         now = self.clock.seconds()
-        self.catch_up()
+        previous, self._last_request_at = self._last_request_at, now
+        if now // 60 != previous // 60:
+            # A new minute: what arrived since the last look belongs to the
+            # requests of the previous one.
+            self.catch_up(at=previous)
+        elif now - self._caught_up_at >= CATCH_UP_INTERVAL:
+            self.catch_up()
         pull = int(route == "manifest" and method == "GET" and 200 <= status < 300)
         from_cache = cache in FROM_CACHE
         looked_up = from_cache or cache in FROM_UPSTREAM
