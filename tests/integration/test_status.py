@@ -8,15 +8,20 @@ rendered DOM under ``_trial_temp/status-artifacts/``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 import unittest
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List
 
 from tests.integration.browser import Browser, missing_browser
 from tests.integration.environment import free_port, port_open, wait_until
 from tests.integration.support import IntegrationTestCase
 from tests.integration.test_access import fetch, launch_hammal
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 #: Where the browser test leaves its screenshots, relative to the directory
 #: tests run in (trial's ``_trial_temp``).
@@ -161,3 +166,100 @@ class StatusAccessTests(IntegrationTestCase):
             self.assertOCIError(response, 403, "DENIED", ["not allowed"])
         open_to_us = launch_hammal(self, ["--allow-ip", "127.0.0.0/8"])
         self.assertEqual(open_to_us.request("GET", "/status").status, 200)
+
+
+class _QuotaHandler(BaseHTTPRequestHandler):
+    """Docker Hub's manners: every manifest GET costs a pull and says how
+    many are left in ``ratelimit-remaining``."""
+
+    server: "QuotaUpstream"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, headers: Dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/v2/":
+            self._send(200, b"{}", {"Content-Type": "application/json"})
+            return
+        if "/manifests/" not in self.path:
+            self._send(404, b'{"errors":[{"code":"NAME_UNKNOWN","message":"?"}]}',
+                       {"Content-Type": "application/json"})
+            return
+        body = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": "sha256:" + "0" * 64, "size": 2},
+            "layers": [], "annotations": {"path": self.path},
+        }).encode()
+        with self.server.lock:
+            if self.command == "GET":
+                self.server.remaining -= 1
+            remaining = self.server.remaining
+        self._send(200, body, {
+            "Content-Type": OCI_MANIFEST,
+            "Docker-Content-Digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+            "RateLimit-Limit": "100;w=21600",
+            "RateLimit-Remaining": f"{remaining};w=21600",
+        })
+
+    do_HEAD = do_GET
+
+
+class QuotaUpstream(ThreadingHTTPServer):
+    """A registry on 127.0.0.1 (port chosen by the kernel) in a thread."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _QuotaHandler)
+        self.remaining = 100
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
+                                       name="quota-upstream", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(5)
+
+
+class QuotaTests(IntegrationTestCase):
+    """Upstream's ``ratelimit-remaining`` reaches /status over real TCP."""
+
+    def test_remaining_pulls(self) -> None:
+        upstream = QuotaUpstream()
+        self.addCleanup(upstream.close)
+        hammal = launch_hammal(self, upstream=upstream.url, library_prefix=False)
+        host = upstream.url.split("//", 1)[1]
+
+        def quota() -> Dict[str, Any]:
+            entries = json.loads(fetch(hammal.url + "/status.json").body)["quota"]
+            (entry,) = [e for e in entries if e["upstream"] == host]
+            return dict(entry)
+
+        before = quota()
+        self.assertEqual((before["account"], before["remaining"]), ("anonymous", None))
+        for tag in ("1", "2"):
+            response = hammal.request("GET", f"/v2/team/app/manifests/{tag}",
+                                      [("Accept", OCI_MANIFEST)])
+            self.assertEqual(response.status, 200, response.describe())
+        after = quota()
+        self.assertEqual((after["remaining"], after["limit"], after["window_seconds"]),
+                         (98, 100, 21600), f"{after}\n{self.diagnostics()}")
+        self.assertLess(after["observed_seconds_ago"], 60)
+        page = fetch(hammal.url + "/status").body.decode()
+        self.assertIn("<td>98 of 100</td>", page)
