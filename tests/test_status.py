@@ -6,10 +6,17 @@ and ``/status`` + ``/status.json`` over hammal's resource tree in memory.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
+
+from hammal.errors import UpstreamUnavailable
+from hammal.registry.client import Trace
+from hammal.upstreams import FailoverClient
 
 from hammal.registry.auth import Credentials
 from hammal.status.quota import ANONYMOUS, QuotaBoard, parse_ratelimit
@@ -22,6 +29,7 @@ from hammal.web.status import add_status
 from tests.fakes import MANIFEST_V2, REGISTRY, FakeUpstream
 from tests.test_config import settings
 from tests.test_client import ClientHarness
+from tests.test_upstreams import FakeMember, FakeResponse
 from tests.test_v2 import Mirror, header
 
 ACCEPT = {b"accept": [MANIFEST_V2.encode()]}
@@ -387,3 +395,36 @@ class OptionTests(SynchronousTestCase):
         self.assertFalse(settings().status_show_clients)
         self.assertTrue(settings(["--status-show-clients"]).status_show_clients)
         self.assertTrue(settings(environ={"HAMMAL_STATUS_SHOW_CLIENTS": "true"}).status_show_clients)
+
+
+class UpstreamHealthTests(SynchronousTestCase):
+    """Failover state in the report: who rests, for how long, failovers counted."""
+
+    def test_failover_members(self) -> None:
+        clock = Clock()
+        clock.advance(1000)
+        primary = FakeMember("primary.status.test", [UpstreamUnavailable("down")])
+        mirror = FakeMember("mirror.status.test", [FakeResponse(200)])
+        primary.last_reached = None  # type: ignore[attr-defined]
+        mirror.last_reached = 990.0  # type: ignore[attr-defined]
+        client = FailoverClient(cast(Any, [primary, mirror]), clock, cooldown=30)
+        request = client.request(b"GET", "a", "manifests/1", Headers(), Trace())
+        self.successResultOf(Deferred.fromCoroutine(request))
+        clock.advance(10)
+        report = StatusReport(
+            StatusRecorder(clock),
+            QuotaBoard(),
+            [RouteSource("hub.example.com", "https://user:pw@primary.status.test", client)],
+        ).build()
+        (route,) = report["upstreams"]
+        self.assertEqual((route["route"], route["url"]), ("hub.example.com", "https://primary.status.test"))
+        first, second = route["members"]
+        self.assertEqual(first["state"], "cooling down")
+        self.assertEqual(first["cooldown_seconds_left"], 20)
+        self.assertEqual(first["failovers"], 1)
+        self.assertIsNone(first["last_success_seconds_ago"])
+        self.assertEqual((second["state"], second["last_success_seconds_ago"]), ("ok", 20))
+        self.assertIsNone(second["cooldown_seconds_left"])
+        clock.advance(21)
+        report = StatusReport(StatusRecorder(clock), QuotaBoard(), [RouteSource("h", "https://x", client)]).build()
+        self.assertEqual(report["upstreams"][0]["members"][0]["state"], "unknown")
