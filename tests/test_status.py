@@ -19,6 +19,7 @@ from hammal.registry.client import Trace
 from hammal.upstreams import FailoverClient
 
 from hammal.registry.auth import Credentials
+from hammal.status.charts import Line, _corners, bar_chart, format_bytes, format_count, line_chart
 from hammal.status.quota import ANONYMOUS, QuotaBoard, parse_ratelimit
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport, mask_address
@@ -428,3 +429,29 @@ class UpstreamHealthTests(SynchronousTestCase):
         clock.advance(21)
         report = StatusReport(StatusRecorder(clock), QuotaBoard(), [RouteSource("h", "https://x", client)]).build()
         self.assertEqual(report["upstreams"][0]["members"][0]["state"], "unknown")
+
+
+class ChartTests(SynchronousTestCase):
+    def test_line_chart(self) -> None:
+        """Flat runs collapse to their ends; sums and point counts are announced."""
+        values = [0.0] * 1000 + [3.0, 3.0, 3.0] + [0.0] * 437
+        svg = line_chart("c", "<t>", [Line("k", "label", values, "#000")], "−24 h")
+        self.assertIn('data-points="1440"', svg)
+        self.assertIn('data-series="k" data-sum="9"', svg)
+        self.assertIn("<title id=\"c-title\">&lt;t&gt;</title>", svg)
+        polyline = svg.split('<polyline', 1)[1].split('points="', 1)[1].split('"', 1)[0]
+        self.assertEqual(len(polyline.split()), 6)
+        self.assertEqual(_corners([1.0, 2.0, 2.0, 2.0]), [(0, 1.0), (1, 2.0), (3, 2.0)])
+
+    def test_bar_chart(self) -> None:
+        long_name = "org/" + "x" * 60
+        svg = bar_chart("b", "t", [(long_name, 5.0), ("a", 1.0)], "#000")
+        self.assertIn(f'data-label="{long_name}" data-value="5"', svg)
+        self.assertIn("…" + long_name[-37:], svg)
+        self.assertIn('data-rows="2"', svg)
+        self.assertIn("nothing yet", bar_chart("e", "t", [], "#000"))
+
+    def test_formats(self) -> None:
+        self.assertEqual(format_bytes(1536), "1.5 KiB")
+        self.assertEqual(format_bytes(12), "12 B")
+        self.assertEqual(format_count(12345), "12.3k")
