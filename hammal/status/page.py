@@ -47,7 +47,7 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 code{font-size:.82rem;word-break:break-all}
 meter{width:100%;height:.8rem}
 .state-ok{color:#2a9d8f}.state-failing,.state-cooling{color:#e76f51}
-@media (max-width:40rem){.axis,.label{font-size:20px}.tile b{font-size:1.15rem}}
+@media (max-width:40rem){.axis,.label{font-size:20px}.tile b{font-size:1.15rem}table{font-size:.78rem}th,td{padding:.25rem .3rem}.card{padding:.7rem .6rem}}
 footer{max-width:96rem;margin:1rem auto;padding:0 1rem 2rem;font-size:.85rem}
 """
 
