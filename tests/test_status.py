@@ -19,7 +19,7 @@ from hammal.registry.client import Trace
 from hammal.upstreams import FailoverClient
 
 from hammal.registry.auth import Credentials
-from hammal.status.charts import Line, _corners, bar_chart, format_bytes, format_count, line_chart
+from hammal.status.charts import Line, _corners, bar_chart, format_bytes, format_count, line_chart, ratio_chart
 from hammal.status.quota import ANONYMOUS, QuotaBoard, parse_ratelimit
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport, mask_address
@@ -352,7 +352,16 @@ class StatusPageTests(SynchronousTestCase):
         self.assertEqual(header(response, b"content-type"), "text/html; charset=utf-8")
         self.assertIn("default-src 'none'", header(response, b"content-security-policy") or "")
         page = mirror.body(response).decode()
-        for chart in ("requests-hour", "bytes-hour", "requests-day", "bytes-day", "top-pulls", "top-bytes"):
+        for chart in (
+            "requests-hour",
+            "hit-ratio-hour",
+            "bytes-hour",
+            "requests-day",
+            "hit-ratio-day",
+            "bytes-day",
+            "top-pulls",
+            "top-bytes",
+        ):
             self.assertIn(f'data-chart="{chart}"', page)
         self.assertIn('data-label="library/alpine" data-value="1"', page)
         self.assertIn("<td>library/alpine</td>", page)
@@ -442,6 +451,15 @@ class ChartTests(SynchronousTestCase):
         polyline = svg.split('<polyline', 1)[1].split('points="', 1)[1].split('"', 1)[0]
         self.assertEqual(len(polyline.split()), 6)
         self.assertEqual(_corners([1.0, 2.0, 2.0, 2.0]), [(0, 1.0), (1, 2.0), (3, 2.0)])
+
+    def test_ratio_chart(self) -> None:
+        """Minutes without lookups leave gaps; lone minutes are dots."""
+        svg = ratio_chart("r", "t", [1, 0, 0, 3, 3, 0], [2, 0, 0, 4, 4, 0], "#000", "−60 min")
+        self.assertIn('data-points="6"', svg)
+        self.assertIn('data-defined="3" data-ratio="0.7000"', svg)
+        self.assertEqual(svg.count("<circle"), 1)
+        self.assertEqual(svg.count("<polyline"), 1)
+        self.assertIn('data-defined="0"', ratio_chart("e", "t", [0, 0], [0, 0], "#000", "x"))
 
     def test_bar_chart(self) -> None:
         long_name = "org/" + "x" * 60

@@ -67,6 +67,97 @@ def _corners(values: Sequence[float]) -> list[tuple[int, float]]:
     ]
 
 
+def _frame(
+    chart_id: str,
+    title: str,
+    points: int,
+    height: int,
+    peak: float,
+    formatter: Formatter,
+    start_label: str,
+) -> list[str]:
+    """The opening of a time chart: its title, grid, value and time labels."""
+    plot_h = height - _TOP - _BOTTOM
+    bottom = _TOP + plot_h
+    parts = [
+        f'<svg class="chart" id="{_attribute(chart_id)}" data-chart="{_attribute(chart_id)}"'
+        f' data-points="{points}" viewBox="0 0 {_WIDTH} {height}" role="img"'
+        f' aria-labelledby="{_attribute(chart_id)}-title" xmlns="http://www.w3.org/2000/svg">',
+        f'<title id="{_attribute(chart_id)}-title">{escape(title)}</title>',
+    ]
+    for fraction in (0.0, 0.5, 1.0):
+        gy = bottom - plot_h * fraction
+        parts.append(
+            f'<line x1="{_LEFT}" y1="{gy:.1f}" x2="{_WIDTH - _RIGHT}" y2="{gy:.1f}" class="grid"/>'
+        )
+        parts.append(
+            f'<text x="{_LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end" class="axis">'
+            f"{escape(formatter(peak * fraction))}</text>"
+        )
+    parts.append(
+        f'<text x="{_LEFT}" y="{height - 5}" class="axis">{escape(start_label)}</text>'
+        f'<text x="{_WIDTH - _RIGHT}" y="{height - 5}" text-anchor="end" class="axis">now</text>'
+    )
+    return parts
+
+
+def format_percent(value: float) -> str:
+    """C{0.5} → C{"50 %"}."""
+    return f"{value * 100:.0f} %"
+
+
+def ratio_chart(
+    chart_id: str,
+    title: str,
+    part: Sequence[float],
+    whole: Sequence[float],
+    color: str,
+    start_label: str,
+    height: int = 170,
+) -> str:
+    """
+    C{part / whole} per point, from 0 to 100 %; points where C{whole} is 0
+    have no ratio and leave a gap (a lone point is drawn as a dot).
+    """
+    points = len(whole)
+    plot_w = _WIDTH - _LEFT - _RIGHT
+    plot_h = height - _TOP - _BOTTOM
+    bottom = _TOP + plot_h
+
+    def x(i: int) -> float:
+        return _LEFT + (plot_w * i / (points - 1) if points > 1 else plot_w)
+
+    parts = _frame(chart_id, title, points, height, 1.0, format_percent, start_label)
+    runs: list[list[tuple[int, float]]] = []
+    for i, (p, w) in enumerate(zip(part, whole)):
+        if not w:
+            continue
+        if runs and runs[-1][-1][0] == i - 1:
+            runs[-1].append((i, p / w))
+        else:
+            runs.append([(i, p / w)])
+    defined = sum(len(run) for run in runs)
+    total = sum(part) / sum(whole) if sum(whole) else 0.0
+    parts.append(
+        f'<g data-series="ratio" data-defined="{defined}" data-ratio="{total:.4f}"'
+        f' fill="{_attribute(color)}" stroke="{_attribute(color)}">'
+        f"<title>{escape(format_percent(total))} over the whole chart</title>"
+    )
+    for run in runs:
+        if len(run) == 1:
+            i, r = run[0]
+            parts.append(f'<circle cx="{x(i):.1f}" cy="{bottom - plot_h * r:.1f}" r="2.5"/>')
+            continue
+        kept = [run[k] for k, _ in _corners([r for _, r in run])]
+        coordinates = " ".join(f"{x(i):.1f},{bottom - plot_h * r:.1f}" for i, r in kept)
+        parts.append(
+            f'<polyline points="{coordinates}" fill="none" stroke-width="1.6"'
+            ' vector-effect="non-scaling-stroke"/>'
+        )
+    parts.append("</g></svg>")
+    return "".join(parts)
+
+
 def line_chart(
     chart_id: str,
     title: str,
@@ -92,25 +183,7 @@ def line_chart(
     def y(value: float) -> float:
         return bottom - plot_h * value / scale
 
-    parts = [
-        f'<svg class="chart" id="{_attribute(chart_id)}" data-chart="{_attribute(chart_id)}"'
-        f' data-points="{points}" viewBox="0 0 {_WIDTH} {height}" role="img"'
-        f' aria-labelledby="{_attribute(chart_id)}-title" xmlns="http://www.w3.org/2000/svg">',
-        f'<title id="{_attribute(chart_id)}-title">{escape(title)}</title>',
-    ]
-    for fraction in (0.0, 0.5, 1.0):
-        gy = bottom - plot_h * fraction
-        parts.append(
-            f'<line x1="{_LEFT}" y1="{gy:.1f}" x2="{_WIDTH - _RIGHT}" y2="{gy:.1f}" class="grid"/>'
-        )
-        parts.append(
-            f'<text x="{_LEFT - 6}" y="{gy + 4:.1f}" text-anchor="end" class="axis">'
-            f"{escape(formatter(peak * fraction))}</text>"
-        )
-    parts.append(
-        f'<text x="{_LEFT}" y="{height - 5}" class="axis">{escape(start_label)}</text>'
-        f'<text x="{_WIDTH - _RIGHT}" y="{height - 5}" text-anchor="end" class="axis">now</text>'
-    )
+    parts = _frame(chart_id, title, points, height, peak, formatter, start_label)
     for index, line in enumerate(lines):
         coordinates = " ".join(
             f"{x(i):.1f},{y(v):.1f}" for i, v in _corners(line.values)

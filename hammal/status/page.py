@@ -11,7 +11,14 @@ import time
 from html import escape
 from typing import Any, Sequence
 
-from hammal.status.charts import Line, bar_chart, format_bytes, format_count, line_chart
+from hammal.status.charts import (
+    Line,
+    bar_chart,
+    format_bytes,
+    format_count,
+    line_chart,
+    ratio_chart,
+)
 
 CACHE_COLOR = "#2a9d8f"
 UPSTREAM_COLOR = "#e76f51"
@@ -37,6 +44,8 @@ h2{font-size:1.05rem;margin:0 0 .6rem}
 .tile,.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.8rem 1rem}
 .tile b{display:block;font-size:1.35rem}
 .grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30rem),1fr));gap:.75rem;margin-bottom:.75rem}
+.grid3{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,24rem),1fr));gap:.75rem;margin-bottom:.75rem}
+.grid3 .axis{font-size:18px}
 svg.chart{width:100%;height:auto;display:block}
 .legend span{display:inline-block;margin-right:1rem;font-size:.85rem}
 .legend i{display:inline-block;width:.8rem;height:.8rem;border-radius:2px;margin-right:.3rem;vertical-align:-1px}
@@ -168,9 +177,22 @@ def _charts(report: dict[str, Any]) -> str:
             start,
             formatter=format_bytes,
         )
+        ratio = ratio_chart(
+            f"hit-ratio-{window}",
+            f"Cache hit ratio per minute, last {window}",
+            series["cache_hits"],
+            series["cache_lookups"],
+            CACHE_COLOR,
+            start,
+        )
         cards.append(
             f'<div class="card"><h2>Requests per minute, last {window}</h2>{requests}'
             + _legend([("requests", REQUESTS_COLOR), ("served from cache", CACHE_COLOR)])
+            + "</div>"
+        )
+        cards.append(
+            f'<div class="card"><h2>Cache hit ratio, last {window}</h2>{ratio}'
+            + _legend([("responses served from the cache, per minute", CACHE_COLOR)])
             + "</div>"
         )
         cards.append(
@@ -178,7 +200,7 @@ def _charts(report: dict[str, Any]) -> str:
             + _legend([("from cache (saved)", CACHE_COLOR), ("fetched upstream", UPSTREAM_COLOR)])
             + "</div>"
         )
-    return '<section class="grid2" id="charts">' + "".join(cards) + "</section>"
+    return '<section class="grid3" id="charts">' + "".join(cards) + "</section>"
 
 
 def _upstreams(report: dict[str, Any]) -> str:

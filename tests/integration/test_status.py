@@ -35,6 +35,11 @@ for (const svg of document.querySelectorAll('svg[data-chart]')) {
     lines[line.dataset.series] = Number(line.dataset.sum);
   }
   const bars = [...svg.querySelectorAll('g[data-label]')].map(g => g.dataset.label);
+  const ratio = svg.querySelector('g[data-series="ratio"]');
+  if (ratio) {
+    lines.ratio = Number(ratio.dataset.ratio);
+    lines.ratio_points = Number(ratio.dataset.defined);
+  }
   const box = svg.getBoundingClientRect();
   charts[svg.dataset.chart] = {
     points: Number(svg.dataset.points || 0), lines, bars,
@@ -105,7 +110,8 @@ class StatusPageBrowserTests(IntegrationTestCase):
         self.assertEqual(facts["resources"], [], f"the page fetched something{context}")
 
         charts = facts["charts"]
-        for name in ("requests-hour", "bytes-hour", "requests-day", "bytes-day"):
+        for name in ("requests-hour", "hit-ratio-hour", "bytes-hour",
+                     "requests-day", "hit-ratio-day", "bytes-day"):
             self.assertIn(name, charts, context)
             self.assertGreater(charts[name]["width"], 300, f"{name} not laid out{context}")
         self.assertEqual(charts["requests-hour"]["points"], 60)
@@ -113,6 +119,8 @@ class StatusPageBrowserTests(IntegrationTestCase):
         self.assertGreater(charts["requests-hour"]["lines"]["requests"], 0, context)
         self.assertGreater(charts["requests-hour"]["lines"]["cache_hits"], 0, context)
         self.assertGreater(charts["bytes-hour"]["lines"]["bytes_from_cache"], 0, context)
+        self.assertGreater(charts["hit-ratio-hour"]["lines"]["ratio"], 0, context)
+        self.assertGreaterEqual(charts["hit-ratio-day"]["lines"]["ratio_points"], 1, context)
         self.assertGreater(charts["bytes-hour"]["lines"]["bytes_from_upstream"], 0, context)
         for name in ("top-pulls", "top-bytes"):
             self.assertEqual(set(charts[name]["bars"]), {"library/alpine", "library/ociimg"},
