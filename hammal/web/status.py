@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -34,7 +33,6 @@ class _StatusLeaf(Resource):
     """Common ground of the two views: methods, access rules, headers."""
 
     isLeaf = True
-    log = Logger()
     content_type = b"text/plain"
 
     def __init__(self, report: StatusReport, rules: AccessRules | None = None) -> None:
