@@ -104,7 +104,7 @@ class StatusPageBrowserTests(IntegrationTestCase):
             f.write(browser.run("return document.documentElement.outerHTML;"))
         context = f"\n{json.dumps(facts, indent=1)[:6000]}\n{self.diagnostics()}"
 
-        errors = [m for m in console if m.get("level") in ("SEVERE", "WARNING")]
+        errors = [m for m in console if m.get("level") == "SEVERE"]
         self.assertEqual(errors, [], f"console messages: {errors}{context}")
         self.assertEqual(facts["title"], "hammal status")
         self.assertEqual(facts["resources"], [], f"the page fetched something{context}")
