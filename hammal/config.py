@@ -169,6 +169,7 @@ FLAGS: tuple[tuple[str, str], ...] = (
         "plain-http-credentials",
         "Send upstream credentials over plain HTTP to hosts that are not loopback (unsafe).",
     ),
+    ("status-show-clients", "Show full client addresses on /status (default: masked to /24 or /48)."),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -398,6 +399,7 @@ class Settings:
     max_header_bytes: int = 16384
     ready_window: float = 60.0
     debug: bool = False
+    status_show_clients: bool = False
 
     def library_prefix_for(self, url: str) -> bool:
         """Whether names get ``library/`` at the upstream C{url}."""
@@ -539,6 +541,7 @@ class Settings:
             ),
             ready_window=_number(text("ready-window") or "60", "--ready-window", 1),
             debug=bool(options.get("debug")),
+            status_show_clients=bool(options.get("status-show-clients")),
             cache_max_size=cache_max_size,
             max_upstream_connections=int(
                 _number(

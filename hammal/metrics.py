@@ -113,6 +113,11 @@ coalesced_readers = Gauge(
     "Clients reading cached blobs or following transfers in flight.",
     registry=REGISTRY,
 )
+blob_fills_in_flight = Gauge(
+    "hammal_blob_fills_in_flight",
+    "Upstream blob transfers into the cache in flight now.",
+    registry=REGISTRY,
+)
 digest_mismatches = Counter(
     "hammal_digest_mismatches",
     "Upstream transfers rejected because their bytes did not match the digest.",

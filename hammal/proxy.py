@@ -269,7 +269,7 @@ class PullProxy:
                 )
             )
 
-        fetch, joined = blobs.fetch(digest, start, self.upstream_host)
+        fetch, joined = blobs.fetch(digest, start, self.upstream_host, upstream_name)
         await fetch.when_started()
         return self._cache_reply(
             blobs,

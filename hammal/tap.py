@@ -69,6 +69,10 @@ from hammal.web.root import MetricsResource, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
 from hammal.web.limits import ConnectionLimit
 from hammal.web.site import HammalSite
+from hammal.web.status import add_status
+from hammal.status.quota import QUOTAS
+from hammal.status.recorder import StatusRecorder
+from hammal.status.report import RouteSource, StatusReport
 from hammal.web.v2 import V2Resource
 
 
@@ -334,6 +338,27 @@ def _gate(settings: Settings, reactor: Any) -> Gate | None:
         raise usage.UsageError(str(failure))
 
 
+def _address_rules(settings: Settings) -> AccessRules | None:
+    """The address rules alone (for /status): --allow-ip, --deny-ip, --trusted-proxy."""
+    rules = settings.rules
+    if not (rules.get("allow-ip") or rules.get("deny-ip")):
+        return None
+    try:
+        return AccessRules(
+            allow_ip=rules.get("allow-ip", ()),
+            deny_ip=rules.get("deny-ip", ()),
+            trusted_proxies=rules.get("trusted-proxy", ()),
+        )
+    except ValueError as failure:
+        raise usage.UsageError(str(failure))
+
+
+def _members(client: Any) -> list[Any]:
+    """The upstream clients behind C{client} (itself, or a failover's members)."""
+    health = getattr(client, "health", None)
+    return [member for member, _ in health()] if health is not None else [client]
+
+
 def _token_key(settings: Settings) -> bytes:
     if settings.token_key_file is None:
         return TokenIssuer.generate_key()
@@ -442,6 +467,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics.blob_cache_size.set_function(lambda: blobs.store.total_size)
         metrics.blob_cache_blobs.set_function(lambda: len(blobs.store))
         metrics.coalesced_readers.set_function(lambda: blobs.readers)
+        metrics.blob_fills_in_flight.set_function(lambda: len(blobs.transfers()))
     probe = (default or next(iter(routed.values()))).client
 
     readiness = Readiness()
@@ -458,8 +484,27 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics_resource if settings.metrics_port is None else None,
         FrontPage(settings.url302),
     )
+    recorder = StatusRecorder(reactor)
+    status_routes = [RouteSource(host, url, routed[host].client) for host, url in settings.routes]
+    if default is not None and settings.upstream is not None:
+        status_routes.insert(0, RouteSource("default", settings.upstream, default.client))
+    for route in status_routes:
+        for member in _members(route.client):
+            QUOTAS.register(member.upstream.host, member.account)
+    status_report = StatusReport(
+        recorder,
+        QUOTAS,
+        status_routes,
+        blobs,
+        settings.cache_max_size,
+        settings.status_show_clients,
+    )
+    status_rules = _address_rules(settings)
+    if settings.metrics_port is None:
+        add_status(root, status_report, status_rules)
     site = HammalSite(root, reactor, timeout=settings.idle_timeout)
     site.displayTracebacks = False
+    site.status = recorder
 
     service = MultiService()
     factory: Any = ConnectionLimit(site, settings.max_connections)
@@ -475,6 +520,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if settings.metrics_port is not None:
         metrics_root = Resource()
         metrics_root.putChild(b"metrics", metrics_resource)
+        add_status(metrics_root, status_report, status_rules)
         metrics_site = _QuietSite(metrics_root)
         _listen(reactor, settings.metrics_port, metrics_site, service)
     DrainService(readiness, lambda: site.active_requests, reactor, settings.drain_timeout).setServiceParent(service)

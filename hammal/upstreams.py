@@ -224,3 +224,11 @@ class FailoverClient:
                 return None
             problems.append(problem)
         return "; ".join(problems)
+
+    def health(self) -> list[tuple[UpstreamClient, float | None]]:
+        """Each member, and until when it rests after a failure (L{None}: not resting)."""
+        now = self._clock.seconds()
+        return [
+            (member, self._resting[i] if self._resting.get(i, 0) > now else None)
+            for i, member in enumerate(self._members)
+        ]

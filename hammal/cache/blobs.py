@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
@@ -19,6 +20,27 @@ from hammal.registry.reference import Digest
 
 #: Free space below which new transfers are not written to disk.
 MIN_FREE_BYTES = 256 * 1024 * 1024
+
+
+@attrs.define(eq=False)
+class Transfer:
+    """
+    A blob transfer in flight, as the status page shows it.
+
+    @ivar clients: the addresses of the clients following it now.
+    """
+
+    fetch: BlobFetch
+    upstream: str
+    repository: str
+    clients: list[str] = attrs.Factory(list)
+
+
+def _client_of(consumer: IConsumer) -> str:
+    """The peer address of the request a body goes to, if it is one."""
+    get_address = getattr(consumer, "getClientAddress", None)
+    address = get_address() if get_address is not None else None
+    return str(getattr(address, "host", "-"))
 
 
 class CachedBody:
@@ -67,10 +89,16 @@ class CachedBody:
         self._reader = reader
         store.pin(self._digest)
         self._cache.readers += 1
+        following = self._fetch
+        client = _client_of(consumer)
+        if following is not None:
+            self._cache.attach(following, client)
 
         def release(result: object) -> object:
             store.unpin(self._digest)
             self._cache.readers -= 1
+            if following is not None:
+                self._cache.detach(following, client)
             return result
 
         reader.done.addBoth(release)
@@ -107,6 +135,7 @@ class BlobCache:
         self._resumes = resumes
         self._offload = offload
         self._fetches: dict[str, BlobFetch] = {}
+        self._transfers: dict[BlobFetch, Transfer] = {}
         self.fetches_started = 0
         self.readers = 0
         #: Cache hits on plain TCP go out with os.sendfile.
@@ -127,10 +156,13 @@ class BlobCache:
             return None
         return fetch
 
-    def fetch(self, digest: Digest, start_upstream: StartUpstream, upstream: str) -> tuple[BlobFetch, bool]:
+    def fetch(
+        self, digest: Digest, start_upstream: StartUpstream, upstream: str, repository: str = ""
+    ) -> tuple[BlobFetch, bool]:
         """
         The fetch of C{digest}: the one in flight (C{True}: joined) or a new
         one started now (C{False}). A fetch runs to its end whoever leaves.
+        C{repository} is only for the status page.
         """
         running = self.in_flight(digest)
         if running is not None:
@@ -147,16 +179,34 @@ class BlobCache:
         )
         key = str(digest)
         self._fetches[key] = fetch
+        self._transfers[fetch] = Transfer(fetch, upstream, repository)
         self.fetches_started += 1
         metrics.blob_fetches.inc()
 
         def forget(_: object) -> None:
+            self._transfers.pop(fetch, None)
             if self._fetches.get(key) is fetch:
                 del self._fetches[key]
 
         fetch.finished.addBoth(forget)
         Deferred.fromCoroutine(fetch.run())
         return fetch, False
+
+    def attach(self, fetch: BlobFetch, client: str) -> None:
+        """C{client} follows C{fetch} (for the status page)."""
+        transfer = self._transfers.get(fetch)
+        if transfer is not None:
+            transfer.clients.append(client)
+
+    def detach(self, fetch: BlobFetch, client: str) -> None:
+        """C{client} no longer follows C{fetch}."""
+        transfer = self._transfers.get(fetch)
+        if transfer is not None and client in transfer.clients:
+            transfer.clients.remove(client)
+
+    def transfers(self) -> list[Transfer]:
+        """The upstream transfers in flight now, oldest first."""
+        return list(self._transfers.values())
 
     def body(
         self, digest: Digest, start: int, end: int | None, fetch: BlobFetch | None = None

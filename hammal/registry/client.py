@@ -56,6 +56,7 @@ from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
 from hammal.registry.tokens import TokenCache
 from hammal.registry.trust import CredentialPolicy
 from hammal.stream import discard_body, read_body
+from hammal.status.quota import QUOTAS, QuotaBoard
 
 RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -244,6 +245,8 @@ class UpstreamClient:
     """
 
     log = Logger()
+    #: Where upstream's ``ratelimit-*`` answers are recorded (the status page).
+    quotas: QuotaBoard = QUOTAS
 
     def __init__(
         self,
@@ -496,11 +499,25 @@ class UpstreamClient:
         value = _header(response, b"ratelimit-remaining")
         if value is None:
             return
+        self.quotas.observe_headers(
+            self.upstream.host,
+            self.account,
+            [
+                ("ratelimit-remaining", value),
+                ("ratelimit-limit", _header(response, b"ratelimit-limit") or ""),
+            ],
+            self._clock.seconds(),
+        )
         count = value.split(";", 1)[0].strip()
         if count.isdigit():
             metrics.upstream_ratelimit_remaining.labels(
                 self.upstream.host, self._auth.identity
             ).set(int(count))
+
+    @property
+    def account(self) -> str:
+        """The non-secret name of hammal's upstream identity (``anonymous``, ``user-<hash>``)."""
+        return self._auth.identity
 
     async def send_direct(self, method: bytes, url: str, headers: Headers) -> IResponse:
         """

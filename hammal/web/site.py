@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 
 from hammal import metrics
 from hammal.registry.client import Trace
+from hammal.status.recorder import StatusRecorder
 
 
 #: Module-level so that its namespace stays "hammal.access" (a Logger on a
@@ -59,6 +60,7 @@ class HammalRequest(Request):
         super().__init__(*args, **kwargs)
         self.route_kind = "-"
         self.upstream_host = "-"
+        self.repository = ""
         self.request_id = ""
         self.trace = Trace()
         self.cache_status = "-"
@@ -115,8 +117,13 @@ class HammalRequest(Request):
 
 
 class HammalSite(Site):
-    """A L{Site} that writes structured access-log events."""
+    """
+    A L{Site} that writes structured access-log events.
 
+    @ivar status: told of every finished request, for the status page.
+    """
+
+    status: StatusRecorder | None = None
 
     def __init__(self, resource: IResource, clock: IReactorTime, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -146,6 +153,16 @@ class HammalSite(Site):
         metrics.requests.labels(route, str(request.code)).inc()
         metrics.response_bytes.labels(route).inc(request.sentLength)
         metrics.request_duration.labels(route).observe(duration)
+        if self.status is not None:
+            self.status.request_finished(
+                route,
+                request.method.decode("latin-1"),
+                request.code,
+                request.sentLength,
+                request.cache_status,
+                request.upstream_host,
+                request.repository,
+            )
         client = _client_address(request)
         method = _printable(request.method.decode("latin-1"))
         path = _printable(request.uri.decode("latin-1")[:1024])

@@ -87,6 +87,8 @@ class V2Resource(Resource):
         proxy, name = selection.proxy, selection.name
         if hasattr(request, "upstream_host"):
             request.upstream_host = proxy.upstream_host
+        if hasattr(request, "repository"):
+            request.repository = proxy.upstream_name(name)
         headers = upstream_request_headers(request.requestHeaders)
         trace: Trace = getattr(request, "trace", None) or Trace()
         if admission.upstream_authorization is not None:
