@@ -392,7 +392,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     registries = [(url, routed[host]) for host, url in settings.routes]
     if default is not None and settings.upstream is not None:
         registries.insert(0, (settings.upstream, default))
-    selector = UpstreamSelector(default, routed, registries, settings.allow_upstream, adhoc)
+    selector = UpstreamSelector(
+        default, routed, registries, settings.allow_upstream, adhoc, dict(settings.stands_for)
+    )
     if blobs is not None:
         metrics.blob_cache_size.set_function(lambda: blobs.store.total_size)
         metrics.blob_cache_blobs.set_function(lambda: len(blobs.store))
