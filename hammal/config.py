@@ -119,6 +119,12 @@ LISTS: tuple[OptionSpec, ...] = (
         "[HOST=|REGISTRY=]URL: a mirror of the upstream (of --route HOST, or of the upstream"
         " standing for REGISTRY) tried when it fails (repeatable).",
     ),
+    OptionSpec(
+        "upstream-credentials-file",
+        None,
+        "[HOST=]FILE: a pool of upstream accounts, USER:PASSWORD a line, for the upstream"
+        " (or --route HOST); re-read on change (repeatable).",
+    ),
     OptionSpec("allow-upstream", None, "HOST that ?upstream=HOST may name (repeatable)."),
     OptionSpec("allow-ip", None, "CIDR allowed to pull; others are refused (repeatable)."),
     OptionSpec("deny-ip", None, "CIDR refused (repeatable)."),
@@ -320,6 +326,28 @@ def _attach_mirrors(
     return tuple(attached)
 
 
+def _credentials_files(
+    items: list[str], route_hosts: set[str]
+) -> tuple[tuple[str | None, str], ...]:
+    """C{[HOST=]FILE} items: at most one file per upstream."""
+    files: list[tuple[str | None, str]] = []
+    for item in items:
+        host, separator, path = item.partition("=")
+        key: str | None = None
+        if separator and host.strip().lower() in route_hosts:
+            key = host.strip().lower()
+        elif separator and "/" not in host and "." in host:
+            raise ConfigError(f"--upstream-credentials-file {host[:100]}=... names no --route host")
+        else:
+            path = item
+        if not path.strip():
+            raise ConfigError("--upstream-credentials-file needs a file name")
+        if key in {k for k, _ in files}:
+            raise ConfigError("--upstream-credentials-file: one file per upstream")
+        files.append((key, path.strip()))
+    return tuple(files)
+
+
 @attrs.frozen
 class RedisAddress:
     host: str
@@ -360,6 +388,8 @@ class Settings:
     #: (URL, registry) for each upstream given as ``REGISTRY=URL``.
     stands_for: tuple[tuple[str, str], ...] = ()
     route_credentials: tuple[tuple[str, Credentials], ...] = ()
+    #: (route host or None for the default upstream, accounts file).
+    credentials_files: tuple[tuple[str | None, str], ...] = ()
     mirrors: tuple[tuple[str | None, str], ...] = ()
     allow_upstream: frozenset[str] = frozenset()
     library_prefix: bool = True
@@ -446,6 +476,9 @@ class Settings:
         for host, _ in route_credentials:
             if host not in route_hosts:
                 raise ConfigError(f"--route-credentials {host}=... names no --route host")
+        credentials_files = _credentials_files(
+            _items(options, "upstream-credentials-file"), route_hosts
+        )
         allow_upstream = frozenset(item.strip().lower() for item in _items(options, "allow-upstream"))
         if options.get("library-prefix") and options.get("no-library-prefix"):
             raise ConfigError("--library-prefix and --no-library-prefix exclude each other")
@@ -462,6 +495,18 @@ class Settings:
         if (username is None) != (password is None):
             raise ConfigError("--upstream-username and --upstream-password go together")
         credentials = Credentials(username, password) if username and password else None
+        for owner, _ in credentials_files:
+            if owner is None and upstream is None:
+                raise ConfigError("--upstream-credentials-file FILE needs --upstream (or HOST=FILE)")
+            if owner is None and credentials is not None:
+                raise ConfigError(
+                    "--upstream-credentials-file and --upstream-username exclude each other"
+                )
+            if owner is not None and owner in dict(route_credentials):
+                raise ConfigError(
+                    f"--upstream-credentials-file {owner}=... and --route-credentials"
+                    f" {owner}=... exclude each other"
+                )
 
         tls = bool(options.get("tls"))
         tls_cert, tls_key = text("tls-cert"), text("tls-key")
@@ -491,6 +536,7 @@ class Settings:
             routes=routes,
             stands_for=tuple(stands_for),
             route_credentials=route_credentials,
+            credentials_files=credentials_files,
             mirrors=mirrors,
             allow_upstream=allow_upstream,
             library_prefix=library_prefix,

@@ -9,6 +9,7 @@ line wins.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 from typing import Any, Callable, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
@@ -48,6 +49,7 @@ from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.logs import observer_name
 from hammal.proxy import ManifestCacheFactory, PullProxy
+from hammal.registry.accounts import AccountsFile, AccountsFileError
 from hammal.registry.auth import Credentials
 from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
 from hammal.upstreams import FailoverClient, UpstreamSelector
@@ -115,6 +117,9 @@ class Options(usage.Options):
 
     def opt_mirror(self, value: str) -> None:
         self._add_to_list("mirror", value)
+
+    def opt_upstream_credentials_file(self, value: str) -> None:
+        self._add_to_list("upstream-credentials-file", value)
 
     def opt_allow_upstream(self, value: str) -> None:
         self._add_to_list("allow-upstream", value)
@@ -335,6 +340,20 @@ def _token_key(settings: Settings) -> bytes:
         raise ConfigError(f"cannot read --token-key-file: {failure.strerror}")
 
 
+def _account_files(settings: Settings, reactor: Any) -> dict[str | None, AccountsFile]:
+    """The account pools of --upstream-credentials-file, by route host (None: default)."""
+    urls = dict(settings.routes)
+    files: dict[str | None, AccountsFile] = {}
+    for host, path in settings.credentials_files:
+        url = settings.upstream if host is None else urls[host]
+        assert url is not None
+        try:
+            files[host] = AccountsFile.load(path, reactor, urlsplit(url).netloc)
+        except AccountsFileError as failure:
+            raise usage.UsageError(f"--upstream-credentials-file: {failure}")
+    return files
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build hammal's service tree from parsed C{options}."""
     if reactor is None:
@@ -360,13 +379,20 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     blobs = _blob_cache(settings, reactor)
     manifests = _manifest_cache(settings, redis, reactor)
 
-    def client_for(url: str, credentials: Credentials | None) -> UpstreamClient:
+    account_files = _account_files(settings, reactor)
+
+    def client_for(
+        url: str, credentials: Credentials | None, accounts: AccountsFile | None = None
+    ) -> UpstreamClient:
         upstream = Upstream(url, settings.library_prefix_for(url), credentials)
-        return UpstreamClient(upstream, http_client, reactor, tokens, policy, settings.read_timeout)
+        return UpstreamClient(
+            upstream, http_client, reactor, tokens, policy, settings.read_timeout, accounts
+        )
 
     def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullProxy:
-        members = [client_for(url, credentials)]
-        members += [client_for(m, credentials) for h, m in settings.mirrors if h == host]
+        accounts = account_files.get(host)
+        members = [client_for(url, credentials, accounts)]
+        members += [client_for(m, credentials, accounts) for h, m in settings.mirrors if h == host]
         client: RegistryClient = members[0] if len(members) == 1 else FailoverClient(members, reactor)
         return PullProxy(
             client,
