@@ -49,6 +49,7 @@ from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.logs import observer_name
 from hammal.proxy import ManifestCacheFactory, PullProxy
+from hammal.referrers import ReferrersCache
 from hammal.registry.accounts import AccountsFile, AccountsFileError
 from hammal.registry.auth import Credentials
 from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
@@ -378,6 +379,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
     blobs = _blob_cache(settings, reactor)
     manifests = _manifest_cache(settings, redis, reactor)
+    referrers = (
+        ReferrersCache(reactor, settings.manifest_ttl, settings.stale_if_error)
+        if settings.cache_dir is not None
+        else None
+    )
 
     account_files = _account_files(settings, reactor)
 
@@ -401,6 +407,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor,
             blobs,
             manifests,
+            referrers,
         )
 
     def adhoc(host: str) -> PullProxy:
