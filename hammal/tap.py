@@ -52,6 +52,7 @@ from hammal.proxy import ManifestCacheFactory, PullProxy
 from hammal.referrers import ReferrersCache
 from hammal.registry.accounts import AccountsFile, AccountsFileError
 from hammal.registry.auth import Credentials
+from hammal.registry.reference import is_docker_hub
 from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
 from hammal.upstreams import FailoverClient, UpstreamSelector
 from hammal.registry.retry import RetryPolicy
@@ -64,6 +65,7 @@ from hammal.registry.tokens import (
 )
 from hammal.tls import ReloadOnHangup, ReloadingServerTLS, upstream_tls_policy
 from hammal.web.front import FrontPage
+from hammal.web.snippets import ServedRegistry
 from hammal.web.gate import Gate
 from hammal.web.root import MetricsResource, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
@@ -341,6 +343,21 @@ def _token_key(settings: Settings) -> bytes:
         raise ConfigError(f"cannot read --token-key-file: {failure.strerror}")
 
 
+def _served_registries(settings: Settings) -> list[ServedRegistry]:
+    """Every registry this mirror serves, as clients name them (front page)."""
+
+    def name(url: str) -> str:
+        given = settings.registry_for(url)
+        if given is not None:
+            return given
+        parts = urlsplit(url)
+        return "docker.io" if is_docker_hub(parts.hostname or "") else parts.netloc
+
+    served = [ServedRegistry(name(settings.upstream))] if settings.upstream else []
+    served += [ServedRegistry(name(url), host) for host, url in settings.routes]
+    return served
+
+
 def _account_files(settings: Settings, reactor: Any) -> dict[str | None, AccountsFile]:
     """The account pools of --upstream-credentials-file, by route host (None: default)."""
     urls = dict(settings.routes)
@@ -446,7 +463,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         V2Resource(selector, _gate(settings, reactor)),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
-        FrontPage(settings.url302),
+        FrontPage(settings.url302, _served_registries(settings)),
     )
     site = HammalSite(root, reactor, timeout=settings.idle_timeout)
     site.displayTracebacks = False

@@ -8,7 +8,9 @@ sends ``?ns=docker.io``, podman asks for ``library/...`` by tag.
 
 from __future__ import annotations
 
+import html
 import os
+import re
 
 from twisted.trial import unittest
 
@@ -87,3 +89,29 @@ class MirrorOfAMirrorTests(IntegrationTestCase):
         )
         self.assertIn(f"docker.io/library/alpine {self.image.manifest_digest}", listed.stdout)
         self.assertIn("/v2/library/alpine/manifests/3.20", hammal.log_text())
+
+    def test_front_page_snippets_work_as_given(self) -> None:
+        """containerd and podman configured by copy-paste from hammal's front page."""
+        hammal = self.hammal()
+        page = fetch(hammal.url + "/")
+        self.assertEqual(page.status, 200, page.describe())
+        blocks = {
+            path: html.unescape(body)
+            for path, body in re.findall(
+                r"<code>([^<]+)</code>[^<]*</p>\s*<pre>(.*?)</pre>", page.body.decode(), re.S
+            )
+        }
+        hosts = blocks["/etc/containerd/certs.d/docker.io/hosts.toml"]
+        self.assertIn("skip_verify = true", hosts)  # plain HTTP mirror
+        containerd = Containerd()
+        self.addCleanup(containerd.stop)
+        result = containerd.pull_through(hammal.url, "library/alpine:3.20", hosts=hosts)
+        self.assertEqual(result.returncode, 0, f"{hosts}\n{result.stderr}\n{self.diagnostics()}")
+        self.assertEqual(
+            containerd.image_digest("docker.io/library/alpine:3.20"), self.image.manifest_digest
+        )
+
+        workdir = self.make_dir()
+        registries = blocks["/etc/containers/registries.conf"]
+        result = podman(workdir, registries, "pull", "docker.io/library/alpine:3.20")
+        self.assertEqual(result.returncode, 0, f"{registries}\n{result.stderr}\n{self.diagnostics()}")
