@@ -30,6 +30,7 @@ from hammal.prefetch import (
     ImageResult,
     Manifest,
     MirrorClient,
+    MirrorLogin,
     MirrorUnreachable,
     Prefetcher,
     Reporter,
@@ -96,6 +97,18 @@ def _add_prefetch(commands: Any) -> None:
     )
     prefetch.add_argument(
         "--timeout", type=float, default=60.0, metavar="SECONDS", help="socket timeout (default: 60)"
+    )
+    prefetch.add_argument(
+        "--username",
+        default=os.environ.get("HAMMAL_USERNAME"),
+        metavar="USER",
+        help="log in to a mirror running with --auth (env: HAMMAL_USERNAME); the password"
+        " comes from --password-file or HAMMAL_PASSWORD, never the command line",
+    )
+    prefetch.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="file holding the --username's password (first line)",
     )
     prefetch.add_argument(
         "--insecure",
@@ -196,7 +209,9 @@ def _prefetch(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         raise UsageError("--parallel must be between 1 and 64")
     if not args.timeout > 0:
         raise UsageError("--timeout must be positive")
-    client = MirrorClient(mirror, timeout=args.timeout, insecure=args.insecure)
+    client = MirrorClient(
+        mirror, timeout=args.timeout, insecure=args.insecure, login=_login(args, os.environ)
+    )
     try:
         client.ping()
     except MirrorUnreachable as failure:
@@ -205,6 +220,29 @@ def _prefetch(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     reporter = _reporter(out, err)
     ok = Prefetcher(client, reporter, args.parallel, platforms).run(images)
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _login(args: argparse.Namespace, environ: Any) -> MirrorLogin | None:
+    """The mirror login from --username and --password-file or HAMMAL_PASSWORD."""
+    username = args.username
+    password: str | None = None
+    if args.password_file is not None:
+        try:
+            with open(args.password_file, encoding="utf-8") as secret:
+                password = secret.readline().rstrip("\r\n")
+        except OSError as failure:
+            raise UsageError(f"cannot read --password-file {args.password_file}: {_os_error(failure)}")
+        if not password:
+            raise UsageError(f"--password-file {args.password_file} is empty")
+    elif environ.get("HAMMAL_PASSWORD"):
+        password = environ["HAMMAL_PASSWORD"]
+    if username is None:
+        if args.password_file is not None:
+            raise UsageError("--password-file needs --username")
+        return None
+    if password is None:
+        raise UsageError("--username needs a password: --password-file FILE or HAMMAL_PASSWORD")
+    return MirrorLogin(username, password)
 
 
 def _reporter(out: IO[str], err: IO[str]) -> Reporter:

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from hammal.registry.auth import Credentials
-from hammal.registry.reference import is_docker_hub
+from hammal.registry.reference import is_docker_hub, registry_names
 
 DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -50,7 +50,8 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "upstream",
         None,
-        f"Base URL of the registry to mirror (default {DEFAULT_UPSTREAM} unless --route is given).",
+        f"[REGISTRY=]URL of the registry to mirror (default {DEFAULT_UPSTREAM} unless --route"
+        " is given); REGISTRY names the registry URL stands for, e.g. docker.io=https://mirror.gcr.io.",
     ),
     OptionSpec(
         "upstream-username",
@@ -109,7 +110,11 @@ PARAMETERS: tuple[OptionSpec, ...] = (
 
 #: Repeatable options: given several times, or space-separated in the env variable.
 LISTS: tuple[OptionSpec, ...] = (
-    OptionSpec("route", None, "HOST=UPSTREAM_URL: requests for Host HOST go to UPSTREAM_URL (repeatable)."),
+    OptionSpec(
+        "route",
+        None,
+        "HOST=[REGISTRY=]UPSTREAM_URL: requests for Host HOST go to UPSTREAM_URL (repeatable).",
+    ),
     OptionSpec(
         "route-credentials",
         None,
@@ -118,7 +123,14 @@ LISTS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "mirror",
         None,
-        "[HOST=]URL: a mirror of the upstream (of --route HOST) tried when it fails (repeatable).",
+        "[HOST=|REGISTRY=]URL: a mirror of the upstream (of --route HOST, or of the upstream"
+        " standing for REGISTRY) tried when it fails (repeatable).",
+    ),
+    OptionSpec(
+        "upstream-credentials-file",
+        None,
+        "[HOST=]FILE: a pool of upstream accounts, USER:PASSWORD a line, for the upstream"
+        " (or --route HOST); re-read on change (repeatable).",
     ),
     OptionSpec(
         "mirror-credentials",
@@ -307,11 +319,27 @@ def _pair(item: str, what: str, parse_value: Callable[[str, str], T]) -> tuple[s
     return host, parse_value(value, what)
 
 
+_REGISTRY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?\Z")
+
+
+def registry_url(text: str, what: str) -> tuple[str | None, str]:
+    """
+    C{[REGISTRY=]URL}: a base URL, and the registry it stands for if named
+    (``docker.io=https://mirror.gcr.io`` is a mirror of Docker Hub).
+    """
+    text = text.strip()
+    if "=" in text and not text.lower().startswith(("http://", "https://")):
+        registry, _, url = text.partition("=")
+        registry = registry.strip().lower()
+        if not _REGISTRY_NAME.match(registry):
+            raise ConfigError(f"{what}: {registry[:100]!r} is not a registry host name")
+        return registry, base_url(url, what)
+    return None, base_url(text, what)
+
+
 def _mirror(item: str) -> tuple[str | None, str]:
-    if "=" in item and not item.startswith("http"):
-        host, url = _pair(item, "--mirror", base_url)
-        return host, url
-    return None, base_url(item, "--mirror")
+    key, url = registry_url(item, "--mirror")
+    return key, url
 
 
 def _credentials_from_file(value: str, what: str) -> Credentials:
@@ -319,6 +347,59 @@ def _credentials_from_file(value: str, what: str) -> Credentials:
     if not separator or not user or not path:
         raise ConfigError(f"{what} takes HOST=USER:PASSWORD_FILE")
     return Credentials(user, _read_secret(path, what))
+
+
+def _attach_mirrors(
+    given: list[tuple[str | None, str]],
+    upstream: str | None,
+    routes: tuple[tuple[str, str], ...],
+    stands_for: list[tuple[str, str]],
+) -> tuple[tuple[str | None, str], ...]:
+    """
+    Each C{--mirror [KEY=]URL} with the C{--route} host it backs (L{None}
+    for the default upstream). KEY is a route host, or a registry that the
+    default upstream or a route stands for (``docker.io``).
+    """
+    route_hosts = {host for host, _ in routes}
+    registries = dict(stands_for)
+    owners: list[tuple[str | None, str]] = []
+    if upstream is not None:
+        owners.append((None, upstream))
+    owners += list(routes)
+    attached: list[tuple[str | None, str]] = []
+    for key, url in given:
+        if key is None or key in route_hosts:
+            attached.append((key, url))
+            continue
+        for host, owner_url in owners:
+            if key in registry_names(owner_url, registries.get(owner_url)):
+                attached.append((host, url))
+                break
+        else:
+            raise ConfigError(f"--mirror {key}=... names no --route host nor a registry served")
+    return tuple(attached)
+
+
+def _credentials_files(
+    items: list[str], route_hosts: set[str]
+) -> tuple[tuple[str | None, str], ...]:
+    """C{[HOST=]FILE} items: at most one file per upstream."""
+    files: list[tuple[str | None, str]] = []
+    for item in items:
+        host, separator, path = item.partition("=")
+        key: str | None = None
+        if separator and host.strip().lower() in route_hosts:
+            key = host.strip().lower()
+        elif separator and "/" not in host and "." in host:
+            raise ConfigError(f"--upstream-credentials-file {host[:100]}=... names no --route host")
+        else:
+            path = item
+        if not path.strip():
+            raise ConfigError("--upstream-credentials-file needs a file name")
+        if key in {k for k, _ in files}:
+            raise ConfigError("--upstream-credentials-file: one file per upstream")
+        files.append((key, path.strip()))
+    return tuple(files)
 
 
 @attrs.frozen
@@ -358,7 +439,11 @@ class Settings:
     tls_key: str | None = None
     upstream: str | None = DEFAULT_UPSTREAM
     routes: tuple[tuple[str, str], ...] = ()
+    #: (URL, registry) for each upstream given as ``REGISTRY=URL``.
+    stands_for: tuple[tuple[str, str], ...] = ()
     route_credentials: tuple[tuple[str, Credentials], ...] = ()
+    #: (route host or None for the default upstream, accounts file).
+    credentials_files: tuple[tuple[str | None, str], ...] = ()
     mirrors: tuple[tuple[str | None, str], ...] = ()
     mirror_credentials: tuple[tuple[str, Credentials], ...] = ()
     trusted_realms: frozenset[str] = frozenset()
@@ -401,10 +486,17 @@ class Settings:
     debug: bool = False
     status_show_clients: bool = False
 
+    def registry_for(self, url: str) -> str | None:
+        """The registry C{url} was configured to stand for, if any."""
+        return dict(self.stands_for).get(url)
+
     def library_prefix_for(self, url: str) -> bool:
         """Whether names get ``library/`` at the upstream C{url}."""
         if self.force_library_prefix is not None:
             return self.force_library_prefix
+        registry = self.registry_for(url)
+        if registry is not None:
+            return is_docker_hub(registry.rsplit(":", 1)[0])
         return is_docker_hub(urlsplit(url).hostname or "")
 
     @classmethod
@@ -419,15 +511,22 @@ class Settings:
             value = options.get(name)
             return None if value in (None, "") else str(value)
 
-        routes = tuple(_pair(item, "--route", base_url) for item in _items(options, "route"))
+        stands_for: list[tuple[str, str]] = []
+        routes_given = [_pair(item, "--route", registry_url) for item in _items(options, "route")]
+        routes = tuple((host, url) for host, (_, url) in routes_given)
+        stands_for += [(url, registry) for _, (registry, url) in routes_given if registry]
         given = text("upstream")
-        upstream = base_url(given, "--upstream") if given else (None if routes else DEFAULT_UPSTREAM)
-        parts = urlsplit(upstream or routes[0][1])
-        mirrors = tuple(_mirror(item) for item in _items(options, "mirror"))
+        upstream: str | None = None
+        if given:
+            upstream_registry, upstream = registry_url(given, "--upstream")
+            if upstream_registry:
+                stands_for.insert(0, (upstream, upstream_registry))
+        elif not routes:
+            upstream = DEFAULT_UPSTREAM
+        mirrors = _attach_mirrors(
+            [_mirror(item) for item in _items(options, "mirror")], upstream, routes, stands_for
+        )
         route_hosts = {host for host, _ in routes}
-        for host, _ in mirrors:
-            if host is not None and host not in route_hosts:
-                raise ConfigError(f"--mirror {host}=... names no --route host")
         route_credentials = tuple(
             _pair(item, "--route-credentials", _credentials_from_file)
             for item in _items(options, "route-credentials")
@@ -446,6 +545,9 @@ class Settings:
         trusted_realms = frozenset(
             _realm_host(item) for item in _items(options, "trusted-realm")
         )
+        credentials_files = _credentials_files(
+            _items(options, "upstream-credentials-file"), route_hosts
+        )
         allow_upstream = frozenset(item.strip().lower() for item in _items(options, "allow-upstream"))
         if options.get("library-prefix") and options.get("no-library-prefix"):
             raise ConfigError("--library-prefix and --no-library-prefix exclude each other")
@@ -454,7 +556,9 @@ class Settings:
             forced = True
         elif options.get("no-library-prefix"):
             forced = False
-        library_prefix = forced if forced is not None else is_docker_hub(parts.hostname or "")
+        first = upstream or routes[0][1]
+        registry = dict(stands_for).get(first) or urlsplit(first).hostname or ""
+        library_prefix = forced if forced is not None else is_docker_hub(registry.rsplit(":", 1)[0])
 
         username = text("upstream-username")
         password = _secret(
@@ -463,6 +567,18 @@ class Settings:
         if (username is None) != (password is None):
             raise ConfigError("--upstream-username and --upstream-password go together")
         credentials = Credentials(username, password) if username and password else None
+        for owner, _ in credentials_files:
+            if owner is None and upstream is None:
+                raise ConfigError("--upstream-credentials-file FILE needs --upstream (or HOST=FILE)")
+            if owner is None and credentials is not None:
+                raise ConfigError(
+                    "--upstream-credentials-file and --upstream-username exclude each other"
+                )
+            if owner is not None and owner in dict(route_credentials):
+                raise ConfigError(
+                    f"--upstream-credentials-file {owner}=... and --route-credentials"
+                    f" {owner}=... exclude each other"
+                )
 
         tls = bool(options.get("tls"))
         tls_cert, tls_key = text("tls-cert"), text("tls-key")
@@ -490,7 +606,9 @@ class Settings:
             tls_key=tls_key,
             upstream=upstream,
             routes=routes,
+            stands_for=tuple(stands_for),
             route_credentials=route_credentials,
+            credentials_files=credentials_files,
             mirrors=mirrors,
             mirror_credentials=mirror_credentials,
             trusted_realms=trusted_realms,

@@ -83,6 +83,18 @@ upstream_ratelimit_remaining = Gauge(
     ["upstream", "identity"],
     registry=REGISTRY,
 )
+upstream_account_remaining = Gauge(
+    "hammal_upstream_account_remaining",
+    "ratelimit-remaining last seen for each --upstream-credentials-file account (by user name).",
+    ["upstream", "account"],
+    registry=REGISTRY,
+)
+upstream_account_resting = Gauge(
+    "hammal_upstream_account_resting",
+    "1 while an --upstream-credentials-file account rests after exhausting its pull limit.",
+    ["upstream", "account"],
+    registry=REGISTRY,
+)
 
 token_cache = Counter(
     "hammal_token_cache_lookups",

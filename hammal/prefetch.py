@@ -17,11 +17,14 @@ easy to test against ``http.server``.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
+import re
 import ssl
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -31,6 +34,7 @@ import attrs
 
 from hammal.cache.manifests import INDEX_TYPES, MANIFEST_TYPES
 from hammal.errors import RegistryError
+from hammal.registry.challenge import Challenge, select_challenge
 from hammal.registry.reference import Digest, parse_tag, validate_name
 
 #: The ``Accept`` header: every manifest type hammal caches.
@@ -193,10 +197,127 @@ def parse_mirror(text: str) -> str:
 # HTTP.
 
 
+@attrs.frozen
+class MirrorLogin:
+    """A user of a mirror running with ``--auth``; the password is never shown."""
+
+    username: str
+    password: str = attrs.field(repr=False)
+
+    def basic(self) -> str:
+        pair = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+_SCOPED_PATH = re.compile(r"/v2/(.+)/(?:manifests|blobs)/[^/]+\Z")
+
+
+def _scope(path: str) -> str:
+    """The token scope a request path needs (none for ``/v2/``)."""
+    match = _SCOPED_PATH.match(path)
+    return f"repository:{match.group(1)}:pull" if match else ""
+
+
+class MirrorAuth:
+    """
+    Answers a mirror's ``401`` challenges as C{login}, the way docker does:
+    ``Basic`` directly, ``Bearer`` with a token from the challenge's realm
+    (cached per scope until the mirror refuses it). Credentials go to a
+    realm only over HTTPS or on the mirror's own origin.
+    """
+
+    def __init__(self, login: MirrorLogin, base_url: str, opener: Any, timeout: float) -> None:
+        self._login = login
+        self._origin = _origin(base_url)
+        self._opener = opener
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._challenge: Challenge | None = None
+        self._tokens: dict[str, str] = {}
+
+    def authorization(self, path: str) -> str | None:
+        """What to send with C{path} before any challenge, if anything is known."""
+        with self._lock:
+            challenge = self._challenge
+            if challenge is None:
+                return None
+            if challenge.scheme == "basic":
+                return self._login.basic()
+            return self._tokens.get(_scope(path))
+
+    def answer(self, headers: Any, path: str, rejected: str | None) -> str:
+        """
+        The ``Authorization`` for a retry of C{path} after a 401 with
+        C{headers}.
+
+        @raise PrefetchError: when there is nothing better to send.
+        """
+        challenge = select_challenge(headers.get_all("WWW-Authenticate") or [])
+        if challenge is None:
+            raise PrefetchError("HTTP 401 from the mirror, without a usable challenge")
+        with self._lock:
+            self._challenge = challenge
+        if challenge.scheme == "basic":
+            if rejected is not None:
+                raise PrefetchError(f"the mirror refused the credentials of {self._login.username}")
+            return self._login.basic()
+        scope = _scope(path)
+        with self._lock:
+            if rejected is not None and self._tokens.get(scope) == rejected:
+                del self._tokens[scope]
+            elif scope in self._tokens:
+                return self._tokens[scope]
+        token = "Bearer " + self._token(challenge, scope)
+        with self._lock:
+            self._tokens[scope] = token
+        return token
+
+    def _token(self, challenge: Challenge, scope: str) -> str:
+        realm = challenge.realm or ""
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PrefetchError(f"the mirror's token realm is unusable: {realm[:100]!r}")
+        if parts.scheme != "https" and _origin(realm) != self._origin:
+            raise PrefetchError(
+                f"not sending credentials to {parts.hostname} over plain HTTP (the mirror's realm)"
+            )
+        query = [(key, value) for key, value in (("service", challenge.service), ("scope", scope)) if value]
+        url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query)
+        request = urllib.request.Request(url)
+        request.add_header("Authorization", self._login.basic())
+        try:
+            with self._opener.open(request, timeout=self._timeout) as response:
+                document = json.loads(read(response, 1024 * 1024))
+        except urllib.error.HTTPError as failure:
+            if failure.code == 401:
+                failure.close()
+                raise PrefetchError(f"the mirror refused the credentials of {self._login.username}")
+            raise PrefetchError(f"token request: {_http_error(failure)}")
+        except urllib.error.URLError as failure:
+            raise PrefetchError(f"token request: {_reason(failure.reason)}")
+        except (OSError, http.client.HTTPException, ValueError) as failure:
+            raise PrefetchError(f"token request: {_reason(failure)}")
+        token = document.get("token") or document.get("access_token") if isinstance(document, dict) else None
+        if not isinstance(token, str) or not token:
+            raise PrefetchError("the mirror's token realm sent no token")
+        return token
+
+
+def _origin(url: str) -> tuple[str, str | None, int]:
+    parts = urlsplit(url)
+    return (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+
 class MirrorClient:
     """GETs from the mirror's registry API, turning failures into one line."""
 
-    def __init__(self, base_url: str, timeout: float = 60.0, insecure: bool = False) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 60.0,
+        insecure: bool = False,
+        login: MirrorLogin | None = None,
+    ) -> None:
         self.base_url = base_url
         self._timeout = timeout
         handlers: list[urllib.request.BaseHandler] = []
@@ -206,6 +327,7 @@ class MirrorClient:
             context.verify_mode = ssl.CERT_NONE
             handlers.append(urllib.request.HTTPSHandler(context=context))
         self._opener = urllib.request.build_opener(*handlers)
+        self._auth = MirrorAuth(login, base_url, self._opener, timeout) if login else None
 
     def ping(self) -> None:
         """
@@ -226,18 +348,26 @@ class MirrorClient:
 
         @raise PrefetchError: for connection failures and non-2xx answers.
         """
-        request = urllib.request.Request(self.base_url + path)
-        request.add_header("Accept-Encoding", "identity")  # digests are of the raw bytes
-        if accept is not None:
-            request.add_header("Accept", accept)
-        try:
-            return self._opener.open(request, timeout=self._timeout)
-        except urllib.error.HTTPError as failure:
-            raise PrefetchError(_http_error(failure))
-        except urllib.error.URLError as failure:
-            raise PrefetchError(_reason(failure.reason))
-        except (OSError, http.client.HTTPException) as failure:
-            raise PrefetchError(_reason(failure))
+        authorization = self._auth.authorization(path) if self._auth is not None else None
+        for _ in range(3):
+            request = urllib.request.Request(self.base_url + path)
+            request.add_header("Accept-Encoding", "identity")  # digests are of the raw bytes
+            if accept is not None:
+                request.add_header("Accept", accept)
+            if authorization is not None:
+                request.add_header("Authorization", authorization)
+            try:
+                return self._opener.open(request, timeout=self._timeout)
+            except urllib.error.HTTPError as failure:
+                if failure.code != 401 or self._auth is None:
+                    raise PrefetchError(_http_error(failure))
+                failure.close()
+                authorization = self._auth.answer(failure.headers, path, authorization)
+            except urllib.error.URLError as failure:
+                raise PrefetchError(_reason(failure.reason))
+            except (OSError, http.client.HTTPException) as failure:
+                raise PrefetchError(_reason(failure))
+        raise PrefetchError("HTTP 401: the mirror keeps refusing the credentials")
 
 
 def _http_error(failure: urllib.error.HTTPError) -> str:

@@ -39,6 +39,7 @@ from hammal.replies import (
 from hammal.stream import UpstreamBody, discard_body, expected_length, not_a_blob
 from hammal.headers import relayed_response_headers
 from hammal.ranges import content_range, parse_range
+from hammal.referrers import Referrers, ReferrersCache
 
 ManifestCacheFactory = Callable[[str, FetchManifest, HeadDigest], ManifestCache]
 """Builds the manifest cache for an upstream URL around the proxy's fetchers."""
@@ -65,6 +66,7 @@ class PullProxy:
         clock: IReactorTime,
         blobs: BlobCache | None = None,
         manifests: ManifestCacheFactory | None = None,
+        referrers: ReferrersCache | None = None,
     ) -> None:
         self._client = client
         self._library_prefix = library_prefix
@@ -76,6 +78,7 @@ class PullProxy:
             if manifests is not None
             else None
         )
+        self._referrers = Referrers(client, self._fetch_tag, referrers)
 
     @property
     def client(self) -> RegistryClient:
@@ -117,6 +120,17 @@ class PullProxy:
         if method == b"HEAD":
             return attrs.evolve(document, body=b"", length=len(document.body))
         return document
+
+    async def referrers(
+        self, name: str, digest: Digest, artifact_type: str | None, headers: Headers, trace: Trace
+    ) -> Document:
+        """The OCI 1.1 referrers index of C{digest} (see L{hammal.referrers})."""
+        return await self._referrers.get(
+            self.upstream_name(name), digest, artifact_type, headers, trace
+        )
+
+    async def _fetch_tag(self, upstream_name: str, tag: str, headers: Headers, trace: Trace) -> Document:
+        return await self._upstream_manifest(b"GET", upstream_name, tag, headers, trace, True)
 
     async def _fetch_manifest(
         self, upstream_name: str, reference: Reference, headers: Headers, trace: Trace

@@ -49,7 +49,10 @@ from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.logs import observer_name
 from hammal.proxy import ManifestCacheFactory, PullProxy
+from hammal.referrers import ReferrersCache
+from hammal.registry.accounts import AccountsFile, AccountsFileError
 from hammal.registry.auth import Credentials
+from hammal.registry.reference import is_docker_hub
 from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
 from hammal.upstreams import FailoverClient, UpstreamSelector
 from hammal.registry.addresses import PeerZones
@@ -64,6 +67,7 @@ from hammal.registry.tokens import (
 )
 from hammal.tls import ReloadOnHangup, ReloadingServerTLS, upstream_tls_policy
 from hammal.web.front import FrontPage
+from hammal.web.snippets import ServedRegistry
 from hammal.web.gate import Gate
 from hammal.web.root import MetricsResource, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
@@ -128,6 +132,9 @@ class Options(usage.Options):
 
     def opt_trusted_realm(self, value: str) -> None:
         self._add_to_list("trusted-realm", value)
+
+    def opt_upstream_credentials_file(self, value: str) -> None:
+        self._add_to_list("upstream-credentials-file", value)
 
     def opt_allow_upstream(self, value: str) -> None:
         self._add_to_list("allow-upstream", value)
@@ -369,6 +376,35 @@ def _token_key(settings: Settings) -> bytes:
         raise ConfigError(f"cannot read --token-key-file: {failure.strerror}")
 
 
+def _served_registries(settings: Settings) -> list[ServedRegistry]:
+    """Every registry this mirror serves, as clients name them (front page)."""
+
+    def name(url: str) -> str:
+        given = settings.registry_for(url)
+        if given is not None:
+            return given
+        parts = urlsplit(url)
+        return "docker.io" if is_docker_hub(parts.hostname or "") else parts.netloc
+
+    served = [ServedRegistry(name(settings.upstream))] if settings.upstream else []
+    served += [ServedRegistry(name(url), host) for host, url in settings.routes]
+    return served
+
+
+def _account_files(settings: Settings, reactor: Any) -> dict[str | None, AccountsFile]:
+    """The account pools of --upstream-credentials-file, by route host (None: default)."""
+    urls = dict(settings.routes)
+    files: dict[str | None, AccountsFile] = {}
+    for host, path in settings.credentials_files:
+        url = settings.upstream if host is None else urls[host]
+        assert url is not None
+        try:
+            files[host] = AccountsFile.load(path, reactor, urlsplit(url).netloc)
+        except AccountsFileError as failure:
+            raise usage.UsageError(f"--upstream-credentials-file: {failure}")
+    return files
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """Build hammal's service tree from parsed C{options}."""
     if reactor is None:
@@ -406,15 +442,24 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
     blobs = _blob_cache(settings, reactor)
     manifests = _manifest_cache(settings, redis, reactor)
+    referrers = (
+        ReferrersCache(reactor, settings.manifest_ttl, settings.stale_if_error)
+        if settings.cache_dir is not None
+        else None
+    )
 
     credential_policy = CredentialPolicy(
         settings.trusted_realms, settings.plain_http_credentials
     )
     load_suffix_list()
     mirror_credentials = dict(settings.mirror_credentials)
+    account_files = _account_files(settings, reactor)
 
     def client_for(
-        url: str, credentials: Credentials | None, mirror_of: str | None = None
+        url: str,
+        credentials: Credentials | None,
+        mirror_of: str | None = None,
+        accounts: AccountsFile | None = None,
     ) -> UpstreamClient:
         upstream = Upstream(url, settings.library_prefix_for(url), credentials, mirror_of)
         return UpstreamClient(
@@ -427,11 +472,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             credential_policy,
             redirect_client,
             zones,
+            accounts,
         )
 
     def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullProxy:
-        members = [client_for(url, credentials)]
-        # A mirror gets only its own credentials: never the upstream's.
+        members = [client_for(url, credentials, accounts=account_files.get(host))]
+        # A mirror gets only its own credentials: never the upstream's, nor
+        # the upstream's account pool.
         members += [
             client_for(m, mirror_credentials.get(urlsplit(m).netloc.lower()), url)
             for h, m in settings.mirrors
@@ -445,6 +492,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor,
             blobs,
             manifests,
+            referrers,
         )
 
     def adhoc(host: str) -> PullProxy:
@@ -462,7 +510,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     registries = [(url, routed[host]) for host, url in settings.routes]
     if default is not None and settings.upstream is not None:
         registries.insert(0, (settings.upstream, default))
-    selector = UpstreamSelector(default, routed, registries, settings.allow_upstream, adhoc)
+    selector = UpstreamSelector(
+        default, routed, registries, settings.allow_upstream, adhoc, dict(settings.stands_for)
+    )
     if blobs is not None:
         metrics.blob_cache_size.set_function(lambda: blobs.store.total_size)
         metrics.blob_cache_blobs.set_function(lambda: len(blobs.store))
@@ -482,7 +532,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         V2Resource(selector, _gate(settings, reactor)),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
-        FrontPage(settings.url302),
+        FrontPage(settings.url302, _served_registries(settings)),
     )
     recorder = StatusRecorder(reactor)
     status_routes = [RouteSource(host, url, routed[host].client) for host, url in settings.routes]

@@ -12,8 +12,7 @@ becomes a host hammal connects to unless the operator listed it.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-from urllib.parse import urlsplit
+from typing import Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -25,15 +24,9 @@ from hammal import metrics
 from hammal.errors import Denied, NotFound, RegistryError, UpstreamTimeout, UpstreamUnavailable
 from hammal.proxy import PullProxy
 from hammal.registry.client import Trace, Upstream, UpstreamClient
-from hammal.registry.reference import DOCKER_HUB_HOSTS, is_docker_hub
+from hammal.registry.reference import registry_names
 
-
-def registry_names(url: str) -> frozenset[str]:
-    """The names clients use for the registry at C{url} (``docker.io`` for the Hub)."""
-    host = (urlsplit(url).netloc or "").lower()
-    if is_docker_hub(urlsplit(url).hostname or ""):
-        return frozenset(DOCKER_HUB_HOSTS | {host})
-    return frozenset({host})
+__all__ = ["FailoverClient", "Selection", "UpstreamSelector", "registry_names"]
 
 
 @attrs.frozen
@@ -54,6 +47,9 @@ class UpstreamSelector:
     @param registries: every configured proxy; ``?ns=`` and path prefixes
         may name any of them by registry host.
     @param adhoc: builds a proxy for an ``--allow-upstream`` host.
+    @param stands_for: upstream URL to the registry it stands for
+        (``--upstream docker.io=https://mirror.gcr.io``): clients' ``?ns=``
+        and path prefixes may name it by that registry too.
     """
 
     log = Logger()
@@ -65,12 +61,14 @@ class UpstreamSelector:
         registries: Sequence[tuple[str, PullProxy]],
         allow_upstream: frozenset[str] = frozenset(),
         adhoc: Callable[[str], PullProxy] | None = None,
+        stands_for: Mapping[str, str] | None = None,
     ) -> None:
         self._default = default
         self._by_host = {host.lower(): proxy for host, proxy in by_host.items()}
         self._by_registry: dict[str, PullProxy] = {}
+        aliases = stands_for or {}
         for url, proxy in registries:
-            for name in registry_names(url):
+            for name in registry_names(url, aliases.get(url)):
                 self._by_registry.setdefault(name, proxy)
         self._allow_upstream = frozenset(h.lower() for h in allow_upstream)
         self._adhoc = adhoc

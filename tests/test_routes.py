@@ -163,7 +163,7 @@ class RouteErrorTests(SynchronousTestCase):
             b"/v2/alpine/tags/list/",
             b"/v2/alpine/manifests/latest/extra",
             b"/v2//manifests/latest",
-            b"/v2/alpine/referrers/" + DIGEST.encode(),
+            b"/v2/alpine/referrers/" + DIGEST.encode() + b"/x",
             b"/v2/_catalog/",
             b"/v2/auth/",
             b"/V2/alpine/tags/list",

@@ -249,3 +249,94 @@ class RouteOptionsTests(SynchronousTestCase):
         self.assertFalse(self.parse([]).plain_http_credentials)
         self.assertTrue(self.parse(["--plain-http-credentials"]).plain_http_credentials)
         self.assertTrue(self.parse([], {"HAMMAL_PLAIN_HTTP_CREDENTIALS": "1"}).plain_http_credentials)
+
+
+class MirrorOfAMirrorTests(SynchronousTestCase):
+    """
+    C{REGISTRY=URL}: an upstream that stands for another registry (a Docker
+    Hub cache such as mirror.gcr.io) is chosen by that registry's names.
+    """
+
+    def parse(self, argv: list[str], environ: dict[str, str] | None = None) -> Any:
+        options = Options(environ=environ or {})
+        options.parseOptions(argv)
+        return options.settings
+
+    def test_upstream_stands_for_docker_hub(self) -> None:
+        settings = self.parse(["--upstream", "docker.io=https://mirror.gcr.io"])
+        self.assertEqual(settings.upstream, "https://mirror.gcr.io")
+        self.assertEqual(settings.registry_for("https://mirror.gcr.io"), "docker.io")
+        self.assertTrue(settings.library_prefix, "docker.io's library/ rule applies")
+        self.assertTrue(settings.library_prefix_for("https://mirror.gcr.io"))
+        plain = self.parse(["--upstream", "https://mirror.gcr.io"])
+        self.assertFalse(plain.library_prefix)
+        self.assertIsNone(plain.registry_for("https://mirror.gcr.io"))
+
+    def test_upstream_from_environment(self) -> None:
+        settings = self.parse([], {"HAMMAL_UPSTREAM": "docker.io=http://127.0.0.1:5001"})
+        self.assertEqual(settings.upstream, "http://127.0.0.1:5001")
+        self.assertEqual(settings.stands_for, (("http://127.0.0.1:5001", "docker.io"),))
+
+    def test_no_library_prefix_still_wins(self) -> None:
+        settings = self.parse(["--upstream", "docker.io=https://mirror.gcr.io", "--no-library-prefix"])
+        self.assertFalse(settings.library_prefix_for("https://mirror.gcr.io"))
+
+    def test_route_stands_for(self) -> None:
+        settings = self.parse(
+            ["--route", "hub.example.com=docker.io=https://hub-cache.corp", "--route", "q.example.com=https://quay.io"]
+        )
+        self.assertEqual(
+            settings.routes,
+            (("hub.example.com", "https://hub-cache.corp"), ("q.example.com", "https://quay.io")),
+        )
+        self.assertTrue(settings.library_prefix_for("https://hub-cache.corp"))
+        self.assertFalse(settings.library_prefix_for("https://quay.io"))
+
+    def test_mirror_by_registry(self) -> None:
+        """C{--mirror docker.io=URL} backs whichever upstream serves docker.io."""
+        settings = self.parse(
+            [
+                "--route", "q.example.com=https://quay.io",
+                "--route", "hub.example.com=https://registry-1.docker.io",
+                "--mirror", "docker.io=https://mirror.gcr.io",
+                "--mirror", "quay.io=https://quay-cache.corp",
+            ]
+        )
+        self.assertEqual(
+            settings.mirrors,
+            (("hub.example.com", "https://mirror.gcr.io"), ("q.example.com", "https://quay-cache.corp")),
+        )
+        default = self.parse(["--mirror", "docker.io=https://mirror.gcr.io"])
+        self.assertEqual(default.mirrors, ((None, "https://mirror.gcr.io"),))
+
+    def test_bad_values(self) -> None:
+        for argv in (
+            ["--upstream", "docker.io=ftp://mirror.gcr.io"],
+            ["--upstream", "Bad Name=https://mirror.gcr.io"],
+            ["--upstream", "docker.io=https://mirror.gcr.io/v2"],
+            ["--route", "a.example.com=docker.io="],
+            ["--mirror", "ghcr.io=https://m.example.com"],
+        ):
+            self.assertRaises(UsageError, self.parse, argv)
+
+    def test_selector_ns_and_prefix(self) -> None:
+        """ns=docker.io and docker.io/ prefixes reach the upstream standing for the Hub."""
+        p = proxies("cache", "quay")
+        selector = UpstreamSelector(
+            None,
+            {"q.example.com": p["quay"]},
+            [("https://mirror.gcr.io", p["cache"]), ("https://quay.io", p["quay"])],
+            stands_for={"https://mirror.gcr.io": "docker.io"},
+        )
+
+        def pick(ns: str | None = None, name: str = "library/alpine") -> tuple[str, str]:
+            selection = selector.select("q.example.com", ns, None, name)
+            return cast(FakeProxy, selection.proxy).label, selection.name
+
+        for hub in ("docker.io", "registry-1.docker.io", "index.docker.io", "mirror.gcr.io"):
+            self.assertEqual(pick(ns=hub), ("cache", "library/alpine"), hub)
+        self.assertEqual(pick(name="docker.io/library/alpine"), ("cache", "library/alpine"))
+        self.assertEqual(pick(name="index.docker.io/library/alpine"), ("cache", "library/alpine"))
+        self.assertEqual(pick(ns="quay.io", name="a/b"), ("quay", "a/b"))
+        without = UpstreamSelector(None, {}, [("https://mirror.gcr.io", p["cache"])])
+        self.assertRaises(Denied, without.select, None, "docker.io", None, "library/alpine")

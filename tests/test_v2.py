@@ -18,6 +18,7 @@ from hammal.cache.blobs import BlobCache
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore
 from hammal.cache.store import BlobStore
 from hammal.proxy import PullProxy
+from hammal.referrers import ReferrersCache
 from hammal.registry.client import Upstream, UpstreamClient
 from hammal.registry.retry import RetryPolicy
 from hammal.registry.tokens import MemoryTokenCache
@@ -42,8 +43,10 @@ class Mirror:
         retries: int = 1,
         cache_dir: str | None = None,
         gate: Any = None,
+        world: FakeUpstream | None = None,
+        referrers_cache: bool = False,
     ) -> None:
-        self.world = FakeUpstream()
+        self.world = world or FakeUpstream()
         self.upstream_http = stub_for(self.world)
         self.clock = Clock()
         client = UpstreamClient(
@@ -78,7 +81,10 @@ class Mirror:
                     negative_ttl=30,
                 )
 
-        proxy = PullProxy(client, True, blob_redirect, self.clock, self.blobs, manifests)
+        referrers = ReferrersCache(self.clock, 300, 3600) if referrers_cache else None
+        proxy = PullProxy(
+            client, True, blob_redirect, self.clock, self.blobs, manifests, referrers
+        )
         self.readiness = Readiness()
         self.proxy = proxy
         selector = UpstreamSelector(proxy, {}, [(f"https://{REGISTRY}", proxy)])

@@ -14,7 +14,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Awaitable, Callable
+from collections import OrderedDict
+from typing import Awaitable, Callable, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import attrs
@@ -40,6 +41,26 @@ Send = Callable[[bytes, str, Headers], Awaitable[IResponse]]
 
 ErrorForResponse = Callable[[IResponse, bytes, str], RegistryError]
 """Turns a failed token response into the error to report."""
+
+
+class CredentialSource(Protocol):
+    """
+    Where upstream credentials come from when there are several to choose
+    from (L{hammal.registry.accounts}): asked before every token request.
+    """
+
+    def current(self) -> "Credentials | None":
+        """The credentials to use now; L{None} for anonymous."""
+
+    def observe(self, account: "Credentials", status: int, headers: Headers) -> bool:
+        """Learn from a response to C{account}; whether it now rests."""
+
+
+#: Authorization values remembered with the account that obtained them.
+_ISSUED_MAX = 4096
+
+#: Most accounts tried for one token (each 429 rests one account).
+_MAX_ACCOUNT_SWITCHES = 100
 
 
 @attrs.frozen
@@ -95,6 +116,7 @@ class UpstreamAuth:
         credentials: Credentials | None = None,
         clock: IReactorTime | None = None,
         policy: CredentialPolicy | None = None,
+        accounts: CredentialSource | None = None,
     ) -> None:
         self._upstream_url = upstream_url
         self._upstream_host = urlsplit(upstream_url).hostname or ""
@@ -104,17 +126,49 @@ class UpstreamAuth:
         self._send = send
         self._error_for = error_for
         self._credentials = credentials
+        self._accounts = accounts
+        self._issued: OrderedDict[bytes, Credentials] = OrderedDict()
         self._clock = clock
         self._challenge: Challenge | None = None
-        self._fetches: Coalescer[str] = Coalescer()
+        self._fetches: Coalescer[bytes] = Coalescer()
+
+    def _credentials_now(self) -> Credentials | None:
+        """The credentials to use now: the pool's choice, else the configured pair."""
+        if self._accounts is not None:
+            return self._accounts.current()
+        return self._credentials
 
     @property
     def identity(self) -> str:
-        return self._credentials.identity if self._credentials else "anonymous"
+        credentials = self._credentials_now()
+        return credentials.identity if credentials else "anonymous"
 
-    def _key(self, scope: str) -> str:
+    def _key(self, scope: str, credentials: Credentials | None = None) -> str:
         upstream = hashlib.sha256(self._upstream_url.encode()).hexdigest()[:16]
-        return f"{upstream}:{self.identity}:{scope}"
+        identity = credentials.identity if credentials else "anonymous"
+        return f"{upstream}:{identity}:{scope}"
+
+    def _issue(self, authorization: bytes, credentials: Credentials | None) -> bytes:
+        """Remember which pooled account C{authorization} speaks for."""
+        if self._accounts is not None and credentials is not None:
+            self._issued[authorization] = credentials
+            self._issued.move_to_end(authorization)
+            while len(self._issued) > _ISSUED_MAX:
+                self._issued.popitem(last=False)
+        return authorization
+
+    def observe(self, authorization: bytes | None, response: IResponse) -> bool:
+        """
+        Tell the account pool how upstream answered a request made with
+        C{authorization}. Returns whether that account now rests, so that a
+        retry goes out as another account (or anonymously).
+        """
+        if self._accounts is None or authorization is None:
+            return False
+        account = self._issued.get(authorization)
+        if account is None:
+            return False
+        return self._accounts.observe(account, response.code, response.headers)
 
     async def authorization(self, scope: str) -> bytes | None:
         """
@@ -125,13 +179,14 @@ class UpstreamAuth:
         challenge = self._challenge
         if challenge is None:
             return None
+        credentials = self._credentials_now()
         if challenge.scheme == "basic":
-            return self._upstream_basic()
-        token = await self._cache.get(self._key(scope))
+            return self._upstream_basic(credentials)
+        token = await self._cache.get(self._key(scope, credentials))
         metrics.token_cache.labels("miss" if token is None else "hit").inc()
         if token is None:
-            token = await self._fetch(challenge, scope)
-        return b"Bearer " + token.encode()
+            return await self._fetch(challenge, scope, credentials)
+        return self._issue(b"Bearer " + token.encode(), credentials)
 
     async def answer(self, challenge: Challenge, scope: str, rejected: bytes | None) -> bytes | None:
         """
@@ -140,21 +195,21 @@ class UpstreamAuth:
         dropped. L{None} means hammal has nothing to answer with.
         """
         self._challenge = challenge
+        credentials = self._credentials_now()
         if challenge.scheme == "basic":
             if rejected is not None:
                 return None
-            return self._upstream_basic()
-        key = self._key(scope)
+            return self._upstream_basic(credentials)
+        key = self._key(scope, credentials)
         if rejected is not None:
             cached = await self._cache.get(key)
             if cached is not None and rejected == b"Bearer " + cached.encode():
                 await self._cache.delete(key)
-        token = await self._fetch(challenge, scope)
-        return b"Bearer " + token.encode()
+        return await self._fetch(challenge, scope, credentials)
 
-    def _upstream_basic(self) -> bytes | None:
+    def _upstream_basic(self, credentials: Credentials | None) -> bytes | None:
         """Basic credentials for the upstream itself, if they may go there."""
-        if self._credentials is None:
+        if credentials is None:
             return None
         if not self._policy.transport_allowed(self._upstream_url):
             self._withhold(
@@ -162,11 +217,11 @@ class UpstreamAuth:
                 "it is plain HTTP; use https:// or --plain-http-credentials",
             )
             return None
-        return self._credentials.basic()
+        return self._issue(credentials.basic(), credentials)
 
-    def _realm_may_have_credentials(self, realm: str) -> bool:
-        """Whether the configured credentials may go to the token realm C{realm}."""
-        if self._credentials is None:
+    def _realm_may_have_credentials(self, realm: str, credentials: Credentials | None) -> bool:
+        """Whether C{credentials} may go to the token realm C{realm}."""
+        if credentials is None:
             return False
         parts = urlsplit(realm)
         realm_host = parts.hostname or ""
@@ -200,13 +255,44 @@ class UpstreamAuth:
             reason=reason,
         )
 
-    def _fetch(self, challenge: Challenge, scope: str) -> Deferred[str]:
-        key = self._key(scope)
+    def _fetch(
+        self, challenge: Challenge, scope: str, credentials: Credentials | None
+    ) -> Deferred[bytes]:
+        """A token for C{scope}: one request however many callers need it."""
+        key = self._key(scope, credentials)
         return self._fetches.run(
-            key, lambda: Deferred.fromCoroutine(self._request_token(challenge, scope, key))
+            key,
+            lambda: Deferred.fromCoroutine(self._token_as(challenge, scope, credentials)),
         )
 
-    async def _request_token(self, challenge: Challenge, scope: str, key: str) -> str:
+    async def _token_as(
+        self, challenge: Challenge, scope: str, credentials: Credentials | None
+    ) -> bytes:
+        """
+        The ``Authorization`` value for C{scope}, starting as C{credentials};
+        a pooled account whose token request gets 429 rests and the pool's
+        next choice (in the end: anonymous) asks instead.
+        """
+        for _ in range(_MAX_ACCOUNT_SWITCHES):
+            key = self._key(scope, credentials)
+            token, response = await self._request_token(challenge, scope, key, credentials)
+            if token is not None:
+                return self._issue(b"Bearer " + token.encode(), credentials)
+            assert credentials is not None and self._accounts is not None
+            self._accounts.observe(credentials, response.code, response.headers)
+            following = self._accounts.current()
+            if following == credentials:
+                break
+            credentials = following
+        raise self._error_for(response, b"", urlsplit(challenge.realm or "").hostname or "")
+
+    async def _request_token(
+        self, challenge: Challenge, scope: str, key: str, credentials: Credentials | None
+    ) -> tuple[str | None, IResponse]:
+        """
+        Ask the realm for a token as C{credentials}. A pooled account's 429
+        gives C{(None, response)}: the caller moves to the next account.
+        """
         realm = challenge.realm or ""
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -217,12 +303,14 @@ class UpstreamAuth:
         separator = "&" if parts.query else "?"
         url = realm + separator + urlencode(query)
         headers = Headers({b"accept": [b"application/json"]})
-        with_credentials = self._realm_may_have_credentials(realm)
+        with_credentials = self._realm_may_have_credentials(realm, credentials)
         if with_credentials:
-            assert self._credentials is not None
-            headers.setRawHeaders(b"authorization", [self._credentials.basic()])
+            assert credentials is not None
+            headers.setRawHeaders(b"authorization", [credentials.basic()])
         response = await self._send(b"GET", url, headers)
         body = await read_body(response, 1024 * 1024)
+        if response.code == 429 and with_credentials and self._accounts is not None:
+            return None, response
         if response.code == 401 and with_credentials:
             # Wrong or revoked credentials must not take public pulls down.
             self.log.warn(
@@ -243,6 +331,9 @@ class UpstreamAuth:
             token = None
         if not isinstance(token, str) or not token:
             raise UpstreamBadResponse(f"token realm {parts.hostname} sent no token")
+        if with_credentials and self._accounts is not None:
+            assert credentials is not None
+            self._accounts.observe(credentials, response.code, response.headers)
         lifetime = token_lifetime(document.get("expires_in"))
         await self._cache.set(key, token, lifetime)
         self.log.debug(
@@ -251,4 +342,4 @@ class UpstreamAuth:
             realm_host=parts.hostname,
             lifetime=lifetime,
         )
-        return token
+        return token, response

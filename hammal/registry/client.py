@@ -49,7 +49,7 @@ from hammal.registry.addresses import (
     InternalAddressRefused,
     PeerZones,
 )
-from hammal.registry.auth import Credentials, UpstreamAuth
+from hammal.registry.auth import CredentialSource, Credentials, UpstreamAuth
 from hammal.registry.challenge import select_challenge
 from hammal.registry.reference import pull_scope
 from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
@@ -59,6 +59,8 @@ from hammal.stream import discard_body, read_body
 from hammal.status.quota import QUOTAS, QuotaBoard
 
 RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
+#: Most immediate retries as another pooled account after a 429.
+_MAX_ACCOUNT_SWITCHES = 16
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 USER_AGENT = f"hammal/{__version__}".encode()
@@ -259,6 +261,7 @@ class UpstreamClient:
         credential_policy: CredentialPolicy | None = None,
         redirect_http: HTTPClient | None = None,
         zones: PeerZones | None = None,
+        accounts: CredentialSource | None = None,
     ) -> None:
         self.upstream = upstream
         self._http = http
@@ -276,6 +279,7 @@ class UpstreamClient:
             upstream.credentials,
             clock,
             credential_policy,
+            accounts,
         )
         # For a mirror asked on behalf of a passthrough client: only what
         # anyone may read, since the client's identity cannot be checked here.
@@ -305,11 +309,14 @@ class UpstreamClient:
         url = f"{self.upstream.url}/v2/{name}/{path}"
         scope = pull_scope(name)
         retry = 0
+        switches = 0
         while True:
             trace.attempts += 1
             retry_after: float | None = None
             try:
-                response = await self._attempt(method, url, headers, scope, follow_redirects, trace)
+                response, switched = await self._attempt(
+                    method, url, headers, scope, follow_redirects, trace
+                )
             except (UpstreamUnavailable, UpstreamTimeout, TooManyRequests) as failure:
                 if isinstance(failure, TooManyRequests):
                     retry_after = parse_retry_after(
@@ -322,6 +329,11 @@ class UpstreamClient:
             else:
                 if response.code not in RETRIABLE_STATUSES:
                     return response
+                if switched and switches < _MAX_ACCOUNT_SWITCHES:
+                    # That account's pull limit is spent: the next one goes at once.
+                    switches += 1
+                    await discard_body(response)
+                    continue
                 retry_after = parse_retry_after(
                     _header(response, b"retry-after"), self._clock.seconds()
                 )
@@ -349,7 +361,11 @@ class UpstreamClient:
         scope: str,
         follow_redirects: bool,
         trace: Trace,
-    ) -> IResponse:
+    ) -> tuple[IResponse, bool]:
+        """
+        One authorised exchange (and its redirects). The flag says whether
+        the pooled account it used now rests, so a retry goes as another.
+        """
         given = headers.getRawHeaders(b"authorization")
         auth = self._auth
         if given and self.upstream.mirror_of is not None:
@@ -361,7 +377,7 @@ class UpstreamClient:
             response = await self._send(method, url, headers.copy())
             if follow_redirects and response.code in REDIRECT_STATUSES:
                 response = await self._follow(method, url, headers, given[0], response, trace)
-            return response
+            return response, False
         authorization = await auth.authorization(scope)
         response = await self._send(method, url, _with_authorization(headers, authorization))
         if response.code == 401:
@@ -375,9 +391,10 @@ class UpstreamClient:
                     await discard_body(response)
                     authorization = answer
                     response = await self._send(method, url, _with_authorization(headers, answer))
+        switched = auth.observe(authorization, response)
         if follow_redirects and response.code in REDIRECT_STATUSES:
             response = await self._follow(method, url, headers, authorization, response, trace)
-        return response
+        return response, switched
 
     async def _follow(
         self,

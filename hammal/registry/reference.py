@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from typing import Union
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -124,6 +125,23 @@ def parse_reference(text: str) -> Reference:
 def is_docker_hub(host: str) -> bool:
     """Whether C{host} is one of Docker Hub's registry hosts."""
     return host.lower() in DOCKER_HUB_HOSTS
+
+
+def registry_names(url: str, stands_for: str | None = None) -> frozenset[str]:
+    """
+    The names clients use for the registry at C{url}: its own ``host[:port]``,
+    the registry it was configured to stand for (``docker.io=URL``), and all
+    of Docker Hub's host names when either is the Hub.
+    """
+    parts = urlsplit(url)
+    names = {(parts.netloc or "").lower()}
+    hub = is_docker_hub(parts.hostname or "")
+    if stands_for:
+        names.add(stands_for.lower())
+        hub = hub or is_docker_hub(stands_for.rsplit(":", 1)[0])
+    if hub:
+        names |= DOCKER_HUB_HOSTS
+    return frozenset(names)
 
 
 def upstream_name(name: str, library_prefix: bool) -> str:

@@ -3,7 +3,7 @@ Parsing of ``/v2/...`` request paths into routes.
 
 A repository name may contain slashes, so the kind of request is decided by
 the path's tail (``/manifests/<ref>``, ``/blobs/<digest>``,
-``/tags/list``); the rest is the name, validated before anything else
+``/tags/list``, ``/referrers/<digest>``); the rest is the name, validated before anything else
 happens.
 """
 
@@ -24,6 +24,7 @@ class RouteKind(Enum):
     MANIFEST = "manifest"
     BLOB = "blob"
     TAGS = "tags"
+    REFERRERS = "referrers"
 
 
 @attrs.frozen
@@ -49,7 +50,7 @@ _MANIFEST = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]*)\Z")
 _BLOB = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]*)\Z")
 _TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list\Z")
 _UPLOAD = re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/.*)?\Z")
-_REFERRERS = re.compile(r"/v2/(?P<name>.+)/referrers/[^/]*\Z")
+_REFERRERS = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<ref>[^/]*)\Z")
 
 
 def parse_route(raw_path: bytes) -> Route:
@@ -85,6 +86,8 @@ def parse_route(raw_path: bytes) -> Route:
     if match:
         name = validate_name(match["name"])
         return Route(RouteKind.BLOB, name, Digest.parse(match["ref"]))
-    if _REFERRERS.match(path):
-        raise NotFound("the referrers API is not offered by this mirror")
+    match = _REFERRERS.match(path)
+    if match:
+        name = validate_name(match["name"])
+        return Route(RouteKind.REFERRERS, name, Digest.parse(match["ref"]))
     raise NotFound("no such registry API endpoint")

@@ -106,6 +106,11 @@ class V2Resource(Resource):
         elif route.kind is RouteKind.TAGS:
             document = await proxy.tags(name, _tags_query(request), headers, trace)
             _write_document(request, document)
+        elif route.kind is RouteKind.REFERRERS:
+            artifact_type = _query_text(request, b"artifactType")
+            document = await proxy.referrers(name, route.digest, artifact_type, headers, trace)
+            _set_cache_status(request, document.cache_status)
+            _write_document(request, document)
         else:
             reply = await proxy.blob(request.method, name, route.digest, headers, trace)
             if isinstance(reply, Document):
@@ -150,6 +155,8 @@ def _upstream_path(route: Route) -> str:
         return f"manifests/{route.reference}"
     if route.kind is RouteKind.BLOB:
         return f"blobs/{route.reference}"
+    if route.kind is RouteKind.REFERRERS:
+        return f"manifests/{route.reference}"  # the subject
     return "tags/list"
 
 

@@ -814,9 +814,11 @@ class UpstreamEnvironment:
         _get_json(self.token_url + "/_admin/reset", "POST")
         _get_json(self.cdn_url + "/_admin/reset", "POST")
 
-    def set_ratelimit(self, on: bool) -> None:
-        """Make the token server answer 429 (``on``) or tokens (``off``)."""
-        _get_json(f"{self.token_url}/_admin/ratelimit?on={1 if on else 0}", "POST")
+    def set_ratelimit(self, on: bool, user: Optional[str] = None) -> None:
+        """Make the token server answer 429 (``on``) or tokens (``off``),
+        to everyone or only to the Basic *user*'s token requests."""
+        only = f"&user={urllib.parse.quote(user)}" if user is not None else ""
+        _get_json(f"{self.token_url}/_admin/ratelimit?on={1 if on else 0}{only}", "POST")
 
     # -- direct access to the upstream ---------------------------------------------
 

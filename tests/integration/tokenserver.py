@@ -29,9 +29,11 @@ Endpoints:
     Basic user name, or ``null``), ``scopes`` and the response ``status``.
 ``POST /_admin/reset``
     Clears the log and switches rate limiting off.
-``POST /_admin/ratelimit?on=1|0``
+``POST /_admin/ratelimit?on=1|0[&user=NAME]``
     While on, ``/token`` answers ``429`` with
-    ``{"errors":[{"code":"TOOMANYREQUESTS",...}]}`` and ``Retry-After: 60``.
+    ``{"errors":[{"code":"TOOMANYREQUESTS",...}]}`` and ``Retry-After: 60``;
+    with ``user=``, only to that Basic user's requests (an account whose pull
+    limit is spent), the others still get tokens.
 
 ``users`` maps a user name to a password, or to
 ``{"password": P, "private": [REPO, ...]}`` to limit which ``private/``
@@ -112,6 +114,7 @@ class TokenServer:
         self.refresh_tokens: Dict[str, str] = {}
         self.log: List[Dict[str, Any]] = []
         self.ratelimited = False
+        self.ratelimited_users: set = set()
         self._lock = threading.Lock()
 
     # -- decisions ---------------------------------------------------------
@@ -189,6 +192,7 @@ class TokenServer:
         with self._lock:
             self.log = []
             self.ratelimited = False
+            self.ratelimited_users = set()
 
 
 def _json(request: Request, status: int, body: Any) -> bytes:
@@ -230,8 +234,14 @@ class TokenServerResource(resource.Resource):
             self.state.reset()
             return _json(request, 200, {"ok": True})
         if path == "/_admin/ratelimit" and method == "POST":
-            on = _qs(request).get("on", ["1"])[0]
-            self.state.ratelimited = on not in ("0", "false", "off", "")
+            on = _qs(request).get("on", ["1"])[0] not in ("0", "false", "off", "")
+            user = _qs(request).get("user", [None])[0]
+            if user is None:
+                self.state.ratelimited = on
+            elif on:
+                self.state.ratelimited_users.add(user)
+            else:
+                self.state.ratelimited_users.discard(user)
             return _json(request, 200, {"ratelimit": self.state.ratelimited})
         return _json(request, 404, {"details": "no such admin endpoint"})
 
@@ -274,7 +284,9 @@ class TokenServerResource(resource.Resource):
             self.state.record(entry)
             return _json(request, status, body)
 
-        if self.state.ratelimited:
+        if self.state.ratelimited or (
+            basic_user is not None and basic_user in self.state.ratelimited_users
+        ):
             request.setHeader(b"Retry-After", b"60")
             return done(
                 429,
