@@ -33,6 +33,7 @@ from hammal.access import (
     UserDirectory,
     parse_user_list,
 )
+from hammal.access.passthrough import Logins
 from hammal.drain import DrainService
 
 from hammal.cache.blobs import BlobCache
@@ -290,7 +291,7 @@ def _tune_http_limits(settings: Settings) -> None:
     http.HTTPChannel.totalHeadersSize = settings.max_header_bytes
 
 
-def _gate(settings: Settings, reactor: Any) -> Gate | None:
+def _gate(settings: Settings, reactor: Any, tokens: TokenCache) -> Gate | None:
     """The access gate, or L{None} when nothing is restricted."""
     rules_given = any(settings.rules.values())
     if settings.auth == "none" and not rules_given:
@@ -315,12 +316,23 @@ def _gate(settings: Settings, reactor: Any) -> Gate | None:
             users = HtpasswdFile(settings.htpasswd, reactor)
         elif settings.auth_user is not None:
             users = SingleUser(settings.auth_user.username, settings.auth_user.password)
-        if users is not None and settings.allow_users:
-            users = AllowList(users, parse_user_list(settings.allow_users))
+        allowed = parse_user_list(settings.allow_users) if settings.allow_users else None
+        if users is not None and allowed is not None:
+            users = AllowList(users, allowed)
         issuer = None
         if settings.auth == "token":
             issuer = TokenIssuer(_token_key(settings), reactor, settings.token_lifetime)
-        return Gate(settings.auth, reactor, reactor, rules, users, issuer)
+        passthrough = settings.auth == "passthrough"
+        return Gate(
+            settings.auth,
+            reactor,
+            reactor,
+            rules,
+            users,
+            issuer,
+            allowed_users=allowed if passthrough else None,
+            logins=Logins(tokens),
+        )
     except (ValueError, ConfigError) as failure:
         raise usage.UsageError(str(failure))
 
@@ -408,7 +420,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     metrics_resource = MetricsResource(registry=metrics.REGISTRY)
     root = build_root(
-        V2Resource(selector, _gate(settings, reactor)),
+        V2Resource(selector, _gate(settings, reactor, tokens)),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
         FrontPage(settings.url302),
