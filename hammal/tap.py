@@ -33,6 +33,7 @@ from hammal.access import (
     UserDirectory,
     parse_user_list,
 )
+from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.drain import DrainService
 
@@ -291,7 +292,9 @@ def _tune_http_limits(settings: Settings) -> None:
     http.HTTPChannel.totalHeadersSize = settings.max_header_bytes
 
 
-def _gate(settings: Settings, reactor: Any, tokens: TokenCache) -> Gate | None:
+def _gate(
+    settings: Settings, reactor: Any, tokens: TokenCache, hashing: PasswordHashingPool
+) -> Gate | None:
     """The access gate, or L{None} when nothing is restricted."""
     rules_given = any(settings.rules.values())
     if settings.auth == "none" and not rules_given:
@@ -332,6 +335,7 @@ def _gate(settings: Settings, reactor: Any, tokens: TokenCache) -> Gate | None:
             issuer,
             allowed_users=allowed if passthrough else None,
             logins=Logins(tokens),
+            checker=None if users is None else CredentialChecker(users, reactor, reactor, hashing.pool),
         )
     except (ValueError, ConfigError) as failure:
         raise usage.UsageError(str(failure))
@@ -418,9 +422,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         readiness.add("cache", cache_dir_writable(settings.cache_dir))
     readiness.add("upstream", lambda: probe.reachable(settings.ready_window))
 
+    hashing = PasswordHashingPool()
     metrics_resource = MetricsResource(registry=metrics.REGISTRY)
     root = build_root(
-        V2Resource(selector, _gate(settings, reactor, tokens)),
+        V2Resource(selector, _gate(settings, reactor, tokens, hashing)),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
         FrontPage(settings.url302),
@@ -429,6 +434,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     site.displayTracebacks = False
 
     service = MultiService()
+    hashing.setServiceParent(service)
     factory: Any = ConnectionLimit(site, settings.max_connections)
     if settings.tls:
         assert settings.tls_cert and settings.tls_key

@@ -23,7 +23,7 @@ logs in to the registry it pulls from.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, cast
+from typing import Any, Iterable
 from urllib.parse import urlencode, urlsplit
 
 import attrs
@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from hammal.access.checks import CredentialChecker
 from hammal.access.passthrough import (
     DEFAULT_TOKEN_LIFETIME,
     ConfirmationKey,
@@ -40,8 +41,9 @@ from hammal.access.passthrough import (
     fingerprint,
 )
 from hammal.access.rules import AccessRules
+from hammal.access.throttle import LoginThrottle
 from hammal.access.tokens import TokenIssuer, parse_scopes
-from hammal.access.users import UserDirectory, check_in_thread, parse_basic
+from hammal.access.users import UserDirectory, parse_basic
 from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamBadResponse, UpstreamError
 from hammal.proxy import PullProxy
 from hammal.registry.challenge import select_challenge
@@ -79,6 +81,9 @@ class Gate:
     @param logins: where passthrough logins are remembered for
         C{allowed_users}; in memory unless given (give a shared cache when
         several instances serve one name).
+    @param checker: checks Basic credentials against C{users} (by default
+        on the reactor's thread pool; hammal gives it a pool of its own).
+    @param throttle: refuses addresses after repeated failed logins.
     """
 
     log = Logger()
@@ -93,6 +98,8 @@ class Gate:
         issuer: TokenIssuer | None = None,
         allowed_users: Iterable[str] | None = None,
         logins: Logins | None = None,
+        checker: CredentialChecker | None = None,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         if mode not in AUTH_MODES:
             raise ValueError(f"--auth must be one of {', '.join(AUTH_MODES)}")
@@ -111,6 +118,10 @@ class Gate:
             raise ValueError("the list of allowed users is empty")
         self._logins = logins or Logins(MemoryTokenCache(clock))
         self._confirmations = Confirmations(clock)
+        if checker is None and users is not None:
+            checker = CredentialChecker(users, clock, reactor)
+        self._checker = checker
+        self._throttle = throttle or LoginThrottle(clock)
 
     # Every request.
 
@@ -141,7 +152,7 @@ class Gate:
             return Admission()
         authorization = request.getHeader(b"authorization")
         if self.mode == "basic":
-            return Admission(user=await self._basic(authorization))
+            return Admission(user=await self._basic(request, authorization))
         if self.mode == "token":
             return Admission(user=self._bearer(request, authorization, repository, realm_query))
         if authorization is None or not authorization.lower().startswith(b"bearer "):
@@ -159,14 +170,31 @@ class Gate:
                 )
         return Admission(user=user, upstream_authorization=authorization)
 
-    async def _basic(self, authorization: bytes | None) -> str:
+    def client_address(self, request: Request) -> str:
+        """The client's address, as the access rules see it."""
+        peer = str(getattr(request.getClientAddress(), "host", ""))
+        if self._rules is None:
+            return peer
+        forwarded = [
+            value.decode("latin-1")
+            for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        ]
+        return self._rules.client_ip(peer, forwarded)
+
+    async def _basic(self, request: Request, authorization: bytes | None) -> str:
         credentials = parse_basic(authorization)
         if credentials is not None:
-            assert self._users is not None
-            reactor = cast(IReactorThreads, self._reactor)  # unused by SingleUser
-            if await check_in_thread(self._users, *credentials, reactor):
+            assert self._checker is not None
+            address = self.client_address(request)
+            self._throttle.check(address)
+            if await self._checker.check(*credentials):
                 return credentials[0]
-            self.log.info("refused credentials for user {user}", user=printable(credentials[0]))
+            self._throttle.failed(address)
+            self.log.info(
+                "refused credentials for user {user} from {client}",
+                user=printable(credentials[0]),
+                client=address,
+            )
         raise Unauthorized(
             "authentication required",
             headers={"WWW-Authenticate": 'Basic realm="hammal"'},
@@ -232,7 +260,7 @@ class Gate:
 
     async def _issue(self, request: Request) -> Document:
         assert self._issuer is not None
-        user = await self._basic(request.getHeader(b"authorization"))
+        user = await self._basic(request, request.getHeader(b"authorization"))
         args = request.args or {}
         scopes = parse_scopes([v.decode("latin-1") for v in args.get(b"scope", [])])
         document = self._issuer.issue(user, scopes)
@@ -245,13 +273,18 @@ class Gate:
         """
         authorization = request.getHeader(b"authorization")
         credentials = parse_basic(authorization)
+        address = self.client_address(request)
+        if credentials is not None:
+            self._throttle.check(address)
         if self._allowed_users is not None and (
             credentials is None or credentials[0] not in self._allowed_users
         ):
             if credentials is not None:
+                self._throttle.failed(address)
                 self.log.info(
-                    "user {user} is not in the allowed users; login refused",
+                    "user {user} from {client} is not in the allowed users; login refused",
                     user=printable(credentials[0]),
+                    client=address,
                 )
             raise Unauthorized(
                 "log in as one of this mirror's allowed users",
@@ -280,8 +313,11 @@ class Gate:
         body = await read_body(response, 1024 * 1024)
         if response.code == 401:
             if credentials is not None:
+                self._throttle.failed(address)
                 self.log.info(
-                    "upstream refused the login of user {user}", user=printable(credentials[0])
+                    "upstream refused the login of user {user} from {client}",
+                    user=printable(credentials[0]),
+                    client=address,
                 )
             raise Unauthorized(
                 "upstream refused these credentials",
