@@ -64,7 +64,7 @@ from hammal.registry.tokens import (
 from hammal.tls import ReloadOnHangup, ReloadingServerTLS, upstream_tls_policy
 from hammal.web.front import FrontPage
 from hammal.web.gate import Gate
-from hammal.web.root import MetricsResource, build_root
+from hammal.web.root import MetricsResource, address_guard, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
 from hammal.web.limits import ConnectionLimit
 from hammal.web.site import HammalSite
@@ -292,28 +292,38 @@ def _tune_http_limits(settings: Settings) -> None:
     http.HTTPChannel.totalHeadersSize = settings.max_header_bytes
 
 
+def _rules(settings: Settings) -> AccessRules | None:
+    """The access rules, or L{None} when none is configured."""
+    if not any(settings.rules.values()):
+        return None
+    r = settings.rules
+    try:
+        return AccessRules(
+            allow_ip=r.get("allow-ip", ()),
+            deny_ip=r.get("deny-ip", ()),
+            trusted_proxies=r.get("trusted-proxy", ()),
+            allow_ua=r.get("allow-ua", ()),
+            deny_ua=r.get("deny-ua", ()),
+            allow_path=r.get("allow-path", ()),
+            region_header=settings.region_header,
+            allow_region=[c for item in r.get("allow-region", ()) for c in item.split(",") if c],
+            deny_region=[c for item in r.get("deny-region", ()) for c in item.split(",") if c],
+        )
+    except ValueError as failure:
+        raise usage.UsageError(str(failure))
+
+
 def _gate(
-    settings: Settings, reactor: Any, tokens: TokenCache, hashing: PasswordHashingPool
+    settings: Settings,
+    reactor: Any,
+    rules: AccessRules | None,
+    tokens: TokenCache,
+    hashing: PasswordHashingPool,
 ) -> Gate | None:
     """The access gate, or L{None} when nothing is restricted."""
-    rules_given = any(settings.rules.values())
-    if settings.auth == "none" and not rules_given:
+    if settings.auth == "none" and rules is None:
         return None
     try:
-        rules = None
-        if rules_given:
-            r = settings.rules
-            rules = AccessRules(
-                allow_ip=r.get("allow-ip", ()),
-                deny_ip=r.get("deny-ip", ()),
-                trusted_proxies=r.get("trusted-proxy", ()),
-                allow_ua=r.get("allow-ua", ()),
-                deny_ua=r.get("deny-ua", ()),
-                allow_path=r.get("allow-path", ()),
-                region_header=settings.region_header,
-                allow_region=[c for item in r.get("allow-region", ()) for c in item.split(",") if c],
-                deny_region=[c for item in r.get("deny-region", ()) for c in item.split(",") if c],
-            )
         users: UserDirectory | None = None
         if settings.htpasswd is not None:
             users = HtpasswdFile(settings.htpasswd, reactor)
@@ -423,12 +433,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     readiness.add("upstream", lambda: probe.reachable(settings.ready_window))
 
     hashing = PasswordHashingPool()
+    rules = _rules(settings)
     metrics_resource = MetricsResource(registry=metrics.REGISTRY)
     root = build_root(
-        V2Resource(selector, _gate(settings, reactor, tokens, hashing)),
+        V2Resource(selector, _gate(settings, reactor, rules, tokens, hashing)),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
         FrontPage(settings.url302),
+        guard=None if rules is None else address_guard(rules),
     )
     site = HammalSite(root, reactor, timeout=settings.idle_timeout)
     site.displayTracebacks = False
