@@ -143,6 +143,32 @@ class CrossTenantTests(_Tenants, SynchronousTestCase):
         self.assertEqual(self.heads(f"/blobs/{other}"), 1)
 
 
+class TagListTests(_Tenants, SynchronousTestCase):
+    def test_tag_list(self) -> None:
+        """Distribution has no HEAD for tag lists (405 once the token is
+        checked): the GET goes upstream with the client's token."""
+        alice = self.login(basic("alice", "wonderland"))
+        original = self.mirror.world._registry
+
+        def no_head(request: Any) -> Any:
+            if request.method == b"HEAD" and request.path.endswith(b"/tags/list"):
+                if not self.mirror.world._authorised(request):
+                    return original(request)
+                request.setResponseCode(405)
+                return b""
+            return original(request)
+
+        self.mirror.world._registry = no_head  # type: ignore[method-assign]
+        response = self.get(alice, "/v2/private/secret/tags/list")
+        self.assertEqual(response.code, 200)
+        seen = [s for s in self.mirror.world.hits(REGISTRY, "/tags/list") if s.method == "GET"]
+        self.assertEqual(seen[0].header("authorization"), f"Bearer {alice}")
+        anonymous = self.login(None)
+        refused = self.get(anonymous, "/v2/private/secret/tags/list")
+        self.assertEqual(refused.code, 401)
+        self.assertIn('error="insufficient_scope"', header(refused, b"www-authenticate") or "")
+
+
 class ConfirmationLifetimeTests(_Tenants, SynchronousTestCase):
     def test_at_most_sixty_seconds(self) -> None:
         alice = self.login(basic("alice", "wonderland"))  # expires_in 300

@@ -117,7 +117,8 @@ class CrossTenantTests(_Passthrough):
             asked = self.login("repository:private/secret:pull", who)
             paths = [f"/v2/private/secret/blobs/{d}" for d in private_only]
             paths += ["/v2/private/secret/manifests/1",
-                      f"/v2/private/secret/manifests/{secret.manifest_digest}"]
+                      f"/v2/private/secret/manifests/{secret.manifest_digest}",
+                      "/v2/private/secret/tags/list"]
             for path in paths:
                 response = self.get(path, asked)
                 self.assertOCIError(response, 401, "UNAUTHORIZED")
@@ -144,6 +145,9 @@ class CrossTenantTests(_Passthrough):
             self.assertEqual(response.header("Cache-Status"), "hammal; hit")
             self.assertEqual("sha256:" + hashlib.sha256(response.body).hexdigest(), digest)
         skopeo_copy(self, f"{self.hammal.host}/private/secret:1", secret, self.skopeo_args(owner))
+        tags = self.get("/v2/private/secret/tags/list", alice)
+        self.assertEqual(tags.status, 200, tags.describe())
+        self.assertIn("1", tags.json()["tags"])
 
     def test_realm_carries_the_route(self) -> None:
         """A client pulling through ``?ns=`` (containerd) logs in to that
