@@ -391,11 +391,12 @@ class BasicAuthTLSTests(IntegrationTestCase):
         skopeo_copy(self, f"{hammal.host}/ociimg:1", image, ["--src-cert-dir", self.cert_dir])
 
         # The file is re-read when it changes: a new user can pull at once.
+        # (Polled gently: ten failed logins from one address get 429.)
         write_htpasswd(htpasswd, {"carol": "carol-Pw-1", "erin": "erin-Pw-3"})
         url = f"https://{hammal.host}/v2/"
         wait_until(lambda: fetch(url, [basic_header("erin", "erin-Pw-3")],
                                  ca=self.pki.ca_cert).status == 200,
-                   "the new htpasswd user to be admitted", 10)
+                   "the new htpasswd user to be admitted", 10, interval=0.4)
         self.assertEqual(fetch(url, [basic_header("dave", "dave-Pw-2")],
                                ca=self.pki.ca_cert).status, 401, "a removed user still admitted")
         bitnami = self.env.image("bitnami/redis:7")

@@ -182,3 +182,21 @@ class AllowUsersTests(_Passthrough):
         direct = self.env.token("library/alpine")
         response = self.get("/v2/alpine/manifests/3.20", ("Authorization", f"Bearer {direct}"))
         self.assertOCIError(response, 401, "UNAUTHORIZED")
+
+
+class LoginThrottleTests(IntegrationTestCase):
+    """Repeated failed logins from one address get 429 for a while."""
+
+    def test_429_after_repeated_failures(self) -> None:
+        hammal = launch_hammal(self, ["--auth-user", "carol", "--auth-password", "carol-Pw-1"])
+        good = basic_header("carol", "carol-Pw-1")
+        self.assertEqual(hammal.request("GET", "/v2/", [good]).status, 200)
+        for attempt in range(10):
+            response = hammal.request("GET", "/v2/", [basic_header("carol", f"guess-{attempt}")])
+            self.assertEqual(response.status, 401, response.describe())
+        for headers in ([basic_header("carol", "guess-11")], [good]):
+            refused = hammal.request("GET", "/v2/", headers)
+            self.assertOCIError(refused, 429, "TOOMANYREQUESTS")
+            self.assertEqual(refused.header("Retry-After"), "60")
+        # Asking without credentials is no failed login: still a challenge.
+        self.assertEqual(hammal.request("GET", "/v2/").status, 401)
