@@ -18,6 +18,7 @@ from hammal.registry.auth import Credentials
 from hammal.registry.reference import is_docker_hub, registry_names
 
 DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
+AUTH_MODES = ("none", "basic", "token", "passthrough")
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 
 
@@ -84,7 +85,12 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."),
     OptionSpec("stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."),
     OptionSpec("negative-ttl", "30", "Seconds an upstream 404 for a tag or digest is remembered."),
-    OptionSpec("auth", "none", "Client authentication: none, basic, token or passthrough."),
+    OptionSpec(
+        "auth",
+        None,
+        "Client authentication: none, basic, token or passthrough"
+        " (default: basic when users are given, else none).",
+    ),
     OptionSpec(
         "auth-user", None, "The user for --auth basic/token (never logged).", ("REGISTRY_USERNAME",)
     ),
@@ -282,6 +288,40 @@ def _auth_user(user: str | None, password: str | None) -> Credentials | None:
     if (user is None) != (password is None):
         raise ConfigError("--auth-user and --auth-password go together")
     return Credentials(user, password) if user and password else None
+
+
+def _auth_mode(
+    given: str | None, user: Credentials | None, htpasswd: str | None, allow_users: str | None
+) -> str:
+    """
+    The client authentication mode. Users (C{--auth-user}, also
+    C{REGISTRY_USERNAME}; C{--htpasswd}; C{--allow-users}) without
+    C{--auth} mean C{basic}, as the seed's C{REGISTRY_USERNAME} did: a
+    mirror must never stay open while its operator believes it closed.
+    Users that the chosen mode would ignore are an error.
+    """
+    mode = _choice(given, "--auth", AUTH_MODES) if given else None
+    users = [
+        name
+        for name, value in (("--auth-user", user), ("--htpasswd", htpasswd), ("--allow-users", allow_users))
+        if value
+    ]
+    if mode is None:
+        mode = "basic" if users else "none"
+    if mode == "none" and users:
+        raise ConfigError(
+            f"--auth none leaves the mirror open, yet {' and '.join(users)} given:"
+            " use --auth basic or token, or drop them"
+        )
+    ignored = [name for name in users if name != "--allow-users"]
+    if mode == "passthrough" and ignored:
+        raise ConfigError(
+            f"--auth passthrough checks credentials upstream and ignores {' and '.join(ignored)}:"
+            " drop them (--allow-users does apply)"
+        )
+    if mode in ("basic", "token") and user is None and not htpasswd:
+        raise ConfigError(f"--auth {mode} needs --auth-user and --auth-password, or --htpasswd")
+    return mode
 
 
 def _redirect_url(text: str | None) -> str | None:
@@ -594,6 +634,11 @@ class Settings:
         buffer_size = parse_size(text("buffer-size") or "256K", "--buffer-size")
         if not 4096 <= buffer_size <= 64 * 1024**2:
             raise ConfigError("--buffer-size must be between 4K and 64M")
+        auth_user = _auth_user(
+            text("auth-user"),
+            _secret(text("auth-password"), text("auth-password-file"), "--auth-password"),
+        )
+        auth = _auth_mode(text("auth"), auth_user, text("htpasswd"), text("allow-users"))
         redis_url = text("redis")
         cache_dir = None if options.get("no-cache") else (text("cache-dir") or "var/cache")
         max_size_text = text("cache-max-size")
@@ -629,11 +674,8 @@ class Settings:
             manifest_ttl=_number(text("manifest-ttl") or "300", "--manifest-ttl", 0),
             stale_if_error=_number(text("stale-if-error") or "86400", "--stale-if-error", 0),
             negative_ttl=_number(text("negative-ttl") or "30", "--negative-ttl", 0),
-            auth=_choice(text("auth") or "none", "--auth", ("none", "basic", "token", "passthrough")),
-            auth_user=_auth_user(
-                text("auth-user"),
-                _secret(text("auth-password"), text("auth-password-file"), "--auth-password"),
-            ),
+            auth=auth,
+            auth_user=auth_user,
             htpasswd=text("htpasswd"),
             allow_users=text("allow-users"),
             token_key_file=text("token-key-file"),

@@ -34,6 +34,8 @@ from hammal.access import (
     UserDirectory,
     parse_user_list,
 )
+from hammal.access.checks import CredentialChecker, PasswordHashingPool
+from hammal.access.passthrough import Logins
 from hammal.drain import DrainService
 
 from hammal.cache.blobs import BlobCache
@@ -69,7 +71,7 @@ from hammal.tls import ReloadOnHangup, ReloadingServerTLS, upstream_tls_policy
 from hammal.web.front import FrontPage
 from hammal.web.snippets import ServedRegistry
 from hammal.web.gate import Gate
-from hammal.web.root import MetricsResource, build_root
+from hammal.web.root import MetricsResource, address_guard, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
 from hammal.web.limits import ConnectionLimit
 from hammal.web.site import HammalSite
@@ -310,37 +312,61 @@ def _tune_http_limits(settings: Settings) -> None:
     http.HTTPChannel.totalHeadersSize = settings.max_header_bytes
 
 
-def _gate(settings: Settings, reactor: Any) -> Gate | None:
+def _rules(settings: Settings) -> AccessRules | None:
+    """The access rules, or L{None} when none is configured."""
+    if not any(settings.rules.values()):
+        return None
+    r = settings.rules
+    try:
+        return AccessRules(
+            allow_ip=r.get("allow-ip", ()),
+            deny_ip=r.get("deny-ip", ()),
+            trusted_proxies=r.get("trusted-proxy", ()),
+            allow_ua=r.get("allow-ua", ()),
+            deny_ua=r.get("deny-ua", ()),
+            allow_path=r.get("allow-path", ()),
+            region_header=settings.region_header,
+            allow_region=[c for item in r.get("allow-region", ()) for c in item.split(",") if c],
+            deny_region=[c for item in r.get("deny-region", ()) for c in item.split(",") if c],
+        )
+    except ValueError as failure:
+        raise usage.UsageError(str(failure))
+
+
+def _gate(
+    settings: Settings,
+    reactor: Any,
+    rules: AccessRules | None,
+    tokens: TokenCache,
+    hashing: PasswordHashingPool,
+) -> Gate | None:
     """The access gate, or L{None} when nothing is restricted."""
-    rules_given = any(settings.rules.values())
-    if settings.auth == "none" and not rules_given:
+    if settings.auth == "none" and rules is None:
         return None
     try:
-        rules = None
-        if rules_given:
-            r = settings.rules
-            rules = AccessRules(
-                allow_ip=r.get("allow-ip", ()),
-                deny_ip=r.get("deny-ip", ()),
-                trusted_proxies=r.get("trusted-proxy", ()),
-                allow_ua=r.get("allow-ua", ()),
-                deny_ua=r.get("deny-ua", ()),
-                allow_path=r.get("allow-path", ()),
-                region_header=settings.region_header,
-                allow_region=[c for item in r.get("allow-region", ()) for c in item.split(",") if c],
-                deny_region=[c for item in r.get("deny-region", ()) for c in item.split(",") if c],
-            )
         users: UserDirectory | None = None
         if settings.htpasswd is not None:
             users = HtpasswdFile(settings.htpasswd, reactor)
         elif settings.auth_user is not None:
             users = SingleUser(settings.auth_user.username, settings.auth_user.password)
-        if users is not None and settings.allow_users:
-            users = AllowList(users, parse_user_list(settings.allow_users))
+        allowed = parse_user_list(settings.allow_users) if settings.allow_users else None
+        if users is not None and allowed is not None:
+            users = AllowList(users, allowed)
         issuer = None
         if settings.auth == "token":
             issuer = TokenIssuer(_token_key(settings), reactor, settings.token_lifetime)
-        return Gate(settings.auth, reactor, reactor, rules, users, issuer)
+        passthrough = settings.auth == "passthrough"
+        return Gate(
+            settings.auth,
+            reactor,
+            reactor,
+            rules,
+            users,
+            issuer,
+            allowed_users=allowed if passthrough else None,
+            logins=Logins(tokens),
+            checker=None if users is None else CredentialChecker(users, reactor, reactor, hashing.pool),
+        )
     except (ValueError, ConfigError) as failure:
         raise usage.UsageError(str(failure))
 
@@ -527,12 +553,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         readiness.add("cache", cache_dir_writable(settings.cache_dir))
     readiness.add("upstream", lambda: probe.reachable(settings.ready_window))
 
+    hashing = PasswordHashingPool()
+    rules = _rules(settings)
     metrics_resource = MetricsResource(registry=metrics.REGISTRY)
     root = build_root(
-        V2Resource(selector, _gate(settings, reactor)),
+        V2Resource(selector, _gate(settings, reactor, rules, tokens, hashing)),
         ReadyResource(readiness),
         metrics_resource if settings.metrics_port is None else None,
         FrontPage(settings.url302, _served_registries(settings)),
+        guard=None if rules is None else address_guard(rules),
     )
     recorder = StatusRecorder(reactor)
     status_routes = [RouteSource(host, url, routed[host].client) for host, url in settings.routes]
@@ -557,6 +586,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     site.status = recorder
 
     service = MultiService()
+    hashing.setServiceParent(service)
     factory: Any = ConnectionLimit(site, settings.max_connections)
     if settings.tls:
         assert settings.tls_cert and settings.tls_key

@@ -105,6 +105,16 @@ class UpstreamSelector:
             detail={"hosts": sorted(self._by_host)},
         )
 
+    def registry_prefix(self, name: str) -> str | None:
+        """
+        The registry host C{name} starts with when that prefix routes the
+        request (``ghcr.io`` for ``ghcr.io/owner/repo``), else L{None}.
+        """
+        first, _, rest = name.partition("/")
+        if rest and ("." in first or first == "localhost") and first in self._by_registry:
+            return first
+        return None
+
     def base_allowed(self, host: str | None) -> bool:
         """Whether ``/v2/`` on C{host} should answer (any upstream serves it)."""
         return self._default is not None or _host_name(host) in self._by_host

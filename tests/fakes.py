@@ -77,6 +77,12 @@ class FakeUpstream(Resource):
         self.blob_content_type = b"application/octet-stream"
         self.honour_range = True
         self.realm_url = f"https://{REALM}/token"
+        #: digest -> the only repositories that hold it (unset: all do).
+        self.blob_repositories: dict[str, set[str]] = {}
+        #: private repository -> the users who may read it (unset: all).
+        self.grants: dict[str, set[str]] = {}
+        #: tokens the registry no longer accepts (as if expired).
+        self.revoked: set[str] = set()
 
     # Seeding.
 
@@ -86,9 +92,12 @@ class FakeUpstream(Resource):
         self.manifests[(name, digest)] = (media_type, body)
         return digest
 
-    def add_blob(self, data: bytes) -> str:
+    def add_blob(self, data: bytes, repository: str | None = None) -> str:
+        """Seed a blob; with C{repository}, only that repository holds it."""
         digest = sha256(data)
         self.blobs[digest] = data
+        if repository is not None:
+            self.blob_repositories.setdefault(digest, set()).add(repository)
         return digest
 
     # Inspection.
@@ -149,10 +158,14 @@ class FakeUpstream(Resource):
     def _authorised(self, request: Request) -> bool:
         """Any token reads public repositories; private/ needs a named user's."""
         authorization = (request.getHeader(b"authorization") or b"").decode()
-        if not authorization.startswith("Bearer tok-"):
+        if not authorization.startswith("Bearer tok-") or authorization[7:] in self.revoked:
             return False
-        if "/v2/private/" in request.path.decode():
-            return "-anonymous-" not in authorization
+        path = request.path.decode()
+        if path.startswith("/v2/private/"):
+            user = authorization[len("Bearer tok-") :].split("-", 2)[1]
+            name = path[len("/v2/") :].split("/manifests/")[0].split("/blobs/")[0]
+            readers = self.grants.get(name)
+            return user != "anonymous" and (readers is None or user in readers)
         return True
 
     def _registry(self, request: Request) -> Any:
@@ -166,10 +179,17 @@ class FakeUpstream(Resource):
             return self._json(request, 200, {})
         if not self._authorised(request):
             name = path[len("/v2/") :].split("/manifests/")[0].split("/blobs/")[0]
+            presented = (request.getHeader(b"authorization") or b"").decode()
+            # Like Distribution: a token it does not take is invalid_token,
+            # a good one without the repository insufficient_scope.
+            error = ""
+            if presented.startswith("Bearer "):
+                taken = presented.startswith("Bearer tok-") and presented[7:] not in self.revoked
+                error = ',error="insufficient_scope"' if taken else ',error="invalid_token"'
             request.setHeader(
                 b"www-authenticate",
                 f'Bearer realm="{self.realm_url}",service="{REGISTRY}",'
-                f'scope="repository:{name}:pull"'.encode(),
+                f'scope="repository:{name}:pull"{error}'.encode(),
             )
             return self._json(request, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "auth"}]})
         if "/manifests/" in path:
@@ -185,8 +205,9 @@ class FakeUpstream(Resource):
             request.setHeader(b"content-length", str(len(body)).encode())
             return body
         if "/blobs/" in path:
-            digest = path.rpartition("/blobs/")[2]
-            if digest not in self.blobs:
+            name, _, digest = path[len("/v2/") :].rpartition("/blobs/")
+            holders = self.blob_repositories.get(digest)
+            if digest not in self.blobs or (holders is not None and name not in holders):
                 return self._json(request, 404, {"errors": [{"code": "BLOB_UNKNOWN", "message": "?"}]})
             if self.redirect_blobs:
                 request.setResponseCode(307)

@@ -28,7 +28,9 @@ def gated(test: SynchronousTestCase, mode: str, **kwargs: Any) -> Mirror:
     clock = Clock()
     users = SingleUser("alice", "wonderland")
     issuer = TokenIssuer(TokenIssuer.generate_key(), clock) if mode == "token" else None
-    gate = Gate(mode, clock, None, kwargs.get("rules"), users, issuer)
+    gate = Gate(
+        mode, clock, None, kwargs.get("rules"), users, issuer, kwargs.get("allowed_users")
+    )
     mirror = Mirror(cache_dir=test.mktemp(), gate=gate)
     mirror.gate_clock = clock  # type: ignore[attr-defined]
     return mirror
@@ -90,7 +92,8 @@ class TokenAuthTests(SynchronousTestCase):
         self.assertEqual(self.mirror.request(b"GET", "/v2/", bearer).code, 200)
         self.assertEqual(self.mirror.request(b"GET", "/v2/alpine/manifests/3.20", bearer).code, 200)
         other = self.mirror.request(b"GET", "/v2/other/manifests/1", bearer)
-        self.assertEqual(other.code, 403)
+        self.assertEqual(other.code, 401)
+        self.assertIn('error="insufficient_scope"', header(other, b"www-authenticate") or "")
 
     def test_bad_login(self) -> None:
         self.assertEqual(self.login(password="nope").code, 401)
@@ -110,6 +113,9 @@ class TokenAuthTests(SynchronousTestCase):
             b"GET", "/v2/alpine/manifests/3.20", {b"authorization": [b"Bearer " + token.encode()]}
         )
         self.assertEqual(response.code, 401)
+        challenge = header(response, b"www-authenticate") or ""
+        self.assertIn('realm="http://mirror.test/v2/auth"', challenge)
+        self.assertIn('error="invalid_token"', challenge)
 
     def test_forged_token(self) -> None:
         response = self.mirror.request(
@@ -153,7 +159,8 @@ class PassthroughTests(SynchronousTestCase):
         self.assertEqual(header(self.pull(alice), b"cache-status"), "hammal; hit")
         bob = self.login(None)
         refused = self.pull(bob)
-        self.assertEqual(refused.code, 403)
+        self.assertEqual(refused.code, 401)
+        self.assertIn('error="insufficient_scope"', header(refused, b"www-authenticate") or "")
         self.assertNotIn(b"{\"private\":1}", self.mirror.body(refused))
 
     def test_needs_a_token(self) -> None:

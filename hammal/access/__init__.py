@@ -5,6 +5,11 @@ Client access control: who may pull through hammal.
   htpasswd file, an allow list) and the C{Authorization: Basic} parser.
 - L{tokens}: hammal's own pull-only bearer tokens (C{--auth token}).
 - L{rules}: request rules by client address, user agent, path and region.
+- L{checks}: password checks at a bounded cost (own thread pool, bounded
+  queue, successes remembered under an HMAC).
+- L{throttle}: C{429} for addresses after repeated failed logins.
+- L{passthrough}: upstream's confirmations of clients' own tokens, per
+  object, and who logged in with which token (C{--allow-users}).
 
 The web layer decides when to call them and turns their L{Denied} and
 L{Unauthorized} errors into responses; nothing here knows about HTTP

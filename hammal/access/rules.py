@@ -231,11 +231,7 @@ class AccessRules:
         agents = headers.get("user-agent") or [""]
         regions = self._regions(headers)
 
-        network = _find_network(address, self._deny_ip)
-        if network is not None:
-            raise self._deny(
-                client, peer_ip, f"client address {client} is denied", f"--deny-ip {network}"
-            )
+        self._check_denied_ip(client, peer_ip, address)
         for agent in agents:
             pattern = _find_pattern(agent, self._deny_ua)
             if pattern is not None:
@@ -251,10 +247,7 @@ class AccessRules:
                     client, peer_ip, f"region {region} is denied", f"--deny-region {region}"
                 )
 
-        if self._allow_ip and _find_network(address, self._allow_ip) is None:
-            raise self._deny(
-                client, peer_ip, f"client address {client} is not allowed", "--allow-ip"
-            )
+        self._check_allowed_ip(client, peer_ip, address)
         if self._allow_ua:
             for agent in agents:
                 if _find_pattern(agent, self._allow_ua) is None:
@@ -278,6 +271,33 @@ class AccessRules:
                     raise self._deny(
                         client, peer_ip, f"region {region} is not allowed", "--allow-region"
                     )
+
+    def check_address(self, peer_ip: str, forwarded_for: list[str]) -> None:
+        """
+        Only the address rules (C{--allow-ip}, C{--deny-ip}): for the
+        operational pages (C{/metrics}, C{/readyz}), which say how the
+        mirror is doing to whoever may use it, but are no pulls, so user
+        agent, path and region rules do not apply to them.
+
+        @raise Denied: when the client address is refused.
+        """
+        client = self.client_ip(peer_ip, forwarded_for)
+        address = _parse_address(client)
+        self._check_denied_ip(client, peer_ip, address)
+        self._check_allowed_ip(client, peer_ip, address)
+
+    def _check_denied_ip(self, client: str, peer_ip: str, address: IPAddress | None) -> None:
+        network = _find_network(address, self._deny_ip)
+        if network is not None:
+            raise self._deny(
+                client, peer_ip, f"client address {client} is denied", f"--deny-ip {network}"
+            )
+
+    def _check_allowed_ip(self, client: str, peer_ip: str, address: IPAddress | None) -> None:
+        if self._allow_ip and _find_network(address, self._allow_ip) is None:
+            raise self._deny(
+                client, peer_ip, f"client address {client} is not allowed", "--allow-ip"
+            )
 
     def _regions(self, headers: dict[str, list[str]]) -> list[str] | None:
         """

@@ -26,6 +26,7 @@ import bcrypt
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
 
 #: bcrypt only looks at this many bytes of a password.
@@ -62,25 +63,33 @@ class ThreadedUserDirectory(UserDirectory, Protocol):
     """
 
     def check_in_thread(
-        self, username: str, password: str, reactor: IReactorThreads
+        self,
+        username: str,
+        password: str,
+        reactor: IReactorThreads,
+        pool: ThreadPool | None = None,
     ) -> Deferred[bool]:
-        """L{check}, without blocking the event loop."""
+        """L{check}, without blocking the event loop (on C{pool}, if given)."""
 
 
 def check_in_thread(
-    directory: UserDirectory, username: str, password: str, reactor: IReactorThreads
+    directory: UserDirectory,
+    username: str,
+    password: str,
+    reactor: IReactorThreads,
+    pool: ThreadPool | None = None,
 ) -> Deferred[bool]:
     """
     Check credentials against any L{UserDirectory} without blocking the
     event loop: its own C{check_in_thread} when it has one, else its
-    C{check} on the reactor's thread pool.
+    C{check} on C{pool} (by default the reactor's thread pool).
     """
     threaded = getattr(directory, "check_in_thread", None)
     if threaded is not None:
-        result: Deferred[bool] = threaded(username, password, reactor)
+        result: Deferred[bool] = threaded(username, password, reactor, pool)
         return result
     return deferToThreadPool(
-        reactor, reactor.getThreadPool(), directory.check, username, password
+        reactor, pool or reactor.getThreadPool(), directory.check, username, password
     )
 
 
@@ -118,7 +127,11 @@ class SingleUser:
         return user_ok & password_ok
 
     def check_in_thread(
-        self, username: str, password: str, reactor: IReactorThreads
+        self,
+        username: str,
+        password: str,
+        reactor: IReactorThreads,
+        pool: ThreadPool | None = None,
     ) -> Deferred[bool]:
         """L{check} is cheap here; no thread is needed."""
         return succeed(self.check(username, password))
@@ -179,6 +192,15 @@ class HtpasswdFile:
                 f"cannot read htpasswd file {path}: {failure.strerror or failure}"
             ) from None
         self._checked_at = clock.seconds()
+
+    @property
+    def version(self) -> object:
+        """
+        Changes whenever the users read from the file change (checked as
+        often as L{check} would), so that remembered checks can be dropped.
+        """
+        self._maybe_reload()
+        return self._stamp
 
     @property
     def usernames(self) -> frozenset[str]:
@@ -287,15 +309,20 @@ class HtpasswdFile:
         return known and matches
 
     def check_in_thread(
-        self, username: str, password: str, reactor: IReactorThreads
+        self,
+        username: str,
+        password: str,
+        reactor: IReactorThreads,
+        pool: ThreadPool | None = None,
     ) -> Deferred[bool]:
         """
-        L{check} with the bcrypt work on C{reactor}'s thread pool; the user
-        lookup (and any reload) stays on the calling thread.
+        L{check} with the bcrypt work on C{pool} (by default C{reactor}'s
+        thread pool); the user lookup (and any reload) stays on the calling
+        thread.
         """
         hashed, known = self._lookup(username)
         d = deferToThreadPool(
-            reactor, reactor.getThreadPool(), _bcrypt_matches, password, hashed
+            reactor, pool or reactor.getThreadPool(), _bcrypt_matches, password, hashed
         )
         return d.addCallback(lambda matches: known and matches)
 
@@ -356,10 +383,19 @@ class AllowList:
     def check(self, username: str, password: str) -> bool:
         return self._admit(username, self._directory.check(username, password))
 
+    @property
+    def version(self) -> object:
+        """The wrapped directory's version (see L{HtpasswdFile.version})."""
+        return getattr(self._directory, "version", None)
+
     def check_in_thread(
-        self, username: str, password: str, reactor: IReactorThreads
+        self,
+        username: str,
+        password: str,
+        reactor: IReactorThreads,
+        pool: ThreadPool | None = None,
     ) -> Deferred[bool]:
-        d = check_in_thread(self._directory, username, password, reactor)
+        d = check_in_thread(self._directory, username, password, reactor, pool)
         return d.addCallback(lambda valid: self._admit(username, valid))
 
 

@@ -9,16 +9,21 @@ Modes (``--auth``):
   checks Basic credentials and issues short-lived pull-only tokens.
 - C{passthrough}: clients log in to the upstream registry through
   hammal's ``/v2/auth``; hammal uses each client's own token upstream, and
-  serves cached content of a repository only after upstream confirmed that
-  client's access to it (cached briefly per token and repository).
+  serves cached content only after upstream confirmed that client's access
+  to that very object (see L{hammal.access.passthrough}).
+
+Refusals follow Distribution: a missing, expired or rejected token is
+``401`` with hammal's challenge (clients log in again only on a 401); a
+token that does not cover the repository is ``401`` with
+``error="insufficient_scope"``. The challenge's realm carries the route
+(``?ns=``, ``?upstream=``, or the registry of a path prefix), so a client
+logs in to the registry it pulls from.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections import OrderedDict
-from typing import Any, cast
+from typing import Any, Iterable
 from urllib.parse import urlencode, urlsplit
 
 import attrs
@@ -27,21 +32,28 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from hammal.access.checks import CredentialChecker
+from hammal.access.passthrough import (
+    DEFAULT_TOKEN_LIFETIME,
+    ConfirmationKey,
+    Confirmations,
+    Logins,
+    fingerprint,
+)
 from hammal.access.rules import AccessRules
+from hammal.access.throttle import LoginThrottle
 from hammal.access.tokens import TokenIssuer, parse_scopes
-from hammal.access.users import UserDirectory, check_in_thread, parse_basic
-from hammal.errors import Denied, Unauthorized, UpstreamBadResponse
+from hammal.access.users import UserDirectory, parse_basic
+from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamBadResponse, UpstreamError
 from hammal.proxy import PullProxy
 from hammal.registry.challenge import select_challenge
 from hammal.registry.client import Trace, upstream_error
 from hammal.registry.reference import rewrite_scope
+from hammal.registry.tokens import MemoryTokenCache
 from hammal.replies import Document
 from hammal.stream import read_body
 
 AUTH_MODES = ("none", "basic", "token", "passthrough")
-
-#: How long upstream's word on a client's access to a repository holds.
-PASSTHROUGH_ACCESS_TTL = 60.0
 
 
 @attrs.frozen
@@ -49,7 +61,8 @@ class Admission:
     """
     What the gate decided for a request.
 
-    @ivar user: the authenticated user name, if any.
+    @ivar user: the authenticated user name, if any (in passthrough mode,
+        only known with C{--allow-users}).
     @ivar upstream_authorization: in passthrough mode, the client's own
         ``Authorization`` value, to be used upstream instead of hammal's.
     """
@@ -59,7 +72,19 @@ class Admission:
 
 
 class Gate:
-    """Applies access rules and the configured authentication mode."""
+    """
+    Applies access rules and the configured authentication mode.
+
+    @param allowed_users: C{--allow-users} in passthrough mode: only tokens
+        handed to these users by hammal's C{/v2/auth} are accepted. (In the
+        other modes the L{UserDirectory} applies the list.)
+    @param logins: where passthrough logins are remembered for
+        C{allowed_users}; in memory unless given (give a shared cache when
+        several instances serve one name).
+    @param checker: checks Basic credentials against C{users} (by default
+        on the reactor's thread pool; hammal gives it a pool of its own).
+    @param throttle: refuses addresses after repeated failed logins.
+    """
 
     log = Logger()
 
@@ -71,6 +96,10 @@ class Gate:
         rules: AccessRules | None = None,
         users: UserDirectory | None = None,
         issuer: TokenIssuer | None = None,
+        allowed_users: Iterable[str] | None = None,
+        logins: Logins | None = None,
+        checker: CredentialChecker | None = None,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         if mode not in AUTH_MODES:
             raise ValueError(f"--auth must be one of {', '.join(AUTH_MODES)}")
@@ -84,7 +113,15 @@ class Gate:
         self._rules = rules
         self._users = users
         self._issuer = issuer
-        self._confirmed: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._allowed_users = None if allowed_users is None else frozenset(allowed_users)
+        if self._allowed_users is not None and not self._allowed_users:
+            raise ValueError("the list of allowed users is empty")
+        self._logins = logins or Logins(MemoryTokenCache(clock))
+        self._confirmations = Confirmations(clock)
+        if checker is None and users is not None:
+            checker = CredentialChecker(users, clock, reactor)
+        self._checker = checker
+        self._throttle = throttle or LoginThrottle(clock)
 
     # Every request.
 
@@ -100,10 +137,13 @@ class Gate:
         }
         self._rules.check(peer, headers, request.path.decode("latin-1"))
 
-    async def admit(self, request: Request, repository: str | None) -> Admission:
+    async def admit(
+        self, request: Request, repository: str | None, realm_query: str = ""
+    ) -> Admission:
         """
         Authenticate C{request} for pulling C{repository} (L{None}: the
-        ``/v2/`` base check).
+        ``/v2/`` base check). C{realm_query} (``?ns=...`` or empty) routes
+        the client's login to the registry it is pulling from.
 
         @raise Unauthorized: with the challenge the client should answer.
         @raise Denied: when authenticated but not allowed.
@@ -112,46 +152,100 @@ class Gate:
             return Admission()
         authorization = request.getHeader(b"authorization")
         if self.mode == "basic":
-            return Admission(user=await self._basic(authorization))
+            return Admission(user=await self._basic(request, authorization))
         if self.mode == "token":
-            return Admission(user=self._bearer(request, authorization, repository))
+            return Admission(user=self._bearer(request, authorization, repository, realm_query))
         if authorization is None or not authorization.lower().startswith(b"bearer "):
-            raise self._challenge(request, repository)
-        return Admission(upstream_authorization=authorization)
+            raise self.challenge(request, repository, realm_query)
+        user = None
+        if self._allowed_users is not None:
+            user = await self._logins.user(authorization)
+            if user is None or user not in self._allowed_users:
+                raise self.challenge(
+                    request,
+                    repository,
+                    realm_query,
+                    "invalid_token",
+                    "log in through this mirror as one of its allowed users",
+                )
+        return Admission(user=user, upstream_authorization=authorization)
 
-    async def _basic(self, authorization: bytes | None) -> str:
+    def client_address(self, request: Request) -> str:
+        """The client's address, as the access rules see it."""
+        peer = str(getattr(request.getClientAddress(), "host", ""))
+        if self._rules is None:
+            return peer
+        forwarded = [
+            value.decode("latin-1")
+            for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        ]
+        return self._rules.client_ip(peer, forwarded)
+
+    async def _basic(self, request: Request, authorization: bytes | None) -> str:
         credentials = parse_basic(authorization)
         if credentials is not None:
-            assert self._users is not None
-            reactor = cast(IReactorThreads, self._reactor)  # unused by SingleUser
-            if await check_in_thread(self._users, *credentials, reactor):
+            assert self._checker is not None
+            address = self.client_address(request)
+            self._throttle.check(address)
+            if await self._checker.check(*credentials):
                 return credentials[0]
-            self.log.info("refused credentials for user {user}", user=credentials[0][:64])
+            self._throttle.failed(address)
+            self.log.info(
+                "refused credentials for user {user} from {client}",
+                user=printable(credentials[0]),
+                client=address,
+            )
         raise Unauthorized(
             "authentication required",
             headers={"WWW-Authenticate": 'Basic realm="hammal"'},
         )
 
-    def _bearer(self, request: Request, authorization: bytes | None, repository: str | None) -> str:
+    def _bearer(
+        self,
+        request: Request,
+        authorization: bytes | None,
+        repository: str | None,
+        realm_query: str,
+    ) -> str:
         assert self._issuer is not None
         if authorization is None or not authorization.lower().startswith(b"bearer "):
-            raise self._challenge(request, repository)
+            raise self.challenge(request, repository, realm_query)
         token = authorization[7:].strip().decode("latin-1")
         try:
             if repository is None:
                 return self._issuer.verify_any(token)
             return self._issuer.verify(token, repository)
         except Unauthorized as failure:
-            failure.headers.update(self._challenge(request, repository).headers)
-            raise
+            raise self.challenge(
+                request, repository, realm_query, "invalid_token", failure.message
+            ) from None
+        except Denied as failure:
+            raise self.challenge(
+                request, repository, realm_query, "insufficient_scope", failure.message
+            ) from None
 
-    def _challenge(self, request: Request, repository: str | None) -> Unauthorized:
+    def challenge(
+        self,
+        request: Request,
+        repository: str | None,
+        realm_query: str = "",
+        error: str | None = None,
+        message: str = "authentication required",
+    ) -> Unauthorized:
+        """
+        The C{401} that sends a client to hammal's token endpoint, as
+        Distribution words it (C{error} is C{invalid_token} or
+        C{insufficient_scope}).
+        """
         host = (request.getHeader(b"host") or b"localhost").decode("latin-1")
         scheme = "https" if request.isSecure() else "http"
-        value = f'Bearer realm="{scheme}://{_safe_host(host)}/v2/auth",service="hammal"'
+        realm = f"{scheme}://{_safe_host(host)}/v2/auth{realm_query}"
+        value = f'Bearer realm="{realm}",service="hammal"'
         if repository is not None:
             value += f',scope="repository:{repository}:pull"'
-        return Unauthorized("authentication required", headers={"WWW-Authenticate": value})
+        if error is not None:
+            value += f',error="{error}"'
+        return Unauthorized(message, headers={"WWW-Authenticate": value})
 
     # The token endpoint.
 
@@ -166,7 +260,7 @@ class Gate:
 
     async def _issue(self, request: Request) -> Document:
         assert self._issuer is not None
-        user = await self._basic(request.getHeader(b"authorization"))
+        user = await self._basic(request, request.getHeader(b"authorization"))
         args = request.args or {}
         scopes = parse_scopes([v.decode("latin-1") for v in args.get(b"scope", [])])
         document = self._issuer.issue(user, scopes)
@@ -177,17 +271,39 @@ class Gate:
         Passthrough: ask upstream's token realm for a token with the
         client's own credentials (scopes rewritten like names).
         """
+        authorization = request.getHeader(b"authorization")
+        credentials = parse_basic(authorization)
+        address = self.client_address(request)
+        if credentials is not None:
+            self._throttle.check(address)
+        if self._allowed_users is not None and (
+            credentials is None or credentials[0] not in self._allowed_users
+        ):
+            if credentials is not None:
+                self._throttle.failed(address)
+                self.log.info(
+                    "user {user} from {client} is not in the allowed users; login refused",
+                    user=printable(credentials[0]),
+                    client=address,
+                )
+            raise Unauthorized(
+                "log in as one of this mirror's allowed users",
+                headers={"WWW-Authenticate": 'Basic realm="hammal"'},
+            )
         challenge = await self._upstream_challenge(proxy)
         realm = challenge.realm or ""
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UpstreamBadResponse("upstream offers no token realm to log in to")
         args = request.args or {}
+        prefix = _query_text(args, b"ns") or ""
         scopes = parse_scopes([v.decode("latin-1") for v in args.get(b"scope", [])])
         query = [("service", challenge.service or "")] if challenge.service else []
-        query += [("scope", rewrite_scope(s, proxy.library_prefix)) for s in scopes]
+        query += [
+            ("scope", rewrite_scope(_without_registry(s, prefix), proxy.library_prefix))
+            for s in scopes
+        ]
         headers = Headers({b"accept": [b"application/json"]})
-        authorization = request.getHeader(b"authorization")
         if authorization is not None:
             headers.setRawHeaders(b"authorization", [authorization])
         separator = "&" if parts.query else "?"
@@ -195,11 +311,25 @@ class Gate:
             b"GET", realm + (separator + urlencode(query) if query else ""), headers
         )
         body = await read_body(response, 1024 * 1024)
-        if response.code != 200:
+        if response.code == 401:
+            if credentials is not None:
+                self._throttle.failed(address)
+                self.log.info(
+                    "upstream refused the login of user {user} from {client}",
+                    user=printable(credentials[0]),
+                    client=address,
+                )
             raise Unauthorized(
                 "upstream refused these credentials",
                 headers={"WWW-Authenticate": 'Basic realm="hammal"'},
             )
+        if response.code != 200:
+            raise upstream_error(response, body, parts.hostname)
+        token, lifetime = _token_of(body)
+        if token is not None:
+            self._confirmations.note_token(token, lifetime)
+            if self._allowed_users is not None and credentials is not None:
+                await self._logins.remember(token, credentials[0], lifetime)
         return Document(200, [(b"content-type", [b"application/json"])], body)
 
     async def _upstream_challenge(self, proxy: PullProxy) -> Any:
@@ -215,36 +345,133 @@ class Gate:
         return challenge
 
     async def confirm_access(
-        self, proxy: PullProxy, authorization: bytes, name: str, path: str, headers: Headers
+        self,
+        request: Request,
+        proxy: PullProxy,
+        authorization: bytes,
+        name: str,
+        path: str,
+        headers: Headers,
+        repository: str,
+        realm_query: str = "",
     ) -> None:
         """
-        Passthrough: make sure upstream lets this client's token read
-        C{name} before anything cached is served to it. C{headers} are the
-        ones going upstream (their ``Accept`` matters: Distribution hides
-        OCI manifests from clients that do not accept them).
+        Passthrough: make sure upstream lets this client's token read the
+        object at C{path} (``manifests/<ref>``, ``blobs/<digest>``,
+        ``tags/list``) of C{name} on C{proxy}'s upstream before anything
+        cached is served to it. C{headers} are the ones going upstream
+        (their ``Accept`` matters: Distribution hides OCI manifests from
+        clients that do not accept them). C{repository} and C{realm_query}
+        are the name as the client wrote it and its route, for the
+        challenge.
 
-        @raise Denied: when upstream refuses.
+        @raise Unauthorized: upstream did not take the token (expired,
+            invalid: log in again) or it lacks the scope.
+        @raise Denied: when upstream forbids it.
         @raise RegistryError: upstream's own answer otherwise (404, 429...).
         """
-        key = (hashlib.sha256(authorization).hexdigest(), proxy.upstream_name(name))
-        now = self._clock.seconds()
-        expires = self._confirmed.get(key)
-        if expires is not None and expires > now:
+        upstream_name = proxy.upstream_name(name)
+        key = ConfirmationKey(
+            fingerprint(authorization), proxy.client.upstream.url, upstream_name, path
+        )
+        if self._confirmations.confirmed(key):
             return
         probe = headers.copy()
         probe.removeHeader(b"range")
         probe.setRawHeaders(b"authorization", [authorization])
         response = await proxy.client.request(
-            b"HEAD", proxy.upstream_name(name), path, probe, Trace(), follow_redirects=False
+            b"HEAD", upstream_name, path, probe, Trace(), follow_redirects=False
         )
         body = await read_body(response, 64 * 1024)
-        if response.code in (401, 403):
-            raise Denied(f"upstream refused this client access to {name}")
-        if response.code >= 400:
-            raise upstream_error(response, body, proxy.upstream_host)
-        self._confirmed[key] = now + PASSTHROUGH_ACCESS_TTL
-        while len(self._confirmed) > 10000:
-            self._confirmed.popitem(last=False)
+        if response.code == 401:
+            upstream_said = select_challenge(
+                v.decode("latin-1")
+                for v in response.headers.getRawHeaders(b"www-authenticate", [])
+            )
+            if upstream_said is not None and upstream_said.params.get("error") == "insufficient_scope":
+                raise self.challenge(
+                    request,
+                    repository,
+                    realm_query,
+                    "insufficient_scope",
+                    f"this token does not grant pull on {repository[:255]}",
+                )
+            raise self.challenge(
+                request,
+                repository,
+                realm_query,
+                "invalid_token",
+                "upstream did not accept this token; log in again",
+            )
+        if response.code == 403:
+            raise Denied(f"upstream refused this client access to {repository[:255]}")
+        if response.code == 405 and path == "tags/list":
+            # Distribution has no HEAD for tag lists, but checks the token
+            # first; tag lists are never cached, and the GET that follows
+            # carries the token, so upstream has the last word anyway.
+            pass
+        elif response.code >= 400:
+            raise _refusal(response.code, body, path, proxy.upstream_host, response)
+        self._confirmations.confirm(key, authorization)
+
+
+def _refusal(
+    status: int, body: bytes, path: str, where: str, response: Any
+) -> RegistryError:
+    """
+    Upstream's error for a probe. A HEAD has no body, so a 404 gets the
+    code Distribution would have sent with a GET.
+    """
+    if status == 404 and not body:
+        code = (
+            "BLOB_UNKNOWN"
+            if path.startswith("blobs/")
+            else "MANIFEST_UNKNOWN" if path.startswith("manifests/") else "NAME_UNKNOWN"
+        )
+        return UpstreamError(404, code, f"{where} does not have {path[:300]}")
+    return upstream_error(response, body, where)
+
+
+def _token_of(body: bytes) -> tuple[str | None, float]:
+    """The token in a token response and its lifetime in seconds."""
+    try:
+        document = json.loads(body)
+        token = document.get("token") or document.get("access_token")
+        lifetime = float(document.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+    except (ValueError, AttributeError, TypeError):
+        return None, DEFAULT_TOKEN_LIFETIME
+    if not isinstance(token, str) or not token:
+        return None, DEFAULT_TOKEN_LIFETIME
+    return token, lifetime if lifetime > 0 else DEFAULT_TOKEN_LIFETIME
+
+
+def _query_text(args: dict[bytes, list[bytes]], name: bytes) -> str | None:
+    values = args.get(name)
+    return values[0].decode("latin-1") if values else None
+
+
+def _without_registry(scope: str, registry: str) -> str:
+    """
+    C{repository:ghcr.io/owner/repo:pull} as C{repository:owner/repo:pull}
+    when the login is for C{ghcr.io} (the realm of a path-prefixed pull
+    carries ``?ns=ghcr.io``, and clients ask for the name they pulled).
+    """
+    head = f"repository:{registry}/"
+    if registry and scope.lower().startswith(head.lower()):
+        return "repository:" + scope[len(head) :]
+    return scope
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """
+    A client-supplied name fit for a log line: cut to C{limit} characters,
+    control and other unprintable characters escaped, so that it cannot
+    forge or hide log lines.
+    """
+    cut = text[:limit]
+    if cut.isprintable():
+        return cut
+    return cut.encode("unicode_escape").decode("ascii")
 
 
 def _json_document(status: int, document: object) -> Document:

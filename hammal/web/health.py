@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred
@@ -44,16 +43,20 @@ class Readiness:
 
 
 def cache_dir_writable(path: str) -> Check:
-    """A check that C{path} accepts a new file."""
+    """
+    A check that hammal may create files in C{path}.
+
+    It asks the kernel (C{access(2)}, which also reports a read-only file
+    system) instead of writing a probe file: C{/readyz} is polled every few
+    seconds by every load balancer and orchestrator, and a file per poll is
+    disk churn, and litter when hammal is killed mid-probe.
+    """
 
     async def check() -> str | None:
-        probe = os.path.join(path, f".ready-{secrets.token_hex(4)}")
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"ok")
-            os.unlink(probe)
-        except OSError as failure:
-            return f"cache directory not writable: {failure.strerror}"
+        if not os.path.isdir(path):
+            return "cache directory not writable: it does not exist"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "cache directory not writable: permission denied or read-only file system"
         return None
 
     return check

@@ -5,12 +5,13 @@ for orchestrators, and a short text at ``/``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from hammal.access.rules import AccessRules
 from hammal.errors import NotFound, RegistryError, Unsupported
 from hammal.web.errors import error_body
 from hammal.web.front import FrontPage
@@ -87,18 +88,64 @@ def _error_page(request: Request, error: RegistryError) -> bytes:
     return body
 
 
+Guard = Callable[[Request], None]
+"""Refuses a request by raising L{RegistryError} (a L{Denied}), else returns."""
+
+
+class _Guarded(Resource):
+    """A leaf served only to requests its guard lets through."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource, guard: Guard) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+        self._guard = guard
+
+    def render(self, request: Request) -> Any:
+        try:
+            self._guard(request)
+        except RegistryError as error:
+            return _error_page(request, error)
+        return self._wrapped.render(request)
+
+
+def address_guard(rules: AccessRules) -> Guard:
+    """A L{Guard} applying the address rules of C{rules}."""
+
+    def guard(request: Request) -> None:
+        peer = str(getattr(request.getClientAddress(), "host", ""))
+        forwarded = [
+            value.decode("latin-1")
+            for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        ]
+        rules.check_address(peer, forwarded)
+
+    return guard
+
+
 def build_root(
-    v2: Resource, ready: Resource, metrics: Resource | None, front: Resource | None = None
+    v2: Resource,
+    ready: Resource,
+    metrics: Resource | None,
+    front: Resource | None = None,
+    guard: Guard | None = None,
 ) -> Resource:
     """
     The resource tree hammal serves; C{metrics} is left out when it has a
-    listener of its own.
+    listener of its own. C{guard} (the C{--allow-ip}/C{--deny-ip} rules)
+    keeps C{/readyz} and C{/metrics} from clients who may not pull;
+    C{/healthz} says nothing but "ok" and stays open to every prober.
     """
+
+    def guarded(resource: Resource) -> Resource:
+        return resource if guard is None else _Guarded(resource, guard)
+
     root = _Root()
     root.putChild(b"", _ReadOnly(front or FrontPage()))
     root.putChild(b"v2", v2)
     root.putChild(b"healthz", _ReadOnly(_Text(b"ok\n")))
-    root.putChild(b"readyz", _ReadOnly(ready))
+    root.putChild(b"readyz", _ReadOnly(guarded(ready)))
     if metrics is not None:
-        root.putChild(b"metrics", _ReadOnly(metrics))
+        root.putChild(b"metrics", _ReadOnly(guarded(metrics)))
     return root

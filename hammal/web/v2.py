@@ -75,9 +75,10 @@ class V2Resource(Resource):
             _write_document(request, await self._gate.token_response(request, proxy))
             return
         admission = Admission()
+        realm_query = self._realm_query(ns, upstream, route)
         if self._gate is not None:
             repository = None if route.kind is RouteKind.BASE else route.name
-            admission = await self._gate.admit(request, repository)
+            admission = await self._gate.admit(request, repository, realm_query)
         if route.kind is RouteKind.BASE:
             if ns is not None or upstream is not None or not self._upstreams.base_allowed(host):
                 self._upstreams.select(host, ns, upstream, "")  # refuses what it must
@@ -94,7 +95,14 @@ class V2Resource(Resource):
         if admission.upstream_authorization is not None:
             assert self._gate is not None
             await self._gate.confirm_access(
-                proxy, admission.upstream_authorization, name, _upstream_path(route), headers
+                request,
+                proxy,
+                admission.upstream_authorization,
+                name,
+                _upstream_path(route),
+                headers,
+                route.name,
+                realm_query,
             )
             headers.setRawHeaders(b"authorization", [admission.upstream_authorization])
         if route.kind is RouteKind.MANIFEST:
@@ -118,6 +126,18 @@ class V2Resource(Resource):
                 _write_document(request, reply)
             else:
                 await self._stream(request, reply)
+
+    def _realm_query(self, ns: str | None, upstream: str | None, route: Route) -> str:
+        """
+        The query that routes a login to the registry this request pulls
+        from, for the challenge's realm: ``?ns=``/``?upstream=`` as given,
+        or the registry of a path prefix.
+        """
+        if upstream is not None:
+            return "?" + urlencode([("upstream", upstream)])
+        if ns is None and route.kind is not RouteKind.BASE:
+            ns = self._upstreams.registry_prefix(route.name)
+        return "?" + urlencode([("ns", ns)]) if ns is not None else ""
 
     async def _stream(self, request: Request, reply: BlobReply) -> None:
         _start_response(request, reply.status, reply.headers, reply.length)

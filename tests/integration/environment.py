@@ -54,6 +54,8 @@ __all__ = [
     "ADMIN_PASSWORD",
     "PRIVATE_USER",
     "PRIVATE_PASSWORD",
+    "OTHER_USER",
+    "OTHER_PASSWORD",
     "REGISTRY_SERVICE",
     "TOKEN_ISSUER",
     "HarnessError",
@@ -93,6 +95,11 @@ PRIVATE_USER = "alice"
 PRIVATE_PASSWORD = "wonderland-7"
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = "admin-secret-3"
+#: A second tenant: a user whose only private grant is its own repository
+#: (the token server's per-repository grants), never ``private/secret``.
+OTHER_USER = "bob"
+OTHER_PASSWORD = "builder-5"
+OTHER_PRIVATE_REPOSITORY = "private/bob"
 
 STARTUP_TIMEOUT = 30.0
 _KEEP = os.environ.get("HAMMAL_IT_KEEP") == "1"
@@ -641,7 +648,11 @@ class UpstreamEnvironment:
         self.cdn: Optional[ManagedProcess] = None
         self.registry: Optional[ManagedProcess] = None
         self.timings: Dict[str, float] = {}
-        self.users = {PRIVATE_USER: PRIVATE_PASSWORD, ADMIN_USER: ADMIN_PASSWORD}
+        self.users: Dict[str, Any] = {
+            PRIVATE_USER: PRIVATE_PASSWORD,
+            ADMIN_USER: ADMIN_PASSWORD,
+            OTHER_USER: {"password": OTHER_PASSWORD, "private": [OTHER_PRIVATE_REPOSITORY]},
+        }
 
     # -- URLs --------------------------------------------------------------
 
