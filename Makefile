@@ -3,8 +3,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := redis-server docker-registry skopeo
-SYSTEM_BINARIES := redis-server docker-registry skopeo
+SYSTEM_PACKAGES := redis-server docker-registry skopeo tinyproxy
+SYSTEM_BINARIES := redis-server docker-registry skopeo tinyproxy
 export PYTHONPATH := $(CURDIR)
 # Large socket buffers make glibc map and unmap memory constantly; these keep
 # it from doing so (see README, "Performance").

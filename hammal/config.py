@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from hammal.registry.auth import Credentials
+from hammal.registry.proxy_rules import ProxyRules
 from hammal.registry.reference import is_docker_hub
 
 DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
@@ -90,6 +91,12 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("token-lifetime", "300", "Seconds a token from /v2/auth is valid."),
     OptionSpec("region-header", None, "Request header holding the client's country code (set by a CDN)."),
     OptionSpec("upstream-ca", None, "PEM CA certificate(s) to verify upstreams with (private CAs)."),
+    OptionSpec(
+        "upstream-proxy",
+        None,
+        "http://[user:password@]host:port forward proxy for upstream, token and CDN traffic"
+        " (wins over HTTP(S)_PROXY; NO_PROXY still exempts hosts; none: no proxy).",
+    ),
     OptionSpec("url302", None, "Redirect / to this URL instead of showing the usage page."),
     OptionSpec("metrics-port", None, "Serve /metrics on this port or endpoint only (not on --port)."),
     OptionSpec("drain-timeout", "30", "Seconds to let in-flight transfers finish on SIGTERM."),
@@ -334,6 +341,7 @@ class Settings:
     rules: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
     region_header: str | None = None
     upstream_ca: str | None = None
+    proxies: ProxyRules = ProxyRules()
     url302: str | None = None
     drain_timeout: float = 30.0
     max_connections: int | None = 10000
@@ -350,9 +358,12 @@ class Settings:
         return is_docker_hub(urlsplit(url).hostname or "")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, object]) -> Settings:
+    def from_options(
+        cls, options: Mapping[str, object], environ: Mapping[str, str] | None = None
+    ) -> Settings:
         """
-        Validate parsed options (after env fallbacks were applied).
+        Validate parsed options (after env fallbacks were applied);
+        C{environ} holds the proxy variables (C{HTTPS_PROXY}, ...).
 
         @raise ConfigError: with a one-line explanation.
         """
@@ -409,6 +420,10 @@ class Settings:
         redis_url = text("redis")
         cache_dir = None if options.get("no-cache") else (text("cache-dir") or "var/cache")
         max_size_text = text("cache-max-size")
+        try:
+            proxies = ProxyRules.from_environment(environ or {}, text("upstream-proxy"))
+        except ValueError as failure:
+            raise ConfigError(str(failure))
         cache_max_size = parse_size(max_size_text, "--cache-max-size") if max_size_text else None
 
         return cls(
@@ -449,6 +464,7 @@ class Settings:
             },
             region_header=text("region-header"),
             upstream_ca=text("upstream-ca"),
+            proxies=proxies,
             url302=_redirect_url(text("url302")),
             metrics_port=port_description(text("metrics-port") or "") if text("metrics-port") else None,
             drain_timeout=_number(text("drain-timeout") or "30", "--drain-timeout", 0),

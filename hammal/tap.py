@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -67,6 +68,9 @@ from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redi
 from hammal.web.limits import ConnectionLimit
 from hammal.web.site import HammalSite
 from hammal.web.v2 import V2Resource
+
+
+_log = Logger()
 
 
 def _parameter_help(spec: Any) -> str:
@@ -182,7 +186,7 @@ class Options(usage.Options):
         if self._environment_error is not None:
             raise usage.UsageError(str(self._environment_error))
         try:
-            self.settings = Settings.from_options(self)
+            self.settings = Settings.from_options(self, self._environ)
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
         if self.parent is not None and self.parent.get("logger") is None:
@@ -353,8 +357,14 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
     http_client = make_http_client(
-        reactor, settings.connect_timeout, settings.max_upstream_connections, tls_policy
+        reactor,
+        settings.connect_timeout,
+        settings.max_upstream_connections,
+        tls_policy,
+        settings.proxies,
     )
+    if settings.proxies.active:
+        _log.info("outbound proxy: {proxies}", proxies=settings.proxies.describe())
     tokens = _token_cache(redis, reactor)
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
     blobs = _blob_cache(settings, reactor)

@@ -45,6 +45,8 @@ from hammal.errors import (
 )
 from hammal.registry.auth import Credentials, UpstreamAuth
 from hammal.registry.challenge import select_challenge
+from hammal.registry.forward_proxy import ProxyingAgent
+from hammal.registry.proxy_rules import ProxyRules
 from hammal.registry.reference import pull_scope
 from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
 from hammal.registry.tokens import TokenCache
@@ -133,18 +135,27 @@ def make_http_client(
     connect_timeout: float,
     max_per_host: int = 64,
     tls_policy: IPolicyForHTTPS | None = None,
+    proxies: ProxyRules | None = None,
 ) -> HTTPClient:
     """
     A treq client with a large persistent pool (the default of 2 per host
-    halves the request rate) and no cookie storage.
+    halves the request rate) and no cookie storage; through the forward
+    proxies C{proxies} names, if any.
     """
-    pool = _QuietPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = max_per_host
-    pool.cachedConnectionTimeout = 120
-    kwargs: dict[str, Any] = {"connectTimeout": connect_timeout, "pool": pool}
+
+    def make_pool() -> HTTPConnectionPool:
+        pool = _QuietPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = max_per_host
+        pool.cachedConnectionTimeout = 120
+        return pool
+
+    kwargs: dict[str, Any] = {"connectTimeout": connect_timeout, "pool": make_pool()}
     if tls_policy is not None:
         kwargs["contextFactory"] = tls_policy
-    return http_client_over(Agent(reactor, **kwargs))
+    agent: IAgent = Agent(reactor, **kwargs)
+    if proxies is not None and proxies.active:
+        agent = ProxyingAgent(reactor, proxies, agent, make_pool, connect_timeout, tls_policy)
+    return http_client_over(agent)
 
 
 def http_client_over(agent: IAgent) -> HTTPClient:
