@@ -9,11 +9,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import unittest
 from typing import Dict, List, Mapping, Sequence
 
 from tests.integration.environment import (
     REGISTRY_BIN,
+    REPO_ROOT,
     REGISTRY_SERVICE,
     TOKEN_ISSUER,
     HammalProcess,
@@ -224,3 +227,46 @@ class ForwardProxyTests(IntegrationTestCase):
         return process
 
 
+
+
+class PrefetchThroughProxyTests(IntegrationTestCase):
+    """``hammal prefetch`` reaches the mirror by the same proxy rules."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        if not os.access(TINYPROXY_BIN, os.X_OK):
+            if os.environ.get("CI"):
+                self.fail("tinyproxy is not installed (make system-deps)")
+            raise unittest.SkipTest("tinyproxy is not installed (make system-deps)")
+        self.proxy = TinyProxy([])
+        self.addCleanup(self.proxy.stop)
+        self.hammal = self.start_hammal()
+
+    def _prefetch(self, environ: Mapping[str, str], *args: str) -> "subprocess.CompletedProcess[str]":
+        env = {
+            k: v for k, v in _hammal_env().items()
+            if k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+        }
+        env.update(environ)
+        return subprocess.run(
+            [sys.executable, "-m", "hammal", "prefetch", "library/alpine:3.20",
+             "--mirror", self.hammal.url, *args],
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )
+
+    def test_http_proxy_variable(self) -> None:
+        result = self._prefetch({"HTTP_PROXY": self.proxy.url})
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        self.assertIn(self.hammal.host, self.proxy.targets(), self.proxy.log_text()[-2000:])
+        self.assertNotIn(PROXY_PASSWORD, result.stdout + result.stderr)
+
+    def test_no_proxy_cidr_exempts_the_mirror(self) -> None:
+        """A CIDR entry, which urllib alone does not understand."""
+        result = self._prefetch({"http_proxy": self.proxy.url, "no_proxy": "127.0.0.0/8"})
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        self.assertEqual(self.proxy.targets(), [])
+
+    def test_proxy_option_wins(self) -> None:
+        result = self._prefetch({"HTTP_PROXY": "http://127.0.0.1:9"}, "--proxy", self.proxy.url)
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        self.assertIn(self.hammal.host, self.proxy.targets())
