@@ -123,7 +123,11 @@ LISTS: tuple[OptionSpec, ...] = (
     OptionSpec("allow-upstream", None, "HOST that ?upstream=HOST may name (repeatable)."),
     OptionSpec("allow-ip", None, "CIDR allowed to pull; others are refused (repeatable)."),
     OptionSpec("deny-ip", None, "CIDR refused (repeatable)."),
-    OptionSpec("trusted-proxy", None, "CIDR of proxies whose X-Forwarded-For is believed (repeatable)."),
+    OptionSpec(
+        "trusted-proxy",
+        None,
+        "CIDR of reverse proxies whose Forwarded/X-Forwarded-* headers are believed (repeatable).",
+    ),
     OptionSpec("allow-ua", None, "REGEX a User-Agent must match (repeatable; env: one per line)."),
     OptionSpec("deny-ua", None, "REGEX of refused User-Agents (repeatable; env: one per line)."),
     OptionSpec("allow-path", None, "REGEX a request path must match (repeatable; env: one per line)."),

@@ -66,6 +66,7 @@ from hammal.web.gate import Gate
 from hammal.web.root import MetricsResource, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
 from hammal.web.limits import ConnectionLimit
+from hammal.web.forwarded import ForwardedHeaders
 from hammal.web.site import HammalSite
 from hammal.web.v2 import V2Resource
 
@@ -423,7 +424,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics_resource if settings.metrics_port is None else None,
         FrontPage(settings.url302),
     )
-    site = HammalSite(root, reactor, timeout=settings.idle_timeout)
+    trusted = settings.rules.get("trusted-proxy", ())
+    site = HammalSite(
+        root,
+        reactor,
+        forwarded=ForwardedHeaders(trusted) if trusted else None,
+        timeout=settings.idle_timeout,
+    )
     site.displayTracebacks = False
 
     service = MultiService()

@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 
 from hammal import metrics
 from hammal.registry.client import Trace
+from hammal.web.forwarded import Forwarded, ForwardedHeaders
 
 
 #: Module-level so that its namespace stays "hammal.access" (a Logger on a
@@ -66,6 +67,7 @@ class HammalRequest(Request):
         self._access_logged = False
         self._body_bytes = 0
         self._body_refused = False
+        self.forwarded: Forwarded | None = None
 
     def gotLength(self, length: int | None) -> None:
         """
@@ -105,7 +107,15 @@ class HammalRequest(Request):
         site = getattr(self.channel, "site", None)
         if isinstance(site, HammalSite):
             site.active_requests += 1
+            if site.forwarded is not None:
+                self.forwarded = site.forwarded.apply(self)
         super().process()
+
+    def isSecure(self) -> bool:
+        """The scheme the client used: a trusted proxy's word, else the transport's."""
+        if self.forwarded is not None and self.forwarded.scheme is not None:
+            return self.forwarded.scheme == "https"
+        return bool(super().isSecure())
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -118,8 +128,15 @@ class HammalSite(Site):
     """A L{Site} that writes structured access-log events."""
 
 
-    def __init__(self, resource: IResource, clock: IReactorTime, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        forwarded: ForwardedHeaders | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(resource, **kwargs)
+        self.forwarded = forwarded
         self.noisy = False
         self.active_requests = 0
         self._clock = clock
@@ -185,5 +202,8 @@ def _printable(text: str) -> str:
 
 
 def _client_address(request: http.Request) -> str:
+    forwarded = getattr(request, "forwarded", None)
+    if forwarded is not None and forwarded.client is not None:
+        return _printable(str(forwarded.client))
     address = request.getClientAddress()
     return str(getattr(address, "host", "-"))
