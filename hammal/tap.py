@@ -47,7 +47,7 @@ from hammal.cache.manifests import (
 )
 from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
-from hammal.logs import observer_name
+from hammal.logs import Destination, observer_name, set_destination
 from hammal.proxy import ManifestCacheFactory, PullProxy
 from hammal.registry.auth import Credentials
 from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
@@ -191,6 +191,11 @@ class Options(usage.Options):
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
         if self.parent is not None and self.parent.get("logger") is None:
+            # hammal's observer, on the destination twistd's own options chose.
+            try:
+                set_destination(Destination.from_twistd(self.parent))
+            except ValueError as failure:
+                raise usage.UsageError(str(failure))
             self.parent["logger"] = observer_name(self.settings.log_format, self.settings.debug)
 
 
