@@ -152,7 +152,11 @@ REGEX_LISTS = frozenset({"allow-ua", "deny-ua", "allow-path"})
 
 #: Every flag: name, help.
 FLAGS: tuple[tuple[str, str], ...] = (
-    ("tls", "Serve HTTPS (TLS 1.2+) with --tls-cert and --tls-key."),
+    (
+        "tls",
+        "Serve HTTPS (TLS 1.2+) with --tls-cert and --tls-key, or a self-signed"
+        " certificate kept in var/tls/ (next to --cache-dir).",
+    ),
     ("library-prefix", "Rewrite one-part names to library/NAME (default: on for Docker Hub)."),
     ("no-library-prefix", "Never rewrite one-part names."),
     ("no-cache", "Run as a pure proxy: cache nothing on disk."),
@@ -409,8 +413,8 @@ class Settings:
 
         tls = bool(options.get("tls"))
         tls_cert, tls_key = text("tls-cert"), text("tls-key")
-        if tls and not (tls_cert and tls_key):
-            raise ConfigError("--tls needs --tls-cert and --tls-key")
+        if bool(tls_cert) != bool(tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
 
         blob_redirect = text("blob-redirect") or "follow"
         if blob_redirect not in ("follow", "pass"):

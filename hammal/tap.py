@@ -60,6 +60,7 @@ from hammal.registry.tokens import (
     ResilientTokenCache,
     TokenCache,
 )
+from hammal.selfsigned import ensure_self_signed, listening_names, listening_port, tls_directory
 from hammal.tls import ReloadOnHangup, ReloadingServerTLS, upstream_tls_policy
 from hammal.web.front import FrontPage
 from hammal.web.gate import Gate
@@ -441,9 +442,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     service = MultiService()
     factory: Any = ConnectionLimit(site, settings.max_connections)
     if settings.tls:
-        assert settings.tls_cert and settings.tls_key
+        cert_path, key_path = settings.tls_cert, settings.tls_key
+        if cert_path is None or key_path is None:
+            cert_path, key_path = _self_signed_tls(settings)
         try:
-            tls = ReloadingServerTLS(settings.tls_cert, settings.tls_key)
+            tls = ReloadingServerTLS(cert_path, key_path)
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
         factory = TLSMemoryBIOFactory(tls, False, factory)
@@ -456,6 +459,33 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _listen(reactor, settings.metrics_port, metrics_site, service)
     DrainService(readiness, lambda: site.active_requests, reactor, settings.drain_timeout).setServiceParent(service)
     return service
+
+
+def _self_signed_tls(settings: Settings) -> tuple[str, str]:
+    """
+    ``--tls`` without files: the kept self-signed certificate (made on the
+    first start), logged with what a client needs to trust it.
+    """
+    directory = tls_directory(settings.cache_dir)
+    names, addresses = listening_names(settings.port)
+    try:
+        made = ensure_self_signed(directory, names, addresses)
+    except OSError as failure:
+        raise usage.UsageError(
+            f"--tls without --tls-cert/--tls-key: cannot write {directory}: {failure.strerror}"
+        )
+    port = listening_port(settings.port)
+    host_port = f"{names[0]}:{port}" if port and port != "443" else names[0]
+    _log.warn(
+        "serving a self-signed TLS certificate ({state}) {path}, SHA-256 fingerprint"
+        " {fingerprint}, for {names}; to trust it on a client: {command}",
+        state="new" if made.created else "kept",
+        path=made.cert_path,
+        fingerprint=made.fingerprint,
+        names=", ".join([*names, *addresses]),
+        command=made.trust_command(host_port),
+    )
+    return made.cert_path, made.key_path
 
 
 class _QuietSite(Site):
