@@ -44,7 +44,11 @@ class OptionSpec:
 
 #: Every valued option, in --help order.
 PARAMETERS: tuple[OptionSpec, ...] = (
-    OptionSpec("port", DEFAULT_PORT, "Port number or Twisted server endpoint string to listen on."),
+    OptionSpec(
+        "port",
+        DEFAULT_PORT,
+        "Port number (every IPv6 and IPv4 address) or Twisted server endpoint string to listen on.",
+    ),
     OptionSpec("tls-cert", None, "PEM certificate chain for --tls (leaf first)."),
     OptionSpec("tls-key", None, "PEM private key for --tls."),
     OptionSpec(

@@ -47,6 +47,7 @@ from hammal.cache.manifests import (
 )
 from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
+from hammal.listen import dual_stack_endpoint
 from hammal.logs import Destination, observer_name, set_destination
 from hammal.proxy import ManifestCacheFactory, PullProxy
 from hammal.registry.auth import Credentials
@@ -512,7 +513,8 @@ def with_backlog(description: str) -> str:
 
 def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
     try:
-        endpoint = serverFromString(reactor, with_backlog(description))
+        described = with_backlog(description)
+        endpoint = dual_stack_endpoint(reactor, described) or serverFromString(reactor, described)
     except (ValueError, KeyError, TypeError) as failure:
         raise usage.UsageError(f"{description!r} is not a valid endpoint: {failure}")
     StreamServerEndpointService(endpoint, factory).setServiceParent(parent)

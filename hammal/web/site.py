@@ -206,4 +206,6 @@ def _client_address(request: http.Request) -> str:
     if forwarded is not None and forwarded.client is not None:
         return _printable(str(forwarded.client))
     address = request.getClientAddress()
-    return str(getattr(address, "host", "-"))
+    host = str(getattr(address, "host", "-"))
+    # IPv4 clients of a dual-stack port arrive IPv4-mapped: log them as IPv4.
+    return host[7:] if host.startswith("::ffff:") and "." in host else host

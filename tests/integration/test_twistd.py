@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
+import unittest
 
 from tests.integration.environment import (
     ManagedProcess,
@@ -129,3 +131,26 @@ class SelfSignedTlsTests(IntegrationTestCase):
         kept = self._logged(again)
         self.assertIn("(kept)", kept)
         self.assertIn(fingerprint, kept)
+
+
+class DualStackTests(IntegrationTestCase):
+    """``--port N`` answers on IPv4 and IPv6 where the machine has both."""
+
+    def test_bare_port_answers_both_families(self) -> None:
+        try:
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            probe.bind(("::1", 0))
+            probe.close()
+        except OSError:
+            raise unittest.SkipTest("this machine has no IPv6 loopback")
+        workdir = make_tempdir("hammal-it-dual-")
+        port = free_port()
+        argv = [twistd_path(), "--pidfile=", "-n", "hammal", "--port", str(port),
+                "--upstream", self.env.registry_url, "--cache-dir", os.path.join(workdir, "cache")]
+        process = ManagedProcess("hammal", argv, os.path.join(workdir, "hammal.log"),
+                                 env=_hammal_env(), cwd=REPO_ROOT).start()
+        self.addCleanup(process.stop)
+        wait_until(lambda: http_request("GET", f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200,
+                   "hammal on IPv4", process=process)
+        response = http_request("GET", f"http://[::1]:{port}/v2/", timeout=5)
+        self.assertEqual(response.status, 200, response.describe())
