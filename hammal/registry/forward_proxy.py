@@ -192,7 +192,9 @@ class TunnelEndpoint:
             tunnel.append(protocol)
             return protocol
 
-        connecting = self._proxy_endpoint.connect(Factory.forProtocol(build))
+        factory = Factory.forProtocol(build)
+        factory.noisy = False  # not a log line per tunnel
+        connecting = self._proxy_endpoint.connect(factory)
 
         def failed(failure: Failure) -> None:
             if not opened.called:
