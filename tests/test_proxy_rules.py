@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from hammal.registry.proxy_rules import NoProxy, ProxyRules, parse_proxy_url
@@ -105,3 +107,37 @@ class ProxyRulesTests(SynchronousTestCase):
 
     def test_nothing_set_is_direct(self) -> None:
         self.assertIsNone(ProxyRules.from_environment({}).proxy_for("https://registry-1.docker.io/"))
+
+
+class OptionTests(SynchronousTestCase):
+    """--upstream-proxy and the proxy variables reach L{Settings}."""
+
+    def settings(self, argv: list[str], environ: dict[str, str]) -> Any:
+        from hammal.tap import Options
+
+        options = Options(environ=environ)
+        options.parseOptions(argv)
+        return options.settings
+
+    def test_environment_variables(self) -> None:
+        proxies = self.settings([], {"HTTPS_PROXY": "http://p.corp:3128", "NO_PROXY": "10.0.0.0/8"}).proxies
+        self.assertEqual(proxies.proxy_for("https://registry-1.docker.io/v2/").host, "p.corp")
+        self.assertIsNone(proxies.proxy_for("https://10.1.1.1/v2/"))
+
+    def test_option_and_its_variable(self) -> None:
+        self.assertEqual(
+            self.settings(["--upstream-proxy", "http://opt:1"], {"HTTPS_PROXY": "http://env:2"}).proxies.https.host,
+            "opt",
+        )
+        self.assertEqual(
+            self.settings([], {"HAMMAL_UPSTREAM_PROXY": "http://hammal-env:3"}).proxies.http.port, 3
+        )
+
+    def test_unusable_proxy_is_a_usage_error_without_the_password(self) -> None:
+        from twisted.python.usage import UsageError
+
+        with self.assertRaises(UsageError) as caught:
+            self.settings(["--upstream-proxy", "socks5://u:pa55@p:1080"], {})
+        self.assertNotIn("pa55", str(caught.exception))
+        with self.assertRaises(UsageError):
+            self.settings([], {"https_proxy": "ftp://p:21"})
