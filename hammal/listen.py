@@ -12,6 +12,7 @@ string (an interface, ``tcp6:``, ``unix:``, ``systemd:``) is used as given.
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 from typing import Any
@@ -49,7 +50,10 @@ class DualStackEndpoint:
             sock.setblocking(False)
             port = self._reactor.adoptStreamPort(sock.fileno(), socket.AF_INET6, factory)
         except OSError as failure:
-            raise CannotListenError("::", self._port, failure)
+            if failure.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise CannotListenError("::", self._port, failure)
+            # IPv6 present but unusable (disabled addresses): IPv4 then.
+            port = self._reactor.listenTCP(self._port, factory, self._backlog)
         finally:
             sock.close()  # the reactor holds its own descriptor
         return port

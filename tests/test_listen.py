@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import socket
+from typing import Any
 
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
@@ -60,3 +62,31 @@ class AccessLogAddressTests(SynchronousTestCase):
 
         self.assertEqual(_client_address(_Request("::ffff:192.0.2.4")), "192.0.2.4")  # type: ignore[arg-type]
         self.assertEqual(_client_address(_Request("2001:db8::1")), "2001:db8::1")  # type: ignore[arg-type]
+
+
+class BindFailureTests(SynchronousTestCase):
+    def _endpoint_failing_with(self, number: int) -> tuple[MemoryReactor, Any]:
+        import hammal.listen
+
+        class _Socket:
+            def bind(self, address: Any) -> None:
+                raise OSError(number, "bind failed")
+
+            def close(self) -> None:
+                pass
+
+        self.patch(hammal.listen, "_dual_stack_socket", _Socket)
+        reactor = MemoryReactor()
+        return reactor, DualStackEndpoint(reactor, 5000, 7).listen(Site(Resource()))
+
+    def test_port_in_use_is_an_error(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        reactor, d = self._endpoint_failing_with(errno.EADDRINUSE)
+        self.failureResultOf(d, CannotListenError)
+        self.assertEqual(reactor.tcpServers, [])
+
+    def test_unusable_ipv6_falls_back_to_ipv4(self) -> None:
+        reactor, d = self._endpoint_failing_with(errno.EADDRNOTAVAIL)
+        self.successResultOf(d)
+        self.assertEqual(reactor.tcpServers[0][0], 5000)
