@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from hammal.web.forwarded import Forwarded, ForwardedHeaders, parse_forwarded
@@ -72,3 +74,49 @@ class ReadTests(SynchronousTestCase):
             "x-forwarded-proto": ["javascript"], "x-forwarded-host": ['evil"><script>'],
         })
         self.assertEqual(forwarded, Forwarded())
+
+
+class _Echo:
+    """A leaf resource that answers with what the request believes about itself."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"%s %s %s" % (
+            request.prePathURL(), request.getHeader(b"host"), b"secure" if request.isSecure() else b"plain"
+        )
+
+
+class SiteTests(SynchronousTestCase):
+    """L{HammalSite} applies the headers before any resource sees the request."""
+
+    def answer(self, peer: str, headers: bytes) -> bytes:
+        from zope.interface import directlyProvides
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+        from twisted.web.resource import IResource
+
+        from hammal.web.site import HammalSite
+
+        resource = _Echo()
+        directlyProvides(resource, IResource)
+        site = HammalSite(resource, Clock(), forwarded=ForwardedHeaders(["10.0.0.0/8"]))  # type: ignore[arg-type]
+        channel = site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 4321))
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: hammal.internal:5000\r\n" + headers + b"\r\n")
+        return transport.value().split(b"\r\n\r\n", 1)[1]
+
+    def test_trusted(self) -> None:
+        body = self.answer("10.0.0.5", b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: registry.example.com\r\n")
+        self.assertEqual(body, b"https://registry.example.com/ registry.example.com secure")
+
+    def test_proto_alone_keeps_the_host(self) -> None:
+        body = self.answer("10.0.0.5", b"X-Forwarded-Proto: https\r\n")
+        self.assertEqual(body, b"https://hammal.internal:5000/ hammal.internal:5000 secure")
+
+    def test_untrusted(self) -> None:
+        body = self.answer("192.0.2.5", b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: registry.example.com\r\n")
+        self.assertTrue(body.startswith(b"http://hammal.internal:"), body)  # twisted.web's own port
+        self.assertTrue(body.endswith(b" hammal.internal:5000 plain"), body)
