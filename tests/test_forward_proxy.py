@@ -219,6 +219,27 @@ class ProxyingAgentTests(SynchronousTestCase):
         # Proxies keep one line of each name: repeated headers are folded.
         self.assertIn(b"\r\nAccept: application/a, application/b\r\n", sent)
 
+    def _answer(self, response: bytes) -> Any:
+        d = self.agent.request(b"GET", b"http://cdn.example/blob")
+        _, _, factory, _, _ = self.reactor.tcpClients[0]
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(response)
+        return d
+
+    def test_407_from_the_proxy_is_a_connection_failure(self) -> None:
+        d = self._answer(
+            b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n"
+            b"Content-Length: 5\r\n\r\ndenied"
+        )
+        failure = self.failureResultOf(d, TunnelError)
+        self.assertIn("407", str(failure.value))
+        self.assertNotIn("pw", str(failure.value).replace("://", ""))
+
+    def test_other_answers_pass(self) -> None:
+        d = self._answer(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 404)
+
     def test_agents_are_reused(self) -> None:
         self.assertIs(self.agent._agent("http", self.agent._rules.http), self.agent._agent("http", self.agent._rules.http))  # type: ignore[arg-type]
         self.assertIsInstance(self.agent._agent("http", self.agent._rules.http)._agent, ProxyAgent)  # type: ignore[arg-type,attr-defined]

@@ -32,6 +32,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPoli
 from zope.interface import implementer
 
 from hammal.registry.proxy_rules import ProxyRules, ProxyURL
+from hammal.stream import discard_body
 
 #: The largest answer to CONNECT hammal reads (status line and headers).
 MAX_CONNECT_RESPONSE = 16 * 1024
@@ -242,9 +243,10 @@ class _ProxyAuthorizingAgent:
     would answer with another manifest type.
     """
 
-    def __init__(self, agent: IAgent, authorization: bytes | None) -> None:
+    def __init__(self, agent: IAgent, authorization: bytes | None, proxy_name: str) -> None:
         self._agent = agent
         self._authorization = authorization
+        self._proxy_name = proxy_name
 
     def request(
         self,
@@ -258,7 +260,25 @@ class _ProxyAuthorizingAgent:
             folded.setRawHeaders(name, [b", ".join(values)] if len(values) > 1 else list(values))
         if self._authorization is not None:
             folded.setRawHeaders(b"proxy-authorization", [self._authorization])
-        return self._agent.request(method, uri, folded, bodyProducer)
+        d = self._agent.request(method, uri, folded, bodyProducer)
+        d.addCallback(self._refused_by_proxy)
+        return d
+
+    def _refused_by_proxy(self, response: IResponse) -> IResponse | defer.Deferred[IResponse]:
+        """
+        A 407 is the proxy's answer, not upstream's: a connection failure
+        (hammal's 502), never relayed to a client that would think its own
+        proxy wants credentials.
+        """
+        if response.code != 407:
+            return response
+
+        def refuse(_: object) -> IResponse:
+            raise TunnelError(
+                string=f"proxy {self._proxy_name} refused the request: 407 Proxy Authentication Required"
+            )
+
+        return discard_body(response).addCallback(refuse)
 
 
 PoolFactory = Any
@@ -317,6 +337,8 @@ class ProxyingAgent:
             endpoint = HostnameEndpoint(
                 self._reactor, proxy.host, proxy.port, timeout=self._connect_timeout
             )
-            agent = _ProxyAuthorizingAgent(ProxyAgent(endpoint, self._reactor, pool), proxy.authorization)
+            agent = _ProxyAuthorizingAgent(
+                ProxyAgent(endpoint, self._reactor, pool), proxy.authorization, proxy.safe_url
+            )
         self._agents[(scheme, proxy)] = agent
         return agent

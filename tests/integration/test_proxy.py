@@ -162,8 +162,21 @@ class ForwardProxyTests(IntegrationTestCase):
         wrong = f"http://{PROXY_USER}:not-the-password@127.0.0.1:{proxy.port}"
         hammal = _start_hammal(self, self.env.registry_url, {}, ["--upstream-proxy", wrong, "--retries", "0"])
         response = hammal.request("GET", "/v2/library/alpine/manifests/3.20")
+        # tinyproxy answers wrong credentials with a 401 of its own.
         self.assertGreaterEqual(response.status, 400, response.describe())
+        self.assertNotIn("not-the-password", response.body.decode())
         self._check_no_secret(hammal, "not-the-password")
+        self.assertEqual(proxy.targets(), [])
+
+    def test_missing_proxy_credentials_are_hammals_problem(self) -> None:
+        """The proxy's 407 is not relayed (a client would think its own
+        proxy wants credentials): a 502 naming it."""
+        proxy = self._proxy()
+        hammal = _start_hammal(self, self.env.registry_url, {}, [
+            "--upstream-proxy", f"http://127.0.0.1:{proxy.port}", "--retries", "0",
+        ])
+        response = hammal.request("GET", "/v2/library/alpine/manifests/3.20")
+        self.assertOCIError(response, 502, "UNAVAILABLE", ["407"])
         self.assertEqual(proxy.targets(), [])
 
     def test_https_upstream_through_connect_tunnel(self) -> None:
