@@ -71,7 +71,7 @@ def listening_names(description: str) -> tuple[list[str], list[str]]:
     hostname = socket.gethostname()
     names = [
         n for n in dict.fromkeys([hostname.lower(), socket.getfqdn().lower(), "localhost"])
-        if n and n.isascii() and "." not in n[:1]
+        if n and n.isascii() and not n.startswith(".")
     ]
     addresses = ["127.0.0.1", "::1"]
     match = _INTERFACE.search(description)
