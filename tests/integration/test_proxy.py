@@ -202,6 +202,7 @@ class ForwardProxyTests(IntegrationTestCase):
         self.assertIn(f"127.0.0.1:{self.env.token_port}", targets)
         self.assertIn(f"127.0.0.1:{self.env.cdn_port}", targets)
         self._check_no_secret(hammal)
+        self.assertNotIn("Starting factory", hammal.log_text(), "a log line per tunnel")
 
     def test_https_upstream_certificate_is_verified_through_the_tunnel(self) -> None:
         """Without --upstream-ca the private CA is not trusted: no pull."""
