@@ -3,8 +3,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := redis-server docker-registry skopeo curl golang-go iproute2 util-linux chromium chromium-driver containerd podman
-SYSTEM_BINARIES := redis-server docker-registry skopeo curl go ip unshare chromium chromedriver containerd ctr podman
+SYSTEM_PACKAGES := redis-server docker-registry skopeo curl golang-go iproute2 util-linux chromium chromium-driver containerd podman tinyproxy
+SYSTEM_BINARIES := redis-server docker-registry skopeo curl go ip unshare chromium chromedriver containerd ctr podman tinyproxy
 export PYTHONPATH := $(CURDIR)
 # Large socket buffers make glibc map and unmap memory constantly; these keep
 # it from doing so (see README, "Performance").
@@ -13,7 +13,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 67108864
 
 HAMMAL_ARGS ?=
 
-.PHONY: all deps system-deps run test test-unit test-integration lint bench bench-deps clean
+.PHONY: all deps system-deps develop run test test-unit test-integration lint bench bench-deps clean
 
 all: test
 
@@ -36,6 +36,12 @@ system-deps:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
+
+# An editable install that twistd can see: setuptools' default editable mode
+# hides twisted/plugins/hammal_plugin.py from Twisted's plugin scan (which
+# walks sys.path); compat mode puts this directory on sys.path instead.
+develop: deps
+	$(BIN)/pip install --quiet --no-deps -e . --config-settings editable_mode=compat
 
 run: deps
 	$(BIN)/twistd --pidfile= -n hammal $(HAMMAL_ARGS)

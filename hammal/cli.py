@@ -25,6 +25,7 @@ from typing import IO, Any, NoReturn, Sequence
 from hammal import __version__
 from hammal.cachetool import CacheStats, GcResult, NotACache, gc, stats
 from hammal.config import PARAMETERS, ConfigError, parse_size
+from hammal.registry.proxy_rules import ProxyRules
 from hammal.prefetch import (
     Blob,
     ImageResult,
@@ -114,6 +115,12 @@ def _add_prefetch(commands: Any) -> None:
         "--insecure",
         action="store_true",
         help="do not verify the mirror's TLS certificate (better: SSL_CERT_FILE=its-ca.pem)",
+    )
+    prefetch.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="http://[user:password@]host:port forward proxy to the mirror (wins over"
+        " HTTP(S)_PROXY; NO_PROXY still exempts hosts; none: direct)",
     )
     prefetch.set_defaults(run=_prefetch)
 
@@ -209,8 +216,16 @@ def _prefetch(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         raise UsageError("--parallel must be between 1 and 64")
     if not args.timeout > 0:
         raise UsageError("--timeout must be positive")
+    try:
+        proxies = ProxyRules.from_environment(os.environ, args.proxy, "--proxy")
+    except ValueError as failure:
+        raise UsageError(str(failure))
     client = MirrorClient(
-        mirror, timeout=args.timeout, insecure=args.insecure, login=_login(args, os.environ)
+        mirror,
+        timeout=args.timeout,
+        insecure=args.insecure,
+        login=_login(args, os.environ),
+        proxies=proxies,
     )
     try:
         client.ping()

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from hammal.registry.auth import Credentials
+from hammal.registry.proxy_rules import ProxyRules
 from hammal.registry.reference import is_docker_hub, registry_names
 
 DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
@@ -45,7 +46,11 @@ class OptionSpec:
 
 #: Every valued option, in --help order.
 PARAMETERS: tuple[OptionSpec, ...] = (
-    OptionSpec("port", DEFAULT_PORT, "Port number or Twisted server endpoint string to listen on."),
+    OptionSpec(
+        "port",
+        DEFAULT_PORT,
+        "Port number (every IPv6 and IPv4 address) or Twisted server endpoint string to listen on.",
+    ),
     OptionSpec("tls-cert", None, "PEM certificate chain for --tls (leaf first)."),
     OptionSpec("tls-key", None, "PEM private key for --tls."),
     OptionSpec(
@@ -104,6 +109,12 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("token-lifetime", "300", "Seconds a token from /v2/auth is valid."),
     OptionSpec("region-header", None, "Request header holding the client's country code (set by a CDN)."),
     OptionSpec("upstream-ca", None, "PEM CA certificate(s) to verify upstreams with (private CAs)."),
+    OptionSpec(
+        "upstream-proxy",
+        None,
+        "http://[user:password@]host:port forward proxy for upstream, token and CDN traffic"
+        " (wins over HTTP(S)_PROXY; NO_PROXY still exempts hosts; none: no proxy).",
+    ),
     OptionSpec("url302", None, "Redirect / to this URL instead of showing the usage page."),
     OptionSpec("metrics-port", None, "Serve /metrics on this port or endpoint only (not on --port)."),
     OptionSpec("drain-timeout", "30", "Seconds to let in-flight transfers finish on SIGTERM."),
@@ -153,7 +164,11 @@ LISTS: tuple[OptionSpec, ...] = (
     OptionSpec("allow-upstream", None, "HOST that ?upstream=HOST may name (repeatable)."),
     OptionSpec("allow-ip", None, "CIDR allowed to pull; others are refused (repeatable)."),
     OptionSpec("deny-ip", None, "CIDR refused (repeatable)."),
-    OptionSpec("trusted-proxy", None, "CIDR of proxies whose X-Forwarded-For is believed (repeatable)."),
+    OptionSpec(
+        "trusted-proxy",
+        None,
+        "CIDR of reverse proxies whose Forwarded/X-Forwarded-* headers are believed (repeatable).",
+    ),
     OptionSpec("allow-ua", None, "REGEX a User-Agent must match (repeatable; env: one per line)."),
     OptionSpec("deny-ua", None, "REGEX of refused User-Agents (repeatable; env: one per line)."),
     OptionSpec("allow-path", None, "REGEX a request path must match (repeatable; env: one per line)."),
@@ -178,7 +193,11 @@ REGEX_LISTS = frozenset({"allow-ua", "deny-ua", "allow-path"})
 
 #: Every flag: name, help.
 FLAGS: tuple[tuple[str, str], ...] = (
-    ("tls", "Serve HTTPS (TLS 1.2+) with --tls-cert and --tls-key."),
+    (
+        "tls",
+        "Serve HTTPS (TLS 1.2+) with --tls-cert and --tls-key, or a self-signed"
+        " certificate kept in var/tls/ (next to --cache-dir).",
+    ),
     ("library-prefix", "Rewrite one-part names to library/NAME (default: on for Docker Hub)."),
     ("no-library-prefix", "Never rewrite one-part names."),
     ("no-cache", "Run as a pure proxy: cache nothing on disk."),
@@ -516,6 +535,7 @@ class Settings:
     rules: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
     region_header: str | None = None
     upstream_ca: str | None = None
+    proxies: ProxyRules = ProxyRules()
     url302: str | None = None
     drain_timeout: float = 30.0
     max_connections: int | None = 10000
@@ -540,9 +560,12 @@ class Settings:
         return is_docker_hub(urlsplit(url).hostname or "")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, object]) -> Settings:
+    def from_options(
+        cls, options: Mapping[str, object], environ: Mapping[str, str] | None = None
+    ) -> Settings:
         """
-        Validate parsed options (after env fallbacks were applied).
+        Validate parsed options (after env fallbacks were applied);
+        C{environ} holds the proxy variables (C{HTTPS_PROXY}, ...).
 
         @raise ConfigError: with a one-line explanation.
         """
@@ -622,8 +645,8 @@ class Settings:
 
         tls = bool(options.get("tls"))
         tls_cert, tls_key = text("tls-cert"), text("tls-key")
-        if tls and not (tls_cert and tls_key):
-            raise ConfigError("--tls needs --tls-cert and --tls-key")
+        if bool(tls_cert) != bool(tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
 
         blob_redirect = text("blob-redirect") or "follow"
         if blob_redirect not in ("follow", "pass"):
@@ -642,6 +665,10 @@ class Settings:
         redis_url = text("redis")
         cache_dir = None if options.get("no-cache") else (text("cache-dir") or "var/cache")
         max_size_text = text("cache-max-size")
+        try:
+            proxies = ProxyRules.from_environment(environ or {}, text("upstream-proxy"))
+        except ValueError as failure:
+            raise ConfigError(str(failure))
         cache_max_size = parse_size(max_size_text, "--cache-max-size") if max_size_text else None
 
         return cls(
@@ -687,6 +714,7 @@ class Settings:
             },
             region_header=text("region-header"),
             upstream_ca=text("upstream-ca"),
+            proxies=proxies,
             url302=_redirect_url(text("url302")),
             metrics_port=port_description(text("metrics-port") or "") if text("metrics-port") else None,
             drain_timeout=_number(text("drain-timeout") or "30", "--drain-timeout", 0),

@@ -28,13 +28,14 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, Protocol, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import attrs
 
 from hammal.cache.manifests import INDEX_TYPES, MANIFEST_TYPES
 from hammal.errors import RegistryError
 from hammal.registry.challenge import Challenge, select_challenge
+from hammal.registry.proxy_rules import ProxyRules
 from hammal.registry.reference import Digest, parse_tag, validate_name
 
 #: The ``Accept`` header: every manifest type hammal caches.
@@ -317,10 +318,13 @@ class MirrorClient:
         timeout: float = 60.0,
         insecure: bool = False,
         login: MirrorLogin | None = None,
+        proxies: ProxyRules | None = None,
     ) -> None:
         self.base_url = base_url
         self._timeout = timeout
-        handlers: list[urllib.request.BaseHandler] = []
+        # The forward proxy hammal's own rules pick for the mirror (NO_PROXY
+        # with CIDR blocks too), not urllib's reading of the environment.
+        handlers: list[urllib.request.BaseHandler] = [_proxy_handler(base_url, proxies or ProxyRules())]
         if insecure:
             context = ssl.create_default_context()
             context.check_hostname = False
@@ -368,6 +372,17 @@ class MirrorClient:
             except (OSError, http.client.HTTPException) as failure:
                 raise PrefetchError(_reason(failure))
         raise PrefetchError("HTTP 401: the mirror keeps refusing the credentials")
+
+
+def _proxy_handler(url: str, proxies: ProxyRules) -> urllib.request.ProxyHandler:
+    proxy = proxies.proxy_for(url)
+    if proxy is None:
+        return urllib.request.ProxyHandler({})
+    userinfo = ""
+    if proxy.username is not None:
+        userinfo = quote(proxy.username, safe="") + ":" + quote(proxy.password or "", safe="") + "@"
+    host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
+    return urllib.request.ProxyHandler({urlsplit(url).scheme: f"http://{userinfo}{host}:{proxy.port}"})
 
 
 def _http_error(failure: urllib.error.HTTPError) -> str:

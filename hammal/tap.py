@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -49,7 +50,8 @@ from hammal.cache.manifests import (
 )
 from hammal.cache.store import BlobStore
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
-from hammal.logs import observer_name
+from hammal.listen import dual_stack_endpoint
+from hammal.logs import Destination, observer_name, set_destination
 from hammal.proxy import ManifestCacheFactory, PullProxy
 from hammal.referrers import ReferrersCache
 from hammal.registry.accounts import AccountsFile, AccountsFileError
@@ -67,6 +69,7 @@ from hammal.registry.tokens import (
     ResilientTokenCache,
     TokenCache,
 )
+from hammal.selfsigned import ensure_self_signed, listening_names, listening_port, tls_directory
 from hammal.tls import ReloadOnHangup, ReloadingServerTLS, upstream_tls_policy
 from hammal.web.front import FrontPage
 from hammal.web.snippets import ServedRegistry
@@ -74,12 +77,16 @@ from hammal.web.gate import Gate
 from hammal.web.root import MetricsResource, address_guard, build_root
 from hammal.web.health import ReadyResource, Readiness, cache_dir_writable, redis_answers
 from hammal.web.limits import ConnectionLimit
+from hammal.web.forwarded import ForwardedHeaders
 from hammal.web.site import HammalSite
 from hammal.web.status import add_status
 from hammal.status.quota import QUOTAS
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport
 from hammal.web.v2 import V2Resource
+
+
+_log = Logger()
 
 
 def _parameter_help(spec: Any) -> str:
@@ -204,10 +211,15 @@ class Options(usage.Options):
         if self._environment_error is not None:
             raise usage.UsageError(str(self._environment_error))
         try:
-            self.settings = Settings.from_options(self)
+            self.settings = Settings.from_options(self, self._environ)
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
         if self.parent is not None and self.parent.get("logger") is None:
+            # hammal's observer, on the destination twistd's own options chose.
+            try:
+                set_destination(Destination.from_twistd(self.parent))
+            except ValueError as failure:
+                raise usage.UsageError(str(failure))
             self.parent["logger"] = observer_name(self.settings.log_format, self.settings.debug)
 
 
@@ -455,6 +467,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         settings.max_upstream_connections,
         tls_policy,
         zones=zones,
+        proxies=settings.proxies,
     )
     # Redirects of upstreams on public addresses: never to internal ones.
     redirect_client = make_http_client(
@@ -463,7 +476,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         settings.max_upstream_connections,
         tls_policy,
         refuse_internal=True,
+        proxies=settings.proxies,
     )
+    if settings.proxies.active:
+        _log.info("outbound proxy: {proxies}", proxies=settings.proxies.describe())
     tokens = _token_cache(redis, reactor)
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
     blobs = _blob_cache(settings, reactor)
@@ -581,7 +597,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     status_rules = _address_rules(settings)
     if settings.metrics_port is None:
         add_status(root, status_report, status_rules)
-    site = HammalSite(root, reactor, timeout=settings.idle_timeout)
+    trusted = settings.rules.get("trusted-proxy", ())
+    site = HammalSite(
+        root,
+        reactor,
+        forwarded=ForwardedHeaders(trusted) if trusted else None,
+        timeout=settings.idle_timeout,
+    )
     site.displayTracebacks = False
     site.status = recorder
 
@@ -589,9 +611,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     hashing.setServiceParent(service)
     factory: Any = ConnectionLimit(site, settings.max_connections)
     if settings.tls:
-        assert settings.tls_cert and settings.tls_key
+        cert_path, key_path = settings.tls_cert, settings.tls_key
+        if cert_path is None or key_path is None:
+            cert_path, key_path = _self_signed_tls(settings)
         try:
-            tls = ReloadingServerTLS(settings.tls_cert, settings.tls_key)
+            tls = ReloadingServerTLS(cert_path, key_path)
         except ConfigError as failure:
             raise usage.UsageError(str(failure))
         factory = TLSMemoryBIOFactory(tls, False, factory)
@@ -605,6 +629,33 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _listen(reactor, settings.metrics_port, metrics_site, service)
     DrainService(readiness, lambda: site.active_requests, reactor, settings.drain_timeout).setServiceParent(service)
     return service
+
+
+def _self_signed_tls(settings: Settings) -> tuple[str, str]:
+    """
+    ``--tls`` without files: the kept self-signed certificate (made on the
+    first start), logged with what a client needs to trust it.
+    """
+    directory = tls_directory(settings.cache_dir)
+    names, addresses = listening_names(settings.port)
+    try:
+        made = ensure_self_signed(directory, names, addresses)
+    except OSError as failure:
+        raise usage.UsageError(
+            f"--tls without --tls-cert/--tls-key: cannot write {directory}: {failure.strerror}"
+        )
+    port = listening_port(settings.port)
+    host_port = f"{names[0]}:{port}" if port and port != "443" else names[0]
+    _log.warn(
+        "serving a self-signed TLS certificate ({state}) {path}, SHA-256 fingerprint"
+        " {fingerprint}, for {names}; to trust it on a client: {command}",
+        state="new" if made.created else "kept",
+        path=made.cert_path,
+        fingerprint=made.fingerprint,
+        names=", ".join([*names, *addresses]),
+        command=made.trust_command(host_port),
+    )
+    return made.cert_path, made.key_path
 
 
 class _QuietSite(Site):
@@ -631,7 +682,8 @@ def with_backlog(description: str) -> str:
 
 def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
     try:
-        endpoint = serverFromString(reactor, with_backlog(description))
+        described = with_backlog(description)
+        endpoint = dual_stack_endpoint(reactor, described) or serverFromString(reactor, described)
     except (ValueError, KeyError, TypeError) as failure:
         raise usage.UsageError(f"{description!r} is not a valid endpoint: {failure}")
     StreamServerEndpointService(endpoint, factory).setServiceParent(parent)

@@ -379,7 +379,6 @@ class ValidationTests(SynchronousTestCase):
             (["--redis", "redis://"], "--redis"),
             (["--redis", "redis://cache:port"], "--redis"),
             (["--redis", "redis://cache/zero"], "--redis"),
-            (["--tls"], "--tls"),
             (["--tls", "--tls-cert", "/c.pem"], "--tls-key"),
             (["--upstream-username", "alice"], "--upstream-password"),
             (["--upstream-password", "s3cret"], "--upstream-username"),

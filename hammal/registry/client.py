@@ -51,6 +51,8 @@ from hammal.registry.addresses import (
 )
 from hammal.registry.auth import CredentialSource, Credentials, UpstreamAuth
 from hammal.registry.challenge import select_challenge
+from hammal.registry.forward_proxy import ProxyingAgent
+from hammal.registry.proxy_rules import ProxyRules
 from hammal.registry.reference import pull_scope
 from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
 from hammal.registry.tokens import TokenCache
@@ -151,23 +153,36 @@ def make_http_client(
     refuse_internal: bool = False,
     address_policy: AddressPolicy | None = None,
     pool: HTTPConnectionPool | None = None,
+    proxies: ProxyRules | None = None,
 ) -> HTTPClient:
     """
     A treq client with a large persistent pool (the default of 2 per host
-    halves the request rate) and no cookie storage.
+    halves the request rate) and no cookie storage; through the forward
+    proxies C{proxies} names, if any.
 
-    Every connection it opens is checked on its peer address: recorded in
-    C{zones}, and with C{refuse_internal} refused when internal (see
-    L{hammal.registry.addresses}). C{pool} is made here unless given.
+    Every direct connection it opens is checked on its peer address:
+    recorded in C{zones}, and with C{refuse_internal} refused when internal
+    (see L{hammal.registry.addresses}). C{pool} is made here unless given.
     """
+
+    def make_pool() -> HTTPConnectionPool:
+        made = _QuietPool(reactor, persistent=True)
+        made.maxPersistentPerHost = max_per_host
+        made.cachedConnectionTimeout = 120
+        return made
+
     if pool is None:
-        pool = _QuietPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = max_per_host
-    pool.cachedConnectionTimeout = 120
+        pool = make_pool()
+    else:
+        pool.maxPersistentPerHost = max_per_host
+        pool.cachedConnectionTimeout = 120
     endpoints = CheckedEndpointFactory(
         reactor, tls_policy, connect_timeout, address_policy, refuse_internal, zones
     )
-    return http_client_over(Agent.usingEndpointFactory(reactor, endpoints, pool))
+    agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool)
+    if proxies is not None and proxies.active:
+        agent = ProxyingAgent(reactor, proxies, agent, make_pool, connect_timeout, tls_policy)
+    return http_client_over(agent)
 
 
 def http_client_over(agent: IAgent) -> HTTPClient:

@@ -21,6 +21,7 @@ from twisted.web.server import Request, Site
 from hammal import metrics
 from hammal.registry.client import Trace
 from hammal.status.recorder import StatusRecorder
+from hammal.web.forwarded import Forwarded, ForwardedHeaders
 
 
 #: Module-level so that its namespace stays "hammal.access" (a Logger on a
@@ -68,6 +69,7 @@ class HammalRequest(Request):
         self._access_logged = False
         self._body_bytes = 0
         self._body_refused = False
+        self.forwarded: Forwarded | None = None
 
     def gotLength(self, length: int | None) -> None:
         """
@@ -107,7 +109,15 @@ class HammalRequest(Request):
         site = getattr(self.channel, "site", None)
         if isinstance(site, HammalSite):
             site.active_requests += 1
+            if site.forwarded is not None:
+                self.forwarded = site.forwarded.apply(self)
         super().process()
+
+    def isSecure(self) -> bool:
+        """The scheme the client used: a trusted proxy's word, else the transport's."""
+        if self.forwarded is not None and self.forwarded.scheme is not None:
+            return self.forwarded.scheme == "https"
+        return bool(super().isSecure())
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -125,8 +135,15 @@ class HammalSite(Site):
 
     status: StatusRecorder | None = None
 
-    def __init__(self, resource: IResource, clock: IReactorTime, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        forwarded: ForwardedHeaders | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(resource, **kwargs)
+        self.forwarded = forwarded
         self.noisy = False
         self.active_requests = 0
         self._clock = clock
@@ -202,5 +219,10 @@ def _printable(text: str) -> str:
 
 
 def _client_address(request: http.Request) -> str:
+    forwarded = getattr(request, "forwarded", None)
+    if forwarded is not None and forwarded.client is not None:
+        return _printable(str(forwarded.client))
     address = request.getClientAddress()
-    return str(getattr(address, "host", "-"))
+    host = str(getattr(address, "host", "-"))
+    # IPv4 clients of a dual-stack port arrive IPv4-mapped: log them as IPv4.
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
