@@ -252,6 +252,7 @@ def _manifest_cache(settings: Settings, redis: Any, reactor: Any) -> ManifestCac
             ttl=settings.manifest_ttl,
             stale_if_error=settings.stale_if_error,
             negative_ttl=settings.negative_ttl,
+            deadline=settings.upstream_deadline,
         )
 
     return build
@@ -272,6 +273,7 @@ def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
         resumes=settings.retries,
         chunk_size=settings.buffer_size,
         offload=_thread_pool_offload(reactor),
+        deadline=settings.upstream_deadline,
     )
 
 
@@ -362,7 +364,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     def client_for(url: str, credentials: Credentials | None) -> UpstreamClient:
         upstream = Upstream(url, settings.library_prefix_for(url), credentials)
-        return UpstreamClient(upstream, http_client, reactor, tokens, policy, settings.read_timeout)
+        return UpstreamClient(
+            upstream,
+            http_client,
+            reactor,
+            tokens,
+            policy,
+            settings.read_timeout,
+            settings.upstream_deadline,
+        )
 
     def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullProxy:
         members = [client_for(url, credentials)]

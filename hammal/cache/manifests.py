@@ -252,6 +252,7 @@ class ManifestCache:
         ttl: float = 300.0,
         stale_if_error: float = 86400.0,
         negative_ttl: float = 30.0,
+        deadline: float | None = None,
     ) -> None:
         self._store = store
         self._tags = tags
@@ -263,7 +264,9 @@ class ManifestCache:
         self._stale_if_error = stale_if_error
         self._negative_ttl = negative_ttl
         self._negative: OrderedDict[str, tuple[float, RegistryError]] = OrderedDict()
-        self._work: Coalescer[Any] = Coalescer()
+        # Shared by every client asking for the same manifest: bounded, so
+        # that one stalled upstream answer cannot hang every later pull.
+        self._work: Coalescer[Any] = Coalescer(clock, deadline, f"the manifest request to {upstream}")
         # Tag entries this process read or wrote, so a hot tag costs no
         # store lookup; each is kept no longer than the store keeps it.
         self._recent_tags: OrderedDict[str, tuple[TagEntry, float]] = OrderedDict()

@@ -29,7 +29,7 @@ from hammal.coalesce import Coalescer
 from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.challenge import Challenge
 from hammal.registry.tokens import TokenCache
-from hammal.stream import read_body
+from hammal.stream import ReadBounds, read_body
 
 #: Lifetime assumed for a token whose response gives no ``expires_in``.
 DEFAULT_TOKEN_LIFETIME = 60.0
@@ -79,6 +79,8 @@ class UpstreamAuth:
 
     @param upstream_url: the registry's base URL; credentials travel over
         plain HTTP only if it is itself plain HTTP.
+    @param bounds: how long a token response may take; a token request
+        shared by many waiters gives up after C{bounds.deadline}.
     """
 
     log = Logger()
@@ -91,6 +93,7 @@ class UpstreamAuth:
         error_for: ErrorForResponse,
         credentials: Credentials | None = None,
         clock: IReactorTime | None = None,
+        bounds: ReadBounds | None = None,
     ) -> None:
         self._upstream_url = upstream_url
         self._upstream_secure = urlsplit(upstream_url).scheme == "https"
@@ -100,7 +103,13 @@ class UpstreamAuth:
         self._credentials = credentials
         self._clock = clock
         self._challenge: Challenge | None = None
-        self._fetches: Coalescer[str] = Coalescer()
+        self._bounds = bounds
+        # A token fetch is shared by every request for its scope: it must end.
+        self._fetches: Coalescer[str] = (
+            Coalescer(bounds.clock, bounds.deadline, "the token request")
+            if bounds is not None
+            else Coalescer()
+        )
 
     @property
     def identity(self) -> str:
@@ -170,7 +179,7 @@ class UpstreamAuth:
             assert self._credentials is not None
             headers.setRawHeaders(b"authorization", [self._credentials.basic()])
         response = await self._send(b"GET", url, headers)
-        body = await read_body(response, 1024 * 1024)
+        body = await read_body(response, 1024 * 1024, self._bounds)
         if response.code == 401 and with_credentials:
             # Wrong or revoked credentials must not take public pulls down.
             self.log.warn(
@@ -181,7 +190,7 @@ class UpstreamAuth:
             metrics.upstream_errors.labels(parts.hostname, "credentials-rejected").inc()
             headers.removeHeader(b"authorization")
             response = await self._send(b"GET", url, headers)
-            body = await read_body(response, 1024 * 1024)
+            body = await read_body(response, 1024 * 1024, self._bounds)
         if response.code != 200:
             raise self._error_for(response, body, parts.hostname)
         try:

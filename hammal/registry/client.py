@@ -48,7 +48,12 @@ from hammal.registry.challenge import select_challenge
 from hammal.registry.reference import pull_scope
 from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
 from hammal.registry.tokens import TokenCache
-from hammal.stream import discard_body, read_body
+from hammal.stream import ReadBounds, discard_body, read_body
+
+def default_deadline(read_timeout: float) -> float:
+    """The overall deadline of an upstream exchange when none is configured."""
+    return 4 * read_timeout
+
 
 RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -196,6 +201,9 @@ class RegistryClient(Protocol):
     @property
     def read_timeout(self) -> float: ...
 
+    @property
+    def deadline(self) -> float: ...
+
     async def request(
         self,
         method: bytes,
@@ -207,6 +215,8 @@ class RegistryClient(Protocol):
     ) -> IResponse: ...
 
     async def fetch_document(self, response: IResponse, limit: int) -> bytes: ...
+
+    async def discard(self, response: IResponse) -> None: ...
 
     async def reachable(self, within: float) -> str | None: ...
 
@@ -231,12 +241,15 @@ class UpstreamClient:
         tokens: TokenCache,
         policy: RetryPolicy,
         read_timeout: float,
+        deadline: float | None = None,
     ) -> None:
         self.upstream = upstream
         self._http = http
         self._clock = clock
         self._policy = policy
         self.read_timeout = read_timeout
+        self.deadline = deadline if deadline is not None else default_deadline(read_timeout)
+        self.bounds = ReadBounds(clock, read_timeout, self.deadline, upstream.host)
         self.last_reached: float | None = None
         self._auth = UpstreamAuth(
             upstream.url,
@@ -245,6 +258,7 @@ class UpstreamClient:
             upstream_error,
             upstream.credentials,
             clock,
+            self.bounds,
         )
 
     async def request(
@@ -293,7 +307,7 @@ class UpstreamClient:
                 if delay is None:
                     return response
                 reason = f"HTTP {response.code}"
-                await discard_body(response)
+                await discard_body(response, self.bounds)
             self.log.info(
                 "retrying {method} {url} in {delay:.2f}s after {reason}",
                 method=method.decode(),
@@ -331,7 +345,7 @@ class UpstreamClient:
             if challenge is not None:
                 answer = await self._auth.answer(challenge, scope, authorization)
                 if answer is not None:
-                    await discard_body(response)
+                    await discard_body(response, self.bounds)
                     authorization = answer
                     response = await self._send(method, url, _with_authorization(headers, answer))
         if follow_redirects and response.code in REDIRECT_STATUSES:
@@ -356,7 +370,7 @@ class UpstreamClient:
             location = _header(response, b"location")
             if location is None:
                 return response
-            await discard_body(response)
+            await discard_body(response, self.bounds)
             url = urljoin(url, location)
             if urlsplit(url).scheme not in ("http", "https"):
                 raise UpstreamBadResponse(f"{self.upstream.host} redirected to a non-HTTP URL")
@@ -439,21 +453,21 @@ class UpstreamClient:
             response = await self._send(b"GET", f"{self.upstream.url}/v2/", Headers())
         except RegistryError as failure:
             return failure.message
-        await discard_body(response)
+        await discard_body(response, self.bounds)
         if response.code >= 500:
             return f"{self.upstream.host} answers HTTP {response.code}"
         return None
 
     async def fetch_document(self, response: IResponse, limit: int) -> bytes:
-        """Read a small body (manifest, tag list) within the read timeout."""
-        d = read_body(response, limit)
-        d.addTimeout(self.read_timeout, self._clock)
-        try:
-            return await d
-        except defer.TimeoutError:
-            raise UpstreamTimeout(
-                f"{self.upstream.host} stalled for {self.read_timeout:g} seconds mid-response"
-            )
+        """
+        Read a small body (manifest, tag list, error) with C{read_timeout}
+        as its idle limit and C{deadline} as its overall one.
+        """
+        return await read_body(response, limit, self.bounds)
+
+    async def discard(self, response: IResponse) -> None:
+        """Drop a body hammal does not need, within the same bounds; never fails."""
+        await discard_body(response, self.bounds)
 
 
 def _describe(failure: BaseException) -> str:
