@@ -26,6 +26,7 @@ from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, acc
 from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
 from hammal.registry.reference import Digest, Reference, upstream_name
+from hammal.registry.schema1 import digested_content
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,
@@ -147,8 +148,9 @@ class PullProxy:
         """
         Fetch a manifest from upstream. The body is checked against the
         requested digest, or against upstream's ``Docker-Content-Digest``
-        for a tag; a HEAD that upstream answers without a digest is
-        completed with a GET.
+        for a tag (for a signed schema 1 manifest: its JWS payload, as
+        upstream computes it); a HEAD that upstream answers without a digest
+        is completed with a GET.
         """
         if not name_is_upstream:
             name = self.upstream_name(name)
@@ -168,9 +170,14 @@ class PullProxy:
         announced_length = expected_length(response)
         if announced_length is not None and announced_length != len(body):
             raise UpstreamBadResponse(f"{self.upstream_host} sent a truncated manifest")
-        actual = Digest.of(body)
+        media_type = (find_header(relayed, b"content-type") or b"").decode("latin-1")
+        try:
+            content = digested_content(body, media_type)
+        except UpstreamBadResponse as failure:
+            raise UpstreamBadResponse(f"{self.upstream_host} sent {failure.message}")
+        actual = Digest.of(content)
         if isinstance(reference, Digest):
-            if Digest.of(body, reference.algorithm) != reference:
+            if Digest.of(content, reference.algorithm) != reference:
                 raise UpstreamBadResponse(
                     f"{self.upstream_host} sent a manifest that does not match {reference}"
                 )
