@@ -37,7 +37,7 @@ from hammal.replies import (
     find_header,
     replace_header,
 )
-from hammal.stream import UpstreamBody, discard_body, expected_length, not_a_blob
+from hammal.stream import UpstreamBody, expected_length, not_a_blob
 from hammal.headers import relayed_response_headers
 from hammal.ranges import content_range, parse_range
 
@@ -132,7 +132,7 @@ class PullProxy:
         )
         if response.code != 200:
             raise await self._error(response)
-        await discard_body(response)
+        await self._client.discard(response)
         digest = response.headers.getRawHeaders(b"docker-content-digest", [None])[0]
         return digest.decode("latin-1") if digest else None
 
@@ -221,7 +221,7 @@ class PullProxy:
         if response.code not in (200, 206):
             raise await self._error(response)
         if not_a_blob(response):
-            await discard_body(response)
+            await self._client.discard(response)
             raise UpstreamBadResponse(f"{self.upstream_host} sent a web page instead of a blob")
         relayed = relayed_response_headers(response.headers)
         relayed = replace_header(relayed, b"docker-content-digest", str(digest).encode())

@@ -36,7 +36,6 @@ from hammal.registry.challenge import select_challenge
 from hammal.registry.client import Trace, upstream_error
 from hammal.registry.reference import rewrite_scope
 from hammal.replies import Document
-from hammal.stream import read_body
 
 AUTH_MODES = ("none", "basic", "token", "passthrough")
 
@@ -194,7 +193,7 @@ class Gate:
         response = await proxy.client.send_direct(
             b"GET", realm + (separator + urlencode(query) if query else ""), headers
         )
-        body = await read_body(response, 1024 * 1024)
+        body = await proxy.client.fetch_document(response, 1024 * 1024)
         if response.code != 200:
             raise Unauthorized(
                 "upstream refused these credentials",
@@ -206,7 +205,7 @@ class Gate:
         response = await proxy.client.send_direct(
             b"GET", f"{proxy.client.upstream.url}/v2/", Headers()
         )
-        await read_body(response, 64 * 1024)
+        await proxy.client.discard(response)
         challenge = select_challenge(
             v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])
         )
@@ -237,7 +236,7 @@ class Gate:
         response = await proxy.client.request(
             b"HEAD", proxy.upstream_name(name), path, probe, Trace(), follow_redirects=False
         )
-        body = await read_body(response, 64 * 1024)
+        body = await proxy.client.fetch_document(response, 64 * 1024)
         if response.code in (401, 403):
             raise Denied(f"upstream refused this client access to {name}")
         if response.code >= 400:
