@@ -189,8 +189,15 @@ class PullProxy:
                     f"{self.upstream_host} sent a manifest whose digest is not the"
                     f" announced {claimed.decode('latin-1')[:80]}"
                 )
+        # A tag's body with neither a digest nor a length may have been cut
+        # short by a connection close: pass it on, but never cache it.
+        vouched = (
+            isinstance(reference, Digest)
+            or find_header(relayed, b"docker-content-digest") is not None
+            or announced_length is not None
+        )
         relayed = replace_header(relayed, b"docker-content-digest", str(actual).encode())
-        return Document(200, relayed, body)
+        return Document(200, relayed, body, vouched=vouched)
 
     async def blob(
         self, method: bytes, name: str, digest: Digest, headers: Headers, trace: Trace

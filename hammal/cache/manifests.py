@@ -382,7 +382,7 @@ class ManifestCache:
         media_type = (find_header(document.headers, b"content-type") or b"").decode("latin-1")
         media_type = media_type.split(";", 1)[0].strip().lower()
         digest_text = find_header(document.headers, b"docker-content-digest")
-        if media_type not in MANIFEST_TYPES or digest_text is None:
+        if media_type not in MANIFEST_TYPES or digest_text is None or not document.vouched:
             return None
         stored = StoredManifest(Digest.parse(digest_text.decode("latin-1")), media_type, document.body)
         try:

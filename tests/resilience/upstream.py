@@ -28,7 +28,10 @@ the first matching fault with uses left:
 ``status-hang``  answer ``code`` announcing an OCI error body, send ``after``
              bytes of it, then stay silent like ``hang``;
 ``status-page``  answer ``code`` with an HTML error page of ``after`` bytes
-             (a proxy's or CDN's error page).
+             (a proxy's or CDN's error page);
+``no-length``  answer without ``Content-Length`` or ``Docker-Content-Digest``,
+             the body ended by closing the connection after ``after`` bytes
+             (``-1``: all of them; fewer: a truncation nobody can detect).
 
 Faults match ``/token`` requests too (``hang`` with ``after``: a token
 response whose body stalls).
@@ -466,6 +469,11 @@ class FaultyRegistry:
                              (("Content-Range", f"bytes */{size}"),))
                 return
         self._record(method, path, headers, status, fault)
+        if fault is not None and fault.kind == "no-length" and method == "GET":
+            self._send_head(conn, status, [("Content-Type", ctype), ("Connection", "close")])
+            body = memoryview(data)[start:end]
+            conn.sendall(body if fault.after < 0 else body[:fault.after])
+            raise _Close()
         head = [("Content-Type", ctype), ("Content-Length", str(end - start)),
                 ("Accept-Ranges", "bytes" if honour_range else "none"), *extra]
         if registry:
