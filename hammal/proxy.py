@@ -23,6 +23,7 @@ from twisted.web.iweb import IResponse
 from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import BlobFetch
 from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
+from hammal.conditional import range_applies, without_conditionals
 from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
 from hammal.registry.reference import Digest, Reference, upstream_name
@@ -253,6 +254,8 @@ class PullProxy:
     ) -> BlobReply | None:
         """The answer through the cache, or L{None} to go straight upstream."""
         requested_range = headers.getRawHeaders(b"range", [None])[0]
+        if not range_applies(headers, str(digest)):
+            requested_range = None  # If-Range names other content: all of it
         size = blobs.store.size(digest)
         if size is not None:
             blobs.store.touch(digest)
@@ -265,7 +268,8 @@ class PullProxy:
         if running is None and not blobs.has_room():
             self.log.warn("cache disk is nearly full: serving {digest} uncached", digest=str(digest))
             return None
-        upstream_headers = headers.copy()
+        # The fill is shared: nothing of one client's request goes with it.
+        upstream_headers = without_conditionals(headers)
         upstream_headers.removeHeader(b"range")
         upstream_name = self.upstream_name(name)
 

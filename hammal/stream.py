@@ -410,3 +410,8 @@ class UpstreamBody:
     def stop(self) -> None:
         if self._pipe is not None:
             self._pipe.stopProducing()
+            return
+        # Never delivered (the client was answered otherwise, or left):
+        # drop the body rather than leave its connection waiting.
+        bounds = ReadBounds(self._clock, self._idle_timeout, 4 * self._idle_timeout, self._upstream)
+        discard_body(self._response, bounds)

@@ -6,6 +6,8 @@
 * ``GET /v2/`` -> ``200 {}``;
 * ``GET|HEAD /v2/NAME/manifests/REF`` -> the OCI manifest of NAME's image
   (tag ``latest`` or its digest), ``404 MANIFEST_UNKNOWN`` otherwise;
+* manifests and blobs answer ``304`` to an ``If-None-Match`` naming their
+  digest (``"sha256:..."``), as Distribution does;
 * ``GET|HEAD /v2/NAME/blobs/DIGEST`` -> the blob, with ``Range`` support, or
   with ``redirect=True`` a ``307`` to ``/cdn/HEX`` on the same server (a
   "CDN", which may be told to ignore ``Range``);
@@ -299,7 +301,7 @@ class FaultyRegistry:
     @staticmethod
     def _send_head(conn: socket.socket, status: int, headers: List[Tuple[str, str]]) -> None:
         reason = {200: "OK", 206: "Partial Content", 307: "Temporary Redirect",
-                  401: "Unauthorized", 404: "Not Found",
+                  304: "Not Modified", 401: "Unauthorized", 404: "Not Found",
                   416: "Range Not Satisfiable"}.get(status, "Status")
         lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -468,6 +470,12 @@ class FaultyRegistry:
                 self._simple(conn, method, 416, b"", "text/plain",
                              (("Content-Range", f"bytes */{size}"),))
                 return
+        if registry and headers.get("if-none-match") == f'"{blob.digest}"':
+            # like Distribution: the client has it already
+            self._record(method, path, headers, 304, fault)
+            self._send_head(conn, 304, [("Etag", f'"{blob.digest}"'),
+                                        ("Docker-Content-Digest", blob.digest)])
+            return
         self._record(method, path, headers, status, fault)
         if fault is not None and fault.kind == "no-length" and method == "GET":
             self._send_head(conn, status, [("Content-Type", ctype), ("Connection", "close")])
