@@ -21,6 +21,7 @@ from hammal import metrics
 from hammal.errors import RegistryError, TagInvalid, Unsupported
 from hammal.registry.client import Trace
 from hammal.conditional import etag, none_match, without_conditionals
+from hammal.links import rewrite_links
 from hammal.replies import BlobReply, Document, find_header, replace_header
 from hammal.registry.reference import parse_tag
 from hammal.web.errors import abort_client, write_error
@@ -111,7 +112,9 @@ class V2Resource(Resource):
         elif route.kind is RouteKind.TAGS:
             headers = without_conditionals(headers)
             document = await proxy.tags(name, _tags_query(request), headers, trace)
-            _write_document(request, document)
+            routing = [(k, v) for k, v in (("ns", ns), ("upstream", upstream)) if v is not None]
+            links = rewrite_links(document.headers, route.name, routing)
+            _write_document(request, attrs.evolve(document, headers=links))
         else:
             reply = await proxy.blob(request.method, name, route.digest, headers, trace)
             if isinstance(reply, Document):
