@@ -94,7 +94,7 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("token-key-file", None, "Secret (32+ bytes) signing --auth token tokens; share it between instances."),
     OptionSpec("token-lifetime", "300", "Seconds a token from /v2/auth is valid."),
     OptionSpec("region-header", None, "Request header holding the client's country code (set by a CDN)."),
-    OptionSpec("upstream-ca", None, "PEM CA certificate(s) to verify upstreams with (private CAs)."),
+    OptionSpec("upstream-ca", None, "PEM CA certificate(s) trusted for upstreams besides the system's roots."),
     OptionSpec("url302", None, "Redirect / to this URL instead of showing the usage page."),
     OptionSpec("metrics-port", None, "Serve /metrics on this port or endpoint only (not on --port)."),
     OptionSpec("drain-timeout", "30", "Seconds to let in-flight transfers finish on SIGTERM."),
