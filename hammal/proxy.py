@@ -22,9 +22,16 @@ from twisted.web.iweb import IResponse
 
 from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import BlobFetch
+from hammal.cache.layers import LayerKeeper
 from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
 from hammal.conditional import range_applies, without_conditionals
-from hammal.errors import RegistryError, UpstreamBadResponse
+from hammal.errors import (
+    NotCachedUpstreamDown,
+    RegistryError,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from hammal.registry.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
 from hammal.registry.reference import Digest, Reference, upstream_name
 from hammal.registry.schema1 import digested_content
@@ -32,13 +39,14 @@ from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,
     CACHE_MISS,
+    CACHE_STALE,
     BlobReply,
     Document,
     HeaderList,
     find_header,
     replace_header,
 )
-from hammal.stream import UpstreamBody, expected_length, not_a_blob
+from hammal.stream import TransferBroken, UpstreamBody, expected_length, not_a_blob
 from hammal.headers import relayed_response_headers
 from hammal.ranges import content_range, parse_range
 
@@ -73,6 +81,7 @@ class PullProxy:
         self._follow_blob_redirects = blob_redirect == "follow"
         self._clock = clock
         self._blobs = blobs if self._follow_blob_redirects else None
+        self._layers = LayerKeeper(self._blobs.store, clock) if self._blobs is not None else None
         self._manifests = (
             manifests(client.upstream.url, self._fetch_manifest, self._head_digest)
             if manifests is not None
@@ -116,6 +125,13 @@ class PullProxy:
         document = await self._manifests.get(
             self.upstream_name(name), reference, accepted, headers, trace
         )
+        if self._layers is not None and document.cache_status != CACHE_MISS:
+            self._layers.served(
+                (find_header(document.headers, b"docker-content-digest") or b"").decode("latin-1"),
+                (find_header(document.headers, b"content-type") or b"").decode("latin-1"),
+                document.body,
+                stale=document.cache_status == CACHE_STALE,
+            )
         if method == b"HEAD":
             return attrs.evolve(document, body=b"", length=len(document.body))
         return document
@@ -288,7 +304,19 @@ class PullProxy:
             )
 
         fetch, joined = blobs.fetch(digest, start, self.upstream_host)
-        await fetch.when_started()
+        try:
+            await fetch.when_started()
+        except (UpstreamUnavailable, UpstreamTimeout) as failure:
+            stale_layer = self._layers is not None and self._layers.named_by_stale(digest)
+            if not stale_layer or isinstance(failure, TransferBroken):
+                raise
+            # The client was given a stale manifest: say what is missing.
+            raise NotCachedUpstreamDown(
+                f"layer {digest} of a manifest served stale is not in this mirror's cache,"
+                f" and {self.upstream_host} cannot serve it now ({failure.message})",
+                detail={"digest": str(digest)},
+                headers={"Retry-After": "30"},
+            )
         return self._cache_reply(
             blobs,
             method,
