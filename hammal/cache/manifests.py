@@ -491,7 +491,7 @@ class ManifestCache:
         latest = getattr(self._tags, "get_latest", self._tags.get)  # shared store first
         for entry_key in (key, _type_key(self._upstream, name, tag, stored.media_type)):
             current = TagEntry.loads(await latest(entry_key) or "")
-            if current is not None and current.checked_at > asked_at and current.digest != entry.digest:
+            if current is not None and current.checked_at > asked_at:
                 self._keep_recent_tag(entry_key, current)
                 continue
             self._keep_recent_tag(entry_key, entry)
