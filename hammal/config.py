@@ -79,6 +79,11 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("redis", None, "redis://[:password@]host[:port][/db] for a shared token cache."),
     OptionSpec("connect-timeout", "10", "Seconds to wait for an upstream connection."),
     OptionSpec("read-timeout", "30", "Seconds of upstream silence before giving up."),
+    OptionSpec(
+        "upstream-deadline",
+        "120",
+        "Seconds an upstream answer (token, manifest, tag list, error) or a shared fetch may take in all.",
+    ),
     OptionSpec("retries", "3", "Retries of a failed upstream GET/HEAD."),
     OptionSpec("retry-backoff", "0.5", "Base seconds of the exponential retry backoff."),
     OptionSpec("blob-redirect", "follow", "follow: stream blobs from upstream's CDN; pass: redirect clients."),
@@ -108,7 +113,7 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("token-key-file", None, "Secret (32+ bytes) signing --auth token tokens; share it between instances."),
     OptionSpec("token-lifetime", "300", "Seconds a token from /v2/auth is valid."),
     OptionSpec("region-header", None, "Request header holding the client's country code (set by a CDN)."),
-    OptionSpec("upstream-ca", None, "PEM CA certificate(s) to verify upstreams with (private CAs)."),
+    OptionSpec("upstream-ca", None, "PEM CA certificate(s) trusted for upstreams besides the system's roots."),
     OptionSpec(
         "upstream-proxy",
         None,
@@ -514,6 +519,7 @@ class Settings:
     redis: RedisAddress | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    upstream_deadline: float = 120.0
     retries: int = 3
     retry_backoff: float = 0.5
     blob_redirect: str = "follow"
@@ -692,6 +698,9 @@ class Settings:
             redis=parse_redis_url(redis_url) if redis_url else None,
             connect_timeout=_number(text("connect-timeout") or "10", "--connect-timeout", 0.001),
             read_timeout=_number(text("read-timeout") or "30", "--read-timeout", 0.001),
+            upstream_deadline=_number(
+                text("upstream-deadline") or "120", "--upstream-deadline", 0.001
+            ),
             retries=int(_number(text("retries") or "3", "--retries", 0, integer=True)),
             retry_backoff=_number(text("retry-backoff") or "0.5", "--retry-backoff", 0),
             blob_redirect=blob_redirect,

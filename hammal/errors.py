@@ -129,3 +129,14 @@ class UpstreamBadResponse(RegistryError):
 
     code = "UNAVAILABLE"
     status = 502
+
+
+class NotCachedUpstreamDown(RegistryError):
+    """
+    A blob the cache does not hold while upstream cannot be reached (a
+    manifest served stale names it): a clear ``503`` with ``Retry-After``,
+    not an upstream's ``502``.
+    """
+
+    code = "UNAVAILABLE"
+    status = 503

@@ -22,21 +22,31 @@ from twisted.web.iweb import IResponse
 
 from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import BlobFetch
+from hammal.cache.layers import LayerKeeper
 from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
-from hammal.errors import RegistryError, UpstreamBadResponse
+from hammal.conditional import range_applies, without_conditionals
+from hammal.errors import (
+    NotCachedUpstreamDown,
+    RegistryError,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from hammal.registry.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
 from hammal.registry.reference import Digest, Reference, upstream_name
+from hammal.registry.schema1 import digested_content
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,
     CACHE_MISS,
+    CACHE_STALE,
     BlobReply,
     Document,
     HeaderList,
     find_header,
     replace_header,
 )
-from hammal.stream import UpstreamBody, discard_body, expected_length, not_a_blob
+from hammal.stream import TransferBroken, UpstreamBody, expected_length, not_a_blob
 from hammal.headers import relayed_response_headers
 from hammal.ranges import content_range, parse_range
 from hammal.referrers import Referrers, ReferrersCache
@@ -73,6 +83,7 @@ class PullProxy:
         self._follow_blob_redirects = blob_redirect == "follow"
         self._clock = clock
         self._blobs = blobs if self._follow_blob_redirects else None
+        self._layers = LayerKeeper(self._blobs.store, clock) if self._blobs is not None else None
         self._manifests = (
             manifests(client.upstream.url, self._fetch_manifest, self._head_digest)
             if manifests is not None
@@ -117,6 +128,13 @@ class PullProxy:
         document = await self._manifests.get(
             self.upstream_name(name), reference, accepted, headers, trace
         )
+        if self._layers is not None and document.cache_status != CACHE_MISS:
+            self._layers.served(
+                (find_header(document.headers, b"docker-content-digest") or b"").decode("latin-1"),
+                (find_header(document.headers, b"content-type") or b"").decode("latin-1"),
+                document.body,
+                stale=document.cache_status == CACHE_STALE,
+            )
         if method == b"HEAD":
             return attrs.evolve(document, body=b"", length=len(document.body))
         return document
@@ -145,7 +163,7 @@ class PullProxy:
         )
         if response.code != 200:
             raise await self._error(response)
-        await discard_body(response)
+        await self._client.discard(response)
         digest = response.headers.getRawHeaders(b"docker-content-digest", [None])[0]
         return digest.decode("latin-1") if digest else None
 
@@ -161,8 +179,9 @@ class PullProxy:
         """
         Fetch a manifest from upstream. The body is checked against the
         requested digest, or against upstream's ``Docker-Content-Digest``
-        for a tag; a HEAD that upstream answers without a digest is
-        completed with a GET.
+        for a tag (for a signed schema 1 manifest: its JWS payload, as
+        upstream computes it); a HEAD that upstream answers without a digest
+        is completed with a GET.
         """
         if not name_is_upstream:
             name = self.upstream_name(name)
@@ -182,9 +201,14 @@ class PullProxy:
         announced_length = expected_length(response)
         if announced_length is not None and announced_length != len(body):
             raise UpstreamBadResponse(f"{self.upstream_host} sent a truncated manifest")
-        actual = Digest.of(body)
+        media_type = (find_header(relayed, b"content-type") or b"").decode("latin-1")
+        try:
+            content = digested_content(body, media_type)
+        except UpstreamBadResponse as failure:
+            raise UpstreamBadResponse(f"{self.upstream_host} sent {failure.message}")
+        actual = Digest.of(content)
         if isinstance(reference, Digest):
-            if Digest.of(body, reference.algorithm) != reference:
+            if Digest.of(content, reference.algorithm) != reference:
                 raise UpstreamBadResponse(
                     f"{self.upstream_host} sent a manifest that does not match {reference}"
                 )
@@ -196,8 +220,15 @@ class PullProxy:
                     f"{self.upstream_host} sent a manifest whose digest is not the"
                     f" announced {claimed.decode('latin-1')[:80]}"
                 )
+        # A tag's body with neither a digest nor a length may have been cut
+        # short by a connection close: pass it on, but never cache it.
+        vouched = (
+            isinstance(reference, Digest)
+            or find_header(relayed, b"docker-content-digest") is not None
+            or announced_length is not None
+        )
         relayed = replace_header(relayed, b"docker-content-digest", str(actual).encode())
-        return Document(200, relayed, body)
+        return Document(200, relayed, body, vouched=vouched)
 
     async def blob(
         self, method: bytes, name: str, digest: Digest, headers: Headers, trace: Trace
@@ -228,7 +259,7 @@ class PullProxy:
         if response.code not in (200, 206):
             raise await self._error(response)
         if not_a_blob(response):
-            await discard_body(response)
+            await self._client.discard(response)
             raise UpstreamBadResponse(f"{self.upstream_host} sent a web page instead of a blob")
         relayed = relayed_response_headers(response.headers)
         relayed = replace_header(relayed, b"docker-content-digest", str(digest).encode())
@@ -253,6 +284,8 @@ class PullProxy:
     ) -> BlobReply | None:
         """The answer through the cache, or L{None} to go straight upstream."""
         requested_range = headers.getRawHeaders(b"range", [None])[0]
+        if not range_applies(headers, str(digest)):
+            requested_range = None  # If-Range names other content: all of it
         size = blobs.store.size(digest)
         if size is not None:
             blobs.store.touch(digest)
@@ -265,7 +298,8 @@ class PullProxy:
         if running is None and not blobs.has_room():
             self.log.warn("cache disk is nearly full: serving {digest} uncached", digest=str(digest))
             return None
-        upstream_headers = headers.copy()
+        # The fill is shared: nothing of one client's request goes with it.
+        upstream_headers = without_conditionals(headers)
         upstream_headers.removeHeader(b"range")
         upstream_name = self.upstream_name(name)
 
@@ -284,7 +318,19 @@ class PullProxy:
             )
 
         fetch, joined = blobs.fetch(digest, start, self.upstream_host, upstream_name)
-        await fetch.when_started()
+        try:
+            await fetch.when_started()
+        except (UpstreamUnavailable, UpstreamTimeout) as failure:
+            stale_layer = self._layers is not None and self._layers.named_by_stale(digest)
+            if not stale_layer or isinstance(failure, TransferBroken):
+                raise
+            # The client was given a stale manifest: say what is missing.
+            raise NotCachedUpstreamDown(
+                f"layer {digest} of a manifest served stale is not in this mirror's cache,"
+                f" and {self.upstream_host} cannot serve it now ({failure.message})",
+                detail={"digest": str(digest)},
+                headers={"Retry-After": "30"},
+            )
         return self._cache_reply(
             blobs,
             method,

@@ -8,12 +8,24 @@ from hammal.errors import RangeInvalid
 
 _RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*\Z")
 
+#: Past every blob size: a position with more digits than this is taken as
+#: "beyond the end" without converting it (Python refuses to convert more
+#: than 4300 digits, and nothing that long is a real offset).
+_HUGE = 1 << 63
+
+
+def _position(digits: str) -> int:
+    significant = digits.lstrip("0")
+    return _HUGE if len(significant) > 18 else int(significant or "0")
+
 
 def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     """
     The C{(start, end)} (end exclusive) a ``Range`` header asks of a
     C{size}-byte body; L{None} to send the whole body (no header, or one
-    hammal ignores, such as several ranges).
+    hammal ignores, such as several ranges). Positions of any length are
+    accepted: past the end they are the end (or unsatisfiable), never an
+    error of hammal's.
 
     @raise RangeInvalid: when the range cannot be satisfied (416).
     """
@@ -26,13 +38,13 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     if not first and not last:
         return None
     if not first:
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0:
             raise _unsatisfiable(size)
         return (max(0, size - suffix), size)
-    start = int(first)
-    end = size if not last else min(size, int(last) + 1)
-    if last and int(last) < start:
+    start = _position(first)
+    end = size if not last else min(size, _position(last) + 1)
+    if last and _position(last) < start:
         return None
     if start >= size:
         raise _unsatisfiable(size)

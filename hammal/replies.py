@@ -26,13 +26,20 @@ STALE_WARNING = b'110 - "Response is Stale"'
 
 @attrs.frozen
 class Document:
-    """A complete small response: status, headers and body."""
+    """
+    A complete small response: status, headers and body.
+
+    @ivar vouched: whether upstream's framing or digest vouches for the body
+        being all it meant to send; a body that merely ended when the
+        connection closed may be cut short, and is never cached.
+    """
 
     status: int
     headers: HeaderList
     body: bytes = b""
     length: int | None = None
     cache_status: str = CACHE_BYPASS
+    vouched: bool = True
 
     @property
     def content_length(self) -> int:

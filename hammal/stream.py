@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, cast
 from typing import Protocol as Protocol_
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -32,23 +33,57 @@ class BodyTooLarge(UpstreamBadResponse):
     """Upstream sent more than the size limit for a document."""
 
 
+@attrs.frozen
+class ReadBounds:
+    """
+    How long an upstream body may take: C{idle} seconds of silence at most
+    (``--read-timeout``), C{deadline} seconds in all (``--upstream-deadline``),
+    on C{clock}. A small body read without bounds could hang its request,
+    and any shared work waiting on it, for ever.
+    """
+
+    clock: IReactorTime
+    idle: float
+    deadline: float
+    upstream: str = "upstream"
+
+
 class _Collector(Protocol):
-    def __init__(self, limit: int, done: Deferred[bytes]) -> None:
+    def __init__(
+        self, limit: int, done: Deferred[bytes], bounds: ReadBounds | None, too_large: bool
+    ) -> None:
         self._limit = limit
+        self._too_large = too_large
         self._done = done
+        self._bounds = bounds
         self._chunks: list[bytes] = []
         self._size = 0
+        self._idle_call: IDelayedCall | None = None
+        self._deadline_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        if self._too_large:
+            self._give_up(BodyTooLarge(f"upstream response exceeds {self._limit} bytes"))
+            return
+        if self._bounds is None:
+            return
+        clock = self._bounds.clock
+        self._idle_call = clock.callLater(self._bounds.idle, self._timed_out, "idle")
+        self._deadline_call = clock.callLater(self._bounds.deadline, self._timed_out, "deadline")
 
     def dataReceived(self, data: bytes) -> None:
+        if self._done.called:
+            return
+        if self._bounds is not None and self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self._bounds.idle)
         self._size += len(data)
         if self._size > self._limit:
-            if not self._done.called:
-                self._done.errback(BodyTooLarge(f"upstream response exceeds {self._limit} bytes"))
-            _producer(self.transport).stopProducing()
+            self._give_up(BodyTooLarge(f"upstream response exceeds {self._limit} bytes"))
             return
         self._chunks.append(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancel_timers()
         if self._done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -57,6 +92,39 @@ class _Collector(Protocol):
             self._done.errback(
                 UpstreamUnavailable(f"upstream connection broke: {reason.getErrorMessage()}")
             )
+
+    def stop(self) -> None:
+        """Drop the connection: nobody wants the rest of this body."""
+        self._cancel_timers()
+        _producer(self.transport).stopProducing()
+
+    def _timed_out(self, which: str) -> None:
+        assert self._bounds is not None
+        if which == "idle":
+            self._idle_call = None
+            message = (
+                f"{self._bounds.upstream} sent nothing for {self._bounds.idle:g} seconds"
+                f" after {self._size} bytes of a response"
+            )
+        else:
+            self._deadline_call = None
+            message = (
+                f"{self._bounds.upstream} did not finish a response within"
+                f" {self._bounds.deadline:g} seconds"
+            )
+        self._give_up(UpstreamTimeout(message))
+
+    def _give_up(self, error: Exception) -> None:
+        self._chunks = []
+        if not self._done.called:
+            self._done.errback(error)
+        self.stop()
+
+    def _cancel_timers(self) -> None:
+        for call in (self._idle_call, self._deadline_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._deadline_call = None
 
 
 @implementer(IPushProducer)
@@ -81,29 +149,51 @@ def _producer(transport: object) -> IPushProducer:
     return cast(IPushProducer, transport)
 
 
-def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
+def read_body(
+    response: IResponse, limit: int, bounds: ReadBounds | None = None
+) -> Deferred[bytes]:
     """
-    Read a whole response body of at most C{limit} bytes.
+    Read a whole response body of at most C{limit} bytes, within C{bounds}
+    (every upstream read passes them; only in-memory tests leave them out).
 
     @raise BodyTooLarge: (asynchronously) past C{limit}; the upstream
         connection is dropped.
+    @raise UpstreamTimeout: (asynchronously) when upstream is silent for
+        C{bounds.idle} seconds or the body takes longer than
+        C{bounds.deadline}; the upstream connection is dropped.
     """
     collector: _Collector
 
     def cancel(d: Deferred[bytes]) -> None:
-        """A reader that gives up (timeout) drops the connection too."""
-        _producer(collector.transport).stopProducing()
+        """A reader that gives up drops the connection too."""
+        collector.stop()
 
     done: Deferred[bytes] = Deferred(cancel)
     too_large = response.length is not UNKNOWN_LENGTH and response.length > limit
-    collector = _Collector(-1 if too_large else limit, done)
+    collector = _Collector(limit, done, bounds, too_large)
     response.deliverBody(collector)
     return done
 
 
-def discard_body(response: IResponse) -> Deferred[None]:
-    """Read and drop a (small) body so its connection can be reused."""
-    return read_body(response, 64 * 1024).addBoth(lambda _: None)
+#: The longest hammal waits for a body it means to drop (an error page
+#: before a retry or a failover, a redirect's body): only worth reading to
+#: keep the connection; past this, the connection is dropped instead.
+DISCARD_GRACE = 0.5
+
+
+def discard_body(response: IResponse, bounds: ReadBounds | None = None) -> Deferred[None]:
+    """
+    Read and drop a (small) body so its connection can be reused; a large,
+    slow or stalled one has its connection dropped instead, within
+    L{DISCARD_GRACE} of silence. Never fails.
+    """
+    if bounds is not None:
+        bounds = attrs.evolve(
+            bounds,
+            idle=min(bounds.idle, DISCARD_GRACE),
+            deadline=min(bounds.deadline, 4 * DISCARD_GRACE),
+        )
+    return read_body(response, 64 * 1024, bounds).addBoth(lambda _: None)
 
 
 class TransferBroken(UpstreamUnavailable):
@@ -320,3 +410,8 @@ class UpstreamBody:
     def stop(self) -> None:
         if self._pipe is not None:
             self._pipe.stopProducing()
+            return
+        # Never delivered (the client was answered otherwise, or left):
+        # drop the body rather than leave its connection waiting.
+        bounds = ReadBounds(self._clock, self._idle_timeout, 4 * self._idle_timeout, self._upstream)
+        discard_body(self._response, bounds)

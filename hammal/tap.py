@@ -286,6 +286,7 @@ def _manifest_cache(settings: Settings, redis: Any, reactor: Any) -> ManifestCac
             ttl=settings.manifest_ttl,
             stale_if_error=settings.stale_if_error,
             negative_ttl=settings.negative_ttl,
+            deadline=settings.upstream_deadline,
         )
 
     return build
@@ -306,6 +307,7 @@ def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
         resumes=settings.retries,
         chunk_size=settings.buffer_size,
         offload=_thread_pool_offload(reactor),
+        deadline=settings.upstream_deadline,
     )
 
 
@@ -515,6 +517,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             redirect_client,
             zones,
             accounts,
+            deadline=settings.upstream_deadline,
         )
 
     def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullProxy:

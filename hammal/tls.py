@@ -17,13 +17,13 @@ from twisted.internet.ssl import (
     CertificateOptions,
     KeyPair,
     TLSVersion,
-    trustRootFromCertificates,
 )
 from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
 from hammal.config import ConfigError
+from hammal.trust import SystemRootsAnd
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -115,7 +115,11 @@ class ReloadOnHangup(Service):
 
 
 def upstream_tls_policy(ca_path: str) -> BrowserLikePolicyForHTTPS:
-    """Verify upstream certificates against the CA(s) in C{ca_path} only."""
+    """
+    Verify upstream certificates against the system's roots and the CA(s)
+    in C{ca_path}: a private CA for one registry must not make every public
+    registry untrusted.
+    """
     try:
         with open(ca_path, "rb") as ca_file:
             blocks = _PEM_CERTIFICATE.findall(ca_file.read())
@@ -123,5 +127,5 @@ def upstream_tls_policy(ca_path: str) -> BrowserLikePolicyForHTTPS:
         raise ConfigError(f"cannot read --upstream-ca {ca_path}: {failure.strerror}")
     if not blocks:
         raise ConfigError(f"--upstream-ca {ca_path} holds no PEM certificate")
-    roots = trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+    roots = SystemRootsAnd([Certificate.loadPEM(block) for block in blocks])
     return BrowserLikePolicyForHTTPS(trustRoot=roots)

@@ -170,6 +170,10 @@ class FailoverClient:
     def read_timeout(self) -> float:
         return self._members[0].read_timeout
 
+    @property
+    def deadline(self) -> float:
+        return self._members[0].deadline
+
     def _order(self) -> list[int]:
         now = self._clock.seconds()
         healthy = [i for i in range(len(self._members)) if self._resting.get(i, 0) <= now]
@@ -200,7 +204,8 @@ class FailoverClient:
                 continue
             if response.code >= 500 and position < len(order) - 1:
                 self._rest(index, f"HTTP {response.code}")
-                await member.fetch_document(response, 64 * 1024)
+                # However large, slow or stalled its error page: on to the next.
+                await member.discard(response)
                 continue
             return response
         assert last_error is not None
@@ -220,6 +225,9 @@ class FailoverClient:
 
     async def fetch_document(self, response: IResponse, limit: int) -> bytes:
         return await self._members[0].fetch_document(response, limit)
+
+    async def discard(self, response: IResponse) -> None:
+        await self._members[0].discard(response)
 
     async def send_direct(self, method: bytes, url: str, headers: Headers) -> IResponse:
         return await self._members[0].send_direct(method, url, headers)

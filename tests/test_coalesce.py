@@ -12,6 +12,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from hammal.coalesce import Coalescer
+from hammal.errors import UpstreamTimeout
 
 
 class Boom(Exception):
@@ -248,3 +249,81 @@ class CoalescerTests(SynchronousTestCase):
         self.work.runs[0].callback("fine")
         self.assertEqual(self.successResultOf(second), "fine")
 
+
+
+class CoalescerDeadlineTests(SynchronousTestCase):
+    """Shared work never hangs its callers: a run past its deadline is given up."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.coalescer: Coalescer[str] = Coalescer(self.clock, 10.0, "the token request")
+        self.work = Work()
+
+    def test_waiters_get_504_at_the_deadline(self) -> None:
+        """Every observer gets L{UpstreamTimeout} once the deadline passes."""
+        observers = [self.coalescer.run("k", self.work) for _ in range(3)]
+        self.clock.advance(9.9)
+        for observer in observers:
+            self.assertNoResult(observer)
+        self.clock.advance(0.1)
+        for observer in observers:
+            failure = self.failureResultOf(observer, UpstreamTimeout)
+            self.assertEqual(failure.value.status, 504)
+            self.assertIn("the token request did not finish within 10 seconds", failure.getErrorMessage())
+
+    def test_stalled_work_is_cancelled_and_forgotten(self) -> None:
+        """The stalled run is cancelled and the next call starts afresh."""
+        first = self.coalescer.run("k", self.work)
+        self.clock.advance(10.0)
+        self.failureResultOf(first, UpstreamTimeout)
+        self.assertEqual(self.work.cancelled, 1)
+        self.assertNotIn("k", self.coalescer)
+        second = self.coalescer.run("k", self.work)
+        self.assertEqual(len(self.work.runs), 2)
+        self.work.runs[1].callback("recovered")
+        self.assertEqual(self.successResultOf(second), "recovered")
+
+    def test_late_result_of_a_given_up_run_goes_nowhere(self) -> None:
+        """
+        A run that ends after it was given up (it caught the cancellation)
+        neither reaches nor disturbs the run that replaced it.
+        """
+        late: Deferred[None] = Deferred()
+
+        async def stubborn() -> str:
+            try:
+                await Deferred()
+            except CancelledError:
+                await late
+            return "stale"
+
+        first = self.coalescer.run("k", lambda: Deferred.fromCoroutine(stubborn()))
+        self.clock.advance(10.0)
+        self.failureResultOf(first, UpstreamTimeout)
+        second = self.coalescer.run("k", self.work)
+        late.callback(None)  # the old run returns "stale" now
+        self.assertIn("k", self.coalescer)
+        self.assertNoResult(second)
+        self.work.runs[0].callback("fresh")
+        self.assertEqual(self.successResultOf(second), "fresh")
+
+    def test_finished_work_cancels_its_timer(self) -> None:
+        """A run that ends in time leaves no timer behind."""
+        d = self.coalescer.run("k", self.work)
+        self.work.runs[0].callback("done")
+        self.assertEqual(self.successResultOf(d), "done")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_synchronous_work_leaves_no_timer(self) -> None:
+        d = self.coalescer.run("k", lambda: succeed("now"))
+        self.assertEqual(self.successResultOf(d), "now")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_deadline_counts_from_the_start_of_the_run(self) -> None:
+        """A caller joining late shares the run's deadline, not a new one."""
+        first = self.coalescer.run("k", self.work)
+        self.clock.advance(8.0)
+        late = self.coalescer.run("k", self.work)
+        self.clock.advance(2.0)
+        self.failureResultOf(first, UpstreamTimeout)
+        self.failureResultOf(late, UpstreamTimeout)

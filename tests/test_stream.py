@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import hashlib
 
+from twisted.internet.defer import CancelledError
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from hammal.errors import UpstreamTimeout
 from hammal.registry.reference import Digest
-from hammal.stream import BodyPipe, TransferBroken
+from hammal.stream import (
+    BodyPipe,
+    DISCARD_GRACE,
+    BodyTooLarge,
+    ReadBounds,
+    TransferBroken,
+    discard_body,
+    read_body,
+)
 from tests.fakes import FakeConsumer, FakeProducerTransport
 
 CHUNKS = [b"a" * 1000, b"b" * 1000, b"c" * 500]
@@ -140,3 +151,92 @@ class BodyPipeTests(SynchronousTestCase):
             pipe.dataReceived(b"z" * 10)
         self.assertEqual(len(pipe._pending), 10)
         self.assertEqual(len(self.consumer.received), (size - 1) * 10)
+
+
+class _BodyResponse:
+    """A response whose body protocol is connected to a recording transport."""
+
+    def __init__(self, length: object = UNKNOWN_LENGTH) -> None:
+        self.length = length
+        self.transport = FakeProducerTransport()
+        self.protocol: Protocol | None = None
+
+    def deliverBody(self, protocol: Protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+
+
+class BoundedReadTests(SynchronousTestCase):
+    """
+    L{read_body} and L{discard_body} with L{ReadBounds}: an idle limit and
+    an overall deadline, after which the connection is dropped.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.bounds = ReadBounds(self.clock, idle=5.0, deadline=20.0, upstream="up.test")
+
+    def test_stalled_body_times_out(self) -> None:
+        """A body that stops after its first bytes fails after the idle limit."""
+        response = _BodyResponse()
+        d = read_body(response, 1000, self.bounds)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"{")
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(d, UpstreamTimeout)
+        self.assertIn("up.test sent nothing for 5 seconds after 1 bytes", failure.getErrorMessage())
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_trickling_body_meets_the_deadline(self) -> None:
+        """Bytes arriving just often enough still end at the overall deadline."""
+        response = _BodyResponse()
+        d = read_body(response, 1000, self.bounds)
+        assert response.protocol is not None
+        for _ in range(4):
+            self.clock.advance(4.0)
+            response.protocol.dataReceived(b"x")
+        self.assertNoResult(d)
+        self.clock.advance(4.0)
+        failure = self.failureResultOf(d, UpstreamTimeout)
+        self.assertIn("did not finish a response within 20 seconds", failure.getErrorMessage())
+        self.assertTrue(response.transport.stopped)
+
+    def test_complete_body_cancels_timers(self) -> None:
+        response = _BodyResponse()
+        d = read_body(response, 1000, self.bounds)
+        assert response.protocol is not None
+        response.protocol.dataReceived(b"{}")
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(d), b"{}")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(response.transport.stopped)
+
+    def test_announced_too_large_dropped_at_once(self) -> None:
+        """A body announced larger than the limit is not read at all."""
+        response = _BodyResponse(length=10_000_000)
+        d = read_body(response, 64 * 1024, self.bounds)
+        failure = self.failureResultOf(d, BodyTooLarge)
+        self.assertIn("exceeds 65536 bytes", failure.getErrorMessage())
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_discard_of_a_stalled_body_ends(self) -> None:
+        """A discard never fails and waits for a stalled body only briefly."""
+        response = _BodyResponse()
+        d = discard_body(response, self.bounds)
+        self.clock.advance(DISCARD_GRACE - 0.01)
+        self.assertNoResult(d)
+        self.clock.advance(0.01)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(response.transport.stopped)
+
+    def test_cancel_drops_the_connection(self) -> None:
+        response = _BodyResponse()
+        d = read_body(response, 1000, self.bounds)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

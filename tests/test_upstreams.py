@@ -18,6 +18,7 @@ from twisted.web.http_headers import Headers
 from hammal.errors import Denied, NotFound, UpstreamUnavailable
 from hammal.proxy import PullProxy
 from hammal.registry.client import Trace, Upstream
+from hammal.stream import BodyTooLarge
 from hammal.tap import Options
 from hammal.upstreams import FailoverClient, UpstreamSelector
 from tests.test_v2 import Mirror
@@ -124,6 +125,21 @@ class FakeMember:
     async def fetch_document(self, response: Any, limit: int) -> bytes:
         return b""
 
+    async def discard(self, response: Any) -> None:
+        pass
+
+
+class _PageMember(FakeMember):
+    """A member whose error bodies are too large to read as a document."""
+
+    discarded = 0
+
+    async def fetch_document(self, response: Any, limit: int) -> bytes:
+        raise BodyTooLarge(f"upstream response exceeds {limit} bytes")
+
+    async def discard(self, response: Any) -> None:
+        self.discarded += 1
+
 
 class FakeResponse:
     def __init__(self, code: int) -> None:
@@ -153,6 +169,17 @@ class FailoverTests(SynchronousTestCase):
         mirror = FakeMember("mirror", [FakeResponse(200)])
         client = FailoverClient(cast(Any, [primary, mirror]), Clock())
         self.assertEqual(self.successResultOf(self.request(client)).code, 200)
+
+    def test_5xx_with_an_unreadable_body_fails_over(self) -> None:
+        """
+        A 5xx whose error page is too large (or stalls) is dropped, not
+        read as a document: the next mirror answers.
+        """
+        primary = _PageMember("primary", [FakeResponse(503)])
+        mirror = FakeMember("mirror", [FakeResponse(200)])
+        client = FailoverClient(cast(Any, [primary, mirror]), Clock())
+        self.assertEqual(self.successResultOf(self.request(client)).code, 200)
+        self.assertEqual(primary.discarded, 1)
 
     def test_all_down(self) -> None:
         members = [FakeMember(h, [UpstreamUnavailable(f"{h} down")]) for h in ("a", "b")]

@@ -127,6 +127,7 @@ class BlobCache:
         resumes: int,
         chunk_size: int = 256 * 1024,
         offload: Offload = run_here,
+        deadline: float | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -134,6 +135,7 @@ class BlobCache:
         self._read_timeout = read_timeout
         self._resumes = resumes
         self._offload = offload
+        self._deadline = deadline
         self._fetches: dict[str, BlobFetch] = {}
         self._transfers: dict[BlobFetch, Transfer] = {}
         self.fetches_started = 0
@@ -176,6 +178,7 @@ class BlobCache:
             self._resumes,
             upstream,
             self._offload,
+            self._deadline,
         )
         key = str(digest)
         self._fetches[key] = fetch

@@ -30,9 +30,10 @@ from hammal import metrics
 from hammal.cache.follow import FileFollower
 from hammal.cache.store import BlobStore
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
-from hammal.registry.client import upstream_error
+from hammal.registry.client import default_deadline, upstream_error
 from hammal.registry.reference import Digest
 from hammal.stream import (
+    ReadBounds,
     TransferBroken,
     _producer,
     discard_body,
@@ -95,6 +96,7 @@ class BlobFetch:
         resumes: int,
         upstream: str,
         offload: Offload = run_here,
+        deadline: float | None = None,
     ) -> None:
         self.digest = digest
         self.store = store
@@ -104,6 +106,14 @@ class BlobFetch:
         self._resumes = resumes
         self._upstream = upstream
         self._offload = offload
+        # Each upstream answer (headers, or an error body) within this: the
+        # fill is shared, and every waiter would hang with it.
+        self._bounds = ReadBounds(
+            clock,
+            read_timeout,
+            deadline if deadline is not None else default_deadline(read_timeout),
+            upstream,
+        )
         self.size: int | None = None
         self.written = 0
         self.readable = 0
@@ -191,18 +201,29 @@ class BlobFetch:
         await self._verify_and_commit()
 
     async def _request(self, offset: int) -> IResponse:
+        """Upstream's answer from C{offset}, within the deadline (a 504 for every waiter)."""
+        d = Deferred.fromCoroutine(self._answer(offset))
+        deadline = self._bounds.deadline
+
+        def timed_out(result: object, timeout: float) -> None:
+            raise UpstreamTimeout(f"{self._upstream} did not answer for {self.digest} within {deadline:g} seconds")
+
+        d.addTimeout(deadline, self._clock, onTimeoutCancel=timed_out)
+        return await d
+
+    async def _answer(self, offset: int) -> IResponse:
         self.upstream_requests += 1
         response = await self._start_upstream(offset)
         if response.code == 200 or (response.code == 206 and offset > 0):
             if response.code == 206 and not _starts_at(response, offset):
-                await discard_body(response)
+                await discard_body(response, self._bounds)
                 raise TransferBroken(f"{self._upstream} answered a resume with the wrong range")
             if not_a_blob(response):
-                await discard_body(response)
+                await discard_body(response, self._bounds)
                 raise UpstreamBadResponse(f"{self._upstream} sent a web page instead of a blob")
             return response
         try:
-            body = await read_body(response, 64 * 1024)
+            body = await read_body(response, 64 * 1024, self._bounds)
         except RegistryError:
             body = b""
         raise upstream_error(response, body, self._upstream)

@@ -109,6 +109,11 @@ def tag_key(upstream: str, name: str, tag: str, accepted: frozenset[str]) -> str
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+def _type_key(upstream: str, name: str, tag: str, media_type: str) -> str:
+    """The key of the last answer of C{media_type} for a tag, whoever asked."""
+    return tag_key(upstream, name, tag, frozenset({"stored-type:" + media_type}))
+
+
 class ManifestStore:
     """
     Verified manifests on disk under C{root/manifests}, the most recently
@@ -252,6 +257,7 @@ class ManifestCache:
         ttl: float = 300.0,
         stale_if_error: float = 86400.0,
         negative_ttl: float = 30.0,
+        deadline: float | None = None,
     ) -> None:
         self._store = store
         self._tags = tags
@@ -263,7 +269,9 @@ class ManifestCache:
         self._stale_if_error = stale_if_error
         self._negative_ttl = negative_ttl
         self._negative: OrderedDict[str, tuple[float, RegistryError]] = OrderedDict()
-        self._work: Coalescer[Any] = Coalescer()
+        # Shared by every client asking for the same manifest: bounded, so
+        # that one stalled upstream answer cannot hang every later pull.
+        self._work: Coalescer[Any] = Coalescer(clock, deadline, f"the manifest request to {upstream}")
         # Tag entries this process read or wrote, so a hot tag costs no
         # store lookup; each is kept no longer than the store keeps it.
         self._recent_tags: OrderedDict[str, tuple[TagEntry, float]] = OrderedDict()
@@ -316,6 +324,7 @@ class ManifestCache:
             age = self._clock.seconds() - entry.checked_at
             if age < self._ttl:
                 return _document(stored, CACHE_HIT)
+            asked_at = self._clock.seconds()
             try:
                 current = await self._work.run(
                     ("head", key),
@@ -328,7 +337,7 @@ class ManifestCache:
                 await self._tags.delete(key)
                 raise
             if current == entry.digest:
-                await self._remember_tag(key, stored)
+                await self._remember_tag(key, stored, asked_at, name, tag)
                 return _document(stored, CACHE_REVALIDATED)
         self._check_negative(key)
         joined = ("get", key) in self._work
@@ -343,6 +352,12 @@ class ManifestCache:
         except _TRANSIENT as failure:
             if entry is not None and stored is not None:
                 return self._stale_or_raise(stored, self._clock.seconds() - entry.checked_at, failure)
+            fallback = await self._entry_of_any_client(name, tag, accepted)
+            if fallback is not None:
+                other, other_stored = fallback
+                return self._stale_or_raise(
+                    other_stored, self._clock.seconds() - other.checked_at, failure
+                )
             raise
         return attrs.evolve(document, cache_status=CACHE_COALESCED if joined else CACHE_MISS)
 
@@ -361,11 +376,32 @@ class ManifestCache:
     async def _fetch_tag(
         self, key: str, name: str, tag: str, headers: Headers, trace: Trace
     ) -> Document:
+        asked_at = self._clock.seconds()
         document = await self._fetch(name, tag, headers, trace)
         stored = self._keep(name, document, headers)
         if stored is not None:
-            await self._remember_tag(key, stored)
+            await self._remember_tag(key, stored, asked_at, name, tag)
         return document
+
+    async def _entry_of_any_client(
+        self, name: str, tag: str, accepted: frozenset[str]
+    ) -> tuple[TagEntry, StoredManifest] | None:
+        """
+        The freshest stored answer for C{tag}, whichever client's request
+        stored it, of a type in C{accepted}: docker, containerd and podman
+        each send other types, and each may be served what another pulled.
+        """
+        found: list[tuple[TagEntry, StoredManifest]] = []
+        for media_type in sorted(accepted):
+            entry = await self._tag_entry(_type_key(self._upstream, name, tag, media_type))
+            if entry is None or entry.media_type != media_type:
+                continue
+            stored = self._store.get(Digest.parse(entry.digest))
+            if stored is not None:
+                found.append((entry, stored))
+        if not found:
+            return None
+        return max(found, key=lambda pair: pair[0].checked_at)
 
     async def _fetch_and_store(
         self, name: str, digest: Digest, headers: Headers, trace: Trace
@@ -379,7 +415,7 @@ class ManifestCache:
         media_type = (find_header(document.headers, b"content-type") or b"").decode("latin-1")
         media_type = media_type.split(";", 1)[0].strip().lower()
         digest_text = find_header(document.headers, b"docker-content-digest")
-        if media_type not in MANIFEST_TYPES or digest_text is None:
+        if media_type not in MANIFEST_TYPES or digest_text is None or not document.vouched:
             return None
         stored = StoredManifest(Digest.parse(digest_text.decode("latin-1")), media_type, document.body)
         try:
@@ -441,10 +477,25 @@ class ManifestCache:
         while len(self._recent_tags) > 10000:
             self._recent_tags.popitem(last=False)
 
-    async def _remember_tag(self, key: str, stored: StoredManifest) -> None:
-        entry = TagEntry(str(stored.digest), stored.media_type, self._clock.seconds())
-        self._keep_recent_tag(key, entry)
-        await self._tags.set(key, entry.dumps(), self._ttl + self._stale_if_error)
+    async def _remember_tag(
+        self, key: str, stored: StoredManifest, asked_at: float, name: str, tag: str
+    ) -> None:
+        """
+        Record that upstream answered C{stored} for the tag when asked at
+        C{asked_at}, under the client's key and under its media type's (for
+        stale-if-error to any client accepting that type). An entry that
+        another process wrote from a later question is newer knowledge
+        (the tag may have moved since C{asked_at}): it is not overwritten.
+        """
+        entry = TagEntry(str(stored.digest), stored.media_type, asked_at)
+        latest = getattr(self._tags, "get_latest", self._tags.get)  # shared store first
+        for entry_key in (key, _type_key(self._upstream, name, tag, stored.media_type)):
+            current = TagEntry.loads(await latest(entry_key) or "")
+            if current is not None and current.checked_at > asked_at:
+                self._keep_recent_tag(entry_key, current)
+                continue
+            self._keep_recent_tag(entry_key, entry)
+            await self._tags.set(entry_key, entry.dumps(), self._ttl + self._stale_if_error)
 
     def _check_negative(self, key: str) -> None:
         remembered = self._negative.get(key)

@@ -31,7 +31,7 @@ from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.challenge import Challenge
 from hammal.registry.tokens import TokenCache
 from hammal.registry.trust import CredentialPolicy
-from hammal.stream import read_body
+from hammal.stream import ReadBounds, read_body
 
 #: Lifetime assumed for a token whose response gives no ``expires_in``.
 DEFAULT_TOKEN_LIFETIME = 60.0
@@ -103,6 +103,8 @@ class UpstreamAuth:
     @param policy: where the credentials may go: a token realm on another
         site is asked anonymously, plain HTTP to a non-loopback host gets no
         credentials (see L{CredentialPolicy}); each refusal is logged once.
+    @param bounds: how long a token response may take; a token request
+        shared by many waiters gives up after C{bounds.deadline}.
     """
 
     log = Logger()
@@ -117,6 +119,7 @@ class UpstreamAuth:
         clock: IReactorTime | None = None,
         policy: CredentialPolicy | None = None,
         accounts: CredentialSource | None = None,
+        bounds: ReadBounds | None = None,
     ) -> None:
         self._upstream_url = upstream_url
         self._upstream_host = urlsplit(upstream_url).hostname or ""
@@ -130,7 +133,13 @@ class UpstreamAuth:
         self._issued: OrderedDict[bytes, Credentials] = OrderedDict()
         self._clock = clock
         self._challenge: Challenge | None = None
-        self._fetches: Coalescer[bytes] = Coalescer()
+        self._bounds = bounds
+        # A token fetch is shared by every request for its scope: it must end.
+        self._fetches: Coalescer[bytes] = (
+            Coalescer(bounds.clock, bounds.deadline, "the token request")
+            if bounds is not None
+            else Coalescer()
+        )
 
     def _credentials_now(self) -> Credentials | None:
         """The credentials to use now: the pool's choice, else the configured pair."""
@@ -308,7 +317,7 @@ class UpstreamAuth:
             assert credentials is not None
             headers.setRawHeaders(b"authorization", [credentials.basic()])
         response = await self._send(b"GET", url, headers)
-        body = await read_body(response, 1024 * 1024)
+        body = await read_body(response, 1024 * 1024, self._bounds)
         if response.code == 429 and with_credentials and self._accounts is not None:
             return None, response
         if response.code == 401 and with_credentials:
@@ -321,7 +330,7 @@ class UpstreamAuth:
             metrics.upstream_errors.labels(parts.hostname, "credentials-rejected").inc()
             headers.removeHeader(b"authorization")
             response = await self._send(b"GET", url, headers)
-            body = await read_body(response, 1024 * 1024)
+            body = await read_body(response, 1024 * 1024, self._bounds)
         if response.code != 200:
             raise self._error_for(response, body, parts.hostname)
         try:

@@ -57,8 +57,14 @@ from hammal.registry.reference import pull_scope
 from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
 from hammal.registry.tokens import TokenCache
 from hammal.registry.trust import CredentialPolicy
-from hammal.stream import discard_body, read_body
 from hammal.status.quota import QUOTAS, QuotaBoard
+from hammal.stream import ReadBounds, discard_body, read_body
+
+
+def default_deadline(read_timeout: float) -> float:
+    """The overall deadline of an upstream exchange when none is configured."""
+    return 4 * read_timeout
+
 
 RETRIABLE_STATUSES = frozenset({429, 502, 503, 504})
 #: Most immediate retries as another pooled account after a 429.
@@ -234,6 +240,9 @@ class RegistryClient(Protocol):
     @property
     def read_timeout(self) -> float: ...
 
+    @property
+    def deadline(self) -> float: ...
+
     async def request(
         self,
         method: bytes,
@@ -245,6 +254,8 @@ class RegistryClient(Protocol):
     ) -> IResponse: ...
 
     async def fetch_document(self, response: IResponse, limit: int) -> bytes: ...
+
+    async def discard(self, response: IResponse) -> None: ...
 
     async def reachable(self, within: float) -> str | None: ...
 
@@ -277,6 +288,7 @@ class UpstreamClient:
         redirect_http: HTTPClient | None = None,
         zones: PeerZones | None = None,
         accounts: CredentialSource | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.upstream = upstream
         self._http = http
@@ -285,6 +297,8 @@ class UpstreamClient:
         self._clock = clock
         self._policy = policy
         self.read_timeout = read_timeout
+        self.deadline = deadline if deadline is not None else default_deadline(read_timeout)
+        self.bounds = ReadBounds(clock, read_timeout, self.deadline, upstream.host)
         self.last_reached: float | None = None
         self._auth = UpstreamAuth(
             upstream.url,
@@ -295,11 +309,20 @@ class UpstreamClient:
             clock,
             credential_policy,
             accounts,
+            self.bounds,
         )
         # For a mirror asked on behalf of a passthrough client: only what
         # anyone may read, since the client's identity cannot be checked here.
         self._anonymous_auth = UpstreamAuth(
-            upstream.url, tokens, self._send_to_realm, upstream_error, None, clock, credential_policy
+            upstream.url,
+            tokens,
+            self._send_to_realm,
+            upstream_error,
+            None,
+            clock,
+            credential_policy,
+            None,
+            self.bounds,
         )
 
     async def request(
@@ -356,7 +379,7 @@ class UpstreamClient:
                 if delay is None:
                     return response
                 reason = f"HTTP {response.code}"
-                await discard_body(response)
+                await discard_body(response, self.bounds)
             self.log.info(
                 "retrying {method} {url} in {delay:.2f}s after {reason}",
                 method=method.decode(),
@@ -403,7 +426,7 @@ class UpstreamClient:
             if challenge is not None:
                 answer = await auth.answer(challenge, scope, authorization)
                 if answer is not None:
-                    await discard_body(response)
+                    await discard_body(response, self.bounds)
                     authorization = answer
                     response = await self._send(method, url, _with_authorization(headers, answer))
         switched = auth.observe(authorization, response)
@@ -431,7 +454,7 @@ class UpstreamClient:
             location = _header(response, b"location")
             if location is None:
                 return response
-            await discard_body(response)
+            await discard_body(response, self.bounds)
             url = urljoin(url, location)
             if urlsplit(url).scheme not in ("http", "https"):
                 raise UpstreamBadResponse(f"{self.upstream.host} redirected to a non-HTTP URL")
@@ -573,21 +596,21 @@ class UpstreamClient:
             response = await self._send(b"GET", f"{self.upstream.url}/v2/", Headers())
         except RegistryError as failure:
             return failure.message
-        await discard_body(response)
+        await discard_body(response, self.bounds)
         if response.code >= 500:
             return f"{self.upstream.host} answers HTTP {response.code}"
         return None
 
     async def fetch_document(self, response: IResponse, limit: int) -> bytes:
-        """Read a small body (manifest, tag list) within the read timeout."""
-        d = read_body(response, limit)
-        d.addTimeout(self.read_timeout, self._clock)
-        try:
-            return await d
-        except defer.TimeoutError:
-            raise UpstreamTimeout(
-                f"{self.upstream.host} stalled for {self.read_timeout:g} seconds mid-response"
-            )
+        """
+        Read a small body (manifest, tag list, error) with C{read_timeout}
+        as its idle limit and C{deadline} as its overall one.
+        """
+        return await read_body(response, limit, self.bounds)
+
+    async def discard(self, response: IResponse) -> None:
+        """Drop a body hammal does not need, within the same bounds; never fails."""
+        await discard_body(response, self.bounds)
 
 
 def _describe(failure: BaseException) -> str:

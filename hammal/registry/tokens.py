@@ -176,6 +176,24 @@ class ResilientTokenCache:
     def get(self, key: str) -> Deferred[str | None]:
         return Deferred.fromCoroutine(self._get(key))
 
+    async def _get_latest(self, key: str) -> str | None:
+        if self._usable() and key not in self._tombstones:
+            d = self._shared.get(key).addCallbacks(
+                self._succeeded, self._failed, errbackArgs=(None,)
+            )
+            shared = await d
+            if shared is not None:
+                return shared
+        return await self._local.get(key)
+
+    def get_latest(self, key: str) -> Deferred[str | None]:
+        """
+        The shared cache's value first (what other instances wrote last),
+        the local one when the shared cache has none or fails: for
+        compare-before-write, where a local copy may be out of date.
+        """
+        return Deferred.fromCoroutine(self._get_latest(key))
+
     def _both(self, local: Deferred[None], shared: Any) -> Deferred[None]:
         if not self._usable():
             return local

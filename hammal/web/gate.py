@@ -51,7 +51,6 @@ from hammal.registry.client import Trace, upstream_error
 from hammal.registry.reference import rewrite_scope
 from hammal.registry.tokens import MemoryTokenCache
 from hammal.replies import Document
-from hammal.stream import read_body
 
 AUTH_MODES = ("none", "basic", "token", "passthrough")
 
@@ -310,7 +309,7 @@ class Gate:
         response = await proxy.client.send_direct(
             b"GET", realm + (separator + urlencode(query) if query else ""), headers
         )
-        body = await read_body(response, 1024 * 1024)
+        body = await proxy.client.fetch_document(response, 1024 * 1024)
         if response.code == 401:
             if credentials is not None:
                 self._throttle.failed(address)
@@ -336,7 +335,7 @@ class Gate:
         response = await proxy.client.send_direct(
             b"GET", f"{proxy.client.upstream.url}/v2/", Headers()
         )
-        await read_body(response, 64 * 1024)
+        await proxy.client.discard(response)
         challenge = select_challenge(
             v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])
         )
@@ -382,7 +381,7 @@ class Gate:
         response = await proxy.client.request(
             b"HEAD", upstream_name, path, probe, Trace(), follow_redirects=False
         )
-        body = await read_body(response, 64 * 1024)
+        body = await proxy.client.fetch_document(response, 64 * 1024)
         if response.code == 401:
             upstream_said = select_challenge(
                 v.decode("latin-1")

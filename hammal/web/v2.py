@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -19,7 +20,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from hammal import metrics
 from hammal.errors import RegistryError, TagInvalid, Unsupported
 from hammal.registry.client import Trace
-from hammal.replies import BlobReply, Document
+from hammal.conditional import etag, none_match, without_conditionals
+from hammal.links import rewrite_links
+from hammal.replies import BlobReply, Document, find_header, replace_header
 from hammal.registry.reference import parse_tag
 from hammal.web.errors import abort_client, write_error
 from hammal.headers import upstream_request_headers
@@ -105,15 +108,23 @@ class V2Resource(Resource):
                 realm_query,
             )
             headers.setRawHeaders(b"authorization", [admission.upstream_authorization])
+        # Conditionals are answered here, from the digest: upstream work may
+        # be shared, and a 304 meant for one client would fail the others.
+        # (A blob's If-Range stays: the pull logic honours it.)
+        headers.removeHeader(b"if-none-match")
         if route.kind is RouteKind.MANIFEST:
             assert route.reference is not None
+            headers = without_conditionals(headers)
             headers.removeHeader(b"range")
             document = await proxy.manifest(request.method, name, route.reference, headers, trace)
             _set_cache_status(request, document.cache_status)
-            _write_document(request, document)
+            _write_document(request, _conditional(request, document))
         elif route.kind is RouteKind.TAGS:
+            headers = without_conditionals(headers)
             document = await proxy.tags(name, _tags_query(request), headers, trace)
-            _write_document(request, document)
+            routing = [(k, v) for k, v in (("ns", ns), ("upstream", upstream)) if v is not None]
+            links = rewrite_links(document.headers, route.name, routing)
+            _write_document(request, attrs.evolve(document, headers=links))
         elif route.kind is RouteKind.REFERRERS:
             artifact_type = _query_text(request, b"artifactType")
             document = await proxy.referrers(name, route.digest, artifact_type, headers, trace)
@@ -124,8 +135,13 @@ class V2Resource(Resource):
             if isinstance(reply, Document):
                 _set_cache_status(request, reply.cache_status)
                 _write_document(request, reply)
+            elif reply.status in (200, 206) and none_match(request.requestHeaders, str(route.digest)):
+                if reply.body is not None:
+                    reply.body.stop()
+                _set_cache_status(request, reply.cache_status)
+                _write_document(request, _not_modified(str(route.digest)))
             else:
-                await self._stream(request, reply)
+                await self._stream(request, _with_etag(reply, str(route.digest)))
 
     def _realm_query(self, ns: str | None, upstream: str | None, route: Route) -> str:
         """
@@ -210,10 +226,36 @@ def _start_response(
 def _write_document(request: Request, document: Document) -> None:
     if getattr(request, "_disconnected", False):
         return
-    _start_response(request, document.status, document.headers, document.content_length)
+    # A 304 has no body, and no length unless the 200's (RFC 9110 8.6).
+    length = None if document.status == 304 else document.content_length
+    _start_response(request, document.status, document.headers, length)
     if document.body:
         request.write(document.body)
     request.finish()
+
+
+def _not_modified(digest: str) -> Document:
+    return Document(
+        304,
+        [(b"etag", [etag(digest)]), (b"docker-content-digest", [digest.encode()])],
+    )
+
+
+def _conditional(request: Request, document: Document) -> Document:
+    """A manifest with its ``ETag``, or ``304`` when the client has it already."""
+    digest = find_header(document.headers, b"docker-content-digest")
+    if document.status != 200 or digest is None:
+        return document
+    text = digest.decode("latin-1")
+    if none_match(request.requestHeaders, text):
+        return _not_modified(text)
+    return attrs.evolve(document, headers=replace_header(document.headers, b"etag", etag(text)))
+
+
+def _with_etag(reply: BlobReply, digest: str) -> BlobReply:
+    if reply.status not in (200, 206):
+        return reply
+    return attrs.evolve(reply, headers=replace_header(reply.headers, b"etag", etag(digest)))
 
 
 def _tags_query(request: Request) -> str:

@@ -5,6 +5,12 @@ faults, load, a redis outage and bad input.
   upstreams, a CDN that refuses ``Range``, connection refused. Each pull ends
   with the exact bytes or a clear error; nothing wrong is cached; hammal's
   file descriptors and connections come back to where they were.
+* ``test_deadlines``: a token, manifest or error body that stalls (token
+  auth like Docker Hub's), a 5xx with a stalled or large page before a
+  ``--mirror``: a clean error within the deadlines or a failover, and the
+  next pull works.
+* ``test_upstream_meaning``: answers hammal cannot vouch for (no digest, no
+  length) are relayed but never cached; conditionals never go upstream.
 * ``test_load``: 500 concurrent client connections through one hammal; a
   slow client among fast ones.
 * ``test_redis_outage``: redis killed and restarted under load (uses the

@@ -6,10 +6,15 @@
 * ``GET /v2/`` -> ``200 {}``;
 * ``GET|HEAD /v2/NAME/manifests/REF`` -> the OCI manifest of NAME's image
   (tag ``latest`` or its digest), ``404 MANIFEST_UNKNOWN`` otherwise;
+* manifests and blobs answer ``304`` to an ``If-None-Match`` naming their
+  digest (``"sha256:..."``), as Distribution does;
 * ``GET|HEAD /v2/NAME/blobs/DIGEST`` -> the blob, with ``Range`` support, or
   with ``redirect=True`` a ``307`` to ``/cdn/HEX`` on the same server (a
   "CDN", which may be told to ignore ``Range``);
 * ``GET /v2/NAME/tags/list``;
+* with ``token_auth=True``: ``GET /token?scope=...`` -> a bearer token, and
+  every ``/v2/`` request without one -> ``401`` with a Bearer challenge whose
+  realm is that ``/token`` (like Docker Hub; any token issued is accepted);
 * anything else -> ``404``.
 
 Faults are queued with :meth:`FaultyRegistry.add_fault`; each request takes
@@ -21,7 +26,17 @@ the first matching fault with uses left:
              nothing at all, not even headers), then stay silent until the
              client leaves or the server stops;
 ``slow``     send the body at ``rate`` bytes/s;
-``ignore-range``  answer a ``Range`` request with ``200`` and the whole body.
+``ignore-range``  answer a ``Range`` request with ``200`` and the whole body;
+``status-hang``  answer ``code`` announcing an OCI error body, send ``after``
+             bytes of it, then stay silent like ``hang``;
+``status-page``  answer ``code`` with an HTML error page of ``after`` bytes
+             (a proxy's or CDN's error page);
+``no-length``  answer without ``Content-Length`` or ``Docker-Content-Digest``,
+             the body ended by closing the connection after ``after`` bytes
+             (``-1``: all of them; fewer: a truncation nobody can detect).
+
+Faults match ``/token`` requests too (``hang`` with ``after``: a token
+response whose body stalls).
 
 Everything is bounded: request heads (64 KiB), handler lifetimes (``hang``
 gives up after 120 s), and :meth:`FaultyRegistry.stop` closes every socket.
@@ -120,8 +135,10 @@ class _Close(Exception):
 class FaultyRegistry:
     """See the module docstring."""
 
-    def __init__(self, redirect: bool = False) -> None:
+    def __init__(self, redirect: bool = False, token_auth: bool = False) -> None:
         self.redirect = redirect
+        self.token_auth = token_auth
+        self._tokens_issued: set = set()
         self.cdn_ignores_range = False
         self.images: Dict[str, Image] = {}
         self.blobs: Dict[str, Blob] = {}
@@ -284,7 +301,8 @@ class FaultyRegistry:
     @staticmethod
     def _send_head(conn: socket.socket, status: int, headers: List[Tuple[str, str]]) -> None:
         reason = {200: "OK", 206: "Partial Content", 307: "Temporary Redirect",
-                  404: "Not Found", 416: "Range Not Satisfiable"}.get(status, "Status")
+                  304: "Not Modified", 401: "Unauthorized", 404: "Not Found",
+                  416: "Range Not Satisfiable"}.get(status, "Status")
         lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
@@ -307,8 +325,38 @@ class FaultyRegistry:
         path = target.split("?", 1)[0]
         has_range = "range" in headers
         fault = None
-        if path.startswith("/v2/") and path != "/v2/" or path.startswith("/cdn/"):
+        if path.startswith("/v2/") and path != "/v2/" or path.startswith(("/cdn/", "/token")):
             fault = self._take_fault(method, path, has_range)
+        if path == "/token":
+            self._token(conn, method, target, headers, fault)
+            return
+        if self.token_auth and path.startswith("/v2") and not self._authorized(headers):
+            self._record(method, path, headers, 401, None)
+            scope = ""
+            if path.startswith("/v2/") and path != "/v2/":
+                for kind in ("/manifests/", "/blobs/", "/tags/"):
+                    if kind in path:
+                        scope = f',scope="repository:{path[4:].rpartition(kind)[0]}:pull"'
+            challenge = f'Bearer realm="{self.url}/token",service="faulty"{scope}'
+            self._simple(conn, method, 401, json.dumps(
+                {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required",
+                             "detail": None}]}).encode(),
+                extra=(("WWW-Authenticate", challenge),))
+            return
+        if fault is not None and fault.kind in ("status-hang", "status-page"):
+            self._record(method, path, headers, fault.code, fault)
+            if fault.kind == "status-page":
+                page = b"<html><body>" + b"x" * max(0, fault.after) + b"</body></html>"
+                self._simple(conn, method, fault.code, page, "text/html")
+                return
+            body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "try later",
+                                           "detail": None}]}).encode()
+            self._send_head(conn, fault.code, [("Content-Type", "application/json"),
+                                               ("Content-Length", str(len(body)))])
+            if method == "HEAD":
+                return  # a HEAD's answer is complete without its body
+            conn.sendall(body[:max(0, min(fault.after, len(body) - 1))])
+            self._hang(conn)
         if fault is not None and fault.kind == "status":
             self._record(method, path, headers, fault.code, fault)
             self._error(conn, method, fault.code, "UNAVAILABLE" if fault.code != 500 else "UNKNOWN")
@@ -368,6 +416,30 @@ class FaultyRegistry:
             return
         self._body(conn, method, path, headers, blob, fault, honour_range=True, registry=True)
 
+    def _authorized(self, headers: Dict[str, str]) -> bool:
+        value = headers.get("authorization", "")
+        with self._lock:
+            return value.startswith("Bearer ") and value[7:] in self._tokens_issued
+
+    def _token(self, conn: socket.socket, method: str, target: str, headers: Dict[str, str],
+               fault: Optional[Fault]) -> None:
+        """A token endpoint like auth.docker.io (anonymous; any scope)."""
+        with self._lock:
+            token = f"token-{len(self._tokens_issued) + 1}"
+            self._tokens_issued.add(token)
+        body = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
+        if fault is not None and fault.kind == "status":
+            self._record(method, "/token", headers, fault.code, fault)
+            self._error(conn, method, fault.code, "UNAVAILABLE")
+            return
+        self._record(method, "/token", headers, 200, fault)
+        self._send_head(conn, 200, [("Content-Type", "application/json"),
+                                    ("Content-Length", str(len(body)))])
+        if fault is not None and fault.kind == "hang":
+            conn.sendall(body[:max(0, min(fault.after, len(body) - 1))])
+            self._hang(conn)
+        conn.sendall(body)
+
     def _body(self, conn: socket.socket, method: str, path: str, headers: Dict[str, str],
               blob: Blob, fault: Optional[Fault], honour_range: bool, registry: bool,
               ctype: str = "application/octet-stream") -> None:
@@ -398,7 +470,18 @@ class FaultyRegistry:
                 self._simple(conn, method, 416, b"", "text/plain",
                              (("Content-Range", f"bytes */{size}"),))
                 return
+        if registry and headers.get("if-none-match") == f'"{blob.digest}"':
+            # like Distribution: the client has it already
+            self._record(method, path, headers, 304, fault)
+            self._send_head(conn, 304, [("Etag", f'"{blob.digest}"'),
+                                        ("Docker-Content-Digest", blob.digest)])
+            return
         self._record(method, path, headers, status, fault)
+        if fault is not None and fault.kind == "no-length" and method == "GET":
+            self._send_head(conn, status, [("Content-Type", ctype), ("Connection", "close")])
+            body = memoryview(data)[start:end]
+            conn.sendall(body if fault.after < 0 else body[:fault.after])
+            raise _Close()
         head = [("Content-Type", ctype), ("Content-Length", str(end - start)),
                 ("Accept-Ranges", "bytes" if honour_range else "none"), *extra]
         if registry:
