@@ -118,6 +118,13 @@ digest_mismatches = Counter(
     "Upstream transfers rejected because their bytes did not match the digest.",
     registry=REGISTRY,
 )
+cache_write_errors = Counter(
+    "hammal_cache_write_errors",
+    "Cache writes that failed (disk full, read-only, permissions, I/O errors) or were"
+    " refused for want of room, by what was written (blob, manifest, tag).",
+    ["kind"],
+    registry=REGISTRY,
+)
 
 
 def outcome_of(cache_status: str) -> str:

@@ -20,11 +20,12 @@ from collections import OrderedDict
 from typing import Any, Callable, Coroutine, Iterable
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.coalesce import Coalescer
 from hammal.errors import (
     RegistryError,
@@ -165,7 +166,12 @@ class ManifestStore:
         return StoredManifest(digest, media_type, body)
 
     def put(self, manifest: StoredManifest) -> None:
-        """Store a manifest whose digest the caller verified."""
+        """
+        Store a manifest whose digest the caller verified.
+
+        @raise OSError: when the disk refuses it (the manifest is still
+            kept in memory; no temporary file is left behind).
+        """
         self._remember(manifest)
         path = self._path(manifest.digest)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -173,10 +179,9 @@ class ManifestStore:
             (path + ".type", manifest.media_type.encode("ascii", "replace")),
             (path, manifest.body),
         ):
-            temporary = os.path.join(self._tmp, f"m.{os.getpid()}.{secrets.token_hex(6)}")
-            with open(temporary, "wb") as out:
-                out.write(content)
-            os.replace(temporary, target)
+            _write_atomically(
+                os.path.join(self._tmp, f"m.{os.getpid()}.{secrets.token_hex(6)}"), target, content
+            )
 
 
 class DiskTagStore:
@@ -187,10 +192,12 @@ class DiskTagStore:
 
     def __init__(self, root: str, clock: IReactorTime) -> None:
         self._root = os.path.join(root, "tags")
+        self._tmp = os.path.join(root, "tmp")
         self._clock = clock
 
     def open(self) -> None:
         os.makedirs(self._root, exist_ok=True)
+        os.makedirs(self._tmp, exist_ok=True)
 
     def _path(self, key: str) -> str:
         return os.path.join(self._root, key[:2], key)
@@ -206,12 +213,19 @@ class DiskTagStore:
             return succeed(None)
 
     def set(self, key: str, value: str, ttl: float) -> Deferred[None]:
+        """
+        Write the entry (atomically, through C{tmp/} where the periodic
+        sweep reclaims what a crash leaves); fails with L{LocalCacheError}
+        when the disk refuses it.
+        """
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-        with open(temporary, "w", encoding="utf-8") as entry:
-            entry.write(f"{self._clock.seconds() + ttl}\n{value}")
-        os.replace(temporary, path)
+        temporary = os.path.join(self._tmp, f"t.{os.getpid()}.{secrets.token_hex(4)}")
+        content = f"{self._clock.seconds() + ttl}\n{value}".encode()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_atomically(temporary, path, content)
+        except OSError as failure:
+            return fail(LocalCacheError(f"cannot store a tag entry: {describe(failure)}"))
         return succeed(None)
 
     def delete(self, key: str) -> Deferred[None]:
@@ -220,6 +234,20 @@ class DiskTagStore:
         except OSError:
             pass
         return succeed(None)
+
+
+def _write_atomically(temporary: str, target: str, content: bytes) -> None:
+    """Write C{content} to C{temporary}, then rename it to C{target}; unlink it on failure."""
+    try:
+        with open(temporary, "wb") as out:
+            out.write(content)
+        os.replace(temporary, target)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 FetchManifest = Callable[[str, Reference, Headers, Trace], Coroutine[Any, Any, Document]]
@@ -252,7 +280,9 @@ class ManifestCache:
         ttl: float = 300.0,
         stale_if_error: float = 86400.0,
         negative_ttl: float = 30.0,
+        write_errors: WriteErrors | None = None,
     ) -> None:
+        self._write_errors = write_errors if write_errors is not None else WriteErrors(clock)
         self._store = store
         self._tags = tags
         self._clock = clock
@@ -385,7 +415,7 @@ class ManifestCache:
         try:
             self._store.put(stored)
         except OSError as failure:
-            self.log.warn("could not store manifest {digest}: {error}", digest=str(stored.digest), error=failure)
+            self._write_errors.record("manifest", str(stored.digest), describe(failure))
             return stored
         if media_type in INDEX_TYPES:
             Deferred.fromCoroutine(self._fetch_children(name, stored, headers))
@@ -444,7 +474,13 @@ class ManifestCache:
     async def _remember_tag(self, key: str, stored: StoredManifest) -> None:
         entry = TagEntry(str(stored.digest), stored.media_type, self._clock.seconds())
         self._keep_recent_tag(key, entry)
-        await self._tags.set(key, entry.dumps(), self._ttl + self._stale_if_error)
+        try:
+            await self._tags.set(key, entry.dumps(), self._ttl + self._stale_if_error)
+        except (OSError, LocalCacheError) as failure:
+            # Not cached on disk: this process still remembers it, and the
+            # client gets the manifest it asked for.
+            reason = describe(failure) if isinstance(failure, OSError) else failure.message
+            self._write_errors.record("tag", stored.digest.hex[:12], reason)
 
     def _check_negative(self, key: str) -> None:
         remembered = self._negative.get(key)
