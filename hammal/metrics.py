@@ -118,6 +118,11 @@ digest_mismatches = Counter(
     "Upstream transfers rejected because their bytes did not match the digest.",
     registry=REGISTRY,
 )
+cache_bypasses = Counter(
+    "hammal_cache_bypasses",
+    "Blob reads that went on from upstream because the cache failed them locally.",
+    registry=REGISTRY,
+)
 cache_write_errors = Counter(
     "hammal_cache_write_errors",
     "Cache writes that failed (disk full, read-only, permissions, I/O errors) or were"

@@ -21,7 +21,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from hammal.cache.blobs import BlobCache
-from hammal.cache.fetch import BlobFetch
+from hammal.cache.fetch import BlobFetch, StartUpstream
+from hammal.cache.writes import LocalCacheError
 from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
 from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.registry.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
@@ -239,25 +240,15 @@ class PullProxy:
     ) -> BlobReply | None:
         """The answer through the cache, or L{None} to go straight upstream."""
         requested_range = headers.getRawHeaders(b"range", [None])[0]
-        size = blobs.store.size(digest)
-        if size is not None:
-            blobs.store.touch(digest)
-            return self._cache_reply(
-                blobs, method, digest, size, requested_range, None, CACHE_HIT, b"application/octet-stream"
-            )
-        running = blobs.in_flight(digest)
-        if method == b"HEAD" and (running is None or running.size is None):
-            return None
-        if running is None and not blobs.has_room():
-            self.log.warn("cache disk is nearly full: serving {digest} uncached", digest=str(digest))
-            return None
         upstream_headers = headers.copy()
         upstream_headers.removeHeader(b"range")
         upstream_name = self.upstream_name(name)
 
-        def start(offset: int) -> Deferred[IResponse]:
+        def start(offset: int, end: int | None = None) -> Deferred[IResponse]:
             attempt_headers = upstream_headers.copy()
-            if offset:
+            if end is not None:
+                attempt_headers.setRawHeaders(b"range", [b"bytes=%d-%d" % (offset, end - 1)])
+            elif offset:
                 attempt_headers.setRawHeaders(b"range", [b"bytes=%d-" % offset])
             return Deferred.fromCoroutine(
                 self._client.request(
@@ -269,8 +260,31 @@ class PullProxy:
                 )
             )
 
+        size = blobs.store.size(digest)
+        if size is not None:
+            blobs.store.touch(digest)
+            return self._cache_reply(
+                blobs,
+                method,
+                digest,
+                size,
+                requested_range,
+                None,
+                CACHE_HIT,
+                b"application/octet-stream",
+                start,
+            )
+        running = blobs.in_flight(digest)
+        if method == b"HEAD" and (running is None or running.size is None):
+            return None
+        if running is None and not blobs.has_room():
+            blobs.write_errors.record("blob", str(digest), "the cache disk is nearly full")
+            return None
         fetch, joined = blobs.fetch(digest, start, self.upstream_host)
-        await fetch.when_started()
+        try:
+            await fetch.when_started()
+        except LocalCacheError:
+            return None  # the cache cannot take it: straight from upstream
         return self._cache_reply(
             blobs,
             method,
@@ -280,6 +294,7 @@ class PullProxy:
             fetch,
             CACHE_COALESCED if joined else CACHE_MISS,
             fetch.content_type,
+            start,
         )
 
     def _cache_reply(
@@ -292,6 +307,7 @@ class PullProxy:
         fetch: BlobFetch | None,
         cache_status: str,
         content_type: bytes,
+        start_upstream: StartUpstream | None = None,
     ) -> BlobReply:
         headers: HeaderList = [
             (b"content-type", [content_type]),
@@ -305,7 +321,11 @@ class PullProxy:
                 status, (start, end) = 206, selected
                 headers.append((b"content-range", [content_range(start, end, size)]))
         length = None if end is None else end - start
-        body = None if method == b"HEAD" else blobs.body(digest, start, end, fetch)
+        body = (
+            None
+            if method == b"HEAD"
+            else blobs.body(digest, start, end, fetch, start_upstream, self.upstream_host)
+        )
         return BlobReply(status, headers, length, body, cache_status)
 
     async def tags(self, name: str, query: str, headers: Headers, trace: Trace) -> Document:

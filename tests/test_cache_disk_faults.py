@@ -11,12 +11,16 @@ import os
 import shutil
 from typing import Any
 
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from hammal import metrics
+from hammal.cache.store import FreeSpaceFloor
 from hammal.cache.writes import WriteErrors
+from hammal.registry.reference import Digest
 from tests.fakes import MANIFEST_V2
 from tests.test_v2 import Mirror, header
 
@@ -93,3 +97,244 @@ class WriteErrorsTests(SynchronousTestCase):
         errors.record("blob", "sha256:ab", "No space left on device")
         self.assertEqual(len(events), 2)
         self.assertEqual(events[1]["unsaid"], 4)
+
+
+BLOB = bytes(range(256)) * 40  # 10240 bytes
+
+
+class BlobWriteFailureTests(SynchronousTestCase):
+    """
+    Blob fills whose disk fails: clients always get upstream's exact bytes
+    (never a 5xx), the cache keeps nothing partial, temporaries go at once.
+    """
+
+    def setUp(self) -> None:
+        self.cache_dir = self.mktemp()
+        self.mirror = Mirror(cache_dir=self.cache_dir)
+        assert self.mirror.blobs is not None
+        self.blobs = self.mirror.blobs
+        self.store = self.blobs.store
+        self.digest = self.mirror.world.add_blob(BLOB)
+        self.path = f"/v2/alpine/blobs/{self.digest}"
+
+    def get(self, headers: dict[bytes, list[bytes]] | None = None, path: str | None = None) -> Any:
+        return self.mirror.request(b"GET", path or self.path, headers)
+
+    def start(self, headers: dict[bytes, list[bytes]] | None = None) -> Any:
+        """A GET whose response is returned as soon as its headers are in."""
+        d = self.mirror.agent.request(
+            b"GET", f"http://mirror.test{self.path}".encode(), Headers(headers or {})
+        )
+        self.mirror.flush()
+        return self.successResultOf(d)
+
+    def tmp(self) -> list[str]:
+        return os.listdir(os.path.join(self.cache_dir, "tmp"))
+
+    def stored(self) -> bool:
+        return os.path.exists(
+            os.path.join(self.cache_dir, "blobs", "sha256", self.digest[7:9], self.digest[7:])
+        )
+
+    def assertNoPaths(self, response: Any, body: Any) -> None:
+        text = body if isinstance(body, bytes) else str(body).encode()
+        self.assertNotIn(self.cache_dir.encode(), text)
+        for _, values in response.headers.getAllRawHeaders():
+            for value in values:
+                self.assertNotIn(self.cache_dir.encode(), value)
+
+    def test_temporary_file_cannot_be_created(self) -> None:
+        """
+        A cache that cannot create its temporary file serves the blob from
+        upstream, exact, with no cache path anywhere in the answer.
+        """
+        replace_with_file(os.path.join(self.cache_dir, "tmp"))
+        before = write_errors("blob")
+        response = self.get()
+        body = self.mirror.body(response)
+        self.assertNoPaths(response, body)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, BLOB)
+        self.assertFalse(self.stored())
+        self.assertEqual(write_errors("blob"), before + 1)
+
+    def test_disk_fills_during_fill_with_ranged_followers(self) -> None:
+        """
+        A short write then ENOSPC in the middle of a fill: the file is never
+        misaligned, followers (whole and ranged) get exactly upstream's
+        bytes, nothing is cached, no upstream resume is blamed, the
+        temporary is gone.
+        """
+        self.mirror.world.hold_blobs = True
+        whole = self.start()
+        ranged = self.start({b"range": [b"bytes=6000-8999"]})
+        early = self.start({b"range": [b"bytes=100-2099"]})
+        self.assertEqual((whole.code, ranged.code, early.code), (200, 206, 206))
+        real_pwrite = os.pwrite
+        calls: list[int] = []
+
+        def filling_pwrite(fd: int, data: Any, offset: int) -> int:
+            calls.append(offset)
+            if len(calls) == 1:
+                return real_pwrite(fd, bytes(data)[:100], offset)  # a short write
+            raise OSError(28, "No space left on device")
+
+        self.patch(os, "pwrite", filling_pwrite)
+        cdn_before = self.cdn_gets()
+        self.mirror.world.hold_blobs = False
+        self.mirror.world.release()
+        self.mirror.flush()
+        self.assertEqual(self.mirror.body(whole), BLOB)
+        self.assertEqual(self.mirror.body(ranged), BLOB[6000:9000])
+        self.assertEqual(self.mirror.body(early), BLOB[100:2100])
+        self.assertFalse(self.stored())
+        self.assertEqual(self.tmp(), [])
+        self.assertEqual(self.store.reserved, 0)
+        # One request per follower that had to go on from upstream, none
+        # to "resume" the broken fill.
+        self.assertLessEqual(self.cdn_gets() - cdn_before, 3)
+        self.assertEqual(len(calls), 2)
+
+    def cdn_gets(self) -> int:
+        from tests.fakes import CDN
+
+        return len([s for s in self.mirror.world.hits(CDN) if s.method == "GET"])
+
+    def test_failed_commit_unlinks_the_temporary(self) -> None:
+        """
+        fdatasync or rename failing: the client still gets the verified
+        blob, the temporary goes at once, the next request is a miss (not a
+        hit on a file that is not there).
+        """
+        replace_with_file(os.path.join(self.cache_dir, "blobs"))
+        before = write_errors("blob")
+        response = self.get()
+        self.assertEqual(self.mirror.body(response), BLOB)
+        self.assertEqual(self.tmp(), [])
+        self.assertEqual(write_errors("blob"), before + 1)
+        again = self.get()
+        self.assertEqual(again.code, 200)
+        self.assertEqual(self.mirror.body(again), BLOB)
+        self.assertEqual(header(again, b"cache-status"), "hammal; fwd=miss")
+
+    def test_hash_failure_fails_the_fill_once(self) -> None:
+        """
+        Reading the file back for the hash fails part-way: the fill fails
+        locally (the hasher is not fed twice, so no false digest mismatch),
+        and the client gets the blob from upstream.
+        """
+        from hammal.cache import fetch as fetch_module
+
+        failed: list[bool] = []
+
+        def flaky(f: Any, *args: Any) -> Any:
+            if f is fetch_module._hash_range and not failed:
+                failed.append(True)
+                fd, hasher, start, end = args
+                hasher.update(os.pread(fd, (end - start) // 2, start))
+                return fail(OSError(5, "Input/output error"))
+            return succeed(f(*args))
+
+        self.blobs._offload = flaky
+        mismatches = metrics.REGISTRY.get_sample_value("hammal_digest_mismatches_total") or 0
+        response = self.get()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.mirror.body(response), BLOB)
+        self.assertEqual(failed, [True])
+        self.assertEqual(
+            metrics.REGISTRY.get_sample_value("hammal_digest_mismatches_total") or 0, mismatches
+        )
+        self.assertEqual(self.tmp(), [])
+
+    def test_failing_pread_ends_cleanly(self) -> None:
+        """
+        A cached blob that cannot be read (EIO) is served from upstream; the
+        reader's pin is released.
+        """
+        self.assertEqual(self.mirror.body(self.get()), BLOB)
+        self.assertTrue(self.stored())
+
+        def broken_pread(fd: int, size: int, offset: int) -> bytes:
+            raise OSError(5, "Input/output error")
+
+        self.patch(os, "pread", broken_pread)
+        response = self.get()
+        self.assertEqual(header(response, b"cache-status"), "hammal; hit")
+        self.assertEqual(self.mirror.body(response), BLOB)
+        self.assertEqual(self.store._pins, {})
+        self.assertEqual(self.blobs.readers, 0)
+
+    def test_cached_file_gone_before_reading(self) -> None:
+        """A blob removed behind the server's back (gc) is served from upstream."""
+        self.assertEqual(self.mirror.body(self.get()), BLOB)
+        stored = os.path.join(self.cache_dir, "blobs", "sha256", self.digest[7:9], self.digest[7:])
+        # `hammal cache gc` removes it just after the server found it.
+        self.patch(self.store, "touch", lambda digest: os.unlink(stored))
+        response = self.get({b"range": [b"bytes=10-19"]})
+        self.assertEqual(response.code, 206)
+        self.assertEqual(self.mirror.body(response), BLOB[10:20])
+
+    def test_disk_full_serves_uncached(self) -> None:
+        """Below the free-space floor nothing is written; pulls are exact."""
+        self.store.min_free = FreeSpaceFloor(size=1 << 62)
+        before = write_errors("blob")
+        response = self.get()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.mirror.body(response), BLOB)
+        self.assertFalse(self.stored())
+        self.assertEqual(self.tmp(), [])
+        self.assertEqual(write_errors("blob"), before + 1)
+
+    def test_floor_checked_during_the_fill(self) -> None:
+        """The free-space floor reached mid-fill ends caching, not the pull."""
+        from hammal.cache import fetch as fetch_module
+
+        self.patch(fetch_module, "CHECK_FREE_EVERY", 1000)
+        self.mirror.world.hold_blobs = True
+        whole = self.start()
+        self.store.min_free = FreeSpaceFloor(size=1 << 62)
+        self.mirror.world.hold_blobs = False
+        self.mirror.world.release()
+        self.assertEqual(self.mirror.body(whole), BLOB)
+        self.assertFalse(self.stored())
+        self.assertEqual(self.tmp(), [])
+
+
+class CacheBoundTests(SynchronousTestCase):
+    """--cache-max-size bounds what is stored and in flight."""
+
+    def setUp(self) -> None:
+        self.cache_dir = self.mktemp()
+        self.mirror = Mirror(cache_dir=self.cache_dir)
+        assert self.mirror.blobs is not None
+        self.store = self.mirror.blobs.store
+        self.small = [self.mirror.world.add_blob(bytes([n]) * 3000) for n in range(2)]
+        self.large = self.mirror.world.add_blob(bytes(range(256)) * 40)
+        self.store.max_size = 8000
+
+    def get(self, digest: str) -> Any:
+        response = self.mirror.request(b"GET", f"/v2/alpine/blobs/{digest}")
+        return response, self.mirror.body(response)
+
+    def test_blob_larger_than_the_cap_streams_through(self) -> None:
+        """A blob over --cache-max-size is not stored and evicts nothing."""
+        for digest in self.small:
+            self.get(digest)
+        self.assertEqual(len(self.store), 2)
+        response, body = self.get(self.large)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, self.mirror.world.blobs[self.large])
+        self.assertEqual(len(self.store), 2)
+        self.assertEqual(self.store.evictions, 0)
+        self.assertNotIn(Digest.parse(self.large), self.store)
+
+    def test_evicts_only_when_the_newcomer_fits(self) -> None:
+        """Room is made by eviction when, and only when, the newcomer then fits."""
+        for digest in self.small:
+            self.get(digest)
+        self.store.reserved = 1500  # another transfer in flight
+        self.assertFalse(self.store.reserve(6600))
+        self.assertEqual(self.store.evictions, 0)
+        self.assertTrue(self.store.reserve(3000))
+        self.assertEqual(self.store.evictions, 1)
+        self.assertEqual(self.store.total_size + self.store.reserved, 7500)

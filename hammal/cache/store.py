@@ -12,6 +12,11 @@ processes can share one directory. The index (digest → size, in least
 recently used order) lives in memory and is rebuilt at start-up from
 ``stat`` calls alone. Eviction goes by last access and never removes a blob
 that a reader has pinned.
+
+Room is reserved before a transfer writes: bytes in flight count against
+C{max_size} like stored ones, the filesystem keeps a free-space floor
+(C{min_free}), and a newcomer that cannot fit even after eviction is refused
+(it streams through uncached) without evicting anything.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from collections import OrderedDict
 from typing import Iterator
 
+import attrs
 from twisted.logger import Logger
 
 from hammal import metrics
@@ -30,19 +36,51 @@ from hammal.registry.reference import Digest
 #: A temporary file untouched for this long belongs to a dead transfer.
 STALE_TEMPORARY_SECONDS = 15 * 60
 
+#: The default free-space floor: the smaller of this many bytes ...
+DEFAULT_MIN_FREE_BYTES = 2 * 1024**3
+#: ... and this fraction of the filesystem.
+DEFAULT_MIN_FREE_FRACTION = 0.05
+
+
+@attrs.frozen
+class FreeSpaceFloor:
+    """
+    Free space the cache leaves on its filesystem: C{size} bytes, or a
+    C{fraction} of the filesystem, or (neither given) the smaller of
+    L{DEFAULT_MIN_FREE_BYTES} and L{DEFAULT_MIN_FREE_FRACTION}.
+    """
+
+    size: int | None = None
+    fraction: float | None = None
+
+    def bytes_for(self, filesystem_bytes: int) -> int:
+        """The floor in bytes on a filesystem of C{filesystem_bytes}."""
+        if self.size is not None:
+            return self.size
+        if self.fraction is not None:
+            return int(filesystem_bytes * self.fraction)
+        return min(DEFAULT_MIN_FREE_BYTES, int(filesystem_bytes * DEFAULT_MIN_FREE_FRACTION))
+
 
 class BlobStore:
     """
     Verified blobs on disk with an LRU index.
 
-    @param max_size: bytes the blobs may occupy; L{None} for no limit.
+    @param max_size: bytes the blobs (stored and in flight) may occupy;
+        L{None} for no limit.
+    @param min_free: the free space to leave on the filesystem.
+    @ivar reserved: bytes reserved by transfers in flight.
     """
 
     log = Logger()
 
-    def __init__(self, root: str, max_size: int | None = None) -> None:
+    def __init__(
+        self, root: str, max_size: int | None = None, min_free: FreeSpaceFloor | None = None
+    ) -> None:
         self.root = root
         self.max_size = max_size
+        self.min_free = min_free if min_free is not None else FreeSpaceFloor()
+        self.reserved = 0
         self._blobs = os.path.join(root, "blobs")
         self._tmp = os.path.join(root, "tmp")
         self._index: OrderedDict[str, int] = OrderedDict()
@@ -162,13 +200,74 @@ class BlobStore:
 
     # Changes.
 
-    def commit(self, temporary: str, digest: Digest) -> None:
+    # Room.
+
+    def free_space(self) -> int | None:
+        """Bytes available on the cache's filesystem, or L{None} when unknown."""
+        try:
+            stat = os.statvfs(self.root)
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
+
+    def floor(self) -> int:
+        """The free-space floor in bytes (0 when the filesystem cannot be asked)."""
+        try:
+            stat = os.statvfs(self.root)
+        except OSError:
+            return 0
+        return self.min_free.bytes_for(stat.f_blocks * stat.f_frsize)
+
+    def has_room(self, size: int = 0) -> bool:
+        """Whether C{size} more bytes leave the free-space floor intact."""
+        free = self.free_space()
+        return free is not None and free - size >= self.floor()
+
+    def reserve(self, size: int) -> bool:
         """
-        Move a verified temporary file into place (atomically) and index it.
+        Make room for C{size} more bytes of a transfer: evict least recently
+        used blobs if, and only if, the newcomer then fits both under
+        C{max_size} and above the free-space floor. L{False}: refused,
+        nothing evicted.
+        """
+        if self.max_size is not None and size > self.max_size:
+            return False
+        over = 0
+        if self.max_size is not None:
+            over = self.total_size + self.reserved + size - self.max_size
+        free = self.free_space()
+        if free is None:
+            return False
+        short = self.floor() + size - free
+        needed = max(over, short, 0)
+        if needed:
+            evictable = [key for key in self._index if not self._pins.get(key)]
+            if sum(self._index[key] for key in evictable) < needed:
+                return False
+            freed = 0
+            for key in evictable:
+                if freed >= needed:
+                    break
+                freed += self._index[key]
+                self._evict_one(key)
+        self.reserved += size
+        return True
+
+    def unreserve(self, size: int) -> None:
+        """Give back room a transfer reserved and did not use."""
+        self.reserved = max(0, self.reserved - size)
+
+    # Changes.
+
+    def commit(self, temporary: str, digest: Digest, reserved: int = 0) -> None:
+        """
+        Move a verified temporary file into place (atomically) and index it;
+        its reservation of C{reserved} bytes becomes the blob's size.
         """
         final = self.path(digest)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(temporary, final)
+        self.unreserve(reserved)
         self._add(str(digest), os.stat(final).st_size)
         self._evict()
 
@@ -193,15 +292,17 @@ class BlobStore:
         if self.max_size is None:
             return
         for key in list(self._index):
-            if self.total_size <= self.max_size:
+            if self.total_size + self.reserved <= self.max_size:
                 return
             if self._pins.get(key):
                 continue
-            digest = Digest.parse(key)
-            self.remove(digest)
-            self.evictions += 1
-            metrics.blob_cache_evictions.inc()
-            self.log.info("evicted {digest} from the blob cache", digest=key)
+            self._evict_one(key)
+
+    def _evict_one(self, key: str) -> None:
+        self.remove(Digest.parse(key))
+        self.evictions += 1
+        metrics.blob_cache_evictions.inc()
+        self.log.info("evicted {digest} from the blob cache", digest=key)
 
 
 def _listdir(path: str) -> list[str]:
