@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
+from hammal.cache.store import FreeSpaceFloor
 from hammal.registry.auth import Credentials
 from hammal.registry.reference import is_docker_hub
 
@@ -74,6 +75,12 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("max-upstream-connections", "64", "Persistent connections kept per upstream host."),
     OptionSpec("cache-dir", "var/cache", "Directory of the pull-through cache."),
     OptionSpec("cache-max-size", None, "Largest size of cached blobs (e.g. 50G); LRU eviction past it."),
+    OptionSpec(
+        "cache-min-free",
+        None,
+        "Free space the cache leaves on its disk: a size (10G) or a share (5%);"
+        " default the smaller of 2G and 5%.",
+    ),
     OptionSpec("manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."),
     OptionSpec("stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."),
     OptionSpec("negative-ttl", "30", "Seconds an upstream 404 for a tag or digest is remembered."),
@@ -173,6 +180,19 @@ def parse_size(text: str, what: str) -> int:
         raise ConfigError(f"{what} must be a size like 256K or 1M, not {text!r}")
     number, unit = int(match.group(1)), match.group(2).upper()
     return number * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
+
+
+def parse_free_space(text: str | None) -> FreeSpaceFloor:
+    """C{"10G"} or C{"5%"} (L{None}: the default floor) for C{--cache-min-free}."""
+    if not text:
+        return FreeSpaceFloor()
+    text = text.strip()
+    if text.endswith("%"):
+        share = _number(text[:-1], "--cache-min-free", 0)
+        if share >= 100:
+            raise ConfigError("--cache-min-free must be below 100%")
+        return FreeSpaceFloor(fraction=share / 100)
+    return FreeSpaceFloor(size=parse_size(text, "--cache-min-free"))
 
 
 def _number(text: str, what: str, minimum: float, integer: bool = False) -> float:
@@ -321,6 +341,7 @@ class Settings:
     max_upstream_connections: int = 64
     cache_dir: str | None = "var/cache"
     cache_max_size: int | None = None
+    cache_min_free: FreeSpaceFloor = FreeSpaceFloor()
     manifest_ttl: float = 300.0
     stale_if_error: float = 86400.0
     negative_ttl: float = 30.0
@@ -410,6 +431,7 @@ class Settings:
         cache_dir = None if options.get("no-cache") else (text("cache-dir") or "var/cache")
         max_size_text = text("cache-max-size")
         cache_max_size = parse_size(max_size_text, "--cache-max-size") if max_size_text else None
+        cache_min_free = parse_free_space(text("cache-min-free"))
 
         return cls(
             port=port_description(text("port") or DEFAULT_PORT),
@@ -464,6 +486,7 @@ class Settings:
             ready_window=_number(text("ready-window") or "60", "--ready-window", 1),
             debug=bool(options.get("debug")),
             cache_max_size=cache_max_size,
+            cache_min_free=cache_min_free,
             max_upstream_connections=int(
                 _number(
                     text("max-upstream-connections") or "64",

@@ -45,6 +45,7 @@ from hammal.cache.manifests import (
     ManifestStore,
 )
 from hammal.cache.store import BlobStore
+from hammal.cache.writes import WriteErrors
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.logs import observer_name
 from hammal.proxy import ManifestCacheFactory, PullProxy
@@ -225,7 +226,9 @@ def _token_cache(redis: Any, reactor: Any) -> TokenCache:
     return ResilientTokenCache(RedisTokenCache(redis, reactor), local, reactor)
 
 
-def _manifest_cache(settings: Settings, redis: Any, reactor: Any) -> ManifestCacheFactory | None:
+def _manifest_cache(
+    settings: Settings, redis: Any, reactor: Any, write_errors: WriteErrors | None = None
+) -> ManifestCacheFactory | None:
     """Tag entries in Redis when configured (shared), else on disk."""
     if settings.cache_dir is None:
         return None
@@ -252,15 +255,18 @@ def _manifest_cache(settings: Settings, redis: Any, reactor: Any) -> ManifestCac
             ttl=settings.manifest_ttl,
             stale_if_error=settings.stale_if_error,
             negative_ttl=settings.negative_ttl,
+            write_errors=write_errors,
         )
 
     return build
 
 
-def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
+def _blob_cache(
+    settings: Settings, reactor: Any, write_errors: WriteErrors | None = None
+) -> BlobCache | None:
     if settings.cache_dir is None:
         return None
-    store = BlobStore(settings.cache_dir, settings.cache_max_size)
+    store = BlobStore(settings.cache_dir, settings.cache_max_size, settings.cache_min_free)
     try:
         store.open()
     except OSError as failure:
@@ -272,6 +278,7 @@ def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
         resumes=settings.retries,
         chunk_size=settings.buffer_size,
         offload=_thread_pool_offload(reactor),
+        write_errors=write_errors,
     )
 
 
@@ -357,8 +364,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     tokens = _token_cache(redis, reactor)
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
-    blobs = _blob_cache(settings, reactor)
-    manifests = _manifest_cache(settings, redis, reactor)
+    write_errors = WriteErrors(reactor)  # one warning a minute for the whole cache
+    blobs = _blob_cache(settings, reactor, write_errors)
+    manifests = _manifest_cache(settings, redis, reactor, write_errors)
 
     def client_for(url: str, credentials: Credentials | None) -> UpstreamClient:
         upstream = Upstream(url, settings.library_prefix_for(url), credentials)
