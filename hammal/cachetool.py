@@ -8,9 +8,11 @@ tool and the server cannot disagree about what "least recently used" or
 anything and so replays the same order (last access, then digest) without
 C{open()}; a test holds the two to the same answer.
 
-A running server keeps its own index in memory and does not notice blobs
-removed behind its back: give it C{--cache-max-size} for routine eviction,
-and run C{gc} while it is stopped.
+It is safe on a running server: a server notices a blob removed behind
+its back when it next looks it up (and at its minute sweep), serves a blob
+removed under a reader from upstream, and only temporaries whose writer is
+gone or idle for 15 minutes are removed. Manifests and tag entries count
+against the size too (the dry run plans blobs only).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Iterable
 
 import attrs
 
-from hammal.cache.store import STALE_TEMPORARY_SECONDS, BlobStore
+from hammal.cache.store import BlobStore, is_abandoned
 
 #: What makes a directory recognisably a hammal cache.
 CACHE_SUBDIRECTORIES = ("blobs", "manifests", "tmp")
@@ -111,7 +113,7 @@ def scan_temporaries(root: str, now: float | None = None) -> list[Temporary]:
             stat = os.stat(os.path.join(folder, name))
         except FileNotFoundError:
             continue
-        found.append(Temporary(name, stat.st_size, now - stat.st_mtime > STALE_TEMPORARY_SECONDS))
+        found.append(Temporary(name, stat.st_size, is_abandoned(name, stat.st_mtime, now, now)))
     return found
 
 

@@ -74,7 +74,7 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("buffer-size", "256K", "Socket read/write buffer per connection (e.g. 64K, 1M)."),
     OptionSpec("max-upstream-connections", "64", "Persistent connections kept per upstream host."),
     OptionSpec("cache-dir", "var/cache", "Directory of the pull-through cache."),
-    OptionSpec("cache-max-size", None, "Largest size of cached blobs (e.g. 50G); LRU eviction past it."),
+    OptionSpec("cache-max-size", None, "Largest size of the cache directory (e.g. 50G); LRU eviction past it."),
     OptionSpec(
         "cache-min-free",
         None,

@@ -45,6 +45,7 @@ from hammal.cache.manifests import (
     ManifestStore,
 )
 from hammal.cache.store import BlobStore
+from hammal.cache.sweep import CacheSweep
 from hammal.cache.writes import WriteErrors
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.logs import observer_name
@@ -441,6 +442,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics_site = _QuietSite(metrics_root)
         _listen(reactor, settings.metrics_port, metrics_site, service)
     DrainService(readiness, lambda: site.active_requests, reactor, settings.drain_timeout).setServiceParent(service)
+    if blobs is not None:
+        CacheSweep(blobs.store, reactor).setServiceParent(service)
     return service
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import time
 from typing import Any
 
 from twisted.internet.defer import fail, succeed
@@ -18,7 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from hammal import metrics
-from hammal.cache.store import FreeSpaceFloor
+from hammal.cache.store import BlobStore, FreeSpaceFloor
+from hammal.cache.sweep import CacheSweep
 from hammal.cache.writes import WriteErrors
 from hammal.registry.reference import Digest
 from tests.fakes import MANIFEST_V2
@@ -338,3 +341,101 @@ class CacheBoundTests(SynchronousTestCase):
         self.assertTrue(self.store.reserve(3000))
         self.assertEqual(self.store.evictions, 1)
         self.assertEqual(self.store.total_size + self.store.reserved, 7500)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+class TemporaryReclaimTests(SynchronousTestCase):
+    """What a kill -9 leaves in tmp/ goes at once, and by a periodic sweep."""
+
+    def setUp(self) -> None:
+        self.root = self.mktemp()
+        self.store = BlobStore(self.root)
+        self.store.open()
+        self.tmp = os.path.join(self.root, "tmp")
+
+    def leave(self, name: str) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as out:
+            out.write(b"partial")
+        return path
+
+    def test_dead_writers_reclaimed_at_start(self) -> None:
+        """Blob, manifest and tag temporaries of a dead process go at the next start."""
+        pid = dead_pid()
+        for name in (f"{'ab' * 32}.{pid}.0011", f"m.{pid}.00aa", f"t.{pid}.00bb"):
+            self.leave(name)
+        live = self.leave(f"{'cd' * 32}.1.0022")  # pid 1 is alive: a transfer in progress
+        BlobStore(self.root).open()
+        self.assertEqual(os.listdir(self.tmp), [os.path.basename(live)])
+
+    def test_previous_process_with_our_pid(self) -> None:
+        """A restarted container gets the same pid: what predates our start is not ours."""
+        path = self.leave(f"{'ab' * 32}.{os.getpid()}.0011")
+        os.utime(path, (time.time() - 5, time.time() - 5))
+        store = BlobStore(self.root)
+        store.open()
+        self.assertFalse(os.path.exists(path))
+        current = self.leave(f"{'ab' * 32}.{os.getpid()}.0012")
+        store.sweep()
+        self.assertTrue(os.path.exists(current))
+
+    def test_periodic_sweep(self) -> None:
+        """A running server reclaims a dead writer's temporary within a sweep interval."""
+        clock = Clock()
+        sweep = CacheSweep(self.store, clock, interval=60)
+        sweep.startService()
+        self.addCleanup(sweep.stopService)
+        path = self.leave(f"{'ab' * 32}.{dead_pid()}.0011")
+        clock.advance(59)
+        self.assertTrue(os.path.exists(path))
+        clock.advance(1)
+        self.assertFalse(os.path.exists(path))
+
+    def test_sweep_survives_errors(self) -> None:
+        """A failing sweep is logged; the next one still runs."""
+        clock = Clock()
+        calls: list[int] = []
+
+        def sweep() -> None:
+            calls.append(1)
+            raise OSError(5, "Input/output error")
+
+        self.patch(self.store, "sweep", sweep)
+        service = CacheSweep(self.store, clock, interval=60)
+        service.startService()
+        self.addCleanup(service.stopService)
+        clock.advance(60)
+        clock.advance(60)
+        self.assertEqual(len(calls), 2)
+        self.flushLoggedErrors(OSError)
+
+
+class SweepBoundTests(SynchronousTestCase):
+    def test_sweep_restores_the_floor(self) -> None:
+        """Something else filled the disk: the sweep evicts least recently used blobs."""
+        root = self.mktemp()
+        store = BlobStore(root)
+        store.open()
+        for number in range(3):
+            data = bytes([number]) * 4096
+            digest = Digest.of(data)
+            temporary = store.temporary_path(digest)
+            with open(temporary, "wb") as out:
+                out.write(data)
+            store.commit(temporary, digest)
+            os.utime(store.path(digest), (1000 + number, 1000 + number))
+        free = store.free_space()
+        assert free is not None
+        # The floor now sits 5000 bytes above what is free (give or take
+        # what the rest of the machine writes meanwhile: a few pages).
+        store.min_free = FreeSpaceFloor(size=free + 5000)
+        self.patch(store, "free_space", lambda: free)
+        store.sweep()
+        self.assertEqual(store.evictions, 2)
+        self.assertIn(Digest.of(bytes([2]) * 4096), store)

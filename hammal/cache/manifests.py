@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Coroutine, Iterable
 
@@ -57,6 +58,9 @@ MANIFEST_TYPES = frozenset(
         "application/vnd.oci.image.index.v1+json",
     }
 )
+#: A stored manifest's file records its last use at most this often (seconds).
+USE_MARK_INTERVAL = 3600.0
+
 INDEX_TYPES = frozenset(
     {
         "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -123,6 +127,23 @@ class ManifestStore:
         self._memory_limit = memory_limit
         self._recent: OrderedDict[Digest, StoredManifest] = OrderedDict()
         self._recent_bytes = 0
+        self._marked: dict[Digest, float] = {}
+
+    def _mark_used(self, digest: Digest) -> None:
+        """
+        Record a use in the file's mtime (at most once per L{USE_MARK_INTERVAL}):
+        eviction of the cache directory goes by it.
+        """
+        now = time.time()
+        if now - self._marked.get(digest, 0.0) < USE_MARK_INTERVAL:
+            return
+        if len(self._marked) > 100000:
+            self._marked.clear()
+        self._marked[digest] = now
+        try:
+            os.utime(self._path(digest))
+        except OSError:
+            pass
 
     def open(self) -> None:
         os.makedirs(self._root, exist_ok=True)
@@ -136,6 +157,7 @@ class ManifestStore:
         remembered = self._recent.get(digest)
         if remembered is not None:
             self._recent.move_to_end(digest)
+            self._mark_used(digest)
             return remembered
         manifest = self._load(digest)
         if manifest is not None:
@@ -163,6 +185,7 @@ class ManifestStore:
             return None
         if Digest.of(body, digest.algorithm) != digest:
             return None  # damaged on disk: refetch rather than serve it
+        self._mark_used(digest)
         return StoredManifest(digest, media_type, body)
 
     def put(self, manifest: StoredManifest) -> None:

@@ -4,7 +4,8 @@ The content-addressed blob store on disk.
 Layout under the cache directory::
 
     blobs/sha256/ab/<hex>     complete, verified blobs (one copy per digest)
-    tmp/<hex>.<pid>.<nonce>   transfers in progress
+    manifests/, tags/         manifests and tag entries (hammal.cache.manifests)
+    tmp/<name>.<pid>.<nonce>  transfers and writes in progress
 
 A blob enters ``blobs/`` only by an atomic rename after its digest was
 verified, so everything there is right by construction; several hammal
@@ -17,6 +18,13 @@ Room is reserved before a transfer writes: bytes in flight count against
 C{max_size} like stored ones, the filesystem keeps a free-space floor
 (C{min_free}), and a newcomer that cannot fit even after eviction is refused
 (it streams through uncached) without evicting anything.
+
+L{BlobStore.sweep} (at start, then periodically, and by ``hammal cache
+gc``) keeps the whole directory in bounds: temporaries of processes that
+are gone are removed at once (their names carry the writer's pid),
+manifests and tag entries count against C{max_size} and are evicted by last
+use along with blobs, and the free-space floor is restored by eviction when
+something else filled the disk.
 """
 
 from __future__ import annotations
@@ -81,6 +89,8 @@ class BlobStore:
         self.max_size = max_size
         self.min_free = min_free if min_free is not None else FreeSpaceFloor()
         self.reserved = 0
+        self.metadata_size = 0
+        self._started = time.time()
         self._blobs = os.path.join(root, "blobs")
         self._tmp = os.path.join(root, "tmp")
         self._index: OrderedDict[str, int] = OrderedDict()
@@ -91,10 +101,70 @@ class BlobStore:
     # Start-up.
 
     def open(self) -> None:
-        """Create the layout, drop dead temporaries, rebuild the index."""
+        """Create the layout, drop dead temporaries, rebuild the index, trim."""
         os.makedirs(self._blobs, exist_ok=True)
         os.makedirs(self._tmp, exist_ok=True)
-        self._remove_stale_temporaries()
+        self._rescan()
+        self.log.info(
+            "blob cache {root}: {count} blobs, {size} bytes",
+            root=self.root,
+            count=len(self._index),
+            size=self.total_size,
+        )
+        self.sweep()
+
+    def sweep(self) -> None:
+        """
+        Upkeep of the whole directory: reclaim temporaries of dead writers,
+        bring blobs, manifests and tags under C{max_size} (least recently
+        used first) and the filesystem back above the free-space floor.
+        """
+        reclaim_temporaries(self._tmp, self._started)
+        for key in list(self._index):
+            if not os.path.exists(self.path(Digest.parse(key))):
+                self.size(Digest.parse(key))  # removed behind our back: forget it
+        self._evict()
+        extra = _metadata_files(self.root)
+        self.metadata_size = sum(size for _, size, _ in extra)
+        over = 0
+        if self.max_size is not None:
+            over = self.total_size + self.reserved + self.metadata_size - self.max_size
+        free = self.free_space()
+        if free is not None:
+            over = max(over, self.floor() - free)
+        if over > 0:
+            self._evict_by_age(over, extra)
+
+    def _evict_by_age(self, amount: int, extra: list[tuple[float, int, str]]) -> None:
+        """Remove C{amount} bytes, oldest use first, of blobs, manifests and tags."""
+        candidates: list[tuple[float, int, str, str | None]] = [
+            (used, size, path, None) for used, size, path in extra
+        ]
+        for blob, size in self._index.items():
+            if self._pins.get(blob):
+                continue
+            try:
+                used = os.stat(self.path(Digest.parse(blob))).st_mtime
+            except OSError:
+                used = 0.0
+            candidates.append((used, size, "", blob))
+        candidates.sort(key=lambda candidate: candidate[0])
+        freed = 0
+        for _, size, path, key in candidates:
+            if freed >= amount:
+                break
+            if key is not None:
+                self._evict_one(key)
+            else:
+                for victim in (path, path + ".type"):
+                    try:
+                        os.unlink(victim)
+                    except OSError:
+                        pass
+                self.metadata_size -= size
+            freed += size
+
+    def _rescan(self) -> None:
         found: list[tuple[float, str, int]] = []
         for digest, path in self._walk():
             try:
@@ -108,13 +178,6 @@ class BlobStore:
         for _, digest, size in found:
             self._index[digest] = size
             self.total_size += size
-        self.log.info(
-            "blob cache {root}: {count} blobs, {size} bytes",
-            root=self.root,
-            count=len(self._index),
-            size=self.total_size,
-        )
-        self._evict()
 
     def _walk(self) -> Iterator[tuple[str, str]]:
         for algorithm in _listdir(self._blobs):
@@ -127,16 +190,6 @@ class BlobStore:
                         continue
                     yield str(digest), os.path.join(folder, name)
 
-    def _remove_stale_temporaries(self) -> None:
-        now = time.time()
-        for name in _listdir(self._tmp):
-            path = os.path.join(self._tmp, name)
-            try:
-                if now - os.stat(path).st_mtime > STALE_TEMPORARY_SECONDS:
-                    os.unlink(path)
-                    self.log.info("removed abandoned temporary file {name}", name=name)
-            except FileNotFoundError:
-                pass
 
     # Paths.
 
@@ -303,6 +356,85 @@ class BlobStore:
         self.evictions += 1
         metrics.blob_cache_evictions.inc()
         self.log.info("evicted {digest} from the blob cache", digest=key)
+
+
+def writer_pid(name: str) -> int | None:
+    """The pid in a temporary's name (C{<name>.<pid>.<nonce>}), if any."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-2].isdigit():
+        return int(parts[-2])
+    return None
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether process C{pid} exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def is_abandoned(name: str, mtime: float, now: float, started: float) -> bool:
+    """
+    Whether temporary C{name} belongs to no live writer: its process is
+    gone, or it is ours from before we started (a previous process with
+    our pid, as in a restarted container), or nobody touched it for
+    L{STALE_TEMPORARY_SECONDS}.
+    """
+    if now - mtime > STALE_TEMPORARY_SECONDS:
+        return True
+    pid = writer_pid(name)
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return mtime < started
+    return not writer_alive(pid)
+
+
+def reclaim_temporaries(folder: str, started: float, now: float | None = None) -> list[str]:
+    """Remove the abandoned temporaries in C{folder}; their names."""
+    log = Logger()
+    now = time.time() if now is None else now
+    removed = []
+    for name in _listdir(folder):
+        path = os.path.join(folder, name)
+        try:
+            if is_abandoned(name, os.stat(path).st_mtime, now, started):
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:
+            pass
+        except OSError as failure:
+            log.warn("cannot remove a temporary file: {error}", error=failure.strerror)
+    if removed:
+        log.info("removed {count} abandoned temporary files", count=len(removed))
+    return removed
+
+
+def _metadata_files(root: str) -> list[tuple[float, int, str]]:
+    """(last use, size, path) of every manifest and tag entry (C{.type} companions counted with theirs)."""
+    found = []
+    for folder in ("manifests", "tags"):
+        for directory, _, names in os.walk(os.path.join(root, folder)):
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    stat = os.stat(path)
+                except OSError:
+                    continue
+                if name.endswith(".type"):
+                    continue
+                size = stat.st_size
+                if folder == "manifests":
+                    try:
+                        size += os.stat(path + ".type").st_size
+                    except OSError:
+                        pass
+                found.append((stat.st_mtime, size, path))
+    return found
 
 
 def _listdir(path: str) -> list[str]:
