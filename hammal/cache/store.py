@@ -367,14 +367,19 @@ def writer_pid(name: str) -> int | None:
 
 
 def writer_alive(pid: int) -> bool:
-    """Whether process C{pid} exists on this host."""
+    """Whether process C{pid} runs on this host (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
-        return True  # exists, owned by someone else
-    return True
+        pass  # exists, owned by someone else
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split()[:1]
+    except OSError:
+        return True  # no /proc: trust kill()
+    return state not in ([b"Z"], [b"X"])
 
 
 def is_abandoned(name: str, mtime: float, now: float, started: float) -> bool:
