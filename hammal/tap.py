@@ -412,7 +412,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if redis is not None:
         readiness.add("redis", redis_answers(redis, reactor))
     if settings.cache_dir is not None:
-        readiness.add("cache", cache_dir_writable(settings.cache_dir))
+        # A full or read-only cache disk means "serving uncached", not "unready".
+        readiness.add("cache", cache_dir_writable(settings.cache_dir), required=False)
     readiness.add("upstream", lambda: probe.reachable(settings.ready_window))
 
     metrics_resource = MetricsResource(registry=metrics.REGISTRY)

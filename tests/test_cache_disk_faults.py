@@ -7,6 +7,7 @@ cache directory itself.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -439,3 +440,19 @@ class SweepBoundTests(SynchronousTestCase):
         store.sweep()
         self.assertEqual(store.evictions, 2)
         self.assertIn(Digest.of(bytes([2]) * 4096), store)
+
+
+class ReadinessTests(SynchronousTestCase):
+    def test_unwritable_cache_is_not_unready(self) -> None:
+        """A full or read-only cache disk is reported by /readyz, which still answers 200."""
+        mirror = Mirror()
+
+        async def disk_full() -> str | None:
+            return "cache directory not writable: No space left on device"
+
+        mirror.readiness.add("cache", disk_full, required=False)
+        response = mirror.request(b"GET", "/readyz")
+        self.assertEqual(response.code, 200)
+        report = json.loads(mirror.body(response))
+        self.assertTrue(report["ready"])
+        self.assertIn("No space left", report["checks"]["cache"])

@@ -216,6 +216,8 @@ class SmallDiskTests(FixtureCase):
         self.pull(sandbox, image)
         self.pull(sandbox, image)
         self.assertGreater(self.metric(sandbox, "hammal_cache_write_errors_total"), 0)
+        ready = http_request("GET", f"{sandbox.hammal.url}/readyz", timeout=10)
+        self.assertEqual(ready.status, 200, ready.describe())  # degraded, not out of service
         self.assertFalse(any(self.stored(blob) for blob in image.layers))
         self.assertCacheSound(sandbox)
         log = sandbox.hammal.log_text()
