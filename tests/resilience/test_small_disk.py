@@ -16,13 +16,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from twisted.trial.unittest import SkipTest
 
-from tests.integration.environment import http_request, make_tempdir
+from tests.integration.environment import REPO_ROOT, http_request, make_tempdir
 from tests.resilience.support import (
     FixtureCase,
     RawResponse,
@@ -294,3 +295,33 @@ class SmallDiskTests(FixtureCase):
         self.assertCacheSound(restarted)
         errors = [json.dumps(e.path) for e in self.registry.entries("/blobs/") if e.status >= 500]
         self.assertEqual(errors, [])
+
+    def test_gc_on_a_running_server(self) -> None:
+        """
+        ``hammal cache gc`` while the server fills and serves: the fill in
+        flight keeps its temporary, blobs removed under the server are
+        fetched again, every pull exact.
+        """
+        sandbox = self.start()
+        cached = self.image([2 * MiB, 3 * MiB])
+        self.pull(sandbox, cached)
+        self.assertTrue(self.settle(lambda: all(self.stored(b) for b in cached.layers), 10))
+        filling = self.image([16 * MiB])
+        blob = filling.layers[0]
+        self.registry.add_fault("slow", f"/blobs/{blob.digest}", rate=8 * MiB)
+        whole = in_thread(lambda: get(sandbox.hammal.port, filling.name, blob))
+        self.assertTrue(self.settle(lambda: bool(self.tmp_files()), 20), "the fill did not start")
+        in_flight = self.tmp_files()
+        done = subprocess.run(
+            [sys.executable, "-m", "hammal", "cache", "gc", "--cache-dir", self.disk,
+             "--max-size", "1K"],
+            capture_output=True, timeout=60, cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": REPO_ROOT})
+        self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace"))
+        self.assertFalse(any(self.stored(b) for b in cached.layers))
+        self.assertTrue(set(in_flight) <= set(self.tmp_files()) or self.stored(blob),
+                        "gc removed a transfer in progress")
+        self.assertExact(whole(), blob)
+        self.pull(sandbox, cached)
+        self.pull(sandbox, filling)
+        self.assertCacheSound(sandbox)
