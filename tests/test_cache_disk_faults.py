@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -267,6 +268,22 @@ class BlobWriteFailureTests(SynchronousTestCase):
         self.assertEqual(self.mirror.body(response), BLOB)
         self.assertEqual(self.store._pins, {})
         self.assertEqual(self.blobs.readers, 0)
+
+    def test_bypass_verifies_a_whole_blob(self) -> None:
+        """
+        A whole blob fetched around a failing cache is checked against its
+        digest: corrupt bytes from upstream never arrive complete.
+        """
+        self.assertEqual(self.mirror.body(self.get()), BLOB)
+
+        def broken_pread(fd: int, size: int, offset: int) -> bytes:
+            raise OSError(5, "Input/output error")
+
+        self.patch(os, "pread", broken_pread)
+        self.mirror.world.corrupt_blobs = True
+        response = self.get()
+        self.assertEqual(response.code, 200)
+        self.assertIsInstance(self.mirror.body(response), Failure)
 
     def test_cached_file_gone_before_reading(self) -> None:
         """A blob removed behind the server's back (gc) is served from upstream."""

@@ -62,6 +62,7 @@ class CachedBody:
                 self._upstream,
                 offset,
                 end,
+                self._digest,
             )
 
         return bypass

@@ -8,7 +8,10 @@ at fault and neither is upstream: each reader asks upstream for the bytes
 from where it stands (``Range: bytes=N-``) and streams them on to its
 client with backpressure, uncached. Bytes already sent came from the file,
 which holds exactly what upstream sent (it is written at explicit offsets),
-so the client gets one seamless, exact body.
+so the client gets one seamless, exact body. A reader that goes to
+upstream from the first byte for the whole blob has it verified against the
+digest on the way, its last chunk held back until it matched, as on the
+uncached path.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from hammal import metrics
+from hammal.registry.reference import Digest
 from hammal.stream import TransferBroken, _producer, discard_body, expected_length, not_a_blob
 
 StartUpstream = Callable[..., Awaitable[IResponse]]
@@ -60,7 +64,9 @@ class UpstreamTail:
         upstream: str,
         start: int,
         end: int | None,
+        digest: Digest | None = None,
     ) -> None:
+        self._digest = digest
         self._start_upstream = start_upstream
         self._clock = clock
         self._idle_timeout = idle_timeout
@@ -101,7 +107,16 @@ class UpstreamTail:
             count = self._end - self._start
         elif announced is not None:
             count = announced - skip
-        pipe = _TailPipe(consumer, self._clock, self._idle_timeout, skip, count, self._upstream)
+        whole = response.code == 200 and self._start == 0 and count == announced
+        pipe = _TailPipe(
+            consumer,
+            self._clock,
+            self._idle_timeout,
+            skip,
+            count,
+            self._upstream,
+            self._digest if whole else None,
+        )
         self._pipe = pipe
         response.deliverBody(pipe)
         return pipe.done
@@ -118,7 +133,8 @@ class UpstreamTail:
 class _TailPipe(Protocol):
     """
     Copies C{count} bytes (all, when L{None}) of an upstream body, after
-    dropping C{skip}, into C{consumer}, as its push producer.
+    dropping C{skip}, into C{consumer}, as its push producer; checked
+    against C{digest} when given (the last chunk is held back until it is).
     """
 
     def __init__(
@@ -129,8 +145,12 @@ class _TailPipe(Protocol):
         skip: int,
         count: int | None,
         upstream: str,
+        digest: Digest | None = None,
     ) -> None:
         self.done: Deferred[int] = Deferred()
+        self._digest = digest
+        self._hasher = digest.hasher() if digest is not None else None
+        self._pending = b""
         self._consumer = consumer
         self._clock = clock
         self._idle_timeout = idle_timeout
@@ -158,11 +178,32 @@ class _TailPipe(Protocol):
             data = data[: self._count - self._sent]
         if data:
             self._sent += len(data)
-            self._consumer.write(data)
+            if self._hasher is None:
+                self._consumer.write(data)
+            else:
+                self._hasher.update(data)
+                if self._pending:
+                    self._consumer.write(self._pending)
+                self._pending = data
         if self._count is not None and self._sent >= self._count:
             self._disarm()
-            self.done.callback(self._sent)
+            self._complete()
             _producer(self.transport).stopProducing()
+
+    def _complete(self) -> None:
+        """Everything arrived: verify, release the held-back chunk, end."""
+        if self._digest is not None and self._hasher is not None:
+            if not self._digest.matches(self._hasher):
+                metrics.digest_mismatches.inc()
+                self._pending = b""
+                self.done.errback(
+                    TransferBroken(f"{self._upstream} sent bytes that do not match {self._digest}")
+                )
+                return
+        if self._pending:
+            self._consumer.write(self._pending)
+            self._pending = b""
+        self.done.callback(self._sent)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._disarm()
@@ -181,7 +222,7 @@ class _TailPipe(Protocol):
                 TransferBroken(f"{self._upstream} sent {self._sent} of {self._count} bytes")
             )
         else:
-            self.done.callback(self._sent)
+            self._complete()
 
     def pauseProducing(self) -> None:
         self._disarm()

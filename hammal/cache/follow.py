@@ -74,7 +74,8 @@ class FileFollower:
         try:
             self._fd = os.open(self._path, os.O_RDONLY)
         except OSError as failure:
-            self._local_failure(describe(failure))
+            if not self._failed_fetch():  # gone with a failed fetch: its failure
+                self._local_failure(describe(failure))
             return
         self._consumer.registerProducer(self, True)
         self._registered = True
