@@ -12,7 +12,8 @@ It is safe on a running server: a server notices a blob removed behind
 its back when it next looks it up (and at its minute sweep), serves a blob
 removed under a reader from upstream, and only temporaries whose writer is
 gone or idle for 15 minutes are removed. Manifests and tag entries count
-against the size too (the dry run plans blobs only).
+against the size too. Unlike the server, the tool keeps no free-space
+floor: it evicts for C{--max-size} only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Iterable
 
 import attrs
 
-from hammal.cache.store import BlobStore, is_abandoned
+from hammal.cache.store import BlobStore, FreeSpaceFloor, is_abandoned, metadata_files
 
 #: What makes a directory recognisably a hammal cache.
 CACHE_SUBDIRECTORIES = ("blobs", "manifests", "tmp")
@@ -143,21 +144,40 @@ def stats(root: str) -> CacheStats:
     )
 
 
-def plan_eviction(blobs: Iterable[BlobFile], max_size: int | None) -> list[BlobFile]:
+def plan_eviction(
+    blobs: Iterable[BlobFile],
+    max_size: int | None,
+    metadata: Iterable[tuple[float, int, str]] = (),
+) -> list[BlobFile]:
     """
     The blobs the store's eviction removes to fit C{max_size}: least
-    recently used first, until the rest fit.
+    recently used first until the blobs fit, then, oldest use first among
+    the rest and the manifests and tag entries (C{metadata}: last use,
+    size, path), until everything fits.
     """
     ordered = sorted(blobs, key=lambda blob: (blob.used, blob.digest, blob.size))
     if max_size is None:
         return []
     total = sum(blob.size for blob in ordered)
     evicted = []
-    for blob in ordered:
-        if total <= max_size:
-            break
+    while ordered and total > max_size:
+        blob = ordered.pop(0)
         evicted.append(blob)
         total -= blob.size
+    extra = list(metadata)
+    over = total + sum(size for _, size, _ in extra) - max_size
+    candidates: list[tuple[float, int, BlobFile | None]] = [
+        (used, size, None) for used, size, _ in extra
+    ]
+    candidates += [(blob.used, blob.size, blob) for blob in ordered]
+    candidates.sort(key=lambda candidate: candidate[0])
+    freed = 0
+    for _, size, candidate in candidates:
+        if freed >= over:
+            break
+        if candidate is not None:
+            evicted.append(candidate)
+        freed += size
     return evicted
 
 
@@ -173,10 +193,10 @@ def gc(root: str, max_size: int | None, dry_run: bool = False) -> GcResult:
     before = scan_blobs(root)
     stale = [temporary for temporary in scan_temporaries(root) if temporary.stale]
     if dry_run:
-        evicted = plan_eviction(before, max_size)
+        evicted = plan_eviction(before, max_size, metadata_files(root))
         remaining = [blob for blob in before if blob not in evicted]
         return GcResult(tuple(evicted), tuple(stale), len(remaining), _total(remaining), True)
-    store = BlobStore(root, max_size)
+    store = BlobStore(root, max_size, FreeSpaceFloor(size=0))
     store.open()
     left = {digest for digest, _ in store._walk()}
     evicted = [blob for blob in before if blob.digest not in left]

@@ -566,6 +566,13 @@ class CacheToolTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(old[1]))
         self.assertEqual(cachetool.stats(self.root).tags, 1)
 
+    def test_dry_run_plans_metadata_pressure(self) -> None:
+        """The dry run counts manifests and tags as gc does: the same blobs go."""
+        planned = cachetool.gc(self.root, 2048, dry_run=True)
+        done = cachetool.gc(self.root, 2048)
+        self.assertEqual(planned.evicted, done.evicted)
+        self.assertEqual(len(done.evicted), 3)
+
     def test_dry_run(self) -> None:
         """--dry-run removes nothing, and names exactly what gc then removes."""
         before = snapshot(self.root)

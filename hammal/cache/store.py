@@ -124,7 +124,7 @@ class BlobStore:
             if not os.path.exists(self.path(Digest.parse(key))):
                 self.size(Digest.parse(key))  # removed behind our back: forget it
         self._evict()
-        extra = _metadata_files(self.root)
+        extra = metadata_files(self.root)
         self.metadata_size = sum(size for _, size, _ in extra)
         over = 0
         if self.max_size is not None:
@@ -419,7 +419,7 @@ def reclaim_temporaries(folder: str, started: float, now: float | None = None) -
     return removed
 
 
-def _metadata_files(root: str) -> list[tuple[float, int, str]]:
+def metadata_files(root: str) -> list[tuple[float, int, str]]:
     """(last use, size, path) of every manifest and tag entry (C{.type} companions counted with theirs)."""
     found = []
     for folder in ("manifests", "tags"):
