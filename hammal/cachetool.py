@@ -150,27 +150,21 @@ def plan_eviction(
     metadata: Iterable[tuple[float, int, str]] = (),
 ) -> list[BlobFile]:
     """
-    The blobs the store's eviction removes to fit C{max_size}: least
-    recently used first until the blobs fit, then, oldest use first among
-    the rest and the manifests and tag entries (C{metadata}: last use,
-    size, path), until everything fits.
+    The blobs the store's sweep removes to fit C{max_size}: oldest use
+    first among blobs and the manifests and tag entries (C{metadata}: last
+    use, size, path), until everything fits.
     """
-    ordered = sorted(blobs, key=lambda blob: (blob.used, blob.digest, blob.size))
     if max_size is None:
         return []
-    total = sum(blob.size for blob in ordered)
-    evicted = []
-    while ordered and total > max_size:
-        blob = ordered.pop(0)
-        evicted.append(blob)
-        total -= blob.size
+    ordered = sorted(blobs, key=lambda blob: (blob.used, blob.digest, blob.size))
     extra = list(metadata)
-    over = total + sum(size for _, size, _ in extra) - max_size
+    over = sum(blob.size for blob in ordered) + sum(size for _, size, _ in extra) - max_size
     candidates: list[tuple[float, int, BlobFile | None]] = [
         (used, size, None) for used, size, _ in extra
     ]
     candidates += [(blob.used, blob.size, blob) for blob in ordered]
     candidates.sort(key=lambda candidate: candidate[0])
+    evicted = []
     freed = 0
     for _, size, candidate in candidates:
         if freed >= over:

@@ -123,7 +123,6 @@ class BlobStore:
         for key in list(self._index):
             if not os.path.exists(self.path(Digest.parse(key))):
                 self.size(Digest.parse(key))  # removed behind our back: forget it
-        self._evict()
         extra = metadata_files(self.root)
         self.metadata_size = sum(size for _, size, _ in extra)
         over = 0
@@ -287,7 +286,7 @@ class BlobStore:
             return False
         over = 0
         if self.max_size is not None:
-            over = self.total_size + self.reserved + size - self.max_size
+            over = self.total_size + self.reserved + self.metadata_size + size - self.max_size
         free = self.free_space()
         if free is None:
             return False
@@ -345,7 +344,7 @@ class BlobStore:
         if self.max_size is None:
             return
         for key in list(self._index):
-            if self.total_size + self.reserved <= self.max_size:
+            if self.total_size + self.reserved + self.metadata_size <= self.max_size:
                 return
             if self._pins.get(key):
                 continue
