@@ -235,7 +235,8 @@ class SmallDiskTests(FixtureCase):
         sandbox = self.start()
         image = self.image([40 * MiB])
         blob = image.layers[0]
-        self.registry.add_fault("slow", f"/blobs/{blob.digest}", rate=16 * MiB)
+        # 5 s of transfer: the disk fills long before it ends, even on a busy machine
+        self.registry.add_fault("slow", f"/blobs/{blob.digest}", rate=8 * MiB)
         port = sandbox.hammal.port
         whole = in_thread(lambda: get(port, image.name, blob))
         self.assertTrue(self.settle(lambda: any(
@@ -308,7 +309,8 @@ class SmallDiskTests(FixtureCase):
         self.assertTrue(self.settle(lambda: all(self.stored(b) for b in cached.layers), 10))
         filling = self.image([16 * MiB])
         blob = filling.layers[0]
-        self.registry.add_fault("slow", f"/blobs/{blob.digest}", rate=8 * MiB)
+        # 8 s of transfer: gc runs while it is in flight, even on a busy machine
+        self.registry.add_fault("slow", f"/blobs/{blob.digest}", rate=2 * MiB)
         whole = in_thread(lambda: get(sandbox.hammal.port, filling.name, blob))
         self.assertTrue(self.settle(lambda: bool(self.tmp_files()), 20), "the fill did not start")
         in_flight = self.tmp_files()
@@ -319,7 +321,7 @@ class SmallDiskTests(FixtureCase):
             env={**os.environ, "PYTHONPATH": REPO_ROOT})
         self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace"))
         self.assertFalse(any(self.stored(b) for b in cached.layers))
-        self.assertTrue(set(in_flight) <= set(self.tmp_files()) or self.stored(blob),
+        self.assertTrue(set(in_flight) <= set(self.tmp_files()),
                         "gc removed a transfer in progress")
         self.assertExact(whole(), blob)
         self.pull(sandbox, cached)
