@@ -91,6 +91,7 @@ class BlobStore:
         self.reserved = 0
         self.metadata_size = 0
         self._started = time.time()
+        self._filesystem_bytes: int | None = None
         self._blobs = os.path.join(root, "blobs")
         self._tmp = os.path.join(root, "tmp")
         self._index: OrderedDict[str, int] = OrderedDict()
@@ -250,8 +251,6 @@ class BlobStore:
     def __len__(self) -> int:
         return len(self._index)
 
-    # Changes.
-
     # Room.
 
     def free_space(self) -> int | None:
@@ -264,11 +263,13 @@ class BlobStore:
 
     def floor(self) -> int:
         """The free-space floor in bytes (0 when the filesystem cannot be asked)."""
-        try:
-            stat = os.statvfs(self.root)
-        except OSError:
-            return 0
-        return self.min_free.bytes_for(stat.f_blocks * stat.f_frsize)
+        if self._filesystem_bytes is None:
+            try:
+                stat = os.statvfs(self.root)
+            except OSError:
+                return 0
+            self._filesystem_bytes = stat.f_blocks * stat.f_frsize
+        return self.min_free.bytes_for(self._filesystem_bytes)
 
     def has_room(self, size: int = 0) -> bool:
         """Whether C{size} more bytes leave the free-space floor intact."""
