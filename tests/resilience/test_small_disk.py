@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from twisted.trial.unittest import SkipTest
 
-from tests.integration.environment import REPO_ROOT, http_request, make_tempdir
+from tests.integration.environment import REPO_ROOT, http_request, make_tempdir, skopeo_pull
 from tests.resilience.support import (
     FixtureCase,
     RawResponse,
@@ -162,6 +162,15 @@ class SmallDiskTests(FixtureCase):
         for blob in [image.config, *image.layers]:
             self.assertExact(get(sandbox.hammal.port, image.name, blob), blob)
 
+    def skopeo(self, sandbox: Sandbox, image: Image) -> None:
+        """A real client's pull (skopeo checks every digest), each layer compared."""
+        dest = os.path.join(make_tempdir("hammal-disk-pull-"), "image")
+        result = skopeo_pull(f"127.0.0.1:{sandbox.hammal.port}/{image.name}:latest", dest)
+        self.assertEqual(result.returncode, 0, f"skopeo failed:\n{result.stderr[-3000:]}")
+        for blob in image.layers:
+            with open(os.path.join(dest, blob.hex), "rb") as layer:
+                self.assertTrue(sha256(layer.read()) == blob.digest, "a layer differs")
+
     def assertExact(self, resp: RawResponse, blob: Blob, start: int = 0,
                     end: Optional[int] = None) -> None:
         expected = blob.data[start:end]
@@ -202,8 +211,9 @@ class SmallDiskTests(FixtureCase):
         """
         sandbox = self.start()
         image = self.image([24 * MiB, 24 * MiB, 24 * MiB, 66 * MiB])
+        self.skopeo(sandbox, image)
         self.pull(sandbox, image)
-        self.pull(sandbox, image)
+        self.skopeo(sandbox, image)
         self.assertFalse(self.stored(image.layers[3]))
         # the cache was used all along, within the disk
         self.assertTrue(any(self.stored(blob) for blob in image.layers[:3]))
@@ -214,7 +224,7 @@ class SmallDiskTests(FixtureCase):
         sandbox = self.start()
         filler = fill(self.disk)
         image = self.image([3 * MiB, 5 * MiB])
-        self.pull(sandbox, image)
+        self.skopeo(sandbox, image)
         self.pull(sandbox, image)
         self.assertGreater(self.metric(sandbox, "hammal_cache_write_errors_total"), 0)
         ready = http_request("GET", f"{sandbox.hammal.url}/readyz", timeout=10)
