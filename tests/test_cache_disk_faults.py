@@ -349,6 +349,27 @@ class CacheBoundTests(SynchronousTestCase):
         self.assertEqual(self.store.evictions, 0)
         self.assertNotIn(Digest.parse(self.large), self.store)
 
+    def test_in_flight_bytes_count(self) -> None:
+        """
+        A fill in flight holds its room: a second blob that fits only
+        without it streams through uncached, and the first is stored.
+        """
+        held = self.mirror.world.add_blob(bytes([7]) * 6000)
+        self.mirror.world.hold_blobs = True
+        d = self.mirror.agent.request(b"GET", f"http://mirror.test/v2/alpine/blobs/{held}".encode())
+        self.mirror.flush()
+        first = self.successResultOf(d)
+        self.assertEqual(self.store.reserved, 6000)
+        self.mirror.world.hold_blobs = False
+        response, body = self.get(self.small[0])  # 3000 more would exceed 8000
+        self.assertEqual(body, self.mirror.world.blobs[self.small[0]])
+        self.assertEqual(header(response, b"cache-status"), "hammal; fwd=bypass")
+        self.mirror.world.release()
+        self.assertEqual(self.mirror.body(first), self.mirror.world.blobs[held])
+        self.assertIn(Digest.parse(held), self.store)
+        self.assertNotIn(Digest.parse(self.small[0]), self.store)
+        self.assertEqual(self.store.reserved, 0)
+
     def test_evicts_only_when_the_newcomer_fits(self) -> None:
         """Room is made by eviction when, and only when, the newcomer then fits."""
         for digest in self.small:
