@@ -444,7 +444,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _listen(reactor, settings.metrics_port, metrics_site, service)
     DrainService(readiness, lambda: site.active_requests, reactor, settings.drain_timeout).setServiceParent(service)
     if blobs is not None:
-        CacheSweep(blobs.store, reactor).setServiceParent(service)
+        CacheSweep(blobs.store, reactor, offload=_thread_pool_offload(reactor)).setServiceParent(service)
     return service
 
 

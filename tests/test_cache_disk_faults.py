@@ -427,7 +427,13 @@ class TemporaryReclaimTests(SynchronousTestCase):
     def test_periodic_sweep(self) -> None:
         """A running server reclaims a dead writer's temporary within a sweep interval."""
         clock = Clock()
-        sweep = CacheSweep(self.store, clock, interval=60)
+        offloaded: list[Any] = []
+
+        def offload(f: Any, *args: Any) -> Any:
+            offloaded.append(f)
+            return succeed(f(*args))
+
+        sweep = CacheSweep(self.store, clock, interval=60, offload=offload)
         sweep.startService()
         self.addCleanup(sweep.stopService)
         path = self.leave(f"{'ab' * 32}.{dead_pid()}.0011")
@@ -435,17 +441,18 @@ class TemporaryReclaimTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(path))
         clock.advance(1)
         self.assertFalse(os.path.exists(path))
+        self.assertEqual(offloaded, [self.store.survey])  # the walk, off the event loop
 
     def test_sweep_survives_errors(self) -> None:
         """A failing sweep is logged; the next one still runs."""
         clock = Clock()
         calls: list[int] = []
 
-        def sweep() -> None:
+        def survey(digests: list[str]) -> Any:
             calls.append(1)
             raise OSError(5, "Input/output error")
 
-        self.patch(self.store, "sweep", sweep)
+        self.patch(self.store, "survey", survey)
         service = CacheSweep(self.store, clock, interval=60)
         service.startService()
         self.addCleanup(service.stopService)

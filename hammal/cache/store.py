@@ -70,6 +70,14 @@ class FreeSpaceFloor:
         return min(DEFAULT_MIN_FREE_BYTES, int(filesystem_bytes * DEFAULT_MIN_FREE_FRACTION))
 
 
+@attrs.frozen
+class Survey:
+    """What a sweep found on disk: blobs gone, and every manifest and tag entry."""
+
+    missing: list[str]
+    metadata: list[tuple[float, int, str]]
+
+
 class BlobStore:
     """
     Verified blobs on disk with an LRU index.
@@ -114,17 +122,33 @@ class BlobStore:
         )
         self.sweep()
 
-    def sweep(self) -> None:
+    def survey(self, digests: list[str]) -> Survey:
+        """
+        The filesystem half of a sweep, which may run on a thread (it
+        reads no mutable state of the store): reclaim temporaries of dead
+        writers, find which of C{digests} are gone, list manifests and tags.
+        """
+        reclaim_temporaries(self._tmp, self._started)
+        missing = [key for key in digests if not os.path.exists(self.path(Digest.parse(key)))]
+        return Survey(missing, metadata_files(self.root))
+
+    def digests(self) -> list[str]:
+        """The indexed digests, least recently used first."""
+        return list(self._index)
+
+    def sweep(self, survey: Survey | None = None) -> None:
         """
         Upkeep of the whole directory: reclaim temporaries of dead writers,
         bring blobs, manifests and tags under C{max_size} (least recently
         used first) and the filesystem back above the free-space floor.
+        Given the L{survey} (made off the event loop), only the decisions
+        are left to do here.
         """
-        reclaim_temporaries(self._tmp, self._started)
-        for key in list(self._index):
-            if not os.path.exists(self.path(Digest.parse(key))):
-                self.size(Digest.parse(key))  # removed behind our back: forget it
-        extra = metadata_files(self.root)
+        if survey is None:
+            survey = self.survey(self.digests())
+        for key in survey.missing:
+            self.size(Digest.parse(key))  # removed behind our back: forget it
+        extra = survey.metadata
         self.metadata_size = sum(size for _, size, _ in extra)
         over = 0
         if self.max_size is not None:
