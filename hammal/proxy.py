@@ -194,18 +194,21 @@ class PullProxy:
         straight from upstream. A full C{200} body is verified against
         C{digest} while it streams.
         """
+        response: IResponse | None = None
         if self._blobs is not None:
-            reply = await self._cached_blob(method, name, digest, headers, trace, self._blobs)
-            if reply is not None:
-                return reply
-        response = await self._client.request(
-            method,
-            self.upstream_name(name),
-            f"blobs/{digest}",
-            headers,
-            trace,
-            follow_redirects=self._follow_blob_redirects,
-        )
+            cached = await self._cached_blob(method, name, digest, headers, trace, self._blobs)
+            if isinstance(cached, BlobReply):
+                return cached
+            response = cached  # the cache's refused fetch, handed over (or None)
+        if response is None:
+            response = await self._client.request(
+                method,
+                self.upstream_name(name),
+                f"blobs/{digest}",
+                headers,
+                trace,
+                follow_redirects=self._follow_blob_redirects,
+            )
         if response.code in REDIRECT_STATUSES and not self._follow_blob_redirects:
             await self._client.fetch_document(response, 64 * 1024)
             location = response.headers.getRawHeaders(b"location", [b""])[0]
@@ -237,8 +240,11 @@ class PullProxy:
         headers: Headers,
         trace: Trace,
         blobs: BlobCache,
-    ) -> BlobReply | None:
-        """The answer through the cache, or L{None} to go straight upstream."""
+    ) -> BlobReply | IResponse | None:
+        """
+        The answer through the cache, or L{None} to go straight upstream,
+        or upstream's answer to a fetch the cache refused, to relay as is.
+        """
         requested_range = headers.getRawHeaders(b"range", [None])[0]
         upstream_headers = headers.copy()
         upstream_headers.removeHeader(b"range")
@@ -284,7 +290,11 @@ class PullProxy:
         try:
             await fetch.when_started()
         except LocalCacheError:
-            return None  # the cache cannot take it: straight from upstream
+            # The cache cannot take it: straight from upstream, on the
+            # fetch's own answer when it is what this client asked for.
+            if method == b"GET" and requested_range is None:
+                return fetch.take_response()
+            return None
         return self._cache_reply(
             blobs,
             method,

@@ -333,9 +333,21 @@ class CacheBoundTests(SynchronousTestCase):
         self.large = self.mirror.world.add_blob(bytes(range(256)) * 40)
         self.store.max_size = 8000
 
-    def get(self, digest: str) -> Any:
-        response = self.mirror.request(b"GET", f"/v2/alpine/blobs/{digest}")
+    def get(self, digest: str, headers: dict[bytes, list[bytes]] | None = None) -> Any:
+        response = self.mirror.request(b"GET", f"/v2/alpine/blobs/{digest}", headers)
         return response, self.mirror.body(response)
+
+    def cdn_gets(self, digest: str) -> list[Any]:
+        from tests.fakes import CDN
+
+        return [s for s in self.mirror.world.hits(CDN, digest) if s.method == "GET"]
+
+    def test_range_of_a_blob_over_the_cap(self) -> None:
+        """A range of a blob the cache refuses comes from upstream, exact."""
+        response, body = self.get(self.large, {b"range": [b"bytes=100-"]})
+        self.assertEqual(response.code, 206)
+        self.assertEqual(body, self.mirror.world.blobs[self.large][100:])
+        self.assertNotIn(Digest.parse(self.large), self.store)
 
     def test_blob_larger_than_the_cap_streams_through(self) -> None:
         """A blob over --cache-max-size is not stored and evicts nothing."""
@@ -345,6 +357,8 @@ class CacheBoundTests(SynchronousTestCase):
         response, body = self.get(self.large)
         self.assertEqual(response.code, 200)
         self.assertEqual(body, self.mirror.world.blobs[self.large])
+        # the refused fetch's own answer was relayed: one upstream GET, not two
+        self.assertEqual(len(self.cdn_gets(self.large)), 1)
         self.assertEqual(len(self.store), 2)
         self.assertEqual(self.store.evictions, 0)
         self.assertNotIn(Digest.parse(self.large), self.store)

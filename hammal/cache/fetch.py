@@ -138,6 +138,7 @@ class BlobFetch:
         self._write_errors = write_errors if write_errors is not None else WriteErrors(clock)
         self._reserved = 0
         self._checked_free_at = 0
+        self._spare: IResponse | None = None
         self._listeners: set[Callable[[], None]] = set()
         self._started: list[Deferred[BlobFetch]] = []
         self.finished: Deferred[None] = Deferred()
@@ -195,7 +196,9 @@ class BlobFetch:
             self._make_room()
             self._open()
         except (OSError, LocalCacheError) as failure:
-            discard_body(response)  # drops the connection past 64 KiB
+            # A waiter may take this answer over and stream it uncached;
+            # else it is dropped when the failure is known (see _fail).
+            self._spare = response
             if isinstance(failure, OSError):
                 raise LocalCacheError(f"cannot create the cache file: {describe(failure)}")
             raise
@@ -385,8 +388,26 @@ class BlobFetch:
         for d in self._started:
             d.errback(failure)
         self._started.clear()
+        if self._spare is not None:
+            # Waiters take it over now; whoever comes later has missed it.
+            self._clock.callLater(0, self._drop_spare)
         self._unlink()
         self._notify()
+
+    def _drop_spare(self) -> None:
+        if self._spare is not None:  # nobody took it over
+            discard_body(self._spare)  # drops the connection past 64 KiB
+            self._spare = None
+
+    def take_response(self) -> IResponse | None:
+        """
+        The upstream answer (a whole C{200}, body unread) of a fetch the
+        cache refused before it wrote anything, for one waiter to stream
+        uncached instead of asking upstream again; L{None} once taken, and
+        after the reactor turn in which the fetch failed.
+        """
+        response, self._spare = self._spare, None
+        return response
 
     def _unlink(self) -> None:
         try:
