@@ -194,7 +194,7 @@ class BlobWriteFailureTests(SynchronousTestCase):
         self.assertEqual(self.mirror.body(early), BLOB[100:2100])
         self.assertFalse(self.stored())
         self.assertEqual(self.tmp(), [])
-        self.assertEqual(self.store.reserved, 0)
+        self.assertEqual((self.store.reserved, self.store.reserved_written), (0, 0))
         # One request per follower that had to go on from upstream, none
         # to "resume" the broken fill.
         self.assertLessEqual(self.cdn_gets() - cdn_before, 3)
@@ -382,7 +382,7 @@ class CacheBoundTests(SynchronousTestCase):
         self.assertEqual(self.mirror.body(first), self.mirror.world.blobs[held])
         self.assertIn(Digest.parse(held), self.store)
         self.assertNotIn(Digest.parse(self.small[0]), self.store)
-        self.assertEqual(self.store.reserved, 0)
+        self.assertEqual((self.store.reserved, self.store.reserved_written), (0, 0))
 
     def test_evicts_only_when_the_newcomer_fits(self) -> None:
         """Room is made by eviction when, and only when, the newcomer then fits."""
@@ -474,6 +474,27 @@ class TemporaryReclaimTests(SynchronousTestCase):
         clock.advance(60)
         self.assertEqual(len(calls), 2)
         self.flushLoggedErrors(OSError)
+
+
+class FreeSpaceTests(SynchronousTestCase):
+    """Transfers in flight hold the free space they will still write."""
+
+    def test_concurrent_reservations(self) -> None:
+        store = BlobStore(self.mktemp(), min_free=FreeSpaceFloor(size=1000))
+        store.open()
+        free = [11000]
+        self.patch(store, "free_space", lambda: free[0])
+        self.assertTrue(store.reserve(6000))
+        # 6000 still to come: 4000 more would cut into the floor
+        self.assertFalse(store.reserve(4500))
+        self.assertTrue(store.has_room(3000))
+        self.assertFalse(store.has_room(4500))
+        store.wrote(6000)
+        free[0] = 5000
+        self.assertTrue(store.has_room(4000))
+        self.assertTrue(store.reserve(4000))
+        store.unreserve(6000, 6000)
+        self.assertEqual((store.reserved, store.unwritten()), (4000, 4000))
 
 
 class SweepBoundTests(SynchronousTestCase):

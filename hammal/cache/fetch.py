@@ -181,7 +181,7 @@ class BlobFetch:
         finally:
             self._close()
             if self._reserved:
-                self.store.unreserve(self._reserved)
+                self.store.unreserve(self._reserved, self.written)
                 self._reserved = 0
             if not self.finished.called:
                 self.finished.callback(None)
@@ -261,7 +261,7 @@ class BlobFetch:
             self._reserved += step
         if end - self._checked_free_at >= CHECK_FREE_EVERY:
             self._checked_free_at = end
-            if not self.store.has_room(self._reserved - end):
+            if not self.store.has_room():
                 raise LocalCacheError("the cache disk is nearly full")
 
     def _open(self) -> None:
@@ -294,6 +294,7 @@ class BlobFetch:
         except OSError as failure:
             raise LocalCacheError(f"cannot write the cache file: {describe(failure)}")
         metrics.upstream_bytes.inc(len(data))
+        self.store.wrote(len(data))
         self.readable = self.written
         self.written += len(data)
         self._hash_more()
@@ -369,7 +370,7 @@ class BlobFetch:
         assert self._fd is not None
         try:
             await self._offload(os.fdatasync, self._fd)
-            self.store.commit(self.path, self.digest, self._reserved)
+            self.store.commit(self.path, self.digest, self._reserved, self.written)
             self._reserved = 0
         except OSError as failure:
             # Not stored: readers finish from the files they hold open;

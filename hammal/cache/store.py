@@ -97,6 +97,7 @@ class BlobStore:
         self.max_size = max_size
         self.min_free = min_free if min_free is not None else FreeSpaceFloor()
         self.reserved = 0
+        self.reserved_written = 0
         self.metadata_size = 0
         self._started = time.time()
         self._filesystem_bytes: int | None = None
@@ -295,10 +296,21 @@ class BlobStore:
             self._filesystem_bytes = stat.f_blocks * stat.f_frsize
         return self.min_free.bytes_for(self._filesystem_bytes)
 
+    def unwritten(self) -> int:
+        """Bytes reserved by transfers in flight and not written yet."""
+        return max(0, self.reserved - self.reserved_written)
+
+    def wrote(self, size: int) -> None:
+        """A transfer wrote C{size} bytes of its reservation."""
+        self.reserved_written += size
+
     def has_room(self, size: int = 0) -> bool:
-        """Whether C{size} more bytes leave the free-space floor intact."""
+        """
+        Whether C{size} more bytes leave the free-space floor intact, once
+        the transfers in flight have written what they reserved.
+        """
         free = self.free_space()
-        return free is not None and free - size >= self.floor()
+        return free is not None and free - size - self.unwritten() >= self.floor()
 
     def reserve(self, size: int) -> bool:
         """
@@ -315,7 +327,7 @@ class BlobStore:
         free = self.free_space()
         if free is None:
             return False
-        short = self.floor() + size - free
+        short = self.floor() + size + self.unwritten() - free
         needed = max(over, short, 0)
         if needed:
             evictable = [key for key in self._index if not self._pins.get(key)]
@@ -330,22 +342,25 @@ class BlobStore:
         self.reserved += size
         return True
 
-    def unreserve(self, size: int) -> None:
-        """Give back room a transfer reserved and did not use."""
+    def unreserve(self, size: int, written: int = 0) -> None:
+        """A transfer ended: give back its reservation of C{size}, of which it wrote C{written}."""
         self.reserved = max(0, self.reserved - size)
+        self.reserved_written = max(0, self.reserved_written - written)
 
     # Changes.
 
-    def commit(self, temporary: str, digest: Digest, reserved: int = 0) -> None:
+    def commit(self, temporary: str, digest: Digest, reserved: int = 0, written: int = 0) -> None:
         """
         Move a verified temporary file into place (atomically) and index it;
-        its reservation of C{reserved} bytes becomes the blob's size.
+        its reservation (C{reserved} bytes, C{written} of them written)
+        becomes the blob's size.
         """
         final = self.path(digest)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(temporary, final)
-        self.unreserve(reserved)
-        self._add(str(digest), os.stat(final).st_size)
+        size = os.stat(final).st_size
+        self.unreserve(reserved, written)
+        self._add(str(digest), size)
         self._evict()
 
     def remove(self, digest: Digest) -> None:
