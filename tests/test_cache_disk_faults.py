@@ -427,6 +427,18 @@ class TemporaryReclaimTests(SynchronousTestCase):
         BlobStore(self.root).open()
         self.assertEqual(os.listdir(self.tmp), [os.path.basename(live)])
 
+    def test_legacy_tag_temporaries(self) -> None:
+        """Tag temporaries older versions left beside the entries are reclaimed too."""
+        folder = os.path.join(self.root, "tags", "ab")
+        os.makedirs(folder)
+        entry = os.path.join(folder, "ab" * 32)
+        leftover = f"{entry}.{dead_pid()}.0a0b"
+        for path in (entry, leftover):
+            with open(path, "w") as out:
+                out.write("1e12\n{}")
+        self.store.sweep()
+        self.assertEqual(os.listdir(folder), ["ab" * 32])
+
     def test_previous_process_with_our_pid(self) -> None:
         """A restarted container gets the same pid: what predates our start is not ours."""
         path = self.leave(f"{'ab' * 32}.{os.getpid()}.0011")

@@ -131,7 +131,21 @@ class BlobStore:
         """
         reclaim_temporaries(self._tmp, self._started)
         missing = [key for key in digests if not os.path.exists(self.path(Digest.parse(key)))]
-        return Survey(missing, metadata_files(self.root))
+        metadata = []
+        now = time.time()
+        for used, size, path in metadata_files(self.root):
+            name = os.path.basename(path)
+            # Tag temporaries of older versions were written beside the
+            # entries (tags/ab/<key>.<pid>.<nonce>); entries have no dot.
+            if "." in name and os.path.basename(os.path.dirname(os.path.dirname(path))) == "tags":
+                if is_abandoned(name, used, now, self._started):
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+                    continue
+            metadata.append((used, size, path))
+        return Survey(missing, metadata)
 
     def digests(self) -> list[str]:
         """The indexed digests, least recently used first."""
