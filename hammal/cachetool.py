@@ -8,9 +8,12 @@ tool and the server cannot disagree about what "least recently used" or
 anything and so replays the same order (last access, then digest) without
 C{open()}; a test holds the two to the same answer.
 
-A running server keeps its own index in memory and does not notice blobs
-removed behind its back: give it C{--cache-max-size} for routine eviction,
-and run C{gc} while it is stopped.
+It is safe on a running server: a server notices a blob removed behind
+its back when it next looks it up (and at its minute sweep), serves a blob
+removed under a reader from upstream, and only temporaries whose writer is
+gone or idle for 15 minutes are removed. Manifests and tag entries count
+against the size too. Unlike the server, the tool keeps no free-space
+floor: it evicts for C{--max-size} only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Iterable
 
 import attrs
 
-from hammal.cache.store import STALE_TEMPORARY_SECONDS, BlobStore
+from hammal.cache.store import BlobStore, FreeSpaceFloor, is_abandoned, metadata_files
 
 #: What makes a directory recognisably a hammal cache.
 CACHE_SUBDIRECTORIES = ("blobs", "manifests", "tmp")
@@ -111,7 +114,7 @@ def scan_temporaries(root: str, now: float | None = None) -> list[Temporary]:
             stat = os.stat(os.path.join(folder, name))
         except FileNotFoundError:
             continue
-        found.append(Temporary(name, stat.st_size, now - stat.st_mtime > STALE_TEMPORARY_SECONDS))
+        found.append(Temporary(name, stat.st_size, is_abandoned(name, stat.st_mtime, now, now)))
     return found
 
 
@@ -141,21 +144,34 @@ def stats(root: str) -> CacheStats:
     )
 
 
-def plan_eviction(blobs: Iterable[BlobFile], max_size: int | None) -> list[BlobFile]:
+def plan_eviction(
+    blobs: Iterable[BlobFile],
+    max_size: int | None,
+    metadata: Iterable[tuple[float, int, str]] = (),
+) -> list[BlobFile]:
     """
-    The blobs the store's eviction removes to fit C{max_size}: least
-    recently used first, until the rest fit.
+    The blobs the store's sweep removes to fit C{max_size}: oldest use
+    first among blobs and the manifests and tag entries (C{metadata}: last
+    use, size, path), until everything fits.
     """
-    ordered = sorted(blobs, key=lambda blob: (blob.used, blob.digest, blob.size))
     if max_size is None:
         return []
-    total = sum(blob.size for blob in ordered)
+    ordered = sorted(blobs, key=lambda blob: (blob.used, blob.digest, blob.size))
+    extra = list(metadata)
+    over = sum(blob.size for blob in ordered) + sum(size for _, size, _ in extra) - max_size
+    candidates: list[tuple[float, int, BlobFile | None]] = [
+        (used, size, None) for used, size, _ in extra
+    ]
+    candidates += [(blob.used, blob.size, blob) for blob in ordered]
+    candidates.sort(key=lambda candidate: candidate[0])
     evicted = []
-    for blob in ordered:
-        if total <= max_size:
+    freed = 0
+    for _, size, candidate in candidates:
+        if freed >= over:
             break
-        evicted.append(blob)
-        total -= blob.size
+        if candidate is not None:
+            evicted.append(candidate)
+        freed += size
     return evicted
 
 
@@ -171,10 +187,10 @@ def gc(root: str, max_size: int | None, dry_run: bool = False) -> GcResult:
     before = scan_blobs(root)
     stale = [temporary for temporary in scan_temporaries(root) if temporary.stale]
     if dry_run:
-        evicted = plan_eviction(before, max_size)
+        evicted = plan_eviction(before, max_size, metadata_files(root))
         remaining = [blob for blob in before if blob not in evicted]
         return GcResult(tuple(evicted), tuple(stale), len(remaining), _total(remaining), True)
-    store = BlobStore(root, max_size)
+    store = BlobStore(root, max_size, FreeSpaceFloor(size=0))
     store.open()
     left = {digest for digest, _ in store._walk()}
     evicted = [blob for blob in before if blob.digest not in left]

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
+from hammal.cache.store import FreeSpaceFloor
 from hammal.registry.auth import Credentials
 from hammal.registry.proxy_rules import ProxyRules
 from hammal.registry.reference import is_docker_hub, registry_names
@@ -91,7 +92,13 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("buffer-size", "256K", "Socket read/write buffer per connection (e.g. 64K, 1M)."),
     OptionSpec("max-upstream-connections", "64", "Persistent connections kept per upstream host."),
     OptionSpec("cache-dir", "var/cache", "Directory of the pull-through cache."),
-    OptionSpec("cache-max-size", None, "Largest size of cached blobs (e.g. 50G); LRU eviction past it."),
+    OptionSpec("cache-max-size", None, "Largest size of the cache directory (e.g. 50G); LRU eviction past it."),
+    OptionSpec(
+        "cache-min-free",
+        None,
+        "Free space the cache leaves on its disk: a size (10G) or a share (5%);"
+        " default the smaller of 2G and 5%.",
+    ),
     OptionSpec("manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."),
     OptionSpec("stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."),
     OptionSpec("negative-ttl", "30", "Seconds an upstream 404 for a tag or digest is remembered."),
@@ -239,6 +246,19 @@ def parse_size(text: str, what: str) -> int:
         raise ConfigError(f"{what} must be a size like 256K or 1M, not {text!r}")
     number, unit = int(match.group(1)), match.group(2).upper()
     return number * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
+
+
+def parse_free_space(text: str | None) -> FreeSpaceFloor:
+    """C{"10G"} or C{"5%"} (L{None}: the default floor) for C{--cache-min-free}."""
+    if not text:
+        return FreeSpaceFloor()
+    text = text.strip()
+    if text.endswith("%"):
+        share = _number(text[:-1], "--cache-min-free", 0)
+        if share >= 100:
+            raise ConfigError("--cache-min-free must be below 100%")
+        return FreeSpaceFloor(fraction=share / 100)
+    return FreeSpaceFloor(size=parse_size(text, "--cache-min-free"))
 
 
 def _number(text: str, what: str, minimum: float, integer: bool = False) -> float:
@@ -528,6 +548,7 @@ class Settings:
     max_upstream_connections: int = 64
     cache_dir: str | None = "var/cache"
     cache_max_size: int | None = None
+    cache_min_free: FreeSpaceFloor = FreeSpaceFloor()
     manifest_ttl: float = 300.0
     stale_if_error: float = 86400.0
     negative_ttl: float = 30.0
@@ -676,6 +697,7 @@ class Settings:
         except ValueError as failure:
             raise ConfigError(str(failure))
         cache_max_size = parse_size(max_size_text, "--cache-max-size") if max_size_text else None
+        cache_min_free = parse_free_space(text("cache-min-free"))
 
         return cls(
             port=port_description(text("port") or DEFAULT_PORT),
@@ -740,6 +762,7 @@ class Settings:
             debug=bool(options.get("debug")),
             status_show_clients=bool(options.get("status-show-clients")),
             cache_max_size=cache_max_size,
+            cache_min_free=cache_min_free,
             max_upstream_connections=int(
                 _number(
                     text("max-upstream-connections") or "64",

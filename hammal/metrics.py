@@ -135,6 +135,18 @@ digest_mismatches = Counter(
     "Upstream transfers rejected because their bytes did not match the digest.",
     registry=REGISTRY,
 )
+cache_bypasses = Counter(
+    "hammal_cache_bypasses",
+    "Blob reads that went on from upstream because the cache failed them locally.",
+    registry=REGISTRY,
+)
+cache_write_errors = Counter(
+    "hammal_cache_write_errors",
+    "Cache writes that failed (disk full, read-only, permissions, I/O errors) or were"
+    " refused for want of room, by what was written (blob, manifest, tag).",
+    ["kind"],
+    registry=REGISTRY,
+)
 
 
 def outcome_of(cache_status: str) -> str:

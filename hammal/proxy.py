@@ -21,8 +21,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from hammal.cache.blobs import BlobCache
-from hammal.cache.fetch import BlobFetch
+from hammal.cache.fetch import BlobFetch, StartUpstream
 from hammal.cache.layers import LayerKeeper
+from hammal.cache.writes import LocalCacheError
 from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
 from hammal.conditional import range_applies, without_conditionals
 from hammal.errors import (
@@ -238,18 +239,21 @@ class PullProxy:
         straight from upstream. A full C{200} body is verified against
         C{digest} while it streams.
         """
+        response: IResponse | None = None
         if self._blobs is not None:
-            reply = await self._cached_blob(method, name, digest, headers, trace, self._blobs)
-            if reply is not None:
-                return reply
-        response = await self._client.request(
-            method,
-            self.upstream_name(name),
-            f"blobs/{digest}",
-            headers,
-            trace,
-            follow_redirects=self._follow_blob_redirects,
-        )
+            cached = await self._cached_blob(method, name, digest, headers, trace, self._blobs)
+            if isinstance(cached, BlobReply):
+                return cached
+            response = cached  # the cache's refused fetch, handed over (or None)
+        if response is None:
+            response = await self._client.request(
+                method,
+                self.upstream_name(name),
+                f"blobs/{digest}",
+                headers,
+                trace,
+                follow_redirects=self._follow_blob_redirects,
+            )
         if response.code in REDIRECT_STATUSES and not self._follow_blob_redirects:
             await self._client.fetch_document(response, 64 * 1024)
             location = response.headers.getRawHeaders(b"location", [b""])[0]
@@ -281,31 +285,24 @@ class PullProxy:
         headers: Headers,
         trace: Trace,
         blobs: BlobCache,
-    ) -> BlobReply | None:
-        """The answer through the cache, or L{None} to go straight upstream."""
+    ) -> BlobReply | IResponse | None:
+        """
+        The answer through the cache, or L{None} to go straight upstream,
+        or upstream's answer to a fetch the cache refused, to relay as is.
+        """
         requested_range = headers.getRawHeaders(b"range", [None])[0]
         if not range_applies(headers, str(digest)):
             requested_range = None  # If-Range names other content: all of it
-        size = blobs.store.size(digest)
-        if size is not None:
-            blobs.store.touch(digest)
-            return self._cache_reply(
-                blobs, method, digest, size, requested_range, None, CACHE_HIT, b"application/octet-stream"
-            )
-        running = blobs.in_flight(digest)
-        if method == b"HEAD" and (running is None or running.size is None):
-            return None
-        if running is None and not blobs.has_room():
-            self.log.warn("cache disk is nearly full: serving {digest} uncached", digest=str(digest))
-            return None
         # The fill is shared: nothing of one client's request goes with it.
         upstream_headers = without_conditionals(headers)
         upstream_headers.removeHeader(b"range")
         upstream_name = self.upstream_name(name)
 
-        def start(offset: int) -> Deferred[IResponse]:
+        def start(offset: int, end: int | None = None) -> Deferred[IResponse]:
             attempt_headers = upstream_headers.copy()
-            if offset:
+            if end is not None:
+                attempt_headers.setRawHeaders(b"range", [b"bytes=%d-%d" % (offset, end - 1)])
+            elif offset:
                 attempt_headers.setRawHeaders(b"range", [b"bytes=%d-" % offset])
             return Deferred.fromCoroutine(
                 self._client.request(
@@ -317,9 +314,35 @@ class PullProxy:
                 )
             )
 
+        size = blobs.store.size(digest)
+        if size is not None:
+            blobs.store.touch(digest)
+            return self._cache_reply(
+                blobs,
+                method,
+                digest,
+                size,
+                requested_range,
+                None,
+                CACHE_HIT,
+                b"application/octet-stream",
+                start,
+            )
+        running = blobs.in_flight(digest)
+        if method == b"HEAD" and (running is None or running.size is None):
+            return None
+        if running is None and not blobs.has_room():
+            blobs.write_errors.record("blob", str(digest), "the cache disk is nearly full")
+            return None
         fetch, joined = blobs.fetch(digest, start, self.upstream_host, upstream_name)
         try:
             await fetch.when_started()
+        except LocalCacheError:
+            # The cache cannot take it: straight from upstream, on the
+            # fetch's own answer when it is what this client asked for.
+            if method == b"GET" and requested_range is None:
+                return fetch.take_response()
+            return None
         except (UpstreamUnavailable, UpstreamTimeout) as failure:
             stale_layer = self._layers is not None and self._layers.named_by_stale(digest)
             if not stale_layer or isinstance(failure, TransferBroken):
@@ -340,6 +363,7 @@ class PullProxy:
             fetch,
             CACHE_COALESCED if joined else CACHE_MISS,
             fetch.content_type,
+            start,
         )
 
     def _cache_reply(
@@ -352,6 +376,7 @@ class PullProxy:
         fetch: BlobFetch | None,
         cache_status: str,
         content_type: bytes,
+        start_upstream: StartUpstream | None = None,
     ) -> BlobReply:
         headers: HeaderList = [
             (b"content-type", [content_type]),
@@ -365,7 +390,11 @@ class PullProxy:
                 status, (start, end) = 206, selected
                 headers.append((b"content-range", [content_range(start, end, size)]))
         length = None if end is None else end - start
-        body = None if method == b"HEAD" else blobs.body(digest, start, end, fetch)
+        body = (
+            None
+            if method == b"HEAD"
+            else blobs.body(digest, start, end, fetch, start_upstream, self.upstream_host)
+        )
         return BlobReply(status, headers, length, body, cache_status)
 
     async def tags(self, name: str, query: str, headers: Headers, trace: Trace) -> Document:

@@ -21,7 +21,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from hammal.cache.fetch import BlobFetch
-from hammal.cache.follow import FileFollower
+from hammal.cache.follow import Bypass, FileFollower
 from hammal.stream import TransferBroken
 
 #: Bytes handed to one sendfile call.
@@ -60,8 +60,9 @@ class FileSender(FileFollower):
         start: int,
         end: int,
         fetch: BlobFetch | None = None,
+        bypass: Bypass | None = None,
     ) -> None:
-        super().__init__(request, clock, path, start, end, fetch)
+        super().__init__(request, clock, path, start, end, fetch, bypass)
         self._transport = transport
 
     def _buffered(self) -> int:
@@ -103,7 +104,7 @@ class FileSender(FileFollower):
                 self._finish(TransferBroken(f"sending to the client failed: {failure.strerror}"))
                 return
             if sent == 0:
-                self._finish(TransferBroken("the cache file ended early"))
+                self._local_failure("the cache file ended early")
                 return
             self._offset += sent
             self._consumer.sentLength += sent

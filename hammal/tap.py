@@ -49,6 +49,8 @@ from hammal.cache.manifests import (
     ManifestStore,
 )
 from hammal.cache.store import BlobStore
+from hammal.cache.sweep import CacheSweep
+from hammal.cache.writes import WriteErrors
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.listen import dual_stack_endpoint
 from hammal.logs import Destination, observer_name, set_destination
@@ -259,7 +261,9 @@ def _token_cache(redis: Any, reactor: Any) -> TokenCache:
     return ResilientTokenCache(RedisTokenCache(redis, reactor), local, reactor)
 
 
-def _manifest_cache(settings: Settings, redis: Any, reactor: Any) -> ManifestCacheFactory | None:
+def _manifest_cache(
+    settings: Settings, redis: Any, reactor: Any, write_errors: WriteErrors | None = None
+) -> ManifestCacheFactory | None:
     """Tag entries in Redis when configured (shared), else on disk."""
     if settings.cache_dir is None:
         return None
@@ -287,15 +291,18 @@ def _manifest_cache(settings: Settings, redis: Any, reactor: Any) -> ManifestCac
             stale_if_error=settings.stale_if_error,
             negative_ttl=settings.negative_ttl,
             deadline=settings.upstream_deadline,
+            write_errors=write_errors,
         )
 
     return build
 
 
-def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
+def _blob_cache(
+    settings: Settings, reactor: Any, write_errors: WriteErrors | None = None
+) -> BlobCache | None:
     if settings.cache_dir is None:
         return None
-    store = BlobStore(settings.cache_dir, settings.cache_max_size)
+    store = BlobStore(settings.cache_dir, settings.cache_max_size, settings.cache_min_free)
     try:
         store.open()
     except OSError as failure:
@@ -308,6 +315,7 @@ def _blob_cache(settings: Settings, reactor: Any) -> BlobCache | None:
         chunk_size=settings.buffer_size,
         offload=_thread_pool_offload(reactor),
         deadline=settings.upstream_deadline,
+        write_errors=write_errors,
     )
 
 
@@ -484,8 +492,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _log.info("outbound proxy: {proxies}", proxies=settings.proxies.describe())
     tokens = _token_cache(redis, reactor)
     policy = RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
-    blobs = _blob_cache(settings, reactor)
-    manifests = _manifest_cache(settings, redis, reactor)
+    write_errors = WriteErrors(reactor)  # one warning a minute for the whole cache
+    blobs = _blob_cache(settings, reactor, write_errors)
+    manifests = _manifest_cache(settings, redis, reactor, write_errors)
     referrers = (
         ReferrersCache(reactor, settings.manifest_ttl, settings.stale_if_error)
         if settings.cache_dir is not None
@@ -569,7 +578,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if redis is not None:
         readiness.add("redis", redis_answers(redis, reactor))
     if settings.cache_dir is not None:
-        readiness.add("cache", cache_dir_writable(settings.cache_dir))
+        # A full or read-only cache disk means "serving uncached", not "unready".
+        readiness.add("cache", cache_dir_writable(settings.cache_dir), required=False)
     readiness.add("upstream", lambda: probe.reachable(settings.ready_window))
 
     hashing = PasswordHashingPool()
@@ -631,6 +641,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         metrics_site = _QuietSite(metrics_root)
         _listen(reactor, settings.metrics_port, metrics_site, service)
     DrainService(readiness, lambda: site.active_requests, reactor, settings.drain_timeout).setServiceParent(service)
+    if blobs is not None:
+        CacheSweep(blobs.store, reactor, offload=_thread_pool_offload(reactor)).setServiceParent(service)
     return service
 
 

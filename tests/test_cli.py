@@ -537,13 +537,41 @@ class CacheToolTests(SynchronousTestCase):
         self.assertEqual(cachetool.stats(self.root).blob_bytes, 2000)
 
     def test_gc_size_units(self) -> None:
-        """--max-size takes hammal's sizes: 1K keeps one 1000-byte blob."""
-        status, _, _ = run("cache", "gc", "--cache-dir", self.root, "--max-size", "1K")
+        """
+        --max-size takes hammal's sizes and bounds the whole directory: 2K
+        (2048 bytes) keeps one 1000-byte blob beside the manifests and tag
+        entries (about 160 bytes), not two.
+        """
+        status, _, _ = run("cache", "gc", "--cache-dir", self.root, "--max-size", "2K")
         self.assertEqual(status, 0)
         self.assertEqual(
             [os.path.exists(blob_path(self.root, digest)) for digest in self.digests],
             [False, False, False, True],
         )
+
+    def test_gc_bounds_manifests_and_tags(self) -> None:
+        """Manifests and tag entries count against --max-size, evicted oldest first."""
+        manifests = os.path.join(self.root, "manifests")
+        old = [
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(manifests)
+            for name in names
+            if not name.endswith(".type")
+        ]
+        os.utime(old[0], (1, 1))  # the least recently used of all
+        status, _, _ = run("cache", "gc", "--cache-dir", self.root, "--max-size", "2K")
+        self.assertEqual(status, 0)
+        self.assertFalse(os.path.exists(old[0]))
+        self.assertFalse(os.path.exists(old[0] + ".type"))
+        self.assertTrue(os.path.exists(old[1]))
+        self.assertEqual(cachetool.stats(self.root).tags, 1)
+
+    def test_dry_run_plans_metadata_pressure(self) -> None:
+        """The dry run counts manifests and tags as gc does: the same blobs go."""
+        planned = cachetool.gc(self.root, 2048, dry_run=True)
+        done = cachetool.gc(self.root, 2048)
+        self.assertEqual(planned.evicted, done.evicted)
+        self.assertEqual(len(done.evicted), 3)
 
     def test_dry_run(self) -> None:
         """--dry-run removes nothing, and names exactly what gc then removes."""

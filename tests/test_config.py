@@ -497,6 +497,19 @@ class CacheOptionsTests(SynchronousTestCase):
         self.assertIsNone(settings(["--no-cache"]).cache_dir)
         self.assertIsNone(settings(environ={"HAMMAL_NO_CACHE": "yes"}).cache_dir)
 
+    def test_min_free(self) -> None:
+        """--cache-min-free takes a size or a share of the disk; default 2G or 5%."""
+        default = settings().cache_min_free
+        self.assertEqual(default.bytes_for(10 * 1024**3), 512 * 1024**2)
+        self.assertEqual(default.bytes_for(1024**4), 2 * 1024**3)
+        sized = settings(["--cache-min-free", "10G"]).cache_min_free
+        self.assertEqual(sized.bytes_for(1024**4), 10 * 1024**3)
+        share = settings(environ={"HAMMAL_CACHE_MIN_FREE": "10%"}).cache_min_free
+        self.assertEqual(share.bytes_for(1000), 100)
+        for bad in ("lots", "100%", "-1%"):
+            error = self.assertRaises(UsageError, parse, ["--cache-min-free", bad])
+            self.assertIn("--cache-min-free", str(error))
+
     def test_invalid_max_size(self) -> None:
         error = self.assertRaises(UsageError, parse, ["--cache-max-size", "lots"])
         self.assertIn("--cache-max-size", str(error))

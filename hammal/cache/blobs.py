@@ -5,7 +5,6 @@ L{BlobFetch} per digest, each client reading at its own pace.
 
 from __future__ import annotations
 
-import os
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -13,13 +12,14 @@ from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 
 from hammal import metrics
+from hammal.cache.bypass import UpstreamTail
 from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
+from hammal.cache.follow import Bypass
 from hammal.cache.store import BlobStore
+from hammal.cache.writes import WriteErrors
 from hammal.sendfile import FileSender, tcp_transport
 from hammal.registry.reference import Digest
-
-#: Free space below which new transfers are not written to disk.
-MIN_FREE_BYTES = 256 * 1024 * 1024
+from hammal.stream import BodySource
 
 
 @attrs.define(eq=False)
@@ -47,7 +47,9 @@ class CachedBody:
     """
     A L{hammal.stream.BodySource} reading C{[start, end)} of a cached blob,
     or of a fetch in progress. The blob is pinned against eviction while it
-    is read.
+    is read. Given C{start_upstream}, a cache that fails locally (the file
+    gone, unreadable, or the fetch unable to write it) is bypassed: the rest
+    comes from upstream.
     """
 
     def __init__(
@@ -57,13 +59,36 @@ class CachedBody:
         start: int,
         end: int | None,
         fetch: BlobFetch | None,
+        start_upstream: StartUpstream | None = None,
+        upstream: str = "upstream",
     ) -> None:
         self._cache = cache
         self._digest = digest
         self._start = start
         self._end = end
         self._fetch = fetch
+        self._start_upstream = start_upstream
+        self._upstream = upstream
         self._reader: BlobReader | FileSender | None = None
+
+    def _bypass(self) -> Bypass | None:
+        start_upstream = self._start_upstream
+        if start_upstream is None:
+            return None
+
+        def bypass(offset: int, end: int | None) -> BodySource:
+            metrics.cache_bypasses.inc()
+            return UpstreamTail(
+                start_upstream,
+                self._cache.clock,
+                self._cache.read_timeout,
+                self._upstream,
+                offset,
+                end,
+                self._digest,
+            )
+
+        return bypass
 
     def deliver(self, consumer: IConsumer) -> Deferred[int]:
         store = self._cache.store
@@ -74,7 +99,14 @@ class CachedBody:
         reader: BlobReader | FileSender
         if self._end is not None and transport is not None:
             reader = FileSender(
-                consumer, transport, self._cache.clock, path, self._start, self._end, self._fetch
+                consumer,
+                transport,
+                self._cache.clock,
+                path,
+                self._start,
+                self._end,
+                self._fetch,
+                self._bypass(),
             )
         else:
             reader = BlobReader(
@@ -85,6 +117,7 @@ class CachedBody:
                 self._end,
                 self._fetch,
                 self._cache.chunk_size,
+                self._bypass(),
             )
         self._reader = reader
         store.pin(self._digest)
@@ -128,10 +161,13 @@ class BlobCache:
         chunk_size: int = 256 * 1024,
         offload: Offload = run_here,
         deadline: float | None = None,
+        write_errors: WriteErrors | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.chunk_size = chunk_size
+        self.read_timeout = read_timeout
+        self.write_errors = write_errors if write_errors is not None else WriteErrors(clock)
         self._read_timeout = read_timeout
         self._resumes = resumes
         self._offload = offload
@@ -144,12 +180,8 @@ class BlobCache:
         self.use_sendfile = True
 
     def has_room(self) -> bool:
-        """Whether the disk has space for new transfers."""
-        try:
-            stat = os.statvfs(self.store.root)
-        except OSError:
-            return False
-        return stat.f_bavail * stat.f_frsize >= MIN_FREE_BYTES
+        """Whether the disk has space for new transfers (above the free-space floor)."""
+        return self.store.has_room()
 
     def in_flight(self, digest: Digest) -> BlobFetch | None:
         """The running fetch of C{digest}, if any."""
@@ -179,6 +211,7 @@ class BlobCache:
             upstream,
             self._offload,
             self._deadline,
+            self.write_errors,
         )
         key = str(digest)
         self._fetches[key] = fetch
@@ -212,7 +245,16 @@ class BlobCache:
         return list(self._transfers.values())
 
     def body(
-        self, digest: Digest, start: int, end: int | None, fetch: BlobFetch | None = None
+        self,
+        digest: Digest,
+        start: int,
+        end: int | None,
+        fetch: BlobFetch | None = None,
+        start_upstream: StartUpstream | None = None,
+        upstream: str = "upstream",
     ) -> CachedBody:
-        """A body source for bytes C{[start, end)}."""
-        return CachedBody(self, digest, start, end, fetch)
+        """
+        A body source for bytes C{[start, end)}, going on from upstream
+        through C{start_upstream} if the cache fails locally.
+        """
+        return CachedBody(self, digest, start, end, fetch, start_upstream, upstream)

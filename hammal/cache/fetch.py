@@ -9,13 +9,19 @@ its own client: a slow client never slows the fetch or the other clients,
 and a client leaving never stops the fetch. Readers are given bytes only up
 to the last complete chunk but one until the digest is verified, so a
 corrupt transfer is never seen complete by anyone.
+
+The cache's own failures are not upstream's: a disk that is full, fails a
+write or cannot be read back makes the fetch fail with L{LocalCacheError}
+(no resume, no blame on upstream), and its readers go on from upstream
+uncached (L{hammal.cache.bypass}). Bytes are written at explicit offsets,
+so the file always holds exactly what upstream sent up to C{written}.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
@@ -27,8 +33,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from hammal import metrics
-from hammal.cache.follow import FileFollower
+from hammal.cache.bypass import StartUpstream, starts_at
+from hammal.cache.follow import Bypass, FileFollower
 from hammal.cache.store import BlobStore
+from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
 from hammal.registry.client import default_deadline, upstream_error
 from hammal.registry.reference import Digest
@@ -42,8 +50,12 @@ from hammal.stream import (
     read_body,
 )
 
-StartUpstream = Callable[[int], Awaitable[IResponse]]
-"""Requests the blob from upstream starting at a byte offset."""
+__all__ = ["BlobFetch", "BlobReader", "DigestMismatch", "Offload", "StartUpstream", "run_here"]
+
+#: A fill of unknown size reserves room in the store in steps of this size.
+RESERVE_STEP = 8 * 1024 * 1024
+#: A fill checks the disk's free-space floor each time it wrote this much.
+CHECK_FREE_EVERY = 4 * 1024 * 1024
 
 Offload = Callable[..., Deferred[Any]]
 """Runs C{f(*args)} off the event loop (a thread pool) and returns its result."""
@@ -97,6 +109,7 @@ class BlobFetch:
         upstream: str,
         offload: Offload = run_here,
         deadline: float | None = None,
+        write_errors: WriteErrors | None = None,
     ) -> None:
         self.digest = digest
         self.store = store
@@ -118,6 +131,8 @@ class BlobFetch:
         self.written = 0
         self.readable = 0
         self.complete = False
+        #: The digest matched: every byte is readable, stored or not.
+        self.verified = False
         self.failure: RegistryError | None = None
         self.content_type = b"application/octet-stream"
         self.path = store.temporary_path(digest)
@@ -128,6 +143,12 @@ class BlobFetch:
         self._hashed = 0
         self._hashing: Deferred[int] | None = None
         self._hash_waiter: Deferred[None] | None = None
+        self._hash_broken: LocalCacheError | None = None
+        self._writer: _FileWriter | None = None
+        self._write_errors = write_errors if write_errors is not None else WriteErrors(clock)
+        self._reserved = 0
+        self._checked_free_at = 0
+        self._spare: IResponse | None = None
         self._listeners: set[Callable[[], None]] = set()
         self._started: list[Deferred[BlobFetch]] = []
         self.finished: Deferred[None] = Deferred()
@@ -136,7 +157,7 @@ class BlobFetch:
 
     def when_started(self) -> Deferred[BlobFetch]:
         """Fires once the temporary file exists and readers can follow."""
-        if self._fd is not None or self.complete:
+        if self._fd is not None or self.complete or self.verified:
             return succeed(self)
         if self.failure is not None:
             return fail(self.failure)
@@ -162,11 +183,16 @@ class BlobFetch:
             await self._transfer()
         except RegistryError as failure:
             self._fail(failure)
-        except Exception as failure:  # a bug must not leave readers hanging
+        except OSError as failure:
+            self._fail(LocalCacheError(f"cannot use the cache: {describe(failure)}"))
+        except Exception:  # a bug must not leave readers hanging
             self.log.failure("blob fetch {digest} crashed", digest=str(self.digest))
-            self._fail(RegistryError(f"internal error fetching {self.digest}: {failure}"))
+            self._fail(RegistryError(f"internal error fetching {self.digest}"))
         finally:
             self._close()
+            if self._reserved:
+                self.store.unreserve(self._reserved, self.written)
+                self._reserved = 0
             if not self.finished.called:
                 self.finished.callback(None)
 
@@ -176,7 +202,16 @@ class BlobFetch:
         content_type = response.headers.getRawHeaders(b"content-type")
         if content_type:
             self.content_type = content_type[0]
-        self._open()
+        try:
+            self._make_room()
+            self._open()
+        except (OSError, LocalCacheError) as failure:
+            # A waiter may take this answer over and stream it uncached;
+            # else it is dropped when the failure is known (see _fail).
+            self._spare = response
+            if isinstance(failure, OSError):
+                raise LocalCacheError(f"cannot create the cache file: {describe(failure)}")
+            raise
         for d in self._started:
             d.callback(self)
         self._started.clear()
@@ -215,7 +250,7 @@ class BlobFetch:
         self.upstream_requests += 1
         response = await self._start_upstream(offset)
         if response.code == 200 or (response.code == 206 and offset > 0):
-            if response.code == 206 and not _starts_at(response, offset):
+            if response.code == 206 and not starts_at(response, offset):
                 await discard_body(response, self._bounds)
                 raise TransferBroken(f"{self._upstream} answered a resume with the wrong range")
             if not_a_blob(response):
@@ -228,25 +263,59 @@ class BlobFetch:
             body = b""
         raise upstream_error(response, body, self._upstream)
 
+    def _make_room(self) -> None:
+        """Reserve room for the blob in the store, or refuse to cache it."""
+        if self.size is None:
+            if not self.store.has_room():
+                raise LocalCacheError("the cache disk is nearly full")
+            return
+        if not self.store.reserve(self.size):
+            raise LocalCacheError(f"no room in the cache for {self.size} bytes")
+        self._reserved = self.size
+
+    def _ensure_room(self, end: int) -> None:
+        """Keep within the reservation and above the free-space floor while writing."""
+        if end > self._reserved:
+            step = max(RESERVE_STEP, end - self._reserved)
+            if not self.store.reserve(step):
+                raise LocalCacheError("the cache is full")
+            self._reserved += step
+        if end - self._checked_free_at >= CHECK_FREE_EVERY:
+            self._checked_free_at = end
+            if not self.store.has_room():
+                raise LocalCacheError("the cache disk is nearly full")
+
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._hash_fd = os.open(self.path, os.O_RDONLY)
 
     def _receive(self, response: IResponse, skip: int) -> Deferred[None]:
         writer = _FileWriter(self, skip, self._clock, self._read_timeout, self._upstream)
+        self._writer = writer
         response.deliverBody(writer)
         return writer.done
 
     def append(self, data: bytes) -> None:
         """Write a chunk to the temporary file; readers may use the previous ones."""
         assert self._fd is not None
+        if self._hash_broken is not None:
+            raise self._hash_broken
         if self.size is not None and self.written + len(data) > self.size:
             raise TransferBroken(f"{self._upstream} sent more bytes than announced")
+        self._ensure_room(self.written + len(data))
         view = memoryview(data)
-        while view:
-            count = os.write(self._fd, view)
-            view = view[count:]
+        offset = self.written
+        try:
+            while view:
+                count = os.pwrite(self._fd, view, offset)
+                if count <= 0:
+                    raise OSError(errno.EIO, "the cache file accepts no more bytes")
+                view = view[count:]
+                offset += count
+        except OSError as failure:
+            raise LocalCacheError(f"cannot write the cache file: {describe(failure)}")
         metrics.upstream_bytes.inc(len(data))
+        self.store.wrote(len(data))
         self.readable = self.written
         self.written += len(data)
         self._hash_more()
@@ -257,6 +326,8 @@ class BlobFetch:
 
     def _hash_more(self) -> None:
         if self._hashing is not None or self._hash_fd is None or self.failure is not None:
+            return
+        if self._hash_broken is not None:
             return
         if self._hashed >= self.written:
             if self._hash_waiter is not None:
@@ -274,13 +345,26 @@ class BlobFetch:
         self._hash_more()
 
     def _hash_failed(self, failure: Failure) -> None:
+        """
+        Reading the file back failed part-way: the hasher holds an unknown
+        prefix, so the fill fails (locally) rather than feed it again.
+        """
         self._hashing = None
+        reason = (
+            describe(failure.value) if isinstance(failure.value, OSError) else failure.getErrorMessage()
+        )
+        broken = LocalCacheError(f"cannot read back the cache file: {reason}")
+        self._hash_broken = broken
         if self._hash_waiter is not None:
             waiter, self._hash_waiter = self._hash_waiter, None
-            waiter.errback(TransferBroken(f"cannot hash the cache file: {failure.getErrorMessage()}"))
+            waiter.errback(broken)
+        elif self._writer is not None:
+            self._writer.abandon(broken)
 
     def _hashed_all(self) -> Deferred[None]:
         """Fires once every byte written so far went through the hasher."""
+        if self._hash_broken is not None:
+            return fail(self._hash_broken)
         waiter: Deferred[None] = Deferred()
         self._hash_waiter = waiter
         self._hash_more()
@@ -302,31 +386,58 @@ class BlobFetch:
         # durable before the blob enters the store.
         self.size = self.written
         self.readable = self.written
+        self.verified = True
         self._notify()
         assert self._fd is not None
         try:
             await self._offload(os.fdatasync, self._fd)
-            self.store.commit(self.path, self.digest)
+            self.store.commit(self.path, self.digest, self._reserved, self.written)
+            self._reserved = 0
         except OSError as failure:
-            self.log.warn(
-                "could not store {digest}: {error}", digest=str(self.digest), error=failure
-            )
+            # Not stored: readers finish from the files they hold open;
+            # the temporary goes now, not at the next sweep.
+            self._write_errors.record("blob", str(self.digest), describe(failure))
+            self._unlink()
+            self._notify()
+            return
         self.complete = True
         self._notify()
 
     def _fail(self, failure: RegistryError) -> None:
+        if isinstance(failure, LocalCacheError):
+            self._write_errors.record("blob", str(self.digest), failure.message)
         self.failure = failure
         for d in self._started:
             d.errback(failure)
         self._started.clear()
+        if self._spare is not None:
+            # Waiters take it over now; whoever comes later has missed it.
+            self._clock.callLater(0, self._drop_spare)
+        self._unlink()
+        self._notify()
+
+    def _drop_spare(self) -> None:
+        if self._spare is not None:  # nobody took it over
+            discard_body(self._spare)  # drops the connection past 64 KiB
+            self._spare = None
+
+    def take_response(self) -> IResponse | None:
+        """
+        The upstream answer (a whole C{200}, body unread) of a fetch the
+        cache refused before it wrote anything, for one waiter to stream
+        uncached instead of asking upstream again; L{None} once taken, and
+        after the reactor turn in which the fetch failed.
+        """
+        response, self._spare = self._spare, None
+        return response
+
+    def _unlink(self) -> None:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
         except OSError as problem:
-            if problem.errno != errno.ENOENT:
-                self.log.warn("could not remove {path}: {error}", path=self.path, error=problem)
-        self._notify()
+            self.log.warn("could not remove {path}: {error}", path=self.path, error=problem)
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -345,17 +456,6 @@ class BlobFetch:
 
                 self._hashing.addBoth(close_after)
             self._hash_fd = None
-
-
-def _starts_at(response: IResponse, offset: int) -> bool:
-    values = response.headers.getRawHeaders(b"content-range", [])
-    if not values:
-        return False
-    text = values[0].decode("latin-1").strip()
-    if not text.startswith("bytes "):
-        return False
-    start = text[6:].split("-", 1)[0]
-    return start.isdigit() and int(start) == offset
 
 
 class _FileWriter(Protocol):
@@ -388,10 +488,12 @@ class _FileWriter(Protocol):
                 return
         try:
             self._fetch.append(data)
-        except TransferBroken as broken:
+        except (TransferBroken, LocalCacheError) as broken:
             self._stop(broken)
-        except OSError as failure:
-            self._stop(TransferBroken(f"cannot write the cache file: {failure.strerror}"))
+
+    def abandon(self, error: RegistryError) -> None:
+        """Stop receiving for a reason of our own (the cache failed)."""
+        self._stop(error)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._idle is not None and self._idle.active():
@@ -439,8 +541,9 @@ class BlobReader(FileFollower):
         end: int | None,
         fetch: BlobFetch | None = None,
         chunk_size: int = 256 * 1024,
+        bypass: Bypass | None = None,
     ) -> None:
-        super().__init__(consumer, clock, path, start, end, fetch)
+        super().__init__(consumer, clock, path, start, end, fetch, bypass)
         self._chunk_size = chunk_size
 
     def _pump(self) -> None:
@@ -455,7 +558,7 @@ class BlobReader(FileFollower):
                 return
             data = os.pread(self._fd, min(self._chunk_size, limit - self._offset), self._offset)
             if not data:
-                self._finish(TransferBroken("the cache file ended early"))
+                self._local_failure("the cache file ended early")
                 return
             self._offset += len(data)
             self._consumer.write(data)

@@ -1,22 +1,28 @@
 """
 The common part of everything that sends a byte range of a cache file to
 a client: following a transfer in flight, pausing and resuming with the
-client, and ending exactly once.
+client, ending exactly once, and going on from upstream (through a
+I{bypass}) when the cache fails locally.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
-from hammal.stream import TransferBroken
+from hammal.cache.writes import LocalCacheError, describe
+from hammal.stream import BodySource, TransferBroken
 
 if TYPE_CHECKING:
     from hammal.cache.fetch import BlobFetch
+
+Bypass = Callable[[int, "int | None"], BodySource]
+"""C{bypass(offset, end)}: bytes C{[offset, end)} of the blob from upstream, uncached."""
 
 
 @implementer(IPushProducer)
@@ -26,10 +32,16 @@ class FileFollower:
     read from a complete cache file or behind a L{BlobFetch} as it grows.
     Subclasses move the bytes in L{_pump}.
 
+    When the file fails for a local reason (it cannot be opened or read,
+    or the fetch being followed could not write it) and a C{bypass} is
+    given, the rest of the range comes from upstream instead.
+
     @ivar done: fires with the byte count once the range was delivered;
         fails with the fetch's error, or L{TransferBroken} when the client
         went away.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -39,6 +51,7 @@ class FileFollower:
         start: int,
         end: int | None,
         fetch: BlobFetch | None = None,
+        bypass: Bypass | None = None,
     ) -> None:
         self.done: Deferred[int] = Deferred()
         self._consumer = consumer
@@ -52,18 +65,23 @@ class FileFollower:
         self._paused = False
         self._stopped = False
         self._scheduled: IDelayedCall | None = None
+        self._bypass = bypass
+        self._tail: BodySource | None = None
+        self._registered = False
 
     def begin(self) -> None:
         """Open the file, register with the consumer and start sending."""
         try:
             self._fd = os.open(self._path, os.O_RDONLY)
         except OSError as failure:
-            self._finish(TransferBroken(f"cannot read the cache file: {failure.strerror}"))
+            if not self._failed_fetch():  # gone with a failed fetch: its failure
+                self._local_failure(describe(failure))
             return
         self._consumer.registerProducer(self, True)
+        self._registered = True
         if self._fetch is not None:
             self._fetch.subscribe(self._progress)
-        self._pump()
+        self._run_pump()
 
     # IPushProducer.
 
@@ -80,6 +98,8 @@ class FileFollower:
         """The client went away."""
         self._stopped = True
         self._finish(TransferBroken("the client went away"))
+        if self._tail is not None:
+            self._tail.stop()
 
     # For subclasses.
 
@@ -93,19 +113,62 @@ class FileFollower:
 
     def _schedule(self) -> None:
         if self._scheduled is None or not self._scheduled.active():
-            self._scheduled = self._clock.callLater(0, self._pump)
+            self._scheduled = self._clock.callLater(0, self._run_pump)
+
+    def _run_pump(self) -> None:
+        """L{_pump}, whose failures end this reader (never the reactor's turn)."""
+        try:
+            self._pump()
+        except OSError as failure:
+            self._scheduled = None
+            self._local_failure(describe(failure))
+        except Exception:
+            self._scheduled = None
+            self.log.failure("reading a cache file failed")
+            self._finish(TransferBroken("internal error reading the cache"))
 
     def _failed_fetch(self) -> bool:
-        """End with the fetch's failure, if it failed."""
-        if self._fetch is not None and self._fetch.failure is not None:
-            self._finish(self._fetch.failure)
-            return True
-        return False
+        """End with the fetch's failure, if it failed (go on uncached if that was local)."""
+        failure = self._fetch.failure if self._fetch is not None else None
+        if failure is None:
+            return False
+        if isinstance(failure, LocalCacheError):
+            self._local_failure(failure.message)
+        else:
+            self._finish(failure)
+        return True
+
+    def _local_failure(self, reason: str) -> None:
+        """
+        The cache file failed us, not upstream: the rest of the range comes
+        from upstream (the bytes sent so far are exactly upstream's).
+        """
+        if self.done.called or self._stopped:
+            return
+        self._release()
+        if self._bypass is None:
+            self._finish(TransferBroken(f"cannot read the cache: {reason}"))
+            return
+        if self._registered:
+            self._consumer.unregisterProducer()
+            self._registered = False
+        sent = self._offset - self._start
+        self._tail = self._bypass(self._offset, self._end)
+        self._tail.deliver(self._consumer).addCallbacks(
+            lambda count: self._finish_tail(sent + count), self._finish_tail
+        )
+
+    def _finish_tail(self, result: Any) -> None:
+        if not self.done.called:
+            if isinstance(result, int):
+                self.done.callback(result)
+            else:
+                self.done.errback(result)
 
     def _limit(self) -> int | None:
         """How far we may read now; L{None} while nothing more is known."""
         fetch = self._fetch
-        if fetch is None or fetch.complete:
+        if fetch is None or fetch.complete or fetch.verified:
             if self._end is not None:
                 return self._end
             return fetch.size if fetch is not None else None
@@ -118,10 +181,10 @@ class FileFollower:
     def _delivered(self, limit: int | None) -> bool:
         if self._end is not None:
             return self._offset >= self._end
-        complete = self._fetch is None or self._fetch.complete
+        complete = self._fetch is None or self._fetch.complete or self._fetch.verified
         return complete and limit is not None and self._offset >= limit
 
-    def _finish(self, failure: Exception | None) -> None:
+    def _release(self) -> None:
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None
@@ -130,6 +193,9 @@ class FileFollower:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def _finish(self, failure: Exception | None) -> None:
+        self._release()
         if self.done.called:
             return
         if failure is None:

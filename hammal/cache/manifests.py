@@ -16,15 +16,17 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Coroutine, Iterable
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.coalesce import Coalescer
 from hammal.errors import (
     RegistryError,
@@ -56,6 +58,9 @@ MANIFEST_TYPES = frozenset(
         "application/vnd.oci.image.index.v1+json",
     }
 )
+#: A stored manifest's file records its last use at most this often (seconds).
+USE_MARK_INTERVAL = 3600.0
+
 INDEX_TYPES = frozenset(
     {
         "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -127,6 +132,23 @@ class ManifestStore:
         self._memory_limit = memory_limit
         self._recent: OrderedDict[Digest, StoredManifest] = OrderedDict()
         self._recent_bytes = 0
+        self._marked: dict[Digest, float] = {}
+
+    def _mark_used(self, digest: Digest) -> None:
+        """
+        Record a use in the file's mtime (at most once per L{USE_MARK_INTERVAL}):
+        eviction of the cache directory goes by it.
+        """
+        now = time.time()
+        if now - self._marked.get(digest, 0.0) < USE_MARK_INTERVAL:
+            return
+        if len(self._marked) > 100000:
+            self._marked.clear()
+        self._marked[digest] = now
+        try:
+            os.utime(self._path(digest))
+        except OSError:
+            pass
 
     def open(self) -> None:
         os.makedirs(self._root, exist_ok=True)
@@ -140,6 +162,7 @@ class ManifestStore:
         remembered = self._recent.get(digest)
         if remembered is not None:
             self._recent.move_to_end(digest)
+            self._mark_used(digest)
             return remembered
         manifest = self._load(digest)
         if manifest is not None:
@@ -167,10 +190,16 @@ class ManifestStore:
             return None
         if Digest.of(body, digest.algorithm) != digest:
             return None  # damaged on disk: refetch rather than serve it
+        self._mark_used(digest)
         return StoredManifest(digest, media_type, body)
 
     def put(self, manifest: StoredManifest) -> None:
-        """Store a manifest whose digest the caller verified."""
+        """
+        Store a manifest whose digest the caller verified.
+
+        @raise OSError: when the disk refuses it (the manifest is still
+            kept in memory; no temporary file is left behind).
+        """
         self._remember(manifest)
         path = self._path(manifest.digest)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -178,10 +207,9 @@ class ManifestStore:
             (path + ".type", manifest.media_type.encode("ascii", "replace")),
             (path, manifest.body),
         ):
-            temporary = os.path.join(self._tmp, f"m.{os.getpid()}.{secrets.token_hex(6)}")
-            with open(temporary, "wb") as out:
-                out.write(content)
-            os.replace(temporary, target)
+            _write_atomically(
+                os.path.join(self._tmp, f"m.{os.getpid()}.{secrets.token_hex(6)}"), target, content
+            )
 
 
 class DiskTagStore:
@@ -192,10 +220,12 @@ class DiskTagStore:
 
     def __init__(self, root: str, clock: IReactorTime) -> None:
         self._root = os.path.join(root, "tags")
+        self._tmp = os.path.join(root, "tmp")
         self._clock = clock
 
     def open(self) -> None:
         os.makedirs(self._root, exist_ok=True)
+        os.makedirs(self._tmp, exist_ok=True)
 
     def _path(self, key: str) -> str:
         return os.path.join(self._root, key[:2], key)
@@ -211,12 +241,19 @@ class DiskTagStore:
             return succeed(None)
 
     def set(self, key: str, value: str, ttl: float) -> Deferred[None]:
+        """
+        Write the entry (atomically, through C{tmp/} where the periodic
+        sweep reclaims what a crash leaves); fails with L{LocalCacheError}
+        when the disk refuses it.
+        """
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-        with open(temporary, "w", encoding="utf-8") as entry:
-            entry.write(f"{self._clock.seconds() + ttl}\n{value}")
-        os.replace(temporary, path)
+        temporary = os.path.join(self._tmp, f"t.{os.getpid()}.{secrets.token_hex(4)}")
+        content = f"{self._clock.seconds() + ttl}\n{value}".encode()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_atomically(temporary, path, content)
+        except OSError as failure:
+            return fail(LocalCacheError(f"cannot store a tag entry: {describe(failure)}"))
         return succeed(None)
 
     def delete(self, key: str) -> Deferred[None]:
@@ -225,6 +262,20 @@ class DiskTagStore:
         except OSError:
             pass
         return succeed(None)
+
+
+def _write_atomically(temporary: str, target: str, content: bytes) -> None:
+    """Write C{content} to C{temporary}, then rename it to C{target}; unlink it on failure."""
+    try:
+        with open(temporary, "wb") as out:
+            out.write(content)
+        os.replace(temporary, target)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 FetchManifest = Callable[[str, Reference, Headers, Trace], Coroutine[Any, Any, Document]]
@@ -258,7 +309,9 @@ class ManifestCache:
         stale_if_error: float = 86400.0,
         negative_ttl: float = 30.0,
         deadline: float | None = None,
+        write_errors: WriteErrors | None = None,
     ) -> None:
+        self._write_errors = write_errors if write_errors is not None else WriteErrors(clock)
         self._store = store
         self._tags = tags
         self._clock = clock
@@ -421,7 +474,7 @@ class ManifestCache:
         try:
             self._store.put(stored)
         except OSError as failure:
-            self.log.warn("could not store manifest {digest}: {error}", digest=str(stored.digest), error=failure)
+            self._write_errors.record("manifest", str(stored.digest), describe(failure))
             return stored
         if media_type in INDEX_TYPES:
             Deferred.fromCoroutine(self._fetch_children(name, stored, headers))
@@ -486,6 +539,8 @@ class ManifestCache:
         stale-if-error to any client accepting that type). An entry that
         another process wrote from a later question is newer knowledge
         (the tag may have moved since C{asked_at}): it is not overwritten.
+        A write the disk refuses leaves the entry in this process's memory
+        only: the client still gets the manifest it asked for.
         """
         entry = TagEntry(str(stored.digest), stored.media_type, asked_at)
         latest = getattr(self._tags, "get_latest", self._tags.get)  # shared store first
@@ -495,7 +550,12 @@ class ManifestCache:
                 self._keep_recent_tag(entry_key, current)
                 continue
             self._keep_recent_tag(entry_key, entry)
-            await self._tags.set(entry_key, entry.dumps(), self._ttl + self._stale_if_error)
+            try:
+                await self._tags.set(entry_key, entry.dumps(), self._ttl + self._stale_if_error)
+            except (OSError, LocalCacheError) as failure:
+                reason = describe(failure) if isinstance(failure, OSError) else failure.message
+                self._write_errors.record("tag", stored.digest.hex[:12], reason)
+                return
 
     def _check_negative(self, key: str) -> None:
         remembered = self._negative.get(key)

@@ -2,8 +2,10 @@
 ``/healthz`` and ``/readyz`` for orchestrators.
 
 ``/healthz`` says the process serves. ``/readyz`` says it should get
-traffic: not draining, Redis answering (when configured), the cache
-directory writable, and upstream reached recently (or reachable now).
+traffic: not draining, Redis answering (when configured), and upstream
+reached recently (or reachable now). Whether the cache directory accepts
+writes is reported too, but does not make hammal unready: a cache that
+cannot be written only means serving uncached.
 """
 
 from __future__ import annotations
@@ -26,9 +28,20 @@ class Readiness:
     def __init__(self) -> None:
         self.draining = False
         self._checks: list[tuple[str, Check]] = []
+        self._advisory: set[str] = set()
 
-    def add(self, name: str, check: Check) -> None:
+    def add(self, name: str, check: Check, required: bool = True) -> None:
+        """
+        Add a check; one that is not C{required} is reported but leaves
+        hammal ready (it degrades the service, it does not stop it).
+        """
         self._checks.append((name, check))
+        if not required:
+            self._advisory.add(name)
+
+    def is_ready(self, report: dict[str, str]) -> bool:
+        """Whether every required check in C{report} passed."""
+        return all(value == "ok" for name, value in report.items() if name not in self._advisory)
 
     async def report(self) -> dict[str, str]:
         """Every check's outcome (``ok`` or the problem)."""
@@ -92,7 +105,7 @@ class ReadyResource(Resource):
 
     async def _answer(self, request: Request) -> None:
         report = await self._readiness.report()
-        ready = all(value == "ok" for value in report.values())
+        ready = self._readiness.is_ready(report)
         body = json.dumps({"ready": ready, "checks": report}).encode()
         if getattr(request, "_disconnected", False):
             return

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -702,21 +703,22 @@ class FaultUpstreamCacheTests(unittest.TestCase):
 
     def test_restart_keeps_cache(self) -> None:
         """A new hammal on the same --cache-dir serves the blob as a hit with
-        no upstream request, and removes an abandoned temporary (old mtime)
-        while keeping a fresh one."""
+        no upstream request, and removes at once a temporary whose writer is
+        gone (a kill -9), while keeping one whose writer still runs (another
+        process sharing the directory)."""
         cache = self.make_dir()
         first = self.start(cache_dir=cache)
         self.expect_blob(self.get(first, SMALL), SMALL, "the first GET")
         self.expect(wait_stored(cache, digest_of(SMALL)), "the first GET was not stored")
         first.stop()
         tmp = os.path.join(cache, "tmp")
-        abandoned = os.path.join(tmp, digest_of(LARGE)[7:] + ".99999.deadbeef")
-        fresh = os.path.join(tmp, digest_of(LARGE)[7:] + ".99998.cafecafe")
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        abandoned = os.path.join(tmp, digest_of(LARGE)[7:] + f".{gone.pid}.deadbeef")
+        fresh = os.path.join(tmp, digest_of(LARGE)[7:] + f".{os.getpid()}.cafecafe")
         for path in (abandoned, fresh):
             with open(path, "wb") as f:
                 f.write(blob(LARGE)[:4096])
-        hour_ago = time.time() - 3600
-        os.utime(abandoned, (hour_ago, hour_ago))
         self.upstream.reset()
 
         second = self.start(cache_dir=cache)
