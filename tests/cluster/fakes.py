@@ -1,15 +1,21 @@
 """
 In-memory doubles for the cluster unit tests: a Redis that knows the
 commands and the two lease scripts hammal sends, with expiry on a
-L{task.Clock}, and switches for an outage or a Redis that never answers.
+L{task.Clock}, and switches for an outage or a Redis that never answers;
+and an S3 endpoint (L{FakeS3}) to serve through L{treq.testing.StubTreq}.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from hammal.cluster.lease import RELEASE_SCRIPT, RENEW_SCRIPT
 
@@ -97,3 +103,135 @@ class FakeRedis:
             raise AssertionError(f"unexpected script {script!r}")
 
         return self._answer(("eval", script, key, tuple(args)), compute)
+
+
+class FakeS3(Resource):
+    """
+    An in-memory, path-style S3 endpoint with one bucket: objects, ranged
+    GET, HEAD, DELETE, and multipart uploads (create, part, complete,
+    abort). It records every request and checks that each is signed and
+    that a signed payload hash matches the body.
+
+    @ivar fail_parts: answer part uploads with this status instead.
+    @ivar hold: leave every request unanswered (for timeouts).
+    @ivar complete_error: answer completion with 200 and an C{<Error>} body.
+    """
+
+    isLeaf = True
+
+    def __init__(self, bucket: str) -> None:
+        super().__init__()
+        self.bucket = bucket
+        self.objects: dict[str, bytes] = {}
+        self.uploads: dict[str, dict[int, bytes]] = {}
+        self.requests: list[tuple[str, str, dict[str, str], int]] = []
+        self.fail_parts: int | None = None
+        self.hold = False
+        self.complete_error = False
+        self.held: list[Request] = []
+        self._ids = 0
+
+    def render(self, request: Request) -> Any:
+        method = request.method.decode()
+        path = unquote(request.path.decode())
+        # Not request.args: Twisted drops a bare "?uploads" (no "=").
+        query = dict(
+            (unquote(name), unquote(value))
+            for name, _, value in (
+                pair.partition("=") for pair in urlsplit(request.uri.decode()).query.split("&")
+            )
+            if name
+        )
+        headers = {
+            k.decode().lower(): vs[0].decode()
+            for k, vs in request.requestHeaders.getAllRawHeaders()
+        }
+        body = request.content.read()
+        self.requests.append((method, request.uri.decode(), headers, len(body)))
+        if self.hold:
+            self.held.append(request)
+            return NOT_DONE_YET
+        if not headers.get("authorization", "").startswith("AWS4-HMAC-SHA256 "):
+            return self._error(request, 403, "AccessDenied", "unsigned")
+        payload = headers.get("x-amz-content-sha256")
+        if payload != "UNSIGNED-PAYLOAD" and payload != hashlib.sha256(body).hexdigest():
+            return self._error(request, 400, "XAmzContentSHA256Mismatch", "payload hash")
+        bucket, _, key = path.lstrip("/").partition("/")
+        if bucket != self.bucket:
+            return self._error(request, 404, "NoSuchBucket", bucket)
+        if "uploads" in query and method == "POST":
+            self._ids += 1
+            upload_id = f"up+{self._ids}/="
+            self.uploads[upload_id] = {}
+            return (
+                b"<InitiateMultipartUploadResult xmlns='http://s3.amazonaws.com/doc/2006-03-01/'>"
+                b"<Bucket>b</Bucket><Key>k</Key><UploadId>%s</UploadId>"
+                b"</InitiateMultipartUploadResult>" % upload_id.encode()
+            )
+        if "uploadId" in query:
+            return self._multipart(request, method, key, query, body)
+        if method == "PUT":
+            self.objects[key] = body
+            request.setHeader(b"etag", b'"%s"' % hashlib.md5(body).hexdigest().encode())
+            return b""
+        data = self.objects.get(key)
+        if data is None:
+            if method == "HEAD":
+                request.setResponseCode(404)
+                return b""
+            return self._error(request, 404, "NoSuchKey", key)
+        if method == "DELETE":
+            del self.objects[key]
+            request.setResponseCode(204)
+            return b""
+        if method == "HEAD":
+            request.setHeader(b"content-length", str(len(data)).encode())
+            return b""
+        range_header = headers.get("range")
+        if range_header:
+            first, _, last = range_header.removeprefix("bytes=").partition("-")
+            start = int(first)
+            stop = int(last) + 1 if last else len(data)
+            if start >= len(data):
+                return self._error(request, 416, "InvalidRange", range_header)
+            request.setResponseCode(206)
+            request.setHeader(
+                b"content-range", f"bytes {start}-{stop - 1}/{len(data)}".encode()
+            )
+            return data[start:stop]
+        return data
+
+    def _multipart(
+        self, request: Request, method: str, key: str, query: dict[str, str], body: bytes
+    ) -> bytes:
+        upload_id = query["uploadId"]
+        parts = self.uploads.get(upload_id)
+        if parts is None:
+            return self._error(request, 404, "NoSuchUpload", upload_id)
+        if method == "PUT":
+            if self.fail_parts is not None:
+                return self._error(request, self.fail_parts, "InternalError", "part")
+            number = int(query["partNumber"])
+            parts[number] = body
+            request.setHeader(b"etag", b'"etag-%d"' % number)
+            return b""
+        if method == "DELETE":
+            del self.uploads[upload_id]
+            request.setResponseCode(204)
+            return b""
+        # POST: complete.
+        if self.complete_error:
+            return b"<Error><Code>InternalError</Code><Message>late</Message></Error>"
+        listed = [int(n) for n in re.findall(rb"<PartNumber>(\d+)</PartNumber>", body)]
+        if listed != sorted(parts):
+            return self._error(request, 400, "InvalidPart", repr(listed))
+        self.objects[key] = b"".join(parts[n] for n in listed)
+        del self.uploads[upload_id]
+        return b"<CompleteMultipartUploadResult><Key>k</Key></CompleteMultipartUploadResult>"
+
+    def _error(self, request: Request, status: int, code: str, message: str) -> bytes:
+        request.setResponseCode(status)
+        return (
+            f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+            f"<Message>{message}</Message></Error>"
+        ).encode()

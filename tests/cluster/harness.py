@@ -10,10 +10,15 @@ exit in any case); every directory comes from L{make_tempdir}.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import sys
 
 from twisted.trial.unittest import SkipTest
+
+from tests.integration.environment import ManagedProcess, make_tempdir, wait_until
 
 
 def require_binaries(*paths: str) -> None:
@@ -32,3 +37,135 @@ def which(name: str, *fallbacks: str) -> str:
         if os.path.exists(path):
             return path
     return fallbacks[0] if fallbacks else name
+
+
+def free_ports(count: int) -> list[int]:
+    """C{count} distinct loopback TCP ports that were free a moment ago."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _venv_bin(name: str) -> str:
+    """C{name} beside this interpreter (the venv's C{bin/}), else on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.path.exists(beside) else which(name, beside)
+
+
+WEED_BIN = _venv_bin("weed")
+
+#: The S3 identity the SeaweedFS harness accepts (nothing else is).
+S3_ACCESS_KEY = "hammal-test-access"
+S3_SECRET_KEY = "hammal-test-secret-4d1e"
+S3_REGION = "us-east-1"
+
+
+class SeaweedFS:
+    """
+    A one-process SeaweedFS (master, volume, filer and S3 gateway) on free
+    loopback ports, whose S3 API accepts only requests signed for
+    L{S3_ACCESS_KEY}/L{S3_SECRET_KEY}.
+
+    Every port is chosen here, gRPC ones included (SeaweedFS would take
+    port + 10000), and the side services it starts by default on fixed
+    ports (Iceberg, Lance) are turned off.
+    """
+
+    def __init__(self, workdir: str | None = None) -> None:
+        self.workdir = workdir or make_tempdir("hammal-seaweedfs-")
+        self.process: ManagedProcess | None = None
+        self.s3_port = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The S3 endpoint URL (path-style)."""
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def environ(self) -> dict[str, str]:
+        """The C{AWS_*} variables for this store."""
+        return {
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_REGION": S3_REGION,
+        }
+
+    def start(self) -> "SeaweedFS":
+        """Start the server and return without waiting (see L{wait_ready})."""
+        config = os.path.join(self.workdir, "s3.json")
+        with open(config, "w") as f:
+            json.dump(
+                {
+                    "identities": [
+                        {
+                            "name": "hammal",
+                            "credentials": [
+                                {"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}
+                            ],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                },
+                f,
+            )
+        data = os.path.join(self.workdir, "data")
+        os.makedirs(data, exist_ok=True)
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
+        self.s3_port = s3
+        argv = [
+            WEED_BIN, "server",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=20",
+            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={config}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]
+        self.process = ManagedProcess(
+            "seaweedfs", argv, os.path.join(self.workdir, "weed.log"), cwd=self.workdir
+        ).start()
+        return self
+
+    def answers(self) -> bool:
+        """True once the S3 gateway answers HTTP (any status)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.s3_port), timeout=1) as s:
+                s.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                return s.recv(16).startswith(b"HTTP/")
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the S3 gateway answers."""
+        wait_until(self.answers, "SeaweedFS's S3 gateway", timeout, self.process, 0.2)
+
+    def stop(self) -> None:
+        """Stop the server."""
+        if self.process is not None:
+            self.process.stop()
+
+
+_seaweedfs: SeaweedFS | None = None
+
+
+def shared_seaweedfs() -> SeaweedFS:
+    """
+    One SeaweedFS per trial process, started on first use (it takes a few
+    seconds) and stopped at exit; tests keep apart by key prefix.
+    """
+    global _seaweedfs
+    require_binaries(WEED_BIN)
+    if _seaweedfs is None or _seaweedfs.process is None or not _seaweedfs.process.running():
+        server = SeaweedFS().start()
+        try:
+            server.wait_ready()
+        except Exception:
+            server.stop()
+            raise
+        _seaweedfs = server
+    return _seaweedfs
