@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 
 from twisted.trial.unittest import SkipTest
@@ -169,3 +170,107 @@ def shared_seaweedfs() -> SeaweedFS:
             raise
         _seaweedfs = server
     return _seaweedfs
+
+
+HAPROXY_BIN = which("haproxy", "/usr/sbin/haproxy")
+
+
+def haproxy_config(
+    port: int,
+    backends: list[tuple[str, int]],
+    timeout: float = 300.0,
+    health_path: str | None = None,
+) -> str:
+    """
+    An HAProxy configuration: HTTP on C{127.0.0.1:port}, round-robin over
+    C{backends} (host, port). C{timeout} (seconds) bounds client and server
+    inactivity and must exceed the slowest large-blob transfer; with
+    C{health_path}, a backend that fails C{GET health_path} is taken out.
+    """
+    seconds = max(1, int(timeout))
+    lines = [
+        "global",
+        "    maxconn 4096",
+        "",
+        "defaults",
+        "    mode http",
+        "    option http-keep-alive",
+        "    timeout connect 5s",
+        f"    timeout client {seconds}s",
+        f"    timeout server {seconds}s",
+        "    timeout http-request 30s",
+        # A node that refuses connections (killed) costs no request: the
+        # connection is retried on another server.
+        "    retries 2",
+        "    option redispatch 1",
+        "",
+        "frontend hammal",
+        f"    bind 127.0.0.1:{port}",
+        "    default_backend nodes",
+        "",
+        "backend nodes",
+        "    balance roundrobin",
+    ]
+    if health_path:
+        lines.append(f"    option httpchk GET {health_path}")
+    check = " check inter 1s fall 2 rise 1" if health_path else ""
+    for index, (host, backend_port) in enumerate(backends, 1):
+        lines.append(f"    server node{index} {host}:{backend_port}{check}")
+    return "\n".join(lines) + "\n"
+
+
+class HAProxy:
+    """C{haproxy -db} in the foreground with a config from L{haproxy_config}."""
+
+    def __init__(
+        self,
+        backends: list[tuple[str, int]],
+        workdir: str | None = None,
+        **options: object,
+    ) -> None:
+        self.workdir = workdir or make_tempdir("hammal-haproxy-")
+        self.backends = backends
+        self.options = options
+        self.port = free_ports(1)[0]
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        """The balancer's base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "HAProxy":
+        """Write the config, check it (C{haproxy -c}) and start."""
+        config = os.path.join(self.workdir, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(haproxy_config(self.port, self.backends, **self.options))  # type: ignore[arg-type]
+        check = subprocess.run(
+            [HAPROXY_BIN, "-c", "-q", "-f", config],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy refused its config: {check.stdout}{check.stderr}")
+        self.process = ManagedProcess(
+            "haproxy", [HAPROXY_BIN, "-db", "-f", config],
+            os.path.join(self.workdir, "haproxy.log"), cwd=self.workdir,
+        ).start()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the frontend accepts connections."""
+        wait_until(lambda: _port_open(self.port), "haproxy's frontend", timeout, self.process)
+
+    def stop(self) -> None:
+        """Stop HAProxy."""
+        if self.process is not None:
+            self.process.stop()
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
