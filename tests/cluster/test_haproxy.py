@@ -6,6 +6,8 @@ two trivial Twisted backends, and taking a dead one out.
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
 from typing import Any
 
 from treq.client import HTTPClient
@@ -17,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from tests.cluster.harness import HAPROXY_BIN, HAProxy, haproxy_config, require_binaries
+from tests.integration.environment import REPO_ROOT
 
 
 class _Named(Resource):
@@ -45,6 +48,18 @@ class ConfigTests(SynchronousTestCase):
         config = haproxy_config(1, [("10.0.0.1", 5000)], health_path="/healthz")
         self.assertIn("    option httpchk GET /healthz\n", config)
         self.assertIn("    server node1 10.0.0.1:5000 check inter 1s fall 2 rise 1\n", config)
+
+
+class ShippedConfigTests(SynchronousTestCase):
+    def test_deploy_config_is_valid(self) -> None:
+        """deploy/cluster/haproxy.cfg passes C{haproxy -c}."""
+        require_binaries(HAPROXY_BIN)
+        config = os.path.join(REPO_ROOT, "deploy", "cluster", "haproxy.cfg")
+        check = subprocess.run(
+            [HAPROXY_BIN, "-c", "-f", config], capture_output=True, text=True, timeout=30
+        )
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        self.assertIn("balance roundrobin", open(config).read())
 
 
 class BalancingTests(TestCase):
