@@ -104,6 +104,41 @@ class FillLeaseTests(SynchronousTestCase):
         self.successResultOf(lease.release())
         self.assertEqual(self.redis.data[KEY][0], B)
 
+    def test_restarted_instance_adopts_its_old_lease(self) -> None:
+        """A lease left by a killed run of this instance is not waited out."""
+        old = self.acquire(self.a)
+        old._stop_renewing()  # killed
+        self.clock.advance(4.0)
+        restarted = FillLeases(self.redis, self.clock, A, ttl=9.0)
+        lease = self.acquire(restarted)
+        self.assertIsInstance(lease, Lease)
+        self.assertTrue(lease.shared)
+        self.assertEqual(self.redis.ttl(KEY), 9.0)
+        self.clock.advance(6.0)
+        self.assertEqual(self.redis.ttl(KEY), 9.0)  # renewed at 7 and 10, not 3 left
+        self.assertIsInstance(self.acquire(self.b), HeldElsewhere)
+
+    def test_same_process_does_not_fill_twice(self) -> None:
+        first = self.acquire(self.a)
+        self.assertEqual(self.acquire(self.a), HeldElsewhere(DIGEST, A))
+        self.successResultOf(first.release())
+        self.assertIsInstance(self.acquire(self.a), Lease)
+
+    def test_adoption_races_lose_cleanly(self) -> None:
+        """If the old lease changed hands between SET and adoption, no lease is taken."""
+        self.redis.data[KEY] = (A, 5.0)
+        restarted = FillLeases(self.redis, self.clock, A, ttl=9.0)
+        real_eval = self.redis.eval
+
+        def handed_over(script: str, keys: list[str], args: list[Any]) -> Any:
+            self.redis.data[KEY] = (B, 9.0)
+            return real_eval(script, keys, args)
+
+        self.redis.eval = handed_over  # type: ignore[method-assign]
+        held = self.acquire(restarted)
+        self.assertEqual(held, HeldElsewhere(DIGEST, B))
+        self.assertEqual(self.redis.data[KEY][0], B)
+
     def test_release_twice(self) -> None:
         lease = self.acquire(self.a)
         self.successResultOf(lease.release())

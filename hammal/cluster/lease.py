@@ -121,6 +121,7 @@ class Lease:
             return succeed(None)
         self.released = True
         self._stop_renewing()
+        self._owner._forget(self)
         if not self.shared or self.lost:
             return succeed(None)
         return self._owner._release(self)
@@ -162,6 +163,8 @@ class FillLeases:
         self._retry_after = retry_after
         self._prefix = prefix
         self._down_until: float | None = None
+        # Shared leases this process holds, by digest.
+        self._held: dict[str, Lease] = {}
 
     # Redis health ------------------------------------------------------
 
@@ -207,6 +210,12 @@ class FillLeases:
         Take the fill lease for C{digest}: a L{Lease} to fill it (shared, or
         local when Redis is unusable), or L{HeldElsewhere} naming the
         instance that fills it. Never fails.
+
+        A lease that names this instance's URL but that this process does
+        not hold was left by an earlier run of this instance: it is adopted.
+        One that this process holds gives L{HeldElsewhere} with its own URL
+        (a second fill of the same digest in one process waits for the
+        first).
         """
         return Deferred.fromCoroutine(self._acquire(digest))
 
@@ -226,14 +235,31 @@ class FillLeases:
             if won is _FAILED:
                 return Lease(self, digest, shared=False)
             if won:
-                lease = Lease(self, digest, shared=True)
-                lease._start_renewing(self.renew_every, self._clock)
-                return lease
+                return self._hold(digest)
             holder = await self.holder(digest)
+            if holder == self.advertise and digest not in self._held:
+                # Left by an earlier run of this instance (killed, then
+                # restarted before the TTL ran out): nobody fills it. Adopt
+                # it, atomically, unless it changed hands meanwhile.
+                if await self._renew_key(digest):
+                    log.info("adopted the fill lease for {digest} left by a previous run",
+                             digest=digest)
+                    return self._hold(digest)
+                continue
             if holder is not None:
                 return HeldElsewhere(digest, holder)
             # The lease expired or was released between SET and GET: try again.
         return Lease(self, digest, shared=False)
+
+    def _hold(self, digest: str) -> Lease:
+        lease = Lease(self, digest, shared=True)
+        self._held[digest] = lease
+        lease._start_renewing(self.renew_every, self._clock)
+        return lease
+
+    def _forget(self, lease: Lease) -> None:
+        if self._held.get(lease.digest) is lease:
+            del self._held[lease.digest]
 
     def holder(self, digest: str) -> Deferred[str | None]:
         """The URL of the instance filling C{digest}, or L{None}."""
@@ -244,9 +270,20 @@ class FillLeases:
         return d.addCallbacks(_text, self._failed, errbackArgs=("lookup", None))
 
     def _renew(self, lease: Lease) -> Deferred[bool | None]:
+        d = self._renew_key(lease.digest)
+
+        def lost(still_ours: bool | None) -> bool | None:
+            if still_ours is False:
+                self._forget(lease)
+            return still_ours
+
+        return d.addCallback(lost)
+
+    def _renew_key(self, digest: str) -> Deferred[bool | None]:
+        """Extend C{digest}'s lease if it holds our URL (None: Redis failed)."""
         if not self._usable():
             return succeed(None)
-        key = self._key(lease.digest)
+        key = self._key(digest)
         ms = max(1, int(self.ttl * 1000))
         d = self._call(lambda: self._redis.eval(RENEW_SCRIPT, [key], [self.advertise, ms]))
         return d.addCallbacks(lambda n: bool(n), self._failed, errbackArgs=("renewal", None))

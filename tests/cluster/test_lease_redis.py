@@ -88,6 +88,18 @@ class RedisLeaseTests(TestCase):
         yield taken.release()
 
     @inlineCallbacks
+    def test_restarted_instance_adopts_its_lease(self) -> Any:
+        old = yield self.leases(A).acquire(DIGEST)
+        old._stop_renewing()  # killed
+        restarted = self.leases(A)
+        lease = yield restarted.acquire(DIGEST)
+        self.assertIsInstance(lease, Lease)
+        self.assertTrue(lease.shared)
+        yield _sleep(2 * TTL)
+        self.assertEqual((yield self.leases(B).acquire(DIGEST)), HeldElsewhere(DIGEST, A))
+        yield lease.release()
+
+    @inlineCallbacks
     def test_scripts_leave_another_holders_lease_alone(self) -> Any:
         a = self.leases(A)
         lost: list[Lease] = []
