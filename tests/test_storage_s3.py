@@ -14,6 +14,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from hammal.storage.objects import object_key
 from hammal.storage.s3 import (
     MIN_PART_SIZE,
     S3Credentials,
@@ -302,3 +303,19 @@ class UploadTests(StoreTestCase):
         self.assertEqual(error.code, "InternalError")
         self.assertEqual(self.s3.uploads, {})
         self.assertEqual(self.s3.objects, {})
+
+
+class ObjectKeyTests(SynchronousTestCase):
+    def test_layout(self) -> None:
+        digest = "sha256:" + "ab" * 32
+        self.assertEqual(object_key("blobs", digest), "blobs/sha256/ab/" + "ab" * 32)
+        self.assertEqual(object_key("manifests", digest), "manifests/sha256/ab/" + "ab" * 32)
+
+    def test_refuses_non_digests(self) -> None:
+        for kind, digest in (
+            ("blobs", "sha256:short"),
+            ("blobs", "../../etc/passwd"),
+            ("blobs", "sha256:" + "a" * 63 + "/"),
+            ("tags", "sha256:" + "ab" * 32),
+        ):
+            self.assertRaises(ValueError, object_key, kind, digest)

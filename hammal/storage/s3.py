@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ElementTree
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
 import attrs
@@ -35,6 +35,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 import treq
+
+if TYPE_CHECKING:
+    from hammal.storage.objects import ObjectStore, ObjectUpload
 
 log = Logger()
 
@@ -548,3 +551,9 @@ class S3Upload:
                 key=self.key,
                 error=str(e) or type(e).__name__,
             )
+
+
+if TYPE_CHECKING:
+
+    def _fits_the_contract(store: S3Store, upload: S3Upload) -> tuple[ObjectStore, ObjectUpload]:
+        return store, upload
