@@ -262,6 +262,41 @@ class PeerEndpointTests(TestCase):
         self.assertEqual(b"".join(received), data[:4000])
 
     @inlineCallbacks
+    def test_last_byte_waits_for_verification(self) -> Any:
+        """All bytes written is not a complete body until the digest matched."""
+        data = _data(100_000)
+        digest = _digest(data)
+        fill = Fill(self.mktemp(), len(data))
+        fill.append(data)
+        self.blobs[digest] = fill.growing()
+        response = yield self.client.fetch(self.peer, digest)
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        for _ in range(50):
+            yield deferLater(reactor, 0.01, lambda: None)
+            if len(b"".join(received)) == len(data) - 1:
+                break
+        self.assertEqual(b"".join(received), data[:-1])
+        self.assertNoResult(done)
+        fill.end(len(data))
+        yield done
+        self.assertEqual(b"".join(received), data)
+
+    @inlineCallbacks
+    def test_whole_but_wrong_is_aborted(self) -> Any:
+        data = _data(100_000)
+        digest = _digest(data)
+        fill = Fill(self.mktemp(), len(data))
+        fill.append(data)
+        self.blobs[digest] = fill.growing()
+        response = yield self.client.fetch(self.peer, digest)
+        done = treq.content(response)
+        yield deferLater(reactor, 0.05, lambda: None)
+        fill.end(RuntimeError("digest mismatch"))
+        with self.assertRaises(ResponseFailed):
+            yield done
+
+    @inlineCallbacks
     def test_stalled_fill_aborts(self) -> Any:
         data = _data(100_000)
         digest = _digest(data)

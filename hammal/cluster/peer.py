@@ -191,7 +191,9 @@ class GrowingFileSender:
     """
     Writes bytes C{[start, end)} of a L{GrowingFile} to a request as they
     become available, pausing with the client; aborts the connection when
-    the fill fails or stalls.
+    the fill fails or stalls. The blob's last byte is sent only once the
+    fill is verified, so a peer never receives a whole body that failed
+    its digest.
     """
 
     def __init__(
@@ -215,6 +217,7 @@ class GrowingFileSender:
         self._paused = False
         self._stopped = False
         self._fill_failed = False
+        self._verified = False
         self._next: IDelayedCall | None = None
         self._stall: IDelayedCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -232,7 +235,7 @@ class GrowingFileSender:
         # Headers now, even if no byte is there yet: the peer knows the
         # transfer started (and its response timeout ends).
         self._request.write(b"")
-        self._blob.when_done().addErrback(self._failed_fill)
+        self._blob.when_done().addCallbacks(self._verified_fill, self._failed_fill)
         if self._blob.subscribe is not None:
             self._unsubscribe = self._blob.subscribe(self._progress)
         self._arm_stall()
@@ -273,7 +276,11 @@ class GrowingFileSender:
         if self._fill_failed:
             self._abort()
             return
-        available = min(self._blob.written(), self._end)
+        # The last byte waits for the fill's verdict: with Content-Length
+        # sent, the peer would take a body that is all there as complete
+        # even if its digest turns out wrong.
+        limit = self._end if self._verified else self._end - 1
+        available = min(self._blob.written(), limit)
         if self._offset < available:
             try:
                 data = os.pread(self._fd, min(CHUNK, available - self._offset), self._offset)
@@ -295,6 +302,11 @@ class GrowingFileSender:
         # Caught up with the fill: wait for more (notified, or poll).
         if self._blob.subscribe is None:
             self._schedule(self._poll_interval)
+
+    def _verified_fill(self, result: object) -> None:
+        self._verified = True
+        if not self._stopped and not self._paused:
+            self._schedule(0)
 
     def _failed_fill(self, failure: Failure) -> None:
         self._fill_failed = True
