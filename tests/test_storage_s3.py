@@ -264,6 +264,27 @@ class UploadTests(StoreTestCase):
             {h["x-amz-content-sha256"] for h in part_headers}, {"UNSIGNED-PAYLOAD"}
         )
 
+    def test_write_waits_for_the_part(self) -> None:
+        """A write that fills a part fires once that part is stored: backpressure."""
+        upload = self.store.open_upload("slow")
+        self.s3.hold = True
+        d = upload.write(b"p" * MIN_PART_SIZE)
+        self.stub.flush()
+        self.assertNoResult(d)
+        # The held request was the upload's creation; let the store answer.
+        self.s3.hold = False
+        (create,) = self.s3.held
+        create.write(
+            b"<InitiateMultipartUploadResult><UploadId>u1</UploadId>"
+            b"</InitiateMultipartUploadResult>"
+        )
+        self.s3.uploads["u1"] = {}
+        create.finish()
+        self.stub.flush()
+        self.successResultOf(d)
+        self.assertEqual(upload.parts, 1)
+        self.assertEqual(len(self.s3.uploads["u1"][1]), MIN_PART_SIZE)
+
     def test_abort_leaves_nothing(self) -> None:
         upload = self.store.open_upload("bad")
         self.write_all(upload, b"y" * (9 * MiB))
