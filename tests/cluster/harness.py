@@ -10,6 +10,7 @@ exit in any case); every directory comes from L{make_tempdir}.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -81,6 +82,7 @@ class SeaweedFS:
         self.workdir = workdir or make_tempdir("hammal-seaweedfs-")
         self.process: ManagedProcess | None = None
         self.s3_port = 0
+        self._grpc_ports: list[int] = []
 
     @property
     def endpoint(self) -> str:
@@ -117,6 +119,7 @@ class SeaweedFS:
         os.makedirs(data, exist_ok=True)
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = free_ports(8)
         self.s3_port = s3
+        self._grpc_ports = [master_grpc, volume_grpc, filer_grpc, s3_grpc]
         argv = [
             WEED_BIN, "server",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
@@ -126,6 +129,8 @@ class SeaweedFS:
             "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={config}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-filer.localSocket={os.path.join(self.workdir, 'filer.sock')}",
+            f"-s3.localSocket={os.path.join(self.workdir, 's3.sock')}",
         ]
         self.process = ManagedProcess(
             "seaweedfs", argv, os.path.join(self.workdir, "weed.log"), cwd=self.workdir
@@ -146,9 +151,15 @@ class SeaweedFS:
         wait_until(self.answers, "SeaweedFS's S3 gateway", timeout, self.process, 0.2)
 
     def stop(self) -> None:
-        """Stop the server."""
+        """Stop the server (and remove the socket it leaves in /tmp)."""
         if self.process is not None:
             self.process.stop()
+        # Not configurable: SeaweedFS puts a socket per gRPC port in /tmp.
+        for role in ("master", "volume", "filer", "s3"):
+            for port in self._grpc_ports:
+                path = f"/tmp/seaweedfs-{role}-grpc-{port}.sock"
+                if os.path.exists(path):
+                    os.unlink(path)
 
 
 _seaweedfs: SeaweedFS | None = None
@@ -169,6 +180,7 @@ def shared_seaweedfs() -> SeaweedFS:
             server.stop()
             raise
         _seaweedfs = server
+        atexit.register(server.stop)
     return _seaweedfs
 
 
