@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Callable
 
 import treq
@@ -206,6 +207,20 @@ class PeerEndpointTests(TestCase):
         with self.assertRaises(PeerError) as caught:
             yield self.client.fetch(self.peer, _digest(b"nothing"))
         self.assertEqual(caught.exception.status, 404)
+
+    @inlineCallbacks
+    def test_file_gone(self) -> Any:
+        """A file removed between lookup and read is a 404, not a hang."""
+        fill = Fill(self.mktemp(), 10)
+        fill.append(b"0123456789")
+        fill.end(10)
+        digest = _digest(b"0123456789")
+        self.blobs[digest] = fill.growing()
+        os.unlink(fill.path)
+        with self.assertRaises(PeerError) as caught:
+            yield self.client.fetch(self.peer, digest, start=2)
+        self.assertEqual(caught.exception.status, 404)
+        self.assertIn("gone", str(caught.exception))
 
     @inlineCallbacks
     def test_nobody_listening(self) -> Any:

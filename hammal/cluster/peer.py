@@ -227,8 +227,14 @@ class GrowingFileSender:
         try:
             self._fd = os.open(self._blob.path, os.O_RDONLY)
         except OSError as e:
+            # Gone (evicted, say) before a byte was sent: an honest 404.
             log.warn("peer read of {path} failed: {error}", path=self._blob.path, error=e.strerror)
-            self._abort()
+            self._stopped = True
+            for name in (b"content-range", b"docker-content-digest"):
+                self._request.responseHeaders.removeHeader(name)
+            body = _oci_error(self._request, 404, "BLOB_UNKNOWN", "the blob is gone")
+            self._request.write(body)
+            self._request.finish()
             return
         self._request.notifyFinish().addErrback(lambda _: self._stop())
         self._request.registerProducer(self, True)
