@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
@@ -31,6 +31,7 @@ from hammal.cluster.peer import (
     mount_peer_endpoint,
 )
 from hammal.cluster.peerauth import PeerAuth
+from tests.cluster.fakes import Fill
 
 KEY = b"cluster-key-for-tests-0123456789abcdef"
 
@@ -42,55 +43,6 @@ def _data(size: int) -> bytes:
 
 def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-class Fill:
-    """A file being filled by the test, as the cache would."""
-
-    def __init__(self, path: str, size: int) -> None:
-        self.path = path
-        self.size = size
-        self.written = 0
-        self._listeners: list[Callable[[], None]] = []
-        self._waiters: list[Deferred[Any]] = []
-        self.outcome: Any = None
-        open(path, "wb").close()
-
-    def append(self, data: bytes) -> None:
-        with open(self.path, "ab") as f:
-            f.write(data)
-        self.written += len(data)
-        for listener in list(self._listeners):
-            listener()
-
-    def end(self, outcome: Any) -> None:
-        self.outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if isinstance(outcome, Exception):
-                d.errback(outcome)
-            else:
-                d.callback(outcome)
-
-    def when_done(self) -> Deferred[Any]:
-        if self.outcome is None:
-            d: Deferred[Any] = Deferred()
-            self._waiters.append(d)
-            return d
-        return succeed(self.outcome)
-
-    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
-
-    def growing(self, notify: bool = True) -> GrowingFile:
-        return GrowingFile(
-            self.path,
-            self.size,
-            lambda: self.written,
-            self.when_done,
-            self.subscribe if notify else None,
-        )
 
 
 class PeerEndpointTests(TestCase):

@@ -2,14 +2,15 @@
 In-memory doubles for the cluster unit tests: a Redis that knows the
 commands and the two lease scripts hammal sends, with expiry on a
 L{task.Clock}, and switches for an outage or a Redis that never answers;
-and an S3 endpoint (L{FakeS3}) to serve through L{treq.testing.StubTreq}.
+an S3 endpoint (L{FakeS3}) to serve through L{treq.testing.StubTreq}; and
+a cache file being filled (L{Fill}) for the peer endpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -18,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from hammal.cluster.lease import RELEASE_SCRIPT, RENEW_SCRIPT
+from hammal.cluster.peer import GrowingFile
 
 
 class FakeRedisDown(ConnectionError):
@@ -235,3 +237,52 @@ class FakeS3(Resource):
             f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
             f"<Message>{message}</Message></Error>"
         ).encode()
+
+
+class Fill:
+    """A file being filled by the test, as the cache would."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.written = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._waiters: list[Deferred[Any]] = []
+        self.outcome: Any = None
+        open(path, "wb").close()
+
+    def append(self, data: bytes) -> None:
+        with open(self.path, "ab") as f:
+            f.write(data)
+        self.written += len(data)
+        for listener in list(self._listeners):
+            listener()
+
+    def end(self, outcome: Any) -> None:
+        self.outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if isinstance(outcome, Exception):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+
+    def when_done(self) -> Deferred[Any]:
+        if self.outcome is None:
+            d: Deferred[Any] = Deferred()
+            self._waiters.append(d)
+            return d
+        return succeed(self.outcome)
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def growing(self, notify: bool = True) -> GrowingFile:
+        return GrowingFile(
+            self.path,
+            self.size,
+            lambda: self.written,
+            self.when_done,
+            self.subscribe if notify else None,
+        )

@@ -27,9 +27,9 @@ from hammal.cluster.peer import GrowingFile, PeerBlobResource, PeerClient, mount
 from hammal.cluster.peerauth import PeerAuth, generate_key
 from hammal.storage.objects import object_key
 from hammal.storage.s3 import S3Credentials, S3Location, S3Store
+from tests.cluster.fakes import Fill
 from tests.cluster.harness import require_binaries, shared_seaweedfs
 from tests.integration.environment import REDIS_BIN, RedisServer, make_tempdir
-from tests.test_cluster_peer import Fill
 
 MiB = 1024 * 1024
 
