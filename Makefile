@@ -3,8 +3,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := redis-server docker-registry skopeo curl golang-go iproute2 util-linux chromium chromium-driver containerd podman tinyproxy
-SYSTEM_BINARIES := redis-server docker-registry skopeo curl go ip unshare chromium chromedriver containerd ctr podman tinyproxy
+SYSTEM_PACKAGES := redis-server docker-registry skopeo curl golang-go iproute2 util-linux chromium chromium-driver containerd podman tinyproxy haproxy
+SYSTEM_BINARIES := redis-server docker-registry skopeo curl go ip unshare chromium chromedriver containerd ctr podman tinyproxy haproxy
 export PYTHONPATH := $(CURDIR)
 # Large socket buffers make glibc map and unmap memory constantly; these keep
 # it from doing so (see README, "Performance").
