@@ -1,7 +1,7 @@
 """Profile hammal under one of the benchmark's loads with py-spy.
 
-    .venv/bin/pip install py-spy        # not a project dependency
-    PYTHONPATH=. .venv/bin/python -m bench.profile cold [--svg] [--out DIR]
+    .venv/bin/pip install -r requirements-dev.txt     # py-spy
+    PYTHONPATH=. .venv/bin/python -m bench.profile cold [--svg] [--strace] [--out DIR]
 
 Scenarios: ``cold`` (four 128 MiB layers pulled cold, one after another),
 ``warm`` (the same, from the cache), ``concurrent`` (50 concurrent cold
@@ -11,6 +11,8 @@ py-spy samples hammal while the load runs and writes collapsed stacks
 (``DIR/SCENARIO.txt``; with ``--svg`` a flame graph ``DIR/SCENARIO.svg`` from
 a second run). The summary printed is the share of samples per function:
 *self* (the function itself was running) and *total* (it was on the stack).
+``--strace``: one more run under ``strace -c -f`` (``DIR/SCENARIO.strace``),
+the system calls every thread of hammal made, by count and time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bench.stack import ACCEPT_ALL, BenchUpstream, HammalBench, bench_workdir, b
 from tests.integration.environment import clean_env
 
 PY_SPY = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+STRACE = shutil.which("strace") or "/usr/bin/strace"
 
 
 def summarize(collapsed: str, top: int = 25) -> str:
@@ -95,9 +98,13 @@ def _short(frame: str) -> str:
 
 
 def record(pid: int, out: str, fmt: str, load: Callable[[], None]) -> None:
-    """Run py-spy on *pid* while *load* runs; stop it with SIGINT after."""
-    argv = [PY_SPY, "record", "--pid", str(pid), "--rate", "200", "--format", fmt,
-            "--output", out, "--idle"]
+    """Run py-spy (or strace, for C{fmt} "strace") on *pid* while *load*
+    runs; stop it with SIGINT after."""
+    if fmt == "strace":
+        argv = [STRACE, "-c", "-f", "-p", str(pid), "-o", out]
+    else:
+        argv = [PY_SPY, "record", "--pid", str(pid), "--rate", "200", "--format", fmt,
+                "--output", out, "--idle", "--threads"]
     spy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            env=clean_env())
     try:
@@ -117,6 +124,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("scenario", choices=["cold", "warm", "concurrent", "manifests"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "profiles"))
     parser.add_argument("--svg", action="store_true", help="also record a flame graph")
+    parser.add_argument("--strace", action="store_true",
+                        help="also count hammal's system calls (strace -c -f)")
     parser.add_argument("--buffer-size", default="1M")
     args = parser.parse_args(argv)
     if not os.access(PY_SPY, os.X_OK):
@@ -155,6 +164,8 @@ def main(argv: List[str] | None = None) -> int:
         runs = [("raw", os.path.join(args.out, f"{args.scenario}.txt"))]
         if args.svg:
             runs.append(("flamegraph", os.path.join(args.out, f"{args.scenario}.svg")))
+        if args.strace:
+            runs.append(("strace", os.path.join(args.out, f"{args.scenario}.strace")))
         for fmt, out in runs:
             hammal.restart_fresh()
             prepare()
@@ -162,6 +173,9 @@ def main(argv: List[str] | None = None) -> int:
             record(hammal.pids()[0], out, fmt, load)
         with open(runs[0][1]) as f:
             print(summarize(f.read()))
+        if args.strace:
+            with open(runs[-1][1]) as f:
+                print("\nsystem calls (strace -c -f, every thread):\n" + f.read())
     finally:
         hammal.stop()
         upstream.stop()
