@@ -5,7 +5,9 @@
 
 Scenarios: ``cold`` (four 128 MiB layers pulled cold, one after another),
 ``warm`` (the same, from the cache), ``concurrent`` (50 concurrent cold
-pulls of one layer), ``manifests`` (``wrk -c50`` on a manifest by tag).
+pulls of one layer), ``manifests`` (``wrk -c50`` on a manifest by tag),
+``crowd`` (3,000 readers of a warm layer at 64 KiB/s arriving at once for
+10 s, as in ``bench.run``'s crowd row).
 
 py-spy samples hammal while the load runs and writes collapsed stacks
 (``DIR/SCENARIO.txt``; with ``--svg`` a flame graph ``DIR/SCENARIO.svg`` from
@@ -28,6 +30,8 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 from bench.clients import MiB, curl_get, curl_many, wrk
+from bench.crowd import slow_crowd
+from bench.machine import raise_nofile
 from bench.stack import ACCEPT_ALL, BenchUpstream, HammalBench, bench_workdir, build_image
 from tests.integration.environment import clean_env
 
@@ -121,7 +125,7 @@ def record(pid: int, out: str, fmt: str, load: Callable[[], None]) -> None:
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["cold", "warm", "concurrent", "manifests"])
+    parser.add_argument("scenario", choices=["cold", "warm", "concurrent", "manifests", "crowd"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "profiles"))
     parser.add_argument("--svg", action="store_true", help="also record a flame graph")
     parser.add_argument("--strace", action="store_true",
@@ -132,6 +136,7 @@ def main(argv: List[str] | None = None) -> int:
         print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    raise_nofile(10_000)  # the crowd, here and in hammal
     workdir = bench_workdir()
     images_dir = os.path.join(workdir, "images")
     image = build_image(images_dir, "bench/prof", "1", [128 * MiB] * 4, seed=21)
@@ -159,6 +164,12 @@ def main(argv: List[str] | None = None) -> int:
                                          [("Accept", ACCEPT_ALL)], 50, 10))[:160], flush=True),
         ),
     }
+
+    def crowd() -> None:
+        path = url(layers[0])[len(hammal.url):]
+        print(f"  {slow_crowd(hammal.port, path, [], 3000, 64 * 1024, 10)}", flush=True)
+
+    loads["crowd"] = (lambda: None if curl_get(url(layers[0])) else None, crowd)
     prepare, load = loads[args.scenario]
     try:
         runs = [("raw", os.path.join(args.out, f"{args.scenario}.txt"))]
