@@ -12,7 +12,8 @@ readers in one Python loop) cannot delay it::
     python -m bench.latency --port P --path /v2/x/manifests/1 \\
         --rate 100 --seconds 20 --header "Accept: ..."
 
-It prints one JSON object (see L{LatencyResult}).
+It prints ``started`` when its clock starts, then one JSON object (see
+L{LatencyResult}) when it is done.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import http.client
 import json
 import math
+import select
 import subprocess
 import sys
 import time
@@ -39,6 +41,8 @@ class LatencyResult:
     p99_ms: float
     max_ms: float
     error: str = ""
+    #: the slowest request of each second of the run (by due time)
+    max_ms_by_second: List[float] = dataclasses.field(default_factory=list)
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -60,6 +64,7 @@ def paced_gets(
     timeout: float = 5,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    on_start: Optional[Callable[[], None]] = None,
 ) -> LatencyResult:
     """
     GET C{path} every C{1/rate} seconds for C{seconds} on one keep-alive
@@ -71,11 +76,14 @@ def paced_gets(
     """
     interval = 1.0 / rate
     latencies: List[float] = []
+    by_second: List[float] = []
     statuses: Dict[str, int] = {}
     errors = 0
     last_error = ""
     conn: Optional[http.client.HTTPConnection] = None
     t0 = clock()
+    if on_start is not None:
+        on_start()
     sent = 0
     try:
         while sent / rate < seconds:
@@ -100,7 +108,12 @@ def paced_gets(
                 conn.close()
                 conn = None
             statuses[status] = statuses.get(status, 0) + 1
-            latencies.append((clock() - due) * 1000.0)
+            latency = (clock() - due) * 1000.0
+            latencies.append(latency)
+            second = int(sent * interval)
+            while len(by_second) <= second:
+                by_second.append(0.0)
+            by_second[second] = max(by_second[second], round(latency, 1))
             sent += 1
     finally:
         if conn is not None:
@@ -113,6 +126,7 @@ def paced_gets(
         p99_ms=round(percentile(latencies, 99), 2),
         max_ms=round(max(latencies, default=math.nan), 2),
         error=last_error,
+        max_ms_by_second=by_second,
     )
 
 
@@ -135,6 +149,12 @@ class ProbeProcess:
         self.seconds = seconds
         self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env)
+
+    def wait_started(self, timeout: float = 30) -> bool:
+        """Block until the probe's clock started (at most C{timeout} s)."""
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        return bool(ready) and self._proc.stdout.readline().strip() == "started"
 
     def result(self, grace: float = 60) -> LatencyResult:
         """Wait (at most the run plus C{grace} seconds) and parse its answer."""
@@ -169,7 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for text in args.header:
         name, _, value = text.partition(":")
         headers.append((name.strip(), value.strip()))
-    result = paced_gets(args.port, args.path, headers, args.rate, args.seconds, args.host)
+    result = paced_gets(args.port, args.path, headers, args.rate, args.seconds, args.host,
+                        on_start=lambda: print("started", flush=True))
     print(json.dumps(dataclasses.asdict(result)))
     return 0
 

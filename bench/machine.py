@@ -106,3 +106,24 @@ def raise_nofile(wanted: int) -> Tuple[int, int]:
     except (ValueError, OSError):
         pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def tcp_kernel_mib(sockstat: Optional[str] = None) -> float:
+    """
+    The kernel's memory for TCP buffers, machine-wide, in MiB (the ``mem``
+    pages of ``/proc/net/sockstat``); 0 when unknown. Thousands of slow
+    readers hold their unsent bytes here, not in hammal's RSS.
+    """
+    if sockstat is None:
+        try:
+            with open("/proc/net/sockstat") as f:
+                sockstat = f.read()
+        except OSError:
+            return 0.0
+    for line in sockstat.splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            values = dict(zip(fields[::2], fields[1::2]))
+            if values.get("mem", "").isdigit():
+                return round(int(values["mem"]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20), 1)
+    return 0.0

@@ -473,11 +473,15 @@ class Bench:
                              lead + cfg.crowd_seconds + 1,
                              env={**os.environ, "PYTHONPATH": REPO_ROOT})
         samples: List[float] = []
+        kernel: List[float] = []
         try:
+            if not probe.wait_started():
+                self.problems.append("crowd: the latency probe did not start within 30 s")
             time.sleep(lead)
 
             def tick(_: int) -> None:
                 samples.append(round(total_rss_mib(hammal.pids()), 1))
+                kernel.append(machine.tcp_kernel_mib())
 
             readers = slow_crowd(hammal.port, self.blob_path(), [], cfg.crowd, cfg.crowd_rate,
                                  cfg.crowd_seconds, tick)
@@ -495,13 +499,17 @@ class Bench:
             "probe_rate": cfg.crowd_probe_rate, "nofile": list(self.nofile),
             "readers": dataclasses.asdict(readers), "probe": dataclasses.asdict(result),
             "rss_MiB": samples, "max_MiB": max(samples, default=0.0),
+            "kernel_tcp_MiB": kernel, "max_kernel_tcp_MiB": max(kernel, default=0.0),
         }
         log(f"crowd: {cfg.crowd} readers at {cfg.crowd_rate / 1024:.0f} KiB/s for"
             f" {cfg.crowd_seconds}s: connected {readers.connected} in {readers.connect_s}s,"
             f" held {readers.held_open}, {readers.per_reader_Bps / 1024:.0f} KiB/s each,"
             f" errors {readers.connect_errors}; manifest by tag: {result.requests} GETs,"
             f" p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, max {result.max_ms} ms,"
-            f" errors {result.errors}; hammal RSS max {max(samples, default=0.0)} MiB")
+            f" errors {result.errors}; hammal RSS max {max(samples, default=0.0)} MiB,"
+            f" kernel TCP buffers (machine-wide) max {max(kernel, default=0.0)} MiB;"
+            f" slowest manifest GET per second (ms, the crowd arrives at second {lead:g}):"
+            f" {result.max_ms_by_second}")
 
     # -- report ------------------------------------------------------------
 
@@ -604,7 +612,8 @@ class Bench:
                          f" warm blob arriving at once: manifest by tag p50 {pr['p50_ms']} ms,"
                          f" p99 {pr['p99_ms']} ms, max {pr['max_ms']} ms ({pr['requests']} GETs);"
                          f" readers connected {rd['connected']} in {rd['connect_s']} s, held"
-                         f" {rd['held_open']}; hammal RSS max {cr['max_MiB']} MiB")
+                         f" {rd['held_open']}; hammal RSS max {cr['max_MiB']} MiB, kernel TCP"
+                         f" buffers (machine-wide) max {cr.get('max_kernel_tcp_MiB', 0.0)} MiB")
         targets = self.targets()
         lines += ["", "targets (issue 12 first, then earlier ones):"]
         lines += ["  " + t.line() for t in targets]

@@ -8,6 +8,7 @@ PASS/MISS verdicts and what ``--quick`` runs.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import socket
 import threading
@@ -23,7 +24,7 @@ from twisted.web.static import Data
 
 from bench import machine
 from bench.crowd import slow_crowd
-from bench.latency import paced_gets, percentile
+from bench.latency import ProbeProcess, paced_gets, percentile
 from bench.run import QUICK_SECTIONS, SECTIONS, chosen_sections
 from bench.ttfb import first_body_byte
 from bench.verdicts import NO_HOLD_TAIL, judge
@@ -93,6 +94,14 @@ class MachineTests(SynchronousTestCase):
         ticks = iter(i * 1e-6 for i in range(100))
         rate = machine.sha256_speed(seconds=10, max_chunks=3, clock=lambda: next(ticks))
         self.assertEqual(rate, round(3 * (1 << 20) / 4e-6 / 1e6, 1))
+
+    def test_kernel_tcp_memory(self) -> None:
+        sockstat = ("sockets: used 120\n"
+                    "TCP: inuse 5 orphan 0 tw 2 alloc 9 mem 512\n"
+                    "UDP: inuse 1 mem 3\n")
+        page = os.sysconf("SC_PAGE_SIZE")
+        self.assertEqual(machine.tcp_kernel_mib(sockstat), round(512 * page / (1 << 20), 1))
+        self.assertEqual(machine.tcp_kernel_mib("TCP: inuse 5\n"), 0.0)
 
     def test_raise_nofile(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -251,6 +260,18 @@ class PacedGetsTests(TestCase):
         # due at 0.3 .. 0.9 s, all sent at 1.2 s (after the stall)
         self.assertEqual(result.p99_ms, 1000.0)
         self.assertEqual(result.p50_ms, 500.0)
+        self.assertEqual(result.max_ms_by_second, [1000.0])
+
+    @inlineCallbacks
+    def test_slowest_by_second(self) -> Any:
+        """The 15th request (due at 1.4 s) takes half a (fake) second: the
+        second it fell due in shows it, the others do not."""
+        clock = FakeTime()
+        port = _listen(self, _Manifest(clock, stall_at=15, stall=0.5))
+        result = yield deferToThread(paced_gets, port, "/m", [], 10, 3.0,
+                                     clock=clock, sleep=clock.sleep)
+        self.assertEqual(result.requests, 30)
+        self.assertEqual(result.max_ms_by_second, [0.0, 500.0, 0.0])
 
     @inlineCallbacks
     def test_no_stall(self) -> Any:
@@ -260,6 +281,7 @@ class PacedGetsTests(TestCase):
                                      clock=clock, sleep=clock.sleep)
         self.assertEqual((result.requests, result.errors), (50, 0))
         self.assertEqual((result.p50_ms, result.p99_ms, result.max_ms), (0.0, 0.0, 0.0))
+        self.assertEqual(result.max_ms_by_second, [0.0])
 
     @inlineCallbacks
     def test_errors_are_counted(self) -> Any:
@@ -270,6 +292,26 @@ class PacedGetsTests(TestCase):
         self.assertEqual((result.requests, result.errors, result.statuses),
                          (5, 5, {"503": 5}))
         self.assertEqual(result.error, "HTTP 503")
+
+
+class ProbeProcessTests(TestCase):
+    """The probe as the benchmark runs it: a child process, real time."""
+
+    @inlineCallbacks
+    def test_child_process(self) -> Any:
+        clock = FakeTime()  # only counts requests here
+        manifest = _Manifest(clock)
+        port = _listen(self, manifest)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        probe = ProbeProcess(port, "/v2/x/manifests/1", [("Accept", "a, b")], 20, 0.5,
+                             env={**os.environ, "PYTHONPATH": root})
+        self.addCleanup(probe.kill)
+        started = yield deferToThread(probe.wait_started)
+        self.assertTrue(started)
+        result = yield deferToThread(probe.result)
+        self.assertEqual((result.requests, result.errors, result.statuses, result.error),
+                         (10, 0, {"200": 10}, ""))
+        self.assertEqual(manifest.count, 10)
 
 
 class SlowCrowdTests(TestCase):
