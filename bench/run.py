@@ -670,7 +670,9 @@ def hammal_revision() -> str:
     (read-only git commands)."""
     root = os.path.dirname(HERE)
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+        # the last commit that changed hammal itself (bench/ commits do not count)
+        head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h", "--", "hammal",
+                               "twisted"],
                               capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "hammal",
                                 "twisted"], capture_output=True, text=True, timeout=10).stdout
