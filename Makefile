@@ -13,7 +13,7 @@ export MALLOC_TRIM_THRESHOLD_ ?= 67108864
 
 HAMMAL_ARGS ?=
 
-.PHONY: all deps system-deps develop run test test-unit test-integration lint bench bench-deps clean
+.PHONY: all deps system-deps develop run test test-unit test-integration lint bench bench-quick bench-deps clean
 
 all: test
 
@@ -72,6 +72,10 @@ bench-deps:
 
 bench: deps bench-deps
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The cold-blob rows only (a 64 MiB blob, one run): for iterating on the cold path.
+bench-quick: deps bench-deps
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 lint: deps
 	$(BIN)/ruff check hammal twisted tests bench tools
