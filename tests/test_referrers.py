@@ -72,7 +72,7 @@ class ReferrersTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.world = ReferrersUpstream()
         self.subject = self.world.add_image("library/alpine", "3.20", b'{"schemaVersion":2}')
-        self.mirror = Mirror(world=self.world, referrers_cache=True)
+        self.mirror = Mirror(cache_dir=self.mktemp(), world=self.world)
 
     def get(self, query: str = "", name: str = "alpine") -> tuple[Any, Any]:
         response = self.mirror.request(b"GET", f"/v2/{name}/referrers/{self.subject}{query}")
