@@ -48,20 +48,20 @@ from hammal.config import ConfigError, Settings
 from hammal.drain import DrainService
 from hammal.proxy import ManifestCacheFactory, PullProxy
 from hammal.referrers import ReferrersCache
-from hammal.registry.accounts import AccountsFile, AccountsFileError
-from hammal.registry.addresses import PeerZones
-from hammal.registry.auth import Credentials
-from hammal.registry.client import RegistryClient, Upstream, UpstreamClient, make_http_client
-from hammal.registry.reference import is_docker_hub
-from hammal.registry.retry import RetryPolicy
-from hammal.registry.tokens import (
+from hammal.upstream.accounts import AccountsFile, AccountsFileError
+from hammal.upstream.addresses import PeerZones
+from hammal.upstream.auth import Credentials
+from hammal.upstream.client import RegistryClient, Upstream, UpstreamClient, make_http_client
+from hammal.reference import is_docker_hub
+from hammal.upstream.retry import RetryPolicy
+from hammal.ttlstore import (
     TAG_KEY_PREFIX,
-    MemoryTokenCache,
-    RedisTokenCache,
-    ResilientTokenCache,
-    TokenCache,
+    MemoryTtlStore,
+    RedisTtlStore,
+    ResilientTtlStore,
+    TtlStore,
 )
-from hammal.registry.trust import CredentialPolicy, load_suffix_list
+from hammal.upstream.trust import CredentialPolicy, load_suffix_list
 from hammal.status.quota import QUOTAS
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport
@@ -348,11 +348,11 @@ def _redis(settings: Settings) -> Any:
     )
 
 
-def _token_cache(redis: Any, reactor: Any) -> TokenCache:
-    local = MemoryTokenCache(reactor)
+def _token_cache(redis: Any, reactor: Any) -> TtlStore:
+    local = MemoryTtlStore(reactor)
     if redis is None:
         return local
-    return ResilientTokenCache(RedisTokenCache(redis, reactor), local, reactor)
+    return ResilientTtlStore(RedisTtlStore(redis, reactor), local, reactor)
 
 
 def _manifest_cache(
@@ -368,10 +368,10 @@ def _manifest_cache(
         disk_tags.open()
     except OSError as failure:
         raise ConfigError(f"cannot use --cache-dir {settings.cache_dir}: {failure.strerror}")
-    tags: TokenCache = disk_tags
+    tags: TtlStore = disk_tags
     if redis is not None:
-        shared = RedisTokenCache(redis, reactor, prefix=TAG_KEY_PREFIX)
-        tags = ResilientTokenCache(shared, disk_tags, reactor)
+        shared = RedisTtlStore(redis, reactor, prefix=TAG_KEY_PREFIX)
+        tags = ResilientTtlStore(shared, disk_tags, reactor)
 
     def build(upstream: str, fetch: FetchManifest, head_digest: HeadDigest) -> ManifestCache:
         return ManifestCache(
@@ -447,7 +447,7 @@ def _gate(
     settings: Settings,
     reactor: Any,
     rules: AccessRules | None,
-    tokens: TokenCache,
+    tokens: TtlStore,
     hashing: PasswordHashingPool,
 ) -> Gate | None:
     """The access gate, or L{None} when nothing is restricted."""

@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from hammal.errors import DigestInvalid
 from hammal.referrers import fallback_tag
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.web.routes import Route, RouteKind, parse_route
 from tests.fakes import REGISTRY, FakeUpstream, sha256
 from tests.test_v2 import Mirror, header

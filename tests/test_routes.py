@@ -18,7 +18,7 @@ from hammal.errors import (
     TagInvalid,
     Unsupported,
 )
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.web.routes import Route, RouteKind, parse_route
 
 HEX = hashlib.sha256(b"layer").hexdigest()

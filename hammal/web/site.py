@@ -19,7 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from hammal import metrics
-from hammal.registry.client import Trace
+from hammal.upstream.client import Trace
 from hammal.status.recorder import StatusRecorder
 from hammal.web.forwarded import Forwarded, ForwardedHeaders
 

@@ -19,11 +19,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from hammal import metrics
 from hammal.errors import RegistryError, TagInvalid, Unsupported
-from hammal.registry.client import Trace
+from hammal.upstream.client import Trace
 from hammal.conditional import etag, none_match, without_conditionals
 from hammal.links import rewrite_links
 from hammal.replies import BlobReply, Document, find_header, replace_header
-from hammal.registry.reference import parse_tag
+from hammal.reference import parse_tag
 from hammal.web.errors import abort_client, write_error
 from hammal.headers import upstream_request_headers
 from hammal.upstreams import UpstreamSelector
