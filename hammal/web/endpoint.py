@@ -20,6 +20,7 @@ from hammal.upstreams import UpstreamSelector
 from hammal.web.gate import Gate
 from hammal.web.respond import write_error
 from hammal.web.routes import Route
+from hammal.web.state import state_of
 
 API_VERSION = b"registry/2.0"
 
@@ -95,17 +96,16 @@ def realm_query(
 
 def set_route_kind(request: Request, kind: str) -> None:
     """Tell the access log which route C{request} took."""
-    if hasattr(request, "route_kind"):
-        request.route_kind = kind
+    state_of(request).route = kind
 
 
 def set_cache_status(request: Request, status: str) -> None:
     """The ``Cache-Status`` header, its metric and the access log's field."""
     request.setHeader(b"cache-status", status.encode())
     outcome = metrics.outcome_of(status)
-    metrics.cache_responses.labels(getattr(request, "route_kind", "-"), outcome).inc()
-    if hasattr(request, "cache_status"):
-        request.cache_status = outcome
+    state = state_of(request)
+    metrics.cache_responses.labels(state.route, outcome).inc()
+    state.cache_status = outcome
 
 
 def header_text(request: Request, name: bytes) -> str | None:

@@ -20,7 +20,6 @@ from hammal.headers import upstream_request_headers
 from hammal.links import rewrite_links
 from hammal.reference import parse_tag
 from hammal.replies import BlobReply, Document, find_header, replace_header
-from hammal.upstream.client import Trace
 from hammal.web.endpoint import (
     V2Endpoint,
     header_text,
@@ -31,6 +30,7 @@ from hammal.web.endpoint import (
 from hammal.web.gate import Admission
 from hammal.web.respond import write_document, write_stream
 from hammal.web.routes import Route, RouteKind, parse_route
+from hammal.web.state import state_of
 
 
 class RepositoryResource(V2Endpoint):
@@ -48,12 +48,11 @@ class RepositoryResource(V2Endpoint):
             admission = await self.gate.admit(request, route.name, realm)
         selection = self.upstreams.select(host, ns, upstream, route.name)
         proxy, name = selection.proxy, selection.name
-        if hasattr(request, "upstream_host"):
-            request.upstream_host = proxy.upstream_host
-        if hasattr(request, "repository"):
-            request.repository = proxy.upstream_name(name)
+        state = state_of(request)
+        state.upstream = proxy.upstream_host
+        state.repository = proxy.upstream_name(name)
         headers = upstream_request_headers(request.requestHeaders)
-        trace: Trace = getattr(request, "trace", None) or Trace()
+        trace = state.trace
         if admission.upstream_authorization is not None:
             assert self.gate is not None
             await self.gate.confirm_access(

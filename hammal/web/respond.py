@@ -14,6 +14,7 @@ from twisted.web.server import Request
 
 from hammal.errors import RegistryError
 from hammal.replies import BlobReply, Document
+from hammal.web.state import client_gone, state_of
 
 _log = Logger()
 
@@ -28,7 +29,7 @@ def write_error(request: Request, error: RegistryError) -> None:
     Answer C{request} with C{error}. If the response has already started,
     the only honest thing left is to abort the connection.
     """
-    if getattr(request, "_disconnected", False) or request.finished:
+    if client_gone(request) or request.finished:
         return
     if request.startedWriting:
         abort_client(request)
@@ -50,7 +51,7 @@ def abort_client(request: Request) -> None:
     Drop the client's connection without completing the response (hammal's
     choice, which the access log tells apart from a client leaving).
     """
-    request.aborted_by_server = True  # type: ignore[attr-defined]
+    state_of(request).aborted_by_server = True
     transport = getattr(request, "transport", None) or getattr(request.channel, "transport", None)
     if transport is not None:
         transport.abortConnection()
@@ -69,7 +70,7 @@ def start_response(
 
 def write_document(request: Request, document: Document) -> None:
     """Answer C{request} with C{document}, unless the client has gone."""
-    if getattr(request, "_disconnected", False):
+    if client_gone(request):
         return
     # A 304 has no body, and no length unless the 200's (RFC 9110 8.6).
     length = None if document.status == 304 else document.content_length
@@ -96,10 +97,10 @@ async def write_stream(request: Request, reply: BlobReply) -> None:
         raise
     except RegistryError as error:
         request.unregisterProducer()
-        if not getattr(request, "_disconnected", False):
+        if not client_gone(request):
             _log.warn("aborting {path}: {error}", path=request.uri[:512], error=error.message)
             abort_client(request)
         return
     request.unregisterProducer()
-    if not getattr(request, "_disconnected", False):
+    if not client_gone(request):
         request.finish()
