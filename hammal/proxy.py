@@ -21,35 +21,26 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from hammal.cache.blobs import BlobCache
-from hammal.cache.fetch import BlobFetch, StartUpstream
 from hammal.cache.layers import LayerKeeper
-from hammal.cache.writes import LocalCacheError
 from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
-from hammal.conditional import range_applies, without_conditionals
+from hammal.conditional import without_conditionals
 from hammal.errors import (
-    NotCachedUpstreamDown,
     RegistryError,
     UpstreamBadResponse,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
 from hammal.upstream.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
 from hammal.reference import Digest, Reference, upstream_name
 from hammal.upstream.schema1 import digested_content
 from hammal.replies import (
-    CACHE_COALESCED,
-    CACHE_HIT,
     CACHE_MISS,
     CACHE_STALE,
     BlobReply,
     Document,
-    HeaderList,
     find_header,
     replace_header,
 )
-from hammal.stream import TransferBroken, UpstreamBody, expected_length, not_a_blob
+from hammal.stream import UpstreamBody, expected_length, not_a_blob
 from hammal.headers import relayed_response_headers
-from hammal.ranges import content_range, parse_range
 from hammal.referrers import Referrers, ReferrersCache
 
 ManifestCacheFactory = Callable[[str, FetchManifest, HeadDigest], ManifestCache]
@@ -287,12 +278,10 @@ class PullProxy:
         blobs: BlobCache,
     ) -> BlobReply | IResponse | None:
         """
-        The answer through the cache, or L{None} to go straight upstream,
-        or upstream's answer to a fetch the cache refused, to relay as is.
+        The answer through the cache (which decides hit, miss, range and
+        fill), or L{None} to go straight upstream, or upstream's answer to a
+        fetch the cache refused, to relay as is.
         """
-        requested_range = headers.getRawHeaders(b"range", [None])[0]
-        if not range_applies(headers, str(digest)):
-            requested_range = None  # If-Range names other content: all of it
         # The fill is shared: nothing of one client's request goes with it.
         upstream_headers = without_conditionals(headers)
         upstream_headers.removeHeader(b"range")
@@ -314,88 +303,16 @@ class PullProxy:
                 )
             )
 
-        size = blobs.store.size(digest)
-        if size is not None:
-            blobs.store.touch(digest)
-            return self._cache_reply(
-                blobs,
-                method,
-                digest,
-                size,
-                requested_range,
-                None,
-                CACHE_HIT,
-                b"application/octet-stream",
-                start,
-            )
-        running = blobs.in_flight(digest)
-        if method == b"HEAD" and (running is None or running.size is None):
-            return None
-        if running is None and not blobs.has_room():
-            blobs.write_errors.record("blob", str(digest), "the cache disk is nearly full")
-            return None
-        fetch, joined = blobs.fetch(digest, start, self.upstream_host, upstream_name)
-        try:
-            await fetch.when_started()
-        except LocalCacheError:
-            # The cache cannot take it: straight from upstream, on the
-            # fetch's own answer when it is what this client asked for.
-            if method == b"GET" and requested_range is None:
-                return fetch.take_response()
-            return None
-        except (UpstreamUnavailable, UpstreamTimeout) as failure:
-            stale_layer = self._layers is not None and self._layers.named_by_stale(digest)
-            if not stale_layer or isinstance(failure, TransferBroken):
-                raise
-            # The client was given a stale manifest: say what is missing.
-            raise NotCachedUpstreamDown(
-                f"layer {digest} of a manifest served stale is not in this mirror's cache,"
-                f" and {self.upstream_host} cannot serve it now ({failure.message})",
-                detail={"digest": str(digest)},
-                headers={"Retry-After": "30"},
-            )
-        return self._cache_reply(
-            blobs,
+        layers = self._layers
+        return await blobs.serve(
             method,
             digest,
-            fetch.size,
-            requested_range,
-            fetch,
-            CACHE_COALESCED if joined else CACHE_MISS,
-            fetch.content_type,
+            headers,
             start,
+            self.upstream_host,
+            upstream_name,
+            stale_layer=None if layers is None else layers.named_by_stale,
         )
-
-    def _cache_reply(
-        self,
-        blobs: BlobCache,
-        method: bytes,
-        digest: Digest,
-        size: int | None,
-        requested_range: bytes | None,
-        fetch: BlobFetch | None,
-        cache_status: str,
-        content_type: bytes,
-        start_upstream: StartUpstream | None = None,
-    ) -> BlobReply:
-        headers: HeaderList = [
-            (b"content-type", [content_type]),
-            (b"docker-content-digest", [str(digest).encode()]),
-            (b"accept-ranges", [b"bytes"]),
-        ]
-        status, start, end = 200, 0, size
-        if size is not None:
-            selected = parse_range(requested_range, size)
-            if selected is not None:
-                status, (start, end) = 206, selected
-                headers.append((b"content-range", [content_range(start, end, size)]))
-        length = None if end is None else end - start
-        body = (
-            None
-            if method == b"HEAD"
-            else blobs.body(digest, start, end, fetch, start_upstream, self.upstream_host)
-        )
-        return BlobReply(status, headers, length, body, cache_status)
 
     async def tags(self, name: str, query: str, headers: Headers, trace: Trace) -> Document:
         """Fetch a tag list page; C{query} holds the validated C{n}/C{last}."""
