@@ -62,7 +62,7 @@ from hammal.ttlstore import (
     TtlStore,
 )
 from hammal.upstream.trust import CredentialPolicy, load_suffix_list
-from hammal.status.quota import QUOTAS
+from hammal.upstream.quota import QUOTAS
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport
 from hammal.tls import upstream_tls_policy

@@ -20,7 +20,7 @@ from hammal.upstreams import FailoverClient
 
 from hammal.upstream.auth import Credentials
 from hammal.status.charts import Line, _corners, bar_chart, format_bytes, format_count, line_chart, ratio_chart
-from hammal.status.quota import ANONYMOUS, QuotaBoard, parse_ratelimit
+from hammal.upstream.quota import ANONYMOUS, QuotaBoard, parse_ratelimit
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport, mask_address
 from hammal.status.ring import MinuteRing

@@ -25,7 +25,7 @@ from hammal.conditional import range_applies
 from hammal.errors import NotCachedUpstreamDown, UpstreamTimeout, UpstreamUnavailable
 from hammal.ranges import content_range, parse_range
 from hammal.replies import CACHE_COALESCED, CACHE_HIT, CACHE_MISS, BlobReply, HeaderList
-from hammal.sendfile import FileSender, tcp_transport
+from hammal.cache.sendfile import FileSender, tcp_transport
 from hammal.reference import Digest
 from hammal.stream import BodySource, TransferBroken
 

@@ -19,7 +19,7 @@ import attrs
 from prometheus_client import CollectorRegistry
 
 from hammal import __version__, metrics
-from hammal.status.quota import QuotaBoard
+from hammal.upstream.quota import QuotaBoard
 from hammal.status.recorder import StatusRecorder
 
 if TYPE_CHECKING:

@@ -57,7 +57,7 @@ from hammal.reference import pull_scope
 from hammal.upstream.retry import RetryPolicy, parse_retry_after, sleep
 from hammal.ttlstore import TtlStore
 from hammal.upstream.trust import CredentialPolicy
-from hammal.status.quota import QUOTAS, QuotaBoard
+from hammal.upstream.quota import QUOTAS, QuotaBoard
 from hammal.stream import ReadBounds, discard_body, read_body
 
 
