@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from typing import Any, Iterable
-from urllib.parse import urlencode, urlsplit
 
 import attrs
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -44,11 +43,10 @@ from hammal.access.rules import AccessRules
 from hammal.access.throttle import LoginThrottle
 from hammal.access.tokens import TokenIssuer, parse_scopes
 from hammal.access.users import UserDirectory, parse_basic
-from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamBadResponse, UpstreamError
+from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamError
 from hammal.proxy import PullProxy
-from hammal.upstream.challenge import select_challenge
-from hammal.upstream.client import Trace, upstream_error
-from hammal.reference import rewrite_scope
+from hammal.passthrough import forward_login, probe_access
+from hammal.upstream.client import upstream_error
 from hammal.ttlstore import MemoryTtlStore
 from hammal.replies import Document
 
@@ -289,28 +287,14 @@ class Gate:
                 "log in as one of this mirror's allowed users",
                 headers={"WWW-Authenticate": 'Basic realm="hammal"'},
             )
-        challenge = await self._upstream_challenge(proxy)
-        realm = challenge.realm or ""
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UpstreamBadResponse("upstream offers no token realm to log in to")
         args = request.args or {}
         prefix = _query_text(args, b"ns") or ""
         scopes = parse_scopes([v.decode("latin-1") for v in args.get(b"scope", [])])
-        query = [("service", challenge.service or "")] if challenge.service else []
-        query += [
-            ("scope", rewrite_scope(_without_registry(s, prefix), proxy.library_prefix))
-            for s in scopes
-        ]
-        headers = Headers({b"accept": [b"application/json"]})
-        if authorization is not None:
-            headers.setRawHeaders(b"authorization", [authorization])
-        separator = "&" if parts.query else "?"
-        response = await proxy.client.send_direct(
-            b"GET", realm + (separator + urlencode(query) if query else ""), headers
+        answer = await forward_login(
+            proxy, authorization, [_without_registry(s, prefix) for s in scopes]
         )
-        body = await proxy.client.fetch_document(response, 1024 * 1024)
-        if response.code == 401:
+        body = answer.body
+        if answer.status == 401:
             if credentials is not None:
                 self._throttle.failed(address)
                 self.log.info(
@@ -322,26 +306,14 @@ class Gate:
                 "upstream refused these credentials",
                 headers={"WWW-Authenticate": 'Basic realm="hammal"'},
             )
-        if response.code != 200:
-            raise upstream_error(response, body, parts.hostname)
+        if answer.status != 200:
+            raise upstream_error(answer.response, body, answer.where)
         token, lifetime = _token_of(body)
         if token is not None:
             self._confirmations.note_token(token, lifetime)
             if self._allowed_users is not None and credentials is not None:
                 await self._logins.remember(token, credentials[0], lifetime)
         return Document(200, [(b"content-type", [b"application/json"])], body)
-
-    async def _upstream_challenge(self, proxy: PullProxy) -> Any:
-        response = await proxy.client.send_direct(
-            b"GET", f"{proxy.client.upstream.url}/v2/", Headers()
-        )
-        await proxy.client.discard(response)
-        challenge = select_challenge(
-            v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])
-        )
-        if challenge is None or challenge.scheme != "bearer":
-            raise UpstreamBadResponse("upstream does not use token authentication")
-        return challenge
 
     async def confirm_access(
         self,
@@ -375,19 +347,9 @@ class Gate:
         )
         if self._confirmations.confirmed(key):
             return
-        probe = headers.copy()
-        probe.removeHeader(b"range")
-        probe.setRawHeaders(b"authorization", [authorization])
-        response = await proxy.client.request(
-            b"HEAD", upstream_name, path, probe, Trace(), follow_redirects=False
-        )
-        body = await proxy.client.fetch_document(response, 64 * 1024)
-        if response.code == 401:
-            upstream_said = select_challenge(
-                v.decode("latin-1")
-                for v in response.headers.getRawHeaders(b"www-authenticate", [])
-            )
-            if upstream_said is not None and upstream_said.params.get("error") == "insufficient_scope":
+        answer = await probe_access(proxy, upstream_name, path, headers, authorization)
+        if answer.status == 401:
+            if answer.insufficient_scope:
                 raise self.challenge(
                     request,
                     repository,
@@ -402,15 +364,15 @@ class Gate:
                 "invalid_token",
                 "upstream did not accept this token; log in again",
             )
-        if response.code == 403:
+        if answer.status == 403:
             raise Denied(f"upstream refused this client access to {repository[:255]}")
-        if response.code == 405 and path == "tags/list":
+        if answer.status == 405 and path == "tags/list":
             # Distribution has no HEAD for tag lists, but checks the token
             # first; tag lists are never cached, and the GET that follows
             # carries the token, so upstream has the last word anyway.
             pass
-        elif response.code >= 400:
-            raise _refusal(response.code, body, path, proxy.upstream_host, response)
+        elif answer.status >= 400:
+            raise _refusal(answer.status, answer.body, path, answer.where, answer.response)
         self._confirmations.confirm(key, authorization)
 
 
