@@ -22,7 +22,6 @@ from urllib.parse import urlencode
 from typing import Any, Awaitable, Callable
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -114,7 +113,7 @@ class ReferrersCache:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
-        self.work: Coalescer[Document] = Coalescer()
+        self.work: Coalescer[Document] = Coalescer(name="referrers")
 
     def get(self, key: tuple[str, ...]) -> _Entry | None:
         entry = self._entries.get(key)
@@ -177,9 +176,7 @@ class Referrers:
         try:
             document = await cache.work.run(
                 key,
-                lambda: Deferred.fromCoroutine(
-                    self._fetch_and_keep(key, name, digest, artifact_type, headers, trace)
-                ),
+                lambda: self._fetch_and_keep(key, name, digest, artifact_type, headers, trace),
             )
         except _TRANSIENT as failure:
             if entry is None or age >= cache.ttl + cache.stale_if_error:

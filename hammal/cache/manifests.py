@@ -324,7 +324,9 @@ class ManifestCache:
         self._negative: OrderedDict[str, tuple[float, RegistryError]] = OrderedDict()
         # Shared by every client asking for the same manifest: bounded, so
         # that one stalled upstream answer cannot hang every later pull.
-        self._work: Coalescer[Any] = Coalescer(clock, deadline, f"the manifest request to {upstream}")
+        self._work: Coalescer[Any] = Coalescer(
+            clock, deadline, f"the manifest request to {upstream}", name="manifest"
+        )
         # Tag entries this process read or wrote, so a hot tag costs no
         # store lookup; each is kept no longer than the store keeps it.
         self._recent_tags: OrderedDict[str, tuple[TagEntry, float]] = OrderedDict()
@@ -358,7 +360,7 @@ class ManifestCache:
         joined = key in self._work
         try:
             document = await self._work.run(
-                key, lambda: Deferred.fromCoroutine(self._fetch_and_store(name, digest, headers, trace))
+                key, lambda: self._fetch_and_store(name, digest, headers, trace)
             )
         except UpstreamError as failure:
             self._remember_negative(key, failure)
@@ -381,7 +383,7 @@ class ManifestCache:
             try:
                 current = await self._work.run(
                     ("head", key),
-                    lambda: Deferred.fromCoroutine(self._head_digest(name, tag, headers, trace)),
+                    lambda: self._head_digest(name, tag, headers, trace),
                 )
             except _TRANSIENT as failure:
                 return self._stale_or_raise(stored, age, failure)
@@ -397,7 +399,7 @@ class ManifestCache:
         try:
             document = await self._work.run(
                 ("get", key),
-                lambda: Deferred.fromCoroutine(self._fetch_tag(key, name, tag, headers, trace)),
+                lambda: self._fetch_tag(key, name, tag, headers, trace),
             )
         except UpstreamError as failure:
             self._remember_negative(key, failure)
@@ -499,9 +501,7 @@ class ManifestCache:
             try:
                 await self._work.run(
                     key,
-                    lambda: Deferred.fromCoroutine(
-                        self._fetch_and_store(name, digest, child_headers, Trace())
-                    ),
+                    lambda: self._fetch_and_store(name, digest, child_headers, Trace()),
                 )
             except RegistryError as failure:
                 self.log.info(

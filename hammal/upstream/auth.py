@@ -136,9 +136,9 @@ class UpstreamAuth:
         self._bounds = bounds
         # A token fetch is shared by every request for its scope: it must end.
         self._fetches: Coalescer[bytes] = (
-            Coalescer(bounds.clock, bounds.deadline, "the token request")
+            Coalescer(bounds.clock, bounds.deadline, "the token request", name="token")
             if bounds is not None
-            else Coalescer()
+            else Coalescer(name="token")
         )
 
     def _credentials_now(self) -> Credentials | None:
@@ -271,7 +271,7 @@ class UpstreamAuth:
         key = self._key(scope, credentials)
         return self._fetches.run(
             key,
-            lambda: Deferred.fromCoroutine(self._token_as(challenge, scope, credentials)),
+            lambda: self._token_as(challenge, scope, credentials),
         )
 
     async def _token_as(
