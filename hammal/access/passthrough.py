@@ -22,11 +22,11 @@ import binascii
 import hashlib
 import json
 from collections import OrderedDict
-from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from hammal.lru import remember, trim_oldest
 from hammal.ttlstore import TtlStore
 
 #: The longest upstream's word on one client's access to one object holds.
@@ -118,7 +118,7 @@ class Confirmations:
         """Remember that the bearer C{token} ends in C{lifetime} seconds."""
         key = bearer_fingerprint(token)
         self._token_expiry[key] = self._clock.seconds() + lifetime
-        _trim(self._token_expiry)
+        trim_oldest(self._token_expiry, _MAX_ENTRIES)
 
     def token_expiry(self, authorization: bytes) -> float | None:
         """When the token in C{authorization} ends, if known."""
@@ -149,14 +149,8 @@ class Confirmations:
             expires = min(expires, token_ends)
         if expires <= now:
             return
-        self._confirmed[key] = expires
-        self._confirmed.move_to_end(key)
-        _trim(self._confirmed)
+        remember(self._confirmed, key, expires, _MAX_ENTRIES)
 
-
-def _trim(entries: OrderedDict[Any, float]) -> None:
-    while len(entries) > _MAX_ENTRIES:
-        entries.popitem(last=False)
 
 
 class Logins:

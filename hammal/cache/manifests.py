@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from hammal.lru import trim_oldest
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.coalesce import Coalescer
 from hammal.errors import (
@@ -570,8 +571,7 @@ class ManifestCache:
         if failure.status != 404 or self._negative_ttl <= 0:
             return
         self._negative[key] = (self._clock.seconds() + self._negative_ttl, failure)
-        while len(self._negative) > 10000:
-            self._negative.popitem(last=False)
+        trim_oldest(self._negative, 10000)
 
 
 def _document(stored: StoredManifest, cache_status: str) -> Document:
