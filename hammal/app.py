@@ -533,7 +533,8 @@ def _account_files(settings: Settings, reactor: Any) -> dict[str | None, Account
     files: dict[str | None, AccountsFile] = {}
     for host, path in settings.credentials_files:
         url = settings.upstream if host is None else urls[host]
-        assert url is not None
+        if url is None:
+            raise RuntimeError("hammal bug: expected url is not None")
         try:
             files[host] = AccountsFile.load(path, reactor, urlsplit(url).netloc)
         except AccountsFileError as failure:

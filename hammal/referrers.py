@@ -204,7 +204,8 @@ class Referrers:
         trace: Trace,
     ) -> Document:
         document = await self._fetch(name, digest, artifact_type, headers, trace)
-        assert self._cache is not None
+        if self._cache is None:
+            raise RuntimeError("hammal bug: expected self._cache is not None")
         self._cache.put(key, document)
         return document
 

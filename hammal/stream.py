@@ -99,7 +99,8 @@ class _Collector(Protocol):
         _producer(self.transport).stopProducing()
 
     def _timed_out(self, which: str) -> None:
-        assert self._bounds is not None
+        if self._bounds is None:
+            raise RuntimeError("hammal bug: expected self._bounds is not None")
         if which == "idle":
             self._idle_call = None
             message = (

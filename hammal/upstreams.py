@@ -156,7 +156,8 @@ class FailoverClient:
     def __init__(
         self, members: Sequence[UpstreamClient], clock: IReactorTime, cooldown: float = 30.0
     ) -> None:
-        assert members
+        if not members:
+            raise RuntimeError("hammal bug: expected members")
         self._members = list(members)
         self._clock = clock
         self._cooldown = cooldown
@@ -208,7 +209,8 @@ class FailoverClient:
                 await member.discard(response)
                 continue
             return response
-        assert last_error is not None
+        if last_error is None:
+            raise RuntimeError("hammal bug: expected last_error is not None")
         raise last_error
 
     def _rest(self, index: int, reason: str) -> None:

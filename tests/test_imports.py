@@ -115,3 +115,17 @@ class ImportGraphTests(SynchronousTestCase):
     def test_no_package_circles(self) -> None:
         """Packages are layers: none imports another that imports it back."""
         self.assertEqual(circles(package_graph(import_graph())), [])
+
+
+class RuntimeCheckTests(SynchronousTestCase):
+    def test_no_assert_statements(self) -> None:
+        """
+        hammal checks at run time with real code: C{assert} vanishes under
+        C{python -O}.
+        """
+        found = []
+        for name, path in sorted(_modules().items()):
+            with open(path, encoding="utf-8") as source:
+                tree = ast.parse(source.read(), path)
+            found += [f"{name}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+        self.assertEqual(found, [])

@@ -297,7 +297,8 @@ class BlobFetch:
 
     def append(self, data: bytes) -> None:
         """Write a chunk to the temporary file; readers may use the previous ones."""
-        assert self._fd is not None
+        if self._fd is None:
+            raise RuntimeError("hammal bug: expected self._fd is not None")
         if self._hash_broken is not None:
             raise self._hash_broken
         if self.size is not None and self.written + len(data) > self.size:
@@ -388,7 +389,8 @@ class BlobFetch:
         self.readable = self.written
         self.verified = True
         self._notify()
-        assert self._fd is not None
+        if self._fd is None:
+            raise RuntimeError("hammal bug: expected self._fd is not None")
         try:
             await self._offload(os.fdatasync, self._fd)
             self.store.commit(self.path, self.digest, self._reserved, self.written)

@@ -287,7 +287,8 @@ class UpstreamAuth:
             token, response = await self._request_token(challenge, scope, key, credentials)
             if token is not None:
                 return self._issue(b"Bearer " + token.encode(), credentials)
-            assert credentials is not None and self._accounts is not None
+            if credentials is None or self._accounts is None:
+                raise RuntimeError("hammal bug: expected credentials is not None and self._accounts is not None")
             self._accounts.observe(credentials, response.code, response.headers)
             following = self._accounts.current()
             if following == credentials:
@@ -314,7 +315,8 @@ class UpstreamAuth:
         headers = Headers({b"accept": [b"application/json"]})
         with_credentials = self._realm_may_have_credentials(realm, credentials)
         if with_credentials:
-            assert credentials is not None
+            if credentials is None:
+                raise RuntimeError("hammal bug: expected credentials is not None")
             headers.setRawHeaders(b"authorization", [credentials.basic()])
         response = await self._send(b"GET", url, headers)
         body = await read_body(response, 1024 * 1024, self._bounds)
@@ -341,7 +343,8 @@ class UpstreamAuth:
         if not isinstance(token, str) or not token:
             raise UpstreamBadResponse(f"token realm {parts.hostname} sent no token")
         if with_credentials and self._accounts is not None:
-            assert credentials is not None
+            if credentials is None:
+                raise RuntimeError("hammal bug: expected credentials is not None")
             self._accounts.observe(credentials, response.code, response.headers)
         lifetime = token_lifetime(document.get("expires_in"))
         await self._cache.set(key, token, lifetime)

@@ -181,7 +181,8 @@ class Gate:
     async def _basic(self, request: Request, authorization: bytes | None) -> str:
         credentials = parse_basic(authorization)
         if credentials is not None:
-            assert self._checker is not None
+            if self._checker is None:
+                raise RuntimeError("hammal bug: expected self._checker is not None")
             address = self.client_address(request)
             self._throttle.check(address)
             if await self._checker.check(*credentials):
@@ -204,7 +205,8 @@ class Gate:
         repository: str | None,
         realm_query: str,
     ) -> str:
-        assert self._issuer is not None
+        if self._issuer is None:
+            raise RuntimeError("hammal bug: expected self._issuer is not None")
         if authorization is None or not authorization.lower().startswith(b"bearer "):
             raise self.challenge(request, repository, realm_query)
         token = authorization[7:].strip().decode("latin-1")
@@ -251,12 +253,14 @@ class Gate:
         if self.mode == "token":
             return await self._issue(request)
         if self.mode == "passthrough":
-            assert proxy is not None
+            if proxy is None:
+                raise RuntimeError("hammal bug: expected proxy is not None")
             return await self._forward_login(request, proxy)
         raise Denied(f"this mirror does not issue tokens (--auth {self.mode})")
 
     async def _issue(self, request: Request) -> Document:
-        assert self._issuer is not None
+        if self._issuer is None:
+            raise RuntimeError("hammal bug: expected self._issuer is not None")
         user = await self._basic(request, request.getHeader(b"authorization"))
         args = request.args or {}
         scopes = parse_scopes([v.decode("latin-1") for v in args.get(b"scope", [])])

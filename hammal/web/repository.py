@@ -54,7 +54,8 @@ class RepositoryResource(V2Endpoint):
         headers = upstream_request_headers(request.requestHeaders)
         trace = state.trace
         if admission.upstream_authorization is not None:
-            assert self.gate is not None
+            if self.gate is None:
+                raise RuntimeError("hammal bug: expected self.gate is not None")
             await self.gate.confirm_access(
                 request,
                 proxy,
@@ -71,7 +72,8 @@ class RepositoryResource(V2Endpoint):
         # (A blob's If-Range stays: the pull logic honours it.)
         headers.removeHeader(b"if-none-match")
         if route.kind is RouteKind.MANIFEST:
-            assert route.reference is not None
+            if route.reference is None:
+                raise RuntimeError("hammal bug: expected route.reference is not None")
             headers = without_conditionals(headers)
             headers.removeHeader(b"range")
             document = await proxy.manifest(request.method, name, route.reference, headers, trace)

@@ -42,7 +42,8 @@ class Route:
 
     @property
     def digest(self) -> Digest:
-        assert isinstance(self.reference, Digest)
+        if not isinstance(self.reference, Digest):
+            raise RuntimeError("hammal bug: expected isinstance(self.reference, Digest)")
         return self.reference
 
 

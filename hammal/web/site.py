@@ -79,7 +79,8 @@ class HammalRequest(Request):
         if self._body_bytes > MAX_REQUEST_BODY:
             self._refuse_body()
             return
-        assert self.content is not None
+        if self.content is None:
+            raise RuntimeError("hammal bug: expected self.content is not None")
         self.content.write(data)
 
     def _refuse_body(self) -> None:
