@@ -34,13 +34,7 @@ from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import Offload
-from hammal.cache.manifests import (
-    DiskTagStore,
-    FetchManifest,
-    HeadDigest,
-    ManifestCache,
-    ManifestStore,
-)
+from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore, RemoteManifests
 from hammal.cache.store import BlobStore
 from hammal.cache.sweep import CacheSweep
 from hammal.cache.writes import WriteErrors
@@ -373,14 +367,13 @@ def _manifest_cache(
         shared = RedisTtlStore(redis, reactor, prefix=TAG_KEY_PREFIX)
         tags = ResilientTtlStore(shared, disk_tags, reactor)
 
-    def build(upstream: str, fetch: FetchManifest, head_digest: HeadDigest) -> ManifestCache:
+    def build(upstream: str, remote: RemoteManifests) -> ManifestCache:
         return ManifestCache(
             store,
             tags,
             reactor,
             upstream,
-            fetch,
-            head_digest,
+            remote,
             ttl=settings.manifest_ttl,
             stale_if_error=settings.stale_if_error,
             negative_ttl=settings.negative_ttl,

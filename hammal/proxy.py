@@ -22,7 +22,7 @@ from twisted.web.iweb import IResponse
 
 from hammal.cache.blobs import BlobCache
 from hammal.cache.layers import LayerKeeper
-from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
+from hammal.cache.manifests import ManifestCache, accepted_types
 from hammal.conditional import without_conditionals
 from hammal.errors import (
     RegistryError,
@@ -30,7 +30,6 @@ from hammal.errors import (
 )
 from hammal.upstream.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
 from hammal.reference import Digest, Reference, upstream_name
-from hammal.upstream.schema1 import digested_content
 from hammal.replies import (
     CACHE_MISS,
     CACHE_STALE,
@@ -42,12 +41,11 @@ from hammal.replies import (
 from hammal.stream import UpstreamBody, expected_length, not_a_blob
 from hammal.headers import relayed_response_headers
 from hammal.referrers import Referrers, ReferrersCache
+from hammal.remote import MAX_DOCUMENT_SIZE, RemoteManifests
 
-ManifestCacheFactory = Callable[[str, FetchManifest, HeadDigest], ManifestCache]
-"""Builds the manifest cache for an upstream URL around the proxy's fetchers."""
+ManifestCacheFactory = Callable[[str, RemoteManifests], ManifestCache]
+"""Builds the manifest cache for an upstream URL around its remote manifests."""
 
-#: The largest manifest or tag list hammal accepts from upstream.
-MAX_DOCUMENT_SIZE = 8 * 1024 * 1024
 
 
 class PullProxy:
@@ -74,14 +72,15 @@ class PullProxy:
         self._library_prefix = library_prefix
         self._follow_blob_redirects = blob_redirect == "follow"
         self._clock = clock
+        self._remote = RemoteManifests(client, library_prefix)
         self._blobs = blobs if self._follow_blob_redirects else None
         self._layers = LayerKeeper(self._blobs.store, clock) if self._blobs is not None else None
         self._manifests = (
-            manifests(client.upstream.url, self._fetch_manifest, self._head_digest)
+            manifests(client.upstream.url, self._remote)
             if manifests is not None
             else None
         )
-        self._referrers = Referrers(client, self._fetch_tag, referrers)
+        self._referrers = Referrers(client, self._remote.fetch, referrers)
 
     @property
     def client(self) -> RegistryClient:
@@ -116,7 +115,7 @@ class PullProxy:
         """
         accepted = accepted_types(headers.getRawHeaders(b"accept", []))
         if self._manifests is None or not accepted:
-            return await self._upstream_manifest(method, name, reference, headers, trace)
+            return await self._remote.get(method, name, reference, headers, trace)
         document = await self._manifests.get(
             self.upstream_name(name), reference, accepted, headers, trace
         )
@@ -138,89 +137,6 @@ class PullProxy:
         return await self._referrers.get(
             self.upstream_name(name), digest, artifact_type, headers, trace
         )
-
-    async def _fetch_tag(self, upstream_name: str, tag: str, headers: Headers, trace: Trace) -> Document:
-        return await self._upstream_manifest(b"GET", upstream_name, tag, headers, trace, True)
-
-    async def _fetch_manifest(
-        self, upstream_name: str, reference: Reference, headers: Headers, trace: Trace
-    ) -> Document:
-        return await self._upstream_manifest(b"GET", upstream_name, reference, headers, trace, True)
-
-    async def _head_digest(
-        self, upstream_name: str, tag: str, headers: Headers, trace: Trace
-    ) -> str | None:
-        response = await self._client.request(
-            b"HEAD", upstream_name, f"manifests/{tag}", headers, trace
-        )
-        if response.code != 200:
-            raise await self._error(response)
-        await self._client.discard(response)
-        digest = response.headers.getRawHeaders(b"docker-content-digest", [None])[0]
-        return digest.decode("latin-1") if digest else None
-
-    async def _upstream_manifest(
-        self,
-        method: bytes,
-        name: str,
-        reference: Reference,
-        headers: Headers,
-        trace: Trace,
-        name_is_upstream: bool = False,
-    ) -> Document:
-        """
-        Fetch a manifest from upstream. The body is checked against the
-        requested digest, or against upstream's ``Docker-Content-Digest``
-        for a tag (for a signed schema 1 manifest: its JWS payload, as
-        upstream computes it); a HEAD that upstream answers without a digest
-        is completed with a GET.
-        """
-        if not name_is_upstream:
-            name = self.upstream_name(name)
-        path = f"manifests/{reference}"
-        response = await self._client.request(method, name, path, headers, trace)
-        if response.code != 200:
-            raise await self._error(response)
-        relayed = relayed_response_headers(response.headers)
-        if method == b"HEAD":
-            announced = response.headers.getRawHeaders(b"content-length", [None])[0]
-            digest = find_header(relayed, b"docker-content-digest")
-            if digest is not None and announced is not None and announced.isdigit():
-                return Document(200, relayed, length=int(announced))
-            document = await self._upstream_manifest(b"GET", name, reference, headers, trace, True)
-            return Document(200, document.headers, length=len(document.body))
-        body = await self._client.fetch_document(response, MAX_DOCUMENT_SIZE)
-        announced_length = expected_length(response)
-        if announced_length is not None and announced_length != len(body):
-            raise UpstreamBadResponse(f"{self.upstream_host} sent a truncated manifest")
-        media_type = (find_header(relayed, b"content-type") or b"").decode("latin-1")
-        try:
-            content = digested_content(body, media_type)
-        except UpstreamBadResponse as failure:
-            raise UpstreamBadResponse(f"{self.upstream_host} sent {failure.message}")
-        actual = Digest.of(content)
-        if isinstance(reference, Digest):
-            if Digest.of(content, reference.algorithm) != reference:
-                raise UpstreamBadResponse(
-                    f"{self.upstream_host} sent a manifest that does not match {reference}"
-                )
-            actual = reference
-        else:
-            claimed = find_header(relayed, b"docker-content-digest")
-            if claimed is not None and claimed.decode("latin-1") != str(actual):
-                raise UpstreamBadResponse(
-                    f"{self.upstream_host} sent a manifest whose digest is not the"
-                    f" announced {claimed.decode('latin-1')[:80]}"
-                )
-        # A tag's body with neither a digest nor a length may have been cut
-        # short by a connection close: pass it on, but never cache it.
-        vouched = (
-            isinstance(reference, Digest)
-            or find_header(relayed, b"docker-content-digest") is not None
-            or announced_length is not None
-        )
-        relayed = replace_header(relayed, b"docker-content-digest", str(actual).encode())
-        return Document(200, relayed, body, vouched=vouched)
 
     async def blob(
         self, method: bytes, name: str, digest: Digest, headers: Headers, trace: Trace

@@ -242,9 +242,9 @@ class RedirectToInternalAddressTests(TestCase):
         tags = DiskTagStore(cache_dir, reactor)
         tags.open()
 
-        def manifests(upstream: str, fetch: Any, head: Any) -> ManifestCache:
+        def manifests(upstream: str, remote: Any) -> ManifestCache:
             return ManifestCache(
-                manifest_store, tags, reactor, upstream, fetch, head,
+                manifest_store, tags, reactor, upstream, remote,
                 ttl=300, stale_if_error=3600, negative_ttl=30,
             )
 

@@ -6,6 +6,7 @@ a tag moved never writes the old digest over a newer entry.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -114,7 +115,8 @@ class RevalidationRaceTests(SynchronousTestCase):
             return await d
 
         def cache() -> ManifestCache:
-            return ManifestCache(store, self.tags, self.clock, "https://up.test", fetch, head, ttl=300)
+            remote = SimpleNamespace(fetch=fetch, head_digest=head)
+            return ManifestCache(store, self.tags, self.clock, "https://up.test", remote, ttl=300)
 
         self.first, self.second = cache(), cache()
         self.accepted = frozenset({MANIFEST_V2})

@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Coroutine, Iterable
+from typing import Any, Iterable, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -279,11 +279,21 @@ def _write_atomically(temporary: str, target: str, content: bytes) -> None:
         raise
 
 
-FetchManifest = Callable[[str, Reference, Headers, Trace], Coroutine[Any, Any, Document]]
-"""GETs a manifest upstream (verified) as a L{Document}."""
+class RemoteManifests(Protocol):
+    """
+    The upstream side of the manifest cache (L{hammal.remote.RemoteManifests}),
+    as distribution's proxy wraps a remote store: names are upstream's.
+    """
 
-HeadDigest = Callable[[str, str, Headers, Trace], Coroutine[Any, Any, str | None]]
-"""HEADs a tag upstream and returns its ``Docker-Content-Digest``."""
+    async def fetch(
+        self, upstream_name: str, reference: Reference, headers: Headers, trace: Trace
+    ) -> Document:
+        """GET a manifest upstream, verified, as a L{Document}."""
+
+    async def head_digest(
+        self, upstream_name: str, tag: str, headers: Headers, trace: Trace
+    ) -> str | None:
+        """HEAD a tag upstream and return its ``Docker-Content-Digest``."""
 
 _TRANSIENT = (UpstreamUnavailable, UpstreamTimeout, TooManyRequests)
 
@@ -304,8 +314,7 @@ class ManifestCache:
         tags: TtlStore,
         clock: IReactorTime,
         upstream: str,
-        fetch: FetchManifest,
-        head_digest: HeadDigest,
+        remote: RemoteManifests,
         ttl: float = 300.0,
         stale_if_error: float = 86400.0,
         negative_ttl: float = 30.0,
@@ -317,8 +326,7 @@ class ManifestCache:
         self._tags = tags
         self._clock = clock
         self._upstream = upstream
-        self._fetch = fetch
-        self._head_digest = head_digest
+        self._remote = remote
         self._ttl = ttl
         self._stale_if_error = stale_if_error
         self._negative_ttl = negative_ttl
@@ -384,7 +392,7 @@ class ManifestCache:
             try:
                 current = await self._work.run(
                     ("head", key),
-                    lambda: self._head_digest(name, tag, headers, trace),
+                    lambda: self._remote.head_digest(name, tag, headers, trace),
                 )
             except _TRANSIENT as failure:
                 return self._stale_or_raise(stored, age, failure)
@@ -433,7 +441,7 @@ class ManifestCache:
         self, key: str, name: str, tag: str, headers: Headers, trace: Trace
     ) -> Document:
         asked_at = self._clock.seconds()
-        document = await self._fetch(name, tag, headers, trace)
+        document = await self._remote.fetch(name, tag, headers, trace)
         stored = self._keep(name, document, headers)
         if stored is not None:
             await self._remember_tag(key, stored, asked_at, name, tag)
@@ -462,7 +470,7 @@ class ManifestCache:
     async def _fetch_and_store(
         self, name: str, digest: Digest, headers: Headers, trace: Trace
     ) -> Document:
-        document = await self._fetch(name, digest, headers, trace)
+        document = await self._remote.fetch(name, digest, headers, trace)
         self._keep(name, document, headers)
         return document
 
