@@ -24,12 +24,10 @@ import os
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from hammal import metrics
@@ -41,9 +39,11 @@ from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
 from hammal.upstream.client import default_deadline, upstream_error
 from hammal.reference import Digest
 from hammal.stream import (
+    IdleTimer,
     ReadBounds,
     TransferBroken,
     _producer,
+    body_broken,
     discard_body,
     expected_length,
     not_a_blob,
@@ -470,18 +470,16 @@ class _FileWriter(Protocol):
         self._fetch = fetch
         self._skip = skip
         self._clock = clock
-        self._idle_timeout = idle_timeout
         self._upstream = upstream
-        self._idle: IDelayedCall | None = None
+        self._idle = IdleTimer(clock, idle_timeout, self._timed_out)
 
     def connectionMade(self) -> None:
-        self._idle = self._clock.callLater(self._idle_timeout, self._timed_out)
+        self._idle.arm()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self._idle_timeout)
+        self._idle.touch()
         if self._skip:
             dropped = min(self._skip, len(data))
             data = data[dropped:]
@@ -498,31 +496,25 @@ class _FileWriter(Protocol):
         self._stop(error)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        self._idle.cancel()
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        broken = body_broken(reason, self._upstream, self._fetch.written)
+        if broken is None:
             self.done.callback(None)
         else:
-            self.done.errback(
-                TransferBroken(
-                    f"{self._upstream} broke the transfer after {self._fetch.written} bytes:"
-                    f" {reason.getErrorMessage()}"
-                )
-            )
+            self.done.errback(broken)
 
     def _timed_out(self) -> None:
         self._stop(
             UpstreamTimeout(
-                f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
+                f"{self._upstream} sent nothing for {self._idle.seconds:g} seconds"
                 f" after {self._fetch.written} bytes"
             )
         )
 
     def _stop(self, error: RegistryError) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        self._idle.cancel()
         if not self.done.called:
             self.done.errback(error)
         _producer(self.transport).stopProducing()
