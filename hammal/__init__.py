@@ -1,3 +1,26 @@
-"""hammal: a Twisted-based Docker/OCI registry pull-through mirror."""
+"""
+hammal: a Twisted-based Docker/OCI registry pull-through mirror.
+
+A request walks the packages top to bottom:
+
+- L{hammal.web}: the resource tree; routes, authenticates clients and
+  writes responses (HTTP only).
+- L{hammal.proxy} (the pull service, one per upstream; L{hammal.upstreams}
+  picks it, L{hammal.passthrough} confirms a client's own access,
+  L{hammal.remote} fetches manifests upstream for it and for the manifest
+  cache): what a pull means.
+- L{hammal.cache}: where bytes come from when hammal has them (blobs,
+  manifests on disk; one shared fetch per digest; readers and sendfile).
+- L{hammal.upstream}: the upstream client (auth, retries, redirects,
+  outbound proxies) for what hammal lacks.
+- L{hammal.stream}: bodies moved with backpressure.
+
+L{hammal.app} wires them (the composition root), L{hammal.tap} starts it
+under twistd; L{hammal.reference}, L{hammal.errors}, L{hammal.ttlstore} and
+L{hammal.metrics} serve every layer; L{hammal.access} and L{hammal.status}
+are the gate's rules and the status page's data; L{hammal.ops} is the
+operator's command. tests/test_imports.py keeps the import graph free of
+circles.
+"""
 
 __version__ = "0.1.0"

@@ -14,13 +14,14 @@ entry dropped, and the next call starts afresh.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Any, Callable, Coroutine, Generic, Hashable, TypeVar
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hammal import metrics
 from hammal.errors import UpstreamTimeout
 
 T = TypeVar("T")
@@ -43,6 +44,7 @@ class Coalescer(Generic[T]):
     @param deadline: seconds a run may take before its observers get
         L{UpstreamTimeout} and the run is cancelled and forgotten.
     @param what: names the work in that timeout's message.
+    @param name: names the work in metrics (C{hammal_coalesced_work_total}).
     """
 
     log = Logger()
@@ -52,8 +54,11 @@ class Coalescer(Generic[T]):
         clock: IReactorTime | None = None,
         deadline: float | None = None,
         what: str = "the upstream request",
+        name: str = "work",
     ) -> None:
         self._runs: dict[Hashable, _Run[T]] = {}
+        self._started = metrics.coalesced_work.labels(name, "started")
+        self._joined = metrics.coalesced_work.labels(name, "joined")
         self._clock = clock
         self._deadline = deadline
         self._what = what
@@ -66,14 +71,18 @@ class Coalescer(Generic[T]):
         run = self._runs.get(key)
         return len(run.observers) if run is not None else 0
 
-    def run(self, key: Hashable, work: Callable[[], "Deferred[T]"]) -> Deferred[T]:
+    def run(
+        self, key: Hashable, work: Callable[[], Coroutine[Any, Any, T] | Deferred[T]]
+    ) -> Deferred[T]:
         """
-        Return a L{Deferred} for the result of C{work()}, starting it only if
-        no run for C{key} is under way.
+        Return a L{Deferred} for the result of C{work()} (a coroutine or a
+        L{Deferred}), calling it only if no run for C{key} is under way.
         """
         current = self._runs.get(key)
         if current is not None:
+            self._joined.inc()
             return self._observe(current)
+        self._started.inc()
         run: _Run[T] = _Run()
         self._runs[key] = run
         observer = self._observe(run)

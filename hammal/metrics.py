@@ -140,6 +140,13 @@ cache_bypasses = Counter(
     "Blob reads that went on from upstream because the cache failed them locally.",
     registry=REGISTRY,
 )
+coalesced_work = Counter(
+    "hammal_coalesced_work",
+    "Calls for shared work (manifest, referrers, token), by whether they started"
+    " it or joined a run already in flight.",
+    ["work", "outcome"],
+    registry=REGISTRY,
+)
 cache_write_errors = Counter(
     "hammal_cache_write_errors",
     "Cache writes that failed (disk full, read-only, permissions, I/O errors) or were"

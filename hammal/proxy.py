@@ -21,42 +21,31 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from hammal.cache.blobs import BlobCache
-from hammal.cache.fetch import BlobFetch, StartUpstream
 from hammal.cache.layers import LayerKeeper
-from hammal.cache.writes import LocalCacheError
-from hammal.cache.manifests import FetchManifest, HeadDigest, ManifestCache, accepted_types
-from hammal.conditional import range_applies, without_conditionals
+from hammal.cache.manifests import ManifestCache, accepted_types
+from hammal.conditional import without_conditionals
 from hammal.errors import (
-    NotCachedUpstreamDown,
     RegistryError,
     UpstreamBadResponse,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
-from hammal.registry.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
-from hammal.registry.reference import Digest, Reference, upstream_name
-from hammal.registry.schema1 import digested_content
+from hammal.upstream.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
+from hammal.reference import Digest, Reference, upstream_name
 from hammal.replies import (
-    CACHE_COALESCED,
-    CACHE_HIT,
     CACHE_MISS,
     CACHE_STALE,
     BlobReply,
     Document,
-    HeaderList,
     find_header,
     replace_header,
 )
-from hammal.stream import TransferBroken, UpstreamBody, expected_length, not_a_blob
+from hammal.stream import UpstreamBody, expected_length, not_a_blob
 from hammal.headers import relayed_response_headers
-from hammal.ranges import content_range, parse_range
 from hammal.referrers import Referrers, ReferrersCache
+from hammal.remote import MAX_DOCUMENT_SIZE, RemoteManifests
 
-ManifestCacheFactory = Callable[[str, FetchManifest, HeadDigest], ManifestCache]
-"""Builds the manifest cache for an upstream URL around the proxy's fetchers."""
+ManifestCacheFactory = Callable[[str, RemoteManifests], ManifestCache]
+"""Builds the manifest cache for an upstream URL around its remote manifests."""
 
-#: The largest manifest or tag list hammal accepts from upstream.
-MAX_DOCUMENT_SIZE = 8 * 1024 * 1024
 
 
 class PullProxy:
@@ -83,14 +72,15 @@ class PullProxy:
         self._library_prefix = library_prefix
         self._follow_blob_redirects = blob_redirect == "follow"
         self._clock = clock
+        self._remote = RemoteManifests(client, library_prefix)
         self._blobs = blobs if self._follow_blob_redirects else None
         self._layers = LayerKeeper(self._blobs.store, clock) if self._blobs is not None else None
         self._manifests = (
-            manifests(client.upstream.url, self._fetch_manifest, self._head_digest)
+            manifests(client.upstream.url, self._remote)
             if manifests is not None
             else None
         )
-        self._referrers = Referrers(client, self._fetch_tag, referrers)
+        self._referrers = Referrers(client, self._remote.fetch, referrers)
 
     @property
     def client(self) -> RegistryClient:
@@ -125,7 +115,7 @@ class PullProxy:
         """
         accepted = accepted_types(headers.getRawHeaders(b"accept", []))
         if self._manifests is None or not accepted:
-            return await self._upstream_manifest(method, name, reference, headers, trace)
+            return await self._remote.get(method, name, reference, headers, trace)
         document = await self._manifests.get(
             self.upstream_name(name), reference, accepted, headers, trace
         )
@@ -147,89 +137,6 @@ class PullProxy:
         return await self._referrers.get(
             self.upstream_name(name), digest, artifact_type, headers, trace
         )
-
-    async def _fetch_tag(self, upstream_name: str, tag: str, headers: Headers, trace: Trace) -> Document:
-        return await self._upstream_manifest(b"GET", upstream_name, tag, headers, trace, True)
-
-    async def _fetch_manifest(
-        self, upstream_name: str, reference: Reference, headers: Headers, trace: Trace
-    ) -> Document:
-        return await self._upstream_manifest(b"GET", upstream_name, reference, headers, trace, True)
-
-    async def _head_digest(
-        self, upstream_name: str, tag: str, headers: Headers, trace: Trace
-    ) -> str | None:
-        response = await self._client.request(
-            b"HEAD", upstream_name, f"manifests/{tag}", headers, trace
-        )
-        if response.code != 200:
-            raise await self._error(response)
-        await self._client.discard(response)
-        digest = response.headers.getRawHeaders(b"docker-content-digest", [None])[0]
-        return digest.decode("latin-1") if digest else None
-
-    async def _upstream_manifest(
-        self,
-        method: bytes,
-        name: str,
-        reference: Reference,
-        headers: Headers,
-        trace: Trace,
-        name_is_upstream: bool = False,
-    ) -> Document:
-        """
-        Fetch a manifest from upstream. The body is checked against the
-        requested digest, or against upstream's ``Docker-Content-Digest``
-        for a tag (for a signed schema 1 manifest: its JWS payload, as
-        upstream computes it); a HEAD that upstream answers without a digest
-        is completed with a GET.
-        """
-        if not name_is_upstream:
-            name = self.upstream_name(name)
-        path = f"manifests/{reference}"
-        response = await self._client.request(method, name, path, headers, trace)
-        if response.code != 200:
-            raise await self._error(response)
-        relayed = relayed_response_headers(response.headers)
-        if method == b"HEAD":
-            announced = response.headers.getRawHeaders(b"content-length", [None])[0]
-            digest = find_header(relayed, b"docker-content-digest")
-            if digest is not None and announced is not None and announced.isdigit():
-                return Document(200, relayed, length=int(announced))
-            document = await self._upstream_manifest(b"GET", name, reference, headers, trace, True)
-            return Document(200, document.headers, length=len(document.body))
-        body = await self._client.fetch_document(response, MAX_DOCUMENT_SIZE)
-        announced_length = expected_length(response)
-        if announced_length is not None and announced_length != len(body):
-            raise UpstreamBadResponse(f"{self.upstream_host} sent a truncated manifest")
-        media_type = (find_header(relayed, b"content-type") or b"").decode("latin-1")
-        try:
-            content = digested_content(body, media_type)
-        except UpstreamBadResponse as failure:
-            raise UpstreamBadResponse(f"{self.upstream_host} sent {failure.message}")
-        actual = Digest.of(content)
-        if isinstance(reference, Digest):
-            if Digest.of(content, reference.algorithm) != reference:
-                raise UpstreamBadResponse(
-                    f"{self.upstream_host} sent a manifest that does not match {reference}"
-                )
-            actual = reference
-        else:
-            claimed = find_header(relayed, b"docker-content-digest")
-            if claimed is not None and claimed.decode("latin-1") != str(actual):
-                raise UpstreamBadResponse(
-                    f"{self.upstream_host} sent a manifest whose digest is not the"
-                    f" announced {claimed.decode('latin-1')[:80]}"
-                )
-        # A tag's body with neither a digest nor a length may have been cut
-        # short by a connection close: pass it on, but never cache it.
-        vouched = (
-            isinstance(reference, Digest)
-            or find_header(relayed, b"docker-content-digest") is not None
-            or announced_length is not None
-        )
-        relayed = replace_header(relayed, b"docker-content-digest", str(actual).encode())
-        return Document(200, relayed, body, vouched=vouched)
 
     async def blob(
         self, method: bytes, name: str, digest: Digest, headers: Headers, trace: Trace
@@ -287,12 +194,10 @@ class PullProxy:
         blobs: BlobCache,
     ) -> BlobReply | IResponse | None:
         """
-        The answer through the cache, or L{None} to go straight upstream,
-        or upstream's answer to a fetch the cache refused, to relay as is.
+        The answer through the cache (which decides hit, miss, range and
+        fill), or L{None} to go straight upstream, or upstream's answer to a
+        fetch the cache refused, to relay as is.
         """
-        requested_range = headers.getRawHeaders(b"range", [None])[0]
-        if not range_applies(headers, str(digest)):
-            requested_range = None  # If-Range names other content: all of it
         # The fill is shared: nothing of one client's request goes with it.
         upstream_headers = without_conditionals(headers)
         upstream_headers.removeHeader(b"range")
@@ -314,88 +219,16 @@ class PullProxy:
                 )
             )
 
-        size = blobs.store.size(digest)
-        if size is not None:
-            blobs.store.touch(digest)
-            return self._cache_reply(
-                blobs,
-                method,
-                digest,
-                size,
-                requested_range,
-                None,
-                CACHE_HIT,
-                b"application/octet-stream",
-                start,
-            )
-        running = blobs.in_flight(digest)
-        if method == b"HEAD" and (running is None or running.size is None):
-            return None
-        if running is None and not blobs.has_room():
-            blobs.write_errors.record("blob", str(digest), "the cache disk is nearly full")
-            return None
-        fetch, joined = blobs.fetch(digest, start, self.upstream_host, upstream_name)
-        try:
-            await fetch.when_started()
-        except LocalCacheError:
-            # The cache cannot take it: straight from upstream, on the
-            # fetch's own answer when it is what this client asked for.
-            if method == b"GET" and requested_range is None:
-                return fetch.take_response()
-            return None
-        except (UpstreamUnavailable, UpstreamTimeout) as failure:
-            stale_layer = self._layers is not None and self._layers.named_by_stale(digest)
-            if not stale_layer or isinstance(failure, TransferBroken):
-                raise
-            # The client was given a stale manifest: say what is missing.
-            raise NotCachedUpstreamDown(
-                f"layer {digest} of a manifest served stale is not in this mirror's cache,"
-                f" and {self.upstream_host} cannot serve it now ({failure.message})",
-                detail={"digest": str(digest)},
-                headers={"Retry-After": "30"},
-            )
-        return self._cache_reply(
-            blobs,
+        layers = self._layers
+        return await blobs.serve(
             method,
             digest,
-            fetch.size,
-            requested_range,
-            fetch,
-            CACHE_COALESCED if joined else CACHE_MISS,
-            fetch.content_type,
+            headers,
             start,
+            self.upstream_host,
+            upstream_name,
+            stale_layer=None if layers is None else layers.named_by_stale,
         )
-
-    def _cache_reply(
-        self,
-        blobs: BlobCache,
-        method: bytes,
-        digest: Digest,
-        size: int | None,
-        requested_range: bytes | None,
-        fetch: BlobFetch | None,
-        cache_status: str,
-        content_type: bytes,
-        start_upstream: StartUpstream | None = None,
-    ) -> BlobReply:
-        headers: HeaderList = [
-            (b"content-type", [content_type]),
-            (b"docker-content-digest", [str(digest).encode()]),
-            (b"accept-ranges", [b"bytes"]),
-        ]
-        status, start, end = 200, 0, size
-        if size is not None:
-            selected = parse_range(requested_range, size)
-            if selected is not None:
-                status, (start, end) = 206, selected
-                headers.append((b"content-range", [content_range(start, end, size)]))
-        length = None if end is None else end - start
-        body = (
-            None
-            if method == b"HEAD"
-            else blobs.body(digest, start, end, fetch, start_upstream, self.upstream_host)
-        )
-        return BlobReply(status, headers, length, body, cache_status)
 
     async def tags(self, name: str, query: str, headers: Headers, trace: Trace) -> Document:
         """Fetch a tag list page; C{query} holds the validated C{n}/C{last}."""

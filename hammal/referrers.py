@@ -22,7 +22,6 @@ from urllib.parse import urlencode
 from typing import Any, Awaitable, Callable
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -35,8 +34,8 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hammal.registry.client import RegistryClient, Trace, upstream_error
-from hammal.registry.reference import Digest
+from hammal.upstream.client import RegistryClient, Trace, upstream_error
+from hammal.reference import Digest
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,
@@ -114,7 +113,7 @@ class ReferrersCache:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
-        self.work: Coalescer[Document] = Coalescer()
+        self.work: Coalescer[Document] = Coalescer(name="referrers")
 
     def get(self, key: tuple[str, ...]) -> _Entry | None:
         entry = self._entries.get(key)
@@ -177,9 +176,7 @@ class Referrers:
         try:
             document = await cache.work.run(
                 key,
-                lambda: Deferred.fromCoroutine(
-                    self._fetch_and_keep(key, name, digest, artifact_type, headers, trace)
-                ),
+                lambda: self._fetch_and_keep(key, name, digest, artifact_type, headers, trace),
             )
         except _TRANSIENT as failure:
             if entry is None or age >= cache.ttl + cache.stale_if_error:
@@ -207,7 +204,8 @@ class Referrers:
         trace: Trace,
     ) -> Document:
         document = await self._fetch(name, digest, artifact_type, headers, trace)
-        assert self._cache is not None
+        if self._cache is None:
+            raise RuntimeError("hammal bug: expected self._cache is not None")
         self._cache.put(key, document)
         return document
 

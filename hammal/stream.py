@@ -11,7 +11,7 @@ known to be right: a client never sees a corrupt transfer complete.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Callable, cast
 from typing import Protocol as Protocol_
 
 import attrs
@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from hammal import metrics
 from hammal.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 
 
 class BodyTooLarge(UpstreamBadResponse):
@@ -99,7 +99,8 @@ class _Collector(Protocol):
         _producer(self.transport).stopProducing()
 
     def _timed_out(self, which: str) -> None:
-        assert self._bounds is not None
+        if self._bounds is None:
+            raise RuntimeError("hammal bug: expected self._bounds is not None")
         if which == "idle":
             self._idle_call = None
             message = (
@@ -137,6 +138,53 @@ class _NoProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class IdleTimer:
+    """
+    Calls C{on_idle} once C{seconds} pass without L{arm}: the read timeout
+    of an upstream body, shared by everything that receives one.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float, on_idle: Callable[[], None]) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._on_idle = on_idle
+        self._call: IDelayedCall | None = None
+
+    def arm(self) -> None:
+        """Start waiting, or wait afresh from now."""
+        if self._call is not None and self._call.active():
+            self._call.reset(self.seconds)
+        else:
+            self._call = self._clock.callLater(self.seconds, self._fire)
+
+    def touch(self) -> None:
+        """Wait afresh from now, if waiting (bytes arrived)."""
+        if self._call is not None and self._call.active():
+            self._call.reset(self.seconds)
+
+    def cancel(self) -> None:
+        """Stop waiting."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _fire(self) -> None:
+        self._call = None
+        self._on_idle()
+
+
+def body_broken(reason: Failure, upstream: str, received: int) -> TransferBroken | None:
+    """
+    L{None} when an upstream body ended normally (C{reason} is the end of
+    the response), else the L{TransferBroken} saying where it broke.
+    """
+    if reason.check(ResponseDone, PotentialDataLoss):
+        return None
+    return TransferBroken(
+        f"{upstream} broke the transfer after {received} bytes: {reason.getErrorMessage()}"
+    )
 
 
 def _producer(transport: object) -> IPushProducer:
@@ -237,13 +285,13 @@ class BodyPipe(Protocol):
         self._pending: bytes = b""
         self._paused = False
         self._stopped = False
-        self._idle_call: IDelayedCall | None = None
+        self._idle = IdleTimer(clock, idle_timeout, self._timed_out)
 
     # Protocol: the upstream side.
 
     def connectionMade(self) -> None:
         self._consumer.registerProducer(self, True)
-        self._arm_idle_timer()
+        self._idle.arm()
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
@@ -259,22 +307,18 @@ class BodyPipe(Protocol):
             self._consumer.write(self._pending)
         self._pending = data
         if not self._paused:
-            self._arm_idle_timer()
+            self._idle.arm()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._cancel_idle_timer()
+        self._idle.cancel()
         if self.done.called:
             return
         if self._stopped:
             self.done.errback(TransferBroken("the transfer was stopped"))
             return
-        if not reason.check(ResponseDone, PotentialDataLoss):
-            self.done.errback(
-                TransferBroken(
-                    f"{self._upstream} broke the transfer after {self._received} bytes:"
-                    f" {reason.getErrorMessage()}"
-                )
-            )
+        broken = body_broken(reason, self._upstream, self._received)
+        if broken is not None:
+            self.done.errback(broken)
             return
         if self._expected_length is not None and self._received != self._expected_length:
             self.done.errback(
@@ -299,44 +343,32 @@ class BodyPipe(Protocol):
 
     def pauseProducing(self) -> None:
         self._paused = True
-        self._cancel_idle_timer()
+        self._idle.cancel()
         _producer(self.transport).pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
-        self._arm_idle_timer()
+        self._idle.arm()
         _producer(self.transport).resumeProducing()
 
     def stopProducing(self) -> None:
         """The consumer went away: drop the upstream connection."""
         self._stopped = True
         self._pending = b""
-        self._cancel_idle_timer()
+        self._idle.cancel()
         _producer(self.transport).stopProducing()
 
     # Internals.
 
     def _fail(self, error: Exception) -> None:
-        self._cancel_idle_timer()
+        self._idle.cancel()
         self._pending = b""
         if not self.done.called:
             self.done.errback(error)
         self._stopped = True
         _producer(self.transport).stopProducing()
 
-    def _arm_idle_timer(self) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(self._idle_timeout)
-        else:
-            self._idle_call = self._clock.callLater(self._idle_timeout, self._idle)
-
-    def _cancel_idle_timer(self) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
-
-    def _idle(self) -> None:
-        self._idle_call = None
+    def _timed_out(self) -> None:
         self._fail(
             UpstreamTimeout(
                 f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"

@@ -31,6 +31,7 @@ class SystemRootsAnd:
     def _addCACertsToContext(self, context: SSL.Context) -> None:
         context.set_default_verify_paths()
         store = context.get_cert_store()
-        assert store is not None
+        if store is None:
+            raise RuntimeError("hammal bug: expected store is not None")
         for certificate in self._extra:
             store.add_cert(certificate)

@@ -23,8 +23,8 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.errors import Denied, NotFound, RegistryError, UpstreamTimeout, UpstreamUnavailable
 from hammal.proxy import PullProxy
-from hammal.registry.client import Trace, Upstream, UpstreamClient
-from hammal.registry.reference import registry_names
+from hammal.upstream.client import Trace, Upstream, UpstreamClient
+from hammal.reference import registry_names
 
 __all__ = ["FailoverClient", "Selection", "UpstreamSelector", "registry_names"]
 
@@ -156,7 +156,8 @@ class FailoverClient:
     def __init__(
         self, members: Sequence[UpstreamClient], clock: IReactorTime, cooldown: float = 30.0
     ) -> None:
-        assert members
+        if not members:
+            raise RuntimeError("hammal bug: expected members")
         self._members = list(members)
         self._clock = clock
         self._cooldown = cooldown
@@ -208,7 +209,8 @@ class FailoverClient:
                 await member.discard(response)
                 continue
             return response
-        assert last_error is not None
+        if last_error is None:
+            raise RuntimeError("hammal bug: expected last_error is not None")
         raise last_error
 
     def _rest(self, index: int, reason: str) -> None:

@@ -18,7 +18,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from hammal import metrics
-from hammal.web.errors import abort_client
+from hammal.web.respond import abort_client
+from hammal.web.state import state_of
 from hammal.web.site import HammalSite
 
 
@@ -34,7 +35,7 @@ class _Pending(Resource):
 
     def render_GET(self, request: Any) -> Any:
         self.requests.append(request)
-        request.route_kind = "blob"
+        state_of(request).route = "blob"
         request.setHeader(b"content-length", b"100")
         request.write(b"x" * 10)
         if self.abort:

@@ -8,11 +8,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
+from hammal.cache.blobs import BlobCache
 from hammal.cache.store import BlobStore
-from hammal.registry.reference import Digest
+from hammal.replies import CACHE_HIT
+from hammal.reference import Digest
 from tests.fakes import CDN
 from tests.test_v2 import Mirror, header
 
@@ -251,3 +256,44 @@ class BlobStoreTests(SynchronousTestCase):
         self.assertEqual(two.size(digest), 6)
 
 
+
+
+class ServePolicyTests(SynchronousTestCase):
+    """L{BlobCache.serve} decides hit, range and fill by itself."""
+
+    def setUp(self) -> None:
+        self.store = BlobStore(self.mktemp())
+        self.store.open()
+        self.cache = BlobCache(self.store, Clock(), read_timeout=10, resumes=0)
+        self.blob = b"0123456789" * 10
+        self.digest = Digest.of(self.blob)
+        temporary = self.store.temporary_path(self.digest)
+        with open(temporary, "wb") as f:
+            f.write(self.blob)
+        self.store.commit(temporary, self.digest)
+        self.started: list[int] = []
+
+    def start(self, offset: int, end: int | None = None) -> Any:
+        self.started.append(offset)
+        raise AssertionError("a hit must not go upstream")
+
+    def serve(self, method: bytes, headers: dict[bytes, list[bytes]]) -> Any:
+        work = Deferred.fromCoroutine(
+            self.cache.serve(method, self.digest, Headers(headers), self.start, "up.test", "library/a")
+        )
+        return self.successResultOf(work)
+
+    def test_hit_range(self) -> None:
+        """A Range on a hit is answered from disk: 206 and its Content-Range."""
+        reply = self.serve(b"GET", {b"range": [b"bytes=10-19"]})
+        self.assertEqual((reply.status, reply.length, reply.cache_status), (206, 10, CACHE_HIT))
+        self.assertIn((b"content-range", [b"bytes 10-19/100"]), reply.headers)
+        reply.body.stop()
+        self.assertEqual(self.started, [])
+
+    def test_if_range_elsewhere(self) -> None:
+        """An If-Range naming other content: the whole blob, 200."""
+        reply = self.serve(
+            b"HEAD", {b"range": [b"bytes=10-19"], b"if-range": [b'"sha256:other"']}
+        )
+        self.assertEqual((reply.status, reply.length, reply.body), (200, 100, None))

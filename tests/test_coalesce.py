@@ -11,6 +11,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
+from hammal import metrics
 from hammal.coalesce import Coalescer
 from hammal.errors import UpstreamTimeout
 
@@ -198,7 +199,7 @@ class CoalescerTests(SynchronousTestCase):
         self.assertNotIn("k", self.coalescer)
 
     def test_coroutine_work(self) -> None:
-        """Coroutine work (as L{hammal.registry.auth} uses) runs once per key too."""
+        """Coroutine work (as L{hammal.upstream.auth} uses) runs once per key too."""
         clock = Clock()
         started: list[int] = []
 
@@ -207,11 +208,27 @@ class CoalescerTests(SynchronousTestCase):
             await deferLater(clock, 1.0, lambda: None)
             return "fetched"
 
-        first = self.coalescer.run("k", lambda: Deferred.fromCoroutine(fetch()))
-        second = self.coalescer.run("k", lambda: Deferred.fromCoroutine(fetch()))
+        first = self.coalescer.run("k", fetch)
+        second = self.coalescer.run("k", fetch)
         self.assertEqual(started, [1])
         clock.advance(1.0)
         self.assertEqual((self.successResultOf(first), self.successResultOf(second)), ("fetched",) * 2)
+
+    def test_metrics(self) -> None:
+        """Each call counts as started or joined, under the coalescer's name."""
+
+        def count(outcome: str) -> float:
+            sample = metrics.REGISTRY.get_sample_value(
+                "hammal_coalesced_work_total", {"work": "test-metrics", "outcome": outcome}
+            )
+            return sample or 0.0
+
+        coalescer: Coalescer[str] = Coalescer(name="test-metrics")
+        pending: Deferred[str] = Deferred()
+        coalescer.run("k", lambda: pending)
+        coalescer.run("k", lambda: pending)
+        coalescer.run("other", lambda: succeed("x"))
+        self.assertEqual((count("started"), count("joined")), (2.0, 1.0))
 
     def test_reentrant_call_from_observer(self) -> None:
         """An observer that asks again when the result arrives starts a new run."""

@@ -54,6 +54,8 @@ class AccessLogAddressTests(SynchronousTestCase):
         from hammal.web.site import _client_address
 
         class _Request:
+            forwarded = None
+
             def __init__(self, host: str) -> None:
                 self._host = host
 

@@ -15,8 +15,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from twisted.web.http import PotentialDataLoss
+from twisted.internet.error import ConnectionLost
+from hammal.stream import IdleTimer, body_broken
 from hammal.errors import UpstreamTimeout
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.stream import (
     BodyPipe,
     DISCARD_GRACE,
@@ -240,3 +243,45 @@ class BoundedReadTests(SynchronousTestCase):
         self.failureResultOf(d, CancelledError)
         self.assertTrue(response.transport.stopped)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class IdleTimerTests(SynchronousTestCase):
+    """L{IdleTimer}: the read timeout shared by BodyPipe and the cache writer."""
+
+    def test_fires_after_silence(self) -> None:
+        clock = Clock()
+        fired: list[int] = []
+        timer = IdleTimer(clock, 10, lambda: fired.append(1))
+        timer.touch()  # not armed: nothing to reset
+        clock.advance(20)
+        self.assertEqual(fired, [])
+        timer.arm()
+        clock.advance(9)
+        timer.touch()
+        clock.advance(9)
+        self.assertEqual(fired, [])
+        clock.advance(1)
+        self.assertEqual(fired, [1])
+        timer.touch()  # fired: touching does not re-arm
+        clock.advance(100)
+        self.assertEqual(fired, [1])
+
+    def test_cancel(self) -> None:
+        clock = Clock()
+        fired: list[int] = []
+        timer = IdleTimer(clock, 10, lambda: fired.append(1))
+        timer.arm()
+        timer.cancel()
+        clock.advance(100)
+        self.assertEqual((fired, clock.getDelayedCalls()), ([], []))
+
+
+class BodyBrokenTests(SynchronousTestCase):
+    def test_clean_end(self) -> None:
+        self.assertIsNone(body_broken(Failure(ResponseDone()), "up.test", 5))
+        self.assertIsNone(body_broken(Failure(PotentialDataLoss()), "up.test", 5))
+
+    def test_broken(self) -> None:
+        broken = body_broken(Failure(ConnectionLost("reset")), "up.test", 5)
+        assert broken is not None
+        self.assertIn("up.test broke the transfer after 5 bytes", broken.message)

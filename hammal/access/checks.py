@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.python.threadpool import ThreadPool
 
+from hammal.lru import trim_oldest
 from hammal.access.users import UserDirectory, check_in_thread
 from hammal.errors import TooManyRequests
 
@@ -118,8 +119,7 @@ class CredentialChecker:
             self._running -= 1
         if good:
             self._succeeded[key] = self._clock.seconds() + self._success_ttl
-            while len(self._succeeded) > _MAX_REMEMBERED:
-                self._succeeded.popitem(last=False)
+            trim_oldest(self._succeeded, _MAX_REMEMBERED)
         return good
 
     def _hash_check(self, username: str, password: str) -> Deferred[bool]:

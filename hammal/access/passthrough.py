@@ -22,12 +22,12 @@ import binascii
 import hashlib
 import json
 from collections import OrderedDict
-from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from hammal.registry.tokens import TokenCache
+from hammal.lru import remember, trim_oldest
+from hammal.ttlstore import TtlStore
 
 #: The longest upstream's word on one client's access to one object holds.
 CONFIRMATION_TTL = 60.0
@@ -118,7 +118,7 @@ class Confirmations:
         """Remember that the bearer C{token} ends in C{lifetime} seconds."""
         key = bearer_fingerprint(token)
         self._token_expiry[key] = self._clock.seconds() + lifetime
-        _trim(self._token_expiry)
+        trim_oldest(self._token_expiry, _MAX_ENTRIES)
 
     def token_expiry(self, authorization: bytes) -> float | None:
         """When the token in C{authorization} ends, if known."""
@@ -149,14 +149,8 @@ class Confirmations:
             expires = min(expires, token_ends)
         if expires <= now:
             return
-        self._confirmed[key] = expires
-        self._confirmed.move_to_end(key)
-        _trim(self._confirmed)
+        remember(self._confirmed, key, expires, _MAX_ENTRIES)
 
-
-def _trim(entries: OrderedDict[Any, float]) -> None:
-    while len(entries) > _MAX_ENTRIES:
-        entries.popitem(last=False)
 
 
 class Logins:
@@ -172,7 +166,7 @@ class Logins:
         Redis so that every instance behind one name knows every login.
     """
 
-    def __init__(self, cache: TokenCache) -> None:
+    def __init__(self, cache: TtlStore) -> None:
         self._cache = cache
 
     async def remember(self, token: str, user: str, lifetime: float) -> None:

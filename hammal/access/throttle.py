@@ -16,6 +16,7 @@ from collections import OrderedDict, deque
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from hammal.lru import trim_oldest
 from hammal.errors import TooManyRequests
 
 #: Failed logins from one address within L{WINDOW} seconds before it is
@@ -73,12 +74,10 @@ class LoginThrottle:
         times.append(now)
         if len(times) < self._limit:
             self._failures[address] = times
-            while len(self._failures) > _MAX_ADDRESSES:
-                self._failures.popitem(last=False)
+            trim_oldest(self._failures, _MAX_ADDRESSES)
             return
         self._refused_until[address] = now + self._penalty
-        while len(self._refused_until) > _MAX_ADDRESSES:
-            self._refused_until.popitem(last=False)
+        trim_oldest(self._refused_until, _MAX_ADDRESSES)
         self.log.warn(
             "{count} failed logins from {client} within {window:g}s: refusing it for {penalty:g}s",
             count=len(times),

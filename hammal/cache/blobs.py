@@ -6,20 +6,28 @@ L{BlobFetch} per digest, each client reading at its own pace.
 from __future__ import annotations
 
 
+from typing import Callable
+
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
 from hammal import metrics
 from hammal.cache.bypass import UpstreamTail
 from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
 from hammal.cache.follow import Bypass
 from hammal.cache.store import BlobStore
-from hammal.cache.writes import WriteErrors
-from hammal.sendfile import FileSender, tcp_transport
-from hammal.registry.reference import Digest
-from hammal.stream import BodySource
+from hammal.cache.writes import LocalCacheError, WriteErrors
+from hammal.conditional import range_applies
+from hammal.errors import NotCachedUpstreamDown, UpstreamTimeout, UpstreamUnavailable
+from hammal.ranges import content_range, parse_range
+from hammal.replies import CACHE_COALESCED, CACHE_HIT, CACHE_MISS, BlobReply, HeaderList
+from hammal.cache.sendfile import FileSender, tcp_transport
+from hammal.reference import Digest
+from hammal.stream import BodySource, TransferBroken
 
 
 @attrs.define(eq=False)
@@ -258,3 +266,110 @@ class BlobCache:
         through C{start_upstream} if the cache fails locally.
         """
         return CachedBody(self, digest, start, end, fetch, start_upstream, upstream)
+
+    async def serve(
+        self,
+        method: bytes,
+        digest: Digest,
+        headers: Headers,
+        start: StartUpstream,
+        upstream_host: str,
+        upstream_name: str,
+        stale_layer: Callable[[Digest], bool] | None = None,
+    ) -> BlobReply | IResponse | None:
+        """
+        Answer a client's request for blob C{digest}: a hit from disk, a
+        miss or a join of the fetch in flight, the range the client asked
+        for (C{headers}' C{Range} and C{If-Range}). L{None} means "go
+        straight upstream"; an L{IResponse} is upstream's answer to a fetch
+        the cache refused, to relay as is.
+
+        @param start: starts the upstream request for bytes from an offset.
+        @param stale_layer: whether a manifest served stale names C{digest}
+            (a failed fetch then says what is missing).
+        """
+        requested_range = headers.getRawHeaders(b"range", [None])[0]
+        if not range_applies(headers, str(digest)):
+            requested_range = None  # If-Range names other content: all of it
+        size = self.store.size(digest)
+        if size is not None:
+            self.store.touch(digest)
+            return self._reply(
+                method,
+                digest,
+                size,
+                requested_range,
+                None,
+                CACHE_HIT,
+                b"application/octet-stream",
+                start,
+                upstream_host,
+            )
+        running = self.in_flight(digest)
+        if method == b"HEAD" and (running is None or running.size is None):
+            return None
+        if running is None and not self.has_room():
+            self.write_errors.record("blob", str(digest), "the cache disk is nearly full")
+            return None
+        fetch, joined = self.fetch(digest, start, upstream_host, upstream_name)
+        try:
+            await fetch.when_started()
+        except LocalCacheError:
+            # The cache cannot take it: straight from upstream, on the
+            # fetch's own answer when it is what this client asked for.
+            if method == b"GET" and requested_range is None:
+                return fetch.take_response()
+            return None
+        except (UpstreamUnavailable, UpstreamTimeout) as failure:
+            named_stale = stale_layer is not None and stale_layer(digest)
+            if not named_stale or isinstance(failure, TransferBroken):
+                raise
+            # The client was given a stale manifest: say what is missing.
+            raise NotCachedUpstreamDown(
+                f"layer {digest} of a manifest served stale is not in this mirror's cache,"
+                f" and {upstream_host} cannot serve it now ({failure.message})",
+                detail={"digest": str(digest)},
+                headers={"Retry-After": "30"},
+            )
+        return self._reply(
+            method,
+            digest,
+            fetch.size,
+            requested_range,
+            fetch,
+            CACHE_COALESCED if joined else CACHE_MISS,
+            fetch.content_type,
+            start,
+            upstream_host,
+        )
+
+    def _reply(
+        self,
+        method: bytes,
+        digest: Digest,
+        size: int | None,
+        requested_range: bytes | None,
+        fetch: BlobFetch | None,
+        cache_status: str,
+        content_type: bytes,
+        start_upstream: StartUpstream | None = None,
+        upstream_host: str = "upstream",
+    ) -> BlobReply:
+        headers: HeaderList = [
+            (b"content-type", [content_type]),
+            (b"docker-content-digest", [str(digest).encode()]),
+            (b"accept-ranges", [b"bytes"]),
+        ]
+        status, start, end = 200, 0, size
+        if size is not None:
+            selected = parse_range(requested_range, size)
+            if selected is not None:
+                status, (start, end) = 206, selected
+                headers.append((b"content-range", [content_range(start, end, size)]))
+        length = None if end is None else end - start
+        body = (
+            None
+            if method == b"HEAD"
+            else self.body(digest, start, end, fetch, start_upstream, upstream_host)
+        )
+        return BlobReply(status, headers, length, body, cache_status)

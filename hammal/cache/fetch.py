@@ -24,12 +24,10 @@ import os
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from hammal import metrics
@@ -38,12 +36,14 @@ from hammal.cache.follow import Bypass, FileFollower
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
-from hammal.registry.client import default_deadline, upstream_error
-from hammal.registry.reference import Digest
+from hammal.upstream.client import default_deadline, upstream_error
+from hammal.reference import Digest
 from hammal.stream import (
+    IdleTimer,
     ReadBounds,
     TransferBroken,
     _producer,
+    body_broken,
     discard_body,
     expected_length,
     not_a_blob,
@@ -297,7 +297,8 @@ class BlobFetch:
 
     def append(self, data: bytes) -> None:
         """Write a chunk to the temporary file; readers may use the previous ones."""
-        assert self._fd is not None
+        if self._fd is None:
+            raise RuntimeError("hammal bug: expected self._fd is not None")
         if self._hash_broken is not None:
             raise self._hash_broken
         if self.size is not None and self.written + len(data) > self.size:
@@ -388,7 +389,8 @@ class BlobFetch:
         self.readable = self.written
         self.verified = True
         self._notify()
-        assert self._fd is not None
+        if self._fd is None:
+            raise RuntimeError("hammal bug: expected self._fd is not None")
         try:
             await self._offload(os.fdatasync, self._fd)
             self.store.commit(self.path, self.digest, self._reserved, self.written)
@@ -468,18 +470,16 @@ class _FileWriter(Protocol):
         self._fetch = fetch
         self._skip = skip
         self._clock = clock
-        self._idle_timeout = idle_timeout
         self._upstream = upstream
-        self._idle: IDelayedCall | None = None
+        self._idle = IdleTimer(clock, idle_timeout, self._timed_out)
 
     def connectionMade(self) -> None:
-        self._idle = self._clock.callLater(self._idle_timeout, self._timed_out)
+        self._idle.arm()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self._idle_timeout)
+        self._idle.touch()
         if self._skip:
             dropped = min(self._skip, len(data))
             data = data[dropped:]
@@ -496,31 +496,25 @@ class _FileWriter(Protocol):
         self._stop(error)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        self._idle.cancel()
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        broken = body_broken(reason, self._upstream, self._fetch.written)
+        if broken is None:
             self.done.callback(None)
         else:
-            self.done.errback(
-                TransferBroken(
-                    f"{self._upstream} broke the transfer after {self._fetch.written} bytes:"
-                    f" {reason.getErrorMessage()}"
-                )
-            )
+            self.done.errback(broken)
 
     def _timed_out(self) -> None:
         self._stop(
             UpstreamTimeout(
-                f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
+                f"{self._upstream} sent nothing for {self._idle.seconds:g} seconds"
                 f" after {self._fetch.written} bytes"
             )
         )
 
     def _stop(self, error: RegistryError) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        self._idle.cancel()
         if not self.done.called:
             self.done.errback(error)
         _producer(self.transport).stopProducing()

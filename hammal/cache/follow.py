@@ -8,7 +8,7 @@ I{bypass}) when the cache fails locally.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -18,8 +18,25 @@ from zope.interface import implementer
 from hammal.cache.writes import LocalCacheError, describe
 from hammal.stream import BodySource, TransferBroken
 
-if TYPE_CHECKING:
-    from hammal.cache.fetch import BlobFetch
+
+class GrowingFile(Protocol):
+    """
+    What a follower needs of the fetch filling the file it reads (a
+    L{hammal.cache.fetch.BlobFetch}): how far it got, whether it ended, and
+    word when it moves on.
+    """
+
+    size: int | None
+    readable: int
+    complete: bool
+    verified: bool
+    failure: Any
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call C{listener} whenever the file grows or the fetch ends."""
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        """Stop calling C{listener}."""
 
 Bypass = Callable[[int, "int | None"], BodySource]
 """C{bypass(offset, end)}: bytes C{[offset, end)} of the blob from upstream, uncached."""
@@ -50,7 +67,7 @@ class FileFollower:
         path: str,
         start: int,
         end: int | None,
-        fetch: BlobFetch | None = None,
+        fetch: GrowingFile | None = None,
         bypass: Bypass | None = None,
     ) -> None:
         self.done: Deferred[int] = Deferred()

@@ -13,9 +13,10 @@ from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
 
+from hammal.lru import remember
 from hammal.cache.store import BlobStore
 from hammal.errors import RegistryError
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 
 #: Image manifest types whose config and layers are blobs.
 _IMAGE_TYPES = frozenset(
@@ -82,7 +83,4 @@ class LayerKeeper:
         return when is not None and self._clock.seconds() - when < self._stale_memory
 
     def _remember_entry(self, entries: OrderedDict[str, float], key: str, now: float) -> None:
-        entries[key] = now
-        entries.move_to_end(key)
-        while len(entries) > self._remember:
-            entries.popitem(last=False)
+        remember(entries, key, now, self._remember)

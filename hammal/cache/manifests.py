@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Coroutine, Iterable
+from typing import Any, Iterable, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from hammal.lru import trim_oldest
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.coalesce import Coalescer
 from hammal.errors import (
@@ -35,9 +36,9 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hammal.registry.client import Trace
-from hammal.registry.reference import Digest, Reference
-from hammal.registry.tokens import TokenCache
+from hammal.upstream.client import Trace
+from hammal.reference import Digest, Reference
+from hammal.ttlstore import TtlStore
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,
@@ -215,7 +216,7 @@ class ManifestStore:
 class DiskTagStore:
     """
     Tag entries as small files under C{root/tags}, for a single host (or
-    hosts sharing the cache directory). Same contract as the token caches.
+    hosts sharing the cache directory). Same contract as L{hammal.ttlstore.TtlStore}.
     """
 
     def __init__(self, root: str, clock: IReactorTime) -> None:
@@ -278,11 +279,21 @@ def _write_atomically(temporary: str, target: str, content: bytes) -> None:
         raise
 
 
-FetchManifest = Callable[[str, Reference, Headers, Trace], Coroutine[Any, Any, Document]]
-"""GETs a manifest upstream (verified) as a L{Document}."""
+class RemoteManifests(Protocol):
+    """
+    The upstream side of the manifest cache (L{hammal.remote.RemoteManifests}),
+    as distribution's proxy wraps a remote store: names are upstream's.
+    """
 
-HeadDigest = Callable[[str, str, Headers, Trace], Coroutine[Any, Any, str | None]]
-"""HEADs a tag upstream and returns its ``Docker-Content-Digest``."""
+    async def fetch(
+        self, upstream_name: str, reference: Reference, headers: Headers, trace: Trace
+    ) -> Document:
+        """GET a manifest upstream, verified, as a L{Document}."""
+
+    async def head_digest(
+        self, upstream_name: str, tag: str, headers: Headers, trace: Trace
+    ) -> str | None:
+        """HEAD a tag upstream and return its ``Docker-Content-Digest``."""
 
 _TRANSIENT = (UpstreamUnavailable, UpstreamTimeout, TooManyRequests)
 
@@ -300,11 +311,10 @@ class ManifestCache:
     def __init__(
         self,
         store: ManifestStore,
-        tags: TokenCache,
+        tags: TtlStore,
         clock: IReactorTime,
         upstream: str,
-        fetch: FetchManifest,
-        head_digest: HeadDigest,
+        remote: RemoteManifests,
         ttl: float = 300.0,
         stale_if_error: float = 86400.0,
         negative_ttl: float = 30.0,
@@ -316,15 +326,16 @@ class ManifestCache:
         self._tags = tags
         self._clock = clock
         self._upstream = upstream
-        self._fetch = fetch
-        self._head_digest = head_digest
+        self._remote = remote
         self._ttl = ttl
         self._stale_if_error = stale_if_error
         self._negative_ttl = negative_ttl
         self._negative: OrderedDict[str, tuple[float, RegistryError]] = OrderedDict()
         # Shared by every client asking for the same manifest: bounded, so
         # that one stalled upstream answer cannot hang every later pull.
-        self._work: Coalescer[Any] = Coalescer(clock, deadline, f"the manifest request to {upstream}")
+        self._work: Coalescer[Any] = Coalescer(
+            clock, deadline, f"the manifest request to {upstream}", name="manifest"
+        )
         # Tag entries this process read or wrote, so a hot tag costs no
         # store lookup; each is kept no longer than the store keeps it.
         self._recent_tags: OrderedDict[str, tuple[TagEntry, float]] = OrderedDict()
@@ -358,7 +369,7 @@ class ManifestCache:
         joined = key in self._work
         try:
             document = await self._work.run(
-                key, lambda: Deferred.fromCoroutine(self._fetch_and_store(name, digest, headers, trace))
+                key, lambda: self._fetch_and_store(name, digest, headers, trace)
             )
         except UpstreamError as failure:
             self._remember_negative(key, failure)
@@ -381,7 +392,7 @@ class ManifestCache:
             try:
                 current = await self._work.run(
                     ("head", key),
-                    lambda: Deferred.fromCoroutine(self._head_digest(name, tag, headers, trace)),
+                    lambda: self._remote.head_digest(name, tag, headers, trace),
                 )
             except _TRANSIENT as failure:
                 return self._stale_or_raise(stored, age, failure)
@@ -397,7 +408,7 @@ class ManifestCache:
         try:
             document = await self._work.run(
                 ("get", key),
-                lambda: Deferred.fromCoroutine(self._fetch_tag(key, name, tag, headers, trace)),
+                lambda: self._fetch_tag(key, name, tag, headers, trace),
             )
         except UpstreamError as failure:
             self._remember_negative(key, failure)
@@ -430,7 +441,7 @@ class ManifestCache:
         self, key: str, name: str, tag: str, headers: Headers, trace: Trace
     ) -> Document:
         asked_at = self._clock.seconds()
-        document = await self._fetch(name, tag, headers, trace)
+        document = await self._remote.fetch(name, tag, headers, trace)
         stored = self._keep(name, document, headers)
         if stored is not None:
             await self._remember_tag(key, stored, asked_at, name, tag)
@@ -459,7 +470,7 @@ class ManifestCache:
     async def _fetch_and_store(
         self, name: str, digest: Digest, headers: Headers, trace: Trace
     ) -> Document:
-        document = await self._fetch(name, digest, headers, trace)
+        document = await self._remote.fetch(name, digest, headers, trace)
         self._keep(name, document, headers)
         return document
 
@@ -499,9 +510,7 @@ class ManifestCache:
             try:
                 await self._work.run(
                     key,
-                    lambda: Deferred.fromCoroutine(
-                        self._fetch_and_store(name, digest, child_headers, Trace())
-                    ),
+                    lambda: self._fetch_and_store(name, digest, child_headers, Trace()),
                 )
             except RegistryError as failure:
                 self.log.info(
@@ -570,8 +579,7 @@ class ManifestCache:
         if failure.status != 404 or self._negative_ttl <= 0:
             return
         self._negative[key] = (self._clock.seconds() + self._negative_ttl, failure)
-        while len(self._negative) > 10000:
-            self._negative.popitem(last=False)
+        trim_oldest(self._negative, 10000)
 
 
 def _document(stored: StoredManifest, cache_status: str) -> Document:

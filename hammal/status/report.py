@@ -19,7 +19,7 @@ import attrs
 from prometheus_client import CollectorRegistry
 
 from hammal import __version__, metrics
-from hammal.status.quota import QuotaBoard
+from hammal.upstream.quota import QuotaBoard
 from hammal.status.recorder import StatusRecorder
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class RouteSource:
     One configured upstream and how requests reach it.
 
     @ivar name: C{"default"} for ``--upstream``, else the ``--route`` host.
-    @ivar client: its L{hammal.registry.client.RegistryClient} (a
+    @ivar client: its L{hammal.upstream.client.RegistryClient} (a
         L{hammal.upstreams.FailoverClient} when it has mirrors).
     """
 

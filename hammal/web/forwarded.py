@@ -166,7 +166,8 @@ def _first(values: list[str] | None) -> str | None:
 
 def _split_host(host: str, default_port: int) -> tuple[str, int]:
     match = _HOST.match(host)
-    assert match is not None
+    if match is None:
+        raise RuntimeError("hammal bug: expected match is not None")
     if match.group(1) is None:
         return host, default_port
     return host[: -len(match.group(1)) - 1], int(match.group(1))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from typing import Any, Iterable
-from urllib.parse import urlencode, urlsplit
 
 import attrs
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -44,12 +43,11 @@ from hammal.access.rules import AccessRules
 from hammal.access.throttle import LoginThrottle
 from hammal.access.tokens import TokenIssuer, parse_scopes
 from hammal.access.users import UserDirectory, parse_basic
-from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamBadResponse, UpstreamError
+from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamError
 from hammal.proxy import PullProxy
-from hammal.registry.challenge import select_challenge
-from hammal.registry.client import Trace, upstream_error
-from hammal.registry.reference import rewrite_scope
-from hammal.registry.tokens import MemoryTokenCache
+from hammal.passthrough import forward_login, probe_access
+from hammal.upstream.client import upstream_error
+from hammal.ttlstore import MemoryTtlStore
 from hammal.replies import Document
 
 AUTH_MODES = ("none", "basic", "token", "passthrough")
@@ -115,7 +113,7 @@ class Gate:
         self._allowed_users = None if allowed_users is None else frozenset(allowed_users)
         if self._allowed_users is not None and not self._allowed_users:
             raise ValueError("the list of allowed users is empty")
-        self._logins = logins or Logins(MemoryTokenCache(clock))
+        self._logins = logins or Logins(MemoryTtlStore(clock))
         self._confirmations = Confirmations(clock)
         if checker is None and users is not None:
             checker = CredentialChecker(users, clock, reactor)
@@ -183,7 +181,8 @@ class Gate:
     async def _basic(self, request: Request, authorization: bytes | None) -> str:
         credentials = parse_basic(authorization)
         if credentials is not None:
-            assert self._checker is not None
+            if self._checker is None:
+                raise RuntimeError("hammal bug: expected self._checker is not None")
             address = self.client_address(request)
             self._throttle.check(address)
             if await self._checker.check(*credentials):
@@ -206,7 +205,8 @@ class Gate:
         repository: str | None,
         realm_query: str,
     ) -> str:
-        assert self._issuer is not None
+        if self._issuer is None:
+            raise RuntimeError("hammal bug: expected self._issuer is not None")
         if authorization is None or not authorization.lower().startswith(b"bearer "):
             raise self.challenge(request, repository, realm_query)
         token = authorization[7:].strip().decode("latin-1")
@@ -253,12 +253,14 @@ class Gate:
         if self.mode == "token":
             return await self._issue(request)
         if self.mode == "passthrough":
-            assert proxy is not None
+            if proxy is None:
+                raise RuntimeError("hammal bug: expected proxy is not None")
             return await self._forward_login(request, proxy)
         raise Denied(f"this mirror does not issue tokens (--auth {self.mode})")
 
     async def _issue(self, request: Request) -> Document:
-        assert self._issuer is not None
+        if self._issuer is None:
+            raise RuntimeError("hammal bug: expected self._issuer is not None")
         user = await self._basic(request, request.getHeader(b"authorization"))
         args = request.args or {}
         scopes = parse_scopes([v.decode("latin-1") for v in args.get(b"scope", [])])
@@ -289,28 +291,14 @@ class Gate:
                 "log in as one of this mirror's allowed users",
                 headers={"WWW-Authenticate": 'Basic realm="hammal"'},
             )
-        challenge = await self._upstream_challenge(proxy)
-        realm = challenge.realm or ""
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UpstreamBadResponse("upstream offers no token realm to log in to")
         args = request.args or {}
         prefix = _query_text(args, b"ns") or ""
         scopes = parse_scopes([v.decode("latin-1") for v in args.get(b"scope", [])])
-        query = [("service", challenge.service or "")] if challenge.service else []
-        query += [
-            ("scope", rewrite_scope(_without_registry(s, prefix), proxy.library_prefix))
-            for s in scopes
-        ]
-        headers = Headers({b"accept": [b"application/json"]})
-        if authorization is not None:
-            headers.setRawHeaders(b"authorization", [authorization])
-        separator = "&" if parts.query else "?"
-        response = await proxy.client.send_direct(
-            b"GET", realm + (separator + urlencode(query) if query else ""), headers
+        answer = await forward_login(
+            proxy, authorization, [_without_registry(s, prefix) for s in scopes]
         )
-        body = await proxy.client.fetch_document(response, 1024 * 1024)
-        if response.code == 401:
+        body = answer.body
+        if answer.status == 401:
             if credentials is not None:
                 self._throttle.failed(address)
                 self.log.info(
@@ -322,26 +310,14 @@ class Gate:
                 "upstream refused these credentials",
                 headers={"WWW-Authenticate": 'Basic realm="hammal"'},
             )
-        if response.code != 200:
-            raise upstream_error(response, body, parts.hostname)
+        if answer.status != 200:
+            raise upstream_error(answer.response, body, answer.where)
         token, lifetime = _token_of(body)
         if token is not None:
             self._confirmations.note_token(token, lifetime)
             if self._allowed_users is not None and credentials is not None:
                 await self._logins.remember(token, credentials[0], lifetime)
         return Document(200, [(b"content-type", [b"application/json"])], body)
-
-    async def _upstream_challenge(self, proxy: PullProxy) -> Any:
-        response = await proxy.client.send_direct(
-            b"GET", f"{proxy.client.upstream.url}/v2/", Headers()
-        )
-        await proxy.client.discard(response)
-        challenge = select_challenge(
-            v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])
-        )
-        if challenge is None or challenge.scheme != "bearer":
-            raise UpstreamBadResponse("upstream does not use token authentication")
-        return challenge
 
     async def confirm_access(
         self,
@@ -375,19 +351,9 @@ class Gate:
         )
         if self._confirmations.confirmed(key):
             return
-        probe = headers.copy()
-        probe.removeHeader(b"range")
-        probe.setRawHeaders(b"authorization", [authorization])
-        response = await proxy.client.request(
-            b"HEAD", upstream_name, path, probe, Trace(), follow_redirects=False
-        )
-        body = await proxy.client.fetch_document(response, 64 * 1024)
-        if response.code == 401:
-            upstream_said = select_challenge(
-                v.decode("latin-1")
-                for v in response.headers.getRawHeaders(b"www-authenticate", [])
-            )
-            if upstream_said is not None and upstream_said.params.get("error") == "insufficient_scope":
+        answer = await probe_access(proxy, upstream_name, path, headers, authorization)
+        if answer.status == 401:
+            if answer.insufficient_scope:
                 raise self.challenge(
                     request,
                     repository,
@@ -402,15 +368,15 @@ class Gate:
                 "invalid_token",
                 "upstream did not accept this token; log in again",
             )
-        if response.code == 403:
+        if answer.status == 403:
             raise Denied(f"upstream refused this client access to {repository[:255]}")
-        if response.code == 405 and path == "tags/list":
+        if answer.status == 405 and path == "tags/list":
             # Distribution has no HEAD for tag lists, but checks the token
             # first; tag lists are never cached, and the GET that follows
             # carries the token, so upstream has the last word anyway.
             pass
-        elif response.code >= 400:
-            raise _refusal(response.code, body, path, proxy.upstream_host, response)
+        elif answer.status >= 400:
+            raise _refusal(answer.status, answer.body, path, answer.where, answer.response)
         self._confirmations.confirm(key, authorization)
 
 

@@ -18,6 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from hammal.web.state import client_gone
+
 Check = Callable[[], Awaitable[str | None]]
 """A readiness check: L{None} when fine, else what is wrong."""
 
@@ -107,7 +109,7 @@ class ReadyResource(Resource):
         report = await self._readiness.report()
         ready = self._readiness.is_ready(report)
         body = json.dumps({"ready": ready, "checks": report}).encode()
-        if getattr(request, "_disconnected", False):
+        if client_gone(request):
             return
         request.setResponseCode(200 if ready else 503)
         request.setHeader(b"content-type", b"application/json")

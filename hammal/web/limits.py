@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from hammal import metrics
 from hammal.errors import RegistryError
-from hammal.web.errors import error_body
+from hammal.web.respond import error_body
 
 
 class ServerBusy(RegistryError):
@@ -39,7 +39,8 @@ def _busy_response() -> bytes:
 
 class _Refusal(Protocol):
     def connectionMade(self) -> None:
-        assert self.transport is not None
+        if self.transport is None:
+            raise RuntimeError("hammal bug: expected self.transport is not None")
         self.transport.write(_busy_response())
         self.transport.loseConnection()
 
@@ -65,7 +66,8 @@ class _CountedProtocol(ProtocolWrapper):
         if self._first and data:
             self._first = False
             if data[0] == _TLS_HANDSHAKE:
-                assert self.transport is not None
+                if self.transport is None:
+                    raise RuntimeError("hammal bug: expected self.transport is not None")
                 self.transport.write(_NOT_TLS)
                 self.transport.loseConnection()
                 return

@@ -15,7 +15,7 @@ from enum import Enum
 import attrs
 
 from hammal.errors import NotFound, Unsupported
-from hammal.registry.reference import Digest, Reference, parse_reference, validate_name
+from hammal.reference import Digest, Reference, parse_reference, validate_name
 
 
 class RouteKind(Enum):
@@ -42,7 +42,8 @@ class Route:
 
     @property
     def digest(self) -> Digest:
-        assert isinstance(self.reference, Digest)
+        if not isinstance(self.reference, Digest):
+            raise RuntimeError("hammal bug: expected isinstance(self.reference, Digest)")
         return self.reference
 
 

@@ -19,7 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from hammal import metrics
-from hammal.registry.client import Trace
+from hammal.web.state import state_of
 from hammal.status.recorder import StatusRecorder
 from hammal.web.forwarded import Forwarded, ForwardedHeaders
 
@@ -59,13 +59,6 @@ class HammalRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.route_kind = "-"
-        self.upstream_host = "-"
-        self.repository = ""
-        self.request_id = ""
-        self.trace = Trace()
-        self.cache_status = "-"
-        self.started_at = 0.0
         self._access_logged = False
         self._body_bytes = 0
         self._body_refused = False
@@ -86,7 +79,8 @@ class HammalRequest(Request):
         if self._body_bytes > MAX_REQUEST_BODY:
             self._refuse_body()
             return
-        assert self.content is not None
+        if self.content is None:
+            raise RuntimeError("hammal bug: expected self.content is not None")
         self.content.write(data)
 
     def _refuse_body(self) -> None:
@@ -100,11 +94,12 @@ class HammalRequest(Request):
             transport.loseConnection()
 
     def process(self) -> None:
+        state = state_of(self)
         if self.clock is not None:
-            self.started_at = self.clock.seconds()
+            state.started_at = self.clock.seconds()
         given = (self.getHeader(b"x-request-id") or b"").decode("latin-1")
-        self.request_id = given if _REQUEST_ID.match(given) else _new_request_id()
-        self.setHeader(b"x-request-id", self.request_id.encode())
+        state.request_id = given if _REQUEST_ID.match(given) else _new_request_id()
+        self.setHeader(b"x-request-id", state.request_id.encode())
         metrics.in_flight_requests.inc()
         site = getattr(self.channel, "site", None)
         if isinstance(site, HammalSite):
@@ -130,6 +125,23 @@ class HammalRequest(Request):
 CLIENT_CLOSED_REQUEST = 499
 
 
+def _limited_channel(max_headers: int | None, max_header_bytes: int | None) -> type[http.HTTPChannel]:
+    """
+    An L{http.HTTPChannel} with this site's request header limits (L{None}:
+    Twisted's own), so that the limits stay with the site rather than
+    changing every channel in the process.
+    """
+
+    class _LimitedChannel(http.HTTPChannel):
+        pass
+
+    if max_headers is not None:
+        _LimitedChannel.maxHeaders = max_headers
+    if max_header_bytes is not None:
+        _LimitedChannel.totalHeadersSize = max_header_bytes
+    return _LimitedChannel
+
+
 class HammalSite(Site):
     """
     A L{Site} that writes structured access-log events.
@@ -144,9 +156,12 @@ class HammalSite(Site):
         resource: IResource,
         clock: IReactorTime,
         forwarded: ForwardedHeaders | None = None,
+        max_headers: int | None = None,
+        max_header_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
+        self._channel = _limited_channel(max_headers, max_header_bytes)
         self.forwarded = forwarded
         self.noisy = False
         self.active_requests = 0
@@ -157,6 +172,13 @@ class HammalSite(Site):
         _ClockedRequest.clock = clock
         self.requestFactory = _ClockedRequest
 
+    def protocol(self) -> Any:
+        """
+        Twisted's HTTP/1.1-or-HTTP/2 protocol around this site's limited
+        channel (Twisted's own factory always builds a plain L{http.HTTPChannel}).
+        """
+        return http._GenericHTTPChannelProtocol(self._channel())
+
     def log(self, request: http.Request) -> None:
         """Called by twisted.web as a request finishes."""
         self.log_access(request, aborted=False)
@@ -166,13 +188,14 @@ class HammalSite(Site):
         if not isinstance(request, HammalRequest) or request._access_logged:
             return
         request._access_logged = True
-        if request.started_at:
+        state = state_of(request)
+        if state.started_at:
             metrics.in_flight_requests.dec()
             self.active_requests -= 1
-        duration = self._clock.seconds() - request.started_at if request.started_at else 0.0
-        route = request.route_kind
+        duration = self._clock.seconds() - state.started_at if state.started_at else 0.0
+        route = state.route
         status = request.code
-        if aborted and not getattr(request, "aborted_by_server", False):
+        if aborted and not state.aborted_by_server:
             status = CLIENT_CLOSED_REQUEST  # not the 200 it would have been
         metrics.requests.labels(route, str(status)).inc()
         metrics.response_bytes.labels(route).inc(request.sentLength)
@@ -183,9 +206,9 @@ class HammalSite(Site):
                 request.method.decode("latin-1"),
                 request.code,
                 request.sentLength,
-                request.cache_status,
-                request.upstream_host,
-                request.repository,
+                state.cache_status,
+                state.upstream,
+                state.repository,
             )
         client = _client_address(request)
         method = _printable(request.method.decode("latin-1"))
@@ -195,15 +218,15 @@ class HammalSite(Site):
         # fields are still in the event for JSON logs.
         line = (
             f'{client} "{method} {path}" {status} {request.sentLength}'
-            f" {duration * 1000:.1f}ms route={route} upstream={request.upstream_host}"
-            f" upstream_attempts={request.trace.attempts} cache={request.cache_status}"
-            f" id={request.request_id}{' aborted' if aborted else ''}"
+            f" {duration * 1000:.1f}ms route={route} upstream={state.upstream}"
+            f" upstream_attempts={state.trace.attempts} cache={state.cache_status}"
+            f" id={state.request_id}{' aborted' if aborted else ''}"
         )
         _access_log.info(
             "{access}",
             access=line,
-            request_id=request.request_id,
-            upstream=request.upstream_host,
+            request_id=state.request_id,
+            upstream=state.upstream,
             client=client,
             method=method,
             path=path,
@@ -211,8 +234,8 @@ class HammalSite(Site):
             bytes=request.sentLength,
             duration_ms=round(duration * 1000, 3),
             route=route,
-            attempts=request.trace.attempts,
-            cache=request.cache_status,
+            attempts=state.trace.attempts,
+            cache=state.cache_status,
             aborted=aborted,
         )
 
@@ -225,8 +248,8 @@ def _printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def _client_address(request: http.Request) -> str:
-    forwarded = getattr(request, "forwarded", None)
+def _client_address(request: HammalRequest) -> str:
+    forwarded = request.forwarded
     if forwarded is not None and forwarded.client is not None:
         return _printable(str(forwarded.client))
     address = request.getClientAddress()

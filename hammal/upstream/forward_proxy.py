@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from hammal.registry.proxy_rules import ProxyRules, ProxyURL
+from hammal.upstream.proxy_rules import ProxyRules, ProxyURL
 from hammal.stream import discard_body
 
 #: The largest answer to CONNECT hammal reads (status line and headers).
@@ -75,7 +75,8 @@ class _TunnelProtocol(Protocol):
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
+        if self.transport is None:
+            raise RuntimeError("hammal bug: expected self.transport is not None")
         lines = [b"CONNECT " + self._authority + b" HTTP/1.1", b"Host: " + self._authority]
         if self._authorization is not None:
             lines.append(b"Proxy-Authorization: " + self._authorization)
@@ -123,7 +124,8 @@ class _TunnelProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
         self._buffer = b""
-        assert self.transport is not None
+        if self.transport is None:
+            raise RuntimeError("hammal bug: expected self.transport is not None")
         inner = self._factory.buildProtocol(self.transport.getPeer())
         if inner is None:
             self._fail("no protocol for the tunnel")

@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from hammal.cache.fetch import BlobFetch
 from hammal.cache.follow import Bypass, FileFollower
+from hammal.cache.rawsocket import RawSocket
 from hammal.stream import TransferBroken
 
 #: Bytes handed to one sendfile call.
@@ -63,26 +64,21 @@ class FileSender(FileFollower):
         bypass: Bypass | None = None,
     ) -> None:
         super().__init__(request, clock, path, start, end, fetch, bypass)
-        self._transport = transport
-
-    def _buffered(self) -> int:
-        transport = self._transport
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        self._socket = RawSocket(transport)
 
     def _wait_for_socket(self) -> None:
         """Have the transport resume us once it has written all it holds."""
         self._paused = True
-        self._transport.producerPaused = True
-        self._transport.startWriting()
+        self._socket.resume_when_drained()
 
     def _pump(self) -> None:
         self._scheduled = None
         if self._paused or self._stopped or self._fd is None:
             return
-        if self._buffered():
+        if self._socket.buffered():
             self._wait_for_socket()
             return
-        socket_fd = self._transport.fileno()
+        socket_fd = self._socket.fileno()
         for _ in range(_CALLS_PER_TURN):
             if self._failed_fetch():
                 return

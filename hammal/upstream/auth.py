@@ -28,9 +28,9 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.coalesce import Coalescer
 from hammal.errors import RegistryError, UpstreamBadResponse
-from hammal.registry.challenge import Challenge
-from hammal.registry.tokens import TokenCache
-from hammal.registry.trust import CredentialPolicy
+from hammal.upstream.challenge import Challenge
+from hammal.ttlstore import TtlStore
+from hammal.upstream.trust import CredentialPolicy
 from hammal.stream import ReadBounds, read_body
 
 #: Lifetime assumed for a token whose response gives no ``expires_in``.
@@ -46,7 +46,7 @@ ErrorForResponse = Callable[[IResponse, bytes, str], RegistryError]
 class CredentialSource(Protocol):
     """
     Where upstream credentials come from when there are several to choose
-    from (L{hammal.registry.accounts}): asked before every token request.
+    from (L{hammal.upstream.accounts}): asked before every token request.
     """
 
     def current(self) -> "Credentials | None":
@@ -112,7 +112,7 @@ class UpstreamAuth:
     def __init__(
         self,
         upstream_url: str,
-        cache: TokenCache,
+        cache: TtlStore,
         send: Send,
         error_for: ErrorForResponse,
         credentials: Credentials | None = None,
@@ -136,9 +136,9 @@ class UpstreamAuth:
         self._bounds = bounds
         # A token fetch is shared by every request for its scope: it must end.
         self._fetches: Coalescer[bytes] = (
-            Coalescer(bounds.clock, bounds.deadline, "the token request")
+            Coalescer(bounds.clock, bounds.deadline, "the token request", name="token")
             if bounds is not None
-            else Coalescer()
+            else Coalescer(name="token")
         )
 
     def _credentials_now(self) -> Credentials | None:
@@ -271,7 +271,7 @@ class UpstreamAuth:
         key = self._key(scope, credentials)
         return self._fetches.run(
             key,
-            lambda: Deferred.fromCoroutine(self._token_as(challenge, scope, credentials)),
+            lambda: self._token_as(challenge, scope, credentials),
         )
 
     async def _token_as(
@@ -287,7 +287,8 @@ class UpstreamAuth:
             token, response = await self._request_token(challenge, scope, key, credentials)
             if token is not None:
                 return self._issue(b"Bearer " + token.encode(), credentials)
-            assert credentials is not None and self._accounts is not None
+            if credentials is None or self._accounts is None:
+                raise RuntimeError("hammal bug: expected credentials is not None and self._accounts is not None")
             self._accounts.observe(credentials, response.code, response.headers)
             following = self._accounts.current()
             if following == credentials:
@@ -314,7 +315,8 @@ class UpstreamAuth:
         headers = Headers({b"accept": [b"application/json"]})
         with_credentials = self._realm_may_have_credentials(realm, credentials)
         if with_credentials:
-            assert credentials is not None
+            if credentials is None:
+                raise RuntimeError("hammal bug: expected credentials is not None")
             headers.setRawHeaders(b"authorization", [credentials.basic()])
         response = await self._send(b"GET", url, headers)
         body = await read_body(response, 1024 * 1024, self._bounds)
@@ -341,7 +343,8 @@ class UpstreamAuth:
         if not isinstance(token, str) or not token:
             raise UpstreamBadResponse(f"token realm {parts.hostname} sent no token")
         if with_credentials and self._accounts is not None:
-            assert credentials is not None
+            if credentials is None:
+                raise RuntimeError("hammal bug: expected credentials is not None")
             self._accounts.observe(credentials, response.code, response.headers)
         lifetime = token_lifetime(document.get("expires_in"))
         await self._cache.set(key, token, lifetime)

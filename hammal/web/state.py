@@ -1,0 +1,63 @@
+"""
+What hammal records about one request while serving it: one typed record,
+reached through L{state_of}, for the resources that fill it in and the
+access log, metrics and status page that read it.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.python.components import Componentized
+from twisted.web.server import Request
+from zope.interface import Interface
+
+from hammal.upstream.client import Trace
+
+
+class IRequestState(Interface):
+    """The L{RequestState} component of a request."""
+
+
+@attrs.define
+class RequestState:
+    """
+    One request's record.
+
+    @ivar route: the route it took (``manifest``, ``blob``, ...).
+    @ivar upstream: the upstream host that served it.
+    @ivar repository: the repository, as named upstream.
+    @ivar trace: what it cost upstream.
+    @ivar cache_status: hit, miss, ... as the metrics name it.
+    @ivar request_id: the id in the access log and ``X-Request-Id``.
+    @ivar started_at: when it arrived (0: not counted as in flight).
+    @ivar aborted_by_server: hammal dropped the connection (not the client).
+    """
+
+    route: str = "-"
+    upstream: str = "-"
+    repository: str = ""
+    trace: Trace = attrs.Factory(Trace)
+    cache_status: str = "-"
+    request_id: str = ""
+    started_at: float = 0.0
+    aborted_by_server: bool = False
+
+
+def state_of(request: Request) -> RequestState:
+    """
+    C{request}'s record, made on first use. A request that cannot hold
+    components (a test double) gets a fresh record each time, which nobody
+    reads.
+    """
+    if not isinstance(request, Componentized):
+        return RequestState()
+    state = request.getComponent(IRequestState)
+    if state is None:
+        state = RequestState()
+        request.setComponent(IRequestState, state)
+    return state
+
+
+def client_gone(request: Request) -> bool:
+    """Whether C{request}'s client has disconnected (nothing can be written)."""
+    return bool(getattr(request, "_disconnected", False))
