@@ -1,8 +1,8 @@
-"""``python -m hammal``: the operator's tool (L{hammal.cli}); the server is ``twistd -n hammal``."""
+"""``python -m hammal``: the operator's tool (L{hammal.ops.cli}); the server is ``twistd -n hammal``."""
 
 import sys
 
-from hammal.cli import main
+from hammal.ops.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,9 +15,9 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from hammal.cache.store import FreeSpaceFloor
-from hammal.registry.auth import Credentials
-from hammal.registry.proxy_rules import ProxyRules
-from hammal.registry.reference import is_docker_hub, registry_names
+from hammal.upstream.auth import Credentials
+from hammal.upstream.proxy_rules import ProxyRules
+from hammal.reference import is_docker_hub, registry_names
 
 DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
 AUTH_MODES = ("none", "basic", "token", "passthrough")

@@ -2,7 +2,7 @@
 Errors hammal reports to clients, as types.
 
 Each type carries the OCI distribution-spec error code and the HTTP status
-that goes with it; :mod:`hammal.web.errors` turns them into the
+that goes with it; :mod:`hammal.web.respond` turns them into the
 ``{"errors": [...]}`` body in one place. Code that detects a problem raises
 one of these and never writes an HTTP response itself.
 """

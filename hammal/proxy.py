@@ -33,9 +33,9 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hammal.registry.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
-from hammal.registry.reference import Digest, Reference, upstream_name
-from hammal.registry.schema1 import digested_content
+from hammal.upstream.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
+from hammal.reference import Digest, Reference, upstream_name
+from hammal.upstream.schema1 import digested_content
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,

@@ -35,8 +35,8 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hammal.registry.client import RegistryClient, Trace, upstream_error
-from hammal.registry.reference import Digest
+from hammal.upstream.client import RegistryClient, Trace, upstream_error
+from hammal.reference import Digest
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from hammal import metrics
 from hammal.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 
 
 class BodyTooLarge(UpstreamBadResponse):

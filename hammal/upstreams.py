@@ -23,8 +23,8 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.errors import Denied, NotFound, RegistryError, UpstreamTimeout, UpstreamUnavailable
 from hammal.proxy import PullProxy
-from hammal.registry.client import Trace, Upstream, UpstreamClient
-from hammal.registry.reference import registry_names
+from hammal.upstream.client import Trace, Upstream, UpstreamClient
+from hammal.reference import registry_names
 
 __all__ = ["FailoverClient", "Selection", "UpstreamSelector", "registry_names"]
 

@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from hammal.registry.client import http_client_over
+from hammal.upstream.client import http_client_over
 
 REGISTRY = "registry.test"
 REALM = "auth.test"

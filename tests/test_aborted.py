@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from hammal import metrics
-from hammal.web.errors import abort_client
+from hammal.web.respond import abort_client
 from hammal.web.site import HammalSite
 
 

@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.accounts}: a pool of upstream accounts that
+Tests for L{hammal.upstream.accounts}: a pool of upstream accounts that
 rest when their pull limit is spent, the file they come from, and the hook
 through which token requests and registry responses use them.
 """
@@ -20,17 +20,17 @@ from twisted.web.server import Request
 
 from hammal import metrics
 from hammal.errors import TooManyRequests
-from hammal.registry.accounts import (
+from hammal.upstream.accounts import (
     DEFAULT_REST,
     AccountPool,
     AccountsFile,
     AccountsFileError,
     parse_accounts,
 )
-from hammal.registry.auth import Credentials
-from hammal.registry.client import Trace, Upstream, UpstreamClient
-from hammal.registry.retry import RetryPolicy
-from hammal.registry.tokens import MemoryTokenCache
+from hammal.upstream.auth import Credentials
+from hammal.upstream.client import Trace, Upstream, UpstreamClient
+from hammal.upstream.retry import RetryPolicy
+from hammal.ttlstore import MemoryTtlStore
 from hammal.tap import Options
 from tests.test_client import TRUST_FAKE_REALM
 from tests.fakes import REALM, REGISTRY, FakeUpstream, stub_for
@@ -215,7 +215,7 @@ class PooledClientTests(SynchronousTestCase):
             Upstream(f"https://{REGISTRY}", library_prefix=True),
             self.stub,  # type: ignore[arg-type]
             self.clock,
-            MemoryTokenCache(self.clock),
+            MemoryTtlStore(self.clock),
             RetryPolicy(retries=0, base=1.0, random=lambda: 0.5),
             read_timeout=10,
             credential_policy=TRUST_FAKE_REALM,

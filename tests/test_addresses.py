@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.addresses}: redirects are followed only to
+Tests for L{hammal.upstream.addresses}: redirects are followed only to
 public addresses, judged on the connection actually made, unless the
 upstream is itself internal. The last test runs hammal's stack over real
 TCP on 127.0.0.1, with an address policy that sees the upstream's port as a
@@ -29,17 +29,17 @@ from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore
 from hammal.cache.store import BlobStore
 from hammal.errors import UpstreamBadResponse
 from hammal.proxy import PullProxy
-from hammal.registry.addresses import (
+from hammal.upstream.addresses import (
     AddressPolicy,
     InternalAddressRefused,
     PeerZones,
     _CheckedEndpoint,
     is_internal_address,
 )
-from hammal.registry.reference import Digest
-from hammal.registry.client import Upstream, UpstreamClient, make_http_client
-from hammal.registry.retry import RetryPolicy
-from hammal.registry.tokens import MemoryTokenCache
+from hammal.reference import Digest
+from hammal.upstream.client import Upstream, UpstreamClient, make_http_client
+from hammal.upstream.retry import RetryPolicy
+from hammal.ttlstore import MemoryTtlStore
 from hammal.upstreams import UpstreamSelector
 from hammal.web.health import Readiness, ReadyResource
 from hammal.web.root import build_root
@@ -228,7 +228,7 @@ class RedirectToInternalAddressTests(TestCase):
             Upstream(url, library_prefix=True),
             clients[0],
             reactor,
-            MemoryTokenCache(reactor),
+            MemoryTtlStore(reactor),
             RetryPolicy(retries=0),
             read_timeout=5,
             redirect_http=clients[1],

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from hammal.cache.store import BlobStore
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from tests.fakes import CDN
 from tests.test_v2 import Mirror, header
 

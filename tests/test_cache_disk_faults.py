@@ -25,7 +25,7 @@ from hammal import metrics
 from hammal.cache.store import BlobStore, FreeSpaceFloor
 from hammal.cache.sweep import CacheSweep
 from hammal.cache.writes import WriteErrors
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from tests.fakes import MANIFEST_V2
 from tests.test_v2 import Mirror, header
 

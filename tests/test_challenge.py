@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.challenge}: ``WWW-Authenticate`` parsing and
+Tests for L{hammal.upstream.challenge}: ``WWW-Authenticate`` parsing and
 the choice of the challenge hammal answers.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.registry.challenge import Challenge, parse_challenges, select_challenge
+from hammal.upstream.challenge import Challenge, parse_challenges, select_challenge
 
 DOCKER_HUB = (
     'Bearer realm="https://auth.docker.io/token",'

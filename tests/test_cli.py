@@ -1,6 +1,6 @@
 """
-Tests for the operator's tool (L{hammal.cli}, L{hammal.prefetch},
-L{hammal.cachetool}) and for the deployment files' agreement with hammal's
+Tests for the operator's tool (L{hammal.ops.cli}, L{hammal.ops.prefetch},
+L{hammal.ops.cachetool}) and for the deployment files' agreement with hammal's
 real options.
 
 Prefetch runs against a small registry served by the standard library's
@@ -29,12 +29,12 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal import cachetool
+from hammal.ops import cachetool
 from hammal.cache.manifests import ManifestStore, StoredManifest, DiskTagStore
 from hammal.cache.store import STALE_TEMPORARY_SECONDS, BlobStore
-from hammal.cli import human_size, main, short_digest
+from hammal.ops.cli import human_size, main, short_digest
 from hammal.config import FLAGS, PARAMETERS
-from hammal.prefetch import (
+from hammal.ops.prefetch import (
     MANIFEST_ACCEPT,
     ImageRef,
     Platform,
@@ -43,7 +43,7 @@ from hammal.prefetch import (
     parse_mirror,
     parse_platforms,
 )
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.tap import Options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -778,7 +778,7 @@ class PackagingTests(SynchronousTestCase):
         project = self.project["project"]
         self.assertEqual(project["name"], "hammal")
         self.assertEqual(project["requires-python"], ">=3.11")
-        self.assertEqual(project["scripts"], {"hammal": "hammal.cli:main"})
+        self.assertEqual(project["scripts"], {"hammal": "hammal.ops.cli:main"})
         dynamic = self.project["tool"]["setuptools"]["dynamic"]
         self.assertEqual(dynamic["version"], {"attr": "hammal.__version__"})
         self.assertEqual(dynamic["dependencies"], {"file": ["requirements.txt"]})

@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.client}: token auth, retries, redirects and
+Tests for L{hammal.upstream.client}: token auth, retries, redirects and
 error mapping against an in-memory upstream world.
 """
 
@@ -16,11 +16,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from hammal.errors import TooManyRequests, UpstreamUnavailable
-from hammal.registry.auth import Credentials, UpstreamAuth
-from hammal.registry.client import Trace, Upstream, UpstreamClient
-from hammal.registry.retry import RetryPolicy
-from hammal.registry.tokens import MemoryTokenCache
-from hammal.registry.trust import CredentialPolicy
+from hammal.upstream.auth import Credentials, UpstreamAuth
+from hammal.upstream.client import Trace, Upstream, UpstreamClient
+from hammal.upstream.retry import RetryPolicy
+from hammal.ttlstore import MemoryTtlStore
+from hammal.upstream.trust import CredentialPolicy
 from hammal.stream import read_body
 from tests.fakes import CDN, REALM, REGISTRY, FakeUpstream, stub_for
 
@@ -44,7 +44,7 @@ class ClientHarness:
         self.world = world or FakeUpstream()
         self.stub = stub_for(self.world)
         self.clock = Clock()
-        self.tokens = MemoryTokenCache(self.clock)
+        self.tokens = MemoryTtlStore(self.clock)
         self.client = UpstreamClient(
             Upstream(url, library_prefix=True, credentials=credentials, mirror_of=mirror_of),
             self.stub,  # type: ignore[arg-type]

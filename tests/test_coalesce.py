@@ -198,7 +198,7 @@ class CoalescerTests(SynchronousTestCase):
         self.assertNotIn("k", self.coalescer)
 
     def test_coroutine_work(self) -> None:
-        """Coroutine work (as L{hammal.registry.auth} uses) runs once per key too."""
+        """Coroutine work (as L{hammal.upstream.auth} uses) runs once per key too."""
         clock = Clock()
         started: list[int] = []
 

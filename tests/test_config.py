@@ -31,7 +31,7 @@ from hammal.config import (
     parse_size,
     port_description,
 )
-from hammal.registry.auth import Credentials
+from hammal.upstream.auth import Credentials
 from hammal.tap import Options
 
 

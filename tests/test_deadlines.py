@@ -16,11 +16,11 @@ from twisted.web.http_headers import Headers
 from hammal.cache.blobs import BlobCache
 from hammal.cache.store import BlobStore
 from hammal.errors import UpstreamTimeout
-from hammal.registry.auth import UpstreamAuth
-from hammal.registry.challenge import Challenge
-from hammal.registry.client import upstream_error
-from hammal.registry.reference import Digest
-from hammal.registry.tokens import MemoryTokenCache
+from hammal.upstream.auth import UpstreamAuth
+from hammal.upstream.challenge import Challenge
+from hammal.upstream.client import upstream_error
+from hammal.reference import Digest
+from hammal.ttlstore import MemoryTtlStore
 from hammal.stream import ReadBounds
 from tests.test_stream import _BodyResponse
 
@@ -94,7 +94,7 @@ class TokenDeadlineTests(SynchronousTestCase):
         self.sent: list[Deferred[Any]] = []
         self.auth = UpstreamAuth(
             "https://registry.test",
-            MemoryTokenCache(self.clock),
+            MemoryTtlStore(self.clock),
             self.send,
             upstream_error,
             clock=self.clock,

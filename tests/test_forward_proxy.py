@@ -1,4 +1,4 @@
-"""L{hammal.registry.forward_proxy}: CONNECT tunnels and per-URL routing."""
+"""L{hammal.upstream.forward_proxy}: CONNECT tunnels and per-URL routing."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from hammal.registry.client import make_http_client
-from hammal.registry.forward_proxy import ProxyingAgent, TunnelEndpoint, TunnelError
-from hammal.registry.proxy_rules import ProxyRules, parse_proxy_url
+from hammal.upstream.client import make_http_client
+from hammal.upstream.forward_proxy import ProxyingAgent, TunnelEndpoint, TunnelError
+from hammal.upstream.proxy_rules import ProxyRules, parse_proxy_url
 
 
 class _Resolver:

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hammal.cache.layers import LayerKeeper, referenced_blobs
 from hammal.cache.store import BlobStore
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from tests.fakes import MANIFEST_V2
 from tests.test_v2 import Mirror, header
 

@@ -23,9 +23,9 @@ from hammal.access.passthrough import (
     fingerprint,
 )
 from hammal.proxy import PullProxy
-from hammal.registry.client import Upstream, UpstreamClient
-from hammal.registry.retry import RetryPolicy
-from hammal.registry.tokens import MemoryTokenCache
+from hammal.upstream.client import Upstream, UpstreamClient
+from hammal.upstream.retry import RetryPolicy
+from hammal.ttlstore import MemoryTtlStore
 from hammal.web.gate import Gate, printable
 from tests.fakes import MANIFEST_V2, REALM, REGISTRY, FakeUpstream, stub_for
 from tests.test_gate import basic, gated
@@ -271,7 +271,7 @@ class TwoUpstreamsTests(SynchronousTestCase):
                 Upstream(url),
                 http,  # type: ignore[arg-type]
                 clock,
-                MemoryTokenCache(clock),
+                MemoryTtlStore(clock),
                 RetryPolicy(retries=0),
                 read_timeout=10,
             )

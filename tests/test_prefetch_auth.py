@@ -1,6 +1,6 @@
 """
 Tests for ``hammal prefetch`` logging in to a mirror that runs with
-``--auth``: the challenge answers (L{hammal.prefetch.MirrorAuth}), where
+``--auth``: the challenge answers (L{hammal.ops.prefetch.MirrorAuth}), where
 credentials may go, and the command-line options.
 """
 
@@ -15,8 +15,8 @@ from unittest import mock
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.cli import main
-from hammal.prefetch import MirrorAuth, MirrorLogin, PrefetchError, _scope
+from hammal.ops.cli import main
+from hammal.ops.prefetch import MirrorAuth, MirrorLogin, PrefetchError, _scope
 
 LOGIN = MirrorLogin("warmer", "s3cret-pw")
 

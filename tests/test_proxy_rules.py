@@ -1,4 +1,4 @@
-"""L{hammal.registry.proxy_rules}: which requests go through which proxy."""
+"""L{hammal.upstream.proxy_rules}: which requests go through which proxy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.registry.proxy_rules import NoProxy, ProxyRules, parse_proxy_url
+from hammal.upstream.proxy_rules import NoProxy, ProxyRules, parse_proxy_url
 
 
 class ProxyURLTests(SynchronousTestCase):

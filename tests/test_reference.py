@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.reference}: the OCI distribution-spec grammar
+Tests for L{hammal.reference}: the OCI distribution-spec grammar
 of repository names, tags and digests, and the ``library/`` rewrite.
 """
 
@@ -10,7 +10,7 @@ import hashlib
 from twisted.trial.unittest import SynchronousTestCase
 
 from hammal.errors import DigestInvalid, NameInvalid, RegistryError, TagInvalid
-from hammal.registry.reference import (
+from hammal.reference import (
     MAX_NAME_LENGTH,
     Digest,
     is_docker_hub,

@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from hammal.errors import DigestInvalid
 from hammal.referrers import fallback_tag
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.web.routes import Route, RouteKind, parse_route
 from tests.fakes import REGISTRY, FakeUpstream, sha256
 from tests.test_v2 import Mirror, header
@@ -72,7 +72,7 @@ class ReferrersTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.world = ReferrersUpstream()
         self.subject = self.world.add_image("library/alpine", "3.20", b'{"schemaVersion":2}')
-        self.mirror = Mirror(world=self.world, referrers_cache=True)
+        self.mirror = Mirror(cache_dir=self.mktemp(), world=self.world)
 
     def get(self, query: str = "", name: str = "alpine") -> tuple[Any, Any]:
         response = self.mirror.request(b"GET", f"/v2/{name}/referrers/{self.subject}{query}")

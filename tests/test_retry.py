@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.retry}: full-jitter backoff, ``Retry-After``
+Tests for L{hammal.upstream.retry}: full-jitter backoff, ``Retry-After``
 parsing and the clock-driven L{sleep}.
 """
 
@@ -13,8 +13,8 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.registry import retry
-from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
+from hammal.upstream import retry
+from hammal.upstream.retry import RetryPolicy, parse_retry_after, sleep
 
 
 def constant(value: float) -> Callable[[], float]:

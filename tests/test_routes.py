@@ -9,7 +9,13 @@ import hashlib
 from typing import Type
 
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import getChildForRequest
+from twisted.web.test.requesthelper import DummyRequest
 
+from hammal.upstreams import UpstreamSelector
+from hammal.web.auth import TokenResource
+from hammal.web.repository import RepositoryResource
+from hammal.web.v2 import BaseResource, V2Resource
 from hammal.errors import (
     DigestInvalid,
     NameInvalid,
@@ -18,7 +24,7 @@ from hammal.errors import (
     TagInvalid,
     Unsupported,
 )
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.web.routes import Route, RouteKind, parse_route
 
 HEX = hashlib.sha256(b"layer").hexdigest()
@@ -176,3 +182,20 @@ class RouteErrorTests(SynchronousTestCase):
         self.assertRouteError("/v2/caf\u00e9/manifests/latest".encode(), NotFound)
         self.assertRouteError(b"/v2/alpine/manifests/\xff", NotFound)
         self.assertRouteError(b"/v2/\xc0\xae\xc0\xae/tags/list", NotFound)
+
+
+class TreeTests(SynchronousTestCase):
+    """The ``/v2`` resource tree sends each path to its own resource."""
+
+    def resource_for(self, path: bytes) -> object:
+        v2 = V2Resource(UpstreamSelector(None, {}, []))
+        request = DummyRequest(path.split(b"/")[2:])
+        return getChildForRequest(v2, request)
+
+    def test_routes(self) -> None:
+        self.assertIsInstance(self.resource_for(b"/v2"), V2Resource)
+        self.assertIsInstance(self.resource_for(b"/v2/"), BaseResource)
+        self.assertIsInstance(self.resource_for(b"/v2/auth"), TokenResource)
+        self.assertIsInstance(self.resource_for(b"/v2/token"), TokenResource)
+        for path in (b"/v2/auth/x", b"/v2//", b"/v2/a/b/manifests/1", b"/v2/token/blobs/x"):
+            self.assertIsInstance(self.resource_for(path), RepositoryResource, path)

@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.schema1}: the digest of a signed schema 1
+Tests for L{hammal.upstream.schema1}: the digest of a signed schema 1
 manifest covers its JWS payload, not the body upstream sends.
 """
 
@@ -12,7 +12,7 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 
 from hammal.errors import UpstreamBadResponse
-from hammal.registry.schema1 import SIGNED_SCHEMA1, digested_content, signed_payload
+from hammal.upstream.schema1 import SIGNED_SCHEMA1, digested_content, signed_payload
 
 
 def _b64url(data: bytes) -> str:

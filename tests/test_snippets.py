@@ -11,7 +11,8 @@ import re
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.tap import Options, _served_registries
+from hammal.app import _served_registries
+from hammal.tap import Options
 from hammal.web.front import front_page
 from hammal.web.snippets import ServedRegistry, hosts_toml, mirror_location, registries_conf
 

@@ -15,10 +15,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from hammal.errors import UpstreamUnavailable
-from hammal.registry.client import Trace
+from hammal.upstream.client import Trace
 from hammal.upstreams import FailoverClient
 
-from hammal.registry.auth import Credentials
+from hammal.upstream.auth import Credentials
 from hammal.status.charts import Line, _corners, bar_chart, format_bytes, format_count, line_chart, ratio_chart
 from hammal.status.quota import ANONYMOUS, QuotaBoard, parse_ratelimit
 from hammal.status.recorder import StatusRecorder

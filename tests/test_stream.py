@@ -16,7 +16,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from hammal.errors import UpstreamTimeout
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.stream import (
     BodyPipe,
     DISCARD_GRACE,

@@ -15,12 +15,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore, TagEntry, tag_key
-from hammal.registry.client import Trace
-from hammal.registry.reference import Digest
-from hammal.registry.tokens import MemoryTokenCache, RedisTokenCache, ResilientTokenCache
+from hammal.upstream.client import Trace
+from hammal.reference import Digest
+from hammal.ttlstore import MemoryTtlStore, RedisTtlStore, ResilientTtlStore
 from hammal.replies import Document
 from tests.fakes import MANIFEST_V2, REGISTRY
-from tests.test_tokens import FakeRedis
+from tests.test_ttlstore import FakeRedis
 from tests.test_v2 import Mirror, header
 
 LIST_V2 = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -166,15 +166,15 @@ class RevalidationRaceTests(SynchronousTestCase):
 
 
 class GetLatestTests(SynchronousTestCase):
-    """L{ResilientTokenCache.get_latest}: the shared value first, for compare-before-write."""
+    """L{ResilientTtlStore.get_latest}: the shared value first, for compare-before-write."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.redis = FakeRedis(self.clock)
-        self.shared = RedisTokenCache(self.redis, self.clock)
-        self.local = MemoryTokenCache(self.clock)
-        self.cache = ResilientTokenCache(self.shared, self.local, self.clock)
-        self.patch(ResilientTokenCache, "log", Logger(observer=cast(ILogObserver, lambda event: None)))
+        self.shared = RedisTtlStore(self.redis, self.clock)
+        self.local = MemoryTtlStore(self.clock)
+        self.cache = ResilientTtlStore(self.shared, self.local, self.clock)
+        self.patch(ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, lambda event: None)))
 
     def test_shared_value_wins(self) -> None:
         self.local.set("k", "old", 60)

@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.trust}: which hosts may receive upstream
+Tests for L{hammal.upstream.trust}: which hosts may receive upstream
 credentials.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.registry.trust import (
+from hammal.upstream.trust import (
     CredentialPolicy,
     is_loopback_host,
     registrable_domain,

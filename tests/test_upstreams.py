@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 
 from hammal.errors import Denied, NotFound, UpstreamUnavailable
 from hammal.proxy import PullProxy
-from hammal.registry.client import Trace, Upstream
+from hammal.upstream.client import Trace, Upstream
 from hammal.stream import BodyTooLarge
 from hammal.tap import Options
 from hammal.upstreams import FailoverClient, UpstreamSelector

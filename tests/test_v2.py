@@ -14,28 +14,17 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from hammal.cache.blobs import BlobCache
-from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore
-from hammal.cache.store import BlobStore
-from hammal.proxy import PullProxy
-from hammal.referrers import ReferrersCache
-from hammal.registry.client import Upstream, UpstreamClient
-from hammal.registry.retry import RetryPolicy
-from hammal.registry.tokens import MemoryTokenCache
+from hammal.app import build_app
+from hammal.cache.fetch import run_here
+from hammal.config import Settings
 from hammal.stream import read_body
-from hammal.metrics import REGISTRY as METRICS
-from hammal.upstreams import UpstreamSelector
-from hammal.web.health import Readiness, ReadyResource
-from hammal.web.root import MetricsResource, build_root
-from hammal.web.site import HammalSite
-from hammal.web.v2 import V2Resource
 from tests.fakes import CDN, MANIFEST_V2, REGISTRY, FakeUpstream, stub_for
 
 INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 class Mirror:
-    """hammal's resource tree over a fake upstream, with an in-memory client."""
+    """hammal as L{build_app} wires it, over a fake upstream with an in-memory client."""
 
     def __init__(
         self,
@@ -44,55 +33,38 @@ class Mirror:
         cache_dir: str | None = None,
         gate: Any = None,
         world: FakeUpstream | None = None,
-        referrers_cache: bool = False,
     ) -> None:
         self.world = world or FakeUpstream()
         self.upstream_http = stub_for(self.world)
         self.clock = Clock()
-        client = UpstreamClient(
-            Upstream(f"https://{REGISTRY}", library_prefix=True),
-            self.upstream_http,  # type: ignore[arg-type]
-            self.clock,
-            MemoryTokenCache(self.clock),
-            RetryPolicy(retries=retries, base=0.1, random=lambda: 1.0),
+        settings = Settings(
+            upstream=f"https://{REGISTRY}",
+            force_library_prefix=True,
+            cache_dir=cache_dir,
+            retries=retries,
+            retry_backoff=0.1,
             read_timeout=10,
+            buffer_size=1000,
+            blob_redirect=blob_redirect,
+            manifest_ttl=300,
+            stale_if_error=3600,
+            negative_ttl=30,
         )
-        self.blobs: BlobCache | None = None
-        manifests = None
-        if cache_dir is not None:
-            store = BlobStore(cache_dir)
-            store.open()
-            self.blobs = BlobCache(store, self.clock, read_timeout=10, resumes=2, chunk_size=1000)
-            manifest_store = ManifestStore(cache_dir)
-            manifest_store.open()
-            self.tags = DiskTagStore(cache_dir, self.clock)
-            self.tags.open()
-
-            def manifests(upstream: str, fetch: Any, head: Any) -> ManifestCache:
-                return ManifestCache(
-                    manifest_store,
-                    self.tags,
-                    self.clock,
-                    upstream,
-                    fetch,
-                    head,
-                    ttl=300,
-                    stale_if_error=3600,
-                    negative_ttl=30,
-                )
-
-        referrers = ReferrersCache(self.clock, 300, 3600) if referrers_cache else None
-        proxy = PullProxy(
-            client, True, blob_redirect, self.clock, self.blobs, manifests, referrers
+        self.app = build_app(
+            settings,
+            self.clock,
+            http_client=self.upstream_http,
+            redirect_client=self.upstream_http,
+            offload=run_here,
+            gate=gate,
+            retry_random=lambda: 1.0,
         )
-        self.readiness = Readiness()
-        self.proxy = proxy
-        selector = UpstreamSelector(proxy, {}, [(f"https://{REGISTRY}", proxy)])
-        root = build_root(
-            V2Resource(selector, gate), ReadyResource(self.readiness), MetricsResource(METRICS)
-        )
-        self.agent = RequestTraversalAgent(root)
-        self.agent._serverFactory = HammalSite(root, self.clock)  # type: ignore[attr-defined]
+        assert self.app.default is not None
+        self.proxy = self.app.default
+        self.blobs = self.app.blobs
+        self.readiness = self.app.readiness
+        self.agent = RequestTraversalAgent(self.app.root)
+        self.agent._serverFactory = self.app.site  # type: ignore[attr-defined]
 
     def flush(self) -> None:
         for _ in range(50):

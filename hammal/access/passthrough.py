@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from hammal.registry.tokens import TokenCache
+from hammal.ttlstore import TtlStore
 
 #: The longest upstream's word on one client's access to one object holds.
 CONFIRMATION_TTL = 60.0
@@ -172,7 +172,7 @@ class Logins:
         Redis so that every instance behind one name knows every login.
     """
 
-    def __init__(self, cache: TokenCache) -> None:
+    def __init__(self, cache: TtlStore) -> None:
         self._cache = cache
 
     async def remember(self, token: str, user: str, lifetime: float) -> None:

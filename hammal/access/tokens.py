@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from hammal.errors import Denied, NameInvalid, Unauthorized
-from hammal.registry.reference import validate_name
+from hammal.reference import validate_name
 
 #: The shortest signing key accepted, in bytes (RFC 7518 section 3.2).
 MIN_KEY_BYTES = 32

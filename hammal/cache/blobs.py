@@ -18,7 +18,7 @@ from hammal.cache.follow import Bypass
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import WriteErrors
 from hammal.sendfile import FileSender, tcp_transport
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.stream import BodySource
 
 

@@ -28,7 +28,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from hammal import metrics
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 from hammal.stream import TransferBroken, _producer, discard_body, expected_length, not_a_blob
 
 StartUpstream = Callable[..., Awaitable[IResponse]]

@@ -38,8 +38,8 @@ from hammal.cache.follow import Bypass, FileFollower
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
-from hammal.registry.client import default_deadline, upstream_error
-from hammal.registry.reference import Digest
+from hammal.upstream.client import default_deadline, upstream_error
+from hammal.reference import Digest
 from hammal.stream import (
     ReadBounds,
     TransferBroken,

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from hammal.cache.store import BlobStore
 from hammal.errors import RegistryError
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 
 #: Image manifest types whose config and layers are blobs.
 _IMAGE_TYPES = frozenset(

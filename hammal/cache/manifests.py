@@ -35,9 +35,9 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hammal.registry.client import Trace
-from hammal.registry.reference import Digest, Reference
-from hammal.registry.tokens import TokenCache
+from hammal.upstream.client import Trace
+from hammal.reference import Digest, Reference
+from hammal.ttlstore import TtlStore
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,
@@ -215,7 +215,7 @@ class ManifestStore:
 class DiskTagStore:
     """
     Tag entries as small files under C{root/tags}, for a single host (or
-    hosts sharing the cache directory). Same contract as the token caches.
+    hosts sharing the cache directory). Same contract as L{hammal.ttlstore.TtlStore}.
     """
 
     def __init__(self, root: str, clock: IReactorTime) -> None:
@@ -300,7 +300,7 @@ class ManifestCache:
     def __init__(
         self,
         store: ManifestStore,
-        tags: TokenCache,
+        tags: TtlStore,
         clock: IReactorTime,
         upstream: str,
         fetch: FetchManifest,

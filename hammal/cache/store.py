@@ -39,7 +39,7 @@ import attrs
 from twisted.logger import Logger
 
 from hammal import metrics
-from hammal.registry.reference import Digest
+from hammal.reference import Digest
 
 #: A temporary file untouched for this long belongs to a dead transfer.
 STALE_TEMPORARY_SECONDS = 15 * 60

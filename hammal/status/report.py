@@ -37,7 +37,7 @@ class RouteSource:
     One configured upstream and how requests reach it.
 
     @ivar name: C{"default"} for ``--upstream``, else the ``--route`` host.
-    @ivar client: its L{hammal.registry.client.RegistryClient} (a
+    @ivar client: its L{hammal.upstream.client.RegistryClient} (a
         L{hammal.upstreams.FailoverClient} when it has mirrors).
     """
 

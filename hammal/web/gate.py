@@ -46,10 +46,10 @@ from hammal.access.tokens import TokenIssuer, parse_scopes
 from hammal.access.users import UserDirectory, parse_basic
 from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamBadResponse, UpstreamError
 from hammal.proxy import PullProxy
-from hammal.registry.challenge import select_challenge
-from hammal.registry.client import Trace, upstream_error
-from hammal.registry.reference import rewrite_scope
-from hammal.registry.tokens import MemoryTokenCache
+from hammal.upstream.challenge import select_challenge
+from hammal.upstream.client import Trace, upstream_error
+from hammal.reference import rewrite_scope
+from hammal.ttlstore import MemoryTtlStore
 from hammal.replies import Document
 
 AUTH_MODES = ("none", "basic", "token", "passthrough")
@@ -115,7 +115,7 @@ class Gate:
         self._allowed_users = None if allowed_users is None else frozenset(allowed_users)
         if self._allowed_users is not None and not self._allowed_users:
             raise ValueError("the list of allowed users is empty")
-        self._logins = logins or Logins(MemoryTokenCache(clock))
+        self._logins = logins or Logins(MemoryTtlStore(clock))
         self._confirmations = Confirmations(clock)
         if checker is None and users is not None:
             checker = CredentialChecker(users, clock, reactor)

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from hammal import metrics
 from hammal.errors import RegistryError
-from hammal.web.errors import error_body
+from hammal.web.respond import error_body
 
 
 class ServerBusy(RegistryError):

@@ -13,7 +13,7 @@ from twisted.web.server import Request
 
 from hammal.access.rules import AccessRules
 from hammal.errors import NotFound, RegistryError, Unsupported
-from hammal.web.errors import error_body
+from hammal.web.respond import error_body
 from hammal.web.front import FrontPage
 
 

@@ -15,7 +15,7 @@ from enum import Enum
 import attrs
 
 from hammal.errors import NotFound, Unsupported
-from hammal.registry.reference import Digest, Reference, parse_reference, validate_name
+from hammal.reference import Digest, Reference, parse_reference, validate_name
 
 
 class RouteKind(Enum):

@@ -19,7 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from hammal import metrics
-from hammal.registry.client import Trace
+from hammal.upstream.client import Trace
 from hammal.status.recorder import StatusRecorder
 from hammal.web.forwarded import Forwarded, ForwardedHeaders
 
@@ -130,6 +130,23 @@ class HammalRequest(Request):
 CLIENT_CLOSED_REQUEST = 499
 
 
+def _limited_channel(max_headers: int | None, max_header_bytes: int | None) -> type[http.HTTPChannel]:
+    """
+    An L{http.HTTPChannel} with this site's request header limits (L{None}:
+    Twisted's own), so that the limits stay with the site rather than
+    changing every channel in the process.
+    """
+
+    class _LimitedChannel(http.HTTPChannel):
+        pass
+
+    if max_headers is not None:
+        _LimitedChannel.maxHeaders = max_headers
+    if max_header_bytes is not None:
+        _LimitedChannel.totalHeadersSize = max_header_bytes
+    return _LimitedChannel
+
+
 class HammalSite(Site):
     """
     A L{Site} that writes structured access-log events.
@@ -144,9 +161,12 @@ class HammalSite(Site):
         resource: IResource,
         clock: IReactorTime,
         forwarded: ForwardedHeaders | None = None,
+        max_headers: int | None = None,
+        max_header_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
+        self._channel = _limited_channel(max_headers, max_header_bytes)
         self.forwarded = forwarded
         self.noisy = False
         self.active_requests = 0
@@ -156,6 +176,13 @@ class HammalSite(Site):
 
         _ClockedRequest.clock = clock
         self.requestFactory = _ClockedRequest
+
+    def protocol(self) -> Any:
+        """
+        Twisted's HTTP/1.1-or-HTTP/2 protocol around this site's limited
+        channel (Twisted's own factory always builds a plain L{http.HTTPChannel}).
+        """
+        return http._GenericHTTPChannelProtocol(self._channel())
 
     def log(self, request: http.Request) -> None:
         """Called by twisted.web as a request finishes."""

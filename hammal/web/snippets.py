@@ -12,7 +12,7 @@ import re
 
 import attrs
 
-from hammal.registry.reference import is_docker_hub
+from hammal.reference import is_docker_hub
 
 #: Registry names that can be a path prefix (``HOST/ghcr.io/owner/repo``):
 #: hammal routes a first path component with a dot, and a name has no ``:``.

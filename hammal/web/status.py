@@ -20,7 +20,7 @@ from hammal.access.rules import AccessRules
 from hammal.errors import RegistryError, Unsupported
 from hammal.status.page import render_page
 from hammal.status.report import StatusReport
-from hammal.web.errors import error_body
+from hammal.web.respond import error_body
 
 #: Nothing but the page itself: inline style, data: images, no script.
 CONTENT_SECURITY_POLICY = (

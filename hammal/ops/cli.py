@@ -7,8 +7,8 @@
   temporaries.
 
 This module is the output layer: argument parsing, progress display and
-exit statuses. The work is done in L{hammal.prefetch} and
-L{hammal.cachetool}. Exit statuses: 0 success, 1 an operation failed
+exit statuses. The work is done in L{hammal.ops.prefetch} and
+L{hammal.ops.cachetool}. Exit statuses: 0 success, 1 an operation failed
 (a pull, a digest, the mirror, the disk), 2 a usage error, 130 interrupted.
 Every error is one line on stderr.
 """
@@ -23,10 +23,10 @@ import threading
 from typing import IO, Any, NoReturn, Sequence
 
 from hammal import __version__
-from hammal.cachetool import CacheStats, GcResult, NotACache, gc, stats
+from hammal.ops.cachetool import CacheStats, GcResult, NotACache, gc, stats
 from hammal.config import PARAMETERS, ConfigError, parse_size
-from hammal.registry.proxy_rules import ProxyRules
-from hammal.prefetch import (
+from hammal.upstream.proxy_rules import ProxyRules
+from hammal.ops.prefetch import (
     Blob,
     ImageResult,
     Manifest,

@@ -29,8 +29,8 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from hammal import metrics
-from hammal.registry.auth import Credentials
-from hammal.registry.retry import parse_retry_after
+from hammal.upstream.auth import Credentials
+from hammal.upstream.retry import parse_retry_after
 
 #: How long an account rests when upstream says its allowance is spent but
 #: not for how long (Docker Hub's window is 6 hours; an hour is a guess that

@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.registry.tokens}: one cache contract run against every
+Tests for L{hammal.ttlstore}: one cache contract run against every
 implementation, then what is particular to each.
 """
 
@@ -12,12 +12,12 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.registry.tokens import (
+from hammal.ttlstore import (
     KEY_PREFIX,
-    MemoryTokenCache,
-    RedisTokenCache,
-    ResilientTokenCache,
-    TokenCache,
+    MemoryTtlStore,
+    RedisTtlStore,
+    ResilientTtlStore,
+    TtlStore,
 )
 
 
@@ -78,14 +78,14 @@ class FakeRedis:
         return self._answer("delete", lambda: int(self.data.pop(key, None) is not None))
 
 
-class TokenCacheContractMixin:
+class TtlStoreContractMixin:
     """
-    The L{TokenCache} contract. Mixed into a L{SynchronousTestCase} whose
+    The L{TtlStore} contract. Mixed into a L{SynchronousTestCase} whose
     C{setUp} sets C{self.clock} and C{self.cache}.
     """
 
     clock: Clock
-    cache: TokenCache
+    cache: TtlStore
 
     # Provided by SynchronousTestCase.
     successResultOf: Any
@@ -150,53 +150,53 @@ class TokenCacheContractMixin:
         self.assertEqual(self.get(key), "t\u00f6ken")
 
 
-class MemoryTokenCacheContractTests(TokenCacheContractMixin, SynchronousTestCase):
-    """L{MemoryTokenCache} honours the contract."""
+class MemoryTtlStoreContractTests(TtlStoreContractMixin, SynchronousTestCase):
+    """L{MemoryTtlStore} honours the contract."""
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.cache = MemoryTokenCache(self.clock)
+        self.cache = MemoryTtlStore(self.clock)
 
 
-class RedisTokenCacheContractTests(TokenCacheContractMixin, SynchronousTestCase):
-    """L{RedisTokenCache} honours the contract (against L{FakeRedis})."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.cache = RedisTokenCache(FakeRedis(self.clock), self.clock)
-
-
-class ResilientTokenCacheContractTests(TokenCacheContractMixin, SynchronousTestCase):
-    """L{ResilientTokenCache} over a healthy Redis honours the contract."""
+class RedisTtlStoreContractTests(TtlStoreContractMixin, SynchronousTestCase):
+    """L{RedisTtlStore} honours the contract (against L{FakeRedis})."""
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.cache = ResilientTokenCache(
-            RedisTokenCache(FakeRedis(self.clock), self.clock), MemoryTokenCache(self.clock), self.clock
+        self.cache = RedisTtlStore(FakeRedis(self.clock), self.clock)
+
+
+class ResilientTtlStoreContractTests(TtlStoreContractMixin, SynchronousTestCase):
+    """L{ResilientTtlStore} over a healthy Redis honours the contract."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.cache = ResilientTtlStore(
+            RedisTtlStore(FakeRedis(self.clock), self.clock), MemoryTtlStore(self.clock), self.clock
         )
 
 
-class ResilientDownContractTests(TokenCacheContractMixin, SynchronousTestCase):
-    """L{ResilientTokenCache} honours the contract with Redis down all along."""
+class ResilientDownContractTests(TtlStoreContractMixin, SynchronousTestCase):
+    """L{ResilientTtlStore} honours the contract with Redis down all along."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         redis = FakeRedis(self.clock)
         redis.down = True
-        self.cache = ResilientTokenCache(
-            RedisTokenCache(redis, self.clock), MemoryTokenCache(self.clock), self.clock
+        self.cache = ResilientTtlStore(
+            RedisTtlStore(redis, self.clock), MemoryTtlStore(self.clock), self.clock
         )
-        self.patch(ResilientTokenCache, "log", Logger(observer=cast(ILogObserver, lambda event: None)))
+        self.patch(ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, lambda event: None)))
 
 
-class MemoryTokenCacheTests(SynchronousTestCase):
-    """L{MemoryTokenCache} is bounded, dropping the least recently used."""
+class MemoryTtlStoreTests(SynchronousTestCase):
+    """L{MemoryTtlStore} is bounded, dropping the least recently used."""
 
     def setUp(self) -> None:
         self.clock = Clock()
 
     def test_lru_bound(self) -> None:
-        cache = MemoryTokenCache(self.clock, max_entries=2)
+        cache = MemoryTtlStore(self.clock, max_entries=2)
         cache.set("a", "A", 60)
         cache.set("b", "B", 60)
         self.assertEqual(self.successResultOf(cache.get("a")), "A")
@@ -206,7 +206,7 @@ class MemoryTokenCacheTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(cache.get("c")), "C")
 
     def test_set_refreshes_recency(self) -> None:
-        cache = MemoryTokenCache(self.clock, max_entries=2)
+        cache = MemoryTtlStore(self.clock, max_entries=2)
         cache.set("a", "A", 60)
         cache.set("b", "B", 60)
         cache.set("a", "A2", 60)
@@ -215,32 +215,32 @@ class MemoryTokenCacheTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(cache.get("a")), "A2")
 
     def test_never_exceeds_bound(self) -> None:
-        cache = MemoryTokenCache(self.clock, max_entries=3)
+        cache = MemoryTtlStore(self.clock, max_entries=3)
         for i in range(100):
             cache.set(f"k{i}", str(i), 60)
         present = [i for i in range(100) if self.successResultOf(cache.get(f"k{i}")) is not None]
         self.assertEqual(present, [97, 98, 99])
 
     def test_default_bound(self) -> None:
-        cache = MemoryTokenCache(self.clock)
+        cache = MemoryTtlStore(self.clock)
         for i in range(10001):
             cache.set(f"k{i}", "t", 60)
         self.assertIsNone(self.successResultOf(cache.get("k0")))
         self.assertEqual(self.successResultOf(cache.get("k1")), "t")
 
     def test_zero_ttl(self) -> None:
-        cache = MemoryTokenCache(self.clock)
+        cache = MemoryTtlStore(self.clock)
         cache.set("k", "t", 0)
         self.assertIsNone(self.successResultOf(cache.get("k")))
 
 
-class RedisTokenCacheTests(SynchronousTestCase):
-    """L{RedisTokenCache} namespaces keys, uses TTLs and times out."""
+class RedisTtlStoreTests(SynchronousTestCase):
+    """L{RedisTtlStore} namespaces keys, uses TTLs and times out."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.redis = FakeRedis(self.clock)
-        self.cache = RedisTokenCache(self.redis, self.clock, timeout=1.0)
+        self.cache = RedisTtlStore(self.redis, self.clock, timeout=1.0)
 
     def test_namespaced_key_and_pexpire(self) -> None:
         self.successResultOf(self.cache.set("k", "token", 2.5))
@@ -256,8 +256,8 @@ class RedisTokenCacheTests(SynchronousTestCase):
                 calls.append((key, value, pexpire))
                 return succeed("OK")
 
-        RedisTokenCache(Recorder(), self.clock).set("k", "t", 0.0001)
-        RedisTokenCache(Recorder(), self.clock).set("k", "t", 12.3456)
+        RedisTtlStore(Recorder(), self.clock).set("k", "t", 0.0001)
+        RedisTtlStore(Recorder(), self.clock).set("k", "t", 12.3456)
         self.assertEqual([c[2] for c in calls], [1, 12345])
 
     def test_reads_other_instances_tokens(self) -> None:
@@ -298,9 +298,9 @@ class RedisTokenCacheTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-class ResilientTokenCacheTests(SynchronousTestCase):
+class ResilientTtlStoreTests(SynchronousTestCase):
     """
-    L{ResilientTokenCache} keeps working on its local cache while Redis
+    L{ResilientTtlStore} keeps working on its local cache while Redis
     fails, says so once, and notices Redis coming back.
     """
 
@@ -309,15 +309,15 @@ class ResilientTokenCacheTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.redis = FakeRedis(self.clock)
-        self.local = MemoryTokenCache(self.clock)
-        self.cache = ResilientTokenCache(
-            RedisTokenCache(self.redis, self.clock, timeout=1.0),
+        self.local = MemoryTtlStore(self.clock)
+        self.cache = ResilientTtlStore(
+            RedisTtlStore(self.redis, self.clock, timeout=1.0),
             self.local,
             self.clock,
             retry_after=self.RETRY_AFTER,
         )
         self.events: list[dict[str, Any]] = []
-        self.patch(ResilientTokenCache, "log", Logger(observer=cast(ILogObserver, self.events.append)))
+        self.patch(ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, self.events.append)))
 
     def messages(self, level: LogLevel) -> list[str]:
         """The formatted log messages at C{level}."""

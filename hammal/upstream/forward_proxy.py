@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from hammal.registry.proxy_rules import ProxyRules, ProxyURL
+from hammal.upstream.proxy_rules import ProxyRules, ProxyURL
 from hammal.stream import discard_body
 
 #: The largest answer to CONNECT hammal reads (status line and headers).

@@ -43,20 +43,20 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hammal.registry.addresses import (
+from hammal.upstream.addresses import (
     AddressPolicy,
     CheckedEndpointFactory,
     InternalAddressRefused,
     PeerZones,
 )
-from hammal.registry.auth import CredentialSource, Credentials, UpstreamAuth
-from hammal.registry.challenge import select_challenge
-from hammal.registry.forward_proxy import ProxyingAgent
-from hammal.registry.proxy_rules import ProxyRules
-from hammal.registry.reference import pull_scope
-from hammal.registry.retry import RetryPolicy, parse_retry_after, sleep
-from hammal.registry.tokens import TokenCache
-from hammal.registry.trust import CredentialPolicy
+from hammal.upstream.auth import CredentialSource, Credentials, UpstreamAuth
+from hammal.upstream.challenge import select_challenge
+from hammal.upstream.forward_proxy import ProxyingAgent
+from hammal.upstream.proxy_rules import ProxyRules
+from hammal.reference import pull_scope
+from hammal.upstream.retry import RetryPolicy, parse_retry_after, sleep
+from hammal.ttlstore import TtlStore
+from hammal.upstream.trust import CredentialPolicy
 from hammal.status.quota import QUOTAS, QuotaBoard
 from hammal.stream import ReadBounds, discard_body, read_body
 
@@ -168,7 +168,7 @@ def make_http_client(
 
     Every direct connection it opens is checked on its peer address:
     recorded in C{zones}, and with C{refuse_internal} refused when internal
-    (see L{hammal.registry.addresses}). C{pool} is made here unless given.
+    (see L{hammal.upstream.addresses}). C{pool} is made here unless given.
     """
 
     def make_pool() -> HTTPConnectionPool:
@@ -281,7 +281,7 @@ class UpstreamClient:
         upstream: Upstream,
         http: HTTPClient,
         clock: IReactorTime,
-        tokens: TokenCache,
+        tokens: TtlStore,
         policy: RetryPolicy,
         read_timeout: float,
         credential_policy: CredentialPolicy | None = None,

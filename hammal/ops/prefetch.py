@@ -34,9 +34,9 @@ import attrs
 
 from hammal.cache.manifests import INDEX_TYPES, MANIFEST_TYPES
 from hammal.errors import RegistryError
-from hammal.registry.challenge import Challenge, select_challenge
-from hammal.registry.proxy_rules import ProxyRules
-from hammal.registry.reference import Digest, parse_tag, validate_name
+from hammal.upstream.challenge import Challenge, select_challenge
+from hammal.upstream.proxy_rules import ProxyRules
+from hammal.reference import Digest, parse_tag, validate_name
 
 #: The ``Accept`` header: every manifest type hammal caches.
 MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES))

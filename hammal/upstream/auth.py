@@ -28,9 +28,9 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.coalesce import Coalescer
 from hammal.errors import RegistryError, UpstreamBadResponse
-from hammal.registry.challenge import Challenge
-from hammal.registry.tokens import TokenCache
-from hammal.registry.trust import CredentialPolicy
+from hammal.upstream.challenge import Challenge
+from hammal.ttlstore import TtlStore
+from hammal.upstream.trust import CredentialPolicy
 from hammal.stream import ReadBounds, read_body
 
 #: Lifetime assumed for a token whose response gives no ``expires_in``.
@@ -46,7 +46,7 @@ ErrorForResponse = Callable[[IResponse, bytes, str], RegistryError]
 class CredentialSource(Protocol):
     """
     Where upstream credentials come from when there are several to choose
-    from (L{hammal.registry.accounts}): asked before every token request.
+    from (L{hammal.upstream.accounts}): asked before every token request.
     """
 
     def current(self) -> "Credentials | None":
@@ -112,7 +112,7 @@ class UpstreamAuth:
     def __init__(
         self,
         upstream_url: str,
-        cache: TokenCache,
+        cache: TtlStore,
         send: Send,
         error_for: ErrorForResponse,
         credentials: Credentials | None = None,

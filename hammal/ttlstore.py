@@ -1,9 +1,10 @@
 """
-Upstream token caches: one contract, an in-process and a Redis
-implementation, and a resilient pairing of both.
+Small values that expire: one L{TtlStore} contract, an in-process and a
+Redis implementation, and a resilient pairing of both.
 
-Keys are namespaced and versioned (``hammal:token:v1:...``). Every
-implementation expires entries by itself: the memory cache on its injected
+Upstream bearer tokens (``hammal:token:v1:...``) and the manifest cache's
+tag entries (``hammal:tag:v1:...``) live in these stores. Every
+implementation expires entries by itself: the memory store on its injected
 clock, Redis through key TTLs.
 """
 
@@ -23,24 +24,25 @@ TAG_KEY_PREFIX = "hammal:tag:v1:"
 TOMBSTONE_SECONDS = 3600.0
 
 
-class TokenCache(Protocol):
+class TtlStore(Protocol):
     """
-    Where upstream bearer tokens are kept until shortly before they expire.
+    Short strings kept for a time: upstream bearer tokens until shortly
+    before they expire, tag entries for the manifest cache.
     """
 
     def get(self, key: str) -> Deferred[str | None]:
-        """The token stored under C{key}, or L{None}."""
+        """The value stored under C{key}, or L{None}."""
 
     def set(self, key: str, token: str, ttl: float) -> Deferred[None]:
-        """Store C{token} under C{key} for C{ttl} seconds."""
+        """Store C{token} (any value) under C{key} for C{ttl} seconds."""
 
     def delete(self, key: str) -> Deferred[None]:
         """Forget C{key}."""
 
 
-class MemoryTokenCache:
+class MemoryTtlStore:
     """
-    A bounded in-process L{TokenCache}; the least recently used entry goes
+    A bounded in-process L{TtlStore}; the least recently used entry goes
     when it is full.
     """
 
@@ -72,9 +74,9 @@ class MemoryTokenCache:
         return succeed(None)
 
 
-class RedisTokenCache:
+class RedisTtlStore:
     """
-    A L{TokenCache} in Redis, shared by every hammal instance using it.
+    A L{TtlStore} in Redis, shared by every hammal instance using it.
 
     @param redis: a txredisapi connection or pool.
     @param timeout: seconds before a Redis call counts as failed.
@@ -105,9 +107,9 @@ class RedisTokenCache:
         return d.addCallback(lambda _: None)
 
 
-class ResilientTokenCache:
+class ResilientTtlStore:
     """
-    A shared L{TokenCache} backed by a local one: hammal keeps serving when
+    A shared L{TtlStore} backed by a local one: hammal keeps serving when
     the shared cache (Redis) fails.
 
     Every token is also kept locally. When the shared cache fails, one
@@ -119,8 +121,8 @@ class ResilientTokenCache:
 
     def __init__(
         self,
-        shared: TokenCache,
-        local: TokenCache,
+        shared: TtlStore,
+        local: TtlStore,
         clock: IReactorTime,
         retry_after: float = 5.0,
         name: str = "redis",

@@ -1,0 +1,71 @@
+"""
+Tests for L{hammal.app}: the composition root builds a working graph, and
+what it configures stays with the app rather than changing Twisted globally.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import http
+
+from hammal.app import App, build_app
+from hammal.cache.fetch import run_here
+from hammal.config import Settings
+from tests.fakes import REGISTRY, FakeUpstream, stub_for
+
+
+def _app(**settings: object) -> App:
+    stub = stub_for(FakeUpstream())
+    return build_app(
+        Settings(upstream=f"https://{REGISTRY}", cache_dir=None, **settings),  # type: ignore[arg-type]
+        MemoryReactorClock(),
+        http_client=stub,
+        redirect_client=stub,
+        offload=run_here,
+    )
+
+
+def _send(app: App, headers: int, padding: int = 0) -> bytes:
+    """What the main site answers a request with C{headers} extra header lines."""
+    channel = app.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    assert channel is not None
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * padding) for i in range(headers))
+    channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: mirror.test\r\n" + lines + b"\r\n")
+    return transport.value()
+
+
+class HeaderLimitTests(SynchronousTestCase):
+    """--max-headers and --max-header-bytes live on the app's site."""
+
+    def test_too_many_headers(self) -> None:
+        """More header lines than --max-headers: 400, the connection closed."""
+        app = _app(max_headers=5)
+        self.assertTrue(_send(app, 10).startswith(b"HTTP/1.1 400 "))
+        self.assertFalse(_send(app, 2).startswith(b"HTTP/1.1 400 "))
+
+    def test_too_many_header_bytes(self) -> None:
+        """Headers larger than --max-header-bytes in all: 400."""
+        app = _app(max_header_bytes=2048)
+        self.assertTrue(_send(app, 4, padding=1000).startswith(b"HTTP/1.1 400 "))
+        self.assertFalse(_send(app, 1, padding=1000).startswith(b"HTTP/1.1 400 "))
+
+    def test_twisted_unchanged(self) -> None:
+        """Building an app leaves every other HTTPChannel with Twisted's limits."""
+        before = (http.HTTPChannel.maxHeaders, http.HTTPChannel.totalHeadersSize)
+        _app(max_headers=3, max_header_bytes=1024)
+        self.assertEqual((http.HTTPChannel.maxHeaders, http.HTTPChannel.totalHeadersSize), before)
+
+
+class GraphTests(SynchronousTestCase):
+    """What L{build_app} wires, seen from outside."""
+
+    def test_services(self) -> None:
+        """Without a cache: password hashing and draining run beside the listeners."""
+        app = _app()
+        self.assertEqual(len(app.services), 2)
+        self.assertIsNone(app.blobs)
+        self.assertIsNotNone(app.default)
