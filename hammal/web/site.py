@@ -160,6 +160,9 @@ class HammalSite(Site):
         max_header_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
+        # Connection timeouts on the same clock as everything else (tests
+        # drive a Clock; production passes the reactor).
+        kwargs.setdefault("reactor", clock)
         super().__init__(resource, **kwargs)
         self._channel = _limited_channel(max_headers, max_header_bytes)
         self.forwarded = forwarded
