@@ -153,10 +153,9 @@ class PeerBlobResource(Resource):
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"docker-content-digest", digest.encode())
         request.setHeader(b"accept-ranges", b"bytes")
-        if wanted is None:
+        if not isinstance(wanted, tuple):
             start, end = 0, blob.size
         else:
-            assert isinstance(wanted, tuple)
             start, end = wanted
             request.setResponseCode(206)
             request.setHeader(
