@@ -33,6 +33,8 @@ from hammal.access import (
 from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.cache.blobs import BlobCache
+from hammal.cluster.peer import mount_peer_endpoint
+from hammal.cluster.setup import build_cluster
 from hammal.cache.fetch import Offload
 from hammal.cache.manifests import (
     DiskTagStore,
@@ -122,6 +124,7 @@ def build_app(
     offload: Offload | None = None,
     gate: Gate | None = FROM_SETTINGS,
     retry_random: Callable[[], float] | None = None,
+    cluster_http: Any = None,
 ) -> App:
     """
     Build hammal's object graph from C{settings}.
@@ -135,6 +138,8 @@ def build_app(
         reactor's thread pool.
     @param gate: the access gate; by default the one the settings describe.
     @param retry_random: the retry jitter's source (tests pin it).
+    @param cluster_http: the treq-like client for peers and the object
+        store; by default a pooled one on C{reactor}.
     @raise ConfigError: when the settings name something unusable.
     """
     redis = _redis(settings)
@@ -271,6 +276,9 @@ def build_app(
         FrontPage(settings.url302, _served_registries(settings)),
         guard=None if rules is None else address_guard(rules),
     )
+    cluster = build_cluster(settings, reactor, redis, blobs, cluster_http) if blobs else None
+    if cluster is not None and cluster.peer_endpoint is not None:
+        mount_peer_endpoint(root, cluster.peer_endpoint)
     recorder = StatusRecorder(reactor)
     status_routes = [RouteSource(host, url, routed[host].client) for host, url in settings.routes]
     if default is not None and settings.upstream is not None:

@@ -15,6 +15,7 @@ from hammal import metrics
 from hammal.cache.bypass import UpstreamTail
 from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
 from hammal.cache.follow import Bypass
+from hammal.cache.sources import FillSources
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import WriteErrors
 from hammal.sendfile import FileSender, tcp_transport
@@ -176,6 +177,10 @@ class BlobCache:
         self._transfers: dict[BlobFetch, Transfer] = {}
         self.fetches_started = 0
         self.readers = 0
+        #: Where fills get their bytes besides upstream (a cluster's peers
+        #: and object store): C{for_fill(digest, start) -> source} with
+        #: C{source.start} and C{source.attach(fetch)}; L{None} alone.
+        self.fill_sources: FillSources | None = None
         #: Cache hits on plain TCP go out with os.sendfile.
         self.use_sendfile = True
 
@@ -201,6 +206,10 @@ class BlobCache:
         running = self.in_flight(digest)
         if running is not None:
             return running, True
+        source = None
+        if self.fill_sources is not None:
+            source = self.fill_sources.for_fill(digest, start_upstream)
+            start_upstream = source.start
         fetch = BlobFetch(
             digest,
             self.store,
@@ -225,6 +234,8 @@ class BlobCache:
                 del self._fetches[key]
 
         fetch.finished.addBoth(forget)
+        if source is not None:
+            source.attach(fetch)
         Deferred.fromCoroutine(fetch.run())
         return fetch, False
 

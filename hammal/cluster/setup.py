@@ -1,0 +1,86 @@
+"""
+The cluster's parts built from the settings, for the composition root
+(L{hammal.app.build_app}): the fill leases, the peer endpoint and client,
+the object store, joined to the blob cache as its fill sources.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from hammal.cache.blobs import BlobCache
+from hammal.cluster.fill import ClusterFills, peer_lookup
+from hammal.cluster.lease import FillLeases
+from hammal.cluster.peer import PeerBlobResource, PeerClient
+from hammal.cluster.peerauth import ClusterKeyError, PeerAuth
+from hammal.config import ConfigError, Settings
+from hammal.storage.s3 import S3Credentials, S3Store
+
+#: Seconds a dead holder's lease outlives it: how long its peers wait
+#: before one of them takes the fill over.
+LEASE_TTL = 5.0
+
+
+@attrs.frozen
+class Cluster:
+    """
+    @ivar fills: the blob cache's fill sources.
+    @ivar peer_endpoint: the resource to mount at
+        L{hammal.cluster.peer.PEER_PATH}, or L{None} without a cluster.
+    """
+
+    fills: ClusterFills
+    peer_endpoint: PeerBlobResource | None
+
+
+def cluster_http(reactor: Any, connect_timeout: float) -> HTTPClient:
+    """A pooled client for peers and the object store (never an outbound proxy)."""
+    pool = HTTPConnectionPool(reactor)
+    pool.maxPersistentPerHost = 16
+    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=connect_timeout))
+
+
+def build_cluster(
+    settings: Settings, reactor: Any, redis: Any, blobs: BlobCache, http: Any = None
+) -> Cluster | None:
+    """
+    The cluster parts C{settings} ask for (C{--storage s3://...},
+    C{--cluster-advertise}), joined to C{blobs}; L{None} when neither is
+    given.
+
+    @raise ConfigError: when the S3 credentials or the cluster key are unusable.
+    """
+    if settings.storage is None and settings.cluster_advertise is None:
+        return None
+    if http is None:
+        http = cluster_http(reactor, settings.connect_timeout)
+    objects = None
+    if settings.storage is not None:
+        assert settings.s3_endpoint is not None
+        try:
+            credentials = S3Credentials.from_environ()
+        except ValueError as failure:
+            raise ConfigError(f"--storage {settings.storage.bucket}: {failure}")
+        objects = S3Store(
+            settings.s3_endpoint, settings.storage, credentials, http, reactor,
+            timeout=settings.read_timeout,
+        )
+    leases = peers = endpoint = None
+    if settings.cluster_advertise is not None:
+        assert settings.cluster_key_file is not None
+        try:
+            auth = PeerAuth.from_file(settings.cluster_key_file, reactor)
+        except ClusterKeyError as failure:
+            raise ConfigError(str(failure))
+        leases = FillLeases(redis, reactor, settings.cluster_advertise, ttl=LEASE_TTL)
+        peers = PeerClient(http, auth, reactor, timeout=settings.read_timeout)
+        endpoint = PeerBlobResource(
+            peer_lookup(blobs), auth, reactor, stall_timeout=settings.read_timeout
+        )
+    fills = ClusterFills(reactor, leases, peers, objects)
+    blobs.fill_sources = fills
+    return Cluster(fills, endpoint)
