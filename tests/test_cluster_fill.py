@@ -96,13 +96,14 @@ class Node:
         name: str,
         peer: Resource | None = None,
         s3: StubTreq | None = None,
+        key: bytes = KEY,
     ) -> None:
         self.url = f"http://{name}.test:5000"
         root = test.mktemp()
         store = BlobStore(root)
         store.open()
         self.blobs = BlobCache(store, test.clock, read_timeout=30.0, resumes=3)
-        auth = PeerAuth(KEY, test.clock)
+        auth = PeerAuth(key, test.clock)
         leases = FillLeases(test.redis, test.clock, self.url, ttl=5.0)
         self.peer_http = StubTreq(peer if peer is not None else Refusing())
         objects = None
@@ -289,3 +290,19 @@ class ClusterFillTests(SynchronousTestCase):
         self.assertEqual(self.s3.uploads, {})
         completions = [r for r in self.s3.requests if r[0] == "POST" and "uploadId=" in r[1]]
         self.assertEqual(len(completions), 1)
+
+    def test_peer_with_another_key_is_not_waited_for(self) -> None:
+        """A holder that refuses our signature (another cluster key): B goes upstream."""
+        self.upstream.hold = True
+        a = Node(self, "a")
+        b = Node(self, "b", peer=a.root, key=generate_key())
+        first = a.fill(self)
+        self.settle()
+        second = b.fill(self)
+        self.settle()
+        self.assertEqual(self.upstream.gets, [None, None])
+        self.upstream.release()
+        self.settle(200)
+        self.assertTrue(first.complete)
+        self.assertTrue(second.complete)
+        self.assertEqual(b.stored(), BLOB)

@@ -179,7 +179,10 @@ class FillSource:
         return await self._upstream(offset)
 
     async def _from_holder(self, offset: int) -> IResponse | None:
-        """The holder's bytes from C{offset}, or L{None} once we hold the lease."""
+        """
+        The holder's bytes from C{offset}, or L{None} to go upstream: we
+        hold the lease now, or the holder refuses our signature.
+        """
         cluster = self._cluster
         assert cluster.leases is not None
         digest = str(self._digest)
@@ -193,6 +196,15 @@ class FillSource:
                 try:
                     response = await cluster.peers.fetch(got.holder, digest, offset)
                 except PeerError as e:
+                    if e.status in (401, 403):
+                        # Another cluster key: that instance will not serve
+                        # us, however long we wait. Fetch it ourselves.
+                        log.warn(
+                            "peer {peer} refused our cluster signature; fetching {digest}"
+                            " without it (is --cluster-key-file the same everywhere?)",
+                            peer=got.holder, digest=digest,
+                        )
+                        return None
                     log.debug("peer {peer} cannot serve {digest} yet: {error}",
                               peer=got.holder, digest=digest, error=str(e))
                 else:
