@@ -34,7 +34,10 @@ from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.cache.blobs import BlobCache
 from hammal.cluster.peer import mount_peer_endpoint
-from hammal.cluster.setup import build_cluster
+from hammal.cluster.setup import build_cluster, object_store
+from hammal.cluster.setup import cluster_http as make_cluster_http
+from hammal.storage.health import StoreHealth
+from hammal.storage.manifests import SharedManifests, SharedManifestStore
 from hammal.cache.fetch import Offload
 from hammal.cache.manifests import (
     DiskTagStore,
@@ -179,7 +182,12 @@ def build_app(
     )
     write_errors = WriteErrors(reactor)  # one warning a minute for the whole cache
     blobs = _blob_cache(settings, reactor, offload, write_errors)
-    manifests = _manifest_cache(settings, redis, reactor, write_errors)
+    if cluster_http is None and (settings.storage or settings.cluster_advertise):
+        cluster_http = make_cluster_http(reactor, settings.connect_timeout)
+    objects = object_store(settings, reactor, cluster_http)
+    store_health = StoreHealth()
+    shared_manifests = SharedManifests(objects, store_health) if objects is not None else None
+    manifests = _manifest_cache(settings, redis, reactor, write_errors, shared_manifests)
     referrers = (
         ReferrersCache(reactor, settings.manifest_ttl, settings.stale_if_error)
         if settings.cache_dir is not None
@@ -276,7 +284,11 @@ def build_app(
         FrontPage(settings.url302, _served_registries(settings)),
         guard=None if rules is None else address_guard(rules),
     )
-    cluster = build_cluster(settings, reactor, redis, blobs, cluster_http) if blobs else None
+    cluster = (
+        build_cluster(settings, reactor, redis, blobs, cluster_http, objects, store_health)
+        if blobs
+        else None
+    )
     if cluster is not None and cluster.peer_endpoint is not None:
         mount_peer_endpoint(root, cluster.peer_endpoint)
     recorder = StatusRecorder(reactor)
@@ -364,12 +376,23 @@ def _token_cache(redis: Any, reactor: Any) -> TtlStore:
 
 
 def _manifest_cache(
-    settings: Settings, redis: Any, reactor: Any, write_errors: WriteErrors | None = None
+    settings: Settings,
+    redis: Any,
+    reactor: Any,
+    write_errors: WriteErrors | None = None,
+    shared_manifests: SharedManifests | None = None,
 ) -> ManifestCacheFactory | None:
-    """Tag entries in Redis when configured (shared), else on disk."""
+    """
+    Tag entries in Redis when configured (shared), else on disk; manifests
+    by digest also in the object store with C{--storage s3://...}.
+    """
     if settings.cache_dir is None:
         return None
-    store = ManifestStore(settings.cache_dir)
+    store = (
+        ManifestStore(settings.cache_dir)
+        if shared_manifests is None
+        else SharedManifestStore(settings.cache_dir, shared_manifests)
+    )
     disk_tags = DiskTagStore(settings.cache_dir, reactor)
     try:
         store.open()
@@ -387,7 +410,7 @@ def _manifest_cache(
             tags,
             reactor,
             upstream,
-            fetch,
+            fetch if shared_manifests is None else shared_manifests.fetch_through(fetch),
             head_digest,
             ttl=settings.manifest_ttl,
             stale_if_error=settings.stale_if_error,

@@ -46,37 +46,11 @@ from hammal.cluster.peer import GrowingFile, PeerClient, PeerError
 from hammal.errors import DigestInvalid
 from hammal.reference import Digest
 from hammal.storage.follow import FileUpload
+from hammal.storage.health import StoreHealth
 from hammal.storage.objects import ObjectStore, object_key
 from hammal.storage.s3 import S3NotFound
 
 log = Logger()
-
-
-class StoreHealth:
-    """
-    Counts the object store's failures and warns once per outage (the
-    next success says it is back).
-    """
-
-    def __init__(self) -> None:
-        self.down = False
-
-    def failed(self, operation: str, reason: str) -> None:
-        """The store failed C{operation} (read, upload)."""
-        metrics.object_store_failures.labels(operation).inc()
-        if not self.down:
-            self.down = True
-            log.warn(
-                "the object store failed ({operation}: {reason}); caching locally only",
-                operation=operation,
-                reason=reason,
-            )
-
-    def answered(self) -> None:
-        """The store answered a request."""
-        if self.down:
-            self.down = False
-            log.info("the object store answers again")
 
 
 class ClusterFills:
@@ -88,6 +62,7 @@ class ClusterFills:
     @param objects: the shared object store, or L{None} (C{--storage file}).
     @param poll: seconds between looks while another instance holds the
         lease but cannot serve (yet), or a dead holder's lease runs out.
+    @param health: the store's health, shared with the manifest store.
     """
 
     def __init__(
@@ -97,13 +72,14 @@ class ClusterFills:
         peers: PeerClient | None = None,
         objects: ObjectStore | None = None,
         poll: float = 0.25,
+        health: StoreHealth | None = None,
     ) -> None:
         self.clock = clock
         self.leases = leases
         self.peers = peers
         self.objects = objects
         self.poll = poll
-        self.health = StoreHealth()
+        self.health = health if health is not None else StoreHealth()
 
     def for_fill(self, digest: Digest, start_upstream: StartUpstream) -> "FillSource":
         """The source of one fill of C{digest}, upstream being C{start_upstream}."""

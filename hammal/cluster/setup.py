@@ -18,6 +18,7 @@ from hammal.cluster.lease import FillLeases
 from hammal.cluster.peer import PeerBlobResource, PeerClient
 from hammal.cluster.peerauth import ClusterKeyError, PeerAuth
 from hammal.config import ConfigError, Settings
+from hammal.storage.health import StoreHealth
 from hammal.storage.s3 import S3Credentials, S3Store
 
 #: Seconds a dead holder's lease outlives it: how long its peers wait
@@ -44,13 +45,38 @@ def cluster_http(reactor: Any, connect_timeout: float) -> HTTPClient:
     return HTTPClient(Agent(reactor, pool=pool, connectTimeout=connect_timeout))
 
 
+def object_store(settings: Settings, reactor: Any, http: Any) -> S3Store | None:
+    """
+    The object store of C{--storage s3://...}, or L{None} for C{file}.
+
+    @raise ConfigError: when the S3 credentials are missing.
+    """
+    if settings.storage is None:
+        return None
+    assert settings.s3_endpoint is not None
+    try:
+        credentials = S3Credentials.from_environ()
+    except ValueError as failure:
+        raise ConfigError(f"--storage s3://{settings.storage.bucket}: {failure}")
+    return S3Store(
+        settings.s3_endpoint, settings.storage, credentials, http, reactor,
+        timeout=settings.read_timeout,
+    )
+
+
 def build_cluster(
-    settings: Settings, reactor: Any, redis: Any, blobs: BlobCache, http: Any = None
+    settings: Settings,
+    reactor: Any,
+    redis: Any,
+    blobs: BlobCache,
+    http: Any = None,
+    objects: S3Store | None = None,
+    health: StoreHealth | None = None,
 ) -> Cluster | None:
     """
     The cluster parts C{settings} ask for (C{--storage s3://...},
     C{--cluster-advertise}), joined to C{blobs}; L{None} when neither is
-    given.
+    given. C{objects}: the store L{object_store} made, if made already.
 
     @raise ConfigError: when the S3 credentials or the cluster key are unusable.
     """
@@ -58,17 +84,8 @@ def build_cluster(
         return None
     if http is None:
         http = cluster_http(reactor, settings.connect_timeout)
-    objects = None
-    if settings.storage is not None:
-        assert settings.s3_endpoint is not None
-        try:
-            credentials = S3Credentials.from_environ()
-        except ValueError as failure:
-            raise ConfigError(f"--storage {settings.storage.bucket}: {failure}")
-        objects = S3Store(
-            settings.s3_endpoint, settings.storage, credentials, http, reactor,
-            timeout=settings.read_timeout,
-        )
+    if objects is None:
+        objects = object_store(settings, reactor, http)
     leases = peers = endpoint = None
     if settings.cluster_advertise is not None:
         assert settings.cluster_key_file is not None
@@ -81,6 +98,6 @@ def build_cluster(
         endpoint = PeerBlobResource(
             peer_lookup(blobs), auth, reactor, stall_timeout=settings.read_timeout
         )
-    fills = ClusterFills(reactor, leases, peers, objects)
+    fills = ClusterFills(reactor, leases, peers, objects, health=health)
     blobs.fill_sources = fills
     return Cluster(fills, endpoint)

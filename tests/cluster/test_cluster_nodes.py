@@ -7,7 +7,8 @@ that logs every blob request.
 * 12 concurrent cold GETs of one large blob through HAProxy cause exactly
   one upstream fetch and every body is exact; then every node serves it
   warm, including a node restarted with an empty local directory (it reads
-  through S3), still with that one upstream fetch.
+  through S3), still with that one upstream fetch; a manifest by digest
+  too.
 * kill -9 of the lease holder mid-fill: every client ends with exact bytes
   (its retry succeeds where its transfer broke), the fill is taken over
   with C{Range}, and the blob is in S3 once, verified.
@@ -184,6 +185,31 @@ class ClusterNodesTests(SynchronousTestCase):
         log = self.upstream_log() or []
         return [e["range"] for e in log if e["digest"] == digest and e["method"] == "GET"]
 
+    def add_manifest(self, layer: str, size: int) -> tuple[str, bytes]:
+        body = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": layer, "size": size},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "digest": layer, "size": size}],
+            }
+        ).encode()
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        os.makedirs(os.path.join(self.blobs, "manifests"), exist_ok=True)
+        with open(os.path.join(self.blobs, "manifests", digest[7:]), "wb") as f:
+            f.write(body)
+        return digest, body
+
+    def manifest(self, base: str, digest: str) -> bytes:
+        response = http_request(
+            "GET", f"{base}/v2/{REPOSITORY}/manifests/{digest}",
+            [("Accept", "application/vnd.oci.image.manifest.v1+json")], timeout=30,
+        )
+        self.assertEqual(response.status, 200, response.describe())
+        return response.body
+
     def add_blob(self, size: int, seed: bytes) -> str:
         block = hashlib.sha512(seed).digest() * (MiB // 64)
         data = (block * (size // MiB + 1))[:size]
@@ -207,13 +233,13 @@ class ClusterNodesTests(SynchronousTestCase):
             last = (response.status, got, size)
         return f"failed: {last!r}", 0
 
-    def stored(self, digest: str) -> tuple[int, str]:
-        key = "/" + BUCKET + "/" + self.prefix + object_key("blobs", digest)
+    def stored(self, digest: str, kind: str = "blobs") -> tuple[int, str]:
+        key = "/" + BUCKET + "/" + self.prefix + object_key(kind, digest)
         status, body = _s3("GET", self.s3.endpoint, key)
         return status, "sha256:" + hashlib.sha256(body).hexdigest()
 
-    def wait_stored(self, digest: str) -> None:
-        wait_until(lambda: self.stored(digest)[0] == 200, f"{digest} in S3", 30)
+    def wait_stored(self, digest: str, kind: str = "blobs") -> None:
+        wait_until(lambda: self.stored(digest, kind)[0] == 200, f"{digest} in S3", 30)
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.port}\n{n.log()}" for n in self.nodes)
@@ -221,6 +247,9 @@ class ClusterNodesTests(SynchronousTestCase):
     def test_one_upstream_fetch_then_warm_everywhere(self) -> None:
         size = 24 * MiB
         digest = self.add_blob(size, b"cold")
+        manifest, manifest_body = self.add_manifest(digest, size)
+        self.assertEqual(self.manifest(self.nodes[0].url, manifest), manifest_body)
+        self.wait_stored(manifest, "manifests")
         with ThreadPoolExecutor(12) as pool:
             results = list(pool.map(lambda _: self.get(self.haproxy.url, digest), range(12)))
         self.assertEqual(results, [(digest, size)] * 12, self.logs())
@@ -234,6 +263,9 @@ class ClusterNodesTests(SynchronousTestCase):
         restarted.start(empty_cache=True).wait_ready()
         self.assertEqual(self.get(restarted.url, digest), (digest, size), self.logs())
         self.assertEqual(self.upstream_gets(digest), [None], self.logs())
+        # Manifests by digest are in S3 too: the empty node needs no upstream.
+        self.assertEqual(self.manifest(restarted.url, manifest), manifest_body)
+        self.assertEqual(self.upstream_gets(manifest), [None], self.logs())
 
     def test_lease_holder_killed_mid_fill(self) -> None:
         size = 48 * MiB  # four seconds at the upstream's rate

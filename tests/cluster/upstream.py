@@ -2,9 +2,10 @@
 A throttled registry for the cluster tests, run as its own process:
 anonymous C{/v2/}, blobs from a directory (C{<dir>/<hex>} for
 C{sha256:<hex>}) whole or from a C{Range} start, sent at C{--rate} bytes a
-second so a fill lasts long enough to kill its holder. C{GET /_admin/log}
-lists every blob request (method, digest, range) so a test counts upstream
-fetches.
+second so a fill lasts long enough to kill its holder; OCI manifests by
+digest from C{<dir>/manifests/<hex>}. C{GET /_admin/log} lists every blob
+and manifest request (method, kind, digest, range) so a test counts
+upstream fetches.
 
     python tests/cluster/upstream.py --port N --blobs DIR --rate BYTES
 """
@@ -42,16 +43,19 @@ class Registry(Resource):
             request.setHeader(b"content-type", b"application/json")
             return b"{}"
         parts = path.split("/")
-        if len(parts) < 5 or parts[-2] != "blobs" or not parts[-1].startswith("sha256:"):
+        kind = parts[-2] if len(parts) >= 5 else ""
+        if kind not in ("blobs", "manifests") or not parts[-1].startswith("sha256:"):
             request.setResponseCode(404)
             return b'{"errors":[{"code":"NAME_UNKNOWN","message":"no such thing"}]}'
         digest = parts[-1]
-        file = os.path.join(self.blobs, digest[7:])
         wanted = request.getHeader(b"range")
         self.log.append(
-            {"method": request.method.decode(), "digest": digest,
+            {"method": request.method.decode(), "kind": kind, "digest": digest,
              "range": wanted.decode() if wanted else None}
         )
+        if kind == "manifests":
+            return self.manifest(request, digest)
+        file = os.path.join(self.blobs, digest[7:])
         if not os.path.exists(file):
             request.setResponseCode(404)
             return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
@@ -68,6 +72,20 @@ class Registry(Resource):
             return b""
         _Trickle(request, open(file, "rb"), start, max(1, int(self.rate * TICK))).begin()
         return NOT_DONE_YET
+
+
+    def manifest(self, request: Request, digest: str) -> bytes:
+        """An OCI image manifest from C{<blobs>/manifests/<hex>}, at once."""
+        file = os.path.join(self.blobs, "manifests", digest[7:])
+        if not os.path.exists(file):
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}'
+        with open(file, "rb") as f:
+            body = f.read()
+        request.setHeader(b"content-type", b"application/vnd.oci.image.manifest.v1+json")
+        request.setHeader(b"docker-content-digest", digest.encode())
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
 
 
 class _Trickle:
