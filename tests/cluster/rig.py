@@ -227,13 +227,20 @@ class ClusterRig:
         return digest
 
     def add_manifest(self, layer: str, size: int) -> tuple[str, bytes]:
-        """An OCI manifest naming C{layer}, served by digest: (digest, body)."""
+        """An OCI image manifest of C{layer} (and a config), served by digest: (digest, body)."""
+        config = json.dumps(
+            {"architecture": "amd64", "os": "linux",
+             "rootfs": {"type": "layers", "diff_ids": [layer]}}
+        ).encode()
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        with open(os.path.join(self.blobs, config_digest[7:]), "wb") as f:
+            f.write(config)
         body = json.dumps(
             {
                 "schemaVersion": 2,
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": layer, "size": size},
+                           "digest": config_digest, "size": len(config)},
                 "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                             "digest": layer, "size": size}],
             }

@@ -9,6 +9,8 @@ logs every request.
   warm, including a node restarted with an empty local directory (it reads
   through S3), still with that one upstream fetch; a manifest by digest
   too.
+* three concurrent cold skopeo pulls through HAProxy: one upstream fetch
+  of the layer.
 * kill -9 of the lease holder mid-fill: every client behind HAProxy, and
   every client of the other nodes, ends with exact bytes (retrying a
   transfer that broke), the fill is taken over with C{Range}, and the blob
@@ -17,14 +19,24 @@ logs every request.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.cluster.harness import require_binaries
 from tests.cluster.rig import ClusterRig, MiB
-from tests.integration.environment import http_get_digest, http_request, wait_until
+from tests.integration.environment import (
+    SKOPEO_BIN,
+    http_get_digest,
+    http_request,
+    make_tempdir,
+    skopeo_pull,
+    wait_until,
+)
 
 REPOSITORY = "team/app"
 
@@ -118,3 +130,21 @@ class ClusterNodesTests(SynchronousTestCase):
         for node in rig.nodes:
             if node is not victim:
                 self.assertEqual(self.get(node.url, digest), (digest, size), rig.logs())
+
+    def test_skopeo_pulls_through_haproxy(self) -> None:
+        """Three concurrent cold skopeo pulls of one image: one upstream fetch per blob."""
+        require_binaries(SKOPEO_BIN)
+        rig = self.rig
+        size = 16 * MiB
+        layer = rig.add_blob(size, b"skopeo")
+        manifest, _ = rig.add_manifest(layer, size)
+        source = f"127.0.0.1:{rig.haproxy.port}/{REPOSITORY}@{manifest}"
+        destinations = [make_tempdir("hammal-skopeo-") for _ in range(3)]
+        with ThreadPoolExecutor(3) as pool:
+            pulls = list(pool.map(lambda d: skopeo_pull(source, d), destinations))
+        for pull in pulls:
+            self.assertEqual(pull.returncode, 0, pull.stderr + rig.logs())
+        for destination in destinations:
+            with open(os.path.join(destination, layer[7:]), "rb") as f:
+                self.assertEqual("sha256:" + hashlib.sha256(f.read()).hexdigest(), layer)
+        self.assertEqual(rig.upstream_gets(layer), [None], rig.logs())
