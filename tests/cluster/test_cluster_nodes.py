@@ -15,6 +15,8 @@ logs every request.
   every client of the other nodes, ends with exact bytes (retrying a
   transfer that broke), the fill is taken over with C{Range}, and the blob
   is in S3 once, verified.
+* Redis and S3 both gone: pulls still succeed, at most one upstream fetch
+  per node, and C{hammal_object_store_failures} counts the store's failures.
 """
 
 from __future__ import annotations
@@ -148,3 +150,29 @@ class ClusterNodesTests(SynchronousTestCase):
             with open(os.path.join(destination, layer[7:]), "rb") as f:
                 self.assertEqual("sha256:" + hashlib.sha256(f.read()).hexdigest(), layer)
         self.assertEqual(rig.upstream_gets(layer), [None], rig.logs())
+
+    def test_redis_and_s3_lost(self) -> None:
+        """
+        With Redis and the S3 store gone, pulls still succeed: each node
+        fetches alone (at most one upstream fetch per node), and the store's
+        failures show in the metric.
+        """
+        rig = self.rig
+        size = 8 * MiB
+        digest = rig.add_blob(size, b"alone")
+        rig.redis.stop()
+        assert rig.s3.process is not None
+        rig.s3.process.kill()  # shared_seaweedfs() starts a new one for later tests
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: self.get(rig.haproxy.url, digest), range(6)))
+        self.assertEqual(results, [(digest, size)] * 6, rig.logs())
+        self.assertLessEqual(len(rig.upstream_gets(digest)), len(rig.nodes))
+        failures = 0.0
+        for node in rig.nodes:
+            text = http_request("GET", node.url + "/metrics", timeout=10).body.decode()
+            failures += sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("hammal_object_store_failures_total{")
+            )
+        self.assertGreater(failures, 0)
