@@ -306,3 +306,23 @@ class ClusterFillTests(SynchronousTestCase):
         self.assertTrue(first.complete)
         self.assertTrue(second.complete)
         self.assertEqual(b.stored(), BLOB)
+
+    def test_upstream_failure_is_not_the_stores(self) -> None:
+        """A fill that fails upstream before a byte frees the lease and blames no store."""
+        before = metrics.object_store_failures.labels("upload")._value.get()
+        self.upstream.data = b""
+        node = Node(self, "a", s3=self.s3_http)
+        self.upstream.isLeaf = True
+        self.upstream.render_GET = lambda request: _not_found(request)  # type: ignore[method-assign]
+        fetch = node.fill(self)
+        self.settle()
+        self.assertIsNotNone(fetch.failure)
+        self.assertEqual(metrics.object_store_failures.labels("upload")._value.get(), before)
+        self.assertEqual(self.s3.uploads, {})
+        self.assertIsNone(self.redis._live(KEY_PREFIX + str(DIGEST)))
+
+
+def _not_found(request: Request) -> bytes:
+    request.setResponseCode(404)
+    request.setHeader(b"content-type", b"application/json")
+    return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'

@@ -201,7 +201,7 @@ class FillSource:
         )
         self._upload = upload
         # The file exists once upstream answered (or already, on a takeover).
-        fetch.when_started().addCallbacks(lambda _: upload.begin(), lambda _: upload.begin())
+        fetch.when_started().addCallbacks(lambda _: upload.begin(), lambda _: upload.cancel())
 
     def _fill_ended(self, result: object) -> object:
         upload_done: Deferred[Any] = (

@@ -49,7 +49,8 @@ class FileUpload:
     @ivar done: fires with C{True} once the object is complete in the store,
         C{False} when the upload was aborted or failed (never errbacks: a
         store that fails costs the cluster a copy, not a pull).
-    @ivar on_failure: called with a reason when the store failed the upload.
+    @ivar on_failure: called with a reason when the store failed the upload
+        (not for the fill's own failures, nor the local disk's).
     """
 
     def __init__(
@@ -68,14 +69,24 @@ class FileUpload:
 
     def begin(self) -> None:
         """Open the fill's file and upload what is there and what comes."""
+        if self.done.called:
+            return
         try:
             self._fd = os.open(self._fill.path, os.O_RDONLY)
         except OSError as e:
-            self._end(False, f"cannot read {self._fill.path}: {e.strerror}", abort=True)
+            self._local_failure(f"cannot read {self._fill.path}: {e.strerror}")
             return
         self._fill.subscribe(self._more)
         self._fill.finished.addBoth(self._fill_ended)
         self._more()
+
+    def cancel(self) -> None:
+        """The fill failed before it began: drop the upload (nothing was sent)."""
+        self._end(False, None, abort=True)
+
+    def _local_failure(self, reason: str) -> None:
+        log.warn("not uploading {path}: {reason}", path=self._fill.path, reason=reason)
+        self._end(False, None, abort=True)
 
     def _fill_ended(self, result: object) -> object:
         if not self._fill.verified:
@@ -92,10 +103,10 @@ class FileUpload:
             try:
                 data = os.pread(self._fd, min(CHUNK, available - self._sent), self._sent)
             except OSError as e:
-                self._end(False, f"cannot read {self._fill.path}: {e.strerror}", abort=True)
+                self._local_failure(f"cannot read it: {e.strerror}")
                 return
             if not data:
-                self._end(False, f"{self._fill.path} ended early", abort=True)
+                self._local_failure("it ended early")
                 return
             self._sent += len(data)
             self._step(self._upload.write, data)
