@@ -9,17 +9,19 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from typing import Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import attrs
 
 from hammal.cache.store import FreeSpaceFloor
 from hammal.cluster.peerauth import ClusterKeyError, load_cluster_key
-from hammal.storage.s3 import S3Location
 from hammal.upstream.auth import Credentials
 from hammal.upstream.proxy_rules import ProxyRules
 from hammal.reference import is_docker_hub, registry_names
+
+if TYPE_CHECKING:
+    from hammal.storage.s3 import S3Location
 
 DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
 AUTH_MODES = ("none", "basic", "token", "passthrough")
@@ -548,6 +550,8 @@ def _storage(
             raise ConfigError("--s3-endpoint needs --storage s3://BUCKET/PREFIX")
         return None, None
     assert value is not None
+    from hammal.storage.s3 import S3Location  # botocore: only when S3 is asked for
+
     try:
         location = S3Location.parse(value)
     except ValueError:
