@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -62,6 +61,15 @@ class ClusterNodesTests(SynchronousTestCase):
                 return got, size
             last = (response.status, got, size)
         return f"failed: {last!r}", 0
+
+    def metric(self, node: Any, label: str, name: str = "hammal_cluster_fill_sources_total") -> float:
+        """The sum of C{node}'s C{name} series whose labels contain C{label}."""
+        text = http_request("GET", node.url + "/metrics", timeout=10).body.decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") and label in line
+        )
 
     def manifest(self, base: str, digest: str) -> bytes:
         response = http_request(
@@ -113,8 +121,13 @@ class ClusterNodesTests(SynchronousTestCase):
                 return holder is not None
 
             wait_until(held, "a fill lease", 30)
-            time.sleep(1.0)  # mid-fill: a quarter of the blob is across the cluster
             victim = next(n for n in rig.nodes if n.url == holder)
+            others = [n for n in rig.nodes if n is not victim]
+            # Mid-fill: the other nodes stream from the holder (4 s in all).
+            wait_until(
+                lambda: all(self.metric(n, 'source="peer"') >= 1 for n in others),
+                "the other nodes streaming from the holder", 30,
+            )
             victim.kill()
             results = [p.result(timeout=120) for p in pending]
         # The killed node's own clients retried there in vain (it is gone);
@@ -167,12 +180,5 @@ class ClusterNodesTests(SynchronousTestCase):
             results = list(pool.map(lambda _: self.get(rig.haproxy.url, digest), range(6)))
         self.assertEqual(results, [(digest, size)] * 6, rig.logs())
         self.assertLessEqual(len(rig.upstream_gets(digest)), len(rig.nodes))
-        failures = 0.0
-        for node in rig.nodes:
-            text = http_request("GET", node.url + "/metrics", timeout=10).body.decode()
-            failures += sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("hammal_object_store_failures_total{")
-            )
+        failures = sum(self.metric(n, "", "hammal_object_store_failures_total") for n in rig.nodes)
         self.assertGreater(failures, 0)
