@@ -185,7 +185,7 @@ def build_app(
     if cluster_http is None and (settings.storage or settings.cluster_advertise):
         cluster_http = make_cluster_http(reactor, settings.connect_timeout)
     objects = object_store(settings, reactor, cluster_http)
-    store_health = StoreHealth()
+    store_health = StoreHealth(reactor)
     shared_manifests = SharedManifests(objects, store_health) if objects is not None else None
     manifests = _manifest_cache(settings, redis, reactor, write_errors, shared_manifests)
     referrers = (

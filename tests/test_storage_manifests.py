@@ -41,6 +41,7 @@ class Broken(Resource):
 
 class SharedManifestsTests(SynchronousTestCase):
     def setUp(self) -> None:
+        self.clock = Clock()
         self.s3 = FakeS3("blobs")
         self.stub = StubTreq(self.s3)
         self.shared = self.make(self.stub)
@@ -50,7 +51,7 @@ class SharedManifestsTests(SynchronousTestCase):
         store = S3Store(
             "http://s3.test", S3Location("blobs", "p/"), S3Credentials("AK", "secret"), stub, Clock()
         )
-        return SharedManifests(store, StoreHealth())
+        return SharedManifests(store, StoreHealth(self.clock))
 
     def done(self, d: Any, stub: StubTreq | None = None) -> Any:
         (stub or self.stub).flush()
@@ -95,6 +96,12 @@ class SharedManifestsTests(SynchronousTestCase):
         before = metrics.object_store_failures.labels("read")._value.get()
         self.assertIsNone(self.done(Deferred.fromCoroutine(shared.read(DIGEST)), broken))
         self.assertEqual(metrics.object_store_failures.labels("read")._value.get(), before + 1)
+        # Left alone for a while after the failure, then asked again.
+        self.assertIsNone(self.done(Deferred.fromCoroutine(shared.read(DIGEST)), broken))
+        self.assertEqual(metrics.object_store_failures.labels("read")._value.get(), before + 1)
+        self.clock.advance(5)
+        self.assertIsNone(self.done(Deferred.fromCoroutine(shared.read(DIGEST)), broken))
+        self.assertEqual(metrics.object_store_failures.labels("read")._value.get(), before + 2)
         self.assertIsNone(self.done(shared.write(MANIFEST), broken))
 
     def test_manifest_store_shares_what_it_keeps(self) -> None:

@@ -79,7 +79,7 @@ class ClusterFills:
         self.peers = peers
         self.objects = objects
         self.poll = poll
-        self.health = health if health is not None else StoreHealth()
+        self.health = health if health is not None else StoreHealth(clock)
 
     def for_fill(self, digest: Digest, start_upstream: StartUpstream) -> "FillSource":
         """The source of one fill of C{digest}, upstream being C{start_upstream}."""
@@ -87,7 +87,7 @@ class ClusterFills:
 
     async def from_objects(self, digest: Digest, offset: int) -> IResponse | None:
         """The stored blob from C{offset}, or L{None} (not stored, or the store failed)."""
-        if self.objects is None:
+        if self.objects is None or not self.health.usable():
             return None
         try:
             response = await self.objects.read(object_key("blobs", str(digest)), offset)

@@ -6,6 +6,7 @@ warning once per outage and C{hammal_object_store_failures}.
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from hammal import metrics
@@ -16,15 +17,25 @@ log = Logger()
 class StoreHealth:
     """
     Counts the object store's failures and warns once per outage (the
-    next success says it is back).
+    next success says it is back). After a failure, reads leave the store
+    alone for C{retry_after} seconds, so that a store that hangs does not
+    hold every pull up for its timeout.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime, retry_after: float = 5.0) -> None:
         self.down = False
+        self._clock = clock
+        self._retry_after = retry_after
+        self._skip_until = 0.0
+
+    def usable(self) -> bool:
+        """Whether to ask the store now (not within C{retry_after} of a failure)."""
+        return self._clock.seconds() >= self._skip_until
 
     def failed(self, operation: str, reason: str) -> None:
         """The store failed C{operation} (read, upload)."""
         metrics.object_store_failures.labels(operation).inc()
+        self._skip_until = self._clock.seconds() + self._retry_after
         if not self.down:
             self.down = True
             log.warn(

@@ -52,6 +52,8 @@ class SharedManifests:
 
     async def read(self, digest: Digest) -> StoredManifest | None:
         """The stored manifest, verified; L{None} when absent, damaged or the store fails."""
+        if not self._health.usable():
+            return None
         try:
             response = await self._objects.read(self._key(digest))
             chunks: list[bytes] = []
