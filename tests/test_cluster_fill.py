@@ -97,6 +97,7 @@ class Node:
         peer: Resource | None = None,
         s3: StubTreq | None = None,
         key: bytes = KEY,
+        leases: bool = True,
     ) -> None:
         self.url = f"http://{name}.test:5000"
         root = test.mktemp()
@@ -104,7 +105,7 @@ class Node:
         store.open()
         self.blobs = BlobCache(store, test.clock, read_timeout=30.0, resumes=3)
         auth = PeerAuth(key, test.clock)
-        leases = FillLeases(test.redis, test.clock, self.url, ttl=5.0)
+        fill_leases = FillLeases(test.redis, test.clock, self.url, ttl=5.0) if leases else None
         self.peer_http = StubTreq(peer if peer is not None else Refusing())
         objects = None
         if s3 is not None:
@@ -116,7 +117,7 @@ class Node:
                 test.clock,
             )
         self.fills = ClusterFills(
-            test.clock, leases, PeerClient(self.peer_http, auth, test.clock), objects
+            test.clock, fill_leases, PeerClient(self.peer_http, auth, test.clock), objects
         )
         self.blobs.fill_sources = self.fills
         self.root = Resource()
@@ -326,3 +327,17 @@ def _not_found(request: Request) -> bytes:
     request.setResponseCode(404)
     request.setHeader(b"content-type", b"application/json")
     return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
+
+    def test_store_without_a_cluster(self) -> None:
+        """--storage s3 alone: fills upload, and another instance reads through the store."""
+        first = Node(self, "a", s3=self.s3_http, leases=False)
+        first.fill(self)
+        self.settle()
+        self.assertEqual(self.s3_object(), BLOB)
+        self.assertEqual(self.redis.calls, [])
+        second = Node(self, "b", s3=self.s3_http, leases=False)
+        fetch = second.fill(self)
+        self.settle()
+        self.assertTrue(fetch.complete)
+        self.assertEqual(second.stored(), BLOB)
+        self.assertEqual(self.upstream.gets, [None])
