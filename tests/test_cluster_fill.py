@@ -322,12 +322,6 @@ class ClusterFillTests(SynchronousTestCase):
         self.assertEqual(self.s3.uploads, {})
         self.assertIsNone(self.redis._live(KEY_PREFIX + str(DIGEST)))
 
-
-def _not_found(request: Request) -> bytes:
-    request.setResponseCode(404)
-    request.setHeader(b"content-type", b"application/json")
-    return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
-
     def test_store_without_a_cluster(self) -> None:
         """--storage s3 alone: fills upload, and another instance reads through the store."""
         first = Node(self, "a", s3=self.s3_http, leases=False)
@@ -341,3 +335,10 @@ def _not_found(request: Request) -> bytes:
         self.assertTrue(fetch.complete)
         self.assertEqual(second.stored(), BLOB)
         self.assertEqual(self.upstream.gets, [None])
+
+
+def _not_found(request: Request) -> bytes:
+    request.setResponseCode(404)
+    request.setHeader(b"content-type", b"application/json")
+    return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
+
