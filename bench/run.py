@@ -38,6 +38,8 @@ from bench.clients import (
     total_rss_mib,
     wrk,
 )
+from bench.cluster import cluster_row
+from bench.cluster import describe as describe_cluster
 from bench.crowd import slow_crowd
 from bench.latency import ProbeProcess
 from bench.stack import (
@@ -513,6 +515,17 @@ class Bench:
 
     # -- report ------------------------------------------------------------
 
+    def cluster(self) -> None:
+        """3 nodes behind HAProxy vs 1 node, 50 cold clients (bench/cluster.py)."""
+        figures = cluster_row(self.cfg.big_size, self.cfg.concurrent)
+        for key, rec in figures.items():
+            if rec["complete"] != rec["clients"]:
+                self.problems.append(f"cluster row, {key}: only {rec['complete']}/{rec['clients']}"
+                                     " complete")
+        for line in describe_cluster(figures):
+            log(line)
+        self.figures["cluster"] = figures
+
     def targets(self) -> List[Verdict]:
         return judge(self.figures, self.sha256_MBps, self.cfg.many_slow)
 
@@ -614,6 +627,8 @@ class Bench:
                          f" readers connected {rd['connected']} in {rd['connect_s']} s, held"
                          f" {rd['held_open']}; hammal RSS max {cr['max_MiB']} MiB, kernel TCP"
                          f" buffers (machine-wide) max {cr.get('max_kernel_tcp_MiB', 0.0)} MiB")
+        if "cluster" in f:
+            lines += describe_cluster(f["cluster"])
         targets = self.targets()
         lines += ["", "targets (issue 12 first, then earlier ones):"]
         lines += ["  " + t.line() for t in targets]
@@ -714,6 +729,7 @@ SECTIONS: Dict[str, Callable[[Bench], None]] = {
     "many-slow": Bench.many_slow,
     "ttfb": Bench.ttfb,
     "crowd": Bench.crowd,
+    "cluster": Bench.cluster,
 }
 
 

@@ -33,6 +33,11 @@ from hammal.access import (
 from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.cache.blobs import BlobCache
+from hammal.cluster.peer import mount_peer_endpoint
+from hammal.cluster.setup import build_cluster, object_store
+from hammal.cluster.setup import cluster_http as make_cluster_http
+from hammal.storage.health import StoreHealth
+from hammal.storage.manifests import SharedManifests, SharedManifestStore
 from hammal.cache.fetch import Offload
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore, RemoteManifests
 from hammal.cache.store import BlobStore
@@ -116,6 +121,7 @@ def build_app(
     offload: Offload | None = None,
     gate: Gate | None = FROM_SETTINGS,
     retry_random: Callable[[], float] | None = None,
+    cluster_http: Any = None,
 ) -> App:
     """
     Build hammal's object graph from C{settings}.
@@ -129,6 +135,8 @@ def build_app(
         reactor's thread pool.
     @param gate: the access gate; by default the one the settings describe.
     @param retry_random: the retry jitter's source (tests pin it).
+    @param cluster_http: the treq-like client for peers and the object
+        store; by default a pooled one on C{reactor}.
     @raise ConfigError: when the settings name something unusable.
     """
     redis = _redis(settings)
@@ -168,7 +176,12 @@ def build_app(
     )
     write_errors = WriteErrors(reactor)  # one warning a minute for the whole cache
     blobs = _blob_cache(settings, reactor, offload, write_errors)
-    manifests = _manifest_cache(settings, redis, reactor, write_errors)
+    if cluster_http is None and (settings.storage or settings.cluster_advertise):
+        cluster_http = make_cluster_http(reactor, settings.connect_timeout)
+    objects = object_store(settings, reactor, cluster_http)
+    store_health = StoreHealth(reactor)
+    shared_manifests = SharedManifests(objects, store_health) if objects is not None else None
+    manifests = _manifest_cache(settings, redis, reactor, write_errors, shared_manifests)
     referrers = (
         ReferrersCache(reactor, settings.manifest_ttl, settings.stale_if_error)
         if settings.cache_dir is not None
@@ -265,6 +278,13 @@ def build_app(
         FrontPage(settings.url302, _served_registries(settings)),
         guard=None if rules is None else address_guard(rules),
     )
+    cluster = (
+        build_cluster(settings, reactor, redis, blobs, cluster_http, objects, store_health)
+        if blobs
+        else None
+    )
+    if cluster is not None and cluster.peer_endpoint is not None:
+        mount_peer_endpoint(root, cluster.peer_endpoint)
     recorder = StatusRecorder(reactor)
     status_routes = [RouteSource(host, url, routed[host].client) for host, url in settings.routes]
     if default is not None and settings.upstream is not None:
@@ -350,12 +370,23 @@ def _token_cache(redis: Any, reactor: Any) -> TtlStore:
 
 
 def _manifest_cache(
-    settings: Settings, redis: Any, reactor: Any, write_errors: WriteErrors | None = None
+    settings: Settings,
+    redis: Any,
+    reactor: Any,
+    write_errors: WriteErrors | None = None,
+    shared_manifests: SharedManifests | None = None,
 ) -> ManifestCacheFactory | None:
-    """Tag entries in Redis when configured (shared), else on disk."""
+    """
+    Tag entries in Redis when configured (shared), else on disk; manifests
+    by digest also in the object store with C{--storage s3://...}.
+    """
     if settings.cache_dir is None:
         return None
-    store = ManifestStore(settings.cache_dir)
+    store = (
+        ManifestStore(settings.cache_dir)
+        if shared_manifests is None
+        else SharedManifestStore(settings.cache_dir, shared_manifests)
+    )
     disk_tags = DiskTagStore(settings.cache_dir, reactor)
     try:
         store.open()
@@ -373,7 +404,7 @@ def _manifest_cache(
             tags,
             reactor,
             upstream,
-            remote,
+            remote if shared_manifests is None else shared_manifests.remote_through(remote),
             ttl=settings.manifest_ttl,
             stale_if_error=settings.stale_if_error,
             negative_ttl=settings.negative_ttl,

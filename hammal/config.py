@@ -9,15 +9,19 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from typing import Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import attrs
 
 from hammal.cache.store import FreeSpaceFloor
+from hammal.keyfile import ClusterKeyError, load_cluster_key
 from hammal.upstream.auth import Credentials
 from hammal.upstream.proxy_rules import ProxyRules
 from hammal.reference import is_docker_hub, registry_names
+
+if TYPE_CHECKING:
+    from hammal.storage.s3 import S3Location
 
 DEFAULT_PORT = "tcp:5000:interface=127.0.0.1"
 AUTH_MODES = ("none", "basic", "token", "passthrough")
@@ -78,6 +82,30 @@ PARAMETERS: tuple[OptionSpec, ...] = (
         "File holding the upstream password, instead of --upstream-password (which ps shows).",
     ),
     OptionSpec("redis", None, "redis://[:password@]host[:port][/db] for a shared token cache."),
+    OptionSpec(
+        "storage",
+        "file",
+        "Where verified blobs live: file (--cache-dir) or s3://BUCKET/PREFIX (with --s3-endpoint;"
+        " --cache-dir becomes a bounded read-through cache in front of it).",
+    ),
+    OptionSpec(
+        "s3-endpoint",
+        None,
+        "The S3 API's base URL for --storage s3://... (path-style addressing); credentials from"
+        " AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION.",
+    ),
+    OptionSpec(
+        "cluster-advertise",
+        None,
+        "How other instances reach this one (http://IP:PORT): with --redis, a fill lease per"
+        " blob lets one instance fetch it while the others stream it from that one.",
+    ),
+    OptionSpec(
+        "cluster-key-file",
+        None,
+        "File with the cluster key (at least 32 bytes, the same on every instance) that signs"
+        " peer requests; needed with --cluster-advertise.",
+    ),
     OptionSpec("connect-timeout", "10", "Seconds to wait for an upstream connection."),
     OptionSpec("read-timeout", "30", "Seconds of upstream silence before giving up."),
     OptionSpec(
@@ -513,6 +541,49 @@ def parse_redis_url(url: str) -> RedisAddress:
     return RedisAddress(parts.hostname, port, int(db_text), password)
 
 
+def _storage(
+    value: str | None, endpoint: str | None, cache_dir: str | None
+) -> tuple[S3Location | None, str | None]:
+    """--storage and --s3-endpoint: the S3 location and endpoint, or (None, None) for file."""
+    if value in (None, "file"):
+        if endpoint is not None:
+            raise ConfigError("--s3-endpoint needs --storage s3://BUCKET/PREFIX")
+        return None, None
+    from hammal.storage.s3 import S3Location  # botocore: only when S3 is asked for
+
+    try:
+        location = S3Location.parse(value)
+    except ValueError:
+        raise ConfigError(f"--storage must be file or s3://BUCKET/PREFIX, not {value!r}")
+    if endpoint is None:
+        raise ConfigError("--storage s3://... needs --s3-endpoint URL")
+    if cache_dir is None:
+        raise ConfigError("--storage s3://... needs a local cache directory (not --no-cache)")
+    return location, base_url(endpoint, "--s3-endpoint")
+
+
+def _cluster(
+    advertise: str | None, key_file: str | None, redis_url: str | None, cache_dir: str | None
+) -> tuple[str | None, str | None]:
+    """--cluster-advertise and --cluster-key-file, checked together (the key is read now)."""
+    if advertise is None:
+        if key_file is not None:
+            raise ConfigError("--cluster-key-file needs --cluster-advertise")
+        return None, None
+    url = base_url(advertise, "--cluster-advertise")
+    if redis_url is None:
+        raise ConfigError("--cluster-advertise needs --redis (where the fill leases live)")
+    if cache_dir is None:
+        raise ConfigError("--cluster-advertise needs a cache directory (not --no-cache)")
+    if key_file is None:
+        raise ConfigError("--cluster-advertise needs --cluster-key-file")
+    try:
+        load_cluster_key(key_file)
+    except ClusterKeyError as failure:
+        raise ConfigError(str(failure))
+    return url, key_file
+
+
 @attrs.frozen
 class Settings:
     """Everything hammal runs with, validated."""
@@ -537,6 +608,11 @@ class Settings:
     force_library_prefix: bool | None = None
     credentials: Credentials | None = None
     redis: RedisAddress | None = None
+    #: --storage s3://...: the bucket and prefix (None: blobs in --cache-dir only).
+    storage: S3Location | None = None
+    s3_endpoint: str | None = None
+    cluster_advertise: str | None = None
+    cluster_key_file: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     upstream_deadline: float = 120.0
@@ -698,6 +774,10 @@ class Settings:
             raise ConfigError(str(failure))
         cache_max_size = parse_size(max_size_text, "--cache-max-size") if max_size_text else None
         cache_min_free = parse_free_space(text("cache-min-free"))
+        storage, s3_endpoint = _storage(text("storage"), text("s3-endpoint"), cache_dir)
+        cluster_advertise, cluster_key_file = _cluster(
+            text("cluster-advertise"), text("cluster-key-file"), redis_url, cache_dir
+        )
 
         return cls(
             port=port_description(text("port") or DEFAULT_PORT),
@@ -718,6 +798,10 @@ class Settings:
             force_library_prefix=forced,
             credentials=credentials,
             redis=parse_redis_url(redis_url) if redis_url else None,
+            storage=storage,
+            s3_endpoint=s3_endpoint,
+            cluster_advertise=cluster_advertise,
+            cluster_key_file=cluster_key_file,
             connect_timeout=_number(text("connect-timeout") or "10", "--connect-timeout", 0.001),
             read_timeout=_number(text("read-timeout") or "30", "--read-timeout", 0.001),
             upstream_deadline=_number(

@@ -120,6 +120,19 @@ blob_cache_blobs = Gauge(
 blob_fetches = Counter(
     "hammal_blob_fetches", "Upstream blob fetches started by the cache.", registry=REGISTRY
 )
+cluster_fill_sources = Counter(
+    "hammal_cluster_fill_sources",
+    "Where blob fills got their bytes in a cluster (upstream, peer, store), per request.",
+    ["source"],
+    registry=REGISTRY,
+)
+object_store_failures = Counter(
+    "hammal_object_store_failures",
+    "Object store (--storage s3://...) requests that failed, by operation (read, upload);"
+    " the blob was cached locally only.",
+    ["operation"],
+    registry=REGISTRY,
+)
 coalesced_readers = Gauge(
     "hammal_blob_readers",
     "Clients reading cached blobs or following transfers in flight.",

@@ -572,3 +572,65 @@ class BacklogTests(SynchronousTestCase):
         )
         self.assertEqual(with_backlog("tcp:5000:backlog=10"), "tcp:5000:backlog=10")
         self.assertEqual(with_backlog("unix:/run/hammal.sock"), "unix:/run/hammal.sock")
+
+
+class ClusterOptionTests(SynchronousTestCase):
+    """--storage, --s3-endpoint, --cluster-advertise and --cluster-key-file."""
+
+    def key_file(self, content: bytes = b"k" * 40) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_defaults(self) -> None:
+        """Without the options, blobs live in --cache-dir and no cluster is formed."""
+        result = settings()
+        self.assertIsNone(result.storage)
+        self.assertIsNone(result.cluster_advertise)
+
+    def test_from_environment(self) -> None:
+        """The HAMMAL_* variables deploy/cluster uses configure a cluster node."""
+        key = self.key_file()
+        result = settings(
+            environ={
+                "HAMMAL_STORAGE": "s3://hammal-blobs/mirror",
+                "HAMMAL_S3_ENDPOINT": "http://seaweedfs:8333",
+                "HAMMAL_REDIS": "redis://redis:6379/0",
+                "HAMMAL_CLUSTER_ADVERTISE": "http://10.0.3.7:5000",
+                "HAMMAL_CLUSTER_KEY_FILE": key,
+            }
+        )
+        assert result.storage is not None
+        self.assertEqual((result.storage.bucket, result.storage.prefix), ("hammal-blobs", "mirror/"))
+        self.assertEqual(result.s3_endpoint, "http://seaweedfs:8333")
+        self.assertEqual(result.cluster_advertise, "http://10.0.3.7:5000")
+        self.assertEqual(result.cluster_key_file, key)
+
+    def test_invalid(self) -> None:
+        """Each unusable combination is a one-line usage error naming the option."""
+        short = self.key_file(b"short")
+        cases = [
+            (["--storage", "ftp://x"], "--storage must be file or s3"),
+            (["--storage", "s3://bucket"], "needs --s3-endpoint"),
+            (["--s3-endpoint", "http://s3:9000"], "--s3-endpoint needs --storage"),
+            (["--storage", "s3://b", "--s3-endpoint", "s3:9000"], "--s3-endpoint must be"),
+            (["--storage", "s3://b", "--s3-endpoint", "http://s3", "--no-cache"], "--no-cache"),
+            (["--cluster-advertise", "http://a:5000"], "needs --redis"),
+            (["--cluster-advertise", "http://a:5000", "--redis", "redis://r"], "--cluster-key-file"),
+            (["--cluster-key-file", short], "needs --cluster-advertise"),
+            (
+                ["--cluster-advertise", "http://a:5000", "--redis", "redis://r",
+                 "--cluster-key-file", short],
+                "at least 32",
+            ),
+            (
+                ["--cluster-advertise", "http://a:5000", "--redis", "redis://r",
+                 "--cluster-key-file", "/nonexistent/key"],
+                "cannot read the cluster key",
+            ),
+        ]
+        for argv, expected in cases:
+            with self.assertRaises(UsageError, msg=argv) as raised:
+                parse(argv)
+            self.assertIn(expected, str(raised.exception), argv)

@@ -19,6 +19,7 @@ from hammal import metrics
 from hammal.cache.bypass import UpstreamTail
 from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
 from hammal.cache.follow import Bypass
+from hammal.cache.sources import FillSources
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import LocalCacheError, WriteErrors
 from hammal.conditional import range_applies
@@ -184,6 +185,10 @@ class BlobCache:
         self._transfers: dict[BlobFetch, Transfer] = {}
         self.fetches_started = 0
         self.readers = 0
+        #: Where fills get their bytes besides upstream (a cluster's peers
+        #: and object store): C{for_fill(digest, start) -> source} with
+        #: C{source.start} and C{source.attach(fetch)}; L{None} alone.
+        self.fill_sources: FillSources | None = None
         #: Cache hits on plain TCP go out with os.sendfile.
         self.use_sendfile = True
 
@@ -209,6 +214,10 @@ class BlobCache:
         running = self.in_flight(digest)
         if running is not None:
             return running, True
+        source = None
+        if self.fill_sources is not None:
+            source = self.fill_sources.for_fill(digest, start_upstream)
+            start_upstream = source.start
         fetch = BlobFetch(
             digest,
             self.store,
@@ -233,6 +242,8 @@ class BlobCache:
                 del self._fetches[key]
 
         fetch.finished.addBoth(forget)
+        if source is not None:
+            source.attach(fetch)
         Deferred.fromCoroutine(fetch.run())
         return fetch, False
 

@@ -17,10 +17,11 @@ import os
 
 from twisted.internet.interfaces import IReactorTime
 
-SCHEME = b"Hammal-Peer"
+from hammal.keyfile import MIN_KEY_BYTES, ClusterKeyError, load_cluster_key
 
-#: Shortest key accepted: 32 bytes (256 bits), as HMAC-SHA256 wants.
-MIN_KEY_BYTES = 32
+__all__ = ["MIN_KEY_BYTES", "ClusterKeyError", "load_cluster_key", "PeerAuth"]
+
+SCHEME = b"Hammal-Peer"
 
 #: How long a signature a client makes is valid.
 DEFAULT_LIFETIME = 30.0
@@ -28,31 +29,6 @@ DEFAULT_LIFETIME = 30.0
 #: The furthest in the future a server accepts an expiry: a signature
 #: cannot be made to last (and clocks may differ by this much).
 MAX_LIFETIME = 120.0
-
-
-class ClusterKeyError(ValueError):
-    """The cluster key file is missing, unreadable or too short."""
-
-
-def load_cluster_key(path: str) -> bytes:
-    """
-    The key in C{path} (surrounding whitespace removed), for example made
-    with C{head -c 48 /dev/urandom | base64 > cluster.key}.
-
-    @raises ClusterKeyError: when it cannot be read or is shorter than
-        L{MIN_KEY_BYTES}.
-    """
-    try:
-        with open(path, "rb") as f:
-            key = f.read().strip()
-    except OSError as e:
-        raise ClusterKeyError(f"cannot read the cluster key file {path}: {e.strerror}")
-    if len(key) < MIN_KEY_BYTES:
-        raise ClusterKeyError(
-            f"the cluster key in {path} is {len(key)} bytes; at least {MIN_KEY_BYTES} needed"
-            " (make one with: head -c 48 /dev/urandom | base64)"
-        )
-    return key
 
 
 def _signature(key: bytes, method: bytes, target: bytes, expires: int) -> bytes:

@@ -1,5 +1,6 @@
 """
-The cluster's parts composed as the wiring step will compose them, against
+The cluster's parts composed by hand (hammal composes them in
+L{hammal.cluster.setup}), against
 real redis-server and SeaweedFS and over real TCP: two instances, one fill
 lease, one upstream-like producer, the other instance streaming from the
 holder's peer endpoint, and the S3 object completed only for a matching
