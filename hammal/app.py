@@ -403,6 +403,7 @@ def _blob_cache(
         offload=offload,
         deadline=settings.upstream_deadline,
         write_errors=write_errors,
+        hold_tail=not settings.no_hold_tail,
     )
 
 

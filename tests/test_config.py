@@ -572,3 +572,11 @@ class BacklogTests(SynchronousTestCase):
         )
         self.assertEqual(with_backlog("tcp:5000:backlog=10"), "tcp:5000:backlog=10")
         self.assertEqual(with_backlog("unix:/run/hammal.sock"), "unix:/run/hammal.sock")
+
+
+class NoHoldTailTests(SynchronousTestCase):
+    def test_flag(self) -> None:
+        """--no-hold-tail, or HAMMAL_NO_HOLD_TAIL; off by default."""
+        self.assertFalse(settings().no_hold_tail)
+        self.assertTrue(settings(["--no-hold-tail"]).no_hold_tail)
+        self.assertTrue(settings(environ={"HAMMAL_NO_HOLD_TAIL": "yes"}).no_hold_tail)
