@@ -34,6 +34,7 @@ from hammal.proxy import PullProxy
 from hammal.upstream.addresses import (
     AddressPolicy,
     CheckedEndpointFactory,
+    UPSTREAM_READ_SIZE,
     InternalAddressRefused,
     PeerZones,
     _CheckedEndpoint,
@@ -391,3 +392,21 @@ class IPLiteralEndpointTests(SynchronousTestCase):
         reactor = self.connect(b"http://registry.test:5000/v2/")
         self.assertEqual(reactor.nameResolver.asked, ["registry.test"])
         self.assertEqual(reactor.tcpClients, [])
+
+
+class UpstreamReadSizeTests(TestCase):
+    """A real upstream connection (127.0.0.1, port 0) reads 1 MiB at once."""
+
+    def test_upstream_reads_wide(self) -> Any:
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/".encode()
+        endpoint = CheckedEndpointFactory(reactor).endpointForURI(URI.fromBytes(url))
+        d = endpoint.connect(Factory.forProtocol(Protocol))
+
+        def connected(protocol: Any) -> None:
+            self.addCleanup(protocol.transport.abortConnection)
+            self.assertEqual(protocol.transport.bufferSize, UPSTREAM_READ_SIZE)
+            self.assertEqual(protocol.transport.getPeer().port, port.getHost().port)
+
+        return d.addCallback(connected)
