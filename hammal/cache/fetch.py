@@ -8,10 +8,14 @@ L{BlobReader}s follow the file at their own pace, each the push producer of
 its own client: a slow client never slows the fetch or the other clients,
 and a client leaving never stops the fetch. Readers are given bytes only up
 to the last complete chunk but one until the digest is verified, so a
-corrupt transfer is never seen complete by anyone.
+corrupt transfer is never seen complete by anyone (unless the fetch was
+told not to hold the tail: C{--no-hold-tail}).
+
+The event loop only receives: each chunk goes, uncopied, to a writer and a
+hasher that run off the event loop (C{offload}) in batches.
 
 The cache's own failures are not upstream's: a disk that is full, fails a
-write or cannot be read back makes the fetch fail with L{LocalCacheError}
+write or cannot be hashed makes the fetch fail with L{LocalCacheError}
 (no resume, no blame on upstream), and its readers go on from upstream
 uncached (L{hammal.cache.bypass}). Bytes are written at explicit offsets,
 so the file always holds exactly what upstream sent up to C{written}.
