@@ -61,7 +61,7 @@ RESERVE_STEP = 8 * 1024 * 1024
 #: A fill checks the disk's free-space floor each time it wrote this much.
 CHECK_FREE_EVERY = 4 * 1024 * 1024
 #: Received bytes not yet written and hashed, past which upstream is paused.
-MAX_BACKLOG = 16 * 1024 * 1024
+MAX_BACKLOG = 8 * 1024 * 1024
 
 Offload = Callable[..., Deferred[Any]]
 """Runs C{f(*args)} off the event loop (a thread pool) and returns its result."""
