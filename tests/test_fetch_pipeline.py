@@ -148,6 +148,29 @@ class FetchPipelineTests(SynchronousTestCase):
         with open(self.store.path(fetch.digest), "rb") as stored:
             self.assertEqual(stored.read(), blob)
 
+    def test_previous_chunk_released_on_arrival(self) -> None:
+        """
+        A written chunk is released as soon as the next one arrives, before
+        that one is written: only the last chunk received is held.
+        """
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks))
+        response.send(chunks[0])
+        self.offload.run_all()
+        self.assertEqual((fetch.written, fetch.readable), (1000, 0))
+        woken: list[int] = []
+        fetch.subscribe(lambda: woken.append(fetch.readable))
+        response.send(chunks[1])
+        self.assertEqual((fetch.written, fetch.readable), (1000, 1000))
+        self.assertEqual(woken, [1000])
+        self.offload.run_all()
+        self.assertEqual((fetch.written, fetch.readable), (2000, 1000))
+        response.send(chunks[2])
+        response.end()
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+        self.assertEqual(fetch.readable, 3000)
+
     def test_batches_counted(self) -> None:
         """Five chunks during one write make two write jobs, not five."""
         chunks = [bytes([n]) * 100 for n in range(5)]

@@ -165,6 +165,7 @@ class BlobFetch:
         self._hold_tail = hold_tail
         #: Bytes taken from upstream, in order (C{written} is what is on disk).
         self.received = 0
+        self._last_received = 0
         self._to_write: list[bytes] = []
         self._writing: Deferred[int] | None = None
         self._hasher = digest.hasher()
@@ -330,7 +331,7 @@ class BlobFetch:
         Take a chunk from upstream: the same C{bytes} object (no copy) goes
         to the file writer and to the hasher, each on a thread of its own
         and in batches of whatever arrived meanwhile. Readers may use what
-        was written, but for the last chunk of each batch until the digest
+        was written, but for the last chunk received until the digest
         matched (unless the tail is not held).
         """
         if self._fd is None:
@@ -342,10 +343,13 @@ class BlobFetch:
         self._ensure_room(self.received + len(data))
         metrics.upstream_bytes.inc(len(data))
         self.received += len(data)
+        self._last_received = len(data)
         self._to_write.append(data)
         self._to_hash.append(data)
         self._write_more()
         self._hash_more()
+        if self._release():  # the chunk before this one, if written, is not the tail any more
+            self._notify()
         if not self._upstream_paused and self._backlog() > MAX_BACKLOG and self._writer is not None:
             self._upstream_paused = True
             self._writer.pause()
@@ -365,20 +369,32 @@ class BlobFetch:
             return
         chunks, self._to_write = self._to_write, []
         self._writing = self._offload(_write_chunks, self._fd, self.written, chunks)
-        self._writing.addCallbacks(
-            self._wrote_to, self._write_failed, callbackArgs=(len(chunks[-1]),)
-        )
+        self._writing.addCallbacks(self._wrote_to, self._write_failed)
 
-    def _wrote_to(self, end: int, last: int) -> None:
+    def _wrote_to(self, end: int) -> None:
         self._writing = None
         if self._reserved:
             self.store.wrote(end - self.written)
         self.written = end
-        if not self.verified:
-            self.readable = max(self.readable, end - last if self._hold_tail else end)
+        self._release()
         self._write_more()
         self._moved_on()
         self._notify()
+
+    def _release(self) -> bool:
+        """
+        Let readers have what was written, but for the last chunk received
+        while the tail is held; whether C{readable} moved.
+        """
+        if self.verified:
+            return False
+        limit = self.written
+        if self._hold_tail:
+            limit = min(limit, self.received - self._last_received)
+        if limit <= self.readable:
+            return False
+        self.readable = limit
+        return True
 
     def _write_failed(self, failure: Failure) -> None:
         self._writing = None
