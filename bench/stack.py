@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from tests.integration import images as it_images
@@ -484,7 +485,9 @@ class HammalBench:
         old = self.cache_dir
         if old:
             shutil.rmtree(old, ignore_errors=True)
-        self.cache_dir = os.path.join(self.workdir, f"hammal-cache-{self.generation}")
+        # a directory of its own: two HammalBench share the workdir (and
+        # count generations alike), and a shared name made a "cold" GET a hit
+        self.cache_dir = tempfile.mkdtemp(prefix=f"hammal-cache-{self.generation}-", dir=self.workdir)
         env = {k: v for k, v in clean_env().items()
                if not k.startswith("HAMMAL_") and k not in ("DOCKER_USERNAME", "DOCKER_PASSWORD")}
         env.update(MALLOC_ENV)

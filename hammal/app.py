@@ -131,7 +131,7 @@ def build_app(
         default a pooled one on C{reactor}.
     @param redirect_client: the client for redirects to public addresses;
         by default one that refuses internal addresses.
-    @param offload: where hashing and fdatasync run; by default the
+    @param offload: where cache writes, hashing and fdatasync run; by default the
         reactor's thread pool.
     @param gate: the access gate; by default the one the settings describe.
     @param retry_random: the retry jitter's source (tests pin it).
@@ -434,11 +434,12 @@ def _blob_cache(
         offload=offload,
         deadline=settings.upstream_deadline,
         write_errors=write_errors,
+        hold_tail=not settings.no_hold_tail,
     )
 
 
 def _thread_pool_offload(reactor: Any) -> Offload:
-    """Hashing and fdatasync on the reactor's thread pool, off the event loop."""
+    """Cache writes, hashing and fdatasync on the reactor's thread pool, off the event loop."""
 
     def offload(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)

@@ -247,6 +247,11 @@ FLAGS: tuple[tuple[str, str], ...] = (
         "Send upstream credentials over plain HTTP to hosts that are not loopback (unsafe).",
     ),
     ("status-show-clients", "Show full client addresses on /status (default: masked to /24 or /48)."),
+    (
+        "no-hold-tail",
+        "Send a cold blob's every byte as it arrives, before its digest is checked"
+        " (a mismatch is still never cached).",
+    ),
 )
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -648,6 +653,8 @@ class Settings:
     ready_window: float = 60.0
     debug: bool = False
     status_show_clients: bool = False
+    #: Cold blobs: send the last chunk before the digest matched (--no-hold-tail).
+    no_hold_tail: bool = False
 
     def registry_for(self, url: str) -> str | None:
         """The registry C{url} was configured to stand for, if any."""
@@ -845,6 +852,7 @@ class Settings:
             ready_window=_number(text("ready-window") or "60", "--ready-window", 1),
             debug=bool(options.get("debug")),
             status_show_clients=bool(options.get("status-show-clients")),
+            no_hold_tail=bool(options.get("no-hold-tail")),
             cache_max_size=cache_max_size,
             cache_min_free=cache_min_free,
             max_upstream_connections=int(

@@ -17,12 +17,14 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import URI, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from hammal.cache.blobs import BlobCache
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore
@@ -31,6 +33,8 @@ from hammal.errors import UpstreamBadResponse
 from hammal.proxy import PullProxy
 from hammal.upstream.addresses import (
     AddressPolicy,
+    CheckedEndpointFactory,
+    UPSTREAM_READ_SIZE,
     InternalAddressRefused,
     PeerZones,
     _CheckedEndpoint,
@@ -334,3 +338,75 @@ class RedirectToInternalAddressTests(TestCase):
         failure = yield self.assertFailure(d, UpstreamBadResponse)
         self.assertIn("internal address", failure.message)
         self.assertEqual(self.metadata.paths, [])
+
+
+@implementer(IHostnameResolver)
+class _RecordingResolver:
+    """A name resolver that only records what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, *args: Any, **kwargs: Any) -> Any:
+        self.asked.append(hostName)
+        receiver.resolutionBegan(None)
+        return receiver
+
+
+@implementer(IReactorPluggableNameResolver)
+class _ResolvingMemoryReactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.nameResolver = _RecordingResolver()
+
+    def installNameResolver(self, resolver: Any) -> Any:
+        old, self.nameResolver = self.nameResolver, resolver
+        return old
+
+
+class IPLiteralEndpointTests(SynchronousTestCase):
+    """
+    An upstream (or redirect) URL naming an IP address connects to it
+    directly: no name resolution, which would cost a thread-pool round trip
+    per new connection; names are still resolved.
+    """
+
+    def connect(self, url: bytes) -> _ResolvingMemoryReactor:
+        reactor = _ResolvingMemoryReactor()
+        factory = CheckedEndpointFactory(reactor, connect_timeout=7)
+        factory.endpointForURI(URI.fromBytes(url)).connect(Factory.forProtocol(Protocol))
+        return reactor
+
+    def test_ipv4_literal(self) -> None:
+        reactor = self.connect(b"http://127.0.0.1:5000/v2/")
+        self.assertEqual(reactor.nameResolver.asked, [])
+        host, port, _, timeout, _ = reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 5000, 7))
+
+    def test_ipv6_literal(self) -> None:
+        reactor = self.connect(b"https://[::1]:5443/v2/")
+        self.assertEqual(reactor.nameResolver.asked, [])
+        self.assertEqual(reactor.tcpClients[0][:2], ("::1", 5443))
+
+    def test_name_resolved(self) -> None:
+        reactor = self.connect(b"http://registry.test:5000/v2/")
+        self.assertEqual(reactor.nameResolver.asked, ["registry.test"])
+        self.assertEqual(reactor.tcpClients, [])
+
+
+class UpstreamReadSizeTests(TestCase):
+    """A real upstream connection (127.0.0.1, port 0) reads 1 MiB at once."""
+
+    def test_upstream_reads_wide(self) -> Any:
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/".encode()
+        endpoint = CheckedEndpointFactory(reactor).endpointForURI(URI.fromBytes(url))
+        d = endpoint.connect(Factory.forProtocol(Protocol))
+
+        def connected(protocol: Any) -> None:
+            self.addCleanup(protocol.transport.abortConnection)
+            self.assertEqual(protocol.transport.bufferSize, UPSTREAM_READ_SIZE)
+            self.assertEqual(protocol.transport.getPeer().port, port.getHost().port)
+
+        return d.addCallback(connected)

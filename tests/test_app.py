@@ -18,8 +18,9 @@ from tests.fakes import REGISTRY, FakeUpstream, stub_for
 
 def _app(**settings: object) -> App:
     stub = stub_for(FakeUpstream())
+    settings.setdefault("cache_dir", None)
     return build_app(
-        Settings(upstream=f"https://{REGISTRY}", cache_dir=None, **settings),  # type: ignore[arg-type]
+        Settings(upstream=f"https://{REGISTRY}", **settings),  # type: ignore[arg-type]
         MemoryReactorClock(),
         http_client=stub,
         redirect_client=stub,
@@ -69,3 +70,17 @@ class GraphTests(SynchronousTestCase):
         self.assertEqual(len(app.services), 2)
         self.assertIsNone(app.blobs)
         self.assertIsNotNone(app.default)
+
+
+class HoldTailTests(SynchronousTestCase):
+    """--no-hold-tail reaches the blob cache's fills; off by default."""
+
+    def test_default_holds_the_tail(self) -> None:
+        app = _app(cache_dir=self.mktemp())
+        assert app.blobs is not None
+        self.assertTrue(app.blobs.hold_tail)
+
+    def test_no_hold_tail(self) -> None:
+        app = _app(cache_dir=self.mktemp(), no_hold_tail=True)
+        assert app.blobs is not None
+        self.assertFalse(app.blobs.hold_tail)

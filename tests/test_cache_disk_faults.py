@@ -224,19 +224,19 @@ class BlobWriteFailureTests(SynchronousTestCase):
 
     def test_hash_failure_fails_the_fill_once(self) -> None:
         """
-        Reading the file back for the hash fails part-way: the fill fails
-        locally (the hasher is not fed twice, so no false digest mismatch),
-        and the client gets the blob from upstream.
+        Hashing a batch fails part-way: the fill fails locally (the hasher
+        is not fed twice, so no false digest mismatch), and the client gets
+        the blob from upstream.
         """
         from hammal.cache import fetch as fetch_module
 
         failed: list[bool] = []
 
         def flaky(f: Any, *args: Any) -> Any:
-            if f is fetch_module._hash_range and not failed:
+            if f is fetch_module._hash_chunks and not failed:
                 failed.append(True)
-                fd, hasher, start, end = args
-                hasher.update(os.pread(fd, (end - start) // 2, start))
+                hasher, chunks = args
+                hasher.update(chunks[0][: len(chunks[0]) // 2])
                 return fail(OSError(5, "Input/output error"))
             return succeed(f(*args))
 

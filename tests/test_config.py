@@ -634,3 +634,9 @@ class ClusterOptionTests(SynchronousTestCase):
             with self.assertRaises(UsageError, msg=argv) as raised:
                 parse(argv)
             self.assertIn(expected, str(raised.exception), argv)
+class NoHoldTailTests(SynchronousTestCase):
+    def test_flag(self) -> None:
+        """--no-hold-tail, or HAMMAL_NO_HOLD_TAIL; off by default."""
+        self.assertFalse(settings().no_hold_tail)
+        self.assertTrue(settings(["--no-hold-tail"]).no_hold_tail)
+        self.assertTrue(settings(environ={"HAMMAL_NO_HOLD_TAIL": "yes"}).no_hold_tail)

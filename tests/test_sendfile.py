@@ -6,17 +6,19 @@ over real sockets).
 
 from __future__ import annotations
 
+import socket
 from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.cache.sendfile import tcp_transport
+from hammal.cache.sendfile import _FIRST_SLICE, FileSender, tcp_transport
 
 
 def request_over(transport: Any) -> Any:
@@ -43,3 +45,55 @@ class TransportDetectionTests(SynchronousTestCase):
     def test_not_for_test_doubles(self) -> None:
         self.assertIsNone(tcp_transport(request_over(StringTransport())))
         self.assertIsNone(tcp_transport(object()))  # type: ignore[arg-type]
+
+
+class _Consumer:
+    """The request side of a FileSender: counts what was sent."""
+
+    def __init__(self) -> None:
+        self.sentLength = 0
+        self.channel = SimpleNamespace(resetTimeout=lambda: None)
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class FirstBurstTests(SynchronousTestCase):
+    """
+    A connection's first sendfile is capped at _FIRST_SLICE and the rest
+    waits for the next reactor turn: thousands of clients arriving together
+    each copy little before requests already under way are served.
+    """
+
+    def test_first_burst_capped(self) -> None:
+        sender_sock, reader_sock = socket.socketpair()
+        self.addCleanup(sender_sock.close)
+        self.addCleanup(reader_sock.close)
+        sender_sock.setblocking(False)
+        size = 3 * _FIRST_SLICE
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"z" * size)
+        transport = SimpleNamespace(
+            fileno=sender_sock.fileno, dataBuffer=b"", offset=0, _tempDataLen=0,
+            producerPaused=False, startWriting=lambda: None,
+        )
+        clock = Clock()
+        consumer = _Consumer()
+        sender = FileSender(consumer, transport, clock, path, 0, size)  # type: ignore[arg-type]
+        received: list[int] = []
+        sender.done.addCallback(received.append)
+        sender.begin()
+        self.assertEqual(consumer.sentLength, _FIRST_SLICE)
+        got = 0
+        while got < size:
+            try:
+                got += len(reader_sock.recv(1 << 20, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                pass
+            clock.advance(0)
+        self.assertEqual(received, [size])

@@ -171,6 +171,7 @@ class BlobCache:
         offload: Offload = run_here,
         deadline: float | None = None,
         write_errors: WriteErrors | None = None,
+        hold_tail: bool = True,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -181,6 +182,8 @@ class BlobCache:
         self._resumes = resumes
         self._offload = offload
         self._deadline = deadline
+        #: Whether a fill's last chunk waits for the digest (see BlobFetch).
+        self.hold_tail = hold_tail
         self._fetches: dict[str, BlobFetch] = {}
         self._transfers: dict[BlobFetch, Transfer] = {}
         self.fetches_started = 0
@@ -229,6 +232,7 @@ class BlobCache:
             self._offload,
             self._deadline,
             self.write_errors,
+            hold_tail=self.hold_tail,
         )
         key = str(digest)
         self._fetches[key] = fetch

@@ -8,10 +8,14 @@ L{BlobReader}s follow the file at their own pace, each the push producer of
 its own client: a slow client never slows the fetch or the other clients,
 and a client leaving never stops the fetch. Readers are given bytes only up
 to the last complete chunk but one until the digest is verified, so a
-corrupt transfer is never seen complete by anyone.
+corrupt transfer is never seen complete by anyone (unless the fetch was
+told not to hold the tail: C{--no-hold-tail}).
+
+The event loop only receives: each chunk goes, uncopied, to a writer and a
+hasher that run off the event loop (C{offload}) in batches.
 
 The cache's own failures are not upstream's: a disk that is full, fails a
-write or cannot be read back makes the fetch fail with L{LocalCacheError}
+write or cannot be hashed makes the fetch fail with L{LocalCacheError}
 (no resume, no blame on upstream), and its readers go on from upstream
 uncached (L{hammal.cache.bypass}). Bytes are written at explicit offsets,
 so the file always holds exactly what upstream sent up to C{written}.
@@ -23,7 +27,7 @@ import errno
 import os
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -56,29 +60,48 @@ __all__ = ["BlobFetch", "BlobReader", "DigestMismatch", "Offload", "StartUpstrea
 RESERVE_STEP = 8 * 1024 * 1024
 #: A fill checks the disk's free-space floor each time it wrote this much.
 CHECK_FREE_EVERY = 4 * 1024 * 1024
+#: Received bytes not yet written and hashed, past which upstream is paused.
+MAX_BACKLOG = 8 * 1024 * 1024
 
 Offload = Callable[..., Deferred[Any]]
 """Runs C{f(*args)} off the event loop (a thread pool) and returns its result."""
 
 
 def run_here(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """An L{Offload} that runs in place: for tests and tools."""
-    return succeed(f(*args))
+    """An L{Offload} that runs in place (its exceptions as failures): for tests and tools."""
+    return maybeDeferred(f, *args)
 
 
-def _hash_range(fd: int, hasher: Any, start: int, end: int, chunk: int = 1 << 20) -> int:
+def _write_chunks(fd: int, offset: int, chunks: list[bytes]) -> int:
     """
-    Feed bytes C{[start, end)} of C{fd} to C{hasher} (runs on a thread:
-    hashlib releases the GIL, so hashing overlaps the network work).
+    Write C{chunks} to C{fd} one after another from C{offset} (runs on a
+    thread: C{pwrite} releases the GIL); returns the end offset.
     """
-    offset = start
-    while offset < end:
-        data = os.pread(fd, min(chunk, end - offset), offset)
-        if not data:
-            raise OSError(errno.EIO, "the cache file is shorter than what was written")
-        hasher.update(data)
-        offset += len(data)
-    return end
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            count = os.pwrite(fd, view, offset)
+            if count <= 0:
+                raise OSError(errno.EIO, "the cache file accepts no more bytes")
+            view = view[count:]
+            offset += count
+    return offset
+
+
+def _hash_chunks(hasher: Any, chunks: list[bytes]) -> int:
+    """
+    Feed C{chunks} to C{hasher} (runs on a thread: hashlib releases the GIL
+    on large buffers); returns how many bytes it hashed.
+    """
+    for chunk in chunks:
+        hasher.update(chunk)
+    return sum(len(chunk) for chunk in chunks)
+
+
+def _reason(failure: Failure) -> str:
+    if isinstance(failure.value, OSError):
+        return describe(failure.value)
+    return failure.getErrorMessage()
 
 
 class DigestMismatch(TransferBroken):
@@ -110,6 +133,7 @@ class BlobFetch:
         offload: Offload = run_here,
         deadline: float | None = None,
         write_errors: WriteErrors | None = None,
+        hold_tail: bool = True,
     ) -> None:
         self.digest = digest
         self.store = store
@@ -138,12 +162,19 @@ class BlobFetch:
         self.path = store.temporary_path(digest)
         self.upstream_requests = 0
         self._fd: int | None = None
-        self._hash_fd: int | None = None
+        self._hold_tail = hold_tail
+        #: Bytes taken from upstream, in order (C{written} is what is on disk).
+        self.received = 0
+        self._last_received = 0
+        self._to_write: list[bytes] = []
+        self._writing: Deferred[int] | None = None
         self._hasher = digest.hasher()
         self._hashed = 0
+        self._to_hash: list[bytes] = []
         self._hashing: Deferred[int] | None = None
-        self._hash_waiter: Deferred[None] | None = None
-        self._hash_broken: LocalCacheError | None = None
+        self._drain_waiter: Deferred[None] | None = None
+        self._broken: LocalCacheError | None = None
+        self._upstream_paused = False
         self._writer: _FileWriter | None = None
         self._write_errors = write_errors if write_errors is not None else WriteErrors(clock)
         self._reserved = 0
@@ -218,21 +249,21 @@ class BlobFetch:
         resumes_left = self._resumes
         while True:
             try:
-                await self._receive(response, skip=0 if response.code == 206 else self.written)
+                await self._receive(response, skip=0 if response.code == 206 else self.received)
                 break
             except (TransferBroken, UpstreamTimeout) as broken:
                 if isinstance(broken, DigestMismatch) or resumes_left <= 0:
                     raise
-                if self.size is not None and self.written >= self.size:
+                if self.size is not None and self.received >= self.size:
                     raise
                 resumes_left -= 1
                 self.log.info(
                     "resuming {digest} at byte {offset}: {reason}",
                     digest=str(self.digest),
-                    offset=self.written,
+                    offset=self.received,
                     reason=broken.message,
                 )
-                response = await self._request(self.written)
+                response = await self._request(self.received)
         await self._verify_and_commit()
 
     async def _request(self, offset: int) -> IResponse:
@@ -287,94 +318,156 @@ class BlobFetch:
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._hash_fd = os.open(self.path, os.O_RDONLY)
 
     def _receive(self, response: IResponse, skip: int) -> Deferred[None]:
         writer = _FileWriter(self, skip, self._clock, self._read_timeout, self._upstream)
         self._writer = writer
+        self._upstream_paused = False
         response.deliverBody(writer)
         return writer.done
 
     def append(self, data: bytes) -> None:
-        """Write a chunk to the temporary file; readers may use the previous ones."""
+        """
+        Take a chunk from upstream: the same C{bytes} object (no copy) goes
+        to the file writer and to the hasher, each on a thread of its own
+        and in batches of whatever arrived meanwhile. Readers may use what
+        was written, but for the last chunk received until the digest
+        matched (unless the tail is not held).
+        """
         if self._fd is None:
             raise RuntimeError("hammal bug: expected self._fd is not None")
-        if self._hash_broken is not None:
-            raise self._hash_broken
-        if self.size is not None and self.written + len(data) > self.size:
+        if self._broken is not None:
+            raise self._broken
+        if self.size is not None and self.received + len(data) > self.size:
             raise TransferBroken(f"{self._upstream} sent more bytes than announced")
-        self._ensure_room(self.written + len(data))
-        view = memoryview(data)
-        offset = self.written
-        try:
-            while view:
-                count = os.pwrite(self._fd, view, offset)
-                if count <= 0:
-                    raise OSError(errno.EIO, "the cache file accepts no more bytes")
-                view = view[count:]
-                offset += count
-        except OSError as failure:
-            raise LocalCacheError(f"cannot write the cache file: {describe(failure)}")
+        self._ensure_room(self.received + len(data))
         metrics.upstream_bytes.inc(len(data))
-        self.store.wrote(len(data))
-        self.readable = self.written
-        self.written += len(data)
+        self.received += len(data)
+        self._last_received = len(data)
+        self._to_write.append(data)
+        self._to_hash.append(data)
+        self._write_more()
         self._hash_more()
+        if self._release():  # the chunk before this one, if written, is not the tail any more
+            self._notify()
+        if not self._upstream_paused and self._backlog() > MAX_BACKLOG and self._writer is not None:
+            self._upstream_paused = True
+            self._writer.pause()
+
+    # The file writer and the hasher each follow the received chunks on a
+    # thread (os.pwrite and hashlib release the GIL), so the event loop
+    # neither copies into the page cache nor waits for sha256. What they
+    # have not both taken is bounded: past MAX_BACKLOG upstream is paused.
+
+    def _backlog(self) -> int:
+        return self.received - min(self.written, self._hashed)
+
+    def _write_more(self) -> None:
+        if self._writing is not None or not self._to_write or self._fd is None:
+            return
+        if self._broken is not None or self.failure is not None:
+            return
+        chunks, self._to_write = self._to_write, []
+        self._writing = self._offload(_write_chunks, self._fd, self.written, chunks)
+        self._writing.addCallbacks(self._wrote_to, self._write_failed)
+
+    def _wrote_to(self, end: int) -> None:
+        self._writing = None
+        if self._reserved:
+            self.store.wrote(end - self.written)
+        self.written = end
+        self._release()
+        self._write_more()
+        self._moved_on()
         self._notify()
 
-    # Hashing follows the file on a thread, so memory never holds more than
-    # one chunk and the event loop never waits for sha256.
+    def _release(self) -> bool:
+        """
+        Let readers have what was written, but for the last chunk received
+        while the tail is held; whether C{readable} moved.
+        """
+        if self.verified:
+            return False
+        limit = self.written
+        if self._hold_tail:
+            limit = min(limit, self.received - self._last_received)
+        if limit <= self.readable:
+            return False
+        self.readable = limit
+        return True
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._writing = None
+        self._cache_failed(LocalCacheError(f"cannot write the cache file: {_reason(failure)}"))
 
     def _hash_more(self) -> None:
-        if self._hashing is not None or self._hash_fd is None or self.failure is not None:
+        if self._hashing is not None or not self._to_hash:
             return
-        if self._hash_broken is not None:
+        if self._broken is not None or self.failure is not None:
             return
-        if self._hashed >= self.written:
-            if self._hash_waiter is not None:
-                waiter, self._hash_waiter = self._hash_waiter, None
-                waiter.callback(None)
-            return
-        self._hashing = self._offload(
-            _hash_range, self._hash_fd, self._hasher, self._hashed, self.written
-        )
-        self._hashing.addCallbacks(self._hashed_to, self._hash_failed)
+        chunks, self._to_hash = self._to_hash, []
+        self._hashing = self._offload(_hash_chunks, self._hasher, chunks)
+        self._hashing.addCallbacks(self._hashed_some, self._hash_failed)
 
-    def _hashed_to(self, end: int) -> None:
+    def _hashed_some(self, count: int) -> None:
         self._hashing = None
-        self._hashed = end
+        self._hashed += count
         self._hash_more()
+        self._moved_on()
 
     def _hash_failed(self, failure: Failure) -> None:
         """
-        Reading the file back failed part-way: the hasher holds an unknown
-        prefix, so the fill fails (locally) rather than feed it again.
+        Hashing failed part-way: the hasher holds an unknown prefix, so the
+        fill fails (locally) rather than feed it again.
         """
         self._hashing = None
-        reason = (
-            describe(failure.value) if isinstance(failure.value, OSError) else failure.getErrorMessage()
+        self._cache_failed(LocalCacheError(f"cannot hash the cache file: {_reason(failure)}"))
+
+    def _moved_on(self) -> None:
+        """The writer or the hasher finished a batch: resume upstream, wake a drain."""
+        if self._upstream_paused and self._backlog() <= MAX_BACKLOG // 2:
+            self._upstream_paused = False
+            if self._writer is not None:
+                self._writer.resume()
+        if self._drain_waiter is not None and self._idle():
+            waiter, self._drain_waiter = self._drain_waiter, None
+            waiter.callback(None)
+
+    def _idle(self) -> bool:
+        return (
+            self._writing is None
+            and self._hashing is None
+            and not self._to_write
+            and not self._to_hash
         )
-        broken = LocalCacheError(f"cannot read back the cache file: {reason}")
-        self._hash_broken = broken
-        if self._hash_waiter is not None:
-            waiter, self._hash_waiter = self._hash_waiter, None
+
+    def _cache_failed(self, broken: LocalCacheError) -> None:
+        """The file could not be written or hashed: the fill fails locally, once."""
+        if self._broken is not None:
+            return
+        self._broken = broken
+        self._to_write.clear()
+        self._to_hash.clear()
+        if self._drain_waiter is not None:
+            waiter, self._drain_waiter = self._drain_waiter, None
             waiter.errback(broken)
         elif self._writer is not None:
             self._writer.abandon(broken)
 
-    def _hashed_all(self) -> Deferred[None]:
-        """Fires once every byte written so far went through the hasher."""
-        if self._hash_broken is not None:
-            return fail(self._hash_broken)
+    def _drained(self) -> Deferred[None]:
+        """Fires once every byte received so far was written and hashed."""
+        if self._broken is not None:
+            return fail(self._broken)
+        if self._idle():
+            return succeed(None)
         waiter: Deferred[None] = Deferred()
-        self._hash_waiter = waiter
-        self._hash_more()
+        self._drain_waiter = waiter
         return waiter
 
     async def _verify_and_commit(self) -> None:
-        if self.size is not None and self.written != self.size:
-            raise TransferBroken(f"{self._upstream} sent {self.written} of {self.size} bytes")
-        await self._hashed_all()
+        if self.size is not None and self.received != self.size:
+            raise TransferBroken(f"{self._upstream} sent {self.received} of {self.size} bytes")
+        await self._drained()
         if not self.digest.matches(self._hasher):
             metrics.digest_mismatches.inc()
             self.log.warn(
@@ -409,6 +502,8 @@ class BlobFetch:
         if isinstance(failure, LocalCacheError):
             self._write_errors.record("blob", str(self.digest), failure.message)
         self.failure = failure
+        self._to_write.clear()
+        self._to_hash.clear()
         for d in self._started:
             d.errback(failure)
         self._started.clear()
@@ -443,21 +538,16 @@ class BlobFetch:
 
     def _close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._hash_fd is not None:
-            if self._hashing is None:
-                os.close(self._hash_fd)
+            fd, self._fd = self._fd, None
+            if self._writing is None:
+                os.close(fd)
             else:
-                # A hashing job still reads it: close when it ends.
-                fd = self._hash_fd
-
+                # A write still runs on it: close when it ends.
                 def close_after(result: Any) -> Any:
                     os.close(fd)
                     return result
 
-                self._hashing.addBoth(close_after)
-            self._hash_fd = None
+                self._writing.addBoth(close_after)
 
 
 class _FileWriter(Protocol):
@@ -491,6 +581,18 @@ class _FileWriter(Protocol):
         except (TransferBroken, LocalCacheError) as broken:
             self._stop(broken)
 
+    def pause(self) -> None:
+        """Stop reading upstream for now (the writer or hasher is behind)."""
+        self._idle.cancel()
+        _producer(self.transport).pauseProducing()
+
+    def resume(self) -> None:
+        """Read upstream again after L{pause}."""
+        if self.done.called:
+            return
+        self._idle.arm()
+        _producer(self.transport).resumeProducing()
+
     def abandon(self, error: RegistryError) -> None:
         """Stop receiving for a reason of our own (the cache failed)."""
         self._stop(error)
@@ -499,7 +601,7 @@ class _FileWriter(Protocol):
         self._idle.cancel()
         if self.done.called:
             return
-        broken = body_broken(reason, self._upstream, self._fetch.written)
+        broken = body_broken(reason, self._upstream, self._fetch.received)
         if broken is None:
             self.done.callback(None)
         else:
@@ -509,7 +611,7 @@ class _FileWriter(Protocol):
         self._stop(
             UpstreamTimeout(
                 f"{self._upstream} sent nothing for {self._idle.seconds:g} seconds"
-                f" after {self._fetch.written} bytes"
+                f" after {self._fetch.received} bytes"
             )
         )
 

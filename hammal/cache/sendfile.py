@@ -29,6 +29,11 @@ from hammal.stream import TransferBroken
 _SLICE = 8 * 1024 * 1024
 #: sendfile calls per reactor turn, so one fast client cannot starve others.
 _CALLS_PER_TURN = 4
+#: A connection's first sendfile, alone in its reactor turn: Linux lets a new
+#: socket's send buffer take ~650 KiB at once, and thousands of clients
+#: arriving together would each copy that before requests already under way
+#: (a manifest GET) are answered.
+_FIRST_SLICE = 128 * 1024
 
 
 def tcp_transport(consumer: IConsumer) -> tcp.Connection | None:
@@ -65,6 +70,7 @@ class FileSender(FileFollower):
     ) -> None:
         super().__init__(request, clock, path, start, end, fetch, bypass)
         self._socket = RawSocket(transport)
+        self._first = True
 
     def _wait_for_socket(self) -> None:
         """Have the transport resume us once it has written all it holds."""
@@ -87,10 +93,9 @@ class FileSender(FileFollower):
                 if self._delivered(limit):
                     self._finish(None)
                 return  # the fetch's progress wakes us
+            count = min(_FIRST_SLICE if self._first else _SLICE, limit - self._offset)
             try:
-                sent = os.sendfile(
-                    socket_fd, self._fd, self._offset, min(_SLICE, limit - self._offset)
-                )
+                sent = os.sendfile(socket_fd, self._fd, self._offset, count)
             except BlockingIOError:
                 self._wait_for_socket()
                 return
@@ -105,4 +110,7 @@ class FileSender(FileFollower):
             self._offset += sent
             self._consumer.sentLength += sent
             self._consumer.channel.resetTimeout()
+            if self._first:
+                self._first = False
+                break  # the rest in a later turn
         self._schedule()

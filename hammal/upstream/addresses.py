@@ -25,13 +25,25 @@ import ipaddress
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet import tcp
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.web.error import SchemeNotSupported
 from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
+
+#: Bytes read from an upstream socket at once, whatever --buffer-size sets
+#: for client connections: upstream bodies are large, upstream connections
+#: few (pooled), so four times fewer reads at the default 256K cost little.
+UPSTREAM_READ_SIZE = 1024 * 1024
 
 Origin = tuple[str, str, int]
 """(scheme, host, port) of a URL, as connection pools key connections."""
@@ -137,6 +149,7 @@ class _CheckedEndpoint:
         if internal and self._refuse_internal:
             protocol.transport.abortConnection()
             raise InternalAddressRefused(self._origin[1], address)
+        _widen_reads(protocol.transport)
         return protocol
 
     def __repr__(self) -> str:
@@ -180,9 +193,35 @@ class CheckedEndpointFactory:
         kwargs: dict[str, Any] = {}
         if self._connect_timeout is not None:
             kwargs["timeout"] = self._connect_timeout
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, uri.port, **kwargs)
+        endpoint: IStreamClientEndpoint = _tcp_endpoint(self._reactor, host, uri.port, kwargs)
         if uri.scheme == b"https":
             creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
             endpoint = wrapClientTLS(creator, endpoint)
         origin = (uri.scheme.decode("ascii"), host.strip("[]").lower(), uri.port)
         return _CheckedEndpoint(endpoint, origin, self._policy, self._refuse_internal, self._zones)
+
+
+def _tcp_endpoint(
+    reactor: Any, host: str, port: int, kwargs: dict[str, Any]
+) -> IStreamClientEndpoint:
+    """
+    A TCP endpoint for C{host}: an IP address (with or without brackets) is
+    connected to directly, since L{HostnameEndpoint} would "resolve" it on
+    the thread pool (a round trip per new connection); a name is resolved.
+    """
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(literal)
+    except ValueError:  # a name, or a scoped IPv6 address
+        return HostnameEndpoint(reactor, host, port, **kwargs)
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, literal, port, **kwargs)
+    return TCP6ClientEndpoint(reactor, literal, port, **kwargs)
+
+
+def _widen_reads(transport: Any) -> None:
+    """Read at least L{UPSTREAM_READ_SIZE} at once from this upstream socket (under TLS too)."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    if isinstance(transport, tcp.Connection) and transport.bufferSize < UPSTREAM_READ_SIZE:
+        transport.bufferSize = UPSTREAM_READ_SIZE

@@ -75,6 +75,15 @@ def blob_path(spec: Tuple[int, int]) -> str:
     return f"/v2/{REPO}/blobs/{digest_of(spec)}"
 
 
+def digest_mismatches(hammal: HammalProcess) -> float:
+    """hammal's ``hammal_digest_mismatches_total`` from its /metrics."""
+    got = fetch(hammal.url + "/metrics", keep=True, timeout=10)
+    for line in got.body.decode().splitlines():
+        if line.startswith("hammal_digest_mismatches_total "):
+            return float(line.split()[1])
+    raise AssertionError(f"no hammal_digest_mismatches_total in /metrics: {got.describe()}")
+
+
 # -- the fault server ------------------------------------------------------------
 
 
@@ -497,6 +506,32 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect_equal(again.cache_status, MISS, "Cache-Status after a discarded fetch")
         self.expect(wait_stored(cache, digest_of(SMALL)),
                     "the good blob was not stored")
+        self.expect_equal([e["fault"] for e in self.upstream.gets(SMALL)], ["corrupt", None],
+                          "upstream GETs")
+
+    def test_no_hold_tail_corrupt_upstream_never_cached(self) -> None:
+        """``--no-hold-tail``: one flipped byte (8 MiB/s upstream) goes to the
+        client with the others as they arrive (its own digest check rejects
+        them; hammal still ends the transfer when it found the mismatch,
+        which may cut what the client had not read yet); the digest still
+        decides: nothing is stored, the mismatch is logged and counted, the
+        next GET gets the right bytes."""
+        hammal = self.start(extra_args=["--no-hold-tail"])
+        cache = hammal.owned_cache_dir
+        assert cache is not None
+        before = digest_mismatches(hammal)
+        self.upstream.fault("corrupt", after=3 * MiB + 17, rate=8 * MiB)
+        got = self.get(hammal, SMALL)
+        self.expect(got.status == 200 and got.size > 3 * MiB + 17 and got.digest != digest_of(SMALL),
+                    f"expected the bytes past the corrupt one, got {got.describe()}")
+        self.expect_nothing_cached(cache)
+        self.expect("digest mismatch" in hammal.log_text(),
+                    "hammal did not log the digest mismatch")
+        self.expect_equal(digest_mismatches(hammal) - before, 1, "digest mismatches counted")
+
+        again = self.get(hammal, SMALL)
+        self.expect_blob(again, SMALL, "the GET after the corrupt one")
+        self.expect(wait_stored(cache, digest_of(SMALL)), "the good blob was not stored")
         self.expect_equal([e["fault"] for e in self.upstream.gets(SMALL)], ["corrupt", None],
                           "upstream GETs")
 

@@ -1,0 +1,259 @@
+"""
+The cold path's data path in L{hammal.cache.fetch.BlobFetch}: the received
+chunks go, as the same objects, to a writer and a hasher off the event
+loop in batches; upstream pauses when they fall behind; the tail is held
+until the digest matched unless C{hold_tail} is off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from hammal import metrics
+from hammal.cache import fetch as fetch_module
+from hammal.cache.fetch import BlobFetch, DigestMismatch
+from hammal.cache.store import BlobStore
+from hammal.reference import Digest
+
+
+class _Transport:
+    """The producer behind an upstream body: records pauses."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.pauses = 0
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class _Response:
+    """A C{200} whose body the test pushes chunk by chunk."""
+
+    code = 200
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.headers = Headers({b"content-type": [b"application/octet-stream"]})
+        self.transport = _Transport()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def end(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+
+class _HeldOffload:
+    """An offload whose jobs run only when the test says so."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def of(self, f: Callable[..., Any]) -> list[tuple[Any, ...]]:
+        return [args for g, args, _ in self.jobs if g is f]
+
+    def run_all(self) -> None:
+        while self.jobs:
+            f, args, d = self.jobs.pop(0)
+            d.callback(f(*args))
+
+
+def _mismatches() -> float:
+    return metrics.REGISTRY.get_sample_value("hammal_digest_mismatches_total") or 0
+
+
+class FetchPipelineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = self.mktemp()
+        self.store = BlobStore(self.root)
+        os.makedirs(os.path.join(self.root, "tmp"), exist_ok=True)
+        self.clock = Clock()
+        self.offload = _HeldOffload()
+
+    def fetch(self, blob: bytes, hold_tail: bool = True, digest: Digest | None = None) -> tuple[BlobFetch, _Response]:
+        response = _Response(len(blob))
+        if digest is None:
+            digest = Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest())
+        fetch = BlobFetch(
+            digest,
+            self.store,
+            self.clock,
+            lambda offset: succeed(response),
+            read_timeout=30,
+            resumes=0,
+            upstream="upstream.test",
+            offload=self.offload,
+            hold_tail=hold_tail,
+        )
+        Deferred.fromCoroutine(fetch.run())
+        self.assertIsNotNone(response.protocol)
+        return fetch, response
+
+    def test_chunks_batched_and_hashed_in_hand(self) -> None:
+        """
+        Chunks arriving while a write runs go in one batch; the hasher is
+        handed the very objects received (the file is never read back).
+        """
+        chunks = [bytes([n]) * 1000 for n in range(5)]
+        blob = b"".join(chunks)
+        fetch, response = self.fetch(blob)
+        reads: list[Any] = []
+        self.patch(os, "pread", lambda *a: reads.append(a) or b"")
+        for chunk in chunks:
+            response.send(chunk)
+        writes = self.offload.of(fetch_module._write_chunks)
+        hashes = self.offload.of(fetch_module._hash_chunks)
+        # one job of each kind started with the first chunk
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(len(hashes), 1)
+        self.assertIs(writes[0][2][0], chunks[0])
+        self.assertIs(hashes[0][1][0], chunks[0])
+        self.assertEqual((fetch.received, fetch.written, fetch.readable), (5000, 0, 0))
+        self.offload.run_all()  # the rest went as one batch of each
+        self.assertEqual(len(self.offload.of(fetch_module._write_chunks)), 0)
+        self.assertEqual(fetch.written, 5000)
+        self.assertEqual(fetch.readable, 4000)  # the tail held
+        response.end()
+        self.offload.run_all()  # fdatasync
+        self.assertTrue(fetch.complete)
+        self.assertEqual(reads, [])
+        with open(self.store.path(fetch.digest), "rb") as stored:
+            self.assertEqual(stored.read(), blob)
+
+    def test_previous_chunk_released_on_arrival(self) -> None:
+        """
+        A written chunk is released as soon as the next one arrives, before
+        that one is written: only the last chunk received is held.
+        """
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks))
+        response.send(chunks[0])
+        self.offload.run_all()
+        self.assertEqual((fetch.written, fetch.readable), (1000, 0))
+        woken: list[int] = []
+        fetch.subscribe(lambda: woken.append(fetch.readable))
+        response.send(chunks[1])
+        self.assertEqual((fetch.written, fetch.readable), (1000, 1000))
+        self.assertEqual(woken, [1000])
+        self.offload.run_all()
+        self.assertEqual((fetch.written, fetch.readable), (2000, 1000))
+        response.send(chunks[2])
+        response.end()
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+        self.assertEqual(fetch.readable, 3000)
+
+    def test_batches_counted(self) -> None:
+        """Five chunks during one write make two write jobs, not five."""
+        chunks = [bytes([n]) * 100 for n in range(5)]
+        fetch, response = self.fetch(b"".join(chunks))
+        started: list[int] = []
+        real = self.offload.__call__
+
+        def counting(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            if f is fetch_module._write_chunks:
+                started.append(len(args[2]))
+            return real(f, *args)
+
+        fetch._offload = counting
+        for chunk in chunks:
+            response.send(chunk)
+        self.offload.run_all()
+        self.assertEqual(started, [1, 4])
+
+    def test_upstream_paused_while_behind(self) -> None:
+        """
+        Past MAX_BACKLOG received but unwritten bytes upstream pauses (memory
+        stays bounded); it resumes once the writer and hasher caught up.
+        """
+        self.patch(fetch_module, "MAX_BACKLOG", 2500)
+        chunks = [bytes([n]) * 1000 for n in range(6)]
+        fetch, response = self.fetch(b"".join(chunks))
+        for chunk in chunks[:3]:
+            response.send(chunk)
+        self.assertTrue(response.transport.paused)
+        self.offload.run_all()
+        self.assertFalse(response.transport.paused)
+        for chunk in chunks[3:]:
+            response.send(chunk)
+        response.end()
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+        self.assertEqual(response.transport.pauses, 2)
+
+    def test_no_hold_tail_every_byte_readable(self) -> None:
+        """Without the held tail every written byte is readable at once."""
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks), hold_tail=False)
+        for chunk in chunks:
+            response.send(chunk)
+            self.offload.run_all()
+            self.assertEqual(fetch.readable, fetch.written)
+        self.assertEqual(fetch.readable, 3000)
+        self.assertFalse(fetch.verified)
+        response.end()
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+
+    def test_no_hold_tail_mismatch_not_stored(self) -> None:
+        """
+        Without the held tail a corrupt blob reached its readers whole, but
+        the digest still decides: not stored, counted, the fetch failed.
+        """
+        blob = b"x" * 3000
+        wrong = Digest.parse("sha256:" + hashlib.sha256(b"y" * 3000).hexdigest())
+        before = _mismatches()
+        fetch, response = self.fetch(blob, hold_tail=False, digest=wrong)
+        response.send(blob[:1500])
+        response.send(blob[1500:])
+        self.offload.run_all()
+        self.assertEqual(fetch.readable, 3000)
+        response.end()
+        self.offload.run_all()
+        self.assertIsInstance(fetch.failure, DigestMismatch)
+        self.assertFalse(fetch.complete)
+        self.assertNotIn(wrong, self.store)
+        self.assertFalse(os.path.exists(fetch.path))
+        self.assertEqual(_mismatches(), before + 1)
+
+    def test_held_tail_mismatch_never_readable_whole(self) -> None:
+        """With the held tail a corrupt blob is never readable to its end."""
+        blob = b"x" * 3000
+        wrong = Digest.parse("sha256:" + hashlib.sha256(b"y" * 3000).hexdigest())
+        fetch, response = self.fetch(blob, digest=wrong)
+        response.send(blob[:1500])
+        response.send(blob[1500:])
+        self.offload.run_all()
+        self.assertLess(fetch.readable, 3000)
+        response.end()
+        self.offload.run_all()
+        self.assertIsInstance(fetch.failure, DigestMismatch)
+        self.assertLess(fetch.readable, 3000)
