@@ -76,6 +76,8 @@ from hammal.web.site import HammalSite
 from hammal.web.snippets import ServedRegistry
 from hammal.web.status import add_status
 from hammal.web.v2 import V2Resource
+from hammal.worker_metrics import registry_for
+from hammal.workers import worker_index
 
 _log = Logger()
 
@@ -263,7 +265,7 @@ def build_app(
     rules = _rules(settings)
     if gate is FROM_SETTINGS:
         gate = _gate(settings, reactor, rules, tokens, hashing)
-    metrics_resource = MetricsResource(registry=metrics.REGISTRY)
+    metrics_resource = MetricsResource(registry=registry_for(metrics.REGISTRY, worker_index()))
     root = build_root(
         V2Resource(selector, gate),
         ReadyResource(readiness),

@@ -9,6 +9,7 @@ line wins.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
@@ -22,6 +23,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from hammal import metrics
 from hammal.app import build_app
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.listen import dual_stack_endpoint
@@ -30,6 +32,8 @@ from hammal.selfsigned import ensure_self_signed, listening_names, listening_por
 from hammal.tls import ReloadingServerTLS, ReloadOnHangup
 from hammal.web.limits import ConnectionLimit
 from hammal.web.status import add_status
+from hammal.worker_metrics import METRICS_DIR_ENV, MetricsSnapshots, metrics_dir
+from hammal.workers import AdoptedPort, ParentWatch, WorkerPool, inherited_socket, worker_argv, worker_index
 
 
 _log = Logger()
@@ -55,6 +59,8 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        #: The arguments given (``--workers`` passes them on to the workers).
+        self.arguments: list[str] = []
         self._given_lists: set[str] = set()
         for spec in LISTS:
             self[spec.name] = []
@@ -65,6 +71,10 @@ class Options(usage.Options):
             self._environment_error: ConfigError | None = failure
         else:
             self._environment_error = None
+
+    def parseOptions(self, options: Any = None) -> None:
+        self.arguments = list(options) if options is not None else []
+        super().parseOptions(options)
 
     def _add_to_list(self, name: str, value: str) -> None:
         """Repeatable options: the command line replaces the environment's list."""
@@ -187,6 +197,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = default_reactor
     settings = options.settings or Settings.from_options(options)
     _tune_buffers(settings.buffer_size)
+    if settings.workers > 1 and inherited_socket() is None and metrics_dir() is None:
+        # Before the app: its /metrics serves every worker's series.
+        os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="hammal-metrics-")
     try:
         app = build_app(settings, reactor)
     except ConfigError as failure:
@@ -204,8 +217,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             raise usage.UsageError(str(failure))
         factory = TLSMemoryBIOFactory(tls, False, factory)
         ReloadOnHangup(tls, reactor).setServiceParent(service)
-    _listen(reactor, settings.port, factory, service)
-    if settings.metrics_port is not None:
+    inherited = inherited_socket()
+    if inherited is not None:
+        # A worker: serve the main process's socket; stop when it goes.
+        AdoptedPort(reactor, inherited, factory).setServiceParent(service)
+        ParentWatch(reactor).setServiceParent(service)
+    elif settings.workers > 1:
+        _workers(reactor, options, settings, factory, service)
+    else:
+        _listen(reactor, settings.port, factory, service)
+    snapshots = metrics_dir()
+    if snapshots is not None:
+        MetricsSnapshots(metrics.REGISTRY, snapshots, worker_index(), reactor).setServiceParent(service)
+    if settings.metrics_port is not None and inherited is None:
         metrics_root = Resource()
         metrics_root.putChild(b"metrics", app.metrics_resource)
         add_status(metrics_root, app.status_report, app.status_rules)
@@ -213,6 +237,32 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for part in app.services:
         part.setServiceParent(service)
     return service
+
+
+def _workers(
+    reactor: Any, options: Options, settings: Settings, factory: Any, parent: MultiService
+) -> None:
+    """
+    ``--workers N``: listen here and start N-1 workers on the same socket,
+    the same command line and a shared directory of metrics snapshots.
+    """
+    endpoint = _endpoint(reactor, settings.port)
+    if not _is_tcp(settings.port):
+        raise usage.UsageError("--workers needs a TCP --port (a number or a tcp: endpoint)")
+    environ = dict(os.environ)
+    WorkerPool(
+        reactor,
+        endpoint,
+        factory,
+        settings.workers,
+        worker_argv(options.arguments, options.parent),
+        environ,
+        settings.drain_timeout,
+    ).setServiceParent(parent)
+
+
+def _is_tcp(description: str) -> bool:
+    return description.split(":", 1)[0] in ("tcp", "tcp6")
 
 
 def _self_signed_tls(settings: Settings) -> tuple[str, str]:
@@ -264,10 +314,13 @@ def with_backlog(description: str) -> str:
     return description
 
 
-def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
+def _endpoint(reactor: Any, description: str) -> Any:
     try:
         described = with_backlog(description)
-        endpoint = dual_stack_endpoint(reactor, described) or serverFromString(reactor, described)
+        return dual_stack_endpoint(reactor, described) or serverFromString(reactor, described)
     except (ValueError, KeyError, TypeError) as failure:
         raise usage.UsageError(f"{description!r} is not a valid endpoint: {failure}")
-    StreamServerEndpointService(endpoint, factory).setServiceParent(parent)
+
+
+def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
+    StreamServerEndpointService(_endpoint(reactor, description), factory).setServiceParent(parent)

@@ -1,0 +1,254 @@
+"""``--workers``: the option, the main process's pool, a worker's adopted port, and /metrics of all."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from twisted.internet.defer import succeed
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from hammal.config import ConfigError, parse_workers
+from hammal.tap import Options
+from hammal.worker_metrics import AllWorkers, MetricsSnapshots, registry_for
+from hammal.workers import (
+    LISTEN_FD,
+    LISTEN_FD_ENV,
+    WORKER_ENV,
+    AdoptedPort,
+    WorkerPool,
+    inherited_socket,
+    worker_argv,
+    worker_index,
+)
+
+
+class WorkersOptionTests(unittest.TestCase):
+    def settings(self, *argv: str, environ: dict[str, str] | None = None) -> Any:
+        options = Options(environ=environ or {})
+        options.parseOptions(list(argv))
+        return options.settings
+
+    def test_default_is_one(self) -> None:
+        self.assertEqual(self.settings().workers, 1)
+
+    def test_number_and_environment(self) -> None:
+        self.assertEqual(self.settings("--workers", "3").workers, 3)
+        self.assertEqual(self.settings(environ={"HAMMAL_WORKERS": "2"}).workers, 2)
+        self.assertEqual(self.settings("--workers", "4", environ={"HAMMAL_WORKERS": "2"}).workers, 4)
+
+    def test_auto_is_the_usable_cores(self) -> None:
+        self.assertEqual(parse_workers("auto"), len(os.sched_getaffinity(0)))
+
+    def test_invalid(self) -> None:
+        for bad in ("0", "-1", "many", "1.5"):
+            self.assertRaises(ConfigError, parse_workers, bad)
+
+    def test_arguments_are_kept_for_the_workers(self) -> None:
+        options = Options(environ={})
+        options.parseOptions(["--workers", "2", "--port", "tcp:0"])
+        self.assertEqual(options.arguments, ["--workers", "2", "--port", "tcp:0"])
+
+
+class WorkerArgvTests(unittest.TestCase):
+    def test_foreground_twistd_with_the_same_arguments(self) -> None:
+        argv = worker_argv(["--port", "5000"], {"nodaemon": 1, "logfile": None})
+        self.assertEqual(argv[1], "-c")
+        self.assertEqual(argv[3:], ["--pidfile=", "-n", "hammal", "--port", "5000"])
+
+    def test_logs_where_the_main_process_logs(self) -> None:
+        argv = worker_argv([], {"logfile": "hammal.log"})
+        self.assertIn(f"--logfile={os.path.abspath('hammal.log')}", argv)
+        argv = worker_argv([], {"syslog": 1, "prefix": "mirror"})
+        self.assertIn("--syslog", argv)
+        self.assertIn("--prefix=mirror", argv)
+
+    def test_index_and_socket_from_the_environment(self) -> None:
+        self.assertEqual(worker_index({}), 0)
+        self.assertEqual(worker_index({WORKER_ENV: "2"}), 2)
+        self.assertIsNone(inherited_socket({}))
+        self.assertEqual(inherited_socket({LISTEN_FD_ENV: "3"}), 3)
+
+
+class _Port:
+    def __init__(self) -> None:
+        self.listening = True
+
+    def fileno(self) -> int:
+        return 17
+
+    def stopListening(self) -> Any:
+        self.listening = False
+        return succeed(None)
+
+
+class _Endpoint:
+    def __init__(self) -> None:
+        self.port = _Port()
+        self.factories: list[Any] = []
+
+    def listen(self, factory: Any) -> Any:
+        self.factories.append(factory)
+        return succeed(self.port)
+
+
+class _Transport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _ProcessReactor(Clock):
+    """A clock that records spawnProcess calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[dict[str, Any]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any, path: Any,
+                     childFDs: Any) -> _Transport:
+        transport = _Transport(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append(
+            dict(protocol=protocol, executable=executable, args=args, env=env, childFDs=childFDs)
+        )
+        return transport
+
+
+def _ended(code: int = 1) -> Failure:
+    return Failure(ProcessTerminated(exitCode=code))
+
+
+class WorkerPoolTests(unittest.TestCase):
+    def make(self, count: int = 3) -> tuple[WorkerPool, _ProcessReactor, _Endpoint]:
+        reactor = _ProcessReactor()
+        endpoint = _Endpoint()
+        pool = WorkerPool(
+            reactor, endpoint, "factory", count, ["python", "-c", "boot"], {"PATH": "/bin"},
+            drain_timeout=30,
+        )
+        pool.privilegedStartService()
+        pool.startService()
+        return pool, reactor, endpoint
+
+    def test_listens_and_starts_the_other_workers_on_its_socket(self) -> None:
+        pool, reactor, endpoint = self.make(3)
+        self.assertEqual(endpoint.factories, ["factory"])
+        self.assertEqual(len(reactor.spawned), 2)
+        for index, spawned in enumerate(reactor.spawned, start=1):
+            self.assertEqual(spawned["env"][WORKER_ENV], str(index))
+            self.assertEqual(spawned["env"][LISTEN_FD_ENV], str(LISTEN_FD))
+            self.assertEqual(spawned["env"]["PATH"], "/bin")
+            self.assertEqual(spawned["childFDs"][LISTEN_FD], 17)
+            self.assertEqual(spawned["childFDs"][0], "w")  # its lifeline
+            self.assertEqual(spawned["args"], ["python", "-c", "boot"])
+        self.assertEqual(pool.pids(), {1: 1000, 2: 1001})
+
+    def test_a_dead_worker_is_started_again(self) -> None:
+        pool, reactor, _ = self.make(2)
+        reactor.spawned[0]["protocol"].processEnded(_ended(-9))
+        self.assertEqual(pool.pids(), {})
+        reactor.advance(0.5)
+        self.assertEqual(len(reactor.spawned), 1)
+        reactor.advance(0.5)
+        self.assertEqual(len(reactor.spawned), 2)
+        self.assertEqual(reactor.spawned[1]["env"][WORKER_ENV], "1")
+        self.assertEqual(pool.starts, {1: 2})
+
+    def test_stop_drains_every_worker_then_kills_stragglers(self) -> None:
+        pool, reactor, endpoint = self.make(3)
+        first, second = (s["protocol"] for s in reactor.spawned)
+        stopped = pool.stopService()
+        self.assertFalse(endpoint.port.listening)
+        self.assertEqual(first.transport.signals, ["TERM"])
+        self.assertEqual(second.transport.signals, ["TERM"])
+        first.processEnded(_ended(0))
+        self.assertNoResult(stopped)
+        reactor.advance(34.9)
+        self.assertEqual(second.transport.signals, ["TERM"])
+        reactor.advance(0.1)
+        self.assertEqual(second.transport.signals, ["TERM", "KILL"])
+        second.processEnded(_ended(-9))
+        self.successResultOf(stopped)
+        reactor.advance(10)
+        self.assertEqual(len(reactor.spawned), 2)  # nothing restarted while stopping
+
+
+class AdoptedPortTests(unittest.TestCase):
+    def test_adopts_the_inherited_socket_with_its_family(self) -> None:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        fd = os.dup(sock.fileno())
+        reactor = MemoryReactor()
+        service = AdoptedPort(reactor, fd, "factory")
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(len(reactor.adoptedPorts), 1)
+        port = reactor.adoptedPorts[0]
+        self.assertEqual((port[0], port[1], port[2]), (fd, socket.AF_INET6, "factory"))
+        self.assertRaises(OSError, os.fstat, fd)  # handed over: closed here
+
+
+class AllWorkersMetricsTests(unittest.TestCase):
+    def test_own_series_live_and_the_others_from_snapshots(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        other = CollectorRegistry()
+        Counter("hammal_things", "Things.", ["kind"], registry=other).labels("a").inc(5)
+        snapshot = MetricsSnapshots(other, directory, 1, Clock())
+        snapshot.startService()
+        own = CollectorRegistry()
+        counter = Counter("hammal_things", "Things.", ["kind"], registry=own)
+        counter.labels("a").inc(2)
+        text = generate_latest(registry_for(own, 0, {"HAMMAL_WORKER_METRICS_DIR": directory}))
+        self.assertIn(b'hammal_things_total{kind="a",worker="0"} 2.0', text)
+        self.assertIn(b'hammal_things_total{kind="a",worker="1"} 5.0', text)
+        self.assertEqual(text.count(b"# TYPE hammal_things_total counter"), 1)
+        counter.labels("a").inc()  # live: no snapshot needed for our own
+        text = generate_latest(registry_for(own, 0, {"HAMMAL_WORKER_METRICS_DIR": directory}))
+        self.assertIn(b'hammal_things_total{kind="a",worker="0"} 3.0', text)
+
+    def test_snapshots_are_rewritten_periodically_and_at_stop(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        registry = CollectorRegistry()
+        counter = Counter("hammal_things", "Things.", registry=registry)
+        clock = Clock()
+        snapshots = MetricsSnapshots(registry, directory, 2, clock, interval=2.0)
+        snapshots.startService()
+        path = os.path.join(directory, "worker-2.prom")
+
+        def value() -> bytes:
+            with open(path, "rb") as f:
+                return [line for line in f.read().splitlines() if line.startswith(b"hammal_things_total")][0]
+
+        self.assertEqual(value(), b"hammal_things_total 0.0")
+        counter.inc()
+        clock.advance(2.0)
+        self.assertEqual(value(), b"hammal_things_total 1.0")
+        counter.inc()
+        snapshots.stopService()
+        self.assertEqual(value(), b"hammal_things_total 2.0")
+
+    def test_one_process_alone_serves_its_registry_unchanged(self) -> None:
+        own = CollectorRegistry()
+        self.assertIs(registry_for(own, 0, {}), own)
+
+    def test_a_broken_snapshot_is_skipped(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        with open(os.path.join(directory, "worker-1.prom"), "w") as f:
+            f.write("this is { not prometheus\n")
+        own = CollectorRegistry()
+        Counter("hammal_things", "Things.", registry=own).inc()
+        text = generate_latest(AllWorkers(own, directory, 0))  # type: ignore[arg-type]
+        self.assertIn(b'hammal_things_total{worker="0"} 1.0', text)
