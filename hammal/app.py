@@ -33,6 +33,7 @@ from hammal.access import (
 from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.cache.blobs import BlobCache
+from hammal.cache.coordinate import LockFileCoordinator
 from hammal.cache.fetch import Offload
 from hammal.cache.manifests import (
     DiskTagStore,
@@ -399,8 +400,10 @@ def _blob_cache(
     if settings.cache_dir is None:
         return None
     store = BlobStore(settings.cache_dir, settings.cache_max_size, settings.cache_min_free)
+    coordinator = LockFileCoordinator(settings.cache_dir)  # fills shared with other processes
     try:
         store.open()
+        coordinator.open()
     except OSError as failure:
         raise ConfigError(f"cannot use --cache-dir {settings.cache_dir}: {failure.strerror}")
     return BlobCache(
@@ -412,6 +415,7 @@ def _blob_cache(
         offload=offload,
         deadline=settings.upstream_deadline,
         write_errors=write_errors,
+        coordinator=coordinator,
     )
 
 

@@ -5,6 +5,7 @@ L{BlobFetch} per digest, each client reading at its own pace.
 
 from __future__ import annotations
 
+from typing import cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -13,8 +14,10 @@ from twisted.logger import Logger
 
 from hammal import metrics
 from hammal.cache.bypass import UpstreamTail
+from hammal.cache.coordinate import LockFileCoordinator, hold_lease
 from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
 from hammal.cache.follow import Bypass
+from hammal.cache.sibling import SiblingFill
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import WriteErrors
 from hammal.sendfile import FileSender, tcp_transport
@@ -162,8 +165,11 @@ class BlobCache:
         offload: Offload = run_here,
         deadline: float | None = None,
         write_errors: WriteErrors | None = None,
+        coordinator: LockFileCoordinator | None = None,
     ) -> None:
         self.store = store
+        #: Shares fills with the other processes of the cache directory.
+        self.coordinator = coordinator
         self.clock = clock
         self.chunk_size = chunk_size
         self.read_timeout = read_timeout
@@ -201,6 +207,11 @@ class BlobCache:
         running = self.in_flight(digest)
         if running is not None:
             return running, True
+        lease = None
+        if self.coordinator is not None:
+            lease = self.coordinator.try_acquire(digest)
+            if lease is None:
+                return self._follow_sibling(digest, upstream, repository), True
         fetch = BlobFetch(
             digest,
             self.store,
@@ -225,8 +236,36 @@ class BlobCache:
                 del self._fetches[key]
 
         fetch.finished.addBoth(forget)
+        if lease is not None:
+            hold_lease(fetch, lease)
         Deferred.fromCoroutine(fetch.run())
         return fetch, False
+
+    def _follow_sibling(self, digest: Digest, upstream: str, repository: str) -> BlobFetch:
+        """Another process fills C{digest}: follow its file instead of going upstream."""
+        assert self.coordinator is not None
+        sibling = SiblingFill(
+            digest,
+            self.store,
+            self.coordinator.current_holder,
+            self.clock,
+            stall=self._deadline if self._deadline is not None else 4 * self._read_timeout,
+        )
+        # Readers use the attributes the two have in common (see hammal.cache.sibling).
+        fill = cast(BlobFetch, sibling)
+        key = str(digest)
+        self._fetches[key] = fill
+        self._transfers[fill] = Transfer(fill, upstream, repository)
+        metrics.sibling_fills.inc()
+
+        def forget(_: object) -> None:
+            self._transfers.pop(fill, None)
+            if self._fetches.get(key) is fill:
+                del self._fetches[key]
+
+        sibling.finished.addBoth(forget)
+        sibling.start()
+        return fill
 
     def attach(self, fetch: BlobFetch, client: str) -> None:
         """C{client} follows C{fetch} (for the status page)."""
