@@ -9,6 +9,7 @@ line wins.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any, Mapping
 
@@ -33,7 +34,16 @@ from hammal.tls import ReloadingServerTLS, ReloadOnHangup
 from hammal.web.limits import ConnectionLimit
 from hammal.web.status import add_status
 from hammal.worker_metrics import METRICS_DIR_ENV, MetricsSnapshots, metrics_dir
-from hammal.workers import AdoptedPort, ParentWatch, WorkerPool, inherited_socket, worker_argv, worker_index
+from hammal.workers import (
+    AdoptedPort,
+    ParentWatch,
+    WorkerPool,
+    inherited_socket,
+    reuseport_sockets,
+    tcp_address,
+    worker_argv,
+    worker_index,
+)
 
 
 _log = Logger()
@@ -243,26 +253,27 @@ def _workers(
     reactor: Any, options: Options, settings: Settings, factory: Any, parent: MultiService
 ) -> None:
     """
-    ``--workers N``: listen here and start N-1 workers on the same socket,
-    the same command line and a shared directory of metrics snapshots.
+    ``--workers N``: one listening socket per process on the same address
+    (this process serves the first), N-1 workers on the same command line,
+    and a shared directory of metrics snapshots.
     """
     endpoint = _endpoint(reactor, settings.port)
-    if not _is_tcp(settings.port):
-        raise usage.UsageError("--workers needs a TCP --port (a number or a tcp: endpoint)")
+    try:
+        tcp_address(endpoint)
+    except ValueError as failure:
+        raise usage.UsageError(str(failure))
     environ = dict(os.environ)
+    snapshots = metrics_dir(environ)
     WorkerPool(
         reactor,
-        endpoint,
+        lambda: reuseport_sockets(endpoint, settings.workers),
         factory,
         settings.workers,
         worker_argv(options.arguments, options.parent),
         environ,
         settings.drain_timeout,
+        after_stop=None if snapshots is None else lambda: shutil.rmtree(snapshots, ignore_errors=True),
     ).setServiceParent(parent)
-
-
-def _is_tcp(description: str) -> bool:
-    return description.split(":", 1)[0] in ("tcp", "tcp6")
 
 
 def _self_signed_tls(settings: Settings) -> tuple[str, str]:

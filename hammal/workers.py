@@ -1,10 +1,12 @@
 """
 ``--workers N``: N processes serving one listening socket.
 
-The main process listens (as it would alone), serves on that socket too,
-and starts N-1 worker processes that adopt it
-(L{IReactorSocket.adoptStreamPort}, Twisted's multi-process pattern): the
-kernel spreads the accepted connections over them. A worker is the same
+The main process binds one listening socket per process on the same
+address (C{SO_REUSEPORT}, so that the kernel spreads connections evenly),
+serves on the first itself and starts N-1 worker processes that adopt the
+others (L{IReactorSocket.adoptStreamPort}, Twisted's multi-process
+pattern). A worker's socket stays open in the main process, so connections
+queued on it while the worker restarts wait for it. A worker is the same
 ``twistd hammal`` command line with two extra environment variables,
 L{WORKER_ENV} (its index, 1 to N-1) and L{LISTEN_FD_ENV} (the inherited
 socket), so TLS, options and the cache directory are the same in every
@@ -23,12 +25,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import abstract, fdesc
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,6 +45,11 @@ LISTEN_FD = 3
 RESTART_DELAY = 1.0
 #: Seconds, beyond the drain timeout, a worker may take to stop before SIGKILL.
 STOP_GRACE = 5.0
+#: Connections a process accepts per wake-up of the shared socket. Twisted
+#: takes up to 100 (and more) at once: one process would grab a whole burst
+#: while the others find nothing; one at a time spreads it, and a busy
+#: process (slower to wake) naturally takes fewer.
+ACCEPTS_PER_TURN = 1
 
 #: The worker's command: twistd itself, on the argument list that follows.
 _BOOT = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
@@ -83,38 +90,56 @@ def worker_argv(plugin_args: Sequence[str], twistd: Mapping[str, Any] | None) ->
     return [*argv, "hammal", *plugin_args]
 
 
+def share_accepts(port: Any) -> None:
+    """Have C{port} (a Twisted TCP port) accept L{ACCEPTS_PER_TURN} connections per wake-up."""
+    read = getattr(port, "doRead", None)
+    if read is None or not hasattr(port, "numberAccepts"):
+        return
+
+    def doRead() -> Any:
+        port.numberAccepts = ACCEPTS_PER_TURN
+        return read()
+
+    port.doRead = doRead
+
+
 class WorkerPool(Service):
     """
-    The main process's listener and its workers.
+    The main process's listeners and its workers.
 
-    @param endpoint: where to listen (the main process serves there too).
+    @param make_sockets: makes the listening sockets, one per process, all
+        bound to the same address (L{reuseport_sockets}); called when the
+        service starts (privileged, before twistd drops its rights).
     @param factory: the main process's protocol factory.
     @param count: processes in all, this one included.
     @param argv: a worker's command line (L{worker_argv}).
     @param environ: the workers' environment (they add their index).
+    @param after_stop: called once every worker is gone.
     """
 
     def __init__(
         self,
         reactor: Any,
-        endpoint: IStreamServerEndpoint,
+        make_sockets: Callable[[], list[socket.socket]],
         factory: Any,
         count: int,
         argv: Sequence[str],
         environ: Mapping[str, str],
         drain_timeout: float,
         restart_delay: float = RESTART_DELAY,
+        after_stop: Callable[[], None] | None = None,
     ) -> None:
         self._reactor = reactor
-        self._endpoint = endpoint
+        self._after_stop = after_stop
+        self._make_sockets = make_sockets
         self._factory = factory
         self._count = count
         self._argv = list(argv)
         self._environ = dict(environ)
         self._drain_timeout = drain_timeout
         self._restart_delay = restart_delay
+        self._sockets: list[socket.socket] = []
         self._port: IListeningPort | None = None
-        self._listening: Deferred[IListeningPort] | None = None
         self._workers: dict[int, _Worker] = {}
         self._stopping = False
         #: How many times each worker was started (tests, the log).
@@ -124,30 +149,24 @@ class WorkerPool(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._listening = self._endpoint.listen(self._factory)
-        self._listening.addCallback(self._listened)
+        self._listen()
 
-    def _listened(self, port: IListeningPort) -> IListeningPort:
-        self._port = port
-        return port
+    def _listen(self) -> None:
+        if self._sockets:
+            return
+        self._sockets = self._make_sockets()
+        own = self._sockets[0]
+        self._port = self._reactor.adoptStreamPort(own.fileno(), own.family, self._factory)
+        share_accepts(self._port)
+        address = own.getsockname()
+        log.info("listening on {host} port {port} in {count} processes",
+                 host=address[0], port=address[1], count=self._count)
 
     def startService(self) -> None:
         super().startService()
-        if self._listening is None:  # not started privileged (tests)
-            self.privilegedStartService()
-        assert self._listening is not None
-
-        def spawn_all(port: IListeningPort) -> IListeningPort:
-            for index in range(1, self._count):
-                self._spawn(index)
-            log.info(
-                "serving with {count} processes (this one and {workers} workers)",
-                count=self._count,
-                workers=self._count - 1,
-            )
-            return port
-
-        self._listening.addCallback(spawn_all)
+        self._listen()  # when not started privileged (tests)
+        for index in range(1, self._count):
+            self._spawn(index)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
@@ -157,7 +176,14 @@ class WorkerPool(Service):
             stops.append(_maybe(self._port.stopListening()))
         for worker in list(self._workers.values()):
             stops.append(worker.stop(self._drain_timeout + STOP_GRACE))
-        return DeferredList(stops).addCallback(lambda _: None)
+
+        def close(_: object) -> None:
+            for sock in self._sockets:
+                sock.close()
+            if self._after_stop is not None:
+                self._after_stop()
+
+        return DeferredList(stops).addCallback(close)
 
     # Workers.
 
@@ -166,8 +192,7 @@ class WorkerPool(Service):
         return {i: w.pid for i, w in self._workers.items() if w.pid is not None}
 
     def _spawn(self, index: int) -> None:
-        assert self._port is not None
-        fd = self._port.fileno()  # type: ignore[attr-defined]
+        fd = self._sockets[index].fileno()
         env = {**self._environ, WORKER_ENV: str(index), LISTEN_FD_ENV: str(LISTEN_FD)}
         worker = _Worker(self, index)
         self._reactor.spawnProcess(
@@ -186,6 +211,8 @@ class WorkerPool(Service):
             del self._workers[worker.index]
         if self._stopping:
             return
+        # Its socket stays open here: connections the kernel queues on it
+        # wait for the next worker instead of being refused.
         log.warn(
             "worker {index} (pid {pid}) ended ({reason}); starting it again in {delay:g}s",
             index=worker.index,
@@ -198,6 +225,65 @@ class WorkerPool(Service):
     def _respawn(self, index: int) -> None:
         if not self._stopping and index not in self._workers:
             self._spawn(index)
+
+
+def reuseport_sockets(endpoint: Any, count: int) -> list[socket.socket]:
+    """
+    C{count} listening sockets on C{endpoint}'s address, bound with
+    C{SO_REUSEPORT}: the kernel spreads new connections evenly over them
+    (by their addresses), one socket per process. One shared socket would
+    leave it to whichever process wakes first, which on a busy machine is
+    the same one again and again.
+
+    @param endpoint: a TCP endpoint from C{--port} (L{DualStackEndpoint},
+        C{TCP4ServerEndpoint} or C{TCP6ServerEndpoint}).
+    @raise ValueError: for any other endpoint.
+    """
+    family, host, port, backlog, dual = tcp_address(endpoint)
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if dual:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # port 0: the others take the one given
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def tcp_address(endpoint: Any) -> tuple[socket.AddressFamily, str, int, int, bool]:
+    """(family, host, port, backlog, dual stack) of a TCP server endpoint."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+
+    from hammal.listen import DualStackEndpoint
+
+    if isinstance(endpoint, DualStackEndpoint):
+        if socket.has_ipv6 and _ipv6_usable():
+            return socket.AF_INET6, "::", endpoint._port, endpoint._backlog, True
+        return socket.AF_INET, "0.0.0.0", endpoint._port, endpoint._backlog, False
+    if isinstance(endpoint, TCP6ServerEndpoint):
+        return socket.AF_INET6, endpoint._interface or "::", endpoint._port, endpoint._backlog, False
+    if isinstance(endpoint, TCP4ServerEndpoint):
+        return socket.AF_INET, endpoint._interface or "0.0.0.0", endpoint._port, endpoint._backlog, False
+    raise ValueError("--workers needs a TCP --port (a number or a tcp: endpoint)")
+
+
+def _ipv6_usable() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def _maybe(result: Any) -> Deferred[Any]:
@@ -265,6 +351,7 @@ class AdoptedPort(Service):
         probe.close()
         self._port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
         os.close(self._fd)  # the reactor holds its own copy
+        share_accepts(self._port)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from twisted.internet.defer import succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
@@ -15,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from hammal.config import ConfigError, parse_workers
+from hammal.listen import DualStackEndpoint
 from hammal.tap import Options
 from hammal.worker_metrics import AllWorkers, MetricsSnapshots, registry_for
 from hammal.workers import (
@@ -24,6 +26,8 @@ from hammal.workers import (
     AdoptedPort,
     WorkerPool,
     inherited_socket,
+    reuseport_sockets,
+    tcp_address,
     worker_argv,
     worker_index,
 )
@@ -80,22 +84,9 @@ class _Port:
     def __init__(self) -> None:
         self.listening = True
 
-    def fileno(self) -> int:
-        return 17
-
     def stopListening(self) -> Any:
         self.listening = False
         return succeed(None)
-
-
-class _Endpoint:
-    def __init__(self) -> None:
-        self.port = _Port()
-        self.factories: list[Any] = []
-
-    def listen(self, factory: Any) -> Any:
-        self.factories.append(factory)
-        return succeed(self.port)
 
 
 class _Transport:
@@ -108,11 +99,17 @@ class _Transport:
 
 
 class _ProcessReactor(Clock):
-    """A clock that records spawnProcess calls."""
+    """A clock that records spawnProcess and adoptStreamPort calls."""
 
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[dict[str, Any]] = []
+        self.adopted: list[tuple[int, int, Any]] = []
+        self.port = _Port()
+
+    def adoptStreamPort(self, fd: int, family: int, factory: Any) -> _Port:
+        self.adopted.append((fd, family, factory))
+        return self.port
 
     def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any, path: Any,
                      childFDs: Any) -> _Transport:
@@ -129,26 +126,29 @@ def _ended(code: int = 1) -> Failure:
 
 
 class WorkerPoolTests(unittest.TestCase):
-    def make(self, count: int = 3) -> tuple[WorkerPool, _ProcessReactor, _Endpoint]:
+    def make(self, count: int = 3) -> tuple[WorkerPool, _ProcessReactor, list[socket.socket]]:
+        self.after_stop: list[bool] = []
         reactor = _ProcessReactor()
-        endpoint = _Endpoint()
+        sockets = reuseport_sockets(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), count)
+        for sock in sockets:
+            self.addCleanup(sock.close)
         pool = WorkerPool(
-            reactor, endpoint, "factory", count, ["python", "-c", "boot"], {"PATH": "/bin"},
-            drain_timeout=30,
+            reactor, lambda: sockets, "factory", count, ["python", "-c", "boot"], {"PATH": "/bin"},
+            drain_timeout=30, after_stop=lambda: self.after_stop.append(True),
         )
         pool.privilegedStartService()
         pool.startService()
-        return pool, reactor, endpoint
+        return pool, reactor, sockets
 
-    def test_listens_and_starts_the_other_workers_on_its_socket(self) -> None:
-        pool, reactor, endpoint = self.make(3)
-        self.assertEqual(endpoint.factories, ["factory"])
+    def test_serves_the_first_socket_and_starts_workers_on_the_others(self) -> None:
+        pool, reactor, sockets = self.make(3)
+        self.assertEqual(reactor.adopted, [(sockets[0].fileno(), socket.AF_INET, "factory")])
         self.assertEqual(len(reactor.spawned), 2)
         for index, spawned in enumerate(reactor.spawned, start=1):
             self.assertEqual(spawned["env"][WORKER_ENV], str(index))
             self.assertEqual(spawned["env"][LISTEN_FD_ENV], str(LISTEN_FD))
             self.assertEqual(spawned["env"]["PATH"], "/bin")
-            self.assertEqual(spawned["childFDs"][LISTEN_FD], 17)
+            self.assertEqual(spawned["childFDs"][LISTEN_FD], sockets[index].fileno())
             self.assertEqual(spawned["childFDs"][0], "w")  # its lifeline
             self.assertEqual(spawned["args"], ["python", "-c", "boot"])
         self.assertEqual(pool.pids(), {1: 1000, 2: 1001})
@@ -162,25 +162,63 @@ class WorkerPoolTests(unittest.TestCase):
         reactor.advance(0.5)
         self.assertEqual(len(reactor.spawned), 2)
         self.assertEqual(reactor.spawned[1]["env"][WORKER_ENV], "1")
+        self.assertEqual(reactor.spawned[1]["childFDs"], reactor.spawned[0]["childFDs"])
         self.assertEqual(pool.starts, {1: 2})
 
     def test_stop_drains_every_worker_then_kills_stragglers(self) -> None:
-        pool, reactor, endpoint = self.make(3)
+        pool, reactor, sockets = self.make(3)
         first, second = (s["protocol"] for s in reactor.spawned)
         stopped = pool.stopService()
-        self.assertFalse(endpoint.port.listening)
+        self.assertFalse(reactor.port.listening)
         self.assertEqual(first.transport.signals, ["TERM"])
         self.assertEqual(second.transport.signals, ["TERM"])
         first.processEnded(_ended(0))
         self.assertNoResult(stopped)
+        self.assertEqual(self.after_stop, [])
         reactor.advance(34.9)
         self.assertEqual(second.transport.signals, ["TERM"])
         reactor.advance(0.1)
         self.assertEqual(second.transport.signals, ["TERM", "KILL"])
         second.processEnded(_ended(-9))
         self.successResultOf(stopped)
+        self.assertEqual([sock.fileno() for sock in sockets], [-1, -1, -1])  # closed
+        self.assertEqual(self.after_stop, [True])
         reactor.advance(10)
         self.assertEqual(len(reactor.spawned), 2)  # nothing restarted while stopping
+
+
+class ReuseportSocketsTests(unittest.TestCase):
+    def test_one_port_for_all_and_the_kernel_spreads_connections(self) -> None:
+        sockets = reuseport_sockets(TCP4ServerEndpoint(Clock(), 0, interface="127.0.0.1"), 2)
+        for sock in sockets:
+            self.addCleanup(sock.close)
+        addresses = {sock.getsockname() for sock in sockets}
+        self.assertEqual(len(addresses), 1)
+        host, port = addresses.pop()
+        self.assertEqual(host, "127.0.0.1")
+        clients = []
+        for _ in range(32):
+            client = socket.create_connection((host, port))
+            self.addCleanup(client.close)
+            clients.append(client)
+        accepted = []
+        for sock in sockets:
+            count = 0
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                count += 1
+            accepted.append(count)
+        self.assertEqual(sum(accepted), 32)
+        self.assertTrue(all(accepted), accepted)  # both got some (by address hash)
+
+    def test_tcp_only(self) -> None:
+        self.assertRaises(ValueError, tcp_address, object())
+        family, host, port, backlog, dual = tcp_address(DualStackEndpoint(Clock(), 5000, 1024))
+        self.assertEqual((port, backlog), (5000, 1024))
 
 
 class AdoptedPortTests(unittest.TestCase):

@@ -1,0 +1,225 @@
+"""``--workers``: several processes on one port and one cache directory, over real TCP.
+
+hammal runs with ``--workers 2`` in front of ``faults.py`` (a fault server
+of its own here, with several blobs), read by blocking ``http.client``
+clients in threads that hash every byte. Upstream fetches are counted in
+the fault server's request log; which worker served what, from the
+``worker`` label of ``/metrics``; the cache from ``--cache-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.trial import unittest
+
+from tests.integration.environment import (
+    HERE,
+    HammalProcess,
+    ManagedProcess,
+    clean_env,
+    http_request,
+    make_tempdir,
+    start_hammal,
+    wait_until,
+)
+from tests.integration.faults import blob_bytes
+from tests.integration.test_cache import Fetched, fetch, files_under
+import hashlib
+import urllib.parse
+
+MiB = 1 << 20
+REPO = "faults/img"
+#: (size, seed) of the blobs this module's fault server serves.
+BLOBS = [(8 * MiB, 11 + i) for i in range(8)] + [(3 * MiB, 31 + i) for i in range(8)]
+CRAWL = BLOBS[:8]  # 8 MiB each: slow fills to join, or to kill a worker in
+SMALL = BLOBS[8:]  # 3 MiB each: to fill a 10 MB cache
+
+
+def digest_of(spec: Tuple[int, int]) -> str:
+    return "sha256:" + hashlib.sha256(blob_bytes(*spec)).hexdigest()
+
+
+class _Upstream:
+    """``faults.py`` with :data:`BLOBS`, and its admin API."""
+
+    def __init__(self) -> None:
+        self.workdir = make_tempdir("hammal-it-workers-faults-")
+        port_file = os.path.join(self.workdir, "port")
+        argv = [sys.executable, os.path.join(HERE, "faults.py"), "--port", "0", "--port-file", port_file]
+        for size, seed in BLOBS:
+            argv += ["--blob", f"{size}:{seed}"]
+        self.process = ManagedProcess(
+            "faults", argv, os.path.join(self.workdir, "faults.log"),
+            env=clean_env(PYTHONUNBUFFERED="1"),
+        ).start()
+        wait_until(lambda: os.path.exists(port_file), "the fault server's port file", process=self.process)
+        with open(port_file) as f:
+            self.url = f"http://127.0.0.1:{int(f.read())}"
+        self.digests = {spec: digest_of(spec) for spec in BLOBS}
+
+    def admin(self, method: str, what: str, **query: Any) -> Any:
+        url = f"{self.url}/_admin/{what}" + ("?" + urllib.parse.urlencode(query) if query else "")
+        response = http_request(method, url, timeout=10)
+        assert response.status == 200, response.describe()
+        return response.json()
+
+    def gets(self, spec: Tuple[int, int]) -> List[Dict[str, Any]]:
+        return [e for e in self.admin("GET", "log") if self.digests[spec] in e["path"] and e["method"] == "GET"]
+
+
+_upstream: Optional[_Upstream] = None
+
+
+def upstream() -> _Upstream:
+    global _upstream
+    if _upstream is None or not _upstream.process.running():
+        _upstream = _Upstream()
+    return _upstream
+
+
+def worker_counts(hammal: HammalProcess, route: str = "blob") -> Dict[str, float]:
+    """Requests of C{route} answered 200, by worker, from /metrics."""
+    text = http_request("GET", hammal.url + "/metrics", timeout=10).body.decode()
+    counts: Dict[str, float] = {}
+    pattern = re.compile(r'^hammal_requests_total\{(.*)\} (\S+)$')
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if not match:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if labels.get("route") == route and labels.get("status") == "200":
+            counts[labels["worker"]] = counts.get(labels["worker"], 0) + float(match.group(2))
+    return counts
+
+
+def start_fill(hammal: HammalProcess, digest: str) -> None:
+    """GET a blob, read its headers and leave: the fill goes on without the client."""
+    with socket.create_connection(("127.0.0.1", hammal.port), timeout=10) as sock:
+        sock.sendall(f"GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.recv(4096)
+
+
+def directory_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, name)) for name in files_under(path))
+
+
+class WorkersTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.upstream = upstream()
+        self.upstream.admin("POST", "reset")
+        self.hammals: List[HammalProcess] = []
+
+    def start(self, workers: int = 2, *args: str, **options: Any) -> HammalProcess:
+        options.setdefault("upstream", self.upstream.url)
+        hammal = start_hammal(extra_args=["--workers", str(workers), *args], **options)
+        self.addCleanup(hammal.stop)
+        self.hammals.append(hammal)
+        return hammal
+
+    def diagnostics(self) -> str:
+        parts = [f"--- hammal ---\n{h.log_tail(6000)}" for h in self.hammals]
+        try:
+            parts.append("--- upstream requests ---\n" + json.dumps(self.upstream.admin("GET", "log"))[-3000:])
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            parts.append(repr(e))
+        return "\n".join(parts)
+
+    def expect(self, condition: Any, message: str) -> None:
+        if not condition:
+            self.fail(f"{message}\n{self.diagnostics()}")
+
+    def expect_blob(self, got: Fetched, spec: Tuple[int, int], what: str) -> None:
+        self.expect(
+            got.status == 200 and not got.aborted and got.size == spec[0]
+            and got.digest == self.upstream.digests[spec],
+            f"{what}: expected all of {self.upstream.digests[spec]} ({spec[0]} bytes), got {got.describe()}",
+        )
+
+    def get(self, hammal: HammalProcess, spec: Tuple[int, int], **kw: Any) -> Fetched:
+        return fetch(f"{hammal.url}/v2/{REPO}/blobs/{self.upstream.digests[spec]}", **kw)
+
+    def test_cold_crowd_on_both_workers_one_upstream_fetch(self) -> None:
+        """10 concurrent cold GETs of a blob arriving at 4 MiB/s land on both
+        workers: one upstream GET, every client gets exact bytes."""
+        hammal = self.start(2)
+        spec = CRAWL[0]
+        self.upstream.admin("POST", "fault", kind="slow", rate=4 * MiB)
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            results = list(pool.map(lambda _: self.get(hammal, spec), range(10)))
+        for i, got in enumerate(results):
+            self.expect_blob(got, spec, f"client {i}")
+        gets = self.upstream.gets(spec)
+        self.expect(len(gets) == 1, f"{len(gets)} upstream GETs of the blob, expected 1: {gets}")
+
+        # A scrape shows its own process live and the others as of their
+        # last snapshot (at most 2 s old): wait for a view of all 10.
+        seen: List[Dict[str, float]] = []
+
+        def on_both() -> bool:
+            seen.append(worker_counts(hammal))
+            return sum(seen[-1].values()) == 10 and set(seen[-1]) == {"0", "1"}
+
+        try:
+            wait_until(on_both, "blob requests on both workers", timeout=10)
+        except Exception:
+            self.fail(f"blob requests by worker, last seen: {seen[-1:]} (expected some on each)"
+                      f"\n{self.diagnostics()}")
+
+    def test_kill_9_a_worker_mid_fill(self) -> None:
+        """The worker filling a blob is killed with -9 while 6 clients read it:
+        it is started again, clients of the other worker end with exact bytes,
+        the killed worker's clients are cut (never ended short) and their
+        retry gets exact bytes."""
+        hammal = self.start(2)
+        main_pid = hammal.process.pid
+        self.upstream.admin("POST", "fault", kind="slow", rate=2 * MiB, count=-1)
+        locks = os.path.join(hammal.owned_cache_dir or "", "locks")
+        chosen: Optional[Tuple[Tuple[int, int], int]] = None
+        for spec in CRAWL[1:]:
+            # One client starts the fill; keep the blob if a worker (not the
+            # main process) holds it, else try the next blob.
+            start_fill(hammal, self.upstream.digests[spec])
+            lock = os.path.join(locks, "sha256-" + self.upstream.digests[spec].split(":")[1])
+            holder: Dict[str, Any] = {}
+
+            def announced() -> bool:
+                with open(lock) as f:
+                    holder.update(json.loads(f.read()))
+                return True
+
+            wait_until(announced, "the fill's lock file", timeout=10)
+            if holder["pid"] != main_pid:
+                chosen = spec, holder["pid"]
+                break
+        self.expect(chosen is not None, "the main process held every fill")
+        assert chosen is not None
+        spec, victim = chosen
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [pool.submit(self.get, hammal, spec, timeout=60) for _ in range(6)]
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+            results = [f.result() for f in futures]
+        cut = [got for got in results if got.aborted]
+        whole = [got for got in results if not got.aborted]
+        for got in whole:
+            self.expect_blob(got, spec, "a client that was not cut")
+        for got in cut:
+            self.expect(got.size < spec[0] and not got.timed_out,
+                        f"a cut client got {got.describe()}")
+        self.upstream.admin("POST", "reset")
+        for i in range(len(cut) + 1):
+            self.expect_blob(self.get(hammal, spec), spec, f"retry {i}")
+
+        def restarted() -> bool:
+            return "worker 1 (pid" in hammal.log_text() and "starting it again" in hammal.log_text()
+
+        wait_until(restarted, "the killed worker started again", timeout=10)
