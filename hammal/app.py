@@ -34,6 +34,7 @@ from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.cache.blobs import BlobCache
 from hammal.cache.coordinate import LockFileCoordinator
+from hammal.cache.shared_room import SharedRoom
 from hammal.cache.fetch import Offload
 from hammal.cache.manifests import (
     DiskTagStore,
@@ -401,7 +402,10 @@ def _blob_cache(
         return None
     store = BlobStore(settings.cache_dir, settings.cache_max_size, settings.cache_min_free)
     coordinator = LockFileCoordinator(settings.cache_dir)  # fills shared with other processes
+    # --cache-max-size for every process using the directory (--workers, or not)
+    store.shared = SharedRoom(settings.cache_dir)
     try:
+        store.shared.open()
         store.open()
         coordinator.open()
     except OSError as failure:

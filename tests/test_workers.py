@@ -33,7 +33,7 @@ from hammal.workers import (
 )
 
 
-class WorkersOptionTests(unittest.TestCase):
+class WorkersOptionTests(unittest.SynchronousTestCase):
     def settings(self, *argv: str, environ: dict[str, str] | None = None) -> Any:
         options = Options(environ=environ or {})
         options.parseOptions(list(argv))
@@ -60,7 +60,7 @@ class WorkersOptionTests(unittest.TestCase):
         self.assertEqual(options.arguments, ["--workers", "2", "--port", "tcp:0"])
 
 
-class WorkerArgvTests(unittest.TestCase):
+class WorkerArgvTests(unittest.SynchronousTestCase):
     def test_foreground_twistd_with_the_same_arguments(self) -> None:
         argv = worker_argv(["--port", "5000"], {"nodaemon": 1, "logfile": None})
         self.assertEqual(argv[1], "-c")
@@ -125,7 +125,7 @@ def _ended(code: int = 1) -> Failure:
     return Failure(ProcessTerminated(exitCode=code))
 
 
-class WorkerPoolTests(unittest.TestCase):
+class WorkerPoolTests(unittest.SynchronousTestCase):
     def make(self, count: int = 3) -> tuple[WorkerPool, _ProcessReactor, list[socket.socket]]:
         self.after_stop: list[bool] = []
         reactor = _ProcessReactor()
@@ -187,7 +187,7 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(len(reactor.spawned), 2)  # nothing restarted while stopping
 
 
-class ReuseportSocketsTests(unittest.TestCase):
+class ReuseportSocketsTests(unittest.SynchronousTestCase):
     def test_one_port_for_all_and_the_kernel_spreads_connections(self) -> None:
         sockets = reuseport_sockets(TCP4ServerEndpoint(Clock(), 0, interface="127.0.0.1"), 2)
         for sock in sockets:
@@ -221,7 +221,7 @@ class ReuseportSocketsTests(unittest.TestCase):
         self.assertEqual((port, backlog), (5000, 1024))
 
 
-class AdoptedPortTests(unittest.TestCase):
+class AdoptedPortTests(unittest.SynchronousTestCase):
     def test_adopts_the_inherited_socket_with_its_family(self) -> None:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         self.addCleanup(sock.close)
@@ -236,7 +236,7 @@ class AdoptedPortTests(unittest.TestCase):
         self.assertRaises(OSError, os.fstat, fd)  # handed over: closed here
 
 
-class AllWorkersMetricsTests(unittest.TestCase):
+class AllWorkersMetricsTests(unittest.SynchronousTestCase):
     def test_own_series_live_and_the_others_from_snapshots(self) -> None:
         directory = self.mktemp()
         os.makedirs(directory)

@@ -33,13 +33,16 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import attrs
 from twisted.logger import Logger
 
 from hammal import metrics
 from hammal.reference import Digest
+
+if TYPE_CHECKING:
+    from hammal.cache.shared_room import SharedRoom
 
 #: A temporary file untouched for this long belongs to a dead transfer.
 STALE_TEMPORARY_SECONDS = 15 * 60
@@ -107,6 +110,11 @@ class BlobStore:
         self._pins: dict[str, int] = {}
         self.total_size = 0
         self.evictions = 0
+        #: Bytes other processes sharing the directory reserved (see L{shared}).
+        self.foreign = 0
+        #: Decides reservations with the other processes of the directory
+        #: (L{hammal.cache.shared_room.SharedRoom}), or L{None} for this one alone.
+        self.shared: SharedRoom | None = None
 
     # Start-up.
 
@@ -167,7 +175,7 @@ class BlobStore:
         self.metadata_size = sum(size for _, size, _ in extra)
         over = 0
         if self.max_size is not None:
-            over = self.total_size + self.reserved + self.metadata_size - self.max_size
+            over = self.total_size + self.reserved + self.foreign + self.metadata_size - self.max_size
         free = self.free_space()
         if free is not None:
             over = max(over, self.floor() - free)
@@ -333,11 +341,17 @@ class BlobStore:
         C{max_size} and above the free-space floor. L{False}: refused,
         nothing evicted.
         """
+        if self.shared is not None:
+            return self.shared.reserve(self, size)
+        return self.reserve_here(size)
+
+    def reserve_here(self, size: int) -> bool:
+        """L{reserve}, on what this process knows of the directory."""
         if self.max_size is not None and size > self.max_size:
             return False
         over = 0
         if self.max_size is not None:
-            over = self.total_size + self.reserved + self.metadata_size + size - self.max_size
+            over = self.total_size + self.reserved + self.foreign + self.metadata_size + size - self.max_size
         free = self.free_space()
         if free is None:
             return False
@@ -360,6 +374,17 @@ class BlobStore:
         """A transfer ended: give back its reservation of C{size}, of which it wrote C{written}."""
         self.reserved = max(0, self.reserved - size)
         self.reserved_written = max(0, self.reserved_written - written)
+        if self.shared is not None:
+            self.shared.publish(self.reserved)
+
+    def refresh(self, foreign: int) -> None:
+        """
+        See the directory as it is: rescan the blobs on disk (the other
+        processes' too; forget those removed) and take C{foreign} bytes as
+        reserved by the other processes.
+        """
+        self._rescan()
+        self.foreign = foreign
 
     # Changes.
 
@@ -398,7 +423,7 @@ class BlobStore:
         if self.max_size is None:
             return
         for key in list(self._index):
-            if self.total_size + self.reserved + self.metadata_size <= self.max_size:
+            if self.total_size + self.reserved + self.foreign + self.metadata_size <= self.max_size:
                 return
             if self._pins.get(key):
                 continue
