@@ -223,3 +223,52 @@ class WorkersTests(unittest.TestCase):
             return "worker 1 (pid" in hammal.log_text() and "starting it again" in hammal.log_text()
 
         wait_until(restarted, "the killed worker started again", timeout=10)
+
+    def _fill_many(self, hammals: List[HammalProcess], cache_dir: str) -> List[int]:
+        """Every small blob, two at a time, through the hammals in turn; the
+        directory's size after each pair."""
+        sizes = []
+        pairs = [SMALL[i:i + 2] for i in range(0, len(SMALL), 2)]
+        for n, pair in enumerate(pairs):
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                results = list(pool.map(
+                    lambda item: self.get(hammals[(n + item[0]) % len(hammals)], item[1]),
+                    enumerate(pair)))
+            for spec, got in zip(pair, results):
+                self.expect_blob(got, spec, "a small blob")
+            time.sleep(0.3)  # the last commit follows the last byte
+            sizes.append(directory_size(os.path.join(cache_dir, "blobs"))
+                         + directory_size(os.path.join(cache_dir, "tmp")))
+        return sizes
+
+    def test_two_workers_keep_the_directory_under_the_cap(self) -> None:
+        """--workers 2 --cache-max-size 10M: 8 blobs of 3 MiB through both
+        workers; the directory never holds more than 10 MiB."""
+        cache_dir = os.path.join(make_tempdir("hammal-it-workers-cap-"), "cache")
+        hammal = self.start(2, "--cache-max-size", "10M", cache_dir=cache_dir)
+        sizes = self._fill_many([hammal], cache_dir)
+        self.expect(max(sizes) <= 10 * MiB, f"directory sizes after each pair: {sizes}")
+        self.expect(sizes[-1] >= 6 * MiB, f"the cache kept too little: {sizes}")
+        seen: List[Dict[str, float]] = []
+
+        def on_both() -> bool:
+            seen.append(worker_counts(hammal))
+            return sum(seen[-1].values()) == len(SMALL) and set(seen[-1]) == {"0", "1"}
+
+        try:
+            wait_until(on_both, "small blobs served by both workers", timeout=10)
+        except Exception:
+            self.fail(f"requests by worker: {seen[-1:]}\n{self.diagnostics()}")
+
+    def test_two_instances_sharing_a_directory_keep_the_cap(self) -> None:
+        """Two hammal processes (not workers of one) on one directory, each
+        sent every other blob: still 10 MiB for the directory as a whole."""
+        cache_dir = os.path.join(make_tempdir("hammal-it-workers-shared-"), "cache")
+        first = self.start(1, "--cache-max-size", "10M", cache_dir=cache_dir)
+        second = self.start(1, "--cache-max-size", "10M", cache_dir=cache_dir)
+        sizes = self._fill_many([first, second], cache_dir)
+        self.expect(max(sizes) <= 10 * MiB, f"directory sizes after each pair: {sizes}")
+        # Each index forgot what the other evicted: a blob it stored and the
+        # other removed is fetched again, not served from a missing file.
+        for spec in SMALL[:2]:
+            self.expect_blob(self.get(first, spec), spec, "an evicted blob again")
