@@ -9,13 +9,17 @@ the fault server's request log; which worker served what, from the
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,18 +27,20 @@ from twisted.trial import unittest
 
 from tests.integration.environment import (
     HERE,
+    REPO_ROOT,
     HammalProcess,
     ManagedProcess,
+    _hammal_env,
     clean_env,
+    free_port,
     http_request,
     make_tempdir,
     start_hammal,
+    twistd_path,
     wait_until,
 )
 from tests.integration.faults import blob_bytes
 from tests.integration.test_cache import Fetched, fetch, files_under
-import hashlib
-import urllib.parse
 
 MiB = 1 << 20
 REPO = "faults/img"
@@ -272,3 +278,119 @@ class WorkersTests(unittest.TestCase):
         # other removed is fetched again, not served from a missing file.
         for spec in SMALL[:2]:
             self.expect_blob(self.get(first, spec), spec, "an evicted blob again")
+
+    def _launch(self, *args: str) -> Tuple[ManagedProcess, int, str]:
+        """hammal with ``--workers 2`` and C{args}, not waiting for plain HTTP."""
+        workdir = make_tempdir("hammal-it-workers-")
+        port = free_port()
+        argv = [twistd_path(), "--pidfile=", "-n", "hammal", "--workers", "2",
+                "--port", f"tcp:{port}:interface=127.0.0.1", "--upstream", self.upstream.url,
+                "--cache-dir", os.path.join(workdir, "var", "cache"), "--read-timeout", "5", *args]
+        process = ManagedProcess("hammal", argv, os.path.join(workdir, "hammal.log"),
+                                 env=_hammal_env(), cwd=REPO_ROOT).start()
+        self.addCleanup(process.stop)
+        wait_until(lambda: process.log_text().count("starting on") >= 2, "both processes listening",
+                   process=process)
+        return process, port, workdir
+
+    def test_tls_in_every_worker(self) -> None:
+        """--tls --workers 2: both processes serve HTTPS with the kept
+        certificate; a cold crowd over TLS makes one upstream fetch."""
+        process, port, workdir = self._launch("--tls")
+        context = ssl.create_default_context(cafile=os.path.join(workdir, "var", "tls", "hammal.crt"))
+        spec = CRAWL[7]
+        self.upstream.admin("POST", "fault", kind="slow", rate=8 * MiB)
+
+        def get(path: str) -> Tuple[int, bytes]:
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                return response.status, response.read()
+            finally:
+                conn.close()
+
+        blob_path = f"/v2/{REPO}/blobs/{self.upstream.digests[spec]}"
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda _: get(blob_path), range(8)))
+        for status, body in results:
+            self.expect(status == 200 and hashlib.sha256(body).hexdigest() == self.upstream.digests[spec][7:],
+                        f"a TLS client got {status} and {len(body)} bytes\n{process.log_tail()}")
+        self.expect(len(self.upstream.gets(spec)) == 1, f"upstream GETs: {self.upstream.gets(spec)}")
+        seen: List[str] = []
+
+        def both_served_tls() -> bool:
+            text = get("/metrics")[1].decode()
+            seen.append(text)
+            workers = set(re.findall(r'hammal_requests_total\{route="blob",status="200",worker="(\d)"\}', text))
+            return workers == {"0", "1"}
+
+        try:
+            wait_until(both_served_tls, "TLS blob requests on both workers", timeout=10)
+        except Exception:
+            self.fail(f"blob requests by worker over TLS: "
+                      f"{re.findall(r'hammal_requests_total.*blob.*', seen[-1] if seen else '')}"
+                      f"\n{process.log_tail()}")
+
+    def test_sigterm_drains_every_worker(self) -> None:
+        """SIGTERM to the main process while transfers run in both: every
+        client ends with exact bytes, then every process exits."""
+        process, port, _ = self._launch()
+        workers = _children(process.pid or 0)
+        self.expect(len(workers) == 1, f"worker processes: {workers}")
+        spec = CRAWL[6]
+        self.upstream.admin("POST", "fault", kind="slow", rate=4 * MiB)
+        url = f"http://127.0.0.1:{port}/v2/{REPO}/blobs/{self.upstream.digests[spec]}"
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(fetch, url, timeout=30) for _ in range(8)]
+            time.sleep(0.8)
+            os.kill(process.pid or 0, signal.SIGTERM)
+            results = [f.result() for f in futures]
+        for got in results:
+            self.expect_blob(got, spec, "a client during the drain")
+        wait_until(lambda: not process.running(), "the main process to exit", timeout=20)
+        # twistd ends with the signal it stopped on (Twisted re-raises SIGTERM).
+        self.expect(process.popen is not None and process.popen.returncode in (0, -signal.SIGTERM),
+                    f"exit code {process.popen and process.popen.returncode}\n{process.log_tail()}")
+        for pid in workers:
+            self.expect(not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} still runs")
+        log = process.log_text()
+        self.expect(log.count("Server Shut Down.") == 2, f"both processes shut down:\n{log[-4000:]}")
+
+    def test_workers_stop_when_the_main_process_dies(self) -> None:
+        """kill -9 of the main process: its workers notice (their standard
+        input closes) and stop instead of serving on alone."""
+        process, port, _ = self._launch()
+        workers = _children(process.pid or 0)
+        self.expect(len(workers) == 1, f"worker processes: {workers}")
+        process.kill()
+
+        def gone() -> bool:
+            return all(not os.path.exists(f"/proc/{pid}") or _zombie(pid) for pid in workers)
+
+        wait_until(gone, "the orphaned worker to stop", timeout=15)
+        self.expect("the main hammal process is gone" in process.log_text(), process.log_tail())
+
+
+def _children(pid: int) -> List[int]:
+    """The processes whose parent is C{pid}."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(name))
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except OSError:
+        return True
