@@ -290,3 +290,34 @@ class AllWorkersMetricsTests(unittest.SynchronousTestCase):
         Counter("hammal_things", "Things.", registry=own).inc()
         text = generate_latest(AllWorkers(own, directory, 0))  # type: ignore[arg-type]
         self.assertIn(b'hammal_things_total{worker="0"} 1.0', text)
+
+
+class WorkersBenchVerdictTests(unittest.SynchronousTestCase):
+    """``make bench``'s workers row: 2 workers >= 1.4x one, p99 < 20 ms."""
+
+    def figures(self, one: float, two: float, p99: float) -> Any:
+        def rec(rate: float, p99_ms: float) -> dict[str, Any]:
+            return {"median_req_per_s": rate, "median_p99_ms": p99_ms, "p99_ms": [p99_ms]}
+
+        return {"manifest_workers": {"1": rec(one, 12.0), "2": rec(two, p99)}}
+
+    def verdicts(self, figures: Any) -> dict[str, Any]:
+        from bench.verdicts import judge
+
+        return {v.target: v for v in judge(figures, 1000.0) if v.issue == "14"}
+
+    def test_pass(self) -> None:
+        found = self.verdicts(self.figures(3000, 4500, 15))
+        self.assertEqual([v.verdict for v in found.values()], ["PASS", "PASS"])
+        self.assertEqual(found["manifest by tag, wrk -c50: req/s 2 workers / 1 worker"].value, 1.5)
+
+    def test_miss(self) -> None:
+        found = self.verdicts(self.figures(3000, 3900, 25))
+        self.assertEqual([v.verdict for v in found.values()], ["MISS", "MISS"])
+
+    def test_section_runs_in_a_full_bench(self) -> None:
+        from bench.run import SECTIONS, chosen_sections
+
+        self.assertIn("workers", SECTIONS)
+        self.assertIn("workers", chosen_sections(False, None))
+        self.assertNotIn("workers", chosen_sections(True, None))
