@@ -23,6 +23,7 @@ when the main process dies, however, the pipe closes and the worker stops.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from typing import Any, Callable, Mapping, Sequence
@@ -50,6 +51,9 @@ STOP_GRACE = 5.0
 #: while the others find nothing; one at a time spreads it, and a busy
 #: process (slower to wake) naturally takes fewer.
 ACCEPTS_PER_TURN = 1
+
+#: Signals the main process passes on to its workers.
+FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 
 #: The worker's command: twistd itself, on the argument list that follows.
 _BOOT = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
@@ -115,6 +119,8 @@ class WorkerPool(Service):
     @param argv: a worker's command line (L{worker_argv}).
     @param environ: the workers' environment (they add their index).
     @param after_stop: called once every worker is gone.
+    @param forward: signals passed on to every worker after this process
+        handled them (C{SIGHUP} reloads TLS, C{SIGUSR1} reopens logs).
     """
 
     def __init__(
@@ -128,8 +134,11 @@ class WorkerPool(Service):
         drain_timeout: float,
         restart_delay: float = RESTART_DELAY,
         after_stop: Callable[[], None] | None = None,
+        forward: Sequence[int] = FORWARDED_SIGNALS,
     ) -> None:
         self._reactor = reactor
+        self._forward = tuple(forward)
+        self._previous: dict[int, Any] = {}
         self._after_stop = after_stop
         self._make_sockets = make_sockets
         self._factory = factory
@@ -165,12 +174,29 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self._listen()  # when not started privileged (tests)
+        for signum in self._forward:
+            self._previous[signum] = signal.signal(signum, self._pass_on)
         for index in range(1, self._count):
             self._spawn(index)
+
+    def _pass_on(self, signum: int, frame: Any) -> None:
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        name = signal.Signals(signum).name[3:]
+        self._reactor.callFromThread(self.signal_workers, name)
+
+    def signal_workers(self, name: str) -> None:
+        """Send signal C{name} (C{"HUP"}, ...) to every worker."""
+        for worker in list(self._workers.values()):
+            worker._signal(name)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self._stopping = True
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
         stops: list[Deferred[Any]] = []
         if self._port is not None:
             stops.append(_maybe(self._port.stopListening()))

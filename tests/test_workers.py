@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import Any
 
@@ -126,7 +127,9 @@ def _ended(code: int = 1) -> Failure:
 
 
 class WorkerPoolTests(unittest.SynchronousTestCase):
-    def make(self, count: int = 3) -> tuple[WorkerPool, _ProcessReactor, list[socket.socket]]:
+    def make(
+        self, count: int = 3, forward: tuple[int, ...] = ()
+    ) -> tuple[WorkerPool, _ProcessReactor, list[socket.socket]]:
         self.after_stop: list[bool] = []
         reactor = _ProcessReactor()
         sockets = reuseport_sockets(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), count)
@@ -134,7 +137,7 @@ class WorkerPoolTests(unittest.SynchronousTestCase):
             self.addCleanup(sock.close)
         pool = WorkerPool(
             reactor, lambda: sockets, "factory", count, ["python", "-c", "boot"], {"PATH": "/bin"},
-            drain_timeout=30, after_stop=lambda: self.after_stop.append(True),
+            drain_timeout=30, after_stop=lambda: self.after_stop.append(True), forward=forward,
         )
         pool.privilegedStartService()
         pool.startService()
@@ -164,6 +167,23 @@ class WorkerPoolTests(unittest.SynchronousTestCase):
         self.assertEqual(reactor.spawned[1]["env"][WORKER_ENV], "1")
         self.assertEqual(reactor.spawned[1]["childFDs"], reactor.spawned[0]["childFDs"])
         self.assertEqual(pool.starts, {1: 2})
+
+    def test_hangup_is_passed_on_to_every_worker(self) -> None:
+        """kill -HUP (TLS reload) and -USR1 (logs) of the main process reach the workers too."""
+        before = signal.getsignal(signal.SIGHUP)
+        seen: list[int] = []
+        def own(signum: int, frame: Any) -> None:
+            seen.append(signum)
+
+        signal.signal(signal.SIGHUP, own)
+        self.addCleanup(signal.signal, signal.SIGHUP, before)
+        pool, reactor, _ = self.make(3, forward=(signal.SIGHUP,))
+        reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual(seen, [signal.SIGHUP])  # this process's own handler still runs
+        self.assertEqual([s["protocol"].transport.signals for s in reactor.spawned], [["HUP"], ["HUP"]])
+        pool.stopService()
+        self.assertIs(signal.getsignal(signal.SIGHUP), own)  # restored
 
     def test_stop_drains_every_worker_then_kills_stragglers(self) -> None:
         pool, reactor, sockets = self.make(3)
