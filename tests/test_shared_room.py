@@ -84,6 +84,25 @@ class SharedRoomTests(SynchronousTestCase):
         self.assertNotIn(str(old), self.first.digests())
         self.assertEqual(self.first.total_size, 9 * MB)
 
+    def test_rescans_only_when_another_process_changed_blobs(self) -> None:
+        self.fill(self.second, 1)
+        scans: list[int] = []
+        rescan = self.first._rescan
+
+        def counted() -> None:
+            scans.append(1)
+            rescan()
+
+        self.patch(self.first, "_rescan", counted)
+        self.assertTrue(self.first.reserve(MB))
+        self.assertEqual(len(scans), 1)  # the other stored a blob since we last looked
+        self.assertTrue(self.first.reserve(MB))
+        self.assertEqual(len(scans), 1)  # nothing changed: our index is right
+        self.fill(self.second, 2)
+        self.assertTrue(self.first.reserve(MB))
+        self.assertEqual(len(scans), 2)
+        self.assertEqual(self.first.total_size, 6 * MB)
+
     def test_alone_no_rescan(self) -> None:
         """A process alone keeps its own index (no rescan per reservation)."""
         alone_root = self.mktemp()

@@ -8,10 +8,11 @@ under one lock file (C{reservations/.lock}) on what the directory really
 holds: the store rescans C{blobs/} (so it also sees, and may evict, the
 other processes' blobs, and forgets those they removed), and counts the
 room the other live processes reserved for their fills in flight, which
-each publishes in C{reservations/<pid>} (from its start, so that the
-others know it is there: a process alone skips the rescan). A process
-that died has its reservation ignored (and removed) at once, whatever it
-wrote.
+each publishes in C{reservations/<pid>} with a count of the blobs it
+added or removed. The rescan happens only when that count, or the set of
+processes, moved since the last one: a process alone, or among processes
+that changed nothing, decides on its index. A process that died has its
+reservation ignored (and removed) at once, whatever it wrote.
 
 The lock is held only while one process decides (a rescan and perhaps
 some evictions), never across I/O of a fill.
@@ -45,14 +46,15 @@ class SharedRoom:
         self._folder = os.path.join(root, "reservations")
         self._lock = os.path.join(self._folder, ".lock")
         self._own = os.path.join(self._folder, str(self._pid))
-        self._published: int | None = None
-        self._had_others = False
+        self._published: tuple[int, int] | None = None
+        #: The other processes and their changes when the store last rescanned.
+        self._seen: tuple[tuple[int, ...], int] | None = ((), 0)
 
     def open(self) -> None:
         """Create the folder and say that this process uses the directory."""
         os.makedirs(self._folder, exist_ok=True)
         self._published = None
-        self.publish(0)
+        self.publish(0, 0)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -64,12 +66,14 @@ class SharedRoom:
         finally:
             os.close(fd)  # releases the lock
 
-    def others(self) -> tuple[int, int]:
+    def others(self) -> tuple[tuple[int, ...], int, int]:
         """
-        How many other live processes use the directory, and the bytes they
-        reserved for their fills in flight.
+        The other live processes using the directory, the bytes they
+        reserved for their fills in flight, and the sum of their changes
+        (blobs each added or removed).
         """
-        total = processes = 0
+        total = changes = 0
+        processes: list[int] = []
         for name in _listdir(self._folder):
             if not name.isdigit() or int(name) == self._pid:
                 continue
@@ -80,24 +84,29 @@ class SharedRoom:
                 except OSError:
                     pass
                 continue
-            processes += 1
+            processes.append(int(name))
             try:
                 with open(path, "rb") as published:
-                    total += int(published.read().strip() or 0)
+                    fields = published.read().split()
+                total += int(fields[0]) if fields else 0
+                changes += int(fields[1]) if len(fields) > 1 else 0
             except (OSError, ValueError):
                 continue
-        return processes, total
+        return tuple(sorted(processes)), total, changes
 
-    def publish(self, reserved: int) -> None:
-        """Make our reservation (C{reserved} bytes) known to the others."""
-        if reserved == self._published:
+    def publish(self, reserved: int, changes: int) -> None:
+        """
+        Make our reservation (C{reserved} bytes) and our count of blob
+        C{changes} known to the others.
+        """
+        if (reserved, changes) == self._published:
             return
         temporary = f"{self._own}.tmp"
         try:
             with open(temporary, "w") as published:
-                published.write(str(reserved))
+                published.write(f"{reserved} {changes}")
             os.replace(temporary, self._own)
-            self._published = reserved
+            self._published = (reserved, changes)
         except OSError as failure:
             log.warn("cannot publish the cache reservation: {error}", error=failure.strerror)
 
@@ -107,13 +116,15 @@ class SharedRoom:
         on the blobs on disk and every process's reservations.
         """
         with self.locked():
-            processes, reserved = self.others()
-            if processes or self._had_others:
-                # (Alone, and alone last time: what this process knows is all there is.)
+            processes, reserved, changes = self.others()
+            if (processes, changes) != self._seen:
+                # Another process came, went, or stored or removed blobs:
+                # rescan. (Otherwise what this process knows is still true.)
                 store.refresh(reserved)
-            self._had_others = processes > 0
+                self._seen = (processes, changes)
+            store.foreign = reserved
             granted = store.reserve_here(size)
-            self.publish(store.reserved)
+            store.publish()
         return granted
 
 

@@ -115,6 +115,8 @@ class BlobStore:
         #: Decides reservations with the other processes of the directory
         #: (L{hammal.cache.shared_room.SharedRoom}), or L{None} for this one alone.
         self.shared: SharedRoom | None = None
+        #: Blobs added or removed by this process (other processes rescan when it moves).
+        self.changes = 0
 
     # Start-up.
 
@@ -374,8 +376,12 @@ class BlobStore:
         """A transfer ended: give back its reservation of C{size}, of which it wrote C{written}."""
         self.reserved = max(0, self.reserved - size)
         self.reserved_written = max(0, self.reserved_written - written)
+        self.publish()
+
+    def publish(self) -> None:
+        """Tell the other processes of the directory what we reserved and changed."""
         if self.shared is not None:
-            self.shared.publish(self.reserved)
+            self.shared.publish(self.reserved, self.changes)
 
     def refresh(self, foreign: int) -> None:
         """
@@ -401,6 +407,7 @@ class BlobStore:
         self.unreserve(reserved, written)
         self._add(str(digest), size)
         self._evict()
+        self.publish()
 
     def remove(self, digest: Digest) -> None:
         """Forget and delete C{digest} (for a blob found to be bad)."""
@@ -409,6 +416,7 @@ class BlobStore:
             self.total_size -= size
         try:
             os.unlink(self.path(digest))
+            self.changes += 1
         except FileNotFoundError:
             pass
 
@@ -416,6 +424,8 @@ class BlobStore:
         previous = self._index.pop(key, None)
         if previous is not None:
             self.total_size -= previous
+        else:
+            self.changes += 1
         self._index[key] = size
         self.total_size += size
 
