@@ -190,10 +190,14 @@ class SiblingFillTests(SynchronousTestCase):
         assert self.lease is not None
         self.lease.announce(self.temporary, len(BLOB), b"application/octet-stream")
         self.poll()
+        self.assertTrue(self.fill.path.startswith("/proc/self/fd/"))
         self.lease.release()  # as the kernel does for a process killed mid-fill
         self.poll()
         self.assertIsInstance(self.fill.failure, LocalCacheError)
         self.successResultOf(self.fill.finished)
+        self.clock.advance(0)
+        # Its descriptor closed, never named again (the number may be reused).
+        self.assertEqual(self.fill.path, self.temporary)
 
     def test_holder_gone_before_announcing(self) -> None:
         started = self.fill.when_started()

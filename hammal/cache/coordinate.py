@@ -18,6 +18,14 @@ releases it, and the next process to ask takes it over. Taking a lock
 checks that the file it locked is still the one at the path (the previous
 holder may have removed it in between), so two processes never both
 believe they hold one digest.
+
+The blob cache asks the lock files first (L{LockFileCoordinator.try_acquire}
+and L{LockFileCoordinator.current_holder} answer at once, so a miss never
+waits to learn who fills): the machine's one fill per digest. A
+cluster-wide coordinator, whose answers take a round trip, fits behind it:
+the process holding the local lock then asks the cluster who fills, and
+either fetches upstream or streams from the peer that does, while the other
+processes of its machine follow its file as usual.
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ class SiblingFill:
         self.failure: RegistryError | None = None
         self.content_type = b"application/octet-stream"
         self.path = ""
+        self._where = ""
         self.upstream_requests = 0
         self._fd: int | None = None
         self._listeners: set[Callable[[], None]] = set()
@@ -138,6 +139,7 @@ class SiblingFill:
                 self._fd = os.open(holder.where, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return False  # renamed into the store or removed: the next look tells
+            self._where = holder.where
             self.path = f"/proc/self/fd/{self._fd}"
             self.size = holder.size
             self.content_type = holder.content_type
@@ -204,6 +206,8 @@ class SiblingFill:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            # Never the descriptor's number again: it may name another file now.
+            self.path = self.store.path(self.digest) if self.complete else self._where
 
     def _notify(self) -> None:
         for listener in list(self._listeners):
