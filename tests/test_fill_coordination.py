@@ -265,3 +265,53 @@ def read_all(case: TwoProcessesOneDirectoryTests, mirror: Mirror, response: Any)
     d = read_body(response, 1 << 24)
     case.flush()
     return case.successResultOf(d)
+
+
+class TakeOverTests(SynchronousTestCase):
+    """The process filling a blob dies: one fill here takes over for every reader."""
+
+    def test_readers_of_a_dead_fill_share_the_fill_that_takes_over(self) -> None:
+        cache_dir = self.mktemp()
+        world = FakeUpstream()
+        mirror = Mirror(cache_dir=cache_dir, world=world)
+        digest = world.add_blob(BLOB)
+        parsed = Digest.parse(digest)
+        # Another process holds the fill and wrote 3000 bytes.
+        other = LockFileCoordinator(cache_dir)
+        lease = other.try_acquire(parsed)
+        assert lease is not None and mirror.blobs is not None
+        temporary = mirror.blobs.store.temporary_path(parsed)
+        with open(temporary, "wb") as f:
+            f.write(BLOB[:3000])
+        lease.announce(temporary, len(BLOB), b"application/octet-stream")
+        path = f"/v2/alpine/blobs/{digest}"
+        pending = [mirror.agent.request(b"GET", f"http://mirror.test{path}".encode()) for _ in range(2)]
+        for _ in range(5):
+            mirror.flush()
+            mirror.clock.advance(0.02)
+        responses = [self.successResultOf(d) for d in pending]
+        self.assertEqual([header(r, b"cache-status") for r in responses],
+                         ["hammal; fwd=miss; collapsed; detail=coalesced"] * 2)
+        self.assertEqual(len(world.hits(CDN)), 0)
+        world.hold_blobs = True  # the fill that takes over stays in flight a while
+        lease.release()  # what the kernel does when that process is killed
+        for _ in range(5):
+            mirror.flush()
+            mirror.clock.advance(0.02)
+        self.assertEqual(len(mirror.blobs.transfers()), 1)  # one fill, both readers on it
+        world.release()
+
+        def body(response: Any) -> Any:
+            from hammal.stream import read_body
+
+            d = read_body(response, 1 << 24)
+            for _ in range(20):
+                mirror.flush()
+                mirror.clock.advance(0.02)
+            return self.successResultOf(d)
+
+        self.assertEqual([body(r) for r in responses], [BLOB, BLOB])
+        self.assertEqual(len([s for s in world.hits(CDN) if s.method == "GET"]), 1)
+        self.assertEqual(mirror.blobs.fetches_started, 1)
+        later = mirror.request(b"GET", path)
+        self.assertEqual(header(later, b"cache-status"), "hammal; hit")

@@ -19,6 +19,7 @@ from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, ru
 from hammal.cache.follow import Bypass
 from hammal.cache.sibling import SiblingFill
 from hammal.cache.store import BlobStore
+from hammal.cache.takeover import TakenOver
 from hammal.cache.writes import WriteErrors
 from hammal.sendfile import FileSender, tcp_transport
 from hammal.reference import Digest
@@ -80,6 +81,9 @@ class CachedBody:
             return None
 
         def bypass(offset: int, end: int | None) -> BodySource:
+            if isinstance(self._fetch, SiblingFill) and self._cache.coordinator is not None:
+                # The other process's fill died: one fill takes over (hammal.cache.takeover).
+                return TakenOver(self._cache, self._digest, offset, end, start_upstream, self._upstream)
             metrics.cache_bypasses.inc()
             return UpstreamTail(
                 start_upstream,
