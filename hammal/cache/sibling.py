@@ -15,8 +15,8 @@ was not verified. The temporary file is held open and read through
 C{/proc/self/fd}: the holder renaming it into the store, or removing it,
 does not take it from under the readers. When the holder goes without
 committing (its fill failed, or the process died), the fill fails as a
-I{local} one: every reader goes on from upstream at the byte it reached
-(exact bytes), and the next request takes the fill over.
+I{local} one: every reader goes on at the byte it reached with the one
+fill that takes over (L{hammal.cache.takeover}), exact bytes.
 """
 
 from __future__ import annotations
