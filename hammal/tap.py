@@ -207,9 +207,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = default_reactor
     settings = options.settings or Settings.from_options(options)
     _tune_buffers(settings.buffer_size)
-    if settings.workers > 1 and inherited_socket() is None and metrics_dir() is None:
-        # Before the app: its /metrics serves every worker's series.
-        os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="hammal-metrics-")
+    if settings.workers > 1 and inherited_socket() is None:
+        _tcp_endpoint(reactor, settings.port)  # --workers needs one: say so before anything
+        if metrics_dir() is None:
+            # Before the app: its /metrics serves every worker's series.
+            os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="hammal-metrics-")
     try:
         app = build_app(settings, reactor)
     except ConfigError as failure:
@@ -257,11 +259,7 @@ def _workers(
     (this process serves the first), N-1 workers on the same command line,
     and a shared directory of metrics snapshots.
     """
-    endpoint = _endpoint(reactor, settings.port)
-    try:
-        tcp_address(endpoint)
-    except ValueError as failure:
-        raise usage.UsageError(str(failure))
+    endpoint = _tcp_endpoint(reactor, settings.port)
     environ = dict(os.environ)
     snapshots = metrics_dir(environ)
     WorkerPool(
@@ -323,6 +321,16 @@ def with_backlog(description: str) -> str:
     if kind in ("tcp", "tcp6") and "backlog=" not in description:
         return f"{description}:backlog={LISTEN_BACKLOG}"
     return description
+
+
+def _tcp_endpoint(reactor: Any, description: str) -> Any:
+    """The endpoint of C{description}, which must be TCP (for ``--workers``)."""
+    endpoint = _endpoint(reactor, description)
+    try:
+        tcp_address(endpoint)
+    except ValueError as failure:
+        raise usage.UsageError(str(failure))
+    return endpoint
 
 
 def _endpoint(reactor: Any, description: str) -> Any:

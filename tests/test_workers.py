@@ -61,6 +61,21 @@ class WorkersOptionTests(unittest.SynchronousTestCase):
         self.assertEqual(options.arguments, ["--workers", "2", "--port", "tcp:0"])
 
 
+class WorkersNeedTcpTests(unittest.SynchronousTestCase):
+    def test_a_unix_port_is_refused_at_start(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from hammal.tap import makeService
+
+        options = Options(environ={})
+        options.parseOptions(["--workers", "2", "--port", "unix:" + self.mktemp(),
+                              "--cache-dir", self.mktemp()])
+        before = dict(os.environ)
+        error = self.assertRaises(UsageError, makeService, options, MemoryReactor())
+        self.assertIn("--workers needs a TCP --port", str(error))
+        self.assertEqual(dict(os.environ), before)
+
+
 class WorkerArgvTests(unittest.SynchronousTestCase):
     def test_foreground_twistd_with_the_same_arguments(self) -> None:
         argv = worker_argv(["--port", "5000"], {"nodaemon": 1, "logfile": None})
