@@ -47,6 +47,7 @@ class SharedRoom:
         self._lock = os.path.join(self._folder, ".lock")
         self._own = os.path.join(self._folder, str(self._pid))
         self._published: tuple[int, int] | None = None
+        self._failing = False
         #: The other processes and their changes when the store last rescanned.
         self._seen: tuple[tuple[int, ...], int] | None = ((), 0)
 
@@ -107,8 +108,12 @@ class SharedRoom:
                 published.write(f"{reserved} {changes}")
             os.replace(temporary, self._own)
             self._published = (reserved, changes)
+            self._failing = False
         except OSError as failure:
-            log.warn("cannot publish the cache reservation: {error}", error=failure.strerror)
+            # (A full disk fails this at every fill: say it once until it works again.)
+            if not self._failing:
+                log.warn("cannot publish the cache reservation: {error}", error=failure.strerror)
+            self._failing = True
 
     def reserve(self, store: BlobStore, size: int) -> bool:
         """
