@@ -267,7 +267,7 @@ def _workers(
         lambda: reuseport_sockets(endpoint, settings.workers),
         factory,
         settings.workers,
-        worker_argv(options.arguments, options.parent),
+        lambda index: worker_argv(options.arguments, options.parent, index),
         environ,
         settings.drain_timeout,
         after_stop=None if snapshots is None else lambda: shutil.rmtree(snapshots, ignore_errors=True),

@@ -77,11 +77,15 @@ def inherited_socket(environ: Mapping[str, str] | None = None) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def worker_argv(plugin_args: Sequence[str], twistd: Mapping[str, Any] | None) -> list[str]:
+def worker_argv(
+    plugin_args: Sequence[str], twistd: Mapping[str, Any] | None, index: int
+) -> list[str]:
     """
-    The worker's command line: ``python -c <twistd> --pidfile= -n hammal
-    <the main process's hammal arguments>``, logging where the main process
-    logs (a file or syslog; standard output otherwise).
+    Worker C{index}'s command line: ``python -c <twistd> --pidfile= -n
+    hammal <the main process's hammal arguments>``, logging as the main
+    process does: to the same standard output or syslog, or, with
+    ``--logfile PATH``, to ``PATH.worker<index>`` beside it (one file per
+    process: each rotates its own).
     """
     argv = [sys.executable, "-c", _BOOT, "--pidfile=", "-n"]
     twistd = twistd or {}
@@ -90,7 +94,10 @@ def worker_argv(plugin_args: Sequence[str], twistd: Mapping[str, Any] | None) ->
         if twistd.get("prefix"):
             argv.append(f"--prefix={twistd['prefix']}")
     elif twistd.get("logfile") and twistd.get("logfile") != "-":
-        argv.append(f"--logfile={os.path.abspath(twistd['logfile'])}")
+        argv.append(f"--logfile={os.path.abspath(twistd['logfile'])}.worker{index}")
+    elif not twistd.get("nodaemon", True):
+        # A daemon without --logfile logs to twistd.log: its workers beside it.
+        argv.append(f"--logfile={os.path.abspath('twistd.log')}.worker{index}")
     return [*argv, "hammal", *plugin_args]
 
 
@@ -116,7 +123,7 @@ class WorkerPool(Service):
         service starts (privileged, before twistd drops its rights).
     @param factory: the main process's protocol factory.
     @param count: processes in all, this one included.
-    @param argv: a worker's command line (L{worker_argv}).
+    @param argv: worker C{index}'s command line (L{worker_argv}).
     @param environ: the workers' environment (they add their index).
     @param after_stop: called once every worker is gone.
     @param forward: signals passed on to every worker after this process
@@ -129,7 +136,7 @@ class WorkerPool(Service):
         make_sockets: Callable[[], list[socket.socket]],
         factory: Any,
         count: int,
-        argv: Sequence[str],
+        argv: Callable[[int], Sequence[str]],
         environ: Mapping[str, str],
         drain_timeout: float,
         restart_delay: float = RESTART_DELAY,
@@ -143,7 +150,7 @@ class WorkerPool(Service):
         self._make_sockets = make_sockets
         self._factory = factory
         self._count = count
-        self._argv = list(argv)
+        self._argv = argv
         self._environ = dict(environ)
         self._drain_timeout = drain_timeout
         self._restart_delay = restart_delay
@@ -221,10 +228,11 @@ class WorkerPool(Service):
         fd = self._sockets[index].fileno()
         env = {**self._environ, WORKER_ENV: str(index), LISTEN_FD_ENV: str(LISTEN_FD)}
         worker = _Worker(self, index)
+        argv = list(self._argv(index))
         self._reactor.spawnProcess(
             worker,
-            self._argv[0],
-            self._argv,
+            argv[0],
+            argv,
             env=env,
             path=os.getcwd(),
             childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: fd},

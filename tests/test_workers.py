@@ -78,14 +78,16 @@ class WorkersNeedTcpTests(unittest.SynchronousTestCase):
 
 class WorkerArgvTests(unittest.SynchronousTestCase):
     def test_foreground_twistd_with_the_same_arguments(self) -> None:
-        argv = worker_argv(["--port", "5000"], {"nodaemon": 1, "logfile": None})
+        argv = worker_argv(["--port", "5000"], {"nodaemon": 1, "logfile": None}, 1)
         self.assertEqual(argv[1], "-c")
         self.assertEqual(argv[3:], ["--pidfile=", "-n", "hammal", "--port", "5000"])
 
     def test_logs_where_the_main_process_logs(self) -> None:
-        argv = worker_argv([], {"logfile": "hammal.log"})
-        self.assertIn(f"--logfile={os.path.abspath('hammal.log')}", argv)
-        argv = worker_argv([], {"syslog": 1, "prefix": "mirror"})
+        argv = worker_argv([], {"logfile": "hammal.log"}, 2)
+        self.assertIn(f"--logfile={os.path.abspath('hammal.log')}.worker2", argv)
+        argv = worker_argv([], {"nodaemon": 0, "logfile": None}, 1)
+        self.assertIn(f"--logfile={os.path.abspath('twistd.log')}.worker1", argv)
+        argv = worker_argv([], {"syslog": 1, "prefix": "mirror"}, 1)
         self.assertIn("--syslog", argv)
         self.assertIn("--prefix=mirror", argv)
 
@@ -151,7 +153,8 @@ class WorkerPoolTests(unittest.SynchronousTestCase):
         for sock in sockets:
             self.addCleanup(sock.close)
         pool = WorkerPool(
-            reactor, lambda: sockets, "factory", count, ["python", "-c", "boot"], {"PATH": "/bin"},
+            reactor, lambda: sockets, "factory", count, lambda i: ["python", "-c", f"boot {i}"],
+            {"PATH": "/bin"},
             drain_timeout=30, after_stop=lambda: self.after_stop.append(True), forward=forward,
         )
         pool.privilegedStartService()
@@ -168,7 +171,7 @@ class WorkerPoolTests(unittest.SynchronousTestCase):
             self.assertEqual(spawned["env"]["PATH"], "/bin")
             self.assertEqual(spawned["childFDs"][LISTEN_FD], sockets[index].fileno())
             self.assertEqual(spawned["childFDs"][0], "w")  # its lifeline
-            self.assertEqual(spawned["args"], ["python", "-c", "boot"])
+            self.assertEqual(spawned["args"], ["python", "-c", f"boot {index}"])
         self.assertEqual(pool.pids(), {1: 1000, 2: 1001})
 
     def test_a_dead_worker_is_started_again(self) -> None:
