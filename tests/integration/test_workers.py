@@ -362,6 +362,31 @@ class WorkersTests(unittest.TestCase):
         log = process.log_text()
         self.expect(log.count("Server Shut Down.") == 2, f"both processes shut down:\n{log[-4000:]}")
 
+    def test_logfile_one_per_process(self) -> None:
+        """--logfile FILE: the main process logs there, worker 1 to FILE.worker1."""
+        workdir = make_tempdir("hammal-it-workers-log-")
+        port = free_port()
+        logfile = os.path.join(workdir, "hammal.log")
+        argv = [twistd_path(), "--pidfile=", "-n", f"--logfile={logfile}", "hammal",
+                "--workers", "2", "--port", f"tcp:{port}:interface=127.0.0.1",
+                "--upstream", self.upstream.url, "--cache-dir", os.path.join(workdir, "cache")]
+        process = ManagedProcess("hammal", argv, os.path.join(workdir, "stdout.log"),
+                                 env=_hammal_env(), cwd=REPO_ROOT).start()
+        self.addCleanup(process.stop)
+
+        def read(path: str) -> str:
+            try:
+                with open(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return ""
+
+        def both_served() -> bool:
+            http_request("GET", f"http://127.0.0.1:{port}/v2/", timeout=2)
+            return all('"GET /v2/" 200' in read(path) for path in (logfile, logfile + ".worker1"))
+
+        wait_until(both_served, "access lines in both log files", timeout=20, process=process)
+
     def test_workers_stop_when_the_main_process_dies(self) -> None:
         """kill -9 of the main process: its workers notice (their standard
         input closes) and stop instead of serving on alone."""
