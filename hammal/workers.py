@@ -46,12 +46,6 @@ LISTEN_FD = 3
 RESTART_DELAY = 1.0
 #: Seconds, beyond the drain timeout, a worker may take to stop before SIGKILL.
 STOP_GRACE = 5.0
-#: Connections a process accepts per wake-up of the shared socket. Twisted
-#: takes up to 100 (and more) at once: one process would grab a whole burst
-#: while the others find nothing; one at a time spreads it, and a busy
-#: process (slower to wake) naturally takes fewer.
-ACCEPTS_PER_TURN = 1
-
 #: Signals the main process passes on to its workers.
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 
@@ -99,19 +93,6 @@ def worker_argv(
         # A daemon without --logfile logs to twistd.log: its workers beside it.
         argv.append(f"--logfile={os.path.abspath('twistd.log')}.worker{index}")
     return [*argv, "hammal", *plugin_args]
-
-
-def share_accepts(port: Any) -> None:
-    """Have C{port} (a Twisted TCP port) accept L{ACCEPTS_PER_TURN} connections per wake-up."""
-    read = getattr(port, "doRead", None)
-    if read is None or not hasattr(port, "numberAccepts"):
-        return
-
-    def doRead() -> Any:
-        port.numberAccepts = ACCEPTS_PER_TURN
-        return read()
-
-    port.doRead = doRead
 
 
 class WorkerPool(Service):
@@ -173,7 +154,6 @@ class WorkerPool(Service):
         self._sockets = self._make_sockets()
         own = self._sockets[0]
         self._port = self._reactor.adoptStreamPort(own.fileno(), own.family, self._factory)
-        share_accepts(self._port)
         address = own.getsockname()
         log.info("listening on {host} port {port} in {count} processes",
                  host=address[0], port=address[1], count=self._count)
@@ -385,7 +365,6 @@ class AdoptedPort(Service):
         probe.close()
         self._port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
         os.close(self._fd)  # the reactor holds its own copy
-        share_accepts(self._port)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
