@@ -1,5 +1,5 @@
 """
-``--workers N``: N processes serving one listening socket.
+``--workers N``: N processes serving one port.
 
 The main process binds one listening socket per process on the same
 address (C{SO_REUSEPORT}, so that the kernel spreads connections evenly),
