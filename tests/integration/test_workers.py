@@ -40,6 +40,7 @@ from tests.integration.environment import (
     wait_until,
 )
 from tests.integration.faults import blob_bytes
+from tests.integration.support import IntegrationTestCase
 from tests.integration.test_cache import Fetched, fetch, files_under
 
 MiB = 1 << 20
@@ -424,3 +425,22 @@ def _zombie(pid: int) -> bool:
             return stat.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
     except OSError:
         return True
+
+
+class WorkersSkopeoTests(IntegrationTestCase):
+    """skopeo pulls through ``--workers 2`` from token-auth Distribution with CDN redirects."""
+
+    def test_pulls_through_both_workers_then_all_from_the_cache(self) -> None:
+        image = self.env.image("library/alpine:3.20")
+        hammal = self.start_hammal(extra_args=["--workers", "2"])
+        for _ in range(3):  # each pull on new connections, spread over the workers
+            self.pull(hammal.host, "alpine", image)
+        self.env.reset_logs()
+        assert self.env.registry is not None
+        registry_log = len(self.env.registry.log_text())
+        self.pull(hammal.host, "alpine", image)
+        self.assertEqual([e for e in self.env.cdn_log() if e["method"] == "GET"], [],
+                         f"a warm pull reached the CDN\n{self.diagnostics()}")
+        blob_requests = re.findall(r'"(?:GET|HEAD) /v2/[^" ]*/blobs/[^" ]*',
+                                   self.env.registry.log_text()[registry_log:])
+        self.assertEqual(blob_requests, [], f"a warm pull asked upstream for blobs\n{self.diagnostics()}")
