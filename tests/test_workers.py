@@ -253,6 +253,16 @@ class ReuseportSocketsTests(unittest.SynchronousTestCase):
         self.assertEqual(sum(accepted), 32)
         self.assertTrue(all(accepted), accepted)  # both got some (by address hash)
 
+    def test_dual_stack(self) -> None:
+        """``--port N``: IPv6 sockets that take IPv4 too (where the machine has IPv6)."""
+        sockets = reuseport_sockets(DualStackEndpoint(Clock(), 0, 16), 2)
+        for sock in sockets:
+            self.addCleanup(sock.close)
+        ports = {sock.getsockname()[1] for sock in sockets}
+        self.assertEqual(len(ports), 1)
+        with socket.create_connection(("127.0.0.1", ports.pop())):
+            pass
+
     def test_tcp_only(self) -> None:
         self.assertRaises(ValueError, tcp_address, object())
         family, host, port, backlog, dual = tcp_address(DualStackEndpoint(Clock(), 5000, 1024))
