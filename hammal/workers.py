@@ -13,7 +13,8 @@ socket), so TLS, options and the cache directory are the same in every
 process.
 
 The main process supervises: a worker that dies is started again after
-L{RESTART_DELAY} seconds; on SIGTERM it stops listening, passes the signal
+L{RESTART_DELAY} seconds (longer, up to L{MAX_RESTART_DELAY}, while it
+keeps dying soon after its start); on SIGTERM it stops listening, passes the signal
 to every worker (each drains its own requests, up to ``--drain-timeout``)
 and waits for them, killing those still there a few seconds after the
 drain timeout. A worker's standard input is a pipe from the main process:
@@ -42,8 +43,12 @@ WORKER_ENV = "HAMMAL_WORKER"
 LISTEN_FD_ENV = "HAMMAL_WORKER_FD"
 #: Where the inherited socket is in a worker.
 LISTEN_FD = 3
-#: Seconds before a dead worker is started again.
+#: Seconds before a dead worker is started again ...
 RESTART_DELAY = 1.0
+#: ... doubled each time it dies within STABLE_AFTER seconds of its start,
+#: up to this (a worker that cannot run is not restarted in a tight loop).
+MAX_RESTART_DELAY = 30.0
+STABLE_AFTER = 10.0
 #: Seconds, beyond the drain timeout, a worker may take to stop before SIGKILL.
 STOP_GRACE = 5.0
 #: Signals the main process passes on to its workers.
@@ -135,6 +140,7 @@ class WorkerPool(Service):
         self._environ = dict(environ)
         self._drain_timeout = drain_timeout
         self._restart_delay = restart_delay
+        self._delays: dict[int, float] = {}
         self._sockets: list[socket.socket] = []
         self._port: IListeningPort | None = None
         self._workers: dict[int, _Worker] = {}
@@ -207,7 +213,7 @@ class WorkerPool(Service):
     def _spawn(self, index: int) -> None:
         fd = self._sockets[index].fileno()
         env = {**self._environ, WORKER_ENV: str(index), LISTEN_FD_ENV: str(LISTEN_FD)}
-        worker = _Worker(self, index)
+        worker = _Worker(self, index, self._reactor.seconds())
         argv = list(self._argv(index))
         self._reactor.spawnProcess(
             worker,
@@ -225,6 +231,12 @@ class WorkerPool(Service):
             del self._workers[worker.index]
         if self._stopping:
             return
+        quick = self._reactor.seconds() - worker.started < STABLE_AFTER
+        if quick and worker.index in self._delays:
+            delay = min(MAX_RESTART_DELAY, self._delays[worker.index] * 2)
+        else:
+            delay = self._restart_delay
+        self._delays[worker.index] = delay
         # Its socket stays open here: connections the kernel queues on it
         # wait for the next worker instead of being refused.
         log.warn(
@@ -232,9 +244,9 @@ class WorkerPool(Service):
             index=worker.index,
             pid=worker.pid,
             reason=reason.getErrorMessage(),
-            delay=self._restart_delay,
+            delay=delay,
         )
-        self._reactor.callLater(self._restart_delay, self._respawn, worker.index)
+        self._reactor.callLater(delay, self._respawn, worker.index)
 
     def _respawn(self, index: int) -> None:
         if not self._stopping and index not in self._workers:
@@ -307,9 +319,10 @@ def _maybe(result: Any) -> Deferred[Any]:
 class _Worker(ProcessProtocol):
     """One worker process, as the main process sees it."""
 
-    def __init__(self, pool: WorkerPool, index: int) -> None:
+    def __init__(self, pool: WorkerPool, index: int, started: float) -> None:
         self._pool = pool
         self.index = index
+        self.started = started
         self.pid: int | None = None
         self._ended: Deferred[None] = Deferred()
         self._kill: Any = None

@@ -186,6 +186,24 @@ class WorkerPoolTests(unittest.SynchronousTestCase):
         self.assertEqual(reactor.spawned[1]["childFDs"], reactor.spawned[0]["childFDs"])
         self.assertEqual(pool.starts, {1: 2})
 
+    def test_a_worker_dying_at_once_again_and_again_is_restarted_less_often(self) -> None:
+        pool, reactor, _ = self.make(2)
+        delays = []
+        for _ in range(4):
+            spawned = len(reactor.spawned)
+            reactor.spawned[-1]["protocol"].processEnded(_ended(1))
+            waited = 0.0
+            while len(reactor.spawned) == spawned:
+                reactor.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0])
+        reactor.advance(60)  # this one runs a while: the next restart is quick again
+        spawned = len(reactor.spawned)
+        reactor.spawned[-1]["protocol"].processEnded(_ended(1))
+        reactor.advance(1.0)
+        self.assertEqual(len(reactor.spawned), spawned + 1)
+
     def test_hangup_is_passed_on_to_every_worker(self) -> None:
         """kill -HUP (TLS reload) and -USR1 (logs) of the main process reach the workers too."""
         before = signal.getsignal(signal.SIGHUP)
