@@ -233,7 +233,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if inherited is not None:
         # A worker: serve the main process's socket; stop when it goes.
         AdoptedPort(reactor, inherited, factory).setServiceParent(service)
-        ParentWatch(reactor).setServiceParent(service)
+        left = metrics_dir()
+        ParentWatch(
+            reactor, orphaned=None if left is None else lambda: shutil.rmtree(left, ignore_errors=True)
+        ).setServiceParent(service)
     elif settings.workers > 1:
         _workers(reactor, options, settings, factory, service)
     else:

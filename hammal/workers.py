@@ -390,11 +390,16 @@ class ParentWatch(Service):
     """
     Stops a worker when the main process goes: its end of the worker's
     standard input closes, whatever killed it.
+
+    @param orphaned: called first, for what the main process left behind.
     """
 
-    def __init__(self, reactor: Any, fd: int = 0) -> None:
+    def __init__(
+        self, reactor: Any, fd: int = 0, orphaned: Callable[[], None] | None = None
+    ) -> None:
         self._reactor = reactor
         self._fd = fd
+        self._orphaned = orphaned
         self._reader: _PipeReader | None = None
 
     def startService(self) -> None:
@@ -412,6 +417,8 @@ class ParentWatch(Service):
         if not self.running:
             return
         log.warn("the main hammal process is gone: this worker stops")
+        if self._orphaned is not None:
+            self._orphaned()  # what the main process would have cleaned up
         self._reactor.stop()
 
 

@@ -394,6 +394,10 @@ class WorkersTests(unittest.TestCase):
         process, port, _ = self._launch()
         workers = _children(process.pid or 0)
         self.expect(len(workers) == 1, f"worker processes: {workers}")
+        with open(f"/proc/{workers[0]}/environ", "rb") as environ:
+            variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+        snapshots = variables[b"HAMMAL_WORKER_METRICS_DIR"].decode()
+        self.expect(os.path.isdir(snapshots), f"no metrics snapshots in {snapshots}")
         process.kill()
 
         def gone() -> bool:
@@ -401,6 +405,7 @@ class WorkersTests(unittest.TestCase):
 
         wait_until(gone, "the orphaned worker to stop", timeout=15)
         self.expect("the main hammal process is gone" in process.log_text(), process.log_tail())
+        self.expect(not os.path.exists(snapshots), f"{snapshots} left behind")
 
 
 def _children(pid: int) -> List[int]:
