@@ -348,6 +348,42 @@ class Bench:
             for name, rec in out.items()
         }
 
+    def workers(self) -> None:
+        """Manifest by tag under wrk -c50: hammal ``--workers 2`` against one process (issue 14)."""
+        runs, secs = self.cfg.runs, self.cfg.wrk_seconds
+        path = f"/v2/{self.multi.repo}/manifests/{self.multi.tag}"
+        two = HammalBench(self.workdir, self.upstream, buffer_size="1M",
+                          extra_args=["--workers", "2"])
+        out: Dict[str, Dict[str, List[float]]] = {}
+        try:
+            if self.hammal.process is None:
+                self.hammal.restart_fresh()
+            two.restart_fresh()
+            for r in range(runs):
+                for label, proxy in (("1", self.hammal), ("2", two)):
+                    headers = [("Accept", ACCEPT_ALL)] + proxy.client_headers(self.multi.repo)
+                    for _ in range(4):  # warm every process (the kernel picks one per connection)
+                        resp, digest, _ = http_get_digest(proxy.url + path, headers, timeout=30)
+                        if resp.status != 200 or digest != self.multi.manifest_digest:
+                            self.problems.append(f"manifest via {label} worker(s): {resp.status}")
+                    res = wrk(proxy.url + path, headers, connections=50, seconds=secs)
+                    rec = out.setdefault(label, {"req_per_s": [], "p50_ms": [], "p99_ms": []})
+                    rec["req_per_s"].append(res.requests_per_s)
+                    rec["p50_ms"].append(res.p50_ms)
+                    rec["p99_ms"].append(res.p99_ms)
+                    if res.non_2xx or res.requests_per_s == 0:
+                        self.problems.append(f"wrk via {label} worker(s) run {r + 1}:"
+                                             f" {res.non_2xx} non-2xx of {res.requests}")
+                    log(f"run {r + 1}: manifest by tag, {label} worker(s):"
+                        f" {res.requests_per_s:.0f} req/s, p99 {res.p99_ms:.1f} ms")
+        finally:
+            two.stop()
+        self.figures["manifest_workers"] = {
+            label: {**rec, "median_req_per_s": median(rec["req_per_s"]),
+                    "median_p50_ms": median(rec["p50_ms"]), "median_p99_ms": median(rec["p99_ms"])}
+            for label, rec in out.items()
+        }
+
     def skopeo(self) -> None:
         runs = self.cfg.runs
         source_path = f"{self.multi.repo}:{self.multi.tag}"
@@ -603,6 +639,17 @@ class Bench:
                 m["nginx"]["median_p50_ms"], m["distribution"]["median_p50_ms"], ".1f")
             row("manifest by tag: p99 (ms)", m["hammal"]["median_p99_ms"],
                 m["nginx"]["median_p99_ms"], m["distribution"]["median_p99_ms"], ".1f")
+        if "manifest_workers" in f:
+            mw = f["manifest_workers"]
+            one, two = mw["1"], mw["2"]
+            ratio = (f"{two['median_req_per_s'] / one['median_req_per_s']:.2f}x"
+                     if one["median_req_per_s"] else "-")
+            lines.append(f"{'manifest by tag, wrk -c50, 2 workers (req/s)':<44}"
+                         f"{fmt(two['median_req_per_s']):>10}   (1 worker"
+                         f" {fmt(one['median_req_per_s'])}: {ratio})")
+            lines.append(f"{'manifest by tag, 2 workers: p99 (ms)':<44}"
+                         f"{fmt(two['median_p99_ms'], '.1f'):>10}   (1 worker"
+                         f" {fmt(one['median_p99_ms'], '.1f')})")
         if "skopeo_pull_s" in f:
             s = f["skopeo_pull_s"]
             row("skopeo pull, multi-layer, cold (s)", s["hammal"]["median_cold_s"],
@@ -724,6 +771,7 @@ SECTIONS: Dict[str, Callable[[Bench], None]] = {
     "throughput": Bench.throughput,
     "concurrent": Bench.concurrent,
     "manifests": Bench.manifests,
+    "workers": Bench.workers,
     "skopeo": Bench.skopeo,
     "slow": Bench.slow_client,
     "many-slow": Bench.many_slow,

@@ -1,7 +1,8 @@
 """The targets a benchmark run is judged by, one PASS/MISS line each.
 
-Issue 12's targets come first (cold pulls at the speed of the hash); the
-earlier ones (warm hits, manifests under wrk, slow clients) follow. A
+Issue 12's targets come first (cold pulls at the speed of the hash), then
+issue 14's (``--workers``); the earlier ones (warm hits, manifests under
+wrk, slow clients) follow. A
 figure a run did not measure gives no line; a figure that could not be
 measured (hammal refusing an option, say) gives a line saying so.
 """
@@ -20,6 +21,9 @@ TTFB_VS_DISTRIBUTION = 1.0
 CONCURRENT_WALL_VS_DISTRIBUTION = 0.5
 CONCURRENT_PEAK_RSS_MIB = 150
 CROWD_MANIFEST_P99_MS = 50
+#: Issue 14: manifest req/s with 2 workers against 1, and their p99.
+WORKERS_SPEEDUP = 1.4
+WORKERS_P99_MS = 20
 
 #: The key of the ``--no-hold-tail`` hammal in the cold figures.
 NO_HOLD_TAIL = "hammal --no-hold-tail"
@@ -126,6 +130,16 @@ def judge(
             ok if measured else None,
             f"max {probe['max_ms']} ms, {probe['requests']} GETs, {probe['errors']} errors;"
             f" readers held {held}/{crowd['count']}")
+    workers = figures.get("manifest_workers")
+    if workers and "1" in workers and "2" in workers:
+        one, two = workers["1"], workers["2"]
+        r = _ratio(two["median_req_per_s"], one["median_req_per_s"])
+        add("manifest by tag, wrk -c50: req/s 2 workers / 1 worker", r,
+            f">= {WORKERS_SPEEDUP}x", None if r is None else r >= WORKERS_SPEEDUP,
+            f"{two['median_req_per_s']:.0f} vs {one['median_req_per_s']:.0f} req/s", "14")
+        p99 = two["median_p99_ms"]
+        add("manifest by tag, wrk -c50, 2 workers: p99 ms", p99, f"< {WORKERS_P99_MS}",
+            None if p99 is None else p99 < WORKERS_P99_MS, f"runs {two['p99_ms']}", "14")
     # Earlier targets.
     warm = figures.get("warm_MBps")
     if warm:

@@ -33,6 +33,8 @@ from hammal.access import (
 from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.cache.blobs import BlobCache
+from hammal.cache.coordinate import LockFileCoordinator
+from hammal.cache.shared_room import SharedRoom
 from hammal.cluster.peer import mount_peer_endpoint
 from hammal.cluster.setup import build_cluster, object_store
 from hammal.cluster.setup import cluster_http as make_cluster_http
@@ -75,6 +77,8 @@ from hammal.web.site import HammalSite
 from hammal.web.snippets import ServedRegistry
 from hammal.web.status import add_status
 from hammal.web.v2 import V2Resource
+from hammal.worker_metrics import registry_for
+from hammal.workers import worker_index
 
 _log = Logger()
 
@@ -270,7 +274,7 @@ def build_app(
     rules = _rules(settings)
     if gate is FROM_SETTINGS:
         gate = _gate(settings, reactor, rules, tokens, hashing)
-    metrics_resource = MetricsResource(registry=metrics.REGISTRY)
+    metrics_resource = MetricsResource(registry=registry_for(metrics.REGISTRY, worker_index()))
     root = build_root(
         V2Resource(selector, gate),
         ReadyResource(readiness),
@@ -421,8 +425,13 @@ def _blob_cache(
     if settings.cache_dir is None:
         return None
     store = BlobStore(settings.cache_dir, settings.cache_max_size, settings.cache_min_free)
+    coordinator = LockFileCoordinator(settings.cache_dir)  # fills shared with other processes
+    # --cache-max-size for every process using the directory (--workers, or not)
+    store.shared = SharedRoom(settings.cache_dir)
     try:
+        store.shared.open()
         store.open()
+        coordinator.open()
     except OSError as failure:
         raise ConfigError(f"cannot use --cache-dir {settings.cache_dir}: {failure.strerror}")
     return BlobCache(
@@ -435,6 +444,7 @@ def _blob_cache(
         deadline=settings.upstream_deadline,
         write_errors=write_errors,
         hold_tail=not settings.no_hold_tail,
+        coordinator=coordinator,
     )
 
 

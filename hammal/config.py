@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -163,6 +164,12 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec("max-headers", "100", "Most request headers accepted per request."),
     OptionSpec("max-header-bytes", "16384", "Most bytes of request line and headers."),
     OptionSpec("ready-window", "60", "/readyz: upstream must have answered within this many seconds (else it is probed)."),
+    OptionSpec(
+        "workers",
+        "1",
+        "Processes serving --port: a number, or auto (one per core); they share the port,"
+        " the cache directory and /metrics.",
+    ),
 )
 
 #: Repeatable options: given several times, or space-separated in the env variable.
@@ -651,6 +658,7 @@ class Settings:
     max_headers: int = 100
     max_header_bytes: int = 16384
     ready_window: float = 60.0
+    workers: int = 1
     debug: bool = False
     status_show_clients: bool = False
     #: Cold blobs: send the last chunk before the digest matched (--no-hold-tail).
@@ -850,6 +858,7 @@ class Settings:
                 _number(text("max-header-bytes") or "16384", "--max-header-bytes", 1024, integer=True)
             ),
             ready_window=_number(text("ready-window") or "60", "--ready-window", 1),
+            workers=parse_workers(text("workers") or "1"),
             debug=bool(options.get("debug")),
             status_show_clients=bool(options.get("status-show-clients")),
             no_hold_tail=bool(options.get("no-hold-tail")),
@@ -864,3 +873,13 @@ class Settings:
                 )
             ),
         )
+
+
+def parse_workers(text: str) -> int:
+    """C{--workers}: a count of at least 1, or C{auto} for one per usable core."""
+    if text.strip().lower() == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
+    return int(_number(text, "--workers", 1, integer=True))

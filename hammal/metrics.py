@@ -182,3 +182,11 @@ def outcome_of(cache_status: str) -> str:
     if "fwd=miss" in cache_status:
         return "miss"
     return "hit"
+
+
+sibling_fills = Counter(
+    "hammal_blob_sibling_fills",
+    "Blob misses served by following the fill of another process sharing the cache"
+    " directory (--workers) instead of fetching upstream.",
+    registry=REGISTRY,
+)

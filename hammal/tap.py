@@ -9,6 +9,8 @@ line wins.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 from twisted.application.internet import StreamServerEndpointService
@@ -22,6 +24,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from hammal import metrics
 from hammal.app import build_app
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.listen import dual_stack_endpoint
@@ -30,6 +33,17 @@ from hammal.selfsigned import ensure_self_signed, listening_names, listening_por
 from hammal.tls import ReloadingServerTLS, ReloadOnHangup
 from hammal.web.limits import ConnectionLimit
 from hammal.web.status import add_status
+from hammal.worker_metrics import METRICS_DIR_ENV, MetricsSnapshots, metrics_dir
+from hammal.workers import (
+    AdoptedPort,
+    ParentWatch,
+    WorkerPool,
+    inherited_socket,
+    reuseport_sockets,
+    tcp_address,
+    worker_argv,
+    worker_index,
+)
 
 
 _log = Logger()
@@ -55,6 +69,8 @@ class Options(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        #: The arguments given (``--workers`` passes them on to the workers).
+        self.arguments: list[str] = []
         self._given_lists: set[str] = set()
         for spec in LISTS:
             self[spec.name] = []
@@ -65,6 +81,10 @@ class Options(usage.Options):
             self._environment_error: ConfigError | None = failure
         else:
             self._environment_error = None
+
+    def parseOptions(self, options: Any = None) -> None:
+        self.arguments = list(options) if options is not None else []
+        super().parseOptions(options)
 
     def _add_to_list(self, name: str, value: str) -> None:
         """Repeatable options: the command line replaces the environment's list."""
@@ -187,6 +207,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor = default_reactor
     settings = options.settings or Settings.from_options(options)
     _tune_buffers(settings.buffer_size)
+    if settings.workers > 1 and inherited_socket() is None:
+        _tcp_endpoint(reactor, settings.port)  # --workers needs one: say so before anything
+        if metrics_dir() is None:
+            # Before the app: its /metrics serves every worker's series.
+            os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="hammal-metrics-")
     try:
         app = build_app(settings, reactor)
     except ConfigError as failure:
@@ -204,8 +229,22 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             raise usage.UsageError(str(failure))
         factory = TLSMemoryBIOFactory(tls, False, factory)
         ReloadOnHangup(tls, reactor).setServiceParent(service)
-    _listen(reactor, settings.port, factory, service)
-    if settings.metrics_port is not None:
+    inherited = inherited_socket()
+    if inherited is not None:
+        # A worker: serve the main process's socket; stop when it goes.
+        AdoptedPort(reactor, inherited, factory).setServiceParent(service)
+        left = metrics_dir()
+        ParentWatch(
+            reactor, orphaned=None if left is None else lambda: shutil.rmtree(left, ignore_errors=True)
+        ).setServiceParent(service)
+    elif settings.workers > 1:
+        _workers(reactor, options, settings, factory, service)
+    else:
+        _listen(reactor, settings.port, factory, service)
+    snapshots = metrics_dir()
+    if snapshots is not None:
+        MetricsSnapshots(metrics.REGISTRY, snapshots, worker_index(), reactor).setServiceParent(service)
+    if settings.metrics_port is not None and inherited is None:
         metrics_root = Resource()
         metrics_root.putChild(b"metrics", app.metrics_resource)
         add_status(metrics_root, app.status_report, app.status_rules)
@@ -213,6 +252,29 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for part in app.services:
         part.setServiceParent(service)
     return service
+
+
+def _workers(
+    reactor: Any, options: Options, settings: Settings, factory: Any, parent: MultiService
+) -> None:
+    """
+    ``--workers N``: one listening socket per process on the same address
+    (this process serves the first), N-1 workers on the same command line,
+    and a shared directory of metrics snapshots.
+    """
+    endpoint = _tcp_endpoint(reactor, settings.port)
+    environ = dict(os.environ)
+    snapshots = metrics_dir(environ)
+    WorkerPool(
+        reactor,
+        lambda: reuseport_sockets(endpoint, settings.workers),
+        factory,
+        settings.workers,
+        lambda index: worker_argv(options.arguments, options.parent, index),
+        environ,
+        settings.drain_timeout,
+        after_stop=None if snapshots is None else lambda: shutil.rmtree(snapshots, ignore_errors=True),
+    ).setServiceParent(parent)
 
 
 def _self_signed_tls(settings: Settings) -> tuple[str, str]:
@@ -264,10 +326,23 @@ def with_backlog(description: str) -> str:
     return description
 
 
-def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
+def _tcp_endpoint(reactor: Any, description: str) -> Any:
+    """The endpoint of C{description}, which must be TCP (for ``--workers``)."""
+    endpoint = _endpoint(reactor, description)
+    try:
+        tcp_address(endpoint)
+    except ValueError as failure:
+        raise usage.UsageError(str(failure))
+    return endpoint
+
+
+def _endpoint(reactor: Any, description: str) -> Any:
     try:
         described = with_backlog(description)
-        endpoint = dual_stack_endpoint(reactor, described) or serverFromString(reactor, described)
+        return dual_stack_endpoint(reactor, described) or serverFromString(reactor, described)
     except (ValueError, KeyError, TypeError) as failure:
         raise usage.UsageError(f"{description!r} is not a valid endpoint: {failure}")
-    StreamServerEndpointService(endpoint, factory).setServiceParent(parent)
+
+
+def _listen(reactor: Any, description: str, factory: Any, parent: MultiService) -> None:
+    StreamServerEndpointService(_endpoint(reactor, description), factory).setServiceParent(parent)

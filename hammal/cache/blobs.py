@@ -5,6 +5,7 @@ L{BlobFetch} per digest, each client reading at its own pace.
 
 from __future__ import annotations
 
+from typing import cast
 
 from typing import Callable
 
@@ -17,10 +18,13 @@ from twisted.web.iweb import IResponse
 
 from hammal import metrics
 from hammal.cache.bypass import UpstreamTail
+from hammal.cache.coordinate import LockFileCoordinator, hold_lease
 from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
 from hammal.cache.follow import Bypass
+from hammal.cache.sibling import SiblingFill
 from hammal.cache.sources import FillSources
 from hammal.cache.store import BlobStore
+from hammal.cache.takeover import TakenOver
 from hammal.cache.writes import LocalCacheError, WriteErrors
 from hammal.conditional import range_applies
 from hammal.errors import NotCachedUpstreamDown, UpstreamTimeout, UpstreamUnavailable
@@ -86,6 +90,9 @@ class CachedBody:
             return None
 
         def bypass(offset: int, end: int | None) -> BodySource:
+            if isinstance(self._fetch, SiblingFill) and self._cache.coordinator is not None:
+                # The other process's fill died: one fill takes over (hammal.cache.takeover).
+                return TakenOver(self._cache, self._digest, offset, end, start_upstream, self._upstream)
             metrics.cache_bypasses.inc()
             return UpstreamTail(
                 start_upstream,
@@ -172,8 +179,11 @@ class BlobCache:
         deadline: float | None = None,
         write_errors: WriteErrors | None = None,
         hold_tail: bool = True,
+        coordinator: LockFileCoordinator | None = None,
     ) -> None:
         self.store = store
+        #: Shares fills with the other processes of the cache directory.
+        self.coordinator = coordinator
         self.clock = clock
         self.chunk_size = chunk_size
         self.read_timeout = read_timeout
@@ -217,6 +227,14 @@ class BlobCache:
         running = self.in_flight(digest)
         if running is not None:
             return running, True
+        # One process of this machine fills a blob (the lock file); the
+        # others follow its file. The one that fills asks the cluster, if
+        # any, where the bytes come from.
+        lease = None
+        if self.coordinator is not None:
+            lease = self.coordinator.try_acquire(digest)
+            if lease is None:
+                return self._follow_sibling(digest, upstream, repository), True
         source = None
         if self.fill_sources is not None:
             source = self.fill_sources.for_fill(digest, start_upstream)
@@ -246,10 +264,39 @@ class BlobCache:
                 del self._fetches[key]
 
         fetch.finished.addBoth(forget)
+        if lease is not None:
+            hold_lease(fetch, lease)
         if source is not None:
             source.attach(fetch)
         Deferred.fromCoroutine(fetch.run())
         return fetch, False
+
+    def _follow_sibling(self, digest: Digest, upstream: str, repository: str) -> BlobFetch:
+        """Another process fills C{digest}: follow its file instead of going upstream."""
+        if self.coordinator is None:
+            raise RuntimeError("a sibling fill is followed without a coordinator")
+        sibling = SiblingFill(
+            digest,
+            self.store,
+            self.coordinator.current_holder,
+            self.clock,
+            stall=self._deadline if self._deadline is not None else 4 * self._read_timeout,
+        )
+        # Readers use the attributes the two have in common (see hammal.cache.sibling).
+        fill = cast(BlobFetch, sibling)
+        key = str(digest)
+        self._fetches[key] = fill
+        self._transfers[fill] = Transfer(fill, upstream, repository)
+        metrics.sibling_fills.inc()
+
+        def forget(_: object) -> None:
+            self._transfers.pop(fill, None)
+            if self._fetches.get(key) is fill:
+                del self._fetches[key]
+
+        sibling.finished.addBoth(forget)
+        sibling.start()
+        return fill
 
     def attach(self, fetch: BlobFetch, client: str) -> None:
         """C{client} follows C{fetch} (for the status page)."""

@@ -33,12 +33,13 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import attrs
 from twisted.logger import Logger
 
 from hammal import metrics
+from hammal.cache.liveness import writer_alive
 from hammal.reference import Digest
 
 #: A temporary file untouched for this long belongs to a dead transfer.
@@ -78,6 +79,16 @@ class Survey:
     metadata: list[tuple[float, int, str]]
 
 
+class SharedAccounting(Protocol):
+    """The room of a directory several processes share (L{hammal.cache.shared_room.SharedRoom})."""
+
+    def reserve(self, store: "BlobStore", size: int) -> bool:
+        """Whether C{size} more bytes fit the whole directory; reserve them if so."""
+
+    def publish(self, reserved: int, changes: int) -> None:
+        """Tell the other processes what this one reserved and changed."""
+
+
 class BlobStore:
     """
     Verified blobs on disk with an LRU index.
@@ -107,6 +118,13 @@ class BlobStore:
         self._pins: dict[str, int] = {}
         self.total_size = 0
         self.evictions = 0
+        #: Bytes other processes sharing the directory reserved (see L{shared}).
+        self.foreign = 0
+        #: Decides reservations with the other processes of the directory
+        #: (L{hammal.cache.shared_room.SharedRoom}), or L{None} for this one alone.
+        self.shared: SharedAccounting | None = None
+        #: Blobs added or removed by this process (other processes rescan when it moves).
+        self.changes = 0
 
     # Start-up.
 
@@ -167,7 +185,7 @@ class BlobStore:
         self.metadata_size = sum(size for _, size, _ in extra)
         over = 0
         if self.max_size is not None:
-            over = self.total_size + self.reserved + self.metadata_size - self.max_size
+            over = self.total_size + self.reserved + self.foreign + self.metadata_size - self.max_size
         free = self.free_space()
         if free is not None:
             over = max(over, self.floor() - free)
@@ -333,11 +351,17 @@ class BlobStore:
         C{max_size} and above the free-space floor. L{False}: refused,
         nothing evicted.
         """
+        if self.shared is not None:
+            return self.shared.reserve(self, size)
+        return self.reserve_here(size)
+
+    def reserve_here(self, size: int) -> bool:
+        """L{reserve}, on what this process knows of the directory."""
         if self.max_size is not None and size > self.max_size:
             return False
         over = 0
         if self.max_size is not None:
-            over = self.total_size + self.reserved + self.metadata_size + size - self.max_size
+            over = self.total_size + self.reserved + self.foreign + self.metadata_size + size - self.max_size
         free = self.free_space()
         if free is None:
             return False
@@ -360,6 +384,21 @@ class BlobStore:
         """A transfer ended: give back its reservation of C{size}, of which it wrote C{written}."""
         self.reserved = max(0, self.reserved - size)
         self.reserved_written = max(0, self.reserved_written - written)
+        self.publish()
+
+    def publish(self) -> None:
+        """Tell the other processes of the directory what we reserved and changed."""
+        if self.shared is not None:
+            self.shared.publish(self.reserved, self.changes)
+
+    def refresh(self, foreign: int) -> None:
+        """
+        See the directory as it is: rescan the blobs on disk (the other
+        processes' too; forget those removed) and take C{foreign} bytes as
+        reserved by the other processes.
+        """
+        self._rescan()
+        self.foreign = foreign
 
     # Changes.
 
@@ -376,6 +415,7 @@ class BlobStore:
         self.unreserve(reserved, written)
         self._add(str(digest), size)
         self._evict()
+        self.publish()
 
     def remove(self, digest: Digest) -> None:
         """Forget and delete C{digest} (for a blob found to be bad)."""
@@ -384,6 +424,7 @@ class BlobStore:
             self.total_size -= size
         try:
             os.unlink(self.path(digest))
+            self.changes += 1
         except FileNotFoundError:
             pass
 
@@ -391,6 +432,8 @@ class BlobStore:
         previous = self._index.pop(key, None)
         if previous is not None:
             self.total_size -= previous
+        else:
+            self.changes += 1
         self._index[key] = size
         self.total_size += size
 
@@ -398,7 +441,7 @@ class BlobStore:
         if self.max_size is None:
             return
         for key in list(self._index):
-            if self.total_size + self.reserved + self.metadata_size <= self.max_size:
+            if self.total_size + self.reserved + self.foreign + self.metadata_size <= self.max_size:
                 return
             if self._pins.get(key):
                 continue
@@ -417,22 +460,6 @@ def writer_pid(name: str) -> int | None:
     if len(parts) >= 3 and parts[-2].isdigit():
         return int(parts[-2])
     return None
-
-
-def writer_alive(pid: int) -> bool:
-    """Whether process C{pid} runs on this host (a zombie, killed but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # exists, owned by someone else
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            state = stat.read().rpartition(b")")[2].split()[:1]
-    except OSError:
-        return True  # no /proc: trust kill()
-    return state not in ([b"Z"], [b"X"])
 
 
 def is_abandoned(name: str, mtime: float, now: float, started: float) -> bool:

@@ -36,7 +36,7 @@ from tests.resilience.upstream import OCI_MANIFEST, FaultyRegistry, Image
 #: hypothesis settings: reproducible, bounded, no example database on disk.
 BOUNDED = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                    suppress_health_check=list(HealthCheck), print_blob=True)
-CACHE_ENTRIES = {"blobs", "manifests", "tags", "tmp"}
+CACHE_ENTRIES = {"blobs", "manifests", "tags", "tmp", "locks", "reservations"}
 
 _image: Optional[Image] = None
 
