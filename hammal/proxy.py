@@ -28,7 +28,12 @@ from hammal.errors import (
     RegistryError,
     UpstreamBadResponse,
 )
-from hammal.upstream.client import REDIRECT_STATUSES, RegistryClient, Trace, upstream_error
+from hammal.upstream.client import (
+    REDIRECT_STATUSES,
+    RegistryClient,
+    Trace,
+    read_upstream_error,
+)
 from hammal.reference import Digest, Reference, upstream_name
 from hammal.replies import (
     CACHE_MISS,
@@ -100,11 +105,7 @@ class PullProxy:
         return upstream_name(name, self._library_prefix)
 
     async def _error(self, response: IResponse) -> RegistryError:
-        try:
-            body = await self._client.fetch_document(response, 64 * 1024)
-        except RegistryError:
-            body = b""
-        return upstream_error(response, body, self.upstream_host)
+        return await read_upstream_error(self._client, response)
 
     async def manifest(
         self, method: bytes, name: str, reference: Reference, headers: Headers, trace: Trace

@@ -14,7 +14,7 @@ from hammal.headers import relayed_response_headers
 from hammal.reference import Digest, Reference, upstream_name
 from hammal.replies import Document, find_header, replace_header
 from hammal.stream import expected_length
-from hammal.upstream.client import RegistryClient, Trace, upstream_error
+from hammal.upstream.client import RegistryClient, Trace, read_upstream_error
 from hammal.upstream.schema1 import digested_content
 
 #: The largest manifest or tag list hammal accepts from upstream.
@@ -37,11 +37,7 @@ class RemoteManifests:
         return upstream_name(name, self._library_prefix)
 
     async def _error(self, response: IResponse) -> RegistryError:
-        try:
-            body = await self._client.fetch_document(response, 64 * 1024)
-        except RegistryError:
-            body = b""
-        return upstream_error(response, body, self.upstream_host)
+        return await read_upstream_error(self._client, response)
 
     async def fetch(
         self, upstream_name: str, reference: Reference, headers: Headers, trace: Trace

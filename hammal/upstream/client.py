@@ -231,6 +231,18 @@ def upstream_error(response: IResponse, body: bytes, where: str) -> RegistryErro
     return UpstreamError(response.code, code, message, detail)
 
 
+async def read_upstream_error(client: "RegistryClient", response: IResponse) -> RegistryError:
+    """
+    L{upstream_error} for C{response}, its body read through C{client}'s
+    bounded reads (an unreadable body counts as empty).
+    """
+    try:
+        body = await client.fetch_document(response, 64 * 1024)
+    except RegistryError:
+        body = b""
+    return upstream_error(response, body, client.upstream.host)
+
+
 class RegistryClient(Protocol):
     """What the pull logic needs of an upstream: one registry or a failover set."""
 
