@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from hammal import metrics
+from hammal.upstream.quota import QuotaBoard
 from hammal.errors import TooManyRequests
 from hammal.upstream.accounts import (
     DEFAULT_REST,
@@ -67,6 +68,22 @@ class PoolTests(SynchronousTestCase):
 
     def test_first_account_first(self) -> None:
         self.assertEqual(self.pool.current(), self.a)
+
+    def test_status_page_sees_every_account_and_its_rest(self) -> None:
+        """The quota board (/status) lists each account by identity and shows when it rests."""
+        board = QuotaBoard()
+        pool = AccountPool([self.a, self.b], self.clock, UPSTREAM, board)
+
+        def resting() -> dict[str, float | None]:
+            return {q.account: q.resting_until for q in board.quotas() if q.upstream == UPSTREAM}
+
+        self.assertEqual(resting(), {self.a.identity: None, self.b.identity: None})
+        pool.observe(self.a, 429, headers(retry_after="120"))
+        self.assertEqual(resting()[self.a.identity], 120.0)
+        self.clock.advance(121)
+        self.assertEqual(pool.current(), self.a)
+        self.assertIsNone(resting()[self.a.identity])
+        self.assertNotIn("secret-a", repr(board.quotas()))
 
     def test_429_rests_until_retry_after(self) -> None:
         self.assertTrue(self.pool.observe(self.a, 429, headers(retry_after="120")))

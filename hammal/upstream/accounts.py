@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 
 from hammal import metrics
 from hammal.upstream.auth import Credentials
+from hammal.upstream.quota import QUOTAS, QuotaBoard
 from hammal.upstream.retry import parse_retry_after
 
 #: How long an account rests when upstream says its allowance is spent but
@@ -121,9 +122,17 @@ class AccountPool:
 
     log = Logger()
 
-    def __init__(self, accounts: Sequence[Credentials], clock: IReactorTime, upstream: str) -> None:
+    def __init__(
+        self,
+        accounts: Sequence[Credentials],
+        clock: IReactorTime,
+        upstream: str,
+        quotas: QuotaBoard = QUOTAS,
+    ) -> None:
         self._clock = clock
         self._upstream = upstream
+        #: What the status page shows of each account (by its non-secret identity).
+        self._quotas = quotas
         self._accounts: list[Credentials] = []
         self._resting: dict[str, float] = {}
         self.replace(accounts)
@@ -142,6 +151,7 @@ class AccountPool:
                 _forget_gauges(self._upstream, old.username)
         self._accounts = list(accounts)
         for account in self._accounts:
+            self._quotas.register(self._upstream, account.identity)
             metrics.upstream_account_resting.labels(self._upstream, account.username).set(
                 1 if self._rests(account) else 0
             )
@@ -158,6 +168,7 @@ class AccountPool:
             if account.username in self._resting:
                 del self._resting[account.username]
                 metrics.upstream_account_resting.labels(self._upstream, account.username).set(0)
+                self._quotas.rest(self._upstream, account.identity, None)
                 self.log.info(
                     "upstream account {account} at {upstream} is usable again",
                     account=account.username,
@@ -173,6 +184,7 @@ class AccountPool:
         seconds = DEFAULT_REST if seconds is None else min(max(seconds, 1.0), MAX_REST)
         self._resting[account.username] = self._clock.seconds() + seconds
         metrics.upstream_account_resting.labels(self._upstream, account.username).set(1)
+        self._quotas.rest(self._upstream, account.identity, self._resting[account.username])
         following = self.current()
         self.log.warn(
             "upstream account {account} at {upstream} rests {seconds:.0f}s ({reason});"
