@@ -5,14 +5,14 @@ A request walks the packages top to bottom:
 
 - L{hammal.web}: the resource tree; routes, authenticates clients and
   writes responses (HTTP only).
-- L{hammal.proxy} (the pull service, one per upstream; L{hammal.upstreams}
-  picks it, L{hammal.passthrough} confirms a client's own access,
-  L{hammal.remote} fetches manifests upstream for it and for the manifest
-  cache): what a pull means.
+- L{hammal.pull}: the pull service (one per upstream; L{hammal.pull.upstreams}
+  picks it, L{hammal.pull.passthrough} confirms a client's own access):
+  what a pull means.
 - L{hammal.cache}: where bytes come from when hammal has them (blobs,
   manifests on disk; one shared fetch per digest; readers and sendfile).
 - L{hammal.upstream}: the upstream client (auth, retries, redirects,
-  outbound proxies) for what hammal lacks.
+  outbound proxies; L{hammal.upstream.remote} fetches manifests) for what
+  hammal lacks.
 - L{hammal.stream}: bodies moved with backpressure.
 
 L{hammal.app} wires them (the composition root), L{hammal.tap} starts it

@@ -47,8 +47,8 @@ from hammal.cache.sweep import CacheSweep
 from hammal.cache.writes import WriteErrors
 from hammal.config import ConfigError, Settings
 from hammal.drain import DrainService
-from hammal.proxy import ManifestCacheFactory, PullProxy
-from hammal.referrers import ReferrersCache
+from hammal.pull.service import ManifestCacheFactory, PullService
+from hammal.pull.referrers import ReferrersCache
 from hammal.upstream.accounts import AccountsFile, AccountsFileError
 from hammal.upstream.addresses import PeerZones
 from hammal.upstream.auth import Credentials
@@ -67,7 +67,7 @@ from hammal.upstream.quota import QUOTAS
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport
 from hammal.tls import upstream_tls_policy
-from hammal.upstreams import FailoverClient, UpstreamSelector
+from hammal.pull.upstreams import FailoverClient, UpstreamSelector
 from hammal.web.forwarded import ForwardedHeaders
 from hammal.web.front import FrontPage
 from hammal.web.gate import Gate
@@ -112,7 +112,7 @@ class App:
     status_report: StatusReport
     status_rules: AccessRules | None
     selector: UpstreamSelector
-    default: PullProxy | None
+    default: PullService | None
     blobs: BlobCache | None
 
 
@@ -220,7 +220,7 @@ def build_app(
             deadline=settings.upstream_deadline,
         )
 
-    def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullProxy:
+    def proxy_for(host: str | None, url: str, credentials: Credentials | None) -> PullService:
         members = [client_for(url, credentials, accounts=account_files.get(host))]
         # A mirror gets only its own credentials: never the upstream's, nor
         # the upstream's account pool.
@@ -230,7 +230,7 @@ def build_app(
             if h == host
         ]
         client: RegistryClient = members[0] if len(members) == 1 else FailoverClient(members, reactor)
-        return PullProxy(
+        return PullService(
             client,
             settings.library_prefix_for(url),
             settings.blob_redirect,
@@ -240,10 +240,10 @@ def build_app(
             referrers,
         )
 
-    def adhoc(host: str) -> PullProxy:
+    def adhoc(host: str) -> PullService:
         """?upstream=HOST: speed-testing a mirror; its redirects are passed on."""
         url = f"https://{host}"
-        return PullProxy(client_for(url, None), settings.library_prefix_for(url), "pass", reactor)
+        return PullService(client_for(url, None), settings.library_prefix_for(url), "pass", reactor)
 
     route_credentials = dict(settings.route_credentials)
     default = (

@@ -30,7 +30,7 @@ from hammal.cache.blobs import BlobCache
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore
 from hammal.cache.store import BlobStore
 from hammal.errors import UpstreamBadResponse
-from hammal.proxy import PullProxy
+from hammal.pull.service import PullService
 from hammal.upstream.addresses import (
     AddressPolicy,
     CheckedEndpointFactory,
@@ -44,7 +44,7 @@ from hammal.reference import Digest
 from hammal.upstream.client import Upstream, UpstreamClient, make_http_client
 from hammal.upstream.retry import RetryPolicy
 from hammal.ttlstore import MemoryTtlStore
-from hammal.upstreams import UpstreamSelector
+from hammal.pull.upstreams import UpstreamSelector
 from hammal.web.health import Readiness, ReadyResource
 from hammal.web.root import build_root
 from hammal.web.site import HammalSite
@@ -252,7 +252,7 @@ class RedirectToInternalAddressTests(TestCase):
                 ttl=300, stale_if_error=3600, negative_ttl=30,
             )
 
-        proxy = PullProxy(client, True, "follow", reactor, blobs, manifests)
+        proxy = PullService(client, True, "follow", reactor, blobs, manifests)
         selector = UpstreamSelector(proxy, {}, [(url, proxy)])
         root = build_root(V2Resource(selector, None), ReadyResource(Readiness()), None)
         port = self.listen(HammalSite(root, reactor, timeout=5))

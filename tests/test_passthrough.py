@@ -22,7 +22,7 @@ from hammal.access.passthrough import (
     claimed_expiry,
     fingerprint,
 )
-from hammal.proxy import PullProxy
+from hammal.pull.service import PullService
 from hammal.upstream.client import Upstream, UpstreamClient
 from hammal.upstream.retry import RetryPolicy
 from hammal.ttlstore import MemoryTtlStore
@@ -266,7 +266,7 @@ class TwoUpstreamsTests(SynchronousTestCase):
         clock = Clock()
         gate = Gate("passthrough", clock)
 
-        def proxy(url: str) -> PullProxy:
+        def proxy(url: str) -> PullService:
             client = UpstreamClient(
                 Upstream(url),
                 http,  # type: ignore[arg-type]
@@ -275,7 +275,7 @@ class TwoUpstreamsTests(SynchronousTestCase):
                 RetryPolicy(retries=0),
                 read_timeout=10,
             )
-            return PullProxy(client, False, "follow", clock)
+            return PullService(client, False, "follow", clock)
 
         world.add_image("org/app", "1", b"{}")
         token = b"Bearer tok-1-alice-x"

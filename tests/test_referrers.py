@@ -1,5 +1,5 @@
 """
-Tests for OCI 1.1 referrers (L{hammal.referrers}) through the ``/v2/``
+Tests for OCI 1.1 referrers (L{hammal.pull.referrers}) through the ``/v2/``
 resource, against a fake upstream with and without the referrers API; and
 cosign-style signature tags.
 """
@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
 from hammal.errors import DigestInvalid
-from hammal.referrers import fallback_tag
+from hammal.pull.referrers import fallback_tag
 from hammal.reference import Digest
 from hammal.web.routes import Route, RouteKind, parse_route
 from tests.fakes import REGISTRY, FakeUpstream, sha256

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from hammal.upstreams import UpstreamSelector
+from hammal.pull.upstreams import UpstreamSelector
 from hammal.web.auth import TokenResource
 from hammal.web.repository import RepositoryResource
 from hammal.web.v2 import BaseResource, V2Resource

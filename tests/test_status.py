@@ -16,7 +16,7 @@ from twisted.web.server import Request
 
 from hammal.errors import UpstreamUnavailable
 from hammal.upstream.client import Trace
-from hammal.upstreams import FailoverClient
+from hammal.pull.upstreams import FailoverClient
 
 from hammal.upstream.auth import Credentials
 from hammal.status.charts import Line, _corners, bar_chart, format_bytes, format_count, line_chart, ratio_chart

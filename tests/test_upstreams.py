@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.upstreams}: choosing the upstream of a request, and
+Tests for L{hammal.pull.upstreams}: choosing the upstream of a request, and
 failing over between an upstream and its mirrors; plus the options that
 configure them.
 """
@@ -16,11 +16,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from hammal.errors import Denied, NotFound, UpstreamUnavailable
-from hammal.proxy import PullProxy
+from hammal.pull.service import PullService
 from hammal.upstream.client import Trace, Upstream
 from hammal.stream import BodyTooLarge
 from hammal.tap import Options
-from hammal.upstreams import FailoverClient, UpstreamSelector
+from hammal.pull.upstreams import FailoverClient, UpstreamSelector
 from tests.test_v2 import Mirror
 
 
@@ -29,8 +29,8 @@ class FakeProxy:
         self.label = label
 
 
-def proxies(*labels: str) -> dict[str, PullProxy]:
-    return {label: cast(PullProxy, FakeProxy(label)) for label in labels}
+def proxies(*labels: str) -> dict[str, PullService]:
+    return {label: cast(PullService, FakeProxy(label)) for label in labels}
 
 
 class SelectorTests(SynchronousTestCase):
@@ -39,7 +39,7 @@ class SelectorTests(SynchronousTestCase):
         self.p = p
         self.built: list[str] = []
 
-        def adhoc(host: str) -> PullProxy:
+        def adhoc(host: str) -> PullService:
             self.built.append(host)
             return p["adhoc"]
 

@@ -281,7 +281,7 @@ def _write_atomically(temporary: str, target: str, content: bytes) -> None:
 
 class RemoteManifests(Protocol):
     """
-    The upstream side of the manifest cache (L{hammal.remote.RemoteManifests}),
+    The upstream side of the manifest cache (L{hammal.upstream.remote.RemoteManifests}),
     as distribution's proxy wraps a remote store: names are upstream's.
     """
 

@@ -38,7 +38,7 @@ class RouteSource:
 
     @ivar name: C{"default"} for ``--upstream``, else the ``--route`` host.
     @ivar client: its L{hammal.upstream.client.RegistryClient} (a
-        L{hammal.upstreams.FailoverClient} when it has mirrors).
+        L{hammal.pull.upstreams.FailoverClient} when it has mirrors).
     """
 
     name: str

@@ -11,6 +11,6 @@ The resource tree: routing and HTTP translation, no registry logic.
 - L{site}: the HTTP factory (access log, header limits), L{limits},
   L{forwarded}, L{health}, L{status}, L{front}, L{snippets}.
 
-Resources hand a pull to L{hammal.proxy.PullProxy} and write what it
+Resources hand a pull to L{hammal.pull.service.PullService} and write what it
 returns; nothing here knows about Redis or cache files.
 """

@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from hammal import metrics
 from hammal.errors import RegistryError, Unsupported
-from hammal.upstreams import UpstreamSelector
+from hammal.pull.upstreams import UpstreamSelector
 from hammal.web.gate import Gate
 from hammal.web.respond import write_error
 from hammal.web.routes import Route

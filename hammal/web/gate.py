@@ -44,8 +44,8 @@ from hammal.access.throttle import LoginThrottle
 from hammal.access.tokens import TokenIssuer, parse_scopes
 from hammal.access.users import UserDirectory, parse_basic
 from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamError
-from hammal.proxy import PullProxy
-from hammal.passthrough import forward_login, probe_access
+from hammal.pull.service import PullService
+from hammal.pull.passthrough import forward_login, probe_access
 from hammal.upstream.client import upstream_error
 from hammal.ttlstore import MemoryTtlStore
 from hammal.replies import Document
@@ -248,7 +248,7 @@ class Gate:
 
     # The token endpoint.
 
-    async def token_response(self, request: Request, proxy: PullProxy | None) -> Document:
+    async def token_response(self, request: Request, proxy: PullService | None) -> Document:
         """Answer ``/v2/auth`` for the configured mode."""
         if self.mode == "token":
             return await self._issue(request)
@@ -267,7 +267,7 @@ class Gate:
         document = self._issuer.issue(user, scopes)
         return _json_document(200, document)
 
-    async def _forward_login(self, request: Request, proxy: PullProxy) -> Document:
+    async def _forward_login(self, request: Request, proxy: PullService) -> Document:
         """
         Passthrough: ask upstream's token realm for a token with the
         client's own credentials (scopes rewritten like names).
@@ -322,7 +322,7 @@ class Gate:
     async def confirm_access(
         self,
         request: Request,
-        proxy: PullProxy,
+        proxy: PullService,
         authorization: bytes,
         name: str,
         path: str,

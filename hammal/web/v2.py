@@ -16,7 +16,7 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from hammal.upstreams import UpstreamSelector
+from hammal.pull.upstreams import UpstreamSelector
 from hammal.web.auth import TokenResource
 from hammal.web.endpoint import API_VERSION, V2Endpoint, header_text, query_text, realm_query
 from hammal.web.gate import Gate

@@ -22,7 +22,7 @@ from twisted.web.iweb import IResponse
 
 from hammal import metrics
 from hammal.errors import Denied, NotFound, RegistryError, UpstreamTimeout, UpstreamUnavailable
-from hammal.proxy import PullProxy
+from hammal.pull.service import PullService
 from hammal.upstream.client import Trace, Upstream, UpstreamClient
 from hammal.reference import registry_names
 
@@ -33,13 +33,13 @@ __all__ = ["FailoverClient", "Selection", "UpstreamSelector", "registry_names"]
 class Selection:
     """The proxy for a request, and the repository name with any prefix removed."""
 
-    proxy: PullProxy
+    proxy: PullService
     name: str
 
 
 class UpstreamSelector:
     """
-    Picks the L{PullProxy} for each request.
+    Picks the L{PullService} for each request.
 
     @param default: serves requests nothing else claims; L{None} answers
         them with a 404 listing the configured hosts.
@@ -56,23 +56,23 @@ class UpstreamSelector:
 
     def __init__(
         self,
-        default: PullProxy | None,
-        by_host: dict[str, PullProxy],
-        registries: Sequence[tuple[str, PullProxy]],
+        default: PullService | None,
+        by_host: dict[str, PullService],
+        registries: Sequence[tuple[str, PullService]],
         allow_upstream: frozenset[str] = frozenset(),
-        adhoc: Callable[[str], PullProxy] | None = None,
+        adhoc: Callable[[str], PullService] | None = None,
         stands_for: Mapping[str, str] | None = None,
     ) -> None:
         self._default = default
         self._by_host = {host.lower(): proxy for host, proxy in by_host.items()}
-        self._by_registry: dict[str, PullProxy] = {}
+        self._by_registry: dict[str, PullService] = {}
         aliases = stands_for or {}
         for url, proxy in registries:
             for name in registry_names(url, aliases.get(url)):
                 self._by_registry.setdefault(name, proxy)
         self._allow_upstream = frozenset(h.lower() for h in allow_upstream)
         self._adhoc = adhoc
-        self._adhoc_proxies: dict[str, PullProxy] = {}
+        self._adhoc_proxies: dict[str, PullService] = {}
 
     def select(
         self, host: str | None, ns: str | None, upstream: str | None, name: str
@@ -122,7 +122,7 @@ class UpstreamSelector:
     def hosts(self) -> list[str]:
         return sorted(self._by_host)
 
-    def _allowed_upstream(self, value: str) -> PullProxy:
+    def _allowed_upstream(self, value: str) -> PullService:
         # Only hosts the operator listed are ever contacted, so loopback,
         # link-local and private addresses are reachable only when listed.
         host = value.strip().lower()

@@ -45,15 +45,15 @@ from hammal.replies import (
 )
 from hammal.stream import UpstreamBody, expected_length, not_a_blob
 from hammal.headers import relayed_response_headers
-from hammal.referrers import Referrers, ReferrersCache
-from hammal.remote import MAX_DOCUMENT_SIZE, RemoteManifests
+from hammal.pull.referrers import Referrers, ReferrersCache
+from hammal.upstream.remote import MAX_DOCUMENT_SIZE, RemoteManifests
 
 ManifestCacheFactory = Callable[[str, RemoteManifests], ManifestCache]
 """Builds the manifest cache for an upstream URL around its remote manifests."""
 
 
 
-class PullProxy:
+class PullService:
     """
     Answers pull requests from one upstream.
 
@@ -134,7 +134,7 @@ class PullProxy:
     async def referrers(
         self, name: str, digest: Digest, artifact_type: str | None, headers: Headers, trace: Trace
     ) -> Document:
-        """The OCI 1.1 referrers index of C{digest} (see L{hammal.referrers})."""
+        """The OCI 1.1 referrers index of C{digest} (see L{hammal.pull.referrers})."""
         return await self._referrers.get(
             self.upstream_name(name), digest, artifact_type, headers, trace
         )

@@ -16,7 +16,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from hammal.errors import UpstreamBadResponse
-from hammal.proxy import PullProxy
+from hammal.pull.service import PullService
 from hammal.reference import rewrite_scope
 from hammal.upstream.challenge import Challenge, select_challenge
 from hammal.upstream.client import Trace
@@ -41,7 +41,7 @@ class UpstreamAnswer:
     insufficient_scope: bool = False
 
 
-async def upstream_challenge(proxy: PullProxy) -> Challenge:
+async def upstream_challenge(proxy: PullService) -> Challenge:
     """
     The bearer challenge of C{proxy}'s upstream.
 
@@ -58,7 +58,7 @@ async def upstream_challenge(proxy: PullProxy) -> Challenge:
 
 
 async def forward_login(
-    proxy: PullProxy, authorization: bytes | None, scopes: list[str]
+    proxy: PullService, authorization: bytes | None, scopes: list[str]
 ) -> UpstreamAnswer:
     """
     Ask C{proxy}'s upstream token realm for a token with the client's own
@@ -86,7 +86,7 @@ async def forward_login(
 
 
 async def probe_access(
-    proxy: PullProxy, upstream_name: str, path: str, headers: Headers, authorization: bytes
+    proxy: PullService, upstream_name: str, path: str, headers: Headers, authorization: bytes
 ) -> UpstreamAnswer:
     """
     A C{HEAD} of C{path} of C{upstream_name} with the client's token:
