@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from hammal.cache.coordinate import FillHolder, LockFileCoordinator
-from hammal.cache.fetch import BlobReader
+from hammal.cache.readers import BlobReader
 from hammal.cache.sibling import SiblingFill
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import LocalCacheError

@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.cache.sendfile.tcp_transport}: sendfile is used only on plain
+Tests for L{hammal.cache.readers.tcp_transport}: sendfile is used only on plain
 TCP connections (the byte-moving itself runs in the integration tests,
 over real sockets).
 """
@@ -18,7 +18,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.cache.sendfile import _FIRST_SLICE, FileSender, tcp_transport
+from hammal.cache.readers import _FIRST_SLICE, FileSender, tcp_transport
 
 
 def request_over(transport: Any) -> Any:

@@ -19,8 +19,8 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.cache.bypass import UpstreamTail
 from hammal.cache.coordinate import LockFileCoordinator, hold_lease
-from hammal.cache.fetch import BlobFetch, BlobReader, Offload, StartUpstream, run_here
-from hammal.cache.follow import Bypass
+from hammal.cache.fetch import BlobFetch, Offload, StartUpstream, run_here
+from hammal.cache.readers import BlobReader, Bypass, FileSender, tcp_transport
 from hammal.cache.sibling import SiblingFill
 from hammal.cache.sources import FillSources
 from hammal.cache.store import BlobStore
@@ -30,7 +30,6 @@ from hammal.conditional import range_applies
 from hammal.errors import NotCachedUpstreamDown, UpstreamTimeout, UpstreamUnavailable
 from hammal.ranges import content_range, parse_range
 from hammal.replies import CACHE_COALESCED, CACHE_HIT, CACHE_MISS, BlobReply, HeaderList
-from hammal.cache.sendfile import FileSender, tcp_transport
 from hammal.reference import Digest
 from hammal.stream import BodySource, TransferBroken
 

@@ -4,7 +4,7 @@ One upstream fetch per blob, fanned out through the growing cache file.
 A L{BlobFetch} streams a blob from upstream into a temporary file, hashing
 it on the way, resuming with ``Range`` when upstream breaks mid-body, and
 commits it to the L{BlobStore} once the digest matched. Any number of
-L{BlobReader}s follow the file at their own pace, each the push producer of
+L{hammal.cache.readers} follow the file at their own pace, each the push producer of
 its own client: a slow client never slows the fetch or the other clients,
 and a client leaving never stops the fetch. Readers are given bytes only up
 to the last complete chunk but one until the digest is verified, so a
@@ -28,7 +28,7 @@ import os
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,7 +36,6 @@ from twisted.web.iweb import IResponse
 
 from hammal import metrics
 from hammal.cache.bypass import StartUpstream, starts_at
-from hammal.cache.follow import Bypass, FileFollower
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
@@ -54,7 +53,7 @@ from hammal.stream import (
     read_body,
 )
 
-__all__ = ["BlobFetch", "BlobReader", "DigestMismatch", "Offload", "StartUpstream", "run_here"]
+__all__ = ["BlobFetch", "DigestMismatch", "Offload", "StartUpstream", "run_here"]
 
 #: A fill of unknown size reserves room in the store in steps of this size.
 RESERVE_STEP = 8 * 1024 * 1024
@@ -620,42 +619,3 @@ class _FileWriter(Protocol):
         if not self.done.called:
             self.done.errback(error)
         _producer(self.transport).stopProducing()
-
-
-class BlobReader(FileFollower):
-    """
-    Streams a byte range of a blob to C{consumer} with C{pread} and
-    C{write}: for consumers sendfile cannot serve (TLS, tests).
-    """
-
-    def __init__(
-        self,
-        consumer: IConsumer,
-        clock: IReactorTime,
-        path: str,
-        start: int,
-        end: int | None,
-        fetch: BlobFetch | None = None,
-        chunk_size: int = 256 * 1024,
-        bypass: Bypass | None = None,
-    ) -> None:
-        super().__init__(consumer, clock, path, start, end, fetch, bypass)
-        self._chunk_size = chunk_size
-
-    def _pump(self) -> None:
-        self._scheduled = None
-        for _ in range(16):
-            if self._paused or self._stopped or self._fd is None or self._failed_fetch():
-                return
-            limit = self._limit()
-            if limit is None or self._offset >= limit:
-                if self._delivered(limit):
-                    self._finish(None)
-                return
-            data = os.pread(self._fd, min(self._chunk_size, limit - self._offset), self._offset)
-            if not data:
-                self._local_failure("the cache file ended early")
-                return
-            self._offset += len(data)
-            self._consumer.write(data)
-        self._schedule()
