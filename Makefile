@@ -79,6 +79,7 @@ bench-quick: deps bench-deps
 
 lint: deps
 	$(BIN)/ruff check hammal twisted tests bench tools
+	$(BIN)/ruff format --check hammal twisted tests bench tools
 	$(BIN)/mypy hammal twisted/plugins/hammal_plugin.py
 
 clean:

@@ -60,8 +60,9 @@ def total_rss_mib(pids: Sequence[int]) -> float:
 class RSSSampler:
     """Samples the summed RSS of some processes every *interval* seconds."""
 
-    def __init__(self, pids_fn: Callable[[], List[int]], interval: float = 0.05,
-                 max_seconds: float = 900) -> None:
+    def __init__(
+        self, pids_fn: Callable[[], List[int]], interval: float = 0.05, max_seconds: float = 900
+    ) -> None:
         self._pids_fn = pids_fn
         self.interval = interval
         self.max_seconds = max_seconds
@@ -104,9 +105,19 @@ class CurlResult:
 
 
 def _curl_argv(url: str, headers: Sequence[Tuple[str, str]], max_time: float) -> List[str]:
-    argv = [CURL_BIN, "-s", "-S", "--noproxy", "*", "-o", "/dev/null",
-            "--max-time", str(int(max_time)),
-            "-w", "%{http_code} %{size_download} %{speed_download} %{time_total}"]
+    argv = [
+        CURL_BIN,
+        "-s",
+        "-S",
+        "--noproxy",
+        "*",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        str(int(max_time)),
+        "-w",
+        "%{http_code} %{size_download} %{speed_download} %{time_total}",
+    ]
     for k, v in headers:
         argv += ["-H", f"{k}: {v}"]
     argv.append(url)
@@ -116,27 +127,45 @@ def _curl_argv(url: str, headers: Sequence[Tuple[str, str]], max_time: float) ->
 def _parse_curl(proc_out: str, err: str) -> CurlResult:
     parts = proc_out.split()
     try:
-        return CurlResult(int(parts[0]), int(parts[1]), float(parts[2]), float(parts[3]),
-                          err.strip()[:300])
+        return CurlResult(
+            int(parts[0]), int(parts[1]), float(parts[2]), float(parts[3]), err.strip()[:300]
+        )
     except (IndexError, ValueError):
         return CurlResult(0, 0, 0.0, 0.0, (proc_out + err).strip()[:300] or "no output")
 
 
-def curl_get(url: str, headers: Sequence[Tuple[str, str]] = (), max_time: float = 300) -> CurlResult:
+def curl_get(
+    url: str, headers: Sequence[Tuple[str, str]] = (), max_time: float = 300
+) -> CurlResult:
     """One GET to /dev/null: status, bytes, average bytes/s, seconds."""
-    proc = subprocess.run(_curl_argv(url, headers, max_time), capture_output=True, text=True,
-                          env=clean_env(), timeout=max_time + 30, preexec_fn=_die_with_parent)
+    proc = subprocess.run(
+        _curl_argv(url, headers, max_time),
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=max_time + 30,
+        preexec_fn=_die_with_parent,
+    )
     return _parse_curl(proc.stdout, proc.stderr)
 
 
-def curl_many(url: str, count: int, headers: Sequence[Tuple[str, str]] = (),
-              max_time: float = 300) -> Tuple[float, List[CurlResult]]:
+def curl_many(
+    url: str, count: int, headers: Sequence[Tuple[str, str]] = (), max_time: float = 300
+) -> Tuple[float, List[CurlResult]]:
     """*count* concurrent GETs (one curl process each): (wall seconds, results)."""
     argv = _curl_argv(url, headers, max_time)
     t0 = time.monotonic()
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=clean_env(), preexec_fn=_die_with_parent)
-             for _ in range(count)]
+    procs = [
+        subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+            preexec_fn=_die_with_parent,
+        )
+        for _ in range(count)
+    ]
     results = []
     try:
         for p in procs:
@@ -172,16 +201,34 @@ def _ms(text: str) -> float:
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(url: str, headers: Sequence[Tuple[str, str]], connections: int = 50,
-        seconds: int = 10, threads: int = 2) -> WrkResult:
+def wrk(
+    url: str,
+    headers: Sequence[Tuple[str, str]],
+    connections: int = 50,
+    seconds: int = 10,
+    threads: int = 2,
+) -> WrkResult:
     """``wrk --latency -cN -dS``; a non-2xx answer is counted, not hidden."""
-    argv = [WRK_BIN, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-            "--timeout", "5s"]
+    argv = [
+        WRK_BIN,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "--timeout",
+        "5s",
+    ]
     for k, v in headers:
         argv += ["-H", f"{k}: {v}"]
     argv.append(url)
-    proc = subprocess.run(argv, capture_output=True, text=True, env=clean_env(),
-                          timeout=seconds + 60, preexec_fn=_die_with_parent)
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=seconds + 60,
+        preexec_fn=_die_with_parent,
+    )
     out = proc.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
@@ -218,9 +265,15 @@ def _slow_socket(port: int, rcvbuf: int) -> socket.socket:
     return s
 
 
-def slow_reader(port: int, path: str, headers: Sequence[Tuple[str, str]], rate: float,
-                seconds: float, on_tick: Callable[[int], None],
-                rcvbuf: int = 64 * 1024) -> Dict[str, object]:
+def slow_reader(
+    port: int,
+    path: str,
+    headers: Sequence[Tuple[str, str]],
+    rate: float,
+    seconds: float,
+    on_tick: Callable[[int], None],
+    rcvbuf: int = 64 * 1024,
+) -> Dict[str, object]:
     """Read *path* at *rate* bytes/s for *seconds*, calling ``on_tick(i)`` once
     a second (for RSS sampling); then close. Returns what was read."""
     s = _slow_socket(port, rcvbuf)
@@ -257,8 +310,11 @@ def slow_reader(port: int, path: str, headers: Sequence[Tuple[str, str]], rate: 
         while next_tick <= seconds:
             on_tick(next_tick)
             next_tick += 1
-        return {"status": status.decode("latin-1"), "bytes": got,
-                "seconds": round(time.monotonic() - t0, 1)}
+        return {
+            "status": status.decode("latin-1"),
+            "bytes": got,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
     finally:
         s.close()
 
@@ -271,10 +327,16 @@ class _Reader:
     closed: bool = False
 
 
-def many_slow_readers(port: int, path: str, headers: Sequence[Tuple[str, str]], count: int,
-                      seconds: float, on_tick: Callable[[int], None],
-                      per_client_rate: float = 8192,
-                      rcvbuf: int = 4096) -> Dict[str, object]:
+def many_slow_readers(
+    port: int,
+    path: str,
+    headers: Sequence[Tuple[str, str]],
+    count: int,
+    seconds: float,
+    on_tick: Callable[[int], None],
+    per_client_rate: float = 8192,
+    rcvbuf: int = 4096,
+) -> Dict[str, object]:
     """*count* connections, each reading *path* at *per_client_rate* bytes/s,
     held for *seconds* (``on_tick(i)`` once a second), then all closed.
 
@@ -343,9 +405,13 @@ def many_slow_readers(port: int, path: str, headers: Sequence[Tuple[str, str]], 
             code = parts[1].decode() if len(parts) > 1 else "none"
             statuses[code] = statuses.get(code, 0) + 1
         held = sum(1 for st in state.values() if st.status and not st.closed)
-        return {"connections": len(socks), "connect_errors": connect_errors,
-                "statuses": statuses, "held_open": held,
-                "bytes_total": sum(st.bytes for st in state.values())}
+        return {
+            "connections": len(socks),
+            "connect_errors": connect_errors,
+            "statuses": statuses,
+            "held_open": held,
+            "bytes_total": sum(st.bytes for st in state.values()),
+        }
     finally:
         sel.close()
         for s in socks:

@@ -29,7 +29,9 @@ def _one(nodes: int, cluster: bool, size: int, clients: int, rate: int) -> Dict[
     try:
         digest = rig.add_blob(size, f"bench-{nodes}-{time.time_ns()}".encode())
         url = f"{rig.haproxy.url}/v2/{REPOSITORY}/blobs/{digest}"
-        samplers = [RSSSampler(lambda n=node: [p for p in [n.pid()] if p], 0.1) for node in rig.nodes]
+        samplers = [
+            RSSSampler(lambda n=node: [p for p in [n.pid()] if p], 0.1) for node in rig.nodes
+        ]
         for sampler in samplers:
             sampler.__enter__()
         try:

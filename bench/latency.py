@@ -142,13 +142,25 @@ class ProbeProcess:
         seconds: float,
         env: Optional[Dict[str, str]] = None,
     ) -> None:
-        argv = [sys.executable, "-m", "bench.latency", "--port", str(port), "--path", path,
-                "--rate", str(rate), "--seconds", str(seconds)]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.latency",
+            "--port",
+            str(port),
+            "--path",
+            path,
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+        ]
         for k, v in headers:
             argv += ["--header", f"{k}: {v}"]
         self.seconds = seconds
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env)
+        self._proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
 
     def wait_started(self, timeout: float = 30) -> bool:
         """Block until the probe's clock started (at most C{timeout} s)."""
@@ -167,8 +179,15 @@ class ProbeProcess:
         try:
             return LatencyResult(**json.loads(out))
         except (ValueError, TypeError):
-            return LatencyResult(0, 0, {}, math.nan, math.nan, math.nan,
-                                 f"probe failed: {(out + err).strip()[-300:]}")
+            return LatencyResult(
+                0,
+                0,
+                {},
+                math.nan,
+                math.nan,
+                math.nan,
+                f"probe failed: {(out + err).strip()[-300:]}",
+            )
 
     def kill(self) -> None:
         if self._proc.poll() is None:
@@ -189,8 +208,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for text in args.header:
         name, _, value = text.partition(":")
         headers.append((name.strip(), value.strip()))
-    result = paced_gets(args.port, args.path, headers, args.rate, args.seconds, args.host,
-                        on_start=lambda: print("started", flush=True))
+    result = paced_gets(
+        args.port,
+        args.path,
+        headers,
+        args.rate,
+        args.seconds,
+        args.host,
+        on_start=lambda: print("started", flush=True),
+    )
     print(json.dumps(dataclasses.asdict(result)))
     return 0
 

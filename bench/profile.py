@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Tuple
 from bench.clients import MiB, curl_get, curl_many, wrk
 from bench.crowd import slow_crowd
 from bench.machine import raise_nofile
-from bench.ttfb import first_body_byte
 from bench.stack import ACCEPT_ALL, BenchUpstream, HammalBench, bench_workdir, build_image
+from bench.ttfb import first_body_byte
 from tests.integration.environment import clean_env
 
 PY_SPY = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -79,9 +79,11 @@ def summarize(collapsed: str, top: int = 25) -> str:
             own_counts[name] += count
     if not busy:
         return "no busy samples of the reactor thread"
-    lines = [f"reactor thread: {busy} busy samples, {idle} idle in epoll "
-             f"({100 * busy / max(1, busy + idle):.0f}% busy)",
-             f"{'self%':>6} {'total%':>7}  function (share of the reactor thread's busy time)"]
+    lines = [
+        f"reactor thread: {busy} busy samples, {idle} idle in epoll "
+        f"({100 * busy / max(1, busy + idle):.0f}% busy)",
+        f"{'self%':>6} {'total%':>7}  function (share of the reactor thread's busy time)",
+    ]
     for name, count in self_counts.most_common(top):
         lines.append(f"{100 * count / busy:6.1f} {100 * total_counts[name] / busy:7.1f}  {name}")
     lines += ["", "by total, hammal's own frames:"]
@@ -110,10 +112,21 @@ def record(pid: int, out: str, fmt: str, load: Callable[[], None], gil: bool = F
     if fmt == "strace":
         argv = [STRACE, "-c", "-f", "-p", str(pid), "-o", out]
     else:
-        argv = [PY_SPY, "record", "--pid", str(pid), "--rate", "200", "--format", fmt,
-                "--output", out, "--idle", "--threads"] + (["--gil"] if gil else [])
-    spy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           env=clean_env())
+        argv = [
+            PY_SPY,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "200",
+            "--format",
+            fmt,
+            "--output",
+            out,
+            "--idle",
+            "--threads",
+        ] + (["--gil"] if gil else [])
+    spy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=clean_env())
     try:
         time.sleep(1.0)  # py-spy attaches
         load()
@@ -128,15 +141,20 @@ def record(pid: int, out: str, fmt: str, load: Callable[[], None], gil: bool = F
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario",
-                        choices=["cold", "warm", "concurrent", "manifests", "crowd", "first-byte"])
+    parser.add_argument(
+        "scenario", choices=["cold", "warm", "concurrent", "manifests", "crowd", "first-byte"]
+    )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "profiles"))
     parser.add_argument("--svg", action="store_true", help="also record a flame graph")
-    parser.add_argument("--strace", action="store_true",
-                        help="also count hammal's system calls (strace -c -f)")
-    parser.add_argument("--gil", action="store_true",
-                        help="sample only the thread holding the GIL (py-spy --gil): time a"
-                             " thread spends waiting to get the GIL back drops out")
+    parser.add_argument(
+        "--strace", action="store_true", help="also count hammal's system calls (strace -c -f)"
+    )
+    parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only the thread holding the GIL (py-spy --gil): time a"
+        " thread spends waiting to get the GIL back drops out",
+    )
     parser.add_argument("--buffer-size", default="1M")
     args = parser.parse_args(argv)
     if not os.access(PY_SPY, os.X_OK):
@@ -166,18 +184,33 @@ def main(argv: List[str] | None = None) -> int:
     loads: Dict[str, Tuple[Callable[[], None], Callable[[], None]]] = {
         "cold": (lambda: None, cold),
         "warm": (cold, cold),
-        "concurrent": (lambda: None, lambda: print(
-            f"  50 concurrent: {curl_many(url(layers[0]), 50)[0]:.1f}s", flush=True)),
+        "concurrent": (
+            lambda: None,
+            lambda: print(f"  50 concurrent: {curl_many(url(layers[0]), 50)[0]:.1f}s", flush=True),
+        ),
         "manifests": (
-            lambda: None if curl_get(f"{hammal.url}/v2/{image.repo}/manifests/1",
-                                     [("Accept", ACCEPT_ALL)]) else None,
-            lambda: print("  " + str(wrk(f"{hammal.url}/v2/{image.repo}/manifests/1",
-                                         [("Accept", ACCEPT_ALL)], 50, 10))[:160], flush=True),
+            lambda: (
+                None
+                if curl_get(f"{hammal.url}/v2/{image.repo}/manifests/1", [("Accept", ACCEPT_ALL)])
+                else None
+            ),
+            lambda: print(
+                "  "
+                + str(
+                    wrk(
+                        f"{hammal.url}/v2/{image.repo}/manifests/1",
+                        [("Accept", ACCEPT_ALL)],
+                        50,
+                        10,
+                    )
+                )[:160],
+                flush=True,
+            ),
         ),
     }
 
     def crowd() -> None:
-        path = url(layers[0])[len(hammal.url):]
+        path = url(layers[0])[len(hammal.url) :]
         print(f"  {slow_crowd(hammal.port, path, [], 3000, 64 * 1024, 10)}", flush=True)
 
     loads["crowd"] = (lambda: None if curl_get(url(layers[0])) else None, crowd)
@@ -190,8 +223,11 @@ def main(argv: List[str] | None = None) -> int:
                 print(f"  {d[:19]}: HTTP {r.status} {r.error}", flush=True)
             times.append(r.ttfb_s * 1000)
         ordered = sorted(times)
-        print(f"  {len(times)} cold first bytes: first {times[0]:.1f} ms, median"
-              f" {ordered[len(ordered) // 2]:.1f} ms, max {ordered[-1]:.1f} ms", flush=True)
+        print(
+            f"  {len(times)} cold first bytes: first {times[0]:.1f} ms, median"
+            f" {ordered[len(ordered) // 2]:.1f} ms, max {ordered[-1]:.1f} ms",
+            flush=True,
+        )
 
     loads["first-byte"] = (lambda: None, first_bytes)
     prepare, load = loads[args.scenario]

@@ -65,6 +65,7 @@ from tests.integration.environment import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results.json")
 
+
 @dataclasses.dataclass
 class Config:
     """Sizes and durations of a run."""
@@ -84,12 +85,29 @@ class Config:
     crowd_probe_rate: float = 100
 
 
-FULL = Config(runs=3, big_size=256 * MiB, multi_layers=[8 * MiB] * 8, concurrent=50,
-              wrk_seconds=10, slow_seconds=30, slow_rate=1_000_000, many_slow=500,
-              many_slow_seconds=20)
-QUICK = Config(runs=1, big_size=64 * MiB, multi_layers=[2 * MiB] * 4, concurrent=50,
-               wrk_seconds=3, slow_seconds=10, slow_rate=1_000_000, many_slow=500,
-               many_slow_seconds=8, crowd_seconds=10)
+FULL = Config(
+    runs=3,
+    big_size=256 * MiB,
+    multi_layers=[8 * MiB] * 8,
+    concurrent=50,
+    wrk_seconds=10,
+    slow_seconds=30,
+    slow_rate=1_000_000,
+    many_slow=500,
+    many_slow_seconds=20,
+)
+QUICK = Config(
+    runs=1,
+    big_size=64 * MiB,
+    multi_layers=[2 * MiB] * 4,
+    concurrent=50,
+    wrk_seconds=3,
+    slow_seconds=10,
+    slow_rate=1_000_000,
+    many_slow=500,
+    many_slow_seconds=8,
+    crowd_seconds=10,
+)
 
 #: What ``--quick`` runs unless ``--only`` says otherwise: the cold-blob rows.
 QUICK_SECTIONS = ["throughput", "ttfb"]
@@ -134,29 +152,36 @@ class Bench:
         self.big = build_image(images_dir, "bench/big", "1", [self.cfg.big_size], seed=11)
         self.multi = build_image(images_dir, "bench/multi", "1", self.cfg.multi_layers, seed=12)
         self.blob, self.blob_size = self.big.largest_layer
-        log(f"big layer {self.blob} ({self.blob_size} bytes); "
-            f"multi: {len(self.multi.layers)} layers")
+        log(
+            f"big layer {self.blob} ({self.blob_size} bytes); "
+            f"multi: {len(self.multi.layers)} layers"
+        )
         self.upstream = BenchUpstream(self.workdir).start([self.big, self.multi])
         self.nginx = NginxReference(self.workdir, self.upstream).start()
         self.peer = DistributionPeer(self.workdir, self.upstream)
         self.hammal = HammalBench(self.workdir, self.upstream, buffer_size="1M")
         self.proxies: List[Proxy] = [self.hammal, self.nginx, self.peer]
         self._probe_no_hold_tail()
-        log(f"upstream up and seeded in {time.monotonic() - t0:.1f}s "
+        log(
+            f"upstream up and seeded in {time.monotonic() - t0:.1f}s "
             f"(registry {self.upstream.registry_url}, CDN {self.upstream.cdn_url}, "
-            f"nginx reference {self.nginx.url})")
+            f"nginx reference {self.nginx.url})"
+        )
         self._sanity()
 
     def _probe_no_hold_tail(self) -> None:
         """A second hammal with ``--no-hold-tail``, if hammal accepts the option."""
-        candidate = HammalBench(self.workdir, self.upstream, buffer_size="1M",
-                                extra_args=["--no-hold-tail"])
+        candidate = HammalBench(
+            self.workdir, self.upstream, buffer_size="1M", extra_args=["--no-hold-tail"]
+        )
         try:
             candidate.restart_fresh()
         except HarnessError as refused:
             lines = [line.strip() for line in str(refused).splitlines() if line.strip()]
-            said = next((line for line in lines if "no-hold-tail" in line and "exited" not in line),
-                        lines[0] if lines else "")
+            said = next(
+                (line for line in lines if "no-hold-tail" in line and "exited" not in line),
+                lines[0] if lines else "",
+            )
             said = said.rsplit(": ", 1)[-1]  # twistd's "PATH --pidfile=: option ... not recognized"
             self.no_hold_tail_reason = f"not available: hammal refuses it ({said[:100]})"
             log(self.no_hold_tail_reason)
@@ -179,7 +204,9 @@ class Bench:
             for digest in (config, small):
                 resp, got, size = http_get_digest(
                     f"{proxy.url}/v2/{self.multi.repo}/blobs/{digest}",
-                    proxy.client_headers(self.multi.repo), timeout=60)
+                    proxy.client_headers(self.multi.repo),
+                    timeout=60,
+                )
                 if resp.status != 200 or got != digest:
                     raise HarnessError(f"{proxy.name} served {resp.status} {got} for {digest}")
         log("sanity: every proxy serves the right digests")
@@ -195,14 +222,17 @@ class Bench:
 
     def wait_peer_stored(self, digests: Sequence[str], repo: str, timeout: float = 120) -> None:
         """Distribution stores a proxied blob on a goroutine of its own: wait for it."""
-        storage = os.path.join(self.workdir, f"peer-storage-{self.peer.generation}",
-                               "docker", "registry", "v2")
+        storage = os.path.join(
+            self.workdir, f"peer-storage-{self.peer.generation}", "docker", "registry", "v2"
+        )
 
         def stored() -> bool:
             for d in digests:
                 hexd = d.split(":", 1)[1]
                 data = os.path.join(storage, "blobs", "sha256", hexd[:2], hexd, "data")
-                link = os.path.join(storage, "repositories", repo, "_layers", "sha256", hexd, "link")
+                link = os.path.join(
+                    storage, "repositories", repo, "_layers", "sha256", hexd, "link"
+                )
                 if not (os.path.exists(data) and os.path.exists(link)):
                     return False
             return True
@@ -251,19 +281,24 @@ class Bench:
                 cold.setdefault(NO_HOLD_TAIL, []).append(speed)
                 self.no_hold_tail.stop()
                 log(f"run {r + 1}: {NO_HOLD_TAIL} cold {speed:.0f} MB/s")
-        log("proxy CPU seconds per GiB served: "
-            + ", ".join(f"{k} {median(v)}" for k, v in cpu.items()))
-        self.figures["cpu_s_per_GiB"] = {k: {"runs": v, "median": median(v)} for k, v in cpu.items()}
+        log(
+            "proxy CPU seconds per GiB served: "
+            + ", ".join(f"{k} {median(v)}" for k, v in cpu.items())
+        )
+        self.figures["cpu_s_per_GiB"] = {
+            k: {"runs": v, "median": median(v)} for k, v in cpu.items()
+        }
         # the client's ceiling: curl straight from the CDN (nginx sendfile)
         hexd = self.blob.split(":", 1)[1]
-        cdn_url = (f"{self.upstream.cdn_url}/docker/registry/v2/blobs/sha256/"
-                   f"{hexd[:2]}/{hexd}/data")
+        cdn_url = f"{self.upstream.cdn_url}/docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}/data"
         direct = [curl_get(cdn_url).speed / 1e6 for _ in range(runs)]
         log(f"client ceiling (curl from the CDN directly): {[round(x) for x in direct]} MB/s")
         self.figures["cdn_direct_MBps"] = {"runs": direct, "median": median(direct)}
         self.figures["cold_MBps"] = {k: {"runs": v, "median": median(v)} for k, v in cold.items()}
-        self.figures["no_hold_tail"] = {"available": self.no_hold_tail is not None,
-                                        "reason": self.no_hold_tail_reason}
+        self.figures["no_hold_tail"] = {
+            "available": self.no_hold_tail is not None,
+            "reason": self.no_hold_tail_reason,
+        }
         self.figures["warm_MBps"] = {k: {"runs": v, "median": median(v)} for k, v in warm.items()}
 
     def concurrent(self) -> None:
@@ -283,18 +318,40 @@ class Bench:
                 lines = self.upstream.cdn.log_lines(offset)
                 gets = sum(1 for line in lines if line.startswith("GET ") and hexd in line)
                 heads = sum(1 for line in lines if line.startswith("HEAD ") and hexd in line)
-                full = sum(1 for line in lines if line.startswith("GET ") and hexd in line
-                           and line.split()[3] == str(self.blob_size))
+                full = sum(
+                    1
+                    for line in lines
+                    if line.startswith("GET ")
+                    and hexd in line
+                    and line.split()[3] == str(self.blob_size)
+                )
                 ok = sum(1 for x in results if x.code == 200 and x.size == self.blob_size)
                 if ok != n:
-                    bad = [f"{x.code}/{x.size}/{x.error}" for x in results
-                           if not (x.code == 200 and x.size == self.blob_size)][:5]
-                    self.problems.append(f"{n} concurrent via {proxy.name} run {r + 1}: only {ok} "
-                                         f"complete; e.g. {bad}")
-                hwm = (rss_kib(proxy.pids()[0], "VmHWM") / 1024.0) if len(proxy.pids()) == 1 else None
-                rec = out.setdefault(proxy.name, {"wall_s": [], "cdn_gets": [], "cdn_heads": [],
-                                                  "cdn_full_bodies": [], "peak_rss_MiB": [],
-                                                  "vmhwm_MiB": [], "complete": [], "cpu_s": []})
+                    bad = [
+                        f"{x.code}/{x.size}/{x.error}"
+                        for x in results
+                        if not (x.code == 200 and x.size == self.blob_size)
+                    ][:5]
+                    self.problems.append(
+                        f"{n} concurrent via {proxy.name} run {r + 1}: only {ok} "
+                        f"complete; e.g. {bad}"
+                    )
+                hwm = (
+                    (rss_kib(proxy.pids()[0], "VmHWM") / 1024.0) if len(proxy.pids()) == 1 else None
+                )
+                rec = out.setdefault(
+                    proxy.name,
+                    {
+                        "wall_s": [],
+                        "cdn_gets": [],
+                        "cdn_heads": [],
+                        "cdn_full_bodies": [],
+                        "peak_rss_MiB": [],
+                        "vmhwm_MiB": [],
+                        "complete": [],
+                        "cpu_s": [],
+                    },
+                )
                 rec["cpu_s"].append(round(cpu_used, 1))
                 rec["wall_s"].append(round(wall, 2))
                 rec["cdn_gets"].append(gets)
@@ -303,13 +360,20 @@ class Bench:
                 rec["peak_rss_MiB"].append(round(sampler.peak, 1))
                 rec["vmhwm_MiB"].append(round(hwm, 1) if hwm is not None else None)
                 rec["complete"].append(ok)
-                log(f"run {r + 1}: {n} concurrent cold via {proxy.name}: {wall:.1f}s, "
-                    f"CDN GETs {gets} ({full} full bodies), HEADs {heads}, peak RSS {sampler.peak:.0f} MiB"
-                    f"{'' if hwm is None else f' (VmHWM {hwm:.0f} MiB)'}, CPU {cpu_used:.1f}s, {ok}/{n} complete")
+                log(
+                    f"run {r + 1}: {n} concurrent cold via {proxy.name}: {wall:.1f}s, "
+                    f"CDN GETs {gets} ({full} full bodies), HEADs {heads}, "
+                    f"peak RSS {sampler.peak:.0f} MiB"
+                    f"{'' if hwm is None else f' (VmHWM {hwm:.0f} MiB)'}, "
+                    f"CPU {cpu_used:.1f}s, {ok}/{n} complete"
+                )
         self.figures["concurrent_cold"] = {
-            name: {**rec, "median_wall_s": median(rec["wall_s"]),
-                   "median_peak_rss_MiB": median(rec["peak_rss_MiB"]),
-                   "max_cdn_gets": max(rec["cdn_gets"])}
+            name: {
+                **rec,
+                "median_wall_s": median(rec["wall_s"]),
+                "median_peak_rss_MiB": median(rec["peak_rss_MiB"]),
+                "max_cdn_gets": max(rec["cdn_gets"]),
+            }
             for name, rec in out.items()
         }
 
@@ -328,23 +392,40 @@ class Bench:
                 if resp.status != 200 or digest != self.multi.manifest_digest:
                     self.problems.append(f"manifest via {proxy.name}: {resp.status} {digest}")
                 res = wrk(proxy.url + path, headers, connections=50, seconds=secs)
-                rec = out.setdefault(proxy.name, {"req_per_s": [], "p50_ms": [], "p99_ms": [],
-                                                  "non_2xx": [], "socket_errors": []})
+                rec = out.setdefault(
+                    proxy.name,
+                    {
+                        "req_per_s": [],
+                        "p50_ms": [],
+                        "p99_ms": [],
+                        "non_2xx": [],
+                        "socket_errors": [],
+                    },
+                )
                 rec["req_per_s"].append(res.requests_per_s)
                 rec["p50_ms"].append(res.p50_ms)
                 rec["p99_ms"].append(res.p99_ms)
                 rec["non_2xx"].append(res.non_2xx)
                 rec["socket_errors"].append(res.socket_errors)  # type: ignore[arg-type]
                 if res.non_2xx or res.requests_per_s == 0:
-                    self.problems.append(f"wrk via {proxy.name} run {r + 1}: {res.non_2xx} non-2xx"
-                                         f" of {res.requests}; {res.socket_errors}")
-                log(f"run {r + 1}: manifest by tag via {proxy.name}: {res.requests_per_s:.0f} req/s,"
+                    self.problems.append(
+                        f"wrk via {proxy.name} run {r + 1}: {res.non_2xx} non-2xx"
+                        f" of {res.requests}; {res.socket_errors}"
+                    )
+                log(
+                    f"run {r + 1}: manifest by tag via {proxy.name}: "
+                    f"{res.requests_per_s:.0f} req/s,"
                     f" p50 {res.p50_ms:.1f} ms, p99 {res.p99_ms:.1f} ms"
                     f"{f', {res.non_2xx} non-2xx' if res.non_2xx else ''}"
-                    f"{f', socket errors {res.socket_errors}' if res.socket_errors else ''}")
+                    f"{f', socket errors {res.socket_errors}' if res.socket_errors else ''}"
+                )
         self.figures["manifest_by_tag"] = {
-            name: {**rec, "median_req_per_s": median(rec["req_per_s"]),
-                   "median_p50_ms": median(rec["p50_ms"]), "median_p99_ms": median(rec["p99_ms"])}
+            name: {
+                **rec,
+                "median_req_per_s": median(rec["req_per_s"]),
+                "median_p50_ms": median(rec["p50_ms"]),
+                "median_p99_ms": median(rec["p99_ms"]),
+            }
             for name, rec in out.items()
         }
 
@@ -352,8 +433,9 @@ class Bench:
         """Manifest by tag under wrk -c50: hammal ``--workers 2`` against one process (issue 14)."""
         runs, secs = self.cfg.runs, self.cfg.wrk_seconds
         path = f"/v2/{self.multi.repo}/manifests/{self.multi.tag}"
-        two = HammalBench(self.workdir, self.upstream, buffer_size="1M",
-                          extra_args=["--workers", "2"])
+        two = HammalBench(
+            self.workdir, self.upstream, buffer_size="1M", extra_args=["--workers", "2"]
+        )
         out: Dict[str, Dict[str, List[float]]] = {}
         try:
             if self.hammal.process is None:
@@ -372,15 +454,23 @@ class Bench:
                     rec["p50_ms"].append(res.p50_ms)
                     rec["p99_ms"].append(res.p99_ms)
                     if res.non_2xx or res.requests_per_s == 0:
-                        self.problems.append(f"wrk via {label} worker(s) run {r + 1}:"
-                                             f" {res.non_2xx} non-2xx of {res.requests}")
-                    log(f"run {r + 1}: manifest by tag, {label} worker(s):"
-                        f" {res.requests_per_s:.0f} req/s, p99 {res.p99_ms:.1f} ms")
+                        self.problems.append(
+                            f"wrk via {label} worker(s) run {r + 1}:"
+                            f" {res.non_2xx} non-2xx of {res.requests}"
+                        )
+                    log(
+                        f"run {r + 1}: manifest by tag, {label} worker(s):"
+                        f" {res.requests_per_s:.0f} req/s, p99 {res.p99_ms:.1f} ms"
+                    )
         finally:
             two.stop()
         self.figures["manifest_workers"] = {
-            label: {**rec, "median_req_per_s": median(rec["req_per_s"]),
-                    "median_p50_ms": median(rec["p50_ms"]), "median_p99_ms": median(rec["p99_ms"])}
+            label: {
+                **rec,
+                "median_req_per_s": median(rec["req_per_s"]),
+                "median_p50_ms": median(rec["p50_ms"]),
+                "median_p99_ms": median(rec["p99_ms"]),
+            }
             for label, rec in out.items()
         }
 
@@ -411,11 +501,16 @@ class Bench:
                 if proxy is self.peer:
                     self.wait_peer_stored(self.multi.layers, self.multi.repo)
                 rec["warm_s"].append(pull(proxy))
-                log(f"run {r + 1}: skopeo via {proxy.name}: cold {rec['cold_s'][-1]}s, "
-                    f"warm {rec['warm_s'][-1]}s")
+                log(
+                    f"run {r + 1}: skopeo via {proxy.name}: cold {rec['cold_s'][-1]}s, "
+                    f"warm {rec['warm_s'][-1]}s"
+                )
         self.figures["skopeo_pull_s"] = {
-            name: {**rec, "median_cold_s": median(rec["cold_s"]),
-                   "median_warm_s": median(rec["warm_s"])}
+            name: {
+                **rec,
+                "median_cold_s": median(rec["cold_s"]),
+                "median_warm_s": median(rec["warm_s"]),
+            }
             for name, rec in out.items()
         }
 
@@ -428,11 +523,18 @@ class Bench:
             samples.append(round(total_rss_mib(self.hammal.pids()), 1))
 
         res = slow_reader(self.hammal.port, self.blob_path(), [], rate, secs, tick)
-        log(f"slow client ({rate / 1e6:.0f} MB/s, {secs}s, cold blob) via hammal: {res}; "
-            f"RSS MiB first {samples[0]} max {max(samples)} last {samples[-1]}")
+        log(
+            f"slow client ({rate / 1e6:.0f} MB/s, {secs}s, cold blob) via hammal: {res}; "
+            f"RSS MiB first {samples[0]} max {max(samples)} last {samples[-1]}"
+        )
         self.figures["slow_client"] = {
-            "rate_Bps": rate, "seconds": secs, "read": res, "rss_MiB": samples,
-            "first_MiB": samples[0], "max_MiB": max(samples), "last_MiB": samples[-1],
+            "rate_Bps": rate,
+            "seconds": secs,
+            "read": res,
+            "rss_MiB": samples,
+            "first_MiB": samples[0],
+            "max_MiB": max(samples),
+            "last_MiB": samples[-1],
         }
 
     def many_slow(self) -> None:
@@ -442,8 +544,11 @@ class Bench:
         count, secs = self.cfg.many_slow, self.cfg.many_slow_seconds
         out: Dict[str, Any] = {}
         for buffer_size, state in (("1M", "cold"), ("1M", "warm"), ("256K", "cold")):
-            hammal = self.hammal if buffer_size == "1M" else HammalBench(
-                self.workdir, self.upstream, buffer_size=buffer_size)
+            hammal = (
+                self.hammal
+                if buffer_size == "1M"
+                else HammalBench(self.workdir, self.upstream, buffer_size=buffer_size)
+            )
             hammal.restart_fresh()
             if state == "warm":
                 warm_up = curl_get(self.blob_url(hammal))
@@ -456,12 +561,19 @@ class Bench:
             res = many_slow_readers(hammal.port, self.blob_path(), [], count, secs, tick)
             hwm = rss_kib(hammal.pids()[0], "VmHWM") / 1024.0
             key = f"{buffer_size} {state}"
-            out[key] = {**res, "rss_MiB": samples, "first_MiB": samples[0],
-                        "max_MiB": max(samples), "last_MiB": samples[-1],
-                        "vmhwm_MiB": round(hwm, 1)}
-            log(f"{count} slow clients via hammal --buffer-size {buffer_size}, {state} blob: {res};"
+            out[key] = {
+                **res,
+                "rss_MiB": samples,
+                "first_MiB": samples[0],
+                "max_MiB": max(samples),
+                "last_MiB": samples[-1],
+                "vmhwm_MiB": round(hwm, 1),
+            }
+            log(
+                f"{count} slow clients via hammal --buffer-size {buffer_size}, {state} blob: {res};"
                 f" RSS MiB first {samples[0]} max {max(samples)} last {samples[-1]}"
-                f" (VmHWM {hwm:.0f})")
+                f" (VmHWM {hwm:.0f})"
+            )
             if hammal is not self.hammal:
                 hammal.stop()
         self.figures["many_slow_clients"] = out
@@ -480,17 +592,22 @@ class Bench:
                     proxy.restart_fresh()
                 else:
                     self.fresh(proxy)
-                res = first_body_byte(proxy.port, self.blob_path(),
-                                      proxy.client_headers(self.big.repo), timeout=300)
+                res = first_body_byte(
+                    proxy.port, self.blob_path(), proxy.client_headers(self.big.repo), timeout=300
+                )
                 if extra:
                     proxy.stop()
                 if res.error or res.status != 200 or res.body_bytes != self.blob_size:
-                    self.problems.append(f"TTFB via {name} run {r + 1}: HTTP {res.status},"
-                                         f" {res.body_bytes} of {self.blob_size} bytes {res.error}")
+                    self.problems.append(
+                        f"TTFB via {name} run {r + 1}: HTTP {res.status},"
+                        f" {res.body_bytes} of {self.blob_size} bytes {res.error}"
+                    )
                 ms = round(res.ttfb_s * 1000, 1)
                 out.setdefault(name, []).append(ms)
-                log(f"run {r + 1}: cold TTFB via {name}: {ms} ms (headers at"
-                    f" {res.headers_s * 1000:.1f} ms, body done at {res.seconds:.2f} s)")
+                log(
+                    f"run {r + 1}: cold TTFB via {name}: {ms} ms (headers at"
+                    f" {res.headers_s * 1000:.1f} ms, body done at {res.seconds:.2f} s)"
+                )
         self.figures["ttfb_ms"] = {k: {"runs": v, "median": median(v)} for k, v in out.items()}
 
     def crowd(self) -> None:
@@ -507,9 +624,14 @@ class Bench:
         if resp.status != 200 or digest != self.multi.manifest_digest:
             self.problems.append(f"crowd: manifest warm-up {resp.status} {digest}")
         lead = 1.0  # the probe's baseline before the crowd arrives
-        probe = ProbeProcess(hammal.port, path, headers, cfg.crowd_probe_rate,
-                             lead + cfg.crowd_seconds + 1,
-                             env={**os.environ, "PYTHONPATH": REPO_ROOT})
+        probe = ProbeProcess(
+            hammal.port,
+            path,
+            headers,
+            cfg.crowd_probe_rate,
+            lead + cfg.crowd_seconds + 1,
+            env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        )
         samples: List[float] = []
         kernel: List[float] = []
         try:
@@ -521,25 +643,41 @@ class Bench:
                 samples.append(round(total_rss_mib(hammal.pids()), 1))
                 kernel.append(machine.tcp_kernel_mib())
 
-            readers = slow_crowd(hammal.port, self.blob_path(), [], cfg.crowd, cfg.crowd_rate,
-                                 cfg.crowd_seconds, tick)
+            readers = slow_crowd(
+                hammal.port,
+                self.blob_path(),
+                [],
+                cfg.crowd,
+                cfg.crowd_rate,
+                cfg.crowd_seconds,
+                tick,
+            )
             result = probe.result()
         finally:
             probe.kill()
         if result.error and not result.requests:
             self.problems.append(f"crowd: the latency probe failed: {result.error}")
         if readers.held_open != cfg.crowd:
-            self.problems.append(f"crowd: {readers.held_open}/{cfg.crowd} readers held open;"
-                                 f" connect errors {readers.connect_errors},"
-                                 f" statuses {readers.statuses}")
+            self.problems.append(
+                f"crowd: {readers.held_open}/{cfg.crowd} readers held open;"
+                f" connect errors {readers.connect_errors},"
+                f" statuses {readers.statuses}"
+            )
         self.figures["crowd"] = {
-            "count": cfg.crowd, "rate_Bps": cfg.crowd_rate, "seconds": cfg.crowd_seconds,
-            "probe_rate": cfg.crowd_probe_rate, "nofile": list(self.nofile),
-            "readers": dataclasses.asdict(readers), "probe": dataclasses.asdict(result),
-            "rss_MiB": samples, "max_MiB": max(samples, default=0.0),
-            "kernel_tcp_MiB": kernel, "max_kernel_tcp_MiB": max(kernel, default=0.0),
+            "count": cfg.crowd,
+            "rate_Bps": cfg.crowd_rate,
+            "seconds": cfg.crowd_seconds,
+            "probe_rate": cfg.crowd_probe_rate,
+            "nofile": list(self.nofile),
+            "readers": dataclasses.asdict(readers),
+            "probe": dataclasses.asdict(result),
+            "rss_MiB": samples,
+            "max_MiB": max(samples, default=0.0),
+            "kernel_tcp_MiB": kernel,
+            "max_kernel_tcp_MiB": max(kernel, default=0.0),
         }
-        log(f"crowd: {cfg.crowd} readers at {cfg.crowd_rate / 1024:.0f} KiB/s for"
+        log(
+            f"crowd: {cfg.crowd} readers at {cfg.crowd_rate / 1024:.0f} KiB/s for"
             f" {cfg.crowd_seconds}s: connected {readers.connected} in {readers.connect_s}s,"
             f" held {readers.held_open}, {readers.per_reader_Bps / 1024:.0f} KiB/s each,"
             f" errors {readers.connect_errors}; manifest by tag: {result.requests} GETs,"
@@ -547,7 +685,8 @@ class Bench:
             f" errors {result.errors}; hammal RSS max {max(samples, default=0.0)} MiB,"
             f" kernel TCP buffers (machine-wide) max {max(kernel, default=0.0)} MiB;"
             f" slowest manifest GET per second (ms, the crowd arrives at second {lead:g}):"
-            f" {result.max_ms_by_second}")
+            f" {result.max_ms_by_second}"
+        )
 
     # -- report ------------------------------------------------------------
 
@@ -556,8 +695,9 @@ class Bench:
         figures = cluster_row(self.cfg.big_size, self.cfg.concurrent)
         for key, rec in figures.items():
             if rec["complete"] != rec["clients"]:
-                self.problems.append(f"cluster row, {key}: only {rec['complete']}/{rec['clients']}"
-                                     " complete")
+                self.problems.append(
+                    f"cluster row, {key}: only {rec['complete']}/{rec['clients']} complete"
+                )
         for line in describe_cluster(figures):
             log(line)
         self.figures["cluster"] = figures
@@ -567,113 +707,220 @@ class Bench:
 
     def report(self, elapsed: float) -> Dict[str, Any]:
         f = self.figures
-        lines = ["", "=" * 100, f"hammal benchmark ({'quick' if self.quick else 'full'}: "
-                 f"{self.cfg.runs} run(s), blob {self.blob_size / MiB:.0f} MiB), medians", "=" * 100]
+        lines = [
+            "",
+            "=" * 100,
+            f"hammal benchmark ({'quick' if self.quick else 'full'}: "
+            f"{self.cfg.runs} run(s), blob {self.blob_size / MiB:.0f} MiB), medians",
+            "=" * 100,
+        ]
 
         def fmt(v: Optional[float], spec: str = ".0f") -> str:
             return "-" if v is None else format(v, spec)
 
-        def row(label: str, h: Optional[float], n: Optional[float], d: Optional[float],
-                spec: str = ".0f") -> None:
+        def row(
+            label: str,
+            h: Optional[float],
+            n: Optional[float],
+            d: Optional[float],
+            spec: str = ".0f",
+        ) -> None:
             rhn = f"{h / n:.2f}" if h is not None and n else "-"
             rhd = f"{h / d:.2f}" if h is not None and d else "-"
-            lines.append(f"{label:<44}{fmt(h, spec):>10}{fmt(n, spec):>10}{fmt(d, spec):>14}"
-                         f"{rhn:>10}{rhd:>10}")
+            lines.append(
+                f"{label:<44}{fmt(h, spec):>10}{fmt(n, spec):>10}{fmt(d, spec):>14}"
+                f"{rhn:>10}{rhd:>10}"
+            )
 
-        lines.append(f"{'figure':<44}{'hammal':>10}{'nginx':>10}{'Distribution':>14}"
-                     f"{'h/nginx':>10}{'h/Dist':>10}")
+        lines.append(
+            f"{'figure':<44}{'hammal':>10}{'nginx':>10}{'Distribution':>14}"
+            f"{'h/nginx':>10}{'h/Dist':>10}"
+        )
         if "cold_MBps" in f:
             c, w = f["cold_MBps"], f["warm_MBps"]
-            row("cold blob, 1 client (MB/s)", c["hammal"]["median"], c["nginx"]["median"],
-                c["distribution"]["median"])
+            row(
+                "cold blob, 1 client (MB/s)",
+                c["hammal"]["median"],
+                c["nginx"]["median"],
+                c["distribution"]["median"],
+            )
             if NO_HOLD_TAIL in c:
-                row("cold blob, hammal --no-hold-tail (MB/s)", c[NO_HOLD_TAIL]["median"],
-                    c["nginx"]["median"], c["distribution"]["median"])
+                row(
+                    "cold blob, hammal --no-hold-tail (MB/s)",
+                    c[NO_HOLD_TAIL]["median"],
+                    c["nginx"]["median"],
+                    c["distribution"]["median"],
+                )
             else:
-                lines.append(f"{'cold blob, hammal --no-hold-tail (MB/s)':<44}"
-                             f"{'-':>10}   ({f['no_hold_tail']['reason']})")
-            lines.append(f"{'sha256 on one core here (MB/s)':<44}{self.sha256_MBps:>10.0f}"
-                         f"   (CPU flags: {machine.describe_flags(self.cpu_flags)})")
-            row("warm blob, 1 client (MB/s)", w["hammal"]["median"], None,
-                w["distribution"]["median"])
+                lines.append(
+                    f"{'cold blob, hammal --no-hold-tail (MB/s)':<44}"
+                    f"{'-':>10}   ({f['no_hold_tail']['reason']})"
+                )
+            lines.append(
+                f"{'sha256 on one core here (MB/s)':<44}{self.sha256_MBps:>10.0f}"
+                f"   (CPU flags: {machine.describe_flags(self.cpu_flags)})"
+            )
+            row(
+                "warm blob, 1 client (MB/s)",
+                w["hammal"]["median"],
+                None,
+                w["distribution"]["median"],
+            )
         if "ttfb_ms" in f:
             t = f["ttfb_ms"]
 
             def ms(key: str) -> Optional[float]:
                 return t[key]["median"] if key in t else None
 
-            row("cold blob: time to first body byte (ms)", ms("hammal"), ms("nginx"),
-                ms("distribution"), ".1f")
+            row(
+                "cold blob: time to first body byte (ms)",
+                ms("hammal"),
+                ms("nginx"),
+                ms("distribution"),
+                ".1f",
+            )
             if NO_HOLD_TAIL in t:
-                row("  same, hammal --no-hold-tail (ms)", ms(NO_HOLD_TAIL), ms("nginx"),
-                    ms("distribution"), ".1f")
+                row(
+                    "  same, hammal --no-hold-tail (ms)",
+                    ms(NO_HOLD_TAIL),
+                    ms("nginx"),
+                    ms("distribution"),
+                    ".1f",
+                )
         if "cpu_s_per_GiB" in f:
             c = f["cpu_s_per_GiB"]
 
             def cpu(key: str) -> Optional[float]:
                 return c[key]["median"] if key in c else None
 
-            row("proxy CPU s per GiB, cold", cpu("hammal cold"), cpu("nginx cold"),
-                cpu("distribution cold"), ".2f")
-            row("proxy CPU s per GiB, warm", cpu("hammal warm"), None, cpu("distribution warm"),
-                ".2f")
+            row(
+                "proxy CPU s per GiB, cold",
+                cpu("hammal cold"),
+                cpu("nginx cold"),
+                cpu("distribution cold"),
+                ".2f",
+            )
+            row(
+                "proxy CPU s per GiB, warm",
+                cpu("hammal warm"),
+                None,
+                cpu("distribution warm"),
+                ".2f",
+            )
         if "cdn_direct_MBps" in f:
-            lines.append(f"{'client ceiling: curl from the CDN (MB/s)':<44}"
-                         f"{fmt(f['cdn_direct_MBps']['median']):>10}")
+            lines.append(
+                f"{'client ceiling: curl from the CDN (MB/s)':<44}"
+                f"{fmt(f['cdn_direct_MBps']['median']):>10}"
+            )
         if "concurrent_cold" in f:
             cc = f["concurrent_cold"]
             n = self.cfg.concurrent
-            row(f"{n} concurrent cold: wall (s)", cc["hammal"]["median_wall_s"],
-                cc["nginx"]["median_wall_s"], cc["distribution"]["median_wall_s"], ".1f")
-            row(f"{n} concurrent cold: CDN blob GETs (max)", cc["hammal"]["max_cdn_gets"],
-                cc["nginx"]["max_cdn_gets"], cc["distribution"]["max_cdn_gets"])
-            row(f"{n} concurrent cold: proxy CPU (s)", median(cc["hammal"]["cpu_s"]),
-                median(cc["nginx"]["cpu_s"]), median(cc["distribution"]["cpu_s"]), ".1f")
-            row(f"{n} concurrent cold: peak RSS (MiB)", cc["hammal"]["median_peak_rss_MiB"],
-                cc["nginx"]["median_peak_rss_MiB"], cc["distribution"]["median_peak_rss_MiB"])
+            row(
+                f"{n} concurrent cold: wall (s)",
+                cc["hammal"]["median_wall_s"],
+                cc["nginx"]["median_wall_s"],
+                cc["distribution"]["median_wall_s"],
+                ".1f",
+            )
+            row(
+                f"{n} concurrent cold: CDN blob GETs (max)",
+                cc["hammal"]["max_cdn_gets"],
+                cc["nginx"]["max_cdn_gets"],
+                cc["distribution"]["max_cdn_gets"],
+            )
+            row(
+                f"{n} concurrent cold: proxy CPU (s)",
+                median(cc["hammal"]["cpu_s"]),
+                median(cc["nginx"]["cpu_s"]),
+                median(cc["distribution"]["cpu_s"]),
+                ".1f",
+            )
+            row(
+                f"{n} concurrent cold: peak RSS (MiB)",
+                cc["hammal"]["median_peak_rss_MiB"],
+                cc["nginx"]["median_peak_rss_MiB"],
+                cc["distribution"]["median_peak_rss_MiB"],
+            )
         if "manifest_by_tag" in f:
             m = f["manifest_by_tag"]
-            row("manifest by tag, wrk -c50 (req/s)", m["hammal"]["median_req_per_s"],
-                m["nginx"]["median_req_per_s"], m["distribution"]["median_req_per_s"])
-            row("manifest by tag: p50 (ms)", m["hammal"]["median_p50_ms"],
-                m["nginx"]["median_p50_ms"], m["distribution"]["median_p50_ms"], ".1f")
-            row("manifest by tag: p99 (ms)", m["hammal"]["median_p99_ms"],
-                m["nginx"]["median_p99_ms"], m["distribution"]["median_p99_ms"], ".1f")
+            row(
+                "manifest by tag, wrk -c50 (req/s)",
+                m["hammal"]["median_req_per_s"],
+                m["nginx"]["median_req_per_s"],
+                m["distribution"]["median_req_per_s"],
+            )
+            row(
+                "manifest by tag: p50 (ms)",
+                m["hammal"]["median_p50_ms"],
+                m["nginx"]["median_p50_ms"],
+                m["distribution"]["median_p50_ms"],
+                ".1f",
+            )
+            row(
+                "manifest by tag: p99 (ms)",
+                m["hammal"]["median_p99_ms"],
+                m["nginx"]["median_p99_ms"],
+                m["distribution"]["median_p99_ms"],
+                ".1f",
+            )
         if "manifest_workers" in f:
             mw = f["manifest_workers"]
             one, two = mw["1"], mw["2"]
-            ratio = (f"{two['median_req_per_s'] / one['median_req_per_s']:.2f}x"
-                     if one["median_req_per_s"] else "-")
-            lines.append(f"{'manifest by tag, wrk -c50, 2 workers (req/s)':<44}"
-                         f"{fmt(two['median_req_per_s']):>10}   (1 worker"
-                         f" {fmt(one['median_req_per_s'])}: {ratio})")
-            lines.append(f"{'manifest by tag, 2 workers: p99 (ms)':<44}"
-                         f"{fmt(two['median_p99_ms'], '.1f'):>10}   (1 worker"
-                         f" {fmt(one['median_p99_ms'], '.1f')})")
+            ratio = (
+                f"{two['median_req_per_s'] / one['median_req_per_s']:.2f}x"
+                if one["median_req_per_s"]
+                else "-"
+            )
+            lines.append(
+                f"{'manifest by tag, wrk -c50, 2 workers (req/s)':<44}"
+                f"{fmt(two['median_req_per_s']):>10}   (1 worker"
+                f" {fmt(one['median_req_per_s'])}: {ratio})"
+            )
+            lines.append(
+                f"{'manifest by tag, 2 workers: p99 (ms)':<44}"
+                f"{fmt(two['median_p99_ms'], '.1f'):>10}   (1 worker"
+                f" {fmt(one['median_p99_ms'], '.1f')})"
+            )
         if "skopeo_pull_s" in f:
             s = f["skopeo_pull_s"]
-            row("skopeo pull, multi-layer, cold (s)", s["hammal"]["median_cold_s"],
-                s["nginx"]["median_cold_s"], s["distribution"]["median_cold_s"], ".2f")
-            row("skopeo pull, multi-layer, warm (s)", s["hammal"]["median_warm_s"], None,
-                s["distribution"]["median_warm_s"], ".2f")
+            row(
+                "skopeo pull, multi-layer, cold (s)",
+                s["hammal"]["median_cold_s"],
+                s["nginx"]["median_cold_s"],
+                s["distribution"]["median_cold_s"],
+                ".2f",
+            )
+            row(
+                "skopeo pull, multi-layer, warm (s)",
+                s["hammal"]["median_warm_s"],
+                None,
+                s["distribution"]["median_warm_s"],
+                ".2f",
+            )
         if "slow_client" in f:
             s = f["slow_client"]
-            lines.append(f"1 MB/s slow client, {s['seconds']}s: hammal RSS MiB first {s['first_MiB']}"
-                         f" max {s['max_MiB']} last {s['last_MiB']}")
+            lines.append(
+                f"1 MB/s slow client, {s['seconds']}s: hammal RSS MiB first {s['first_MiB']}"
+                f" max {s['max_MiB']} last {s['last_MiB']}"
+            )
         if "many_slow_clients" in f:
             for size, rec in f["many_slow_clients"].items():
-                lines.append(f"{self.cfg.many_slow} slow clients, --buffer-size {size} blob: held "
-                             f"{rec['held_open']}/{rec['connections']}, hammal RSS MiB first "
-                             f"{rec['first_MiB']} max {rec['max_MiB']} last {rec['last_MiB']}")
+                lines.append(
+                    f"{self.cfg.many_slow} slow clients, --buffer-size {size} blob: held "
+                    f"{rec['held_open']}/{rec['connections']}, hammal RSS MiB first "
+                    f"{rec['first_MiB']} max {rec['max_MiB']} last {rec['last_MiB']}"
+                )
         if "crowd" in f:
             cr = f["crowd"]
             rd, pr = cr["readers"], cr["probe"]
-            lines.append(f"{cr['count']:,} slow readers ({cr['rate_Bps'] / 1024:.0f} KiB/s each) of the"
-                         f" warm blob arriving at once: manifest by tag p50 {pr['p50_ms']} ms,"
-                         f" p99 {pr['p99_ms']} ms, max {pr['max_ms']} ms ({pr['requests']} GETs);"
-                         f" readers connected {rd['connected']} in {rd['connect_s']} s, held"
-                         f" {rd['held_open']}; hammal RSS max {cr['max_MiB']} MiB, kernel TCP"
-                         f" buffers (machine-wide) max {cr.get('max_kernel_tcp_MiB', 0.0)} MiB")
+            lines.append(
+                f"{cr['count']:,} slow readers ({cr['rate_Bps'] / 1024:.0f} KiB/s each) of the"
+                f" warm blob arriving at once: manifest by tag p50 {pr['p50_ms']} ms,"
+                f" p99 {pr['p99_ms']} ms, max {pr['max_ms']} ms ({pr['requests']} GETs);"
+                f" readers connected {rd['connected']} in {rd['connect_s']} s, held"
+                f" {rd['held_open']}; hammal RSS max {cr['max_MiB']} MiB, kernel TCP"
+                f" buffers (machine-wide) max {cr.get('max_kernel_tcp_MiB', 0.0)} MiB"
+            )
         if "cluster" in f:
             lines += describe_cluster(f["cluster"])
         targets = self.targets()
@@ -683,14 +930,20 @@ class Bench:
             lines += ["", "problems seen (the figures above may be affected):"]
             lines += [f"  - {p}" for p in self.problems]
         revision = hammal_revision()
-        lines.append(f"\nhammal revision {self.revision_at_start}"
-                     + ("" if revision == self.revision_at_start else
-                        f" at start, {revision} at the end: hammal changed during the run,"
-                        " the figures mix both versions"))
+        lines.append(
+            f"\nhammal revision {self.revision_at_start}"
+            + (
+                ""
+                if revision == self.revision_at_start
+                else f" at start, {revision} at the end: hammal changed during the run,"
+                " the figures mix both versions"
+            )
+        )
         start_load = ", ".join(f"{x:.1f}" for x in self.loadavg_at_start)
         end_load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        lines.append(f"load average at start {start_load}, at end {end_load} "
-                     f"({os.cpu_count()} CPUs)")
+        lines.append(
+            f"load average at start {start_load}, at end {end_load} ({os.cpu_count()} CPUs)"
+        )
         lines.append(f"elapsed {elapsed:.0f}s; results in {RESULTS}")
         print("\n".join(lines), flush=True)
         return {
@@ -700,11 +953,15 @@ class Bench:
                 "config": dataclasses.asdict(self.cfg),
                 "blob": {"digest": self.blob, "size": self.blob_size},
                 "versions": _versions(),
-                "machine": {"cpus": os.cpu_count(), "cpu": machine.cpu_model(),
-                            "cpu_flags": self.cpu_flags,
-                            "sha256_MBps_one_core": self.sha256_MBps,
-                            "nofile": list(self.nofile),
-                            "python": platform.python_version(), "kernel": platform.release()},
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "cpu": machine.cpu_model(),
+                    "cpu_flags": self.cpu_flags,
+                    "sha256_MBps_one_core": self.sha256_MBps,
+                    "nofile": list(self.nofile),
+                    "python": platform.python_version(),
+                    "kernel": platform.release(),
+                },
                 "hammal_argv": _redact(self.hammal.argv()[2:]),
                 "loadavg_at_start": self.loadavg_at_start,
                 "hammal_revision": self.revision_at_start,
@@ -733,11 +990,18 @@ def hammal_revision() -> str:
     root = os.path.dirname(HERE)
     try:
         # the last commit that changed hammal itself (bench/ commits do not count)
-        head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h", "--", "hammal",
-                               "twisted"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "hammal",
-                                "twisted"], capture_output=True, text=True, timeout=10).stdout
+        head = subprocess.run(
+            ["git", "-C", root, "log", "-1", "--format=%h", "--", "hammal", "twisted"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "hammal", "twisted"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("+dirty" if dirty.strip() else "")
@@ -790,13 +1054,23 @@ def chosen_sections(quick: bool, only: Optional[Sequence[str]]) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="hammal vs nginx vs Distribution, on loopback")
-    parser.add_argument("--quick", action="store_true",
-                        help="the cold-blob rows only (throughput, TTFB), 1 run, a 64 MiB blob")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the cold-blob rows only (throughput, TTFB), 1 run, a 64 MiB blob",
+    )
     parser.add_argument("--runs", type=int, help="repeat each figure this many times")
-    parser.add_argument("--only", action="append", choices=sorted(SECTIONS),
-                        help="run only this section (repeatable)")
-    parser.add_argument("--output", default=None, help="where to write the JSON results"
-                        " (default bench/results.json)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(SECTIONS),
+        help="run only this section (repeatable)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="where to write the JSON results (default bench/results.json)",
+    )
     args = parser.parse_args(argv)
     global RESULTS
     if args.output:
@@ -805,8 +1079,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench = Bench(args.quick, args.runs, sections)
     load1 = os.getloadavg()[0]
     if load1 > 1.0:
-        log(f"WARNING: load average {load1:.1f} on {os.cpu_count()} CPUs before starting:"
-            " other work on this machine will skew the figures")
+        log(
+            f"WARNING: load average {load1:.1f} on {os.cpu_count()} CPUs before starting:"
+            " other work on this machine will skew the figures"
+        )
     t0 = time.monotonic()
     try:
         bench.setup()

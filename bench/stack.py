@@ -37,7 +37,6 @@ from tests.integration import images as it_images
 from tests.integration.environment import (
     ADMIN_PASSWORD,
     ADMIN_USER,
-    HERE as IT_HERE,
     PRIVATE_PASSWORD,
     PRIVATE_USER,
     REGISTRY_BIN,
@@ -54,6 +53,9 @@ from tests.integration.environment import (
     skopeo,
     twistd_path,
     wait_until,
+)
+from tests.integration.environment import (
+    HERE as IT_HERE,
 )
 from tests.integration.pki import PKIFiles, generate_pki
 
@@ -74,8 +76,15 @@ MALLOC_ENV = {
 class BenchImage:
     """An OCI image written to disk for seeding, and what it holds."""
 
-    def __init__(self, repo: str, tag: str, path: str, manifest_digest: str,
-                 blobs: Dict[str, int], layers: List[str]) -> None:
+    def __init__(
+        self,
+        repo: str,
+        tag: str,
+        path: str,
+        manifest_digest: str,
+        blobs: Dict[str, int],
+        layers: List[str],
+    ) -> None:
         self.repo = repo
         self.tag = tag
         self.path = path
@@ -97,8 +106,9 @@ class BenchImage:
         return digest, self.blobs[digest]
 
 
-def build_image(root: str, repo: str, tag: str, layer_sizes: Sequence[int],
-                seed: int) -> BenchImage:
+def build_image(
+    root: str, repo: str, tag: str, layer_sizes: Sequence[int], seed: int
+) -> BenchImage:
     """An OCI image of uncompressed tar layers of random bytes.
 
     Each layer is a tar holding one random file of (about) the given size;
@@ -127,8 +137,7 @@ def build_image(root: str, repo: str, tag: str, layer_sizes: Sequence[int],
 class Nginx:
     """An nginx master (``daemon off``) with its own prefix, config and logs."""
 
-    def __init__(self, name: str, workdir: str, http_block: str,
-                 workers: str = "1") -> None:
+    def __init__(self, name: str, workdir: str, http_block: str, workers: str = "1") -> None:
         self.name = name
         self.prefix = os.path.join(workdir, name)
         os.makedirs(os.path.join(self.prefix, "logs"), exist_ok=True)
@@ -164,13 +173,25 @@ class Nginx:
     def start(self, port: int) -> "Nginx":
         self.process = ManagedProcess(
             self.name,
-            [NGINX_BIN, "-p", self.prefix, "-e", os.path.join(self.prefix, "logs", "error.log"),
-             "-c", self.conf, "-g", "daemon off;"],
+            [
+                NGINX_BIN,
+                "-p",
+                self.prefix,
+                "-e",
+                os.path.join(self.prefix, "logs", "error.log"),
+                "-c",
+                self.conf,
+                "-g",
+                "daemon off;",
+            ],
             os.path.join(self.prefix, "logs", "stdout.log"),
             cwd=self.prefix,
         ).start()
-        wait_until(lambda: http_request("GET", f"http://127.0.0.1:{port}/", timeout=2).status > 0,
-                   f"{self.name} on port {port}", process=self.process)
+        wait_until(
+            lambda: http_request("GET", f"http://127.0.0.1:{port}/", timeout=2).status > 0,
+            f"{self.name} on port {port}",
+            process=self.process,
+        )
         return self
 
     def pids(self) -> List[int]:
@@ -228,7 +249,8 @@ class BenchUpstream:
         self.token_server: Optional[ManagedProcess] = None
         self.registry: Optional[ManagedProcess] = None
         self.cdn = Nginx(
-            "cdn", workdir,
+            "cdn",
+            workdir,
             "  sendfile on; tcp_nopush on;\n"
             "  server {\n"
             f"    listen 127.0.0.1:{self.cdn_port} backlog=4096;\n"
@@ -259,40 +281,78 @@ class BenchUpstream:
         users = {PRIVATE_USER: PRIVATE_PASSWORD, ADMIN_USER: ADMIN_PASSWORD}
         self.token_server = ManagedProcess(
             "tokenserver",
-            [sys.executable, os.path.join(IT_HERE, "tokenserver.py"),
-             "--port", str(self.token_port),
-             "--key", self.pki.signing_key, "--cert", self.pki.signing_cert,
-             "--issuer", TOKEN_ISSUER, "--service", REGISTRY_SERVICE,
-             "--users", json.dumps(users)],
+            [
+                sys.executable,
+                os.path.join(IT_HERE, "tokenserver.py"),
+                "--port",
+                str(self.token_port),
+                "--key",
+                self.pki.signing_key,
+                "--cert",
+                self.pki.signing_cert,
+                "--issuer",
+                TOKEN_ISSUER,
+                "--service",
+                REGISTRY_SERVICE,
+                "--users",
+                json.dumps(users),
+            ],
             os.path.join(self.logdir, "tokenserver.log"),
             env=clean_env(PYTHONUNBUFFERED="1"),
         ).start()
         self.cdn.start(self.cdn_port)
         self._seed(images)
         self.registry = start_registry(
-            "registry", self.workdir, self.registry_port, self.storage_root,
-            auth={"realm": self.realm, "service": REGISTRY_SERVICE,
-                  "issuer": TOKEN_ISSUER, "rootcertbundle": self.pki.ca_cert},
+            "registry",
+            self.workdir,
+            self.registry_port,
+            self.storage_root,
+            auth={
+                "realm": self.realm,
+                "service": REGISTRY_SERVICE,
+                "issuer": TOKEN_ISSUER,
+                "rootcertbundle": self.pki.ca_cert,
+            },
             redirect_baseurl=self.cdn_url + "/",
         )
-        wait_until(lambda: http_request("GET", self.realm.replace("/token", "/_admin/log"),
-                                        timeout=2).status == 200,
-                   "token server", process=self.token_server)
-        wait_until(lambda: http_request("GET", self.registry_url + "/v2/", timeout=2).status == 401,
-                   "registry /v2/ -> 401", process=self.registry)
+        wait_until(
+            lambda: (
+                http_request("GET", self.realm.replace("/token", "/_admin/log"), timeout=2).status
+                == 200
+            ),
+            "token server",
+            process=self.token_server,
+        )
+        wait_until(
+            lambda: http_request("GET", self.registry_url + "/v2/", timeout=2).status == 401,
+            "registry /v2/ -> 401",
+            process=self.registry,
+        )
         return self
 
     def _seed(self, images: Sequence[BenchImage]) -> None:
         port = free_port()
         seeder = start_registry("seed-registry", self.workdir, port, self.storage_root)
         try:
-            wait_until(lambda: http_request("GET", f"http://127.0.0.1:{port}/v2/",
-                                            timeout=2).status == 200,
-                       "seeding registry", process=seeder)
+            wait_until(
+                lambda: (
+                    http_request("GET", f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200
+                ),
+                "seeding registry",
+                process=seeder,
+            )
             for img in images:
-                result = skopeo(["copy", "--quiet", "--preserve-digests",
-                                 "--dest-tls-verify=false", img.skopeo_source,
-                                 f"docker://127.0.0.1:{port}/{img.reference}"], timeout=600)
+                result = skopeo(
+                    [
+                        "copy",
+                        "--quiet",
+                        "--preserve-digests",
+                        "--dest-tls-verify=false",
+                        img.skopeo_source,
+                        f"docker://127.0.0.1:{port}/{img.reference}",
+                    ],
+                    timeout=600,
+                )
                 if result.returncode != 0:
                     raise HarnessError(f"seeding {img.reference} failed:\n{result.stderr}")
         finally:
@@ -316,10 +376,15 @@ class BenchUpstream:
         self.cdn.stop()
 
 
-def start_registry(name: str, workdir: str, port: int, storage_root: str,
-                   auth: Optional[Dict[str, str]] = None,
-                   redirect_baseurl: Optional[str] = None,
-                   proxy: Optional[Dict[str, str]] = None) -> ManagedProcess:
+def start_registry(
+    name: str,
+    workdir: str,
+    port: int,
+    storage_root: str,
+    auth: Optional[Dict[str, str]] = None,
+    redirect_baseurl: Optional[str] = None,
+    proxy: Optional[Dict[str, str]] = None,
+) -> ManagedProcess:
     """``docker-registry serve`` with the integration tests' configuration,
     plus optionally ``proxy:`` (pull-through cache mode)."""
     config = json.loads(_registry_config(port, storage_root, auth, redirect_baseurl))
@@ -333,9 +398,11 @@ def start_registry(name: str, workdir: str, port: int, storage_root: str,
     logdir = os.path.join(workdir, "logs")
     os.makedirs(logdir, exist_ok=True)
     return ManagedProcess(
-        name, [REGISTRY_BIN, "serve", config_path],
+        name,
+        [REGISTRY_BIN, "serve", config_path],
         os.path.join(logdir, f"{name}.log"),
-        env=clean_env(HOME=workdir), cwd=workdir,
+        env=clean_env(HOME=workdir),
+        cwd=workdir,
     ).start()
 
 
@@ -351,7 +418,8 @@ class NginxReference:
         self.port = free_port()
         self.upstream = upstream
         self.nginx = Nginx(
-            "nginx-reference", workdir,
+            "nginx-reference",
+            workdir,
             "  proxy_http_version 1.1;\n"
             "  proxy_buffering on;\n"
             "  proxy_buffer_size 64k;\n"
@@ -368,14 +436,14 @@ class NginxReference:
             f"    listen 127.0.0.1:{self.port} backlog=4096;\n"
             "    location / {\n"
             "      proxy_pass http://registry;\n"
-            "      proxy_set_header Connection \"\";\n"
+            '      proxy_set_header Connection "";\n'
             "      proxy_intercept_errors on;\n"
             "      error_page 301 302 303 307 308 = @cdn;\n"
             "    }\n"
             "    location @cdn {\n"
             "      set $cdn_location $upstream_http_location;\n"
-            "      proxy_set_header Authorization \"\";\n"
-            "      proxy_set_header Connection \"\";\n"
+            '      proxy_set_header Authorization "";\n'
+            '      proxy_set_header Connection "";\n'
             "      proxy_pass $cdn_location;\n"
             "    }\n"
             "  }",
@@ -426,12 +494,21 @@ class DistributionPeer:
         shutil.rmtree(old, ignore_errors=True)
         os.makedirs(storage)
         self.process = start_registry(
-            "distribution-peer", self.workdir, self.port, storage,
-            proxy={"remoteurl": self.upstream.registry_url,
-                   "username": ADMIN_USER, "password": ADMIN_PASSWORD},
+            "distribution-peer",
+            self.workdir,
+            self.port,
+            storage,
+            proxy={
+                "remoteurl": self.upstream.registry_url,
+                "username": ADMIN_USER,
+                "password": ADMIN_PASSWORD,
+            },
         )
-        wait_until(lambda: http_request("GET", self.url + "/v2/", timeout=2).status == 200,
-                   "distribution peer /v2/", process=self.process)
+        wait_until(
+            lambda: http_request("GET", self.url + "/v2/", timeout=2).status == 200,
+            "distribution peer /v2/",
+            process=self.process,
+        )
         return self
 
     def stop(self) -> None:
@@ -451,8 +528,13 @@ class HammalBench:
 
     name = "hammal"
 
-    def __init__(self, workdir: str, upstream: BenchUpstream, buffer_size: str = "1M",
-                 extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: str,
+        upstream: BenchUpstream,
+        buffer_size: str = "1M",
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.upstream = upstream
         self.buffer_size = buffer_size
@@ -468,13 +550,22 @@ class HammalBench:
 
     def argv(self) -> List[str]:
         return [
-            twistd_path(), "--pidfile=", "-n", "hammal",
-            "--port", f"tcp:{self.port}:interface=127.0.0.1",
-            "--upstream", self.upstream.registry_url,
-            "--upstream-username", ADMIN_USER,
-            "--upstream-password", ADMIN_PASSWORD,
-            "--cache-dir", self.cache_dir,
-            "--buffer-size", self.buffer_size,
+            twistd_path(),
+            "--pidfile=",
+            "-n",
+            "hammal",
+            "--port",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--upstream",
+            self.upstream.registry_url,
+            "--upstream-username",
+            ADMIN_USER,
+            "--upstream-password",
+            ADMIN_PASSWORD,
+            "--cache-dir",
+            self.cache_dir,
+            "--buffer-size",
+            self.buffer_size,
             *self.extra_args,
         ]
 
@@ -487,18 +578,29 @@ class HammalBench:
             shutil.rmtree(old, ignore_errors=True)
         # a directory of its own: two HammalBench share the workdir (and
         # count generations alike), and a shared name made a "cold" GET a hit
-        self.cache_dir = tempfile.mkdtemp(prefix=f"hammal-cache-{self.generation}-", dir=self.workdir)
-        env = {k: v for k, v in clean_env().items()
-               if not k.startswith("HAMMAL_") and k not in ("DOCKER_USERNAME", "DOCKER_PASSWORD")}
+        self.cache_dir = tempfile.mkdtemp(
+            prefix=f"hammal-cache-{self.generation}-", dir=self.workdir
+        )
+        env = {
+            k: v
+            for k, v in clean_env().items()
+            if not k.startswith("HAMMAL_") and k not in ("DOCKER_USERNAME", "DOCKER_PASSWORD")
+        }
         env.update(MALLOC_ENV)
         env["PYTHONPATH"] = REPO_ROOT
         env["PYTHONUNBUFFERED"] = "1"
         self.process = ManagedProcess(
-            "hammal", self.argv(), os.path.join(self.workdir, "logs", "hammal.log"),
-            env=env, cwd=self.workdir,
+            "hammal",
+            self.argv(),
+            os.path.join(self.workdir, "logs", "hammal.log"),
+            env=env,
+            cwd=self.workdir,
         ).start()
-        wait_until(lambda: http_request("GET", self.url + "/v2/", timeout=2).status == 200,
-                   "hammal /v2/", process=self.process)
+        wait_until(
+            lambda: http_request("GET", self.url + "/v2/", timeout=2).status == 200,
+            "hammal /v2/",
+            process=self.process,
+        )
         return self
 
     def stop(self) -> None:

@@ -1,4 +1,7 @@
-"""``python -m hammal``: the operator's tool (L{hammal.ops.cli}); the server is ``twistd -n hammal``."""
+"""
+``python -m hammal``: the operator's tool (L{hammal.ops.cli}); the server is
+``twistd -n hammal``.
+"""
 
 import sys
 

@@ -34,27 +34,26 @@ from hammal.access.checks import CredentialChecker, PasswordHashingPool
 from hammal.access.passthrough import Logins
 from hammal.cache.blobs import BlobCache
 from hammal.cache.coordinate import LockFileCoordinator
-from hammal.cache.shared_room import SharedRoom
-from hammal.cluster.peer import mount_peer_endpoint
-from hammal.cluster.setup import build_cluster, object_store
-from hammal.cluster.setup import cluster_http as make_cluster_http
-from hammal.storage.health import StoreHealth
-from hammal.storage.manifests import SharedManifests, SharedManifestStore
 from hammal.cache.fetch import Offload
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore, RemoteManifests
+from hammal.cache.shared_room import SharedRoom
 from hammal.cache.store import BlobStore
 from hammal.cache.sweep import CacheSweep
 from hammal.cache.writes import WriteErrors
+from hammal.cluster.peer import mount_peer_endpoint
+from hammal.cluster.setup import build_cluster, object_store
+from hammal.cluster.setup import cluster_http as make_cluster_http
 from hammal.config import ConfigError, Settings
 from hammal.drain import DrainService
-from hammal.pull.service import ManifestCacheFactory, PullService
 from hammal.pull.referrers import ReferrersCache
-from hammal.upstream.accounts import AccountsFile, AccountsFileError
-from hammal.upstream.addresses import PeerZones
-from hammal.upstream.auth import Credentials
-from hammal.upstream.client import RegistryClient, Upstream, UpstreamClient, make_http_client
+from hammal.pull.service import ManifestCacheFactory, PullService
+from hammal.pull.upstreams import FailoverClient, UpstreamSelector
 from hammal.reference import is_docker_hub
-from hammal.upstream.retry import RetryPolicy
+from hammal.status.recorder import StatusRecorder
+from hammal.status.report import RouteSource, StatusReport
+from hammal.storage.health import StoreHealth
+from hammal.storage.manifests import SharedManifests, SharedManifestStore
+from hammal.tls import upstream_tls_policy
 from hammal.ttlstore import (
     TAG_KEY_PREFIX,
     MemoryTtlStore,
@@ -62,12 +61,13 @@ from hammal.ttlstore import (
     ResilientTtlStore,
     TtlStore,
 )
-from hammal.upstream.trust import CredentialPolicy, load_suffix_list
+from hammal.upstream.accounts import AccountsFile, AccountsFileError
+from hammal.upstream.addresses import PeerZones
+from hammal.upstream.auth import Credentials
+from hammal.upstream.client import RegistryClient, Upstream, UpstreamClient, make_http_client
 from hammal.upstream.quota import QUOTAS
-from hammal.status.recorder import StatusRecorder
-from hammal.status.report import RouteSource, StatusReport
-from hammal.tls import upstream_tls_policy
-from hammal.pull.upstreams import FailoverClient, UpstreamSelector
+from hammal.upstream.retry import RetryPolicy
+from hammal.upstream.trust import CredentialPolicy, load_suffix_list
 from hammal.web.forwarded import ForwardedHeaders
 from hammal.web.front import FrontPage
 from hammal.web.gate import Gate
@@ -192,9 +192,7 @@ def build_app(
         else None
     )
 
-    credential_policy = CredentialPolicy(
-        settings.trusted_realms, settings.plain_http_credentials
-    )
+    credential_policy = CredentialPolicy(settings.trusted_realms, settings.plain_http_credentials)
     load_suffix_list()
     mirror_credentials = dict(settings.mirror_credentials)
     account_files = _account_files(settings, reactor)
@@ -229,7 +227,9 @@ def build_app(
             for h, m in settings.mirrors
             if h == host
         ]
-        client: RegistryClient = members[0] if len(members) == 1 else FailoverClient(members, reactor)
+        client: RegistryClient = (
+            members[0] if len(members) == 1 else FailoverClient(members, reactor)
+        )
         return PullService(
             client,
             settings.library_prefix_for(url),
@@ -510,7 +510,9 @@ def _gate(
             issuer,
             allowed_users=allowed if passthrough else None,
             logins=Logins(tokens),
-            checker=None if users is None else CredentialChecker(users, reactor, reactor, hashing.pool),
+            checker=None
+            if users is None
+            else CredentialChecker(users, reactor, reactor, hashing.pool),
         )
     except (ValueError, ConfigError) as failure:
         raise ConfigError(str(failure))

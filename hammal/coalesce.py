@@ -116,7 +116,9 @@ class Coalescer(Generic[T]):
             observers=len(run.observers),
         )
         self._deliver(
-            Failure(UpstreamTimeout(f"{self._what} did not finish within {self._deadline:g} seconds")),
+            Failure(
+                UpstreamTimeout(f"{self._what} did not finish within {self._deadline:g} seconds")
+            ),
             key,
             run,
         )

@@ -15,8 +15,13 @@ from typing import Sequence
 from twisted.web.http_headers import Headers
 
 #: The conditional request headers hammal evaluates itself.
-CONDITIONAL_HEADERS = (b"if-none-match", b"if-range", b"if-match", b"if-modified-since",
-                       b"if-unmodified-since")
+CONDITIONAL_HEADERS = (
+    b"if-none-match",
+    b"if-range",
+    b"if-match",
+    b"if-modified-since",
+    b"if-unmodified-since",
+)
 
 
 def etag(digest: str) -> bytes:

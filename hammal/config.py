@@ -17,9 +17,9 @@ import attrs
 
 from hammal.cache.store import FreeSpaceFloor
 from hammal.keyfile import ClusterKeyError, load_cluster_key
+from hammal.reference import is_docker_hub, registry_names
 from hammal.upstream.auth import Credentials
 from hammal.upstream.proxy_rules import ProxyRules
-from hammal.reference import is_docker_hub, registry_names
 
 if TYPE_CHECKING:
     from hammal.storage.s3 import S3Location
@@ -112,24 +112,37 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "upstream-deadline",
         "120",
-        "Seconds an upstream answer (token, manifest, tag list, error) or a shared fetch may take in all.",
+        "Seconds an upstream answer (token, manifest, tag list, error) or a shared fetch"
+        " may take in all.",
     ),
     OptionSpec("retries", "3", "Retries of a failed upstream GET/HEAD."),
     OptionSpec("retry-backoff", "0.5", "Base seconds of the exponential retry backoff."),
-    OptionSpec("blob-redirect", "follow", "follow: stream blobs from upstream's CDN; pass: redirect clients."),
+    OptionSpec(
+        "blob-redirect",
+        "follow",
+        "follow: stream blobs from upstream's CDN; pass: redirect clients.",
+    ),
     OptionSpec("log-format", "text", "text or json."),
     OptionSpec("buffer-size", "256K", "Socket read/write buffer per connection (e.g. 64K, 1M)."),
     OptionSpec("max-upstream-connections", "64", "Persistent connections kept per upstream host."),
     OptionSpec("cache-dir", "var/cache", "Directory of the pull-through cache."),
-    OptionSpec("cache-max-size", None, "Largest size of the cache directory (e.g. 50G); LRU eviction past it."),
+    OptionSpec(
+        "cache-max-size",
+        None,
+        "Largest size of the cache directory (e.g. 50G); LRU eviction past it.",
+    ),
     OptionSpec(
         "cache-min-free",
         None,
         "Free space the cache leaves on its disk: a size (10G) or a share (5%);"
         " default the smaller of 2G and 5%.",
     ),
-    OptionSpec("manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."),
-    OptionSpec("stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."),
+    OptionSpec(
+        "manifest-ttl", "300", "Seconds a tag's digest is trusted before a HEAD revalidates it."
+    ),
+    OptionSpec(
+        "stale-if-error", "86400", "Seconds a known tag may still be served when upstream fails."
+    ),
     OptionSpec("negative-ttl", "30", "Seconds an upstream 404 for a tag or digest is remembered."),
     OptionSpec(
         "auth",
@@ -140,16 +153,32 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "auth-user", None, "The user for --auth basic/token (never logged).", ("REGISTRY_USERNAME",)
     ),
+    OptionSpec("auth-password", None, "Its password (never logged).", ("REGISTRY_PASSWORD",)),
     OptionSpec(
-        "auth-password", None, "Its password (never logged).", ("REGISTRY_PASSWORD",)
+        "auth-password-file",
+        None,
+        "File holding --auth-user's password, instead of --auth-password.",
     ),
-    OptionSpec("auth-password-file", None, "File holding --auth-user's password, instead of --auth-password."),
-    OptionSpec("htpasswd", None, "bcrypt htpasswd file of users for --auth basic/token (re-read on change)."),
+    OptionSpec(
+        "htpasswd",
+        None,
+        "bcrypt htpasswd file of users for --auth basic/token (re-read on change).",
+    ),
     OptionSpec("allow-users", None, "a,b: only these users may pull, whatever their credentials."),
-    OptionSpec("token-key-file", None, "Secret (32+ bytes) signing --auth token tokens; share it between instances."),
+    OptionSpec(
+        "token-key-file",
+        None,
+        "Secret (32+ bytes) signing --auth token tokens; share it between instances.",
+    ),
     OptionSpec("token-lifetime", "300", "Seconds a token from /v2/auth is valid."),
-    OptionSpec("region-header", None, "Request header holding the client's country code (set by a CDN)."),
-    OptionSpec("upstream-ca", None, "PEM CA certificate(s) trusted for upstreams besides the system's roots."),
+    OptionSpec(
+        "region-header", None, "Request header holding the client's country code (set by a CDN)."
+    ),
+    OptionSpec(
+        "upstream-ca",
+        None,
+        "PEM CA certificate(s) trusted for upstreams besides the system's roots.",
+    ),
     OptionSpec(
         "upstream-proxy",
         None,
@@ -157,13 +186,23 @@ PARAMETERS: tuple[OptionSpec, ...] = (
         " (wins over HTTP(S)_PROXY; NO_PROXY still exempts hosts; none: no proxy).",
     ),
     OptionSpec("url302", None, "Redirect / to this URL instead of showing the usage page."),
-    OptionSpec("metrics-port", None, "Serve /metrics on this port or endpoint only (not on --port)."),
+    OptionSpec(
+        "metrics-port", None, "Serve /metrics on this port or endpoint only (not on --port)."
+    ),
     OptionSpec("drain-timeout", "30", "Seconds to let in-flight transfers finish on SIGTERM."),
-    OptionSpec("max-connections", "10000", "Client connections beyond this are refused with 503 (0: no limit)."),
+    OptionSpec(
+        "max-connections",
+        "10000",
+        "Client connections beyond this are refused with 503 (0: no limit).",
+    ),
     OptionSpec("idle-timeout", "300", "Seconds an idle client connection is kept."),
     OptionSpec("max-headers", "100", "Most request headers accepted per request."),
     OptionSpec("max-header-bytes", "16384", "Most bytes of request line and headers."),
-    OptionSpec("ready-window", "60", "/readyz: upstream must have answered within this many seconds (else it is probed)."),
+    OptionSpec(
+        "ready-window",
+        "60",
+        "/readyz: upstream must have answered within this many seconds (else it is probed).",
+    ),
     OptionSpec(
         "workers",
         "1",
@@ -218,7 +257,9 @@ LISTS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec("allow-ua", None, "REGEX a User-Agent must match (repeatable; env: one per line)."),
     OptionSpec("deny-ua", None, "REGEX of refused User-Agents (repeatable; env: one per line)."),
-    OptionSpec("allow-path", None, "REGEX a request path must match (repeatable; env: one per line)."),
+    OptionSpec(
+        "allow-path", None, "REGEX a request path must match (repeatable; env: one per line)."
+    ),
     OptionSpec("allow-region", None, "Country codes allowed by --region-header (repeatable)."),
     OptionSpec("deny-region", None, "Country codes refused by --region-header (repeatable)."),
 )
@@ -253,7 +294,10 @@ FLAGS: tuple[tuple[str, str], ...] = (
         "plain-http-credentials",
         "Send upstream credentials over plain HTTP to hosts that are not loopback (unsafe).",
     ),
-    ("status-show-clients", "Show full client addresses on /status (default: masked to /24 or /48)."),
+    (
+        "status-show-clients",
+        "Show full client addresses on /status (default: masked to /24 or /48).",
+    ),
     (
         "no-hold-tail",
         "Send a cold blob's every byte as it arrives, before its digest is checked"
@@ -387,7 +431,11 @@ def _auth_mode(
     mode = _choice(given, "--auth", AUTH_MODES) if given else None
     users = [
         name
-        for name, value in (("--auth-user", user), ("--htpasswd", htpasswd), ("--allow-users", allow_users))
+        for name, value in (
+            ("--auth-user", user),
+            ("--htpasswd", htpasswd),
+            ("--allow-users", allow_users),
+        )
         if value
     ]
     if mode is None:
@@ -723,13 +771,13 @@ class Settings:
         for host, _ in mirror_credentials:
             if host not in mirror_hosts:
                 raise ConfigError(f"--mirror-credentials {host}=... names no --mirror host[:port]")
-        trusted_realms = frozenset(
-            _realm_host(item) for item in _items(options, "trusted-realm")
-        )
+        trusted_realms = frozenset(_realm_host(item) for item in _items(options, "trusted-realm"))
         credentials_files = _credentials_files(
             _items(options, "upstream-credentials-file"), route_hosts
         )
-        allow_upstream = frozenset(item.strip().lower() for item in _items(options, "allow-upstream"))
+        allow_upstream = frozenset(
+            item.strip().lower() for item in _items(options, "allow-upstream")
+        )
         if options.get("library-prefix") and options.get("no-library-prefix"):
             raise ConfigError("--library-prefix and --no-library-prefix exclude each other")
         forced: bool | None = None
@@ -750,7 +798,9 @@ class Settings:
         credentials = Credentials(username, password) if username and password else None
         for owner, _ in credentials_files:
             if owner is None and upstream is None:
-                raise ConfigError("--upstream-credentials-file FILE needs --upstream (or HOST=FILE)")
+                raise ConfigError(
+                    "--upstream-credentials-file FILE needs --upstream (or HOST=FILE)"
+                )
             if owner is None and credentials is not None:
                 raise ConfigError(
                     "--upstream-credentials-file and --upstream-username exclude each other"
@@ -838,24 +888,28 @@ class Settings:
             token_key_file=text("token-key-file"),
             token_lifetime=_number(text("token-lifetime") or "300", "--token-lifetime", 1),
             rules={
-                name: tuple(_items(options, name))
-                for name in RULE_LISTS
-                if _items(options, name)
+                name: tuple(_items(options, name)) for name in RULE_LISTS if _items(options, name)
             },
             region_header=text("region-header"),
             upstream_ca=text("upstream-ca"),
             proxies=proxies,
             url302=_redirect_url(text("url302")),
-            metrics_port=port_description(text("metrics-port") or "") if text("metrics-port") else None,
+            metrics_port=port_description(text("metrics-port") or "")
+            if text("metrics-port")
+            else None,
             drain_timeout=_number(text("drain-timeout") or "30", "--drain-timeout", 0),
             max_connections=int(
                 _number(text("max-connections") or "10000", "--max-connections", 0, integer=True)
             )
             or None,
             idle_timeout=_number(text("idle-timeout") or "300", "--idle-timeout", 1),
-            max_headers=int(_number(text("max-headers") or "100", "--max-headers", 10, integer=True)),
+            max_headers=int(
+                _number(text("max-headers") or "100", "--max-headers", 10, integer=True)
+            ),
             max_header_bytes=int(
-                _number(text("max-header-bytes") or "16384", "--max-header-bytes", 1024, integer=True)
+                _number(
+                    text("max-header-bytes") or "16384", "--max-header-bytes", 1024, integer=True
+                )
             ),
             ready_window=_number(text("ready-window") or "60", "--ready-window", 1),
             workers=parse_workers(text("workers") or "1"),

@@ -114,9 +114,7 @@ blob_cache_evictions = Counter(
 blob_cache_size = Gauge(
     "hammal_blob_cache_size_bytes", "Bytes of blobs in the cache.", registry=REGISTRY
 )
-blob_cache_blobs = Gauge(
-    "hammal_blob_cache_blobs", "Blobs in the cache.", registry=REGISTRY
-)
+blob_cache_blobs = Gauge("hammal_blob_cache_blobs", "Blobs in the cache.", registry=REGISTRY)
 blob_fetches = Counter(
     "hammal_blob_fetches", "Upstream blob fetches started by the cache.", registry=REGISTRY
 )

@@ -70,7 +70,8 @@ def listening_names(description: str) -> tuple[list[str], list[str]]:
     """
     hostname = socket.gethostname()
     names = [
-        n for n in dict.fromkeys([hostname.lower(), socket.getfqdn().lower(), "localhost"])
+        n
+        for n in dict.fromkeys([hostname.lower(), socket.getfqdn().lower(), "localhost"])
         if n and n.isascii() and not n.startswith(".")
     ]
     addresses = ["127.0.0.1", "::1"]
@@ -100,7 +101,10 @@ def fingerprint_of(cert_pem: bytes) -> str:
 
 
 def ensure_self_signed(
-    directory: str, names: Sequence[str], addresses: Sequence[str], now: datetime.datetime | None = None
+    directory: str,
+    names: Sequence[str],
+    addresses: Sequence[str],
+    now: datetime.datetime | None = None,
 ) -> SelfSigned:
     """
     The certificate in C{directory}, made first if missing.
@@ -115,10 +119,12 @@ def ensure_self_signed(
     os.makedirs(directory, mode=0o700, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hammal registry mirror (self-signed)"),
-        x509.NameAttribute(NameOID.COMMON_NAME, (list(names) or ["localhost"])[0][:64]),
-    ])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hammal registry mirror (self-signed)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, (list(names) or ["localhost"])[0][:64]),
+        ]
+    )
     alternative: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     alternative += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
     certificate = (
@@ -134,9 +140,15 @@ def ensure_self_signed(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )

@@ -197,9 +197,7 @@ def _producer(transport: object) -> IPushProducer:
     return cast(IPushProducer, transport)
 
 
-def read_body(
-    response: IResponse, limit: int, bounds: ReadBounds | None = None
-) -> Deferred[bytes]:
+def read_body(response: IResponse, limit: int, bounds: ReadBounds | None = None) -> Deferred[bytes]:
     """
     Read a whole response body of at most C{limit} bytes, within C{bounds}
     (every upstream read passes them; only in-memory tests leave them out).

@@ -45,7 +45,6 @@ from hammal.workers import (
     worker_index,
 )
 
-
 _log = Logger()
 
 
@@ -171,7 +170,9 @@ class Options(usage.Options):
         self["library-prefix"], self["no-library-prefix"] = 0, 1
 
     opt_library_prefix.__doc__ = _flag_help("library-prefix", dict(FLAGS)["library-prefix"])
-    opt_no_library_prefix.__doc__ = _flag_help("no-library-prefix", dict(FLAGS)["no-library-prefix"])
+    opt_no_library_prefix.__doc__ = _flag_help(
+        "no-library-prefix", dict(FLAGS)["no-library-prefix"]
+    )
 
     def postOptions(self) -> None:
         if self._environment_error is not None:
@@ -235,7 +236,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         AdoptedPort(reactor, inherited, factory).setServiceParent(service)
         left = metrics_dir()
         ParentWatch(
-            reactor, orphaned=None if left is None else lambda: shutil.rmtree(left, ignore_errors=True)
+            reactor,
+            orphaned=None if left is None else lambda: shutil.rmtree(left, ignore_errors=True),
         ).setServiceParent(service)
     elif settings.workers > 1:
         _workers(reactor, options, settings, factory, service)
@@ -243,7 +245,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         _listen(reactor, settings.port, factory, service)
     snapshots = metrics_dir()
     if snapshots is not None:
-        MetricsSnapshots(metrics.REGISTRY, snapshots, worker_index(), reactor).setServiceParent(service)
+        MetricsSnapshots(metrics.REGISTRY, snapshots, worker_index(), reactor).setServiceParent(
+            service
+        )
     if settings.metrics_port is not None and inherited is None:
         metrics_root = Resource()
         metrics_root.putChild(b"metrics", app.metrics_resource)
@@ -273,7 +277,9 @@ def _workers(
         lambda index: worker_argv(options.arguments, options.parent, index),
         environ,
         settings.drain_timeout,
-        after_stop=None if snapshots is None else lambda: shutil.rmtree(snapshots, ignore_errors=True),
+        after_stop=None
+        if snapshots is None
+        else lambda: shutil.rmtree(snapshots, ignore_errors=True),
     ).setServiceParent(parent)
 
 

@@ -84,7 +84,9 @@ class AllWorkers:
                 target.samples.append(sample._replace(labels=labels))
 
 
-def registry_for(own: CollectorRegistry, index: int, environ: Mapping[str, str] | None = None) -> Any:
+def registry_for(
+    own: CollectorRegistry, index: int, environ: Mapping[str, str] | None = None
+) -> Any:
     """What ``/metrics`` renders: C{own} alone, or every worker's series."""
     directory = metrics_dir(environ)
     if directory is None:

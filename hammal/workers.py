@@ -161,8 +161,12 @@ class WorkerPool(Service):
         own = self._sockets[0]
         self._port = self._reactor.adoptStreamPort(own.fileno(), own.family, self._factory)
         address = own.getsockname()
-        log.info("listening on {host} port {port} in {count} processes",
-                 host=address[0], port=address[1], count=self._count)
+        log.info(
+            "listening on {host} port {port} in {count} processes",
+            host=address[0],
+            port=address[1],
+            count=self._count,
+        )
 
     def startService(self) -> None:
         super().startService()
@@ -297,9 +301,21 @@ def tcp_address(endpoint: Any) -> tuple[socket.AddressFamily, str, int, int, boo
             return socket.AF_INET6, "::", endpoint._port, endpoint._backlog, True
         return socket.AF_INET, "0.0.0.0", endpoint._port, endpoint._backlog, False
     if isinstance(endpoint, TCP6ServerEndpoint):
-        return socket.AF_INET6, endpoint._interface or "::", endpoint._port, endpoint._backlog, False
+        return (
+            socket.AF_INET6,
+            endpoint._interface or "::",
+            endpoint._port,
+            endpoint._backlog,
+            False,
+        )
     if isinstance(endpoint, TCP4ServerEndpoint):
-        return socket.AF_INET, endpoint._interface or "0.0.0.0", endpoint._port, endpoint._backlog, False
+        return (
+            socket.AF_INET,
+            endpoint._interface or "0.0.0.0",
+            endpoint._port,
+            endpoint._backlog,
+            False,
+        )
     raise ValueError("--workers needs a TCP --port (a number or a tcp: endpoint)")
 
 
@@ -440,4 +456,3 @@ class _PipeReader(abstract.FileDescriptor):
     def connectionLost(self, reason: Failure) -> None:
         abstract.FileDescriptor.connectionLost(self, reason)
         self._on_close()
-

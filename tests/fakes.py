@@ -173,7 +173,9 @@ class FakeUpstream(Resource):
             status = self.faults.pop(0)
             if self.retry_after is not None:
                 request.setHeader(b"retry-after", self.retry_after.encode())
-            return self._json(request, status, {"errors": [{"code": "UNAVAILABLE", "message": "x"}]})
+            return self._json(
+                request, status, {"errors": [{"code": "UNAVAILABLE", "message": "x"}]}
+            )
         path = request.path.decode()
         if path == "/v2/" and self._authorised(request):
             return self._json(request, 200, {})
@@ -191,7 +193,9 @@ class FakeUpstream(Resource):
                 f'Bearer realm="{self.realm_url}",service="{REGISTRY}",'
                 f'scope="repository:{name}:pull"{error}'.encode(),
             )
-            return self._json(request, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "auth"}]})
+            return self._json(
+                request, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "auth"}]}
+            )
         if "/manifests/" in path:
             name, _, reference = path[len("/v2/") :].partition("/manifests/")
             found = self.manifests.get((name, reference))
@@ -208,7 +212,9 @@ class FakeUpstream(Resource):
             name, _, digest = path[len("/v2/") :].rpartition("/blobs/")
             holders = self.blob_repositories.get(digest)
             if digest not in self.blobs or (holders is not None and name not in holders):
-                return self._json(request, 404, {"errors": [{"code": "BLOB_UNKNOWN", "message": "?"}]})
+                return self._json(
+                    request, 404, {"errors": [{"code": "BLOB_UNKNOWN", "message": "?"}]}
+                )
             if self.redirect_blobs:
                 request.setResponseCode(307)
                 request.setHeader(

@@ -8,19 +8,19 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from hammal import metrics
 from hammal.web.respond import abort_client
-from hammal.web.state import state_of
 from hammal.web.site import HammalSite
+from hammal.web.state import state_of
 
 
 class _Pending(Resource):

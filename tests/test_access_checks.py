@@ -43,7 +43,11 @@ class _Pool:
         self.held: list[Callable[[], None]] = []
 
     def callInThreadWithCallback(
-        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kwargs: Any
+        self,
+        on_result: Callable[[bool, Any], None],
+        f: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         self.calls += 1
 
@@ -71,11 +75,17 @@ class CredentialCheckerTests(SynchronousTestCase):
         self.path = _htpasswd(self, "wonderland")
         self.users = HtpasswdFile(self.path, self.clock)
         self.checker = CredentialChecker(
-            self.users, self.clock, _NoSharedPool(), self.pool, success_ttl=30  # type: ignore[arg-type]
+            self.users,
+            self.clock,
+            _NoSharedPool(),
+            self.pool,
+            success_ttl=30,  # type: ignore[arg-type]
         )
 
     def check(self, user: str, password: str) -> bool:
-        return bool(self.successResultOf(Deferred.fromCoroutine(self.checker.check(user, password))))
+        return bool(
+            self.successResultOf(Deferred.fromCoroutine(self.checker.check(user, password)))
+        )
 
     def test_own_pool(self) -> None:
         self.assertTrue(self.check("alice", "wonderland"))
@@ -101,7 +111,8 @@ class CredentialCheckerTests(SynchronousTestCase):
         self.assertNotIn(b"wonderland", stored)
         other = CredentialChecker(self.users, self.clock, _NoSharedPool(), self.pool)  # type: ignore[arg-type]
         self.assertNotEqual(
-            other._fingerprint("alice", "wonderland"), self.checker._fingerprint("alice", "wonderland")
+            other._fingerprint("alice", "wonderland"),
+            self.checker._fingerprint("alice", "wonderland"),
         )
 
     def test_changed_file_forgets(self) -> None:
@@ -118,7 +129,11 @@ class CredentialCheckerTests(SynchronousTestCase):
     def test_waiting_checks_bounded(self) -> None:
         pool = _Pool(run_at_once=False)
         checker = CredentialChecker(
-            self.users, self.clock, _NoSharedPool(), pool, max_waiting=2  # type: ignore[arg-type]
+            self.users,
+            self.clock,
+            _NoSharedPool(),
+            pool,
+            max_waiting=2,  # type: ignore[arg-type]
         )
         waiting = [Deferred.fromCoroutine(checker.check("alice", "wonderland")) for _ in range(2)]
         refused = Deferred.fromCoroutine(checker.check("alice", "wonderland"))
@@ -129,7 +144,9 @@ class CredentialCheckerTests(SynchronousTestCase):
         for d in waiting:
             self.assertTrue(self.successResultOf(d))
         # Room again (and the success is remembered).
-        self.assertTrue(self.successResultOf(Deferred.fromCoroutine(checker.check("alice", "wonderland"))))
+        self.assertTrue(
+            self.successResultOf(Deferred.fromCoroutine(checker.check("alice", "wonderland")))
+        )
 
     def test_pool_service(self) -> None:
         service = PasswordHashingPool(threads=1)
@@ -195,7 +212,9 @@ class GateThrottleTests(SynchronousTestCase):
     def test_user_names_escaped_in_the_log(self) -> None:
         with capturedLogs() as events:
             self.get(_basic("mallory\n2026-01-01 [hammal#info] admin logged in\x1b[2J", "x"))
-        lines = [formatEvent(event) for event in events if "refused credentials" in formatEvent(event)]
+        lines = [
+            formatEvent(event) for event in events if "refused credentials" in formatEvent(event)
+        ]
         self.assertEqual(len(lines), 1)
         self.assertNotIn("\n", lines[0])
         self.assertNotIn("\x1b", lines[0])

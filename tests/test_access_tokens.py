@@ -66,9 +66,7 @@ class TokenIssuerTests(SynchronousTestCase):
 
     def test_response_shape(self) -> None:
         response = self.issuer.issue("alice", ["repository:library/alpine:pull"])
-        self.assertEqual(
-            set(response), {"token", "access_token", "expires_in", "issued_at"}
-        )
+        self.assertEqual(set(response), {"token", "access_token", "expires_in", "issued_at"})
         self.assertEqual(response["token"], response["access_token"])
         self.assertEqual(response["expires_in"], 300)
         self.assertEqual(response["issued_at"], "2023-11-14T22:13:20Z")
@@ -235,7 +233,9 @@ class TokenIssuerTests(SynchronousTestCase):
 
     def test_hand_made_good_token(self) -> None:
         """The checks below fail for the claim they change, not otherwise."""
-        self.assertEqual(self.issuer.verify(self.sign(self.good_claims()), "library/alpine"), "alice")
+        self.assertEqual(
+            self.issuer.verify(self.sign(self.good_claims()), "library/alpine"), "alice"
+        )
 
     def test_missing_claims(self) -> None:
         for claim in ["iss", "aud", "sub", "iat", "nbf", "exp", "jti"]:

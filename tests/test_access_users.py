@@ -527,9 +527,7 @@ class ParseBasicTests(SynchronousTestCase):
         self.assertEqual(parse_basic(basic(b"alice:")), ("alice", ""))
 
     def test_utf8(self) -> None:
-        self.assertEqual(
-            parse_basic(basic("jürgen:pässwört".encode())), ("jürgen", "pässwört")
-        )
+        self.assertEqual(parse_basic(basic("jürgen:pässwört".encode())), ("jürgen", "pässwört"))
 
     def test_missing(self) -> None:
         self.assertIsNone(parse_basic(None))

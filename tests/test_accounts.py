@@ -19,8 +19,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from hammal import metrics
-from hammal.upstream.quota import QuotaBoard
 from hammal.errors import TooManyRequests
+from hammal.tap import Options
+from hammal.ttlstore import MemoryTtlStore
 from hammal.upstream.accounts import (
     DEFAULT_REST,
     AccountPool,
@@ -30,11 +31,10 @@ from hammal.upstream.accounts import (
 )
 from hammal.upstream.auth import Credentials
 from hammal.upstream.client import Trace, Upstream, UpstreamClient
+from hammal.upstream.quota import QuotaBoard
 from hammal.upstream.retry import RetryPolicy
-from hammal.ttlstore import MemoryTtlStore
-from hammal.tap import Options
-from tests.test_client import TRUST_FAKE_REALM
 from tests.fakes import REALM, REGISTRY, FakeUpstream, stub_for
+from tests.test_client import TRUST_FAKE_REALM
 
 UPSTREAM = "pool.test"
 
@@ -46,10 +46,15 @@ def gauge(name: str, account: str, upstream: str = UPSTREAM) -> float | None:
 class ParseTests(SynchronousTestCase):
     def test_lines(self) -> None:
         accounts = parse_accounts("# pool\nalice:pw1\n\n  bob:dckr_pat_x:y  \n")
-        self.assertEqual([(a.username, a.password) for a in accounts], [("alice", "pw1"), ("bob", "dckr_pat_x:y")])
+        self.assertEqual(
+            [(a.username, a.password) for a in accounts],
+            [("alice", "pw1"), ("bob", "dckr_pat_x:y")],
+        )
 
     def test_bad_line_named_by_number_only(self) -> None:
-        error = self.assertRaises(AccountsFileError, parse_accounts, "alice:pw\nsecretwithoutuser\n", "f")
+        error = self.assertRaises(
+            AccountsFileError, parse_accounts, "alice:pw\nsecretwithoutuser\n", "f"
+        )
         self.assertIn("line 2", str(error))
         self.assertNotIn("secretwithoutuser", str(error))
         self.assertRaises(AccountsFileError, parse_accounts, "alice:\n")
@@ -151,7 +156,9 @@ class FileTests(SynchronousTestCase):
         accounts = AccountsFile.load(self.path, self.clock, UPSTREAM)
         self.assertEqual(accounts.current(), Credentials("alice", "one"))
         self.write("carol:three\n")
-        self.assertEqual(accounts.current(), Credentials("alice", "one"), "checked at most once a second")
+        self.assertEqual(
+            accounts.current(), Credentials("alice", "one"), "checked at most once a second"
+        )
         self.clock.advance(1)
         self.assertEqual(accounts.current(), Credentials("carol", "three"))
 
@@ -174,7 +181,9 @@ class FileTests(SynchronousTestCase):
         self.assertEqual(self.names(accounts), ["alice", "bob"])
 
     def test_unusable_at_start(self) -> None:
-        self.assertRaises(AccountsFileError, AccountsFile.load, self.path + ".missing", self.clock, UPSTREAM)
+        self.assertRaises(
+            AccountsFileError, AccountsFile.load, self.path + ".missing", self.clock, UPSTREAM
+        )
         self.write("# empty\n")
         self.assertRaises(AccountsFileError, AccountsFile.load, self.path, self.clock, UPSTREAM)
 
@@ -199,9 +208,13 @@ class LimitedUpstream(FakeUpstream):
             user = base64.b64decode(authorization.split(b" ", 1)[1]).decode().partition(":")[0]
             if user in self.token_limited:
                 request.setHeader(b"retry-after", b"300")
-                return self._json(request, 429, {"errors": [{"code": "TOOMANYREQUESTS", "message": "limit"}]})
+                return self._json(
+                    request, 429, {"errors": [{"code": "TOOMANYREQUESTS", "message": "limit"}]}
+                )
         elif "anonymous" in self.token_limited:
-            return self._json(request, 429, {"errors": [{"code": "TOOMANYREQUESTS", "message": "limit"}]})
+            return self._json(
+                request, 429, {"errors": [{"code": "TOOMANYREQUESTS", "message": "limit"}]}
+            )
         return super()._token(request)
 
     def _registry(self, request: Request) -> Any:
@@ -210,7 +223,9 @@ class LimitedUpstream(FakeUpstream):
         if user is not None and user in self.spent:
             request.setHeader(b"ratelimit-remaining", b"0;w=21600")
             request.setHeader(b"retry-after", b"900")
-            return self._json(request, 429, {"errors": [{"code": "TOOMANYREQUESTS", "message": "limit"}]})
+            return self._json(
+                request, 429, {"errors": [{"code": "TOOMANYREQUESTS", "message": "limit"}]}
+            )
         if user in self.remaining:
             request.setHeader(b"ratelimit-remaining", f"{self.remaining[user]};w=21600".encode())
         return super()._registry(request)
@@ -250,7 +265,11 @@ class PooledClientTests(SynchronousTestCase):
         users: list[str | None] = []
         for hit in self.world.hits(REALM):
             value = hit.header("authorization")
-            users.append(base64.b64decode(value.split(" ", 1)[1]).decode().partition(":")[0] if value else None)
+            users.append(
+                base64.b64decode(value.split(" ", 1)[1]).decode().partition(":")[0]
+                if value
+                else None
+            )
         return users
 
     def test_first_account_used(self) -> None:
@@ -297,10 +316,14 @@ class OptionTests(SynchronousTestCase):
     def test_default_and_route(self) -> None:
         settings = self.parse(
             [
-                "--route", "q.example.com=https://quay.io",
-                "--upstream", "https://registry-1.docker.io",
-                "--upstream-credentials-file", "/run/secrets/hub",
-                "--upstream-credentials-file", "q.example.com=/run/secrets/quay",
+                "--route",
+                "q.example.com=https://quay.io",
+                "--upstream",
+                "https://registry-1.docker.io",
+                "--upstream-credentials-file",
+                "/run/secrets/hub",
+                "--upstream-credentials-file",
+                "q.example.com=/run/secrets/quay",
             ]
         )
         self.assertEqual(
@@ -314,7 +337,14 @@ class OptionTests(SynchronousTestCase):
 
     def test_conflicts(self) -> None:
         for argv in (
-            ["--upstream-credentials-file", "f", "--upstream-username", "u", "--upstream-password", "p"],
+            [
+                "--upstream-credentials-file",
+                "f",
+                "--upstream-username",
+                "u",
+                "--upstream-password",
+                "p",
+            ],
             ["--upstream-credentials-file", "nohost.example.com=/f"],
             ["--upstream-credentials-file", "a", "--upstream-credentials-file", "b"],
             ["--route", "q.example.com=https://quay.io", "--upstream-credentials-file", "/f"],

@@ -16,8 +16,8 @@ from typing import Any
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.interfaces import IHostnameResolver, IReactorPluggableNameResolver
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI, HTTPConnectionPool
@@ -31,20 +31,20 @@ from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore
 from hammal.cache.store import BlobStore
 from hammal.errors import UpstreamBadResponse
 from hammal.pull.service import PullService
+from hammal.pull.upstreams import UpstreamSelector
+from hammal.reference import Digest
+from hammal.ttlstore import MemoryTtlStore
 from hammal.upstream.addresses import (
+    UPSTREAM_READ_SIZE,
     AddressPolicy,
     CheckedEndpointFactory,
-    UPSTREAM_READ_SIZE,
     InternalAddressRefused,
     PeerZones,
     _CheckedEndpoint,
     is_internal_address,
 )
-from hammal.reference import Digest
 from hammal.upstream.client import Upstream, UpstreamClient, make_http_client
 from hammal.upstream.retry import RetryPolicy
-from hammal.ttlstore import MemoryTtlStore
-from hammal.pull.upstreams import UpstreamSelector
 from hammal.web.health import Readiness, ReadyResource
 from hammal.web.root import build_root
 from hammal.web.site import HammalSite
@@ -190,7 +190,9 @@ class _RedirectingUpstream(Resource):
             request.setHeader(b"www-authenticate", f'Bearer realm="{self.realm}"'.encode())
             return b'{"errors":[{"code":"UNAUTHORIZED","message":"log in"}]}'
         request.setResponseCode(307)
-        target = "/manifest" if "/manifests/" in path else f"/latest/meta-data/{path.rsplit('/', 1)[1]}"
+        target = (
+            "/manifest" if "/manifests/" in path else f"/latest/meta-data/{path.rsplit('/', 1)[1]}"
+        )
         request.setHeader(b"location", (self.location + target).encode())
         return b""
 
@@ -248,8 +250,14 @@ class RedirectToInternalAddressTests(TestCase):
 
         def manifests(upstream: str, remote: Any) -> ManifestCache:
             return ManifestCache(
-                manifest_store, tags, reactor, upstream, remote,
-                ttl=300, stale_if_error=3600, negative_ttl=30,
+                manifest_store,
+                tags,
+                reactor,
+                upstream,
+                remote,
+                ttl=300,
+                stale_if_error=3600,
+                negative_ttl=30,
             )
 
         proxy = PullService(client, True, "follow", reactor, blobs, manifests)
@@ -260,9 +268,7 @@ class RedirectToInternalAddressTests(TestCase):
 
     async def get(self, url: str) -> tuple[int, bytes]:
         pool = HTTPConnectionPool(reactor, persistent=False)
-        response = await treq.get(
-            url, pool=pool, headers={"accept": MANIFEST_V2}, timeout=10
-        )
+        response = await treq.get(url, pool=pool, headers={"accept": MANIFEST_V2}, timeout=10)
         return response.code, await response.content()
 
     @defer.inlineCallbacks
@@ -304,10 +310,15 @@ class RedirectToInternalAddressTests(TestCase):
 
     @defer.inlineCallbacks
     def test_public_upstream_realm_on_loopback_refused(self) -> Any:
-        """A token realm is treated like a redirect: a public upstream's loopback realm is not asked."""
+        """
+        A token realm is treated like a redirect: a public upstream's loopback
+        realm is not asked.
+        """
         hammal, _ = self.start_hammal(_SeesPortAsPublic(self.upstream_port))
         self.upstream.realm = f"http://127.0.0.1:{self.metadata_port}/token"
-        code, body = yield defer.ensureDeferred(self.get(f"{hammal}/v2/library/app/manifests/latest"))
+        code, body = yield defer.ensureDeferred(
+            self.get(f"{hammal}/v2/library/app/manifests/latest")
+        )
         self.assertEqual(code, 502, body)
         self.assertIn(b"internal address", body)
         self.assertEqual(self.metadata.paths, [])
@@ -317,7 +328,9 @@ class RedirectToInternalAddressTests(TestCase):
         """The control: a loopback upstream's loopback realm is asked."""
         hammal, _ = self.start_hammal(AddressPolicy())
         self.upstream.realm = f"http://127.0.0.1:{self.metadata_port}/token"
-        code, body = yield defer.ensureDeferred(self.get(f"{hammal}/v2/library/app/manifests/latest"))
+        code, body = yield defer.ensureDeferred(
+            self.get(f"{hammal}/v2/library/app/manifests/latest")
+        )
         self.assertEqual(self.metadata.paths, ["/token"])
         self.assertIn(b"sent no token", body, code)
 

@@ -37,7 +37,9 @@ class ImpliedAuthTests(SynchronousTestCase):
 
 
 class ContradictionTests(SynchronousTestCase):
-    def assertRefused(self, argv: list[str], *words: str, environ: dict[str, str] | None = None) -> None:
+    def assertRefused(
+        self, argv: list[str], *words: str, environ: dict[str, str] | None = None
+    ) -> None:
         with self.assertRaises(UsageError) as caught:
             parse(argv, environ)
         message = str(caught.exception)
@@ -46,20 +48,30 @@ class ContradictionTests(SynchronousTestCase):
             self.assertIn(word, message)
 
     def test_none_with_users(self) -> None:
-        self.assertRefused(["--auth", "none", "--auth-user", "ops", "--auth-password", "pw"], "--auth none", "--auth-user")
+        self.assertRefused(
+            ["--auth", "none", "--auth-user", "ops", "--auth-password", "pw"],
+            "--auth none",
+            "--auth-user",
+        )
         self.assertRefused(["--auth", "none", "--htpasswd", "/f"], "--htpasswd")
         self.assertRefused(["--auth", "none", "--allow-users", "a"], "--allow-users")
         self.assertRefused(
-            ["--auth", "none"], "--auth-user", environ={"REGISTRY_USERNAME": "u", "REGISTRY_PASSWORD": "p"}
+            ["--auth", "none"],
+            "--auth-user",
+            environ={"REGISTRY_USERNAME": "u", "REGISTRY_PASSWORD": "p"},
         )
-        self.assertRefused([], "--auth none", environ={"HAMMAL_AUTH": "none", "HAMMAL_HTPASSWD": "/f"})
+        self.assertRefused(
+            [], "--auth none", environ={"HAMMAL_AUTH": "none", "HAMMAL_HTPASSWD": "/f"}
+        )
 
     def test_allow_users_alone(self) -> None:
         """--allow-users picks among users; without any, nobody could log in."""
         self.assertRefused(["--allow-users", "alice"], "--auth basic needs")
 
     def test_passthrough_ignores_local_users(self) -> None:
-        self.assertRefused(["--auth", "passthrough", "--htpasswd", "/f"], "passthrough", "--htpasswd")
+        self.assertRefused(
+            ["--auth", "passthrough", "--htpasswd", "/f"], "passthrough", "--htpasswd"
+        )
 
     def test_basic_and_token_need_users(self) -> None:
         self.assertRefused(["--auth", "basic"], "--auth basic needs")

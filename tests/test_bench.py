@@ -96,9 +96,9 @@ class MachineTests(SynchronousTestCase):
         self.assertEqual(rate, round(3 * (1 << 20) / 4e-6 / 1e6, 1))
 
     def test_kernel_tcp_memory(self) -> None:
-        sockstat = ("sockets: used 120\n"
-                    "TCP: inuse 5 orphan 0 tw 2 alloc 9 mem 512\n"
-                    "UDP: inuse 1 mem 3\n")
+        sockstat = (
+            "sockets: used 120\nTCP: inuse 5 orphan 0 tw 2 alloc 9 mem 512\nUDP: inuse 1 mem 3\n"
+        )
         page = os.sysconf("SC_PAGE_SIZE")
         self.assertEqual(machine.tcp_kernel_mib(sockstat), round(512 * page / (1 << 20), 1))
         self.assertEqual(machine.tcp_kernel_mib("TCP: inuse 5\n"), 0.0)
@@ -171,8 +171,15 @@ class FirstBodyByteTests(TestCase):
             reactor.callFromThread(held.release)  # type: ignore[attr-defined]
             released.set()
 
-        result = yield deferToThread(first_body_byte, port, "/blob", [("X-Test", "1")],
-                                     timeout=30, clock=_Counter(), on_headers=on_headers)
+        result = yield deferToThread(
+            first_body_byte,
+            port,
+            "/blob",
+            [("X-Test", "1")],
+            timeout=30,
+            clock=_Counter(),
+            on_headers=on_headers,
+        )
         self.assertTrue(released.is_set())
         self.assertEqual((result.status, result.body_bytes, result.error), (200, len(body), ""))
         self.assertLess(result.headers_s, result.ttfb_s)
@@ -221,8 +228,9 @@ class _Manifest(web_resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, clock: FakeTime, stall_at: int = 0, stall: float = 0.0,
-                 code: int = 200) -> None:
+    def __init__(
+        self, clock: FakeTime, stall_at: int = 0, stall: float = 0.0, code: int = 200
+    ) -> None:
         super().__init__()
         self.clock = clock
         self.stall_at = stall_at
@@ -251,10 +259,10 @@ class PacedGetsTests(TestCase):
         clock = FakeTime()
         manifest = _Manifest(clock, stall_at=3, stall=1.0)
         port = _listen(self, manifest)
-        result = yield deferToThread(paced_gets, port, "/v2/x/manifests/1", [], 10, 1.0,
-                                     clock=clock, sleep=clock.sleep)
-        self.assertEqual((result.requests, result.errors, result.statuses),
-                         (10, 0, {"200": 10}))
+        result = yield deferToThread(
+            paced_gets, port, "/v2/x/manifests/1", [], 10, 1.0, clock=clock, sleep=clock.sleep
+        )
+        self.assertEqual((result.requests, result.errors, result.statuses), (10, 0, {"200": 10}))
         self.assertEqual(manifest.count, 10)
         self.assertEqual(result.max_ms, 1000.0)
         # due at 0.3 .. 0.9 s, all sent at 1.2 s (after the stall)
@@ -268,8 +276,9 @@ class PacedGetsTests(TestCase):
         second it fell due in shows it, the others do not."""
         clock = FakeTime()
         port = _listen(self, _Manifest(clock, stall_at=15, stall=0.5))
-        result = yield deferToThread(paced_gets, port, "/m", [], 10, 3.0,
-                                     clock=clock, sleep=clock.sleep)
+        result = yield deferToThread(
+            paced_gets, port, "/m", [], 10, 3.0, clock=clock, sleep=clock.sleep
+        )
         self.assertEqual(result.requests, 30)
         self.assertEqual(result.max_ms_by_second, [0.0, 500.0, 0.0])
 
@@ -277,8 +286,9 @@ class PacedGetsTests(TestCase):
     def test_no_stall(self) -> Any:
         clock = FakeTime()
         port = _listen(self, _Manifest(clock))
-        result = yield deferToThread(paced_gets, port, "/m", [], 100, 0.5,
-                                     clock=clock, sleep=clock.sleep)
+        result = yield deferToThread(
+            paced_gets, port, "/m", [], 100, 0.5, clock=clock, sleep=clock.sleep
+        )
         self.assertEqual((result.requests, result.errors), (50, 0))
         self.assertEqual((result.p50_ms, result.p99_ms, result.max_ms), (0.0, 0.0, 0.0))
         self.assertEqual(result.max_ms_by_second, [0.0])
@@ -287,10 +297,10 @@ class PacedGetsTests(TestCase):
     def test_errors_are_counted(self) -> Any:
         clock = FakeTime()
         port = _listen(self, _Manifest(clock, code=503))
-        result = yield deferToThread(paced_gets, port, "/m", [], 10, 0.5,
-                                     clock=clock, sleep=clock.sleep)
-        self.assertEqual((result.requests, result.errors, result.statuses),
-                         (5, 5, {"503": 5}))
+        result = yield deferToThread(
+            paced_gets, port, "/m", [], 10, 0.5, clock=clock, sleep=clock.sleep
+        )
+        self.assertEqual((result.requests, result.errors, result.statuses), (5, 5, {"503": 5}))
         self.assertEqual(result.error, "HTTP 503")
 
 
@@ -303,14 +313,22 @@ class ProbeProcessTests(TestCase):
         manifest = _Manifest(clock)
         port = _listen(self, manifest)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        probe = ProbeProcess(port, "/v2/x/manifests/1", [("Accept", "a, b")], 20, 0.5,
-                             env={**os.environ, "PYTHONPATH": root})
+        probe = ProbeProcess(
+            port,
+            "/v2/x/manifests/1",
+            [("Accept", "a, b")],
+            20,
+            0.5,
+            env={**os.environ, "PYTHONPATH": root},
+        )
         self.addCleanup(probe.kill)
         started = yield deferToThread(probe.wait_started)
         self.assertTrue(started)
         result = yield deferToThread(probe.result)
-        self.assertEqual((result.requests, result.errors, result.statuses, result.error),
-                         (10, 0, {"200": 10}, ""))
+        self.assertEqual(
+            (result.requests, result.errors, result.statuses, result.error),
+            (10, 0, {"200": 10}, ""),
+        )
         self.assertEqual(manifest.count, 10)
 
 
@@ -325,10 +343,10 @@ class SlowCrowdTests(TestCase):
         count, rate = 20, 32 * 1024
         ticks: List[int] = []
         # held 2 s: ample for this listener to answer 20 requests on a busy machine
-        result = yield deferToThread(slow_crowd, port, "/blob", [], count, rate, 2.0,
-                                     ticks.append)
-        self.assertEqual((result.attempted, result.connected, result.held_open),
-                         (count, count, count))
+        result = yield deferToThread(slow_crowd, port, "/blob", [], count, rate, 2.0, ticks.append)
+        self.assertEqual(
+            (result.attempted, result.connected, result.held_open), (count, count, count)
+        )
         self.assertEqual((result.statuses, result.connect_errors), ({"200": count}, {}))
         self.assertEqual(ticks, [0, 1, 2])
         self.assertGreater(result.body_bytes, 0)
@@ -349,20 +367,32 @@ class SlowCrowdTests(TestCase):
 
 def _figures(**changes: Any) -> Dict[str, Any]:
     figures: Dict[str, Any] = {
-        "cold_MBps": {"hammal": {"median": 1000.0}, "nginx": {"median": 2000.0},
-                      "distribution": {"median": 900.0},
-                      NO_HOLD_TAIL: {"median": 1700.0}},
+        "cold_MBps": {
+            "hammal": {"median": 1000.0},
+            "nginx": {"median": 2000.0},
+            "distribution": {"median": 900.0},
+            NO_HOLD_TAIL: {"median": 1700.0},
+        },
         "warm_MBps": {"hammal": {"median": 3000.0}, "distribution": {"median": 1000.0}},
-        "ttfb_ms": {"hammal": {"median": 3.0}, "distribution": {"median": 4.0},
-                    "nginx": {"median": 1.0}},
+        "ttfb_ms": {
+            "hammal": {"median": 3.0},
+            "distribution": {"median": 4.0},
+            "nginx": {"median": 1.0},
+        },
         "concurrent_cold": {
-            "hammal": {"median_wall_s": 3.0, "max_cdn_gets": 1, "cdn_gets": [1, 1],
-                       "peak_rss_MiB": [60.0, 149.9]},
+            "hammal": {
+                "median_wall_s": 3.0,
+                "max_cdn_gets": 1,
+                "cdn_gets": [1, 1],
+                "peak_rss_MiB": [60.0, 149.9],
+            },
             "distribution": {"median_wall_s": 8.0, "max_cdn_gets": 51, "cdn_gets": [51, 50]},
         },
-        "crowd": {"count": 3000, "readers": {"held_open": 3000},
-                  "probe": {"p50_ms": 2.0, "p99_ms": 12.0, "max_ms": 40.0, "requests": 2100,
-                            "errors": 0}},
+        "crowd": {
+            "count": 3000,
+            "readers": {"held_open": 3000},
+            "probe": {"p50_ms": 2.0, "p99_ms": 12.0, "max_ms": 40.0, "requests": 2100, "errors": 0},
+        },
     }
     figures.update(changes)
     return figures
@@ -384,7 +414,8 @@ class VerdictTests(SynchronousTestCase):
         self.assertEqual((ttfb.verdict, ttfb.value), ("PASS", 0.75))
         self.assertEqual(v["50 concurrent cold: wall hammal / Distribution"].verdict, "PASS")
         self.assertEqual(
-            v["50 concurrent cold: upstream fetches by hammal (worst run)"].verdict, "PASS")
+            v["50 concurrent cold: upstream fetches by hammal (worst run)"].verdict, "PASS"
+        )
         rss = v["50 concurrent cold: hammal peak RSS MiB (worst run)"]
         self.assertEqual((rss.verdict, rss.value), ("PASS", 149.9))
         crowd = v["manifest by tag p99 ms, 3,000 slow readers arriving"]
@@ -406,13 +437,15 @@ class VerdictTests(SynchronousTestCase):
         figures["crowd"]["probe"]["p99_ms"] = 2100.0
         v = self.verdicts(figures, sha256=1200.0)
         self.assertEqual(v["cold blob: hammal / Distribution"].value, 0.56)
-        for target in ("cold blob: hammal / Distribution",
-                       "cold blob: hammal / sha256 on one core",
-                       "cold blob time to first byte: hammal / Distribution",
-                       "50 concurrent cold: wall hammal / Distribution",
-                       "50 concurrent cold: upstream fetches by hammal (worst run)",
-                       "50 concurrent cold: hammal peak RSS MiB (worst run)",
-                       "manifest by tag p99 ms, 3,000 slow readers arriving"):
+        for target in (
+            "cold blob: hammal / Distribution",
+            "cold blob: hammal / sha256 on one core",
+            "cold blob time to first byte: hammal / Distribution",
+            "50 concurrent cold: wall hammal / Distribution",
+            "50 concurrent cold: upstream fetches by hammal (worst run)",
+            "50 concurrent cold: hammal peak RSS MiB (worst run)",
+            "manifest by tag p99 ms, 3,000 slow readers arriving",
+        ):
             self.assertEqual(v[target].verdict, "MISS", target)
 
     def test_probe_errors_miss(self) -> None:
@@ -422,8 +455,9 @@ class VerdictTests(SynchronousTestCase):
         self.assertEqual(v["manifest by tag p99 ms, 3,000 slow readers arriving"].verdict, "MISS")
 
     def test_no_hold_tail_refused(self) -> None:
-        figures = _figures(no_hold_tail={"available": False,
-                                         "reason": "not available: hammal refuses it"})
+        figures = _figures(
+            no_hold_tail={"available": False, "reason": "not available: hammal refuses it"}
+        )
         del figures["cold_MBps"][NO_HOLD_TAIL]
         nht = self.verdicts(figures)["cold blob --no-hold-tail: hammal / nginx"]
         self.assertEqual((nht.verdict, nht.value), ("not available", None))
@@ -432,9 +466,14 @@ class VerdictTests(SynchronousTestCase):
     def test_only_what_was_measured(self) -> None:
         figures = {"cold_MBps": _figures()["cold_MBps"]}
         targets = {v.target for v in judge(figures, 1100.0)}
-        self.assertEqual(targets, {"cold blob: hammal / Distribution",
-                                   "cold blob: hammal / sha256 on one core",
-                                   "cold blob --no-hold-tail: hammal / nginx"})
+        self.assertEqual(
+            targets,
+            {
+                "cold blob: hammal / Distribution",
+                "cold blob: hammal / sha256 on one core",
+                "cold blob --no-hold-tail: hammal / nginx",
+            },
+        )
 
 
 class SectionTests(SynchronousTestCase):

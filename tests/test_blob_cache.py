@@ -16,8 +16,8 @@ from twisted.web.http_headers import Headers
 
 from hammal.cache.blobs import BlobCache
 from hammal.cache.store import BlobStore
-from hammal.replies import CACHE_HIT
 from hammal.reference import Digest
+from hammal.replies import CACHE_HIT
 from tests.fakes import CDN
 from tests.test_v2 import Mirror, header
 
@@ -165,7 +165,9 @@ class BlobCacheTests(SynchronousTestCase):
         first = self.get()
         ranged = self.get(headers={b"range": [b"bytes=9000-"]})
         self.assertEqual(ranged.code, 206)
-        self.assertEqual(header(ranged, b"cache-status"), "hammal; fwd=miss; collapsed; detail=coalesced")
+        self.assertEqual(
+            header(ranged, b"cache-status"), "hammal; fwd=miss; collapsed; detail=coalesced"
+        )
         self.mirror.world.release()
         self.assertEqual(self.mirror.body(ranged), BLOB[9000:])
         self.assertEqual(self.mirror.body(first), BLOB)
@@ -256,8 +258,6 @@ class BlobStoreTests(SynchronousTestCase):
         self.assertEqual(two.size(digest), 6)
 
 
-
-
 class ServePolicyTests(SynchronousTestCase):
     """L{BlobCache.serve} decides hit, range and fill by itself."""
 
@@ -279,7 +279,9 @@ class ServePolicyTests(SynchronousTestCase):
 
     def serve(self, method: bytes, headers: dict[bytes, list[bytes]]) -> Any:
         work = Deferred.fromCoroutine(
-            self.cache.serve(method, self.digest, Headers(headers), self.start, "up.test", "library/a")
+            self.cache.serve(
+                method, self.digest, Headers(headers), self.start, "up.test", "library/a"
+            )
         )
         return self.successResultOf(work)
 
@@ -293,7 +295,5 @@ class ServePolicyTests(SynchronousTestCase):
 
     def test_if_range_elsewhere(self) -> None:
         """An If-Range naming other content: the whole blob, 200."""
-        reply = self.serve(
-            b"HEAD", {b"range": [b"bytes=10-19"], b"if-range": [b'"sha256:other"']}
-        )
+        reply = self.serve(b"HEAD", {b"range": [b"bytes=10-19"], b"if-range": [b'"sha256:other"']})
         self.assertEqual((reply.status, reply.length, reply.body), (200, 100, None))

@@ -92,7 +92,6 @@ class ParseChallengesTests(SynchronousTestCase):
             [Challenge("negotiate", {}), Challenge("bearer", {"realm": "https://t.test/token"})],
         )
 
-
     def test_scheme_only(self) -> None:
         self.assertEqual(parse_challenges("Bearer"), [Challenge("bearer", {})])
 
@@ -103,9 +102,7 @@ class ParseChallengesTests(SynchronousTestCase):
     def test_garbage(self) -> None:
         """Garbage gives no usable challenge and never raises."""
         for header in ('"', "=", ",,,", '"Bearer realm=x"', "\x00\xff", "=== ,,, ==="):
-            self.assertEqual(
-                [c for c in parse_challenges(header) if c.realm], [], repr(header)
-            )
+            self.assertEqual([c for c in parse_challenges(header) if c.realm], [], repr(header))
 
     def test_unterminated_quote(self) -> None:
         """A parameter that does not parse is dropped, the scheme kept."""
@@ -144,7 +141,9 @@ class SelectChallengeTests(SynchronousTestCase):
         self.assertEqual((challenge.scheme, challenge.realm), ("basic", "b"))
 
     def test_first_usable_bearer(self) -> None:
-        challenge = select_challenge(['Bearer service="s"', 'Bearer realm="one"', 'Bearer realm="two"'])
+        challenge = select_challenge(
+            ['Bearer service="s"', 'Bearer realm="one"', 'Bearer realm="two"']
+        )
         assert challenge is not None
         self.assertEqual(challenge.realm, "one")
 

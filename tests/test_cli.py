@@ -29,11 +29,11 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.ops import cachetool
-from hammal.cache.manifests import ManifestStore, StoredManifest, DiskTagStore
+from hammal.cache.manifests import DiskTagStore, ManifestStore, StoredManifest
 from hammal.cache.store import STALE_TEMPORARY_SECONDS, BlobStore
-from hammal.ops.cli import human_size, main, short_digest
 from hammal.config import FLAGS, PARAMETERS
+from hammal.ops import cachetool
+from hammal.ops.cli import human_size, main, short_digest
 from hammal.ops.prefetch import (
     MANIFEST_ACCEPT,
     ImageRef,
@@ -105,7 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
             error = {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}
             self._send(404, "application/json", json.dumps(error).encode())
 
-    def _send(self, status: int, media_type: str, body: bytes, extra: dict[str, object] = {}) -> None:
+    def _send(
+        self, status: int, media_type: str, body: bytes, extra: dict[str, object] = {}
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", media_type)
         self.send_header("Content-Length", str(len(body)))
@@ -179,7 +181,9 @@ class FakeRegistry:
         return Counter(path.rsplit("/", 1)[1] for path, _ in self.requests if "/manifests/" in path)
 
 
-def image_manifest(registry: FakeRegistry, name: str, architecture: str, shared: bytes) -> tuple[dict[str, Any], set[str]]:
+def image_manifest(
+    registry: FakeRegistry, name: str, architecture: str, shared: bytes
+) -> tuple[dict[str, Any], set[str]]:
     """An OCI image for C{architecture}: its descriptor and its blob digests."""
     config = registry.add_blob(
         json.dumps({"architecture": architecture, "os": "linux"}).encode(), OCI_CONFIG
@@ -197,7 +201,9 @@ def image_manifest(registry: FakeRegistry, name: str, architecture: str, shared:
     return descriptor, {config["digest"], own["digest"], common["digest"]}
 
 
-def multi_platform_image(registry: FakeRegistry, name: str = "alpine", tag: str = "3.20") -> dict[str, Any]:
+def multi_platform_image(
+    registry: FakeRegistry, name: str = "alpine", tag: str = "3.20"
+) -> dict[str, Any]:
     """
     An index of linux/amd64 and linux/arm64/v8 sharing one layer. Returns
     the index digest and, per architecture, the child digest and its blobs.
@@ -208,7 +214,10 @@ def multi_platform_image(registry: FakeRegistry, name: str = "alpine", tag: str 
     amd64["platform"] = {"os": "linux", "architecture": "amd64"}
     arm64["platform"] = {"os": "linux", "architecture": "arm64", "variant": "v8"}
     index = registry.add_manifest(
-        name, {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [amd64, arm64]}, OCI_INDEX, tag
+        name,
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [amd64, arm64]},
+        OCI_INDEX,
+        tag,
     )
     return {
         "index": index["digest"],
@@ -259,7 +268,11 @@ class ImageReferenceTests(SynchronousTestCase):
     def test_platforms(self) -> None:
         self.assertEqual(
             parse_platforms(["linux/amd64,linux/arm64/v8", "linux/arm/v7"]),
-            (Platform("linux", "amd64"), Platform("linux", "arm64", "v8"), Platform("linux", "arm", "v7")),
+            (
+                Platform("linux", "amd64"),
+                Platform("linux", "arm64", "v8"),
+                Platform("linux", "arm", "v7"),
+            ),
         )
         self.assertRaises(UsageError, parse_platforms, ["linux"])
         self.assertRaises(UsageError, parse_platforms, ["linux/amd64/v1/x"])
@@ -370,7 +383,12 @@ class PrefetchTests(SynchronousTestCase):
         self.assertEqual(accepts, {MANIFEST_ACCEPT})
         self.assertEqual(
             {item.strip() for item in MANIFEST_ACCEPT.split(",")},
-            {OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json"},
+            {
+                OCI_INDEX,
+                OCI_MANIFEST,
+                DOCKER_MANIFEST,
+                "application/vnd.docker.distribution.manifest.list.v2+json",
+            },
         )
         lines = out.splitlines()
         self.assertEqual(len(lines), 3 + 5 + 1)  # manifests, blobs, summary
@@ -426,20 +444,31 @@ class PrefetchTests(SynchronousTestCase):
 
     def test_single_manifest(self) -> None:
         """A Docker schema 2 image without an index: config and layers."""
-        config = self.registry.add_blob(b'{"os":"linux"}', "application/vnd.docker.container.image.v1+json")
+        config = self.registry.add_blob(
+            b'{"os":"linux"}', "application/vnd.docker.container.image.v1+json"
+        )
         layer = self.registry.add_blob(b"layer" * 100)
-        document = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": config, "layers": [layer]}
+        document = {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST,
+            "config": config,
+            "layers": [layer],
+        }
         self.registry.add_manifest("library/busybox", document, DOCKER_MANIFEST, "latest")
         status, out, err = self.prefetch("library/busybox", "--platform", "linux/amd64")
         self.assertEqual((status, err), (0, ""))
-        self.assertEqual(self.registry.blob_requests(), Counter([config["digest"], layer["digest"]]))
+        self.assertEqual(
+            self.registry.blob_requests(), Counter([config["digest"], layer["digest"]])
+        )
         self.assertIn("library/busybox:latest done: 1 manifests, 2 blobs, 514 B", out)
 
     def test_unknown_tag(self) -> None:
         """A 404 is one line with the registry's error code; other images go on."""
         status, out, err = self.prefetch("alpine:nope", "alpine:3.20", "--platform", "linux/amd64")
         self.assertEqual(status, 1)
-        self.assertEqual(err, "hammal: alpine:nope manifest: HTTP 404 MANIFEST_UNKNOWN: manifest unknown\n")
+        self.assertEqual(
+            err, "hammal: alpine:nope manifest: HTTP 404 MANIFEST_UNKNOWN: manifest unknown\n"
+        )
         self.assertIn("alpine:3.20 done: 2 manifests, 3 blobs", out)
 
     def test_progress_bar(self) -> None:
@@ -533,7 +562,9 @@ class CacheToolTests(SynchronousTestCase):
         for digest in self.digests[2:]:
             self.assertTrue(os.path.exists(blob_path(self.root, digest)))
         self.assertEqual(os.listdir(os.path.join(self.root, "tmp")), ["running.2.y"])
-        self.assertIn("evicted 2 blobs (2.0 kB), removed 1 temporaries; 2 blobs (2.0 kB) remain", out)
+        self.assertIn(
+            "evicted 2 blobs (2.0 kB), removed 1 temporaries; 2 blobs (2.0 kB) remain", out
+        )
         self.assertEqual(cachetool.stats(self.root).blob_bytes, 2000)
 
     def test_gc_size_units(self) -> None:
@@ -576,7 +607,9 @@ class CacheToolTests(SynchronousTestCase):
     def test_dry_run(self) -> None:
         """--dry-run removes nothing, and names exactly what gc then removes."""
         before = snapshot(self.root)
-        status, out, err = run("cache", "gc", "--cache-dir", self.root, "--max-size", "2500", "--dry-run")
+        status, out, err = run(
+            "cache", "gc", "--cache-dir", self.root, "--max-size", "2500", "--dry-run"
+        )
         self.assertEqual((status, err), (0, ""))
         self.assertEqual(snapshot(self.root), before)
         self.assertIn("would remove abandoned temporary abandoned.1.x\n", out)
@@ -586,13 +619,18 @@ class CacheToolTests(SynchronousTestCase):
         self.assertEqual(planned.evicted, done.evicted)
         self.assertEqual(planned.removed_temporaries, done.removed_temporaries)
         self.assertEqual(
-            (planned.remaining_blobs, planned.remaining_bytes), (done.remaining_blobs, done.remaining_bytes)
+            (planned.remaining_blobs, planned.remaining_bytes),
+            (done.remaining_blobs, done.remaining_bytes),
         )
         self.assertEqual([blob.digest for blob in done.evicted], self.digests[:2])
 
     def test_gc_without_limit(self) -> None:
         """No --max-size (nor HAMMAL_CACHE_MAX_SIZE): only temporaries go."""
-        self.patch(os, "environ", {key: value for key, value in os.environ.items() if key != "HAMMAL_CACHE_MAX_SIZE"})
+        self.patch(
+            os,
+            "environ",
+            {key: value for key, value in os.environ.items() if key != "HAMMAL_CACHE_MAX_SIZE"},
+        )
         status, out, _ = run("cache", "gc", "--cache-dir", self.root)
         self.assertEqual(status, 0)
         self.assertIn("evicted 0 blobs", out)
@@ -600,7 +638,10 @@ class CacheToolTests(SynchronousTestCase):
         self.assertEqual(cachetool.stats(self.root).temporaries, 1)
 
     def test_refused_directories(self) -> None:
-        """A missing directory, one that is no cache, or a bad size: status 2, one line, nothing touched."""
+        """
+        A missing directory, one that is no cache, or a bad size: status 2, one
+        line, nothing touched.
+        """
         other = self.mktemp()
         os.makedirs(other)
         for argv in [
@@ -697,13 +738,21 @@ class DeploymentFileTests(SynchronousTestCase):
     def test_variables_are_options(self) -> None:
         """Every HAMMAL_* name in the deployment files is an option hammal reads."""
         known = option_variables()
-        for relative in ["Dockerfile", "compose.yaml", "deploy/hammal.service", "deploy/README.rst"]:
+        for relative in [
+            "Dockerfile",
+            "compose.yaml",
+            "deploy/hammal.service",
+            "deploy/README.rst",
+        ]:
             for name in re.findall(r"\bHAMMAL_[A-Z0-9_]+", read(relative)):
                 with self.subTest(file=relative, name=name):
                     self.assertIn(name, known)
 
     def test_environments_are_valid(self) -> None:
-        """hammal starts with the image's environment, with compose's on top, and with the unit's."""
+        """
+        hammal starts with the image's environment, with compose's on top, and
+        with the unit's.
+        """
         image = dockerfile_env()
         self.assertEqual(image["HAMMAL_PORT"], "tcp:5000")
         self.assertEqual(image["HAMMAL_CACHE_DIR"], "/var/cache/hammal")
@@ -723,7 +772,9 @@ class DeploymentFileTests(SynchronousTestCase):
 
     def test_same_command_everywhere(self) -> None:
         """The image, the unit and ``make run`` start ``twistd --pidfile= -n hammal``."""
-        commands = {keyword: rest for keyword, rest in dockerfile_instructions() if keyword == "CMD"}
+        commands = {
+            keyword: rest for keyword, rest in dockerfile_instructions() if keyword == "CMD"
+        }
         self.assertEqual(json.loads(commands["CMD"]), TWISTD_ARGV)
         make_run = re.search(r"\$\(BIN\)/(twistd [^$\n]*)\$\(HAMMAL_ARGS\)", read("Makefile"))
         assert make_run is not None
@@ -747,10 +798,14 @@ class DeploymentFileTests(SynchronousTestCase):
         """compose and systemd wait longer than hammal drains before killing it."""
         unit = dict(unit_settings())
         self.assertEqual(unit["KillSignal"], "SIGTERM")
-        self.assertGreater(_seconds(unit["TimeoutStopSec"]), float(unit_environment()["HAMMAL_DRAIN_TIMEOUT"]))
+        self.assertGreater(
+            _seconds(unit["TimeoutStopSec"]), float(unit_environment()["HAMMAL_DRAIN_TIMEOUT"])
+        )
         grace = re.search(r"stop_grace_period:\s*(\S+)", read("compose.yaml"))
         assert grace is not None
-        self.assertGreater(_seconds(grace.group(1)), float(compose_environment("hammal")["HAMMAL_DRAIN_TIMEOUT"]))
+        self.assertGreater(
+            _seconds(grace.group(1)), float(compose_environment("hammal")["HAMMAL_DRAIN_TIMEOUT"])
+        )
 
     def test_unit_hardening(self) -> None:
         unit = dict(unit_settings())
@@ -793,13 +848,17 @@ class PackagingTests(SynchronousTestCase):
 
         find = self.project["tool"]["setuptools"]["packages"]["find"]
         self.assertTrue(find["namespaces"])
-        packages = set(find_namespace_packages(REPO, include=find["include"], exclude=find["exclude"]))
+        packages = set(
+            find_namespace_packages(REPO, include=find["include"], exclude=find["exclude"])
+        )
         on_disk = {
             os.path.relpath(folder, REPO).replace(os.sep, ".")
             for folder, _, names in os.walk(os.path.join(REPO, "hammal"))
             if any(name.endswith(".py") for name in names)
         }
         self.assertEqual(packages, on_disk | {"twisted.plugins"})
-        self.assertTrue(os.path.exists(os.path.join(REPO, "twisted", "plugins", "hammal_plugin.py")))
+        self.assertTrue(
+            os.path.exists(os.path.join(REPO, "twisted", "plugins", "hammal_plugin.py"))
+        )
         self.assertFalse(os.path.exists(os.path.join(REPO, "twisted", "__init__.py")))
         self.assertFalse(os.path.exists(os.path.join(REPO, "twisted", "plugins", "__init__.py")))

@@ -16,12 +16,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from hammal.errors import TooManyRequests, UpstreamUnavailable
+from hammal.stream import read_body
+from hammal.ttlstore import MemoryTtlStore
 from hammal.upstream.auth import Credentials, UpstreamAuth
 from hammal.upstream.client import Trace, Upstream, UpstreamClient
 from hammal.upstream.retry import RetryPolicy
-from hammal.ttlstore import MemoryTtlStore
 from hammal.upstream.trust import CredentialPolicy
-from hammal.stream import read_body
 from tests.fakes import CDN, REALM, REGISTRY, FakeUpstream, stub_for
 
 #: The fake world's realm (auth.test) is another site than registry.test:
@@ -260,7 +260,10 @@ class CredentialDestinationTests(SynchronousTestCase):
         policy = CredentialPolicy(trusted_realms=frozenset({"auth.test"}))
         h = ClientHarness(world, credentials=Credentials("ci", "s3cret"), policy=policy)
         self.assertEqual(self.successResultOf(h.settle(h.get("manifests/3.20"))).code, 200)
-        self.assertEqual(world.hits(REALM)[0].header("authorization"), Credentials("ci", "s3cret").basic().decode())
+        self.assertEqual(
+            world.hits(REALM)[0].header("authorization"),
+            Credentials("ci", "s3cret").basic().decode(),
+        )
         self.assertEqual(self._warned(), [])
 
     def test_plain_http_realm_gets_no_credentials(self) -> None:

@@ -121,15 +121,15 @@ class Node:
         )
         self.blobs.fill_sources = self.fills
         self.root = Resource()
-        mount_peer_endpoint(
-            self.root, PeerBlobResource(peer_lookup(self.blobs), auth, test.clock)
-        )
+        mount_peer_endpoint(self.root, PeerBlobResource(peer_lookup(self.blobs), auth, test.clock))
         test.stubs.append(self.peer_http)
 
     def fill(self, test: "ClusterFillTests") -> BlobFetch:
         def start(offset: int, end: int | None = None) -> Any:
             headers = {b"range": [b"bytes=%d-" % offset]} if offset else {}
-            return test.upstream_http.get("http://upstream.test/blob", headers=headers, unbuffered=True)
+            return test.upstream_http.get(
+                "http://upstream.test/blob", headers=headers, unbuffered=True
+            )
 
         fetch, joined = self.blobs.fetch(DIGEST, start, "upstream.test")
         test.assertFalse(joined)
@@ -341,4 +341,3 @@ def _not_found(request: Request) -> bytes:
     request.setResponseCode(404)
     request.setHeader(b"content-type", b"application/json")
     return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
-

@@ -152,9 +152,7 @@ class DegradedTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.redis = FakeRedis(self.clock)
-        self.leases = FillLeases(
-            self.redis, self.clock, A, ttl=9.0, timeout=1.0, retry_after=5.0
-        )
+        self.leases = FillLeases(self.redis, self.clock, A, ttl=9.0, timeout=1.0, retry_after=5.0)
 
     def test_redis_down(self) -> None:
         self.redis.down = True

@@ -271,8 +271,9 @@ class PeerEndpointTests(TestCase):
         fill.append(data[:10])
         root = Resource()
         clock = Clock()
-        resource = PeerBlobResource({digest: fill.growing()}.get, self.auth, clock,
-                                    stall_timeout=5.0)
+        resource = PeerBlobResource(
+            {digest: fill.growing()}.get, self.auth, clock, stall_timeout=5.0
+        )
         mount_peer_endpoint(root, resource)
         port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -327,8 +328,6 @@ class _Recording(dict):  # type: ignore[type-arg]
     def get(self, key: Any, default: Any = None) -> Any:
         self._looked.append(key)
         return None
-
-
 
 
 class _HangUp(Protocol):

@@ -66,8 +66,14 @@ class SignatureTests(SynchronousTestCase):
 
     def test_garbage(self) -> None:
         for header in (
-            None, b"", b"Hammal-Peer", b"Hammal-Peer :", b"Bearer abc",
-            b"Hammal-Peer x:y", b"Hammal-Peer 1700000010:", b"Hammal-Peer -5:ab",
+            None,
+            b"",
+            b"Hammal-Peer",
+            b"Hammal-Peer :",
+            b"Bearer abc",
+            b"Hammal-Peer x:y",
+            b"Hammal-Peer 1700000010:",
+            b"Hammal-Peer -5:ab",
             b"Hammal-Peer 99999999999999999999:ab",
         ):
             self.assertFalse(self.auth.check(b"GET", TARGET, header), header)

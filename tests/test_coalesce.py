@@ -212,7 +212,9 @@ class CoalescerTests(SynchronousTestCase):
         second = self.coalescer.run("k", fetch)
         self.assertEqual(started, [1])
         clock.advance(1.0)
-        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), ("fetched",) * 2)
+        self.assertEqual(
+            (self.successResultOf(first), self.successResultOf(second)), ("fetched",) * 2
+        )
 
     def test_metrics(self) -> None:
         """Each call counts as started or joined, under the coalescer's name."""
@@ -251,6 +253,7 @@ class CoalescerTests(SynchronousTestCase):
         Work that raises instead of returning a failed L{Deferred} must not
         leave its key busy forever.
         """
+
         def broken() -> Deferred[str]:
             raise Boom("raised before returning a Deferred")
 
@@ -265,7 +268,6 @@ class CoalescerTests(SynchronousTestCase):
         self.assertEqual(len(self.work.runs), 1)
         self.work.runs[0].callback("fine")
         self.assertEqual(self.successResultOf(second), "fine")
-
 
 
 class CoalescerDeadlineTests(SynchronousTestCase):
@@ -286,7 +288,9 @@ class CoalescerDeadlineTests(SynchronousTestCase):
         for observer in observers:
             failure = self.failureResultOf(observer, UpstreamTimeout)
             self.assertEqual(failure.value.status, 504)
-            self.assertIn("the token request did not finish within 10 seconds", failure.getErrorMessage())
+            self.assertIn(
+                "the token request did not finish within 10 seconds", failure.getErrorMessage()
+            )
 
     def test_stalled_work_is_cancelled_and_forgotten(self) -> None:
         """The stalled run is cancelled and the next call starts afresh."""

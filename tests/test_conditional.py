@@ -74,7 +74,9 @@ class ConditionalThroughCacheTests(SynchronousTestCase):
         tag = f'"{self.manifest_digest}"'
         for _ in range(2):  # cold, then from the cache
             response = self.mirror.request(
-                b"GET", "/v2/alpine/manifests/3.20", {b"accept": ACCEPT, b"if-none-match": [tag.encode()]}
+                b"GET",
+                "/v2/alpine/manifests/3.20",
+                {b"accept": ACCEPT, b"if-none-match": [tag.encode()]},
             )
             self.assertEqual(response.code, 304)
             self.assertEqual(header(response, b"etag"), tag)

@@ -5,12 +5,9 @@ environment fallbacks, command-line precedence and validation.
 
 from __future__ import annotations
 
-import sys
-
-import json
-
 import io
-
+import json
+import sys
 from typing import Any, Mapping, Sequence
 
 from twisted.logger import LogLevel
@@ -31,8 +28,8 @@ from hammal.config import (
     parse_size,
     port_description,
 )
-from hammal.upstream.auth import Credentials
 from hammal.tap import Options
+from hammal.upstream.auth import Credentials
 
 
 def parse(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Options:
@@ -202,7 +199,8 @@ class EnvironmentTests(SynchronousTestCase):
     def test_empty_env_ignored(self) -> None:
         """An empty variable (C{FOO=} in a compose file) means unset."""
         self.assertEqual(
-            settings(environ={"HAMMAL_PORT": "", "HAMMAL_UPSTREAM": "", "HAMMAL_TLS": ""}), Settings()
+            settings(environ={"HAMMAL_PORT": "", "HAMMAL_UPSTREAM": "", "HAMMAL_TLS": ""}),
+            Settings(),
         )
 
     def test_docker_credentials(self) -> None:
@@ -238,7 +236,9 @@ class EnvironmentTests(SynchronousTestCase):
         argv = ["--upstream-username", "dave", "--upstream-password-file", path]
         self.assertEqual(settings(argv).credentials, Credentials("dave", "pat-from-file"))
         environ = {"HAMMAL_UPSTREAM_USERNAME": "dave", "HAMMAL_UPSTREAM_PASSWORD_FILE": path}
-        self.assertEqual(settings(environ=environ).credentials, Credentials("dave", "pat-from-file"))
+        self.assertEqual(
+            settings(environ=environ).credentials, Credentials("dave", "pat-from-file")
+        )
 
     def test_auth_password_file(self) -> None:
         path = self._secret_file("hunter2\n")
@@ -250,11 +250,27 @@ class EnvironmentTests(SynchronousTestCase):
         path = self._secret_file("from-file")
         empty = self._secret_file("\n")
         for argv, message in (
-            (["--upstream-username", "u", "--upstream-password", "inline", "--upstream-password-file", path], "not both"),
-            (["--upstream-username", "u", "--upstream-password-file", "/nonexistent/pw"], "cannot read"),
+            (
+                [
+                    "--upstream-username",
+                    "u",
+                    "--upstream-password",
+                    "inline",
+                    "--upstream-password-file",
+                    path,
+                ],
+                "not both",
+            ),
+            (
+                ["--upstream-username", "u", "--upstream-password-file", "/nonexistent/pw"],
+                "cannot read",
+            ),
             (["--upstream-username", "u", "--upstream-password-file", empty], "is empty"),
             (["--upstream-password-file", path], "go together"),
-            (["--auth-user", "u", "--auth-password", "inline", "--auth-password-file", path], "not both"),
+            (
+                ["--auth-user", "u", "--auth-password", "inline", "--auth-password-file", path],
+                "not both",
+            ),
         ):
             with self.assertRaises(UsageError) as raised:
                 parse(argv)
@@ -282,14 +298,12 @@ class EnvironmentTests(SynchronousTestCase):
         result = settings(["--no-library-prefix"], {"HAMMAL_LIBRARY_PREFIX": "true"})
         self.assertFalse(result.library_prefix)
 
-
     def test_env_no_library_prefix_overridden_on_command_line(self) -> None:
         result = settings(
             ["--library-prefix"],
             {"HAMMAL_NO_LIBRARY_PREFIX": "1", "HAMMAL_UPSTREAM": "https://ghcr.io"},
         )
         self.assertTrue(result.library_prefix)
-
 
 
 class LibraryPrefixTests(SynchronousTestCase):
@@ -309,7 +323,9 @@ class LibraryPrefixTests(SynchronousTestCase):
             self.assertFalse(settings(["--upstream", upstream]).library_prefix, upstream)
 
     def test_forced(self) -> None:
-        self.assertTrue(settings(["--upstream", "https://ghcr.io", "--library-prefix"]).library_prefix)
+        self.assertTrue(
+            settings(["--upstream", "https://ghcr.io", "--library-prefix"]).library_prefix
+        )
         self.assertFalse(settings(["--no-library-prefix"]).library_prefix)
         self.assertFalse(settings(environ={"HAMMAL_NO_LIBRARY_PREFIX": "true"}).library_prefix)
 
@@ -330,7 +346,11 @@ class PortTests(SynchronousTestCase):
         self.assertEqual(port_description("65535"), "tcp:65535")
 
     def test_endpoint(self) -> None:
-        for endpoint in ("tcp:5000:interface=127.0.0.1", "unix:/run/hammal.sock", "systemd:domain=INET:index=0"):
+        for endpoint in (
+            "tcp:5000:interface=127.0.0.1",
+            "unix:/run/hammal.sock",
+            "systemd:domain=INET:index=0",
+        ):
             self.assertEqual(settings(["--port", endpoint]).port, endpoint)
 
     def test_out_of_range(self) -> None:
@@ -395,7 +415,16 @@ class ValidationTests(SynchronousTestCase):
 
     def test_limits_accepted(self) -> None:
         result = settings(
-            ["--retries", "0", "--retry-backoff", "0", "--buffer-size", "4K", "--connect-timeout", "0.001"]
+            [
+                "--retries",
+                "0",
+                "--retry-backoff",
+                "0",
+                "--buffer-size",
+                "4K",
+                "--connect-timeout",
+                "0.001",
+            ]
         )
         self.assertEqual((result.retries, result.retry_backoff, result.buffer_size), (0, 0.0, 4096))
         self.assertEqual(settings(["--buffer-size", "64M"]).buffer_size, 64 * 1024**2)
@@ -405,13 +434,11 @@ class ValidationTests(SynchronousTestCase):
         for option in ("--connect-timeout", "--read-timeout", "--retry-backoff"):
             self.assertUsageError([option, "nan"], option)
 
-
     def test_redis_password_not_echoed(self) -> None:
         """A rejected C{--redis} URL does not put its password in the message."""
         for url in ("rediss://:hunter2@cache", "redis://:hunter2@cache:port"):
             error = self.assertRaises(UsageError, parse, ["--redis", url])
             self.assertNotIn("hunter2", str(error))
-
 
 
 class LogFormatTests(SynchronousTestCase):
@@ -475,7 +502,9 @@ class LogFormatTests(SynchronousTestCase):
             }
         )
         line = out.getvalue()
-        self.assertTrue(line.endswith('[hammal.access#info] 127.0.0.1 "GET /v2/" 200 2 0.1ms {not a field}\n'))
+        self.assertTrue(
+            line.endswith('[hammal.access#info] 127.0.0.1 "GET /v2/" 200 2 0.1ms {not a field}\n')
+        )
         self.assertTrue(line.startswith("19"), line)
 
     def test_json_without_parent(self) -> None:
@@ -556,7 +585,13 @@ class RedisUrlTests(SynchronousTestCase):
         self.assertNotIn("s3cret", repr(FULL_SETTINGS))
 
     def test_invalid(self) -> None:
-        for url in ("cache:6379", "rediss://cache", "redis:///0", "redis://cache:99999", "redis://cache/-1"):
+        for url in (
+            "cache:6379",
+            "rediss://cache",
+            "redis:///0",
+            "redis://cache:99999",
+            "redis://cache/-1",
+        ):
             self.assertRaises(ConfigError, parse_redis_url, url)
 
 
@@ -568,7 +603,8 @@ class BacklogTests(SynchronousTestCase):
 
         self.assertEqual(with_backlog("tcp:5000"), "tcp:5000:backlog=1024")
         self.assertEqual(
-            with_backlog("tcp:5000:interface=127.0.0.1"), "tcp:5000:interface=127.0.0.1:backlog=1024"
+            with_backlog("tcp:5000:interface=127.0.0.1"),
+            "tcp:5000:interface=127.0.0.1:backlog=1024",
         )
         self.assertEqual(with_backlog("tcp:5000:backlog=10"), "tcp:5000:backlog=10")
         self.assertEqual(with_backlog("unix:/run/hammal.sock"), "unix:/run/hammal.sock")
@@ -602,7 +638,9 @@ class ClusterOptionTests(SynchronousTestCase):
             }
         )
         assert result.storage is not None
-        self.assertEqual((result.storage.bucket, result.storage.prefix), ("hammal-blobs", "mirror/"))
+        self.assertEqual(
+            (result.storage.bucket, result.storage.prefix), ("hammal-blobs", "mirror/")
+        )
         self.assertEqual(result.s3_endpoint, "http://seaweedfs:8333")
         self.assertEqual(result.cluster_advertise, "http://10.0.3.7:5000")
         self.assertEqual(result.cluster_key_file, key)
@@ -617,16 +655,31 @@ class ClusterOptionTests(SynchronousTestCase):
             (["--storage", "s3://b", "--s3-endpoint", "s3:9000"], "--s3-endpoint must be"),
             (["--storage", "s3://b", "--s3-endpoint", "http://s3", "--no-cache"], "--no-cache"),
             (["--cluster-advertise", "http://a:5000"], "needs --redis"),
-            (["--cluster-advertise", "http://a:5000", "--redis", "redis://r"], "--cluster-key-file"),
+            (
+                ["--cluster-advertise", "http://a:5000", "--redis", "redis://r"],
+                "--cluster-key-file",
+            ),
             (["--cluster-key-file", short], "needs --cluster-advertise"),
             (
-                ["--cluster-advertise", "http://a:5000", "--redis", "redis://r",
-                 "--cluster-key-file", short],
+                [
+                    "--cluster-advertise",
+                    "http://a:5000",
+                    "--redis",
+                    "redis://r",
+                    "--cluster-key-file",
+                    short,
+                ],
                 "at least 32",
             ),
             (
-                ["--cluster-advertise", "http://a:5000", "--redis", "redis://r",
-                 "--cluster-key-file", "/nonexistent/key"],
+                [
+                    "--cluster-advertise",
+                    "http://a:5000",
+                    "--redis",
+                    "redis://r",
+                    "--cluster-key-file",
+                    "/nonexistent/key",
+                ],
                 "cannot read the cluster key",
             ),
         ]
@@ -634,6 +687,8 @@ class ClusterOptionTests(SynchronousTestCase):
             with self.assertRaises(UsageError, msg=argv) as raised:
                 parse(argv)
             self.assertIn(expected, str(raised.exception), argv)
+
+
 class NoHoldTailTests(SynchronousTestCase):
     def test_flag(self) -> None:
         """--no-hold-tail, or HAMMAL_NO_HOLD_TAIL; off by default."""

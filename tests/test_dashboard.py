@@ -29,7 +29,9 @@ _MATCHERS = re.compile(r"\{([^{}]*)\}")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"\s*,?')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
-_LABEL_VALUES = re.compile(r"label_values\(\s*(hammal_[a-zA-Z0-9_]+)\s*,\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)")
+_LABEL_VALUES = re.compile(
+    r"label_values\(\s*(hammal_[a-zA-Z0-9_]+)\s*,\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)"
+)
 
 
 def exposition() -> dict[str, set[str]]:
@@ -129,7 +131,9 @@ class DashboardTests(SynchronousTestCase):
 
     def test_checker_catches_mistakes(self) -> None:
         """The label check is not vacuous: a wrong label or metric is found."""
-        self.assertEqual(_labels_used('sum by (kind) (x{host="a",b!~"c"})', "{{d}}"), {"kind", "host", "b", "d"})
+        self.assertEqual(
+            _labels_used('sum by (kind) (x{host="a",b!~"c"})', "{{d}}"), {"kind", "host", "b", "d"}
+        )
         self.assertNotIn("hammal_requests", self.exposed)
         self.assertNotIn("kind", self.exposed["hammal_requests_total"])
         self.assertIn("le", self.exposed["hammal_request_duration_seconds_bucket"])

@@ -16,12 +16,12 @@ from twisted.web.http_headers import Headers
 from hammal.cache.blobs import BlobCache
 from hammal.cache.store import BlobStore
 from hammal.errors import UpstreamTimeout
+from hammal.reference import Digest
+from hammal.stream import ReadBounds
+from hammal.ttlstore import MemoryTtlStore
 from hammal.upstream.auth import UpstreamAuth
 from hammal.upstream.challenge import Challenge
 from hammal.upstream.client import upstream_error
-from hammal.reference import Digest
-from hammal.ttlstore import MemoryTtlStore
-from hammal.stream import ReadBounds
 from tests.test_stream import _BodyResponse
 
 DIGEST = Digest.of(b"layer")
@@ -100,7 +100,9 @@ class TokenDeadlineTests(SynchronousTestCase):
             clock=self.clock,
             bounds=ReadBounds(self.clock, idle=1.0, deadline=5.0, upstream="auth.test"),
         )
-        self.challenge = Challenge("bearer", {"realm": "https://auth.test/token", "service": "registry.test"})
+        self.challenge = Challenge(
+            "bearer", {"realm": "https://auth.test/token", "service": "registry.test"}
+        )
 
     def send(self, method: bytes, url: str, headers: Headers) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()

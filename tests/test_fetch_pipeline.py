@@ -98,7 +98,9 @@ class FetchPipelineTests(SynchronousTestCase):
         self.clock = Clock()
         self.offload = _HeldOffload()
 
-    def fetch(self, blob: bytes, hold_tail: bool = True, digest: Digest | None = None) -> tuple[BlobFetch, _Response]:
+    def fetch(
+        self, blob: bytes, hold_tail: bool = True, digest: Digest | None = None
+    ) -> tuple[BlobFetch, _Response]:
         response = _Response(len(blob))
         if digest is None:
             digest = Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest())

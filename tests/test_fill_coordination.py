@@ -134,7 +134,9 @@ class SiblingFillTests(SynchronousTestCase):
         self.temporary = self.store.temporary_path(DIGEST)
         self.clock = Clock()
         self.follower_side = LockFileCoordinator(self.root)
-        self.fill = SiblingFill(DIGEST, self.store, self.follower_side.current_holder, self.clock, stall=30)
+        self.fill = SiblingFill(
+            DIGEST, self.store, self.follower_side.current_holder, self.clock, stall=30
+        )
         self.fill.start()
 
     def write(self, data: bytes) -> None:
@@ -158,7 +160,9 @@ class SiblingFillTests(SynchronousTestCase):
         self.lease.announce(self.temporary, len(BLOB), b"application/x-tar")
         self.poll()
         self.assertIs(self.successResultOf(started), self.fill)
-        self.assertEqual((self.fill.size, self.fill.content_type), (len(BLOB), b"application/x-tar"))
+        self.assertEqual(
+            (self.fill.size, self.fill.content_type), (len(BLOB), b"application/x-tar")
+        )
 
     def test_readers_get_exact_bytes_and_the_last_only_once_stored(self) -> None:
         self.write(BLOB[:4000])
@@ -249,9 +253,13 @@ class TwoProcessesOneDirectoryTests(SynchronousTestCase):
         self.flush()
         one, two = self.successResultOf(first), self.successResultOf(second)
         self.assertEqual(header(one, b"cache-status"), "hammal; fwd=miss")
-        self.assertEqual(header(two, b"cache-status"), "hammal; fwd=miss; collapsed; detail=coalesced")
-        bodies = [read_all(self, mirror, response) for mirror, response in
-                  ((self.first, one), (self.second, two))]
+        self.assertEqual(
+            header(two, b"cache-status"), "hammal; fwd=miss; collapsed; detail=coalesced"
+        )
+        bodies = [
+            read_all(self, mirror, response)
+            for mirror, response in ((self.first, one), (self.second, two))
+        ]
         self.assertEqual(bodies, [BLOB, BLOB])
         self.assertEqual(len([s for s in self.world.hits(CDN) if s.method == "GET"]), 1)
         self.assertEqual(self.second.blobs.fetches_started, 0)  # type: ignore[union-attr]
@@ -285,13 +293,17 @@ class TakeOverTests(SynchronousTestCase):
             f.write(BLOB[:3000])
         lease.announce(temporary, len(BLOB), b"application/octet-stream")
         path = f"/v2/alpine/blobs/{digest}"
-        pending = [mirror.agent.request(b"GET", f"http://mirror.test{path}".encode()) for _ in range(2)]
+        pending = [
+            mirror.agent.request(b"GET", f"http://mirror.test{path}".encode()) for _ in range(2)
+        ]
         for _ in range(5):
             mirror.flush()
             mirror.clock.advance(0.02)
         responses = [self.successResultOf(d) for d in pending]
-        self.assertEqual([header(r, b"cache-status") for r in responses],
-                         ["hammal; fwd=miss; collapsed; detail=coalesced"] * 2)
+        self.assertEqual(
+            [header(r, b"cache-status") for r in responses],
+            ["hammal; fwd=miss; collapsed; detail=coalesced"] * 2,
+        )
         self.assertEqual(len(world.hits(CDN)), 0)
         world.hold_blobs = True  # the fill that takes over stays in flight a while
         lease.release()  # what the kernel does when that process is killed

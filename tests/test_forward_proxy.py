@@ -27,7 +27,9 @@ class _Resolver:
     def __init__(self) -> None:
         self.asked: list[str] = []
 
-    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, *args: Any, **kwargs: Any) -> Any:
+    def resolveHostName(
+        self, receiver: Any, hostName: str, portNumber: int = 0, *args: Any, **kwargs: Any
+    ) -> Any:
         from twisted.internet.address import IPv4Address as Address
 
         self.asked.append(hostName)
@@ -170,7 +172,9 @@ class _RecordingAgent:
     def __init__(self) -> None:
         self.seen: list[tuple[bytes, Headers | None]] = []
 
-    def request(self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: Any = None) -> Any:
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: Any = None
+    ) -> Any:
         self.seen.append((uri, headers))
         return defer.Deferred()
 
@@ -180,8 +184,11 @@ class ProxyingAgentTests(SynchronousTestCase):
         self.reactor, self.resolver = _reactor()
         self.direct = _RecordingAgent()
         rules = ProxyRules.from_environment(
-            {"HTTPS_PROXY": "http://u:pw@10.9.9.1:3128", "HTTP_PROXY": "http://u:pw@10.9.9.2:8080",
-             "NO_PROXY": "internal.example,10.0.0.0/8"}
+            {
+                "HTTPS_PROXY": "http://u:pw@10.9.9.1:3128",
+                "HTTP_PROXY": "http://u:pw@10.9.9.2:8080",
+                "NO_PROXY": "internal.example,10.0.0.0/8",
+            }
         )
         from twisted.web.client import HTTPConnectionPool
 
@@ -192,8 +199,10 @@ class ProxyingAgentTests(SynchronousTestCase):
     def test_exempt_hosts_go_direct(self) -> None:
         self.agent.request(b"GET", b"https://r.internal.example/v2/")
         self.agent.request(b"GET", b"http://10.1.2.3:5000/v2/")
-        self.assertEqual([uri for uri, _ in self.direct.seen],
-                         [b"https://r.internal.example/v2/", b"http://10.1.2.3:5000/v2/"])
+        self.assertEqual(
+            [uri for uri, _ in self.direct.seen],
+            [b"https://r.internal.example/v2/", b"http://10.1.2.3:5000/v2/"],
+        )
         self.assertEqual(self.reactor.tcpClients, [])
 
     def test_https_connects_to_the_proxy(self) -> None:
@@ -241,7 +250,10 @@ class ProxyingAgentTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).code, 404)
 
     def test_agents_are_reused(self) -> None:
-        self.assertIs(self.agent._agent("http", self.agent._rules.http), self.agent._agent("http", self.agent._rules.http))  # type: ignore[arg-type]
+        self.assertIs(
+            self.agent._agent("http", self.agent._rules.http),
+            self.agent._agent("http", self.agent._rules.http),
+        )  # type: ignore[arg-type]
         self.assertIsInstance(self.agent._agent("http", self.agent._rules.http)._agent, ProxyAgent)  # type: ignore[arg-type,attr-defined]
 
 

@@ -53,7 +53,9 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(end_to_end(h), [(b"x-kept", [b"1"])])
 
     def test_mixed_case_hop_by_hop(self) -> None:
-        h = headers((b"Transfer-Encoding", b"chunked"), (b"KEEP-ALIVE", b"timeout=5"), (b"ETag", b'"e"'))
+        h = headers(
+            (b"Transfer-Encoding", b"chunked"), (b"KEEP-ALIVE", b"timeout=5"), (b"ETag", b'"e"')
+        )
         self.assertEqual(end_to_end(h), [(b"etag", [b'"e"'])])
 
     def test_connection_named(self) -> None:
@@ -147,7 +149,7 @@ class RelayedResponseHeadersTests(SynchronousTestCase):
             (b"Accept-Ranges", b"bytes"),
             (b"Content-Range", b"bytes 0-9/100"),
             (b"Last-Modified", b"Wed, 01 May 2024 12:00:00 GMT"),
-            (b"Link", b"</v2/a/tags/list?n=1&last=b>; rel=\"next\""),
+            (b"Link", b'</v2/a/tags/list?n=1&last=b>; rel="next"'),
         )
         relayed = as_dict(relayed_response_headers(upstream))
         self.assertEqual(

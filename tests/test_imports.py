@@ -98,9 +98,13 @@ def circles(graph: Graph) -> list[list[str]]:
 class ImportGraphTests(SynchronousTestCase):
     def test_finds_circles(self) -> None:
         """The checker sees a circle, direct or through a third module."""
-        self.assertEqual(circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}), [["a", "b", "c"]])
+        self.assertEqual(
+            circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}), [["a", "b", "c"]]
+        )
         self.assertEqual(circles({"a": {"b"}, "b": set()}), [])
-        units = package_graph({"hammal.x.one": {"hammal.y.two"}, "hammal.y.two": {"hammal.x.three"}})
+        units = package_graph(
+            {"hammal.x.one": {"hammal.y.two"}, "hammal.y.two": {"hammal.x.three"}}
+        )
         self.assertEqual(circles(units), [["hammal.x", "hammal.y"]])
 
     def test_graph_is_read(self) -> None:
@@ -127,5 +131,7 @@ class RuntimeCheckTests(SynchronousTestCase):
         for name, path in sorted(_modules().items()):
             with open(path, encoding="utf-8") as source:
                 tree = ast.parse(source.read(), path)
-            found += [f"{name}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+            found += [
+                f"{name}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Assert)
+            ]
         self.assertEqual(found, [])

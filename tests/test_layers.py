@@ -25,8 +25,14 @@ def manifest(*blobs: str) -> bytes:
         {
             "schemaVersion": 2,
             "mediaType": MANIFEST_V2,
-            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": blobs[0], "size": 1},
-            "layers": [{"mediaType": "application/octet-stream", "digest": d, "size": 1} for d in blobs[1:]],
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "digest": blobs[0],
+                "size": 1,
+            },
+            "layers": [
+                {"mediaType": "application/octet-stream", "digest": d, "size": 1} for d in blobs[1:]
+            ],
         }
     ).encode()
 

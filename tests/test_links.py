@@ -32,7 +32,9 @@ class ClientLinkTests(SynchronousTestCase):
 
     def test_not_a_link(self) -> None:
         self.assertIsNone(client_link(b"garbage", "x", []))
-        self.assertEqual(rewrite_links([(b"link", [b"garbage"]), (b"a", [b"b"])], "x", []), [(b"a", [b"b"])])
+        self.assertEqual(
+            rewrite_links([(b"link", [b"garbage"]), (b"a", [b"b"])], "x", []), [(b"a", [b"b"])]
+        )
 
 
 class TagListLinkThroughMirrorTests(SynchronousTestCase):

@@ -8,8 +8,8 @@ from typing import Any
 
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from hammal.listen import DualStackEndpoint, dual_stack_endpoint
 from hammal.tap import with_backlog
@@ -20,7 +20,12 @@ class DescriptionTests(SynchronousTestCase):
         endpoint = dual_stack_endpoint(MemoryReactor(), with_backlog("tcp:5000"))
         self.assertIsInstance(endpoint, DualStackEndpoint)
         self.assertEqual((endpoint._port, endpoint._backlog), (5000, 1024))  # type: ignore[union-attr]
-        for description in ("tcp:5000:interface=127.0.0.1", r"tcp6:5000:interface=\:\:", "unix:/x", "ssl:443"):
+        for description in (
+            "tcp:5000:interface=127.0.0.1",
+            r"tcp6:5000:interface=\:\:",
+            "unix:/x",
+            "ssl:443",
+        ):
             self.assertIsNone(dual_stack_endpoint(MemoryReactor(), description))
 
 

@@ -18,17 +18,28 @@ from hammal.logs import Destination, SyslogObserver, set_destination
 
 
 def _event(text: str, level: LogLevel = LogLevel.info) -> dict[str, Any]:
-    return {"log_level": level, "log_format": "event {n}", "log_namespace": "test", "log_time": 0.0, "n": text}
+    return {
+        "log_level": level,
+        "log_format": "event {n}",
+        "log_namespace": "test",
+        "log_time": 0.0,
+        "n": text,
+    }
 
 
 class DestinationTests(SynchronousTestCase):
     def test_twistd_rules(self) -> None:
         self.assertEqual(Destination.from_twistd({"nodaemon": 1, "logfile": None}), Destination())
-        self.assertEqual(Destination.from_twistd({"nodaemon": 0, "logfile": None}), Destination("twistd.log"))
-        self.assertEqual(Destination.from_twistd({"nodaemon": 0, "logfile": "/x/h.log"}), Destination("/x/h.log"))
+        self.assertEqual(
+            Destination.from_twistd({"nodaemon": 0, "logfile": None}), Destination("twistd.log")
+        )
+        self.assertEqual(
+            Destination.from_twistd({"nodaemon": 0, "logfile": "/x/h.log"}), Destination("/x/h.log")
+        )
         self.assertEqual(Destination.from_twistd({"nodaemon": 1, "logfile": "-"}), Destination())
         self.assertEqual(
-            Destination.from_twistd({"syslog": 1, "prefix": "hammal", "logfile": "/x"}), Destination(None, "hammal")
+            Destination.from_twistd({"syslog": 1, "prefix": "hammal", "logfile": "/x"}),
+            Destination(None, "hammal"),
         )
         with self.assertRaises(ValueError):
             Destination.from_twistd({"nodaemon": 0, "logfile": "-"})
@@ -97,7 +108,9 @@ class SyslogTests(SynchronousTestCase):
         observer = SyslogObserver(lambda e: f"{e['n']}\nsecond line\n", "hammal", fake)
         observer(_event("warned", LogLevel.warn))
         self.assertEqual(fake.opened, ("hammal", 0, syslog.LOG_DAEMON))
-        self.assertEqual(fake.lines, [(syslog.LOG_WARNING, "warned"), (syslog.LOG_WARNING, "second line")])
+        self.assertEqual(
+            fake.lines, [(syslog.LOG_WARNING, "warned"), (syslog.LOG_WARNING, "second line")]
+        )
 
     def test_syslog_option_chooses_syslog(self) -> None:
         self.addCleanup(set_destination, Destination())

@@ -63,9 +63,7 @@ class ManifestCacheTests(SynchronousTestCase):
         again = self.get()
         self.assertEqual(header(again, b"cache-status"), "hammal; fwd=stale; fwd-status=200")
         self.assertEqual(self.mirror.body(again), self.body)
-        self.assertEqual(
-            [r.split()[0] for r in self.manifest_requests()], ["GET", "HEAD"]
-        )
+        self.assertEqual([r.split()[0] for r in self.manifest_requests()], ["GET", "HEAD"])
         self.mirror.clock.advance(100)
         self.assertEqual(header(self.get(), b"cache-status"), "hammal; hit")
 
@@ -156,12 +154,18 @@ class ManifestCacheTests(SynchronousTestCase):
         """An index brings its children into the cache: later fetch by digest is offline."""
         children = []
         for arch in ("amd64", "arm64"):
-            body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "arch": arch}).encode()
+            body = json.dumps(
+                {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "arch": arch}
+            ).encode()
             self.mirror.world.manifests[("library/multi", sha256(body))] = (OCI_MANIFEST, body)
             children.append({"mediaType": OCI_MANIFEST, "digest": sha256(body), "size": len(body)})
-        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children}).encode()
+        index = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children}
+        ).encode()
         self.mirror.world.add_image("library/multi", "1", index, OCI_INDEX)
-        self.assertEqual(self.mirror.body(self.mirror.request(b"GET", "/v2/multi/manifests/1", ACCEPT)), index)
+        self.assertEqual(
+            self.mirror.body(self.mirror.request(b"GET", "/v2/multi/manifests/1", ACCEPT)), index
+        )
         self.mirror.flush()
         self.mirror.world.faults = [503] * 10
         for child in children:

@@ -51,14 +51,20 @@ class MetricsTests(SynchronousTestCase):
         for _ in range(2):
             mirror.body(mirror.request(b"GET", f"/v2/alpine/blobs/{digest}"))
         self.assertEqual(
-            sample("hammal_requests_total", route="manifest", status="200") - before["manifest_ok"], 3
-        )
-        self.assertEqual(sample("hammal_response_bytes_total", route="blob") - before["blob_bytes"], 10000)
-        self.assertEqual(
-            sample("hammal_cache_responses_total", kind="blob", outcome="miss") - before["blob_miss"], 1
+            sample("hammal_requests_total", route="manifest", status="200") - before["manifest_ok"],
+            3,
         )
         self.assertEqual(
-            sample("hammal_cache_responses_total", kind="blob", outcome="hit") - before["blob_hit"], 1
+            sample("hammal_response_bytes_total", route="blob") - before["blob_bytes"], 10000
+        )
+        self.assertEqual(
+            sample("hammal_cache_responses_total", kind="blob", outcome="miss")
+            - before["blob_miss"],
+            1,
+        )
+        self.assertEqual(
+            sample("hammal_cache_responses_total", kind="blob", outcome="hit") - before["blob_hit"],
+            1,
         )
         self.assertEqual(sample("hammal_blob_fetches_total") - before["fetches"], 1)
         self.assertEqual(sample("hammal_upstream_bytes_total") - before["upstream_bytes"], 5000)
@@ -92,12 +98,16 @@ class ReadinessTests(SynchronousTestCase):
         mirror.readiness.add("redis", redis_down)
         response = mirror.request(b"GET", "/readyz")
         self.assertEqual(response.code, 503)
-        self.assertEqual(json.loads(mirror.body(response))["checks"]["redis"], "redis not reachable")
+        self.assertEqual(
+            json.loads(mirror.body(response))["checks"]["redis"], "redis not reachable"
+        )
 
     def test_cache_dir_check(self) -> None:
         good = self.mktemp()
         os.makedirs(good)
-        self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(_run(cache_dir_writable(good)))))
+        self.assertIsNone(
+            self.successResultOf(Deferred.fromCoroutine(_run(cache_dir_writable(good))))
+        )
         missing = os.path.join(good, "missing")
         problem = self.successResultOf(Deferred.fromCoroutine(_run(cache_dir_writable(missing))))
         self.assertIn("not writable", problem)
@@ -162,8 +172,6 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
-
-
 class AccessLogTests(SynchronousTestCase):
     """One structured access-log event per request, with a request id."""
 
@@ -222,7 +230,9 @@ class RequestBodyTests(SynchronousTestCase):
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         channel.makeConnection(transport)
-        channel.dataReceived(b"POST /v2/auth HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(
+            b"POST /v2/auth HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b"x" * 60000
         for _ in range(3):
             channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))

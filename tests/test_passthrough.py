@@ -23,9 +23,9 @@ from hammal.access.passthrough import (
     fingerprint,
 )
 from hammal.pull.service import PullService
+from hammal.ttlstore import MemoryTtlStore
 from hammal.upstream.client import Upstream, UpstreamClient
 from hammal.upstream.retry import RetryPolicy
-from hammal.ttlstore import MemoryTtlStore
 from hammal.web.gate import Gate, printable
 from tests.fakes import MANIFEST_V2, REALM, REGISTRY, FakeUpstream, stub_for
 from tests.test_gate import basic, gated
@@ -58,7 +58,10 @@ class _Tenants:
         world.add_image("library/alpine", "3.20", b'{"public":1}')
 
     def login(
-        self, authorization: bytes | None, scope: str = "repository:private/secret:pull", query: str = ""
+        self,
+        authorization: bytes | None,
+        scope: str = "repository:private/secret:pull",
+        query: str = "",
     ) -> str:
         headers = {b"authorization": [authorization]} if authorization else {}
         response = self.mirror.request(b"GET", f"/v2/auth?scope={scope}{query}", headers)
@@ -199,7 +202,9 @@ class ConfirmationLifetimeTests(_Tenants, SynchronousTestCase):
         response = self.get(alice, path)
         self.assertEqual(response.code, 401)
         challenge = header(response, b"www-authenticate") or ""
-        self.assertTrue(challenge.startswith('Bearer realm="http://mirror.test/v2/auth"'), challenge)
+        self.assertTrue(
+            challenge.startswith('Bearer realm="http://mirror.test/v2/auth"'), challenge
+        )
         self.assertIn('error="invalid_token"', challenge)
         body = json.loads(self.mirror.body(response))
         self.assertEqual(body["errors"][0]["code"], "UNAUTHORIZED")
@@ -227,7 +232,9 @@ class ConfirmationsTests(SynchronousTestCase):
             ConfirmationKey(fingerprint(token), "https://b.test", "org/app", "blobs/sha256:1"),
             ConfirmationKey(fingerprint(token), "https://a.test", "org/other", "blobs/sha256:1"),
             ConfirmationKey(fingerprint(token), "https://a.test", "org/app", "blobs/sha256:2"),
-            ConfirmationKey(fingerprint(b"Bearer xyz"), "https://a.test", "org/app", "blobs/sha256:1"),
+            ConfirmationKey(
+                fingerprint(b"Bearer xyz"), "https://a.test", "org/app", "blobs/sha256:1"
+            ),
         ):
             self.assertFalse(confirmations.confirmed(other))
 
@@ -244,7 +251,9 @@ class ConfirmationsTests(SynchronousTestCase):
         self.assertFalse(confirmations.confirmed(key))
         expired = jwt_with({"exp": 900})
         confirmations.confirm(ConfirmationKey(fingerprint(expired), "u", "r", "t"), expired)
-        self.assertFalse(confirmations.confirmed(ConfirmationKey(fingerprint(expired), "u", "r", "t")))
+        self.assertFalse(
+            confirmations.confirmed(ConfirmationKey(fingerprint(expired), "u", "r", "t"))
+        )
 
     def test_claimed_expiry(self) -> None:
         self.assertEqual(claimed_expiry(jwt_with({"exp": 5})), 5.0)
@@ -279,7 +288,10 @@ class TwoUpstreamsTests(SynchronousTestCase):
 
         world.add_image("org/app", "1", b"{}")
         token = b"Bearer tok-1-alice-x"
-        for url, host in (("https://registry.test", REGISTRY), ("https://other.test", "other.test")):
+        for url, host in (
+            ("https://registry.test", REGISTRY),
+            ("https://other.test", "other.test"),
+        ):
             for _ in range(2):
                 d = Deferred.fromCoroutine(
                     gate.confirm_access(
@@ -316,7 +328,9 @@ class RealmRouteTests(_Tenants, SynchronousTestCase):
 
     def test_no_route(self) -> None:
         response = self.get(None, "/v2/alpine/manifests/3.20")
-        self.assertIn('realm="http://mirror.test/v2/auth"', header(response, b"www-authenticate") or "")
+        self.assertIn(
+            'realm="http://mirror.test/v2/auth"', header(response, b"www-authenticate") or ""
+        )
 
     def test_login_through_prefixed_realm(self) -> None:
         """The scope the client asks for names the prefixed repository;

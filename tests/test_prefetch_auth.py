@@ -45,7 +45,9 @@ class MirrorAuthTests(SynchronousTestCase):
         self.auth = MirrorAuth(LOGIN, "http://mirror.test:5000", self.opener, 5)
 
     def test_scope(self) -> None:
-        self.assertEqual(_scope("/v2/library/alpine/manifests/3.20"), "repository:library/alpine:pull")
+        self.assertEqual(
+            _scope("/v2/library/alpine/manifests/3.20"), "repository:library/alpine:pull"
+        )
         self.assertEqual(_scope("/v2/a/b/blobs/sha256:x"), "repository:a/b:pull")
         self.assertEqual(_scope("/v2/"), "")
 
@@ -89,7 +91,9 @@ class OptionTests(SynchronousTestCase):
     def run_cli(self, *argv: str, environ: dict[str, str] | None = None) -> tuple[int, str]:
         err = io.StringIO()
         with mock.patch.dict("os.environ", environ or {}, clear=False):
-            status = main(["prefetch", "alpine", "--mirror", "http://127.0.0.1:9", *argv], io.StringIO(), err)
+            status = main(
+                ["prefetch", "alpine", "--mirror", "http://127.0.0.1:9", *argv], io.StringIO(), err
+            )
         return status, err.getvalue()
 
     def test_username_needs_password(self) -> None:

@@ -25,7 +25,11 @@ class ProxyURLTests(SynchronousTestCase):
         self.assertEqual(parse_proxy_url("http://proxy", "x").port, 80)
 
     def test_refused_schemes_never_quote_credentials(self) -> None:
-        for text in ("socks5://u:secret@proxy:1080", "https://u:secret@proxy:443", "http://u:secret@proxy:99999"):
+        for text in (
+            "socks5://u:secret@proxy:1080",
+            "https://u:secret@proxy:443",
+            "http://u:secret@proxy:99999",
+        ):
             with self.assertRaises(ValueError) as caught:
                 parse_proxy_url(text, "--upstream-proxy")
             self.assertNotIn("secret", str(caught.exception))
@@ -76,15 +80,23 @@ class ProxyRulesTests(SynchronousTestCase):
 
     def test_lower_case_wins(self) -> None:
         rules = ProxyRules.from_environment(
-            {"https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:2", "no_proxy": "a.example",
-             "NO_PROXY": "b.example"}
+            {
+                "https_proxy": "http://lower:1",
+                "HTTPS_PROXY": "http://upper:2",
+                "no_proxy": "a.example",
+                "NO_PROXY": "b.example",
+            }
         )
         self.assertEqual(rules.https.host, "lower")  # type: ignore[union-attr]
         self.assertIsNone(rules.proxy_for("https://a.example/"))
         self.assertIsNotNone(rules.proxy_for("https://b.example/"))
 
     def test_option_wins_over_environment_but_no_proxy_applies(self) -> None:
-        environ = {"HTTPS_PROXY": "http://env:1", "HTTP_PROXY": "http://env:1", "NO_PROXY": "internal.example"}
+        environ = {
+            "HTTPS_PROXY": "http://env:1",
+            "HTTP_PROXY": "http://env:1",
+            "NO_PROXY": "internal.example",
+        }
         rules = ProxyRules.from_environment(environ, "http://option:3128")
         self.assertEqual(rules.proxy_for("https://registry-1.docker.io/v2/").host, "option")  # type: ignore[union-attr]
         self.assertEqual(rules.proxy_for("http://cdn.example/blob").host, "option")  # type: ignore[union-attr]
@@ -101,12 +113,16 @@ class ProxyRulesTests(SynchronousTestCase):
         self.assertIsNotNone(rules.proxy_for("https://h.example:8443/v2/"))
 
     def test_describe_hides_credentials(self) -> None:
-        rules = ProxyRules.from_environment({"HTTPS_PROXY": "http://u:topsecret@p:1", "NO_PROXY": "10.0.0.0/8"})
+        rules = ProxyRules.from_environment(
+            {"HTTPS_PROXY": "http://u:topsecret@p:1", "NO_PROXY": "10.0.0.0/8"}
+        )
         self.assertNotIn("topsecret", rules.describe())
         self.assertIn("10.0.0.0/8", rules.describe())
 
     def test_nothing_set_is_direct(self) -> None:
-        self.assertIsNone(ProxyRules.from_environment({}).proxy_for("https://registry-1.docker.io/"))
+        self.assertIsNone(
+            ProxyRules.from_environment({}).proxy_for("https://registry-1.docker.io/")
+        )
 
 
 class OptionTests(SynchronousTestCase):
@@ -120,13 +136,17 @@ class OptionTests(SynchronousTestCase):
         return options.settings
 
     def test_environment_variables(self) -> None:
-        proxies = self.settings([], {"HTTPS_PROXY": "http://p.corp:3128", "NO_PROXY": "10.0.0.0/8"}).proxies
+        proxies = self.settings(
+            [], {"HTTPS_PROXY": "http://p.corp:3128", "NO_PROXY": "10.0.0.0/8"}
+        ).proxies
         self.assertEqual(proxies.proxy_for("https://registry-1.docker.io/v2/").host, "p.corp")
         self.assertIsNone(proxies.proxy_for("https://10.1.1.1/v2/"))
 
     def test_option_and_its_variable(self) -> None:
         self.assertEqual(
-            self.settings(["--upstream-proxy", "http://opt:1"], {"HTTPS_PROXY": "http://env:2"}).proxies.https.host,
+            self.settings(
+                ["--upstream-proxy", "http://opt:1"], {"HTTPS_PROXY": "http://env:2"}
+            ).proxies.https.host,
             "opt",
         )
         self.assertEqual(

@@ -177,7 +177,12 @@ class DigestTests(SynchronousTestCase):
             self.assertRaises(DigestInvalid, Digest.parse, "sha256:" + bad)
 
     def test_unknown_algorithm(self) -> None:
-        for text in ("md5:" + "0" * 32, "sha1:" + "0" * 40, "sha384:" + "0" * 96, "SHA256:" + SHA256_HEX):
+        for text in (
+            "md5:" + "0" * 32,
+            "sha1:" + "0" * 40,
+            "sha384:" + "0" * 96,
+            "SHA256:" + SHA256_HEX,
+        ):
             self.assertRaises(DigestInvalid, Digest.parse, text)
         error = self.assertRaises(DigestInvalid, Digest.parse, "blake3:" + "0" * 64)
         self.assertIn("unsupported", error.message)
@@ -237,7 +242,12 @@ class LibraryPrefixTests(SynchronousTestCase):
     """One-part names live under ``library/`` on Docker Hub."""
 
     def test_is_docker_hub(self) -> None:
-        for host in ("registry-1.docker.io", "docker.io", "index.docker.io", "REGISTRY-1.Docker.IO"):
+        for host in (
+            "registry-1.docker.io",
+            "docker.io",
+            "index.docker.io",
+            "REGISTRY-1.Docker.IO",
+        ):
             self.assertTrue(is_docker_hub(host), host)
         for host in ("ghcr.io", "quay.io", "docker.io.evil.test", "registry.test", ""):
             self.assertFalse(is_docker_hub(host), host)
@@ -266,5 +276,11 @@ class LibraryPrefixTests(SynchronousTestCase):
 
     def test_rewrite_other_scopes(self) -> None:
         """Non-repository scopes and malformed ones pass unchanged."""
-        for scope in ("registry:catalog:*", "repository:alpine", "alpine", "", "repository(plugin):x:pull"):
+        for scope in (
+            "registry:catalog:*",
+            "repository:alpine",
+            "alpine",
+            "",
+            "repository(plugin):x:pull",
+        ):
             self.assertEqual(rewrite_scope(scope, True), scope)

@@ -52,7 +52,9 @@ class ReferrersUpstream(FakeUpstream):
             if wanted:
                 manifests = [m for m in manifests if m["artifactType"] == wanted[0].decode()]
                 request.setHeader(b"oci-filters-applied", b"artifactType")
-            return self._json(request, 200, {"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests})
+            return self._json(
+                request, 200, {"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests}
+            )
         return super()._registry(request)
 
 
@@ -80,7 +82,9 @@ class ReferrersTests(SynchronousTestCase):
         return response, json.loads(body) if body else None
 
     def push_fallback_index(self, *descriptors: dict[str, Any]) -> None:
-        body = json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": list(descriptors)}).encode()
+        body = json.dumps(
+            {"schemaVersion": 2, "mediaType": INDEX, "manifests": list(descriptors)}
+        ).encode()
         self.world.add_image("library/alpine", "sha256-" + self.subject.split(":")[1], body, INDEX)
 
     def test_tag_schema_fallback(self) -> None:

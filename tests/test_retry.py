@@ -5,8 +5,8 @@ parsing and the clock-driven L{sleep}.
 
 from __future__ import annotations
 
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from typing import Callable, Iterator
 
 from twisted.internet.defer import CancelledError
@@ -80,7 +80,6 @@ class BackoffTests(SynchronousTestCase):
         policy = RetryPolicy(retries=5000, base=0.5, cap=20.0, random=constant(1.0))
         self.assertEqual(policy.backoff(1100), 20.0)
         self.assertEqual(policy.delay(1100, None), 20.0)
-
 
     def test_default_random(self) -> None:
         """The default C{random} is real randomness within the bound."""
@@ -183,7 +182,6 @@ class ParseRetryAfterTests(SynchronousTestCase):
         self.assertEqual(parse_retry_after("Wed May  1 12:00:10 2024", self.NOW), 10.0)
         self.assertEqual(parse_retry_after("Wed, 01 May 2024 12:00:10 -0000", self.NOW), 10.0)
 
-
     def test_http_date_in_past(self) -> None:
         self.assertEqual(parse_retry_after(self.http_date(-3600), self.NOW), 0.0)
 
@@ -199,7 +197,6 @@ class ParseRetryAfterTests(SynchronousTestCase):
         """
         for value in (b"\xb2".decode("latin-1"), "\u00b9", "1\u00b3"):
             self.assertIsNone(parse_retry_after(value, self.NOW), repr(value))
-
 
     def test_huge_seconds_stop_retrying(self) -> None:
         value = parse_retry_after("9" * 400, self.NOW)

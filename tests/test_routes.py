@@ -12,10 +12,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from hammal.pull.upstreams import UpstreamSelector
-from hammal.web.auth import TokenResource
-from hammal.web.repository import RepositoryResource
-from hammal.web.v2 import BaseResource, V2Resource
 from hammal.errors import (
     DigestInvalid,
     NameInvalid,
@@ -24,8 +20,12 @@ from hammal.errors import (
     TagInvalid,
     Unsupported,
 )
+from hammal.pull.upstreams import UpstreamSelector
 from hammal.reference import Digest
+from hammal.web.auth import TokenResource
+from hammal.web.repository import RepositoryResource
 from hammal.web.routes import Route, RouteKind, parse_route
+from hammal.web.v2 import BaseResource, V2Resource
 
 HEX = hashlib.sha256(b"layer").hexdigest()
 DIGEST = f"sha256:{HEX}"
@@ -77,7 +77,6 @@ class RouteTests(SynchronousTestCase):
         route = parse_route(b"/v2/foo/blobs/uploads/manifests/latest")
         self.assertEqual(route, Route(RouteKind.MANIFEST, "foo/blobs/uploads", "latest"))
 
-
     def test_longest_valid_tag(self) -> None:
         route = parse_route(b"/v2/a/manifests/" + b"t" * 128)
         self.assertEqual(route.reference, "t" * 128)
@@ -119,7 +118,16 @@ class RouteErrorTests(SynchronousTestCase):
         self.assertEqual(route.name, "a" * 255)
 
     def test_bad_tags(self) -> None:
-        for tag in (b"", b".hidden", b"-x", b"t" * 129, b"%2e%2e", b"..%2f..%2fetc", b"a%20b", b"latest\n"):
+        for tag in (
+            b"",
+            b".hidden",
+            b"-x",
+            b"t" * 129,
+            b"%2e%2e",
+            b"..%2f..%2fetc",
+            b"a%20b",
+            b"latest\n",
+        ):
             self.assertRouteError(b"/v2/alpine/manifests/" + tag, TagInvalid)
 
     def test_bad_manifest_digests(self) -> None:

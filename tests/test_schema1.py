@@ -29,10 +29,17 @@ def signed(payload: bytes, signatures: int = 1, tails: list[bytes] | None = None
     entries = []
     for index in range(signatures):
         tail = tails[index] if tails else payload[length:]
-        protected = {"formatLength": length, "formatTail": _b64url(tail), "time": "2026-12-01T00:00:00Z"}
+        protected = {
+            "formatLength": length,
+            "formatTail": _b64url(tail),
+            "time": "2026-12-01T00:00:00Z",
+        }
         entries.append(
             {
-                "header": {"jwk": {"kty": "EC", "crv": "P-256", "x": "x", "y": "y"}, "alg": "ES256"},
+                "header": {
+                    "jwk": {"kty": "EC", "crv": "P-256", "x": "x", "y": "y"},
+                    "alg": "ES256",
+                },
                 "signature": _b64url(b"sig%d" % index),
                 "protected": _b64url(json.dumps(protected).encode()),
             }
@@ -90,7 +97,9 @@ class SignedPayloadTests(SynchronousTestCase):
             b"not json",
             b'{"signatures": "x"}',
             b'{"signatures": [{"protected": "!!!"}]}',
-            b'{"signatures": [{"protected": "' + _b64url(b'{"formatLength": 99999}').encode() + b'"}]}',
+            b'{"signatures": [{"protected": "'
+            + _b64url(b'{"formatLength": 99999}').encode()
+            + b'"}]}',
             b'{"signatures": []}',
         ):
             with self.subTest(body=body[:40]):

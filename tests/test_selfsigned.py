@@ -71,9 +71,15 @@ class TlsOptionTests(SynchronousTestCase):
     def test_make_service_makes_and_logs_the_certificate(self) -> None:
         root = self.mktemp()
         options = Options(environ={})
-        options.parseOptions([
-            "--tls", "--port", "tcp:8443:interface=127.0.0.1", "--cache-dir", os.path.join(root, "var", "cache"),
-        ])
+        options.parseOptions(
+            [
+                "--tls",
+                "--port",
+                "tcp:8443:interface=127.0.0.1",
+                "--cache-dir",
+                os.path.join(root, "var", "cache"),
+            ]
+        )
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)

@@ -79,8 +79,12 @@ class FirstBurstTests(SynchronousTestCase):
         with open(path, "wb") as f:
             f.write(b"z" * size)
         transport = SimpleNamespace(
-            fileno=sender_sock.fileno, dataBuffer=b"", offset=0, _tempDataLen=0,
-            producerPaused=False, startWriting=lambda: None,
+            fileno=sender_sock.fileno,
+            dataBuffer=b"",
+            offset=0,
+            _tempDataLen=0,
+            producerPaused=False,
+            startWriting=lambda: None,
         )
         clock = Clock()
         consumer = _Consumer()

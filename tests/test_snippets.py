@@ -41,10 +41,14 @@ class ServedRegistriesTests(SynchronousTestCase):
         self.assertEqual(
             served(
                 [
-                    "--upstream", "docker.io=https://mirror.gcr.io",
-                    "--route", "q.example.com=https://quay.io",
-                    "--route", "g.example.com=ghcr.io=https://ghcr-cache.corp",
-                    "--route", "l.example.com=http://127.0.0.1:5001",
+                    "--upstream",
+                    "docker.io=https://mirror.gcr.io",
+                    "--route",
+                    "q.example.com=https://quay.io",
+                    "--route",
+                    "g.example.com=ghcr.io=https://ghcr-cache.corp",
+                    "--route",
+                    "l.example.com=http://127.0.0.1:5001",
                 ]
             ),
             [
@@ -74,16 +78,29 @@ class SnippetTests(SynchronousTestCase):
 
     def test_mirror_locations(self) -> None:
         self.assertEqual(mirror_location(ServedRegistry("docker.io"), "m.test:5000"), "m.test:5000")
-        self.assertEqual(mirror_location(ServedRegistry("quay.io", "q.test"), "m.test:5000"), "m.test:5000/quay.io")
+        self.assertEqual(
+            mirror_location(ServedRegistry("quay.io", "q.test"), "m.test:5000"),
+            "m.test:5000/quay.io",
+        )
         # A registry with a port cannot be a path prefix: its route host serves it.
-        self.assertEqual(mirror_location(ServedRegistry("10.0.0.1:5001", "l.test"), "m.test:5000"), "l.test:5000")
-        self.assertEqual(mirror_location(ServedRegistry("10.0.0.1:5001", "l.test"), "m.test"), "l.test")
+        self.assertEqual(
+            mirror_location(ServedRegistry("10.0.0.1:5001", "l.test"), "m.test:5000"), "l.test:5000"
+        )
+        self.assertEqual(
+            mirror_location(ServedRegistry("10.0.0.1:5001", "l.test"), "m.test"), "l.test"
+        )
 
     def test_registries_conf(self) -> None:
-        text = registries_conf([ServedRegistry("docker.io"), ServedRegistry("ghcr.io")], "m.test", secure=False)
+        text = registries_conf(
+            [ServedRegistry("docker.io"), ServedRegistry("ghcr.io")], "m.test", secure=False
+        )
         self.assertEqual(text.count("insecure = true"), 2)
-        self.assertIn('location = "ghcr.io"\n[[registry.mirror]]\nlocation = "m.test/ghcr.io"', text)
-        self.assertNotIn("insecure", registries_conf([ServedRegistry("docker.io")], "m.test", secure=True))
+        self.assertIn(
+            'location = "ghcr.io"\n[[registry.mirror]]\nlocation = "m.test/ghcr.io"', text
+        )
+        self.assertNotIn(
+            "insecure", registries_conf([ServedRegistry("docker.io")], "m.test", secure=True)
+        )
 
 
 class FrontPageTests(SynchronousTestCase):
@@ -95,7 +112,9 @@ class FrontPageTests(SynchronousTestCase):
         blocks = self.page(secure=False)
         self.assertIn("/etc/containerd/certs.d/docker.io/hosts.toml", blocks)
         self.assertIn("/etc/containerd/certs.d/quay.io/hosts.toml", blocks)
-        self.assertIn('server = "https://quay.io"', blocks["/etc/containerd/certs.d/quay.io/hosts.toml"])
+        self.assertIn(
+            'server = "https://quay.io"', blocks["/etc/containerd/certs.d/quay.io/hosts.toml"]
+        )
         conf = blocks["/etc/containers/registries.conf"]
         self.assertIn('location = "mirror.example.com:5000/quay.io"', conf)
         self.assertIn("skip_verify = true", blocks["/etc/containerd/certs.d/quay.io/hosts.toml"])
@@ -106,9 +125,14 @@ class FrontPageTests(SynchronousTestCase):
         for path, text in blocks.items():
             self.assertNotIn("skip_verify", text, path)
             self.assertNotIn("insecure", text, path)
-        self.assertIn('[host."https://mirror.example.com:5000"]', blocks["/etc/containerd/certs.d/docker.io/hosts.toml"])
+        self.assertIn(
+            '[host."https://mirror.example.com:5000"]',
+            blocks["/etc/containerd/certs.d/docker.io/hosts.toml"],
+        )
 
     def test_docker_only_for_docker_hub(self) -> None:
-        page = front_page("m.example.com", False, [ServedRegistry("quay.io", "q.example.com")]).decode()
+        page = front_page(
+            "m.example.com", False, [ServedRegistry("quay.io", "q.example.com")]
+        ).decode()
         self.assertNotIn("daemon.json", page)
         self.assertIn("certs.d/quay.io/hosts.toml", page)

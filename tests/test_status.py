@@ -14,22 +14,29 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from hammal.access.rules import AccessRules
 from hammal.errors import UpstreamUnavailable
-from hammal.upstream.client import Trace
 from hammal.pull.upstreams import FailoverClient
-
-from hammal.upstream.auth import Credentials
-from hammal.status.charts import Line, _corners, bar_chart, format_bytes, format_count, line_chart, ratio_chart
-from hammal.upstream.quota import ANONYMOUS, QuotaBoard, parse_ratelimit
+from hammal.status.charts import (
+    Line,
+    _corners,
+    bar_chart,
+    format_bytes,
+    format_count,
+    line_chart,
+    ratio_chart,
+)
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport, mask_address
 from hammal.status.ring import MinuteRing
 from hammal.status.top import OTHERS, TopRepositories
-from hammal.access.rules import AccessRules
+from hammal.upstream.auth import Credentials
+from hammal.upstream.client import Trace
+from hammal.upstream.quota import ANONYMOUS, QuotaBoard, parse_ratelimit
 from hammal.web.status import add_status
 from tests.fakes import MANIFEST_V2, REGISTRY, FakeUpstream
-from tests.test_config import settings
 from tests.test_client import ClientHarness
+from tests.test_config import settings
 from tests.test_upstreams import FakeMember, FakeResponse
 from tests.test_v2 import Mirror, header
 
@@ -123,7 +130,9 @@ class QuotaTests(SynchronousTestCase):
             )
         )
         anonymous = board.quotas()[1]
-        self.assertEqual((anonymous.remaining, anonymous.limit, anonymous.window), (76, 100, 21600.0))
+        self.assertEqual(
+            (anonymous.remaining, anonymous.limit, anonymous.window), (76, 100, 21600.0)
+        )
         self.assertEqual(anonymous.observed_at, 5.0)
         board.rest("hub", "team-a", until=99.0)
         self.assertEqual(board.quotas()[0].resting_until, 99.0)
@@ -404,7 +413,9 @@ class OptionTests(SynchronousTestCase):
         """--status-show-clients, or HAMMAL_STATUS_SHOW_CLIENTS; off by default."""
         self.assertFalse(settings().status_show_clients)
         self.assertTrue(settings(["--status-show-clients"]).status_show_clients)
-        self.assertTrue(settings(environ={"HAMMAL_STATUS_SHOW_CLIENTS": "true"}).status_show_clients)
+        self.assertTrue(
+            settings(environ={"HAMMAL_STATUS_SHOW_CLIENTS": "true"}).status_show_clients
+        )
 
 
 class UpstreamHealthTests(SynchronousTestCase):
@@ -427,7 +438,9 @@ class UpstreamHealthTests(SynchronousTestCase):
             [RouteSource("hub.example.com", "https://user:pw@primary.status.test", client)],
         ).build()
         (route,) = report["upstreams"]
-        self.assertEqual((route["route"], route["url"]), ("hub.example.com", "https://primary.status.test"))
+        self.assertEqual(
+            (route["route"], route["url"]), ("hub.example.com", "https://primary.status.test")
+        )
         first, second = route["members"]
         self.assertEqual(first["state"], "cooling down")
         self.assertEqual(first["cooldown_seconds_left"], 20)
@@ -436,7 +449,9 @@ class UpstreamHealthTests(SynchronousTestCase):
         self.assertEqual((second["state"], second["last_success_seconds_ago"]), ("ok", 20))
         self.assertIsNone(second["cooldown_seconds_left"])
         clock.advance(21)
-        report = StatusReport(StatusRecorder(clock), QuotaBoard(), [RouteSource("h", "https://x", client)]).build()
+        report = StatusReport(
+            StatusRecorder(clock), QuotaBoard(), [RouteSource("h", "https://x", client)]
+        ).build()
         self.assertEqual(report["upstreams"][0]["members"][0]["state"], "unknown")
 
 
@@ -447,8 +462,8 @@ class ChartTests(SynchronousTestCase):
         svg = line_chart("c", "<t>", [Line("k", "label", values, "#000")], "−24 h")
         self.assertIn('data-points="1440"', svg)
         self.assertIn('data-series="k" data-sum="9"', svg)
-        self.assertIn("<title id=\"c-title\">&lt;t&gt;</title>", svg)
-        polyline = svg.split('<polyline', 1)[1].split('points="', 1)[1].split('"', 1)[0]
+        self.assertIn('<title id="c-title">&lt;t&gt;</title>', svg)
+        polyline = svg.split("<polyline", 1)[1].split('points="', 1)[1].split('"', 1)[0]
         self.assertEqual(len(polyline.split()), 6)
         self.assertEqual(_corners([1.0, 2.0, 2.0, 2.0]), [(0, 1.0), (1, 2.0), (3, 2.0)])
 

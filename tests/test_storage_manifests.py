@@ -49,7 +49,11 @@ class SharedManifestsTests(SynchronousTestCase):
 
     def make(self, stub: StubTreq) -> SharedManifests:
         store = S3Store(
-            "http://s3.test", S3Location("blobs", "p/"), S3Credentials("AK", "secret"), stub, Clock()
+            "http://s3.test",
+            S3Location("blobs", "p/"),
+            S3Credentials("AK", "secret"),
+            stub,
+            Clock(),
         )
         return SharedManifests(store, StoreHealth(self.clock))
 
@@ -57,7 +61,9 @@ class SharedManifestsTests(SynchronousTestCase):
         (stub or self.stub).flush()
         return self.successResultOf(d)
 
-    async def fetch(self, name: str, reference: Reference, headers: Headers, trace: Any) -> Document:
+    async def fetch(
+        self, name: str, reference: Reference, headers: Headers, trace: Any
+    ) -> Document:
         self.upstream.append(reference)
         return Document(200, [(b"content-type", [b"upstream"])], b"from upstream")
 

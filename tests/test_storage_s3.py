@@ -108,9 +108,7 @@ class RequestTests(StoreTestCase):
         self.assertEqual(uri, "/blobs/hammal/x")
         authorization = headers["authorization"]
         self.assertTrue(
-            authorization.startswith(
-                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"
-            ),
+            authorization.startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/"),
             authorization,
         )
         self.assertIn("/eu-west-3/s3/aws4_request", authorization)
@@ -120,8 +118,11 @@ class RequestTests(StoreTestCase):
 
     def test_session_token_sent(self) -> None:
         store = S3Store(
-            ENDPOINT, S3Location("blobs"), S3Credentials("AK", "SK", "us-east-1", "TOKEN"),
-            self.stub, self.clock,
+            ENDPOINT,
+            S3Location("blobs"),
+            S3Credentials("AK", "SK", "us-east-1", "TOKEN"),
+            self.stub,
+            self.clock,
         )
         self.done(store.size("x"))
         self.assertEqual(self.s3.requests[-1][2]["x-amz-security-token"], "TOKEN")
@@ -129,14 +130,25 @@ class RequestTests(StoreTestCase):
     def test_endpoint_must_be_http(self) -> None:
         for endpoint in ("s3.test", "ftp://s3.test"):
             self.assertRaises(
-                ValueError, S3Store, endpoint, S3Location("b"), S3Credentials("a", "b"),
-                self.stub, self.clock,
+                ValueError,
+                S3Store,
+                endpoint,
+                S3Location("b"),
+                S3Credentials("a", "b"),
+                self.stub,
+                self.clock,
             )
 
     def test_parts_at_least_8_mib(self) -> None:
         self.assertRaises(
-            ValueError, S3Store, ENDPOINT, S3Location("b"), S3Credentials("a", "b"),
-            self.stub, self.clock, part_size=5 * MiB,
+            ValueError,
+            S3Store,
+            ENDPOINT,
+            S3Location("b"),
+            S3Credentials("a", "b"),
+            self.stub,
+            self.clock,
+            part_size=5 * MiB,
         )
 
     def test_timeout(self) -> None:
@@ -260,9 +272,7 @@ class UploadTests(StoreTestCase):
         self.assertEqual(sum(sizes), len(data))
         # Part bodies are not hashed on the reactor thread.
         part_headers = [h for _, uri, h, _ in self.s3.requests if "partNumber" in uri]
-        self.assertEqual(
-            {h["x-amz-content-sha256"] for h in part_headers}, {"UNSIGNED-PAYLOAD"}
-        )
+        self.assertEqual({h["x-amz-content-sha256"] for h in part_headers}, {"UNSIGNED-PAYLOAD"})
 
     def test_write_waits_for_the_part(self) -> None:
         """A write that fills a part fires once that part is stored: backpressure."""

@@ -8,24 +8,25 @@ from __future__ import annotations
 import hashlib
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from twisted.web.http import PotentialDataLoss
-from twisted.internet.error import ConnectionLost
-from hammal.stream import IdleTimer, body_broken
 from hammal.errors import UpstreamTimeout
 from hammal.reference import Digest
 from hammal.stream import (
-    BodyPipe,
     DISCARD_GRACE,
+    BodyPipe,
     BodyTooLarge,
+    IdleTimer,
     ReadBounds,
     TransferBroken,
+    body_broken,
     discard_body,
     read_body,
 )

@@ -16,10 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore, TagEntry, tag_key
-from hammal.upstream.client import Trace
 from hammal.reference import Digest
-from hammal.ttlstore import MemoryTtlStore, RedisTtlStore, ResilientTtlStore
 from hammal.replies import Document
+from hammal.ttlstore import MemoryTtlStore, RedisTtlStore, ResilientTtlStore
+from hammal.upstream.client import Trace
 from tests.fakes import MANIFEST_V2, REGISTRY
 from tests.test_ttlstore import FakeRedis
 from tests.test_v2 import Mirror, header
@@ -105,7 +105,10 @@ class RevalidationRaceTests(SynchronousTestCase):
             body, digest = self.current
             return Document(
                 200,
-                [(b"content-type", [MANIFEST_V2.encode()]), (b"docker-content-digest", [str(digest).encode()])],
+                [
+                    (b"content-type", [MANIFEST_V2.encode()]),
+                    (b"docker-content-digest", [str(digest).encode()]),
+                ],
                 body,
             )
 
@@ -166,7 +169,6 @@ class RevalidationRaceTests(SynchronousTestCase):
         self.assertEqual(entry.checked_at, 301)
 
 
-
 class GetLatestTests(SynchronousTestCase):
     """L{ResilientTtlStore.get_latest}: the shared value first, for compare-before-write."""
 
@@ -176,7 +178,9 @@ class GetLatestTests(SynchronousTestCase):
         self.shared = RedisTtlStore(self.redis, self.clock)
         self.local = MemoryTtlStore(self.clock)
         self.cache = ResilientTtlStore(self.shared, self.local, self.clock)
-        self.patch(ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, lambda event: None)))
+        self.patch(
+            ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, lambda event: None))
+        )
 
     def test_shared_value_wins(self) -> None:
         self.local.set("k", "old", 60)

@@ -31,7 +31,9 @@ class ServerTLSTests(SynchronousTestCase):
 
     def handshake(self, max_version: int) -> bool:
         """Whether a client capped at C{max_version} completes a handshake."""
-        server = SSL.Connection(server_tls_options(self.pki.tls_chain, self.pki.tls_key).getContext())
+        server = SSL.Connection(
+            server_tls_options(self.pki.tls_chain, self.pki.tls_key).getContext()
+        )
         server.set_accept_state()
         client_context = SSL.Context(SSL.TLS_METHOD)
         client_context.set_min_proto_version(0)
@@ -51,7 +53,10 @@ class ServerTLSTests(SynchronousTestCase):
                     other.bio_write(one.bio_read(65536))
                 except SSL.WantReadError:
                     pass
-        return client.get_protocol_version_name() != "Unknown" and server.get_protocol_version_name() != "Unknown"
+        return (
+            client.get_protocol_version_name() != "Unknown"
+            and server.get_protocol_version_name() != "Unknown"
+        )
 
     def test_tls_1_2_minimum(self) -> None:
         """TLS 1.2 clients connect; TLS 1.1 ones are refused."""
@@ -107,7 +112,7 @@ class FrontPageTests(SynchronousTestCase):
     def test_header_injection(self) -> None:
         """A hostile Host header never reaches the page as markup."""
         for host in (
-            '<script>alert(1)</script>',
+            "<script>alert(1)</script>",
             'a.example.com"><img src=x onerror=alert(1)>',
             "a.example.com\r\nSet-Cookie: x=1",
             "a.example.com/<b>",

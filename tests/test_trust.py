@@ -44,7 +44,15 @@ class RegistrableDomainTests(SynchronousTestCase):
 
 class LoopbackTests(SynchronousTestCase):
     def test_loopback(self) -> None:
-        for host in ("localhost", "LOCALHOST", "a.localhost", "127.0.0.1", "127.3.2.1", "::1", "[::1]"):
+        for host in (
+            "localhost",
+            "LOCALHOST",
+            "a.localhost",
+            "127.0.0.1",
+            "127.3.2.1",
+            "::1",
+            "[::1]",
+        ):
             self.assertTrue(is_loopback_host(host), host)
 
     def test_not_loopback(self) -> None:

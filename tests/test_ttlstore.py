@@ -186,7 +186,9 @@ class ResilientDownContractTests(TtlStoreContractMixin, SynchronousTestCase):
         self.cache = ResilientTtlStore(
             RedisTtlStore(redis, self.clock), MemoryTtlStore(self.clock), self.clock
         )
-        self.patch(ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, lambda event: None)))
+        self.patch(
+            ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, lambda event: None))
+        )
 
 
 class MemoryTtlStoreTests(SynchronousTestCase):
@@ -317,7 +319,9 @@ class ResilientTtlStoreTests(SynchronousTestCase):
             retry_after=self.RETRY_AFTER,
         )
         self.events: list[dict[str, Any]] = []
-        self.patch(ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, self.events.append)))
+        self.patch(
+            ResilientTtlStore, "log", Logger(observer=cast(ILogObserver, self.events.append))
+        )
 
     def messages(self, level: LogLevel) -> list[str]:
         """The formatted log messages at C{level}."""
@@ -457,4 +461,3 @@ class ResilientTtlStoreTests(SynchronousTestCase):
         self.redis.down = False
         self.clock.advance(self.RETRY_AFTER)
         self.assertIsNone(self.successResultOf(self.cache.get("k")))
-

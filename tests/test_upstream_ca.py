@@ -55,7 +55,9 @@ class UpstreamCATests(SynchronousTestCase):
 
     def verified(self, upstream: PKIFiles) -> bool:
         """Whether hammal's client completes a verified handshake with C{upstream}."""
-        server = SSL.Connection(server_tls_options(upstream.tls_chain, upstream.tls_key).getContext())
+        server = SSL.Connection(
+            server_tls_options(upstream.tls_chain, upstream.tls_key).getContext()
+        )
         server.set_accept_state()
         protocol = _TLSProtocol()
         creator = self.policy.creatorForNetloc(b"localhost", 443)

@@ -17,10 +17,10 @@ from twisted.web.http_headers import Headers
 
 from hammal.errors import Denied, NotFound, UpstreamUnavailable
 from hammal.pull.service import PullService
-from hammal.upstream.client import Trace, Upstream
+from hammal.pull.upstreams import FailoverClient, UpstreamSelector
 from hammal.stream import BodyTooLarge
 from hammal.tap import Options
-from hammal.pull.upstreams import FailoverClient, UpstreamSelector
+from hammal.upstream.client import Trace, Upstream
 from tests.test_v2 import Mirror
 
 
@@ -55,7 +55,13 @@ class SelectorTests(SynchronousTestCase):
             adhoc,
         )
 
-    def pick(self, host: str | None = None, ns: str | None = None, upstream: str | None = None, name: str = "a/b") -> tuple[str, str]:
+    def pick(
+        self,
+        host: str | None = None,
+        ns: str | None = None,
+        upstream: str | None = None,
+        name: str = "a/b",
+    ) -> tuple[str, str]:
         selection = self.selector.select(host, ns, upstream, name)
         return cast(FakeProxy, selection.proxy).label, selection.name
 
@@ -86,7 +92,9 @@ class SelectorTests(SynchronousTestCase):
 
     def test_unknown_host_without_default(self) -> None:
         p = proxies("quay")
-        selector = UpstreamSelector(None, {"quay.example.com": p["quay"]}, [("https://quay.io", p["quay"])])
+        selector = UpstreamSelector(
+            None, {"quay.example.com": p["quay"]}, [("https://quay.io", p["quay"])]
+        )
         error = self.assertRaises(NotFound, selector.select, "other.example.com", None, None, "a")
         self.assertEqual(error.detail, {"hosts": ["quay.example.com"]})
         self.assertFalse(selector.base_allowed("other.example.com"))
@@ -148,7 +156,9 @@ class FakeResponse:
 
 class FailoverTests(SynchronousTestCase):
     def request(self, client: FailoverClient) -> Deferred[Any]:
-        return Deferred.fromCoroutine(client.request(b"GET", "a", "manifests/1", Headers(), Trace()))
+        return Deferred.fromCoroutine(
+            client.request(b"GET", "a", "manifests/1", Headers(), Trace())
+        )
 
     def test_next_mirror_on_failure_then_cooldown(self) -> None:
         clock = Clock()
@@ -196,11 +206,19 @@ class RouteOptionsTests(SynchronousTestCase):
 
     def test_routes(self) -> None:
         settings = self.parse(
-            ["--route", "quay.example.com=https://quay.io", "--route", "Hub.example.com=https://registry-1.docker.io"]
+            [
+                "--route",
+                "quay.example.com=https://quay.io",
+                "--route",
+                "Hub.example.com=https://registry-1.docker.io",
+            ]
         )
         self.assertEqual(
             settings.routes,
-            (("quay.example.com", "https://quay.io"), ("hub.example.com", "https://registry-1.docker.io")),
+            (
+                ("quay.example.com", "https://quay.io"),
+                ("hub.example.com", "https://registry-1.docker.io"),
+            ),
         )
         self.assertIsNone(settings.upstream, "with routes and no --upstream there is no fallback")
         self.assertTrue(settings.library_prefix_for("https://registry-1.docker.io"))
@@ -219,10 +237,17 @@ class RouteOptionsTests(SynchronousTestCase):
         with open(secret, "w") as f:
             f.write("s3cret\n")
         settings = self.parse(
-            ["--route", "q.example.com=https://quay.io", "--route-credentials", f"q.example.com=robot:{secret}"]
+            [
+                "--route",
+                "q.example.com=https://quay.io",
+                "--route-credentials",
+                f"q.example.com=robot:{secret}",
+            ]
         )
-        (host, credentials), = settings.route_credentials
-        self.assertEqual((host, credentials.username, credentials.password), ("q.example.com", "robot", "s3cret"))
+        ((host, credentials),) = settings.route_credentials
+        self.assertEqual(
+            (host, credentials.username, credentials.password), ("q.example.com", "robot", "s3cret")
+        )
         self.assertNotIn("s3cret", repr(settings))
 
     def test_bad_values(self) -> None:
@@ -237,10 +262,18 @@ class RouteOptionsTests(SynchronousTestCase):
 
     def test_mirrors(self) -> None:
         settings = self.parse(
-            ["--mirror", "https://m1.example.com", "--route", "q.example.com=https://quay.io", "--mirror", "q.example.com=https://m2.example.com"]
+            [
+                "--mirror",
+                "https://m1.example.com",
+                "--route",
+                "q.example.com=https://quay.io",
+                "--mirror",
+                "q.example.com=https://m2.example.com",
+            ]
         )
         self.assertEqual(
-            settings.mirrors, ((None, "https://m1.example.com"), ("q.example.com", "https://m2.example.com"))
+            settings.mirrors,
+            ((None, "https://m1.example.com"), ("q.example.com", "https://m2.example.com")),
         )
 
     def test_mirror_credentials(self) -> None:
@@ -249,14 +282,27 @@ class RouteOptionsTests(SynchronousTestCase):
         with open(secret, "w") as f:
             f.write("mirror-pw\n")
         settings = self.parse(
-            ["--mirror", "https://M1.example.com:8443", "--mirror-credentials", f"m1.example.com:8443=robot:{secret}"]
+            [
+                "--mirror",
+                "https://M1.example.com:8443",
+                "--mirror-credentials",
+                f"m1.example.com:8443=robot:{secret}",
+            ]
         )
-        (host, credentials), = settings.mirror_credentials
-        self.assertEqual((host, credentials.username, credentials.password), ("m1.example.com:8443", "robot", "mirror-pw"))
+        ((host, credentials),) = settings.mirror_credentials
+        self.assertEqual(
+            (host, credentials.username, credentials.password),
+            ("m1.example.com:8443", "robot", "mirror-pw"),
+        )
         self.assertNotIn("mirror-pw", repr(settings))
         for argv in (
             ["--mirror-credentials", f"m1.example.com=robot:{secret}"],
-            ["--mirror", "https://m1.example.com:8443", "--mirror-credentials", f"m1.example.com=robot:{secret}"],
+            [
+                "--mirror",
+                "https://m1.example.com:8443",
+                "--mirror-credentials",
+                f"m1.example.com=robot:{secret}",
+            ],
             ["--mirror", "https://m1.example.com", "--mirror-credentials", "m1.example.com=robot"],
         ):
             self.assertRaises(UsageError, self.parse, argv)
@@ -275,7 +321,9 @@ class RouteOptionsTests(SynchronousTestCase):
     def test_plain_http_credentials_flag(self) -> None:
         self.assertFalse(self.parse([]).plain_http_credentials)
         self.assertTrue(self.parse(["--plain-http-credentials"]).plain_http_credentials)
-        self.assertTrue(self.parse([], {"HAMMAL_PLAIN_HTTP_CREDENTIALS": "1"}).plain_http_credentials)
+        self.assertTrue(
+            self.parse([], {"HAMMAL_PLAIN_HTTP_CREDENTIALS": "1"}).plain_http_credentials
+        )
 
 
 class MirrorOfAMirrorTests(SynchronousTestCase):
@@ -305,12 +353,19 @@ class MirrorOfAMirrorTests(SynchronousTestCase):
         self.assertEqual(settings.stands_for, (("http://127.0.0.1:5001", "docker.io"),))
 
     def test_no_library_prefix_still_wins(self) -> None:
-        settings = self.parse(["--upstream", "docker.io=https://mirror.gcr.io", "--no-library-prefix"])
+        settings = self.parse(
+            ["--upstream", "docker.io=https://mirror.gcr.io", "--no-library-prefix"]
+        )
         self.assertFalse(settings.library_prefix_for("https://mirror.gcr.io"))
 
     def test_route_stands_for(self) -> None:
         settings = self.parse(
-            ["--route", "hub.example.com=docker.io=https://hub-cache.corp", "--route", "q.example.com=https://quay.io"]
+            [
+                "--route",
+                "hub.example.com=docker.io=https://hub-cache.corp",
+                "--route",
+                "q.example.com=https://quay.io",
+            ]
         )
         self.assertEqual(
             settings.routes,
@@ -323,15 +378,22 @@ class MirrorOfAMirrorTests(SynchronousTestCase):
         """C{--mirror docker.io=URL} backs whichever upstream serves docker.io."""
         settings = self.parse(
             [
-                "--route", "q.example.com=https://quay.io",
-                "--route", "hub.example.com=https://registry-1.docker.io",
-                "--mirror", "docker.io=https://mirror.gcr.io",
-                "--mirror", "quay.io=https://quay-cache.corp",
+                "--route",
+                "q.example.com=https://quay.io",
+                "--route",
+                "hub.example.com=https://registry-1.docker.io",
+                "--mirror",
+                "docker.io=https://mirror.gcr.io",
+                "--mirror",
+                "quay.io=https://quay-cache.corp",
             ]
         )
         self.assertEqual(
             settings.mirrors,
-            (("hub.example.com", "https://mirror.gcr.io"), ("q.example.com", "https://quay-cache.corp")),
+            (
+                ("hub.example.com", "https://mirror.gcr.io"),
+                ("q.example.com", "https://quay-cache.corp"),
+            ),
         )
         default = self.parse(["--mirror", "docker.io=https://mirror.gcr.io"])
         self.assertEqual(default.mirrors, ((None, "https://mirror.gcr.io"),))

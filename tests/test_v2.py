@@ -10,8 +10,8 @@ from typing import Any
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from hammal.app import build_app
@@ -188,7 +188,11 @@ class ManifestTests(SynchronousTestCase):
 
     def test_accept_values_all_forwarded(self) -> None:
         """Every Accept header a client sends reaches upstream (podman sends six)."""
-        accept = [MANIFEST_V2.encode(), INDEX.encode(), b"application/vnd.oci.image.manifest.v1+json"]
+        accept = [
+            MANIFEST_V2.encode(),
+            INDEX.encode(),
+            b"application/vnd.oci.image.manifest.v1+json",
+        ]
         self.mirror.request(
             b"GET",
             "/v2/alpine/manifests/3.20",
@@ -278,9 +282,9 @@ class BlobTests(SynchronousTestCase):
     def test_unknown_blob(self) -> None:
         response = self.mirror.request(b"GET", "/v2/alpine/blobs/sha256:" + "e" * 64)
         self.assertEqual(response.code, 404)
-        self.assertEqual(json.loads(self.mirror.body(response))["errors"][0]["code"], "BLOB_UNKNOWN")
-
-
+        self.assertEqual(
+            json.loads(self.mirror.body(response))["errors"][0]["code"], "BLOB_UNKNOWN"
+        )
 
 
 class RootTests(SynchronousTestCase):

@@ -1,4 +1,7 @@
-"""``--workers``: the option, the main process's pool, a worker's adopted port, and /metrics of all."""
+"""
+``--workers``: the option, the main process's pool, a worker's adopted port,
+and /metrics of all.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +49,9 @@ class WorkersOptionTests(unittest.SynchronousTestCase):
     def test_number_and_environment(self) -> None:
         self.assertEqual(self.settings("--workers", "3").workers, 3)
         self.assertEqual(self.settings(environ={"HAMMAL_WORKERS": "2"}).workers, 2)
-        self.assertEqual(self.settings("--workers", "4", environ={"HAMMAL_WORKERS": "2"}).workers, 4)
+        self.assertEqual(
+            self.settings("--workers", "4", environ={"HAMMAL_WORKERS": "2"}).workers, 4
+        )
 
     def test_auto_is_the_usable_cores(self) -> None:
         self.assertEqual(parse_workers("auto"), len(os.sched_getaffinity(0)))
@@ -68,8 +73,9 @@ class WorkersNeedTcpTests(unittest.SynchronousTestCase):
         from hammal.tap import makeService
 
         options = Options(environ={})
-        options.parseOptions(["--workers", "2", "--port", "unix:" + self.mktemp(),
-                              "--cache-dir", self.mktemp()])
+        options.parseOptions(
+            ["--workers", "2", "--port", "unix:" + self.mktemp(), "--cache-dir", self.mktemp()]
+        )
         before = dict(os.environ)
         error = self.assertRaises(UsageError, makeService, options, MemoryReactor())
         self.assertIn("--workers needs a TCP --port", str(error))
@@ -129,8 +135,9 @@ class _ProcessReactor(Clock):
         self.adopted.append((fd, family, factory))
         return self.port
 
-    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any, path: Any,
-                     childFDs: Any) -> _Transport:
+    def spawnProcess(
+        self, protocol: Any, executable: str, args: list[str], env: Any, path: Any, childFDs: Any
+    ) -> _Transport:
         transport = _Transport(1000 + len(self.spawned))
         protocol.makeConnection(transport)
         self.spawned.append(
@@ -153,9 +160,15 @@ class WorkerPoolTests(unittest.SynchronousTestCase):
         for sock in sockets:
             self.addCleanup(sock.close)
         pool = WorkerPool(
-            reactor, lambda: sockets, "factory", count, lambda i: ["python", "-c", f"boot {i}"],
+            reactor,
+            lambda: sockets,
+            "factory",
+            count,
+            lambda i: ["python", "-c", f"boot {i}"],
             {"PATH": "/bin"},
-            drain_timeout=30, after_stop=lambda: self.after_stop.append(True), forward=forward,
+            drain_timeout=30,
+            after_stop=lambda: self.after_stop.append(True),
+            forward=forward,
         )
         pool.privilegedStartService()
         pool.startService()
@@ -208,6 +221,7 @@ class WorkerPoolTests(unittest.SynchronousTestCase):
         """kill -HUP (TLS reload) and -USR1 (logs) of the main process reach the workers too."""
         before = signal.getsignal(signal.SIGHUP)
         seen: list[int] = []
+
         def own(signum: int, frame: Any) -> None:
             seen.append(signum)
 
@@ -217,7 +231,9 @@ class WorkerPoolTests(unittest.SynchronousTestCase):
         reactor.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
         os.kill(os.getpid(), signal.SIGHUP)
         self.assertEqual(seen, [signal.SIGHUP])  # this process's own handler still runs
-        self.assertEqual([s["protocol"].transport.signals for s in reactor.spawned], [["HUP"], ["HUP"]])
+        self.assertEqual(
+            [s["protocol"].transport.signals for s in reactor.spawned], [["HUP"], ["HUP"]]
+        )
         pool.stopService()
         self.assertIs(signal.getsignal(signal.SIGHUP), own)  # restored
 
@@ -333,7 +349,11 @@ class AllWorkersMetricsTests(unittest.SynchronousTestCase):
 
         def value() -> bytes:
             with open(path, "rb") as f:
-                return [line for line in f.read().splitlines() if line.startswith(b"hammal_things_total")][0]
+                return [
+                    line
+                    for line in f.read().splitlines()
+                    if line.startswith(b"hammal_things_total")
+                ][0]
 
         self.assertEqual(value(), b"hammal_things_total 0.0")
         counter.inc()

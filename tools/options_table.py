@@ -28,10 +28,14 @@ def main() -> None:
     widths[2] = min(widths[2], 60)
 
     def lines(cells: tuple[str, str, str, str]) -> list[str]:
-        wrapped = [textwrap.wrap(c, widths[i]) or [""] if i == 2 else [c] for i, c in enumerate(cells)]
+        wrapped = [
+            textwrap.wrap(c, widths[i]) or [""] if i == 2 else [c] for i, c in enumerate(cells)
+        ]
         height = max(len(w) for w in wrapped)
         return [
-            "  ".join((w[k] if k < len(w) else "").ljust(widths[i]) for i, w in enumerate(wrapped)).rstrip()
+            "  ".join(
+                (w[k] if k < len(w) else "").ljust(widths[i]) for i, w in enumerate(wrapped)
+            ).rstrip()
             for k in range(height)
         ]
 

@@ -29,9 +29,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.python.threadpool import ThreadPool
 
-from hammal.lru import trim_oldest
 from hammal.access.users import UserDirectory, check_in_thread
 from hammal.errors import TooManyRequests
+from hammal.lru import trim_oldest
 
 #: How long a successful check is remembered.
 SUCCESS_TTL = 60.0

@@ -152,7 +152,6 @@ class Confirmations:
         remember(self._confirmed, key, expires, _MAX_ENTRIES)
 
 
-
 class Logins:
     """
     Who logged in at hammal's C{/v2/auth} with which token, until the token

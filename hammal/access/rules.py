@@ -95,16 +95,12 @@ def _regions(option: str, texts: Iterable[str]) -> frozenset[str]:
     regions = set()
     for text in texts:
         if _REGION.match(text.strip()) is None:
-            raise ValueError(
-                f"{_option(option)}: {text[:100]!r} is not a two-letter country code"
-            )
+            raise ValueError(f"{_option(option)}: {text[:100]!r} is not a two-letter country code")
         regions.add(text.strip().upper())
     return frozenset(regions)
 
 
-def _find_network(
-    address: IPAddress | None, networks: Sequence[IPNetwork]
-) -> IPNetwork | None:
+def _find_network(address: IPAddress | None, networks: Sequence[IPNetwork]) -> IPNetwork | None:
     if address is None:
         return None
     for network in networks:
@@ -258,9 +254,7 @@ class AccessRules:
                         "--allow-ua",
                     )
         if self._allow_path and _find_pattern(path, self._allow_path) is None:
-            raise self._deny(
-                client, peer_ip, f"path {_shown(path)} is not allowed", "--allow-path"
-            )
+            raise self._deny(client, peer_ip, f"path {_shown(path)} is not allowed", "--allow-path")
         if self._allow_region:
             if not regions:
                 raise self._deny(

@@ -16,8 +16,8 @@ from collections import OrderedDict, deque
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from hammal.lru import trim_oldest
 from hammal.errors import TooManyRequests
+from hammal.lru import trim_oldest
 
 #: Failed logins from one address within L{WINDOW} seconds before it is
 #: refused.

@@ -26,8 +26,8 @@ import bcrypt
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 #: bcrypt only looks at this many bytes of a password.
 BCRYPT_MAX_PASSWORD_BYTES = 72

@@ -5,9 +5,7 @@ L{BlobFetch} per digest, each client reading at its own pace.
 
 from __future__ import annotations
 
-from typing import cast
-
-from typing import Callable
+from typing import Callable, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -29,8 +27,8 @@ from hammal.cache.writes import LocalCacheError, WriteErrors
 from hammal.conditional import range_applies
 from hammal.errors import NotCachedUpstreamDown, UpstreamTimeout, UpstreamUnavailable
 from hammal.ranges import content_range, parse_range
-from hammal.replies import CACHE_COALESCED, CACHE_HIT, CACHE_MISS, BlobReply, HeaderList
 from hammal.reference import Digest
+from hammal.replies import CACHE_COALESCED, CACHE_HIT, CACHE_MISS, BlobReply, HeaderList
 from hammal.stream import BodySource, TransferBroken
 
 
@@ -91,7 +89,9 @@ class CachedBody:
         def bypass(offset: int, end: int | None) -> BodySource:
             if isinstance(self._fetch, SiblingFill) and self._cache.coordinator is not None:
                 # The other process's fill died: one fill takes over (hammal.cache.takeover).
-                return TakenOver(self._cache, self._digest, offset, end, start_upstream, self._upstream)
+                return TakenOver(
+                    self._cache, self._digest, offset, end, start_upstream, self._upstream
+                )
             metrics.cache_bypasses.inc()
             return UpstreamTail(
                 start_upstream,

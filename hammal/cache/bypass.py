@@ -92,9 +92,7 @@ class UpstreamTail:
             skip = self._start
         elif response.code != 206 or not starts_at(response, self._start):
             discard_body(response)
-            raise TransferBroken(
-                f"{self._upstream} answered {response.code} to the rest of a blob"
-            )
+            raise TransferBroken(f"{self._upstream} answered {response.code} to the rest of a blob")
         if not_a_blob(response):
             discard_body(response)
             raise TransferBroken(f"{self._upstream} sent a web page instead of a blob")
@@ -213,9 +211,7 @@ class _TailPipe(Protocol):
             self.done.errback(TransferBroken("the transfer was stopped"))
         elif not reason.check(ResponseDone, PotentialDataLoss):
             self.done.errback(
-                TransferBroken(
-                    f"{self._upstream} broke the transfer: {reason.getErrorMessage()}"
-                )
+                TransferBroken(f"{self._upstream} broke the transfer: {reason.getErrorMessage()}")
             )
         elif self._count is not None and self._sent != self._count:
             self.done.errback(
@@ -252,9 +248,7 @@ class _TailPipe(Protocol):
         self._idle = None
         if not self.done.called:
             self.done.errback(
-                TransferBroken(
-                    f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
-                )
+                TransferBroken(f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds")
             )
         self._stopped = True
         _producer(self.transport).stopProducing()

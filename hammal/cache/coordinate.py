@@ -172,7 +172,11 @@ class LockLease:
             os.pwrite(self._fd, text + b"\n", 0)
         except OSError as failure:
             # The others cannot follow: they wait for the committed blob.
-            log.warn("cannot write the fill lock {path}: {error}", path=self._path, error=failure.strerror)
+            log.warn(
+                "cannot write the fill lock {path}: {error}",
+                path=self._path,
+                error=failure.strerror,
+            )
 
     def release(self) -> None:
         if self._fd is None:

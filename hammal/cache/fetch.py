@@ -39,7 +39,6 @@ from hammal.cache.bypass import StartUpstream, starts_at
 from hammal.cache.store import BlobStore
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
-from hammal.upstream.client import default_deadline, upstream_error
 from hammal.reference import Digest
 from hammal.stream import (
     IdleTimer,
@@ -52,6 +51,7 @@ from hammal.stream import (
     not_a_blob,
     read_body,
 )
+from hammal.upstream.client import default_deadline, upstream_error
 
 __all__ = ["BlobFetch", "DigestMismatch", "Offload", "StartUpstream", "run_here"]
 
@@ -271,7 +271,9 @@ class BlobFetch:
         deadline = self._bounds.deadline
 
         def timed_out(result: object, timeout: float) -> None:
-            raise UpstreamTimeout(f"{self._upstream} did not answer for {self.digest} within {deadline:g} seconds")
+            raise UpstreamTimeout(
+                f"{self._upstream} did not answer for {self.digest} within {deadline:g} seconds"
+            )
 
         d.addTimeout(deadline, self._clock, onTimeoutCancel=timed_out)
         return await d

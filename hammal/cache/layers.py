@@ -13,9 +13,9 @@ from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
 
-from hammal.lru import remember
 from hammal.cache.store import BlobStore
 from hammal.errors import RegistryError
+from hammal.lru import remember
 from hammal.reference import Digest
 
 #: Image manifest types whose config and layers are blobs.

@@ -26,7 +26,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from hammal.lru import trim_oldest
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.coalesce import Coalescer
 from hammal.errors import (
@@ -36,9 +35,8 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hammal.upstream.client import Trace
+from hammal.lru import trim_oldest
 from hammal.reference import Digest, Reference
-from hammal.ttlstore import TtlStore
 from hammal.replies import (
     CACHE_COALESCED,
     CACHE_HIT,
@@ -49,6 +47,8 @@ from hammal.replies import (
     Document,
     find_header,
 )
+from hammal.ttlstore import TtlStore
+from hammal.upstream.client import Trace
 
 #: Manifest media types hammal caches (anything else passes through).
 MANIFEST_TYPES = frozenset(
@@ -295,6 +295,7 @@ class RemoteManifests(Protocol):
     ) -> str | None:
         """HEAD a tag upstream and return its ``Docker-Content-Digest``."""
 
+
 _TRANSIENT = (UpstreamUnavailable, UpstreamTimeout, TooManyRequests)
 
 
@@ -415,7 +416,9 @@ class ManifestCache:
             raise
         except _TRANSIENT as failure:
             if entry is not None and stored is not None:
-                return self._stale_or_raise(stored, self._clock.seconds() - entry.checked_at, failure)
+                return self._stale_or_raise(
+                    stored, self._clock.seconds() - entry.checked_at, failure
+                )
             fallback = await self._entry_of_any_client(name, tag, accepted)
             if fallback is not None:
                 other, other_stored = fallback
@@ -425,7 +428,9 @@ class ManifestCache:
             raise
         return attrs.evolve(document, cache_status=CACHE_COALESCED if joined else CACHE_MISS)
 
-    def _stale_or_raise(self, stored: StoredManifest, age: float, failure: RegistryError) -> Document:
+    def _stale_or_raise(
+        self, stored: StoredManifest, age: float, failure: RegistryError
+    ) -> Document:
         if age >= self._ttl + self._stale_if_error:
             raise failure
         self.log.warn(
@@ -481,7 +486,9 @@ class ManifestCache:
         digest_text = find_header(document.headers, b"docker-content-digest")
         if media_type not in MANIFEST_TYPES or digest_text is None or not document.vouched:
             return None
-        stored = StoredManifest(Digest.parse(digest_text.decode("latin-1")), media_type, document.body)
+        stored = StoredManifest(
+            Digest.parse(digest_text.decode("latin-1")), media_type, document.body
+        )
         try:
             self._store.put(stored)
         except OSError as failure:

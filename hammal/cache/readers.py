@@ -55,6 +55,7 @@ class GrowingFile(Protocol):
     def unsubscribe(self, listener: Callable[[], None]) -> None:
         """Stop calling C{listener}."""
 
+
 Bypass = Callable[[int, "int | None"], BodySource]
 """C{bypass(offset, end)}: bytes C{[offset, end)} of the blob from upstream, uncached."""
 
@@ -236,6 +237,7 @@ class FileFollower:
             self.done.callback(self._offset - self._start)
         else:
             self.done.errback(failure)
+
 
 #: Bytes handed to one sendfile call.
 _SLICE = 8 * 1024 * 1024

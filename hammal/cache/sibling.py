@@ -118,7 +118,9 @@ class SiblingFill:
         try:
             ended = self._step()
         except OSError as failure:
-            self._fail(LocalCacheError(f"cannot follow the fill of another process: {failure.strerror}"))
+            self._fail(
+                LocalCacheError(f"cannot follow the fill of another process: {failure.strerror}")
+            )
             return
         if not ended:
             self._call = self._clock.callLater(self._poll_interval, self._look)
@@ -152,8 +154,10 @@ class SiblingFill:
             self._grew()
         if self._clock.seconds() - self._news_at > self._stall:
             self._fail(
-                UpstreamTimeout(f"the fill of {self.digest} by another process made no progress"
-                                f" for {self._stall:g} seconds")
+                UpstreamTimeout(
+                    f"the fill of {self.digest} by another process made no progress"
+                    f" for {self._stall:g} seconds"
+                )
             )
             return True
         return False

@@ -185,7 +185,9 @@ class BlobStore:
         self.metadata_size = sum(size for _, size, _ in extra)
         over = 0
         if self.max_size is not None:
-            over = self.total_size + self.reserved + self.foreign + self.metadata_size - self.max_size
+            over = (
+                self.total_size + self.reserved + self.foreign + self.metadata_size - self.max_size
+            )
         free = self.free_space()
         if free is not None:
             over = max(over, self.floor() - free)
@@ -246,7 +248,6 @@ class BlobStore:
                     except Exception:
                         continue
                     yield str(digest), os.path.join(folder, name)
-
 
     # Paths.
 
@@ -361,7 +362,14 @@ class BlobStore:
             return False
         over = 0
         if self.max_size is not None:
-            over = self.total_size + self.reserved + self.foreign + self.metadata_size + size - self.max_size
+            over = (
+                self.total_size
+                + self.reserved
+                + self.foreign
+                + self.metadata_size
+                + size
+                - self.max_size
+            )
         free = self.free_space()
         if free is None:
             return False
@@ -500,7 +508,10 @@ def reclaim_temporaries(folder: str, started: float, now: float | None = None) -
 
 
 def metadata_files(root: str) -> list[tuple[float, int, str]]:
-    """(last use, size, path) of every manifest and tag entry (C{.type} companions counted with theirs)."""
+    """
+    (last use, size, path) of every manifest and tag entry (C{.type}
+    companions counted with theirs).
+    """
     found = []
     for folder in ("manifests", "tags"):
         for directory, _, names in os.walk(os.path.join(root, folder)):

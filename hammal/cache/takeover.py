@@ -50,6 +50,7 @@ class FillingCache(Protocol):
     ) -> tuple[Any, bool]:
         """The fill of C{digest}, joined or started."""
 
+
 log = Logger()
 
 
@@ -91,7 +92,9 @@ class TakenOver:
         log.info(
             "the process filling {digest} stopped: {how} at byte {offset}",
             digest=str(self._digest),
-            how="following the fill that took over" if joined else "this process takes the fill over",
+            how="following the fill that took over"
+            if joined
+            else "this process takes the fill over",
             offset=self._offset,
         )
         try:

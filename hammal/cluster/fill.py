@@ -180,15 +180,24 @@ class FillSource:
                         log.warn(
                             "peer {peer} refused our cluster signature; fetching {digest}"
                             " without it (is --cluster-key-file the same everywhere?)",
-                            peer=got.holder, digest=digest,
+                            peer=got.holder,
+                            digest=digest,
                         )
                         return None
-                    log.debug("peer {peer} cannot serve {digest} yet: {error}",
-                              peer=got.holder, digest=digest, error=str(e))
+                    log.debug(
+                        "peer {peer} cannot serve {digest} yet: {error}",
+                        peer=got.holder,
+                        digest=digest,
+                        error=str(e),
+                    )
                 else:
                     metrics.cluster_fill_sources.labels("peer").inc()
-                    log.info("streaming {digest} from {peer} at {offset}",
-                             digest=digest, peer=got.holder, offset=offset)
+                    log.info(
+                        "streaming {digest} from {peer} at {offset}",
+                        digest=digest,
+                        peer=got.holder,
+                        offset=offset,
+                    )
                     return response
             await deferLater(cluster.clock, cluster.poll, lambda: None)
 
@@ -242,9 +251,7 @@ def peer_lookup(blobs: BlobCache) -> Any:
         size = blobs.store.size(digest)
         if size is None:
             return None
-        return GrowingFile(
-            blobs.store.path(digest), size, lambda: size, lambda: succeed(None)
-        )
+        return GrowingFile(blobs.store.path(digest), size, lambda: size, lambda: succeed(None))
 
     return lookup
 

@@ -192,8 +192,7 @@ class FillLeases:
     def _failed(self, failure: Failure, what: str, fallback: Any) -> Any:
         if self._down_until is None:
             log.warn(
-                "Redis failed during {what} ({error}); fills are coordinated"
-                " on this instance only",
+                "Redis failed during {what} ({error}); fills are coordinated on this instance only",
                 what=what,
                 error=_reason(failure),
             )
@@ -242,8 +241,9 @@ class FillLeases:
                 # restarted before the TTL ran out): nobody fills it. Adopt
                 # it, atomically, unless it changed hands meanwhile.
                 if await self._renew_key(digest):
-                    log.info("adopted the fill lease for {digest} left by a previous run",
-                             digest=digest)
+                    log.info(
+                        "adopted the fill lease for {digest} left by a previous run", digest=digest
+                    )
                     return self._hold(digest)
                 continue
             if holder is not None:

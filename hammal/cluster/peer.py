@@ -132,9 +132,7 @@ class PeerBlobResource(Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             return _oci_error(request, 405, "UNSUPPORTED", "peers only GET blobs")
-        if not self._auth.check(
-            request.method, request.uri, request.getHeader(b"authorization")
-        ):
+        if not self._auth.check(request.method, request.uri, request.getHeader(b"authorization")):
             request.setHeader(b"www-authenticate", SCHEME)
             return _oci_error(
                 request, 401, "UNAUTHORIZED", "peer requests need a valid cluster signature"
@@ -158,9 +156,7 @@ class PeerBlobResource(Resource):
         else:
             start, end = wanted
             request.setResponseCode(206)
-            request.setHeader(
-                b"content-range", b"bytes %d-%d/%d" % (start, end - 1, blob.size)
-            )
+            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end - 1, blob.size))
         request.setHeader(b"content-length", str(end - start).encode())
         if request.method == b"HEAD" or start == end:
             return b""
@@ -290,7 +286,9 @@ class GrowingFileSender:
             try:
                 data = os.pread(self._fd, min(CHUNK, available - self._offset), self._offset)
             except OSError as e:
-                log.warn("peer read of {path} failed: {error}", path=self._blob.path, error=e.strerror)
+                log.warn(
+                    "peer read of {path} failed: {error}", path=self._blob.path, error=e.strerror
+                )
                 self._abort()
                 return
             if not data:
@@ -423,9 +421,7 @@ class PeerClient:
         headers = {b"authorization": [self._auth.sign(b"GET", target)]}
         if start:
             headers[b"range"] = [b"bytes=%d-" % start]
-        d = self._http.request(
-            "GET", url, headers=headers, unbuffered=True, allow_redirects=False
-        )
+        d = self._http.request("GET", url, headers=headers, unbuffered=True, allow_redirects=False)
         try:
             response: IResponse = await d.addTimeout(self._timeout, self._clock)
         except Exception as e:

@@ -44,9 +44,7 @@ class PeerAuth:
     @param lifetime: seconds a signature made by L{sign} stays valid.
     """
 
-    def __init__(
-        self, key: bytes, clock: IReactorTime, lifetime: float = DEFAULT_LIFETIME
-    ) -> None:
+    def __init__(self, key: bytes, clock: IReactorTime, lifetime: float = DEFAULT_LIFETIME) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise ClusterKeyError(f"cluster key must be at least {MIN_KEY_BYTES} bytes")
         if not 0 < lifetime <= MAX_LIFETIME:

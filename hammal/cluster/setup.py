@@ -60,7 +60,11 @@ def object_store(settings: Settings, reactor: Any, http: Any) -> S3Store | None:
     except ValueError as failure:
         raise ConfigError(f"--storage s3://{settings.storage.bucket}: {failure}")
     return S3Store(
-        settings.s3_endpoint, settings.storage, credentials, http, reactor,
+        settings.s3_endpoint,
+        settings.storage,
+        credentials,
+        http,
+        reactor,
         timeout=settings.read_timeout,
     )
 

@@ -23,9 +23,8 @@ import threading
 from typing import IO, Any, NoReturn, Sequence
 
 from hammal import __version__
-from hammal.ops.cachetool import CacheStats, GcResult, NotACache, gc, stats
 from hammal.config import PARAMETERS, ConfigError, parse_size
-from hammal.upstream.proxy_rules import ProxyRules
+from hammal.ops.cachetool import CacheStats, GcResult, NotACache, gc, stats
 from hammal.ops.prefetch import (
     Blob,
     ImageResult,
@@ -40,6 +39,7 @@ from hammal.ops.prefetch import (
     parse_mirror,
     parse_platforms,
 )
+from hammal.upstream.proxy_rules import ProxyRules
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -61,7 +61,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hammal",
-        description="Operate a hammal registry mirror. The server itself runs as `twistd -n hammal`.",
+        description=(
+            "Operate a hammal registry mirror. The server itself runs as `twistd -n hammal`."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"hammal {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -85,19 +87,28 @@ def _add_prefetch(commands: Any) -> None:
         metavar="IMAGE",
         help="NAME[:TAG][@DIGEST], e.g. alpine:3.20 (sent as given: the mirror adds library/)",
     )
-    prefetch.add_argument("--mirror", required=True, metavar="URL", help="e.g. http://127.0.0.1:5000")
+    prefetch.add_argument(
+        "--mirror", required=True, metavar="URL", help="e.g. http://127.0.0.1:5000"
+    )
     prefetch.add_argument(
         "--platform",
         action="append",
         default=[],
         metavar="OS/ARCH[/VARIANT]",
-        help="only these platforms of a multi-platform image (repeatable, or comma-separated); default: all",
+        help=(
+            "only these platforms of a multi-platform image (repeatable, or comma-separated);"
+            " default: all"
+        ),
     )
     prefetch.add_argument(
         "--parallel", type=int, default=4, metavar="N", help="blobs fetched at once (default: 4)"
     )
     prefetch.add_argument(
-        "--timeout", type=float, default=60.0, metavar="SECONDS", help="socket timeout (default: 60)"
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="socket timeout (default: 60)",
     )
     prefetch.add_argument(
         "--username",
@@ -140,7 +151,8 @@ def _add_cache(commands: Any) -> None:
         description=(
             "Evict least recently used blobs until the rest fit in --max-size, and remove "
             "temporaries abandoned by a crash. A running server does not see blobs removed "
-            "behind its back: use its --cache-max-size for routine eviction, and gc while it is stopped."
+            "behind its back: use its --cache-max-size for routine eviction, and gc while it "
+            "is stopped."
         ),
     )
     for action in (stats_parser, gc_parser):
@@ -148,7 +160,10 @@ def _add_cache(commands: Any) -> None:
             "--cache-dir",
             default=cache_dir,
             metavar="DIR",
-            help=f"the cache directory (default: $HAMMAL_CACHE_DIR or {DEFAULT_CACHE_DIR}; now {cache_dir})",
+            help=(
+                f"the cache directory (default: $HAMMAL_CACHE_DIR or {DEFAULT_CACHE_DIR};"
+                f" now {cache_dir})"
+            ),
         )
     stats_parser.set_defaults(run=_cache_stats)
     gc_parser.add_argument(
@@ -157,7 +172,9 @@ def _add_cache(commands: Any) -> None:
         metavar="SIZE",
         help="e.g. 50G (default: $HAMMAL_CACHE_MAX_SIZE; without either only temporaries go)",
     )
-    gc_parser.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    gc_parser.add_argument(
+        "--dry-run", action="store_true", help="say what would go, remove nothing"
+    )
     gc_parser.set_defaults(run=_cache_gc)
 
 
@@ -193,7 +210,11 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str], out: IO[str], e
     except SystemExit as done:  # --help, --version
         raise _Exit(int(done.code or 0))
     if getattr(args, "run", None) is None:
-        what = "hammal cache: choose an action: stats, gc" if args.command else "hammal: choose a command: prefetch, cache"
+        what = (
+            "hammal cache: choose an action: stats, gc"
+            if args.command
+            else "hammal: choose a command: prefetch, cache"
+        )
         raise UsageError(f"{what} (see --help)")
     return args
 
@@ -246,7 +267,9 @@ def _login(args: argparse.Namespace, environ: Any) -> MirrorLogin | None:
             with open(args.password_file, encoding="utf-8") as secret:
                 password = secret.readline().rstrip("\r\n")
         except OSError as failure:
-            raise UsageError(f"cannot read --password-file {args.password_file}: {_os_error(failure)}")
+            raise UsageError(
+                f"cannot read --password-file {args.password_file}: {_os_error(failure)}"
+            )
         if not password:
             raise UsageError(f"--password-file {args.password_file} is empty")
     elif environ.get("HAMMAL_PASSWORD"):
@@ -306,7 +329,9 @@ class LineReporter:
             print(text, file=stream, flush=True)
 
     def manifest_done(self, image: str, manifest: Manifest) -> None:
-        self._line(self._out, f"{image} {short_digest(manifest.digest)} {human_size(manifest.size)} ok")
+        self._line(
+            self._out, f"{image} {short_digest(manifest.digest)} {human_size(manifest.size)} ok"
+        )
 
     def blobs_started(self, image: str, count: int, total: int) -> None:
         pass
@@ -424,13 +449,19 @@ def _cache_gc(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
 
 def _gc_lines(result: GcResult, max_size: int | None) -> list[str]:
     verb = "would evict" if result.dry_run else "evicted"
-    lines = [f"{verb} {short_digest(blob.digest)} {human_size(blob.size)}" for blob in result.evicted]
+    lines = [
+        f"{verb} {short_digest(blob.digest)} {human_size(blob.size)}" for blob in result.evicted
+    ]
     removal = "would remove" if result.dry_run else "removed"
-    lines += [f"{removal} abandoned temporary {temporary.name}" for temporary in result.removed_temporaries]
+    lines += [
+        f"{removal} abandoned temporary {temporary.name}"
+        for temporary in result.removed_temporaries
+    ]
     limit = human_size(max_size) if max_size is not None else "no size limit"
     lines.append(
         f"{'dry run: ' if result.dry_run else ''}{verb} {len(result.evicted)} blobs "
-        f"({human_size(result.evicted_bytes)}), {removal} {len(result.removed_temporaries)} temporaries; "
+        f"({human_size(result.evicted_bytes)}), "
+        f"{removal} {len(result.removed_temporaries)} temporaries; "
         f"{result.remaining_blobs} blobs ({human_size(result.remaining_bytes)}) remain, {limit}"
     )
     return lines

@@ -34,9 +34,9 @@ import attrs
 
 from hammal.cache.manifests import INDEX_TYPES, MANIFEST_TYPES
 from hammal.errors import RegistryError
+from hammal.reference import Digest, parse_tag, validate_name
 from hammal.upstream.challenge import Challenge, select_challenge
 from hammal.upstream.proxy_rules import ProxyRules
-from hammal.reference import Digest, parse_tag, validate_name
 
 #: The ``Accept`` header: every manifest type hammal caches.
 MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES))
@@ -189,9 +189,13 @@ def parse_mirror(text: str) -> str:
     url = text.strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--mirror must be an http(s) URL like http://127.0.0.1:5000, not {text!r}")
+        raise UsageError(
+            f"--mirror must be an http(s) URL like http://127.0.0.1:5000, not {text!r}"
+        )
     if parts.path or parts.query or parts.fragment or parts.username:
-        raise UsageError(f"--mirror must be a bare base URL like http://127.0.0.1:5000, not {text!r}")
+        raise UsageError(
+            f"--mirror must be a bare base URL like http://127.0.0.1:5000, not {text!r}"
+        )
     return url
 
 
@@ -282,7 +286,11 @@ class MirrorAuth:
             raise PrefetchError(
                 f"not sending credentials to {parts.hostname} over plain HTTP (the mirror's realm)"
             )
-        query = [(key, value) for key, value in (("service", challenge.service), ("scope", scope)) if value]
+        query = [
+            (key, value)
+            for key, value in (("service", challenge.service), ("scope", scope))
+            if value
+        ]
         url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query)
         request = urllib.request.Request(url)
         request.add_header("Authorization", self._login.basic())
@@ -298,7 +306,11 @@ class MirrorAuth:
             raise PrefetchError(f"token request: {_reason(failure.reason)}")
         except (OSError, http.client.HTTPException, ValueError) as failure:
             raise PrefetchError(f"token request: {_reason(failure)}")
-        token = document.get("token") or document.get("access_token") if isinstance(document, dict) else None
+        token = (
+            document.get("token") or document.get("access_token")
+            if isinstance(document, dict)
+            else None
+        )
         if not isinstance(token, str) or not token:
             raise PrefetchError("the mirror's token realm sent no token")
         return token
@@ -324,7 +336,9 @@ class MirrorClient:
         self._timeout = timeout
         # The forward proxy hammal's own rules pick for the mirror (NO_PROXY
         # with CIDR blocks too), not urllib's reading of the environment.
-        handlers: list[urllib.request.BaseHandler] = [_proxy_handler(base_url, proxies or ProxyRules())]
+        handlers: list[urllib.request.BaseHandler] = [
+            _proxy_handler(base_url, proxies or ProxyRules())
+        ]
         if insecure:
             context = ssl.create_default_context()
             context.check_hostname = False
@@ -382,7 +396,9 @@ def _proxy_handler(url: str, proxies: ProxyRules) -> urllib.request.ProxyHandler
     if proxy.username is not None:
         userinfo = quote(proxy.username, safe="") + ":" + quote(proxy.password or "", safe="") + "@"
     host = f"[{proxy.host}]" if ":" in proxy.host else proxy.host
-    return urllib.request.ProxyHandler({urlsplit(url).scheme: f"http://{userinfo}{host}:{proxy.port}"})
+    return urllib.request.ProxyHandler(
+        {urlsplit(url).scheme: f"http://{userinfo}{host}:{proxy.port}"}
+    )
 
 
 def _http_error(failure: urllib.error.HTTPError) -> str:
@@ -618,7 +634,9 @@ class Prefetcher:
         try:
             top = fetch_manifest(self._client, image.name, image.reference)
         except PrefetchError as failure:
-            self._fail(label, "manifest" if image.digest is None else image.reference, str(failure), result)
+            self._fail(
+                label, "manifest" if image.digest is None else image.reference, str(failure), result
+            )
             return []
         self._walk(image, label, top, 0, blobs, result)
         return list(blobs.values())

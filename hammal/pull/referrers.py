@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from urllib.parse import urlencode
 from typing import Any, Awaitable, Callable
+from urllib.parse import urlencode
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -34,7 +34,6 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hammal.upstream.client import RegistryClient, Trace, upstream_error
 from hammal.reference import Digest
 from hammal.replies import (
     CACHE_COALESCED,
@@ -44,6 +43,7 @@ from hammal.replies import (
     STALE_WARNING,
     Document,
 )
+from hammal.upstream.client import RegistryClient, Trace, upstream_error
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 

@@ -28,12 +28,8 @@ from hammal.errors import (
     RegistryError,
     UpstreamBadResponse,
 )
-from hammal.upstream.client import (
-    REDIRECT_STATUSES,
-    RegistryClient,
-    Trace,
-    read_upstream_error,
-)
+from hammal.headers import relayed_response_headers
+from hammal.pull.referrers import Referrers, ReferrersCache
 from hammal.reference import Digest, Reference, upstream_name
 from hammal.replies import (
     CACHE_MISS,
@@ -44,13 +40,16 @@ from hammal.replies import (
     replace_header,
 )
 from hammal.stream import UpstreamBody, expected_length, not_a_blob
-from hammal.headers import relayed_response_headers
-from hammal.pull.referrers import Referrers, ReferrersCache
+from hammal.upstream.client import (
+    REDIRECT_STATUSES,
+    RegistryClient,
+    Trace,
+    read_upstream_error,
+)
 from hammal.upstream.remote import MAX_DOCUMENT_SIZE, RemoteManifests
 
 ManifestCacheFactory = Callable[[str, RemoteManifests], ManifestCache]
 """Builds the manifest cache for an upstream URL around its remote manifests."""
-
 
 
 class PullService:
@@ -81,9 +80,7 @@ class PullService:
         self._blobs = blobs if self._follow_blob_redirects else None
         self._layers = LayerKeeper(self._blobs.store, clock) if self._blobs is not None else None
         self._manifests = (
-            manifests(client.upstream.url, self._remote)
-            if manifests is not None
-            else None
+            manifests(client.upstream.url, self._remote) if manifests is not None else None
         )
         self._referrers = Referrers(client, self._remote.fetch, referrers)
 
@@ -182,7 +179,9 @@ class PullService:
             length = int(announced) if announced and announced.isdigit() else None
             return BlobReply(response.code, relayed, length, None)
         verify = digest if response.code == 200 else None
-        body = UpstreamBody(response, self._clock, self._client.read_timeout, verify, self.upstream_host)
+        body = UpstreamBody(
+            response, self._clock, self._client.read_timeout, verify, self.upstream_host
+        )
         return BlobReply(response.code, relayed, expected_length(response), body)
 
     async def _cached_blob(
@@ -234,7 +233,9 @@ class PullService:
     async def tags(self, name: str, query: str, headers: Headers, trace: Trace) -> Document:
         """Fetch a tag list page; C{query} holds the validated C{n}/C{last}."""
         path = "tags/list" + (f"?{query}" if query else "")
-        response = await self._client.request(b"GET", self.upstream_name(name), path, headers, trace)
+        response = await self._client.request(
+            b"GET", self.upstream_name(name), path, headers, trace
+        )
         if response.code != 200:
             raise await self._error(response)
         body = await self._client.fetch_document(response, MAX_DOCUMENT_SIZE)

@@ -23,8 +23,8 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.errors import Denied, NotFound, RegistryError, UpstreamTimeout, UpstreamUnavailable
 from hammal.pull.service import PullService
-from hammal.upstream.client import Trace, Upstream, UpstreamClient
 from hammal.reference import registry_names
+from hammal.upstream.client import Trace, Upstream, UpstreamClient
 
 __all__ = ["FailoverClient", "Selection", "UpstreamSelector", "registry_names"]
 
@@ -198,7 +198,9 @@ class FailoverClient:
         for position, index in enumerate(order):
             member = self._members[index]
             try:
-                response = await member.request(method, name, path, headers, trace, follow_redirects)
+                response = await member.request(
+                    method, name, path, headers, trace, follow_redirects
+                )
             except (UpstreamUnavailable, UpstreamTimeout) as failure:
                 last_error = failure
                 self._rest(index, failure.message)

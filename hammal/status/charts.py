@@ -185,9 +185,7 @@ def line_chart(
 
     parts = _frame(chart_id, title, points, height, peak, formatter, start_label)
     for index, line in enumerate(lines):
-        coordinates = " ".join(
-            f"{x(i):.1f},{y(v):.1f}" for i, v in _corners(line.values)
-        )
+        coordinates = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in _corners(line.values))
         total = sum(line.values)
         if index == 0 and points:
             area = f"{x(0):.1f},{bottom:.1f} {coordinates} {x(points - 1):.1f},{bottom:.1f}"

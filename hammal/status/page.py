@@ -29,9 +29,11 @@ REFRESH_SECONDS = 60
 
 _STYLE = """
 :root{color-scheme:light dark;--fg:#1d2327;--bg:#f6f7f9;--card:#fff;--muted:#5f6b76;--line:#d9dee3}
-@media (prefers-color-scheme:dark){:root{--fg:#e6e9ec;--bg:#15191d;--card:#1e2328;--muted:#9aa5af;--line:#39414a}}
+@media (prefers-color-scheme:dark){:root{--fg:#e6e9ec;--bg:#15191d;--card:#1e2328;--muted:#9aa5af;
+  --line:#39414a}}
 *{box-sizing:border-box}
-body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
+  background:var(--bg)}
 header,main{max-width:96rem;margin:0 auto;padding:0 1rem}
 header{display:flex;flex-wrap:wrap;align-items:baseline;gap:.3rem 1.5rem;padding-top:1rem}
 h1{font-size:1.4rem;margin:0}
@@ -40,15 +42,20 @@ h2{font-size:1.05rem;margin:0 0 .6rem}
 .axis{font-size:11px}
 .label{font-size:12px;fill:var(--fg)}
 .grid{stroke:var(--line);stroke-width:1}
-.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(46%,11rem),1fr));gap:.75rem;margin:1rem 0}
-.tile,.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:.8rem 1rem}
+.tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(46%,11rem),1fr));gap:.75rem;
+  margin:1rem 0}
+.tile,.card{background:var(--card);border:1px solid var(--line);border-radius:8px;
+  padding:.8rem 1rem}
 .tile b{display:block;font-size:1.35rem}
-.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30rem),1fr));gap:.75rem;margin-bottom:.75rem}
-.grid3{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,24rem),1fr));gap:.75rem;margin-bottom:.75rem}
+.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,30rem),1fr));gap:.75rem;
+  margin-bottom:.75rem}
+.grid3{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,24rem),1fr));gap:.75rem;
+  margin-bottom:.75rem}
 .grid3 .axis{font-size:18px}
 svg.chart{width:100%;height:auto;display:block}
 .legend span{display:inline-block;margin-right:1rem;font-size:.85rem}
-.legend i{display:inline-block;width:.8rem;height:.8rem;border-radius:2px;margin-right:.3rem;vertical-align:-1px}
+.legend i{display:inline-block;width:.8rem;height:.8rem;border-radius:2px;margin-right:.3rem;
+  vertical-align:-1px}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.9rem}
 th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
@@ -56,7 +63,8 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 code{font-size:.82rem;word-break:break-all}
 meter{width:100%;height:.8rem}
 .state-ok{color:#2a9d8f}.state-failing,.state-cooling{color:#e76f51}
-@media (max-width:40rem){.axis,.label{font-size:20px}.tile b{font-size:1.15rem}table{font-size:.78rem}th,td{padding:.25rem .3rem}.card{padding:.7rem .6rem}}
+@media (max-width:40rem){.axis,.label{font-size:20px}.tile b{font-size:1.15rem}
+  table{font-size:.78rem}th,td{padding:.25rem .3rem}.card{padding:.7rem .6rem}}
 footer{max-width:96rem;margin:1rem auto;padding:0 1rem 2rem;font-size:.85rem}
 """
 
@@ -97,11 +105,16 @@ def _table(table_id: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
     else:
         body = "".join(
             "<tr>"
-            + "".join(f'<td class="n">{c}</td>' if n else f"<td>{c}</td>" for c, n in zip(row, numeric))
+            + "".join(
+                f'<td class="n">{c}</td>' if n else f"<td>{c}</td>" for c, n in zip(row, numeric)
+            )
             + "</tr>"
             for row in rows
         )
-    return f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    return (
+        f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 def _tiles(report: dict[str, Any]) -> str:
@@ -142,11 +155,15 @@ def _tiles(report: dict[str, Any]) -> str:
         ),
         ("Cache", size_text, f"{format_count(cache['blobs'])} blobs{meter}"),
     ]
-    return '<section class="tiles" id="summary">' + "".join(
-        f'<div class="tile"><span class="muted">{escape(name)}</span><b>{escape(value)}</b>'
-        f'<span class="muted">{note}</span></div>'
-        for name, value, note in tiles
-    ) + "</section>"
+    return (
+        '<section class="tiles" id="summary">'
+        + "".join(
+            f'<div class="tile"><span class="muted">{escape(name)}</span><b>{escape(value)}</b>'
+            f'<span class="muted">{note}</span></div>'
+            for name, value, note in tiles
+        )
+        + "</section>"
+    )
 
 
 def _charts(report: dict[str, Any]) -> str:
@@ -214,7 +231,7 @@ def _upstreams(report: dict[str, Any]) -> str:
             rows.append(
                 [
                     escape(route["route"]),
-                    f"<code>{escape(member['url'])}</code> <span class=\"muted\">{role}</span>",
+                    f'<code>{escape(member["url"])}</code> <span class="muted">{role}</span>',
                     f'<span class="state-{escape(state.split()[0])}">{escape(state)}</span>'
                     + (f" ({_duration(cooldown)} left)" if cooldown is not None else ""),
                     escape(_duration(member["last_success_seconds_ago"]))
@@ -254,14 +271,18 @@ def _transfers(report: dict[str, Any]) -> str:
         rows,
         "no transfer in flight",
     )
-    return f'<section class="card" id="transfers-card"><h2>Transfers in flight</h2>{table}</section>'
+    return (
+        f'<section class="card" id="transfers-card"><h2>Transfers in flight</h2>{table}</section>'
+    )
 
 
 def _top(report: dict[str, Any]) -> str:
     top = report["top_repositories"]
     by_pulls = [(u["repository"], float(u["pulls"])) for u in top["by_pulls"]]
     by_bytes = [(u["repository"], float(u["bytes"])) for u in top["by_bytes"]]
-    pulls_chart = bar_chart("top-pulls", "Top repositories by pulls, 24 h", by_pulls, REQUESTS_COLOR)
+    pulls_chart = bar_chart(
+        "top-pulls", "Top repositories by pulls, 24 h", by_pulls, REQUESTS_COLOR
+    )
     bytes_chart = bar_chart(
         "top-bytes", "Top repositories by bytes, 24 h", by_bytes, CACHE_COLOR, format_bytes
     )

@@ -19,8 +19,8 @@ import attrs
 from prometheus_client import CollectorRegistry
 
 from hammal import __version__, metrics
-from hammal.upstream.quota import QuotaBoard
 from hammal.status.recorder import StatusRecorder
+from hammal.upstream.quota import QuotaBoard
 
 if TYPE_CHECKING:
     from hammal.cache.blobs import BlobCache

@@ -93,7 +93,9 @@ class SharedManifests:
     async def _write(self, manifest: StoredManifest) -> None:
         upload = self._objects.open_upload(self._key(manifest.digest))
         try:
-            await upload.write(manifest.media_type.encode("ascii", "replace") + b"\n" + manifest.body)
+            await upload.write(
+                manifest.media_type.encode("ascii", "replace") + b"\n" + manifest.body
+            )
             await upload.complete()
         except Exception as e:  # noqa: BLE001 - a failing store is skipped, never fatal
             self._health.failed("upload", str(e) or type(e).__name__)
@@ -161,4 +163,3 @@ class SharedManifestStore(ManifestStore):
 
 def _log_failure(failure: Any) -> None:
     log.failure("storing a manifest in the object store failed", failure)
-

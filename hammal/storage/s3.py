@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
 import attrs
+import treq
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -33,8 +34,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
-
-import treq
 
 if TYPE_CHECKING:
     from hammal.storage.objects import ObjectStore, ObjectUpload
@@ -203,9 +202,7 @@ class S3Store:
         self.location = location
         self._credentials = credentials
         self._signer = S3SigV4Auth(
-            Credentials(
-                credentials.access_key, credentials.secret_key, credentials.session_token
-            ),
+            Credentials(credentials.access_key, credentials.secret_key, credentials.session_token),
             "s3",
             credentials.region,
         )
@@ -381,9 +378,7 @@ class S3Store:
         await _read_small(response)
 
     async def _create_multipart(self, key: str) -> str:
-        response = await self._expect(
-            "POST", self.url(key, [("uploads", None)]), key, body=b""
-        )
+        response = await self._expect("POST", self.url(key, [("uploads", None)]), key, body=b"")
         upload_id = _xml_text(await _read_small(response), "UploadId")
         if not upload_id:
             raise S3Error(response.code, "InvalidResponse", "no UploadId in the answer")

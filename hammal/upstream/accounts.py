@@ -205,7 +205,9 @@ class AccountPool:
         now = self._clock.seconds()
         remaining = remaining_of(headers)
         if remaining is not None:
-            metrics.upstream_account_remaining.labels(self._upstream, account.username).set(remaining)
+            metrics.upstream_account_remaining.labels(self._upstream, account.username).set(
+                remaining
+            )
         if status == 429:
             self.rest(account, _rest_from(headers, now), "HTTP 429")
             return True

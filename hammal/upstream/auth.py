@@ -28,10 +28,10 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.coalesce import Coalescer
 from hammal.errors import RegistryError, UpstreamBadResponse
-from hammal.upstream.challenge import Challenge
-from hammal.ttlstore import TtlStore
-from hammal.upstream.trust import CredentialPolicy
 from hammal.stream import ReadBounds, read_body
+from hammal.ttlstore import TtlStore
+from hammal.upstream.challenge import Challenge
+from hammal.upstream.trust import CredentialPolicy
 
 #: Lifetime assumed for a token whose response gives no ``expires_in``.
 DEFAULT_TOKEN_LIFETIME = 60.0
@@ -197,7 +197,9 @@ class UpstreamAuth:
             return await self._fetch(challenge, scope, credentials)
         return self._issue(b"Bearer " + token.encode(), credentials)
 
-    async def answer(self, challenge: Challenge, scope: str, rejected: bytes | None) -> bytes | None:
+    async def answer(
+        self, challenge: Challenge, scope: str, rejected: bytes | None
+    ) -> bytes | None:
         """
         Answer a 401 C{challenge} for C{scope}. C{rejected} is the
         ``Authorization`` value upstream just refused, if any: its token is
@@ -245,9 +247,7 @@ class UpstreamAuth:
             self._withhold(realm_host, "it is plain HTTP behind an HTTPS upstream")
             return False
         if not self._policy.transport_allowed(realm):
-            self._withhold(
-                realm_host, "it is plain HTTP; use https:// or --plain-http-credentials"
-            )
+            self._withhold(realm_host, "it is plain HTTP; use https:// or --plain-http-credentials")
             return False
         return True
 
@@ -288,7 +288,9 @@ class UpstreamAuth:
             if token is not None:
                 return self._issue(b"Bearer " + token.encode(), credentials)
             if credentials is None or self._accounts is None:
-                raise RuntimeError("hammal bug: expected credentials is not None and self._accounts is not None")
+                raise RuntimeError(
+                    "hammal bug: expected credentials is not None and self._accounts is not None"
+                )
             self._accounts.observe(credentials, response.code, response.headers)
             following = self._accounts.current()
             if following == credentials:
@@ -306,7 +308,9 @@ class UpstreamAuth:
         realm = challenge.realm or ""
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UpstreamBadResponse(f"upstream challenged with an unusable token realm: {realm!r}")
+            raise UpstreamBadResponse(
+                f"upstream challenged with an unusable token realm: {realm!r}"
+            )
         query = [("scope", scope)]
         if challenge.service:
             query.insert(0, ("service", challenge.service))

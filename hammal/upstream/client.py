@@ -43,22 +43,22 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from hammal.reference import pull_scope
+from hammal.stream import ReadBounds, discard_body, read_body
+from hammal.ttlstore import TtlStore
 from hammal.upstream.addresses import (
     AddressPolicy,
     CheckedEndpointFactory,
     InternalAddressRefused,
     PeerZones,
 )
-from hammal.upstream.auth import CredentialSource, Credentials, UpstreamAuth
+from hammal.upstream.auth import Credentials, CredentialSource, UpstreamAuth
 from hammal.upstream.challenge import select_challenge
 from hammal.upstream.forward_proxy import ProxyingAgent
 from hammal.upstream.proxy_rules import ProxyRules
-from hammal.reference import pull_scope
-from hammal.upstream.retry import RetryPolicy, parse_retry_after, sleep
-from hammal.ttlstore import TtlStore
-from hammal.upstream.trust import CredentialPolicy
 from hammal.upstream.quota import QUOTAS, QuotaBoard
-from hammal.stream import ReadBounds, discard_body, read_body
+from hammal.upstream.retry import RetryPolicy, parse_retry_after, sleep
+from hammal.upstream.trust import CredentialPolicy
 
 
 def default_deadline(read_timeout: float) -> float:
@@ -480,7 +480,9 @@ class UpstreamClient:
             )
             if response.code not in REDIRECT_STATUSES:
                 return response
-        raise UpstreamBadResponse(f"{self.upstream.host} redirected more than {MAX_REDIRECTS} times")
+        raise UpstreamBadResponse(
+            f"{self.upstream.host} redirected more than {MAX_REDIRECTS} times"
+        )
 
     def _redirect_client(self, origin: tuple[str, str | None, int | None]) -> HTTPClient:
         """
@@ -532,8 +534,7 @@ class UpstreamClient:
         except InternalAddressRefused as refused:
             metrics.upstream_errors.labels(self.upstream.host, "redirect-refused").inc()
             self.log.warn(
-                "refused to follow {upstream} to {host}: it is at {address},"
-                " an internal address",
+                "refused to follow {upstream} to {host}: it is at {address}, an internal address",
                 upstream=self.upstream.host,
                 host=refused.host,
                 address=refused.address,

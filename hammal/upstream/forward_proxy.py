@@ -22,17 +22,28 @@ from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ProxyAgent
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import (
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
 
-from hammal.upstream.proxy_rules import ProxyRules, ProxyURL
 from hammal.stream import discard_body
+from hammal.upstream.proxy_rules import ProxyRules, ProxyURL
 
 #: The largest answer to CONNECT hammal reads (status line and headers).
 MAX_CONNECT_RESPONSE = 16 * 1024
@@ -144,7 +155,11 @@ class _TunnelProtocol(Protocol):
             self._inner.connectionLost(reason)
         elif not self._opened.called:
             self._opened.errback(
-                TunnelError(string=f"proxy {self._proxy_name} closed the connection before the tunnel opened")
+                TunnelError(
+                    string=(
+                        f"proxy {self._proxy_name} closed the connection before the tunnel opened"
+                    )
+                )
             )
 
 
@@ -222,7 +237,9 @@ class _TunnelEndpointFactory:
         self._proxy = proxy
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
-        self._proxy_endpoint = HostnameEndpoint(reactor, proxy.host, proxy.port, timeout=connect_timeout)
+        self._proxy_endpoint = HostnameEndpoint(
+            reactor, proxy.host, proxy.port, timeout=connect_timeout
+        )
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
@@ -277,7 +294,10 @@ class _ProxyAuthorizingAgent:
 
         def refuse(_: object) -> IResponse:
             raise TunnelError(
-                string=f"proxy {self._proxy_name} refused the request: 407 Proxy Authentication Required"
+                string=(
+                    f"proxy {self._proxy_name} refused the request:"
+                    " 407 Proxy Authentication Required"
+                )
             )
 
         return discard_body(response).addCallback(refuse)
@@ -333,7 +353,9 @@ class ProxyingAgent:
             return agent
         pool: HTTPConnectionPool = self._make_pool()
         if scheme == "https":
-            factory = _TunnelEndpointFactory(self._reactor, proxy, self._tls_policy, self._connect_timeout)
+            factory = _TunnelEndpointFactory(
+                self._reactor, proxy, self._tls_policy, self._connect_timeout
+            )
             agent = Agent.usingEndpointFactory(self._reactor, factory, pool)
         else:
             endpoint = HostnameEndpoint(

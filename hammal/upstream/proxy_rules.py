@@ -177,8 +177,10 @@ class ProxyRules:
             parts.append(f"https via {self.https.safe_url} (CONNECT)")
         if self.http is not None:
             parts.append(f"http via {self.http.safe_url}")
-        exempt = "*" if self.no_proxy.everything else ",".join(
-            [*self.no_proxy.names, *(str(n) for n in self.no_proxy.networks)]
+        exempt = (
+            "*"
+            if self.no_proxy.everything
+            else ",".join([*self.no_proxy.names, *(str(n) for n in self.no_proxy.networks)])
         )
         return "; ".join(parts) + (f"; NO_PROXY {exempt}" if exempt else "")
 

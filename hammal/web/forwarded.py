@@ -119,7 +119,12 @@ class ForwardedHeaders:
         if host is None:
             host = _first(headers.get("x-forwarded-host"))
             port = _first(headers.get("x-forwarded-port"))
-            if host is not None and port is not None and port.isdigit() and ":" not in host.rsplit("]", 1)[-1]:
+            if (
+                host is not None
+                and port is not None
+                and port.isdigit()
+                and ":" not in host.rsplit("]", 1)[-1]
+            ):
                 host = f"{host}:{port}"
         if client is None and headers.get("x-forwarded-for"):
             client = self._rules.client_ip(peer, headers["x-forwarded-for"])
@@ -153,7 +158,13 @@ class ForwardedHeaders:
 
 
 _NAMES = frozenset(
-    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"}
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+    }
 )
 
 

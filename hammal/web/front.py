@@ -92,7 +92,9 @@ class FrontPage(Resource):
         host = (request.getHeader(b"host") or b"").decode("latin-1")
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"x-content-type-options", b"nosniff")
-        request.setHeader(b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'")
+        request.setHeader(
+            b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'"
+        )
         return front_page(host, request.isSecure(), self._registries)
 
     render_HEAD = render_GET

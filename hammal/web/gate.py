@@ -44,11 +44,11 @@ from hammal.access.throttle import LoginThrottle
 from hammal.access.tokens import TokenIssuer, parse_scopes
 from hammal.access.users import UserDirectory, parse_basic
 from hammal.errors import Denied, RegistryError, Unauthorized, UpstreamError
-from hammal.pull.service import PullService
 from hammal.pull.passthrough import forward_login, probe_access
-from hammal.upstream.client import upstream_error
-from hammal.ttlstore import MemoryTtlStore
+from hammal.pull.service import PullService
 from hammal.replies import Document
+from hammal.ttlstore import MemoryTtlStore
+from hammal.upstream.client import upstream_error
 
 AUTH_MODES = ("none", "basic", "token", "passthrough")
 
@@ -380,9 +380,7 @@ class Gate:
         self._confirmations.confirm(key, authorization)
 
 
-def _refusal(
-    status: int, body: bytes, path: str, where: str, response: Any
-) -> RegistryError:
+def _refusal(status: int, body: bytes, path: str, where: str, response: Any) -> RegistryError:
     """
     Upstream's error for a probe. A HEAD has no body, so a 404 gets the
     code Distribution would have sent with a GET.
@@ -391,7 +389,9 @@ def _refusal(
         code = (
             "BLOB_UNKNOWN"
             if path.startswith("blobs/")
-            else "MANIFEST_UNKNOWN" if path.startswith("manifests/") else "NAME_UNKNOWN"
+            else "MANIFEST_UNKNOWN"
+            if path.startswith("manifests/")
+            else "NAME_UNKNOWN"
         )
         return UpstreamError(404, code, f"{where} does not have {path[:300]}")
     return upstream_error(response, body, where)
@@ -440,10 +440,11 @@ def printable(text: str, limit: int = 64) -> str:
 
 
 def _json_document(status: int, document: object) -> Document:
-    return Document(status, [(b"content-type", [b"application/json"])], json.dumps(document).encode())
+    return Document(
+        status, [(b"content-type", [b"application/json"])], json.dumps(document).encode()
+    )
 
 
 def _safe_host(host: str) -> str:
     """A Host header fit to be quoted in a challenge."""
     return "".join(c for c in host if c.isalnum() or c in ".-:[]")[:260] or "localhost"
-

@@ -95,7 +95,9 @@ class RepositoryResource(V2Endpoint):
             if isinstance(reply, Document):
                 set_cache_status(request, reply.cache_status)
                 write_document(request, reply)
-            elif reply.status in (200, 206) and none_match(request.requestHeaders, str(route.digest)):
+            elif reply.status in (200, 206) and none_match(
+                request.requestHeaders, str(route.digest)
+            ):
                 if reply.body is not None:
                     reply.body.stop()
                 set_cache_status(request, reply.cache_status)

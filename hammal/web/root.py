@@ -13,8 +13,8 @@ from twisted.web.server import Request
 
 from hammal.access.rules import AccessRules
 from hammal.errors import NotFound, RegistryError, Unsupported
-from hammal.web.respond import error_body
 from hammal.web.front import FrontPage
+from hammal.web.respond import error_body
 
 
 class _Text(Resource):

@@ -19,10 +19,9 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from hammal import metrics
-from hammal.web.state import state_of
 from hammal.status.recorder import StatusRecorder
 from hammal.web.forwarded import Forwarded, ForwardedHeaders
-
+from hammal.web.state import state_of
 
 #: Module-level so that its namespace stays "hammal.access" (a Logger on a
 #: class takes the class's name).
@@ -125,7 +124,9 @@ class HammalRequest(Request):
 CLIENT_CLOSED_REQUEST = 499
 
 
-def _limited_channel(max_headers: int | None, max_header_bytes: int | None) -> type[http.HTTPChannel]:
+def _limited_channel(
+    max_headers: int | None, max_header_bytes: int | None
+) -> type[http.HTTPChannel]:
     """
     An L{http.HTTPChannel} with this site's request header limits (L{None}:
     Twisted's own), so that the limits stay with the site rather than
@@ -169,6 +170,7 @@ class HammalSite(Site):
         self.noisy = False
         self.active_requests = 0
         self._clock = clock
+
         class _ClockedRequest(HammalRequest):
             pass
 

@@ -17,12 +17,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from hammal.pull.upstreams import UpstreamSelector
+from hammal.replies import Document
 from hammal.web.auth import TokenResource
 from hammal.web.endpoint import API_VERSION, V2Endpoint, header_text, query_text, realm_query
 from hammal.web.gate import Gate
 from hammal.web.repository import RepositoryResource
 from hammal.web.respond import write_document
-from hammal.replies import Document
 from hammal.web.routes import Route, RouteKind
 
 __all__ = ["API_VERSION", "BaseResource", "V2Resource"]

@@ -197,9 +197,7 @@ class FakeS3(Resource):
             if start >= len(data):
                 return self._error(request, 416, "InvalidRange", range_header)
             request.setResponseCode(206)
-            request.setHeader(
-                b"content-range", f"bytes {start}-{stop - 1}/{len(data)}".encode()
-            )
+            request.setHeader(b"content-range", f"bytes {start}-{stop - 1}/{len(data)}".encode())
             return data[start:stop]
         return data
 

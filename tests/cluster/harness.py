@@ -121,14 +121,27 @@ class SeaweedFS:
         self.s3_port = s3
         self._grpc_ports = [master_grpc, volume_grpc, filer_grpc, s3_grpc]
         argv = [
-            WEED_BIN, "server",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=20",
-            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={config}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            WEED_BIN,
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={data}",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            "-volume.max=20",
+            "-filer",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3_grpc}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             f"-filer.localSocket={os.path.join(self.workdir, 'filer.sock')}",
             f"-s3.localSocket={os.path.join(self.workdir, 's3.sock')}",
         ]
@@ -265,8 +278,10 @@ class HAProxy:
         if check.returncode != 0:
             raise RuntimeError(f"haproxy refused its config: {check.stdout}{check.stderr}")
         self.process = ManagedProcess(
-            "haproxy", [HAPROXY_BIN, "-db", "-f", config],
-            os.path.join(self.workdir, "haproxy.log"), cwd=self.workdir,
+            "haproxy",
+            [HAPROXY_BIN, "-db", "-f", config],
+            os.path.join(self.workdir, "haproxy.log"),
+            cwd=self.workdir,
         ).start()
         return self
 

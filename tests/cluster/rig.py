@@ -55,7 +55,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def s3_request(method: str, endpoint: str, path: str) -> tuple[int, bytes]:
     """One SigV4-signed request to the rig's SeaweedFS: (status, body)."""
     url = endpoint + path
-    request = AWSRequest(method=method, url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
+    request = AWSRequest(
+        method=method, url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"}
+    )
     S3SigV4Auth(Credentials(S3_ACCESS_KEY, S3_SECRET_KEY), "s3", S3_REGION).add_auth(request)
     prepared = urllib.request.Request(url, method=method, headers=dict(request.headers.items()))
     try:
@@ -81,21 +83,34 @@ class Node:
     def argv(self) -> list[str]:
         rig = self.rig
         argv = [
-            twistd_path(), "--pidfile=", "-n", "hammal",
-            "--port", f"tcp:{self.port}:interface=127.0.0.1",
-            "--upstream", rig.upstream_url,
+            twistd_path(),
+            "--pidfile=",
+            "-n",
+            "hammal",
+            "--port",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--upstream",
+            rig.upstream_url,
             "--no-library-prefix",
-            "--cache-dir", os.path.join(self.workdir, "cache"),
-            "--read-timeout", "5",
-            "--retries", "3",
+            "--cache-dir",
+            os.path.join(self.workdir, "cache"),
+            "--read-timeout",
+            "5",
+            "--retries",
+            "3",
         ]
         if rig.cluster:
             argv += [
-                "--redis", rig.redis.url,
-                "--storage", f"s3://{BUCKET}/{rig.prefix}",
-                "--s3-endpoint", rig.s3.endpoint,
-                "--cluster-advertise", self.url,
-                "--cluster-key-file", rig.key_file,
+                "--redis",
+                rig.redis.url,
+                "--storage",
+                f"s3://{BUCKET}/{rig.prefix}",
+                "--s3-endpoint",
+                rig.s3.endpoint,
+                "--cluster-advertise",
+                self.url,
+                "--cluster-key-file",
+                rig.key_file,
             ]
         return argv
 
@@ -106,8 +121,11 @@ class Node:
         if self.rig.cluster:
             env.update(self.rig.s3.environ())
         self.process = ManagedProcess(
-            f"hammal-{self.port}", self.argv(), os.path.join(self.workdir, "hammal.log"),
-            env=env, cwd=REPO_ROOT,
+            f"hammal-{self.port}",
+            self.argv(),
+            os.path.join(self.workdir, "hammal.log"),
+            env=env,
+            cwd=REPO_ROOT,
         ).start()
         return self
 
@@ -115,7 +133,9 @@ class Node:
         assert self.process is not None
         wait_until(
             lambda: http_request("GET", self.url + "/v2/", timeout=2).status == 200,
-            f"hammal on {self.port}", 60, self.process,
+            f"hammal on {self.port}",
+            60,
+            self.process,
         )
 
     def pid(self) -> int | None:
@@ -179,9 +199,18 @@ class ClusterRig:
         self.upstream_url = f"http://127.0.0.1:{upstream_port}"
         self.upstream = ManagedProcess(
             "upstream",
-            [sys.executable, os.path.join(HERE, "upstream.py"), "--port", str(upstream_port),
-             "--blobs", self.blobs, "--rate", str(self.rate)],
-            os.path.join(self.work, "upstream.log"), cwd=REPO_ROOT,
+            [
+                sys.executable,
+                os.path.join(HERE, "upstream.py"),
+                "--port",
+                str(upstream_port),
+                "--blobs",
+                self.blobs,
+                "--rate",
+                str(self.rate),
+            ],
+            os.path.join(self.work, "upstream.log"),
+            cwd=REPO_ROOT,
         ).start()
         self.stops.append(self.upstream.stop)
         self.nodes = [Node(self, port) for port in node_ports]
@@ -229,8 +258,11 @@ class ClusterRig:
     def add_manifest(self, layer: str, size: int) -> tuple[str, bytes]:
         """An OCI image manifest of C{layer} (and a config), served by digest: (digest, body)."""
         config = json.dumps(
-            {"architecture": "amd64", "os": "linux",
-             "rootfs": {"type": "layers", "diff_ids": [layer]}}
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [layer]},
+            }
         ).encode()
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
         with open(os.path.join(self.blobs, config_digest[7:]), "wb") as f:
@@ -239,10 +271,18 @@ class ClusterRig:
             {
                 "schemaVersion": 2,
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": config_digest, "size": len(config)},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                            "digest": layer, "size": size}],
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest,
+                    "size": len(config),
+                },
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": layer,
+                        "size": size,
+                    }
+                ],
             }
         ).encode()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()

@@ -62,7 +62,9 @@ class ClusterNodesTests(SynchronousTestCase):
             last = (response.status, got, size)
         return f"failed: {last!r}", 0
 
-    def metric(self, node: Any, label: str, name: str = "hammal_cluster_fill_sources_total") -> float:
+    def metric(
+        self, node: Any, label: str, name: str = "hammal_cluster_fill_sources_total"
+    ) -> float:
         """The sum of C{node}'s C{name} series whose labels contain C{label}."""
         text = http_request("GET", node.url + "/metrics", timeout=10).body.decode()
         return sum(
@@ -73,8 +75,10 @@ class ClusterNodesTests(SynchronousTestCase):
 
     def manifest(self, base: str, digest: str) -> bytes:
         response = http_request(
-            "GET", f"{base}/v2/{REPOSITORY}/manifests/{digest}",
-            [("Accept", "application/vnd.oci.image.manifest.v1+json")], timeout=30,
+            "GET",
+            f"{base}/v2/{REPOSITORY}/manifests/{digest}",
+            [("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            timeout=30,
         )
         self.assertEqual(response.status, 200, response.describe())
         return response.body
@@ -126,7 +130,8 @@ class ClusterNodesTests(SynchronousTestCase):
             # Mid-fill: the other nodes stream from the holder (4 s in all).
             wait_until(
                 lambda: all(self.metric(n, 'source="peer"') >= 1 for n in others),
-                "the other nodes streaming from the holder", 30,
+                "the other nodes streaming from the holder",
+                30,
             )
             victim.kill()
             results = [p.result(timeout=120) for p in pending]

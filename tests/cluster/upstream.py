@@ -50,8 +50,12 @@ class Registry(Resource):
         digest = parts[-1]
         wanted = request.getHeader(b"range")
         self.log.append(
-            {"method": request.method.decode(), "kind": kind, "digest": digest,
-             "range": wanted.decode() if wanted else None}
+            {
+                "method": request.method.decode(),
+                "kind": kind,
+                "digest": digest,
+                "range": wanted.decode() if wanted else None,
+            }
         )
         if kind == "manifests":
             return self.manifest(request, digest)
@@ -72,7 +76,6 @@ class Registry(Resource):
             return b""
         _Trickle(request, open(file, "rb"), start, max(1, int(self.rate * TICK))).begin()
         return NOT_DONE_YET
-
 
     def manifest(self, request: Request, digest: str) -> bytes:
         """An OCI image manifest from C{<blobs>/manifests/<hex>}, at once."""

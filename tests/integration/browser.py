@@ -29,8 +29,11 @@ from tests.integration.environment import (
 CHROMEDRIVER_BIN = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 #: The real binary: /usr/bin/chromium is a shell wrapper around it.
 CHROMIUM_BIN = next(
-    (p for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "")
-     if p and os.access(p, os.X_OK)),
+    (
+        p
+        for p in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "")
+        if p and os.access(p, os.X_OK)
+    ),
     "/usr/lib/chromium/chromium",
 )
 
@@ -85,7 +88,8 @@ class Browser:
                 "browserName": "chrome",
                 "goog:chromeOptions": {
                     "binary": CHROMIUM_BIN,
-                    "args": CHROMIUM_ARGS + [
+                    "args": CHROMIUM_ARGS
+                    + [
                         f"--user-data-dir={profile}",
                         f"--window-size={width},{height}",
                     ],
@@ -93,8 +97,7 @@ class Browser:
                 "goog:loggingPrefs": {"browser": "ALL"},
                 "timeouts": {"pageLoad": int(timeout * 1000), "script": 10000},
             }
-            answer = self._call("POST", "/session",
-                                {"capabilities": {"alwaysMatch": capabilities}})
+            answer = self._call("POST", "/session", {"capabilities": {"alwaysMatch": capabilities}})
             self.session = str(answer["sessionId"])
         except BaseException:
             self.close()
@@ -103,7 +106,9 @@ class Browser:
     def _call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
-            self._base + path, data=data, method=method,
+            self._base + path,
+            data=data,
+            method=method,
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -111,8 +116,9 @@ class Browser:
                 payload = json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as failure:
             text = failure.read().decode("utf-8", "replace")[:2000]
-            raise HarnessError(f"chromedriver {method} {path}: {failure.code} {text}\n"
-                               f"{self.driver.log_tail(2000)}") from None
+            raise HarnessError(
+                f"chromedriver {method} {path}: {failure.code} {text}\n{self.driver.log_tail(2000)}"
+            ) from None
         return payload.get("value")
 
     def _session(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Any:

@@ -90,8 +90,7 @@ class CDNSite(server.Site):
                 "time": time.time(),
                 "method": (request.method or b"").decode(),
                 "path": path,
-                "query": (request.uri or b"").decode("utf-8", "replace")
-                .partition("?")[2],
+                "query": (request.uri or b"").decode("utf-8", "replace").partition("?")[2],
                 "authorization": request.getHeader(b"authorization") is not None,
                 "range": range_header.decode("latin-1") if range_header else None,
                 "user_agent": agent.decode("latin-1") if agent else "",

@@ -46,7 +46,7 @@ def hosts_toml(mirror: str, server: str = UNREACHABLE_SERVER) -> str:
         f'server = "{server}"\n\n'
         f'[host."{mirror}"]\n'
         '  capabilities = ["pull", "resolve"]\n'
-        '  skip_verify = true\n'
+        "  skip_verify = true\n"
     )
 
 
@@ -98,7 +98,12 @@ class Containerd:
         with open(os.path.join(hosts_dir, namespace, "hosts.toml"), "w") as f:
             f.write(hosts if hosts is not None else hosts_toml(mirror))
         return self.ctr(
-            "images", "pull", "--snapshotter", "native", "--hosts-dir", hosts_dir,
+            "images",
+            "pull",
+            "--snapshotter",
+            "native",
+            "--hosts-dir",
+            hosts_dir,
             f"{namespace}/{image}",
         )
 
@@ -124,8 +129,7 @@ def registries_conf(mirror_location: str, insecure: bool = True) -> str:
         "[[registry]]\n"
         'location = "docker.io"\n'
         "[[registry.mirror]]\n"
-        f'location = "{mirror_location}"\n'
-        + ("insecure = true\n" if insecure else "")
+        f'location = "{mirror_location}"\n' + ("insecure = true\n" if insecure else "")
     )
 
 
@@ -150,11 +154,16 @@ def podman(
     )
     argv = [
         PODMAN_BIN,
-        "--root", os.path.join(workdir, "root"),
-        "--runroot", os.path.join(workdir, "runroot"),
-        "--storage-driver", "vfs",
-        "--cgroup-manager", "cgroupfs",
-        "--events-backend", "file",
+        "--root",
+        os.path.join(workdir, "root"),
+        "--runroot",
+        os.path.join(workdir, "runroot"),
+        "--storage-driver",
+        "vfs",
+        "--cgroup-manager",
+        "cgroupfs",
+        "--events-backend",
+        "file",
         *args,
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)

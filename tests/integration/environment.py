@@ -292,8 +292,7 @@ def wait_until(
         if time.monotonic() > deadline:
             tail = f"; its log:\n{process.log_tail()}" if process else ""
             raise HarnessError(
-                f"timed out after {timeout}s waiting for {what}"
-                f" (last error: {last_error!r}){tail}"
+                f"timed out after {timeout}s waiting for {what} (last error: {last_error!r}){tail}"
             )
         time.sleep(interval)
 
@@ -376,9 +375,7 @@ def http_request(
             conn.endheaders(body)
             resp = conn.getresponse()
             data = resp.read(max_body) if max_body is not None else resp.read()
-            result = HTTPResponse(
-                resp.status, resp.reason, list(resp.getheaders()), data, url
-            )
+            result = HTTPResponse(resp.status, resp.reason, list(resp.getheaders()), data, url)
         finally:
             conn.close()
         location = result.header("Location")
@@ -434,9 +431,7 @@ def _get_json(url: str, method: str = "GET") -> Any:
 
 def missing_binaries() -> List[str]:
     """The system programs the environment needs that are not installed."""
-    return [
-        b for b in (REGISTRY_BIN, SKOPEO_BIN, REDIS_BIN) if not os.access(b, os.X_OK)
-    ]
+    return [b for b in (REGISTRY_BIN, SKOPEO_BIN, REDIS_BIN) if not os.access(b, os.X_OK)]
 
 
 # -- skopeo ---------------------------------------------------------------------
@@ -454,7 +449,7 @@ def _skopeo_env() -> Dict[str, str]:
             with open(os.path.join(home, "auth.json"), "w") as f:
                 f.write('{"auths": {}}')
             with open(os.path.join(home, "registries.conf"), "w") as f:
-                f.write('unqualified-search-registries = []\n')
+                f.write("unqualified-search-registries = []\n")
             _skopeo_home = home
         home = _skopeo_home
     return clean_env(
@@ -525,12 +520,26 @@ class RedisServer:
     def start(self) -> "RedisServer":
         """Start redis-server (no RDB, no AOF) and return without waiting."""
         argv = [
-            REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", self.workdir,
-            "--daemonize", "no", "--protected-mode", "yes",
+            REDIS_BIN,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.workdir,
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
         ]
         self.process = ManagedProcess(
-            "redis-server", argv, os.path.join(self.workdir, "redis.log"),
+            "redis-server",
+            argv,
+            os.path.join(self.workdir, "redis.log"),
             cwd=self.workdir,
         ).start()
         return self
@@ -604,8 +613,7 @@ def _registry_config(
     """Distribution's YAML configuration (as JSON, which YAML accepts)."""
     config: Dict[str, Any] = {
         "version": "0.1",
-        "log": {"level": "info", "formatter": "text",
-                "accesslog": {"disabled": False}},
+        "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
         "storage": {
             "filesystem": {"rootdirectory": storage_root},
             "cache": {"blobdescriptor": "inmemory"},
@@ -705,19 +713,34 @@ class UpstreamEnvironment:
         self.token_server = ManagedProcess(
             "tokenserver",
             [
-                py, os.path.join(HERE, "tokenserver.py"),
-                "--port", str(self.token_port),
-                "--key", self.pki.signing_key, "--cert", self.pki.signing_cert,
-                "--issuer", TOKEN_ISSUER, "--service", REGISTRY_SERVICE,
-                "--users", json.dumps(self.users),
+                py,
+                os.path.join(HERE, "tokenserver.py"),
+                "--port",
+                str(self.token_port),
+                "--key",
+                self.pki.signing_key,
+                "--cert",
+                self.pki.signing_cert,
+                "--issuer",
+                TOKEN_ISSUER,
+                "--service",
+                REGISTRY_SERVICE,
+                "--users",
+                json.dumps(self.users),
             ],
             os.path.join(self.logdir, "tokenserver.log"),
             env=clean_env(PYTHONUNBUFFERED="1"),
         ).start()
         self.cdn = ManagedProcess(
             "cdn",
-            [py, os.path.join(HERE, "cdn.py"), "--port", str(self.cdn_port),
-             "--root", self.storage_root],
+            [
+                py,
+                os.path.join(HERE, "cdn.py"),
+                "--port",
+                str(self.cdn_port),
+                "--root",
+                self.storage_root,
+            ],
             os.path.join(self.logdir, "cdn.log"),
             env=clean_env(PYTHONUNBUFFERED="1"),
         ).start()
@@ -732,7 +755,8 @@ class UpstreamEnvironment:
         self._mark("seed", t1)
 
         self.registry = self._start_registry(
-            "registry", self.registry_port,
+            "registry",
+            self.registry_port,
             auth={
                 "realm": self.realm,
                 "service": REGISTRY_SERVICE,
@@ -741,14 +765,21 @@ class UpstreamEnvironment:
             },
             redirect_baseurl=self.cdn_url + "/",
         )
-        wait_until(lambda: isinstance(_get_json(self.token_url + "/_admin/log"), list),
-                   "token server", process=self.token_server)
-        wait_until(lambda: isinstance(_get_json(self.cdn_url + "/_admin/log"), list),
-                   "CDN", process=self.cdn)
+        wait_until(
+            lambda: isinstance(_get_json(self.token_url + "/_admin/log"), list),
+            "token server",
+            process=self.token_server,
+        )
+        wait_until(
+            lambda: isinstance(_get_json(self.cdn_url + "/_admin/log"), list),
+            "CDN",
+            process=self.cdn,
+        )
         self.redis.wait_ready()
         wait_until(
             lambda: http_request("GET", self.registry_url + "/v2/", timeout=2).status == 401,
-            "registry /v2/ to answer 401", process=self.registry,
+            "registry /v2/ to answer 401",
+            process=self.registry,
         )
         self._mark("total", t0)
         return self
@@ -777,19 +808,19 @@ class UpstreamEnvironment:
         seeder = self._start_registry("seed-registry", seed_port, None, None)
         try:
             wait_until(
-                lambda: http_request(
-                    "GET", f"http://127.0.0.1:{seed_port}/v2/", timeout=2
-                ).status == 200,
-                "seeding registry", process=seeder,
+                lambda: (
+                    http_request("GET", f"http://127.0.0.1:{seed_port}/v2/", timeout=2).status
+                    == 200
+                ),
+                "seeding registry",
+                process=seeder,
             )
 
             def push(img: TestImage) -> None:
-                args = ["copy", "--quiet", "--preserve-digests",
-                        "--dest-tls-verify=false"]
+                args = ["copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]
                 if img.is_index:
                     args.append("--all")
-                args += [img.skopeo_source,
-                         f"docker://127.0.0.1:{seed_port}/{img.reference}"]
+                args += [img.skopeo_source, f"docker://127.0.0.1:{seed_port}/{img.reference}"]
                 result = skopeo(args, timeout=180)
                 if result.returncode != 0:
                     raise HarnessError(
@@ -873,8 +904,10 @@ class UpstreamEnvironment:
         headers += [("Accept", a) for a in accept]
         headers += list(extra_headers)
         return http_request(
-            method, f"{self.registry_url}/v2/{repo}/{kind}/{reference}",
-            headers, follow_redirects=follow_redirects,
+            method,
+            f"{self.registry_url}/v2/{repo}/{kind}/{reference}",
+            headers,
+            follow_redirects=follow_redirects,
         )
 
     def logs_summary(self) -> str:
@@ -971,7 +1004,10 @@ class HammalProcess:
     ) -> HTTPResponse:
         """One request to hammal (*path* starts with ``/``)."""
         return http_request(
-            method, self.url + path, list(headers), timeout=timeout,
+            method,
+            self.url + path,
+            list(headers),
+            timeout=timeout,
             follow_redirects=follow_redirects,
         )
 
@@ -1000,9 +1036,14 @@ def hammal_argv(
     """hammal's command line: the agreed contract, plus optionally
     ``--cache-dir`` and ``--idle-timeout`` (see :func:`start_hammal`)."""
     argv = [
-        twistd_path(), "--pidfile=", "-n", "hammal",
-        "--port", f"tcp:{port}:interface=127.0.0.1",
-        "--upstream", upstream,
+        twistd_path(),
+        "--pidfile=",
+        "-n",
+        "hammal",
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--upstream",
+        upstream,
     ]
     if library_prefix:
         argv.append("--library-prefix")
@@ -1014,10 +1055,14 @@ def hammal_argv(
     if upstream_password is not None:
         argv += ["--upstream-password", upstream_password]
     argv += [
-        "--retries", str(retries),
-        "--retry-backoff", str(retry_backoff),
-        "--connect-timeout", str(connect_timeout),
-        "--read-timeout", str(read_timeout),
+        "--retries",
+        str(retries),
+        "--retry-backoff",
+        str(retry_backoff),
+        "--connect-timeout",
+        str(connect_timeout),
+        "--read-timeout",
+        str(read_timeout),
     ]
     if cache_dir is not None:
         argv += ["--cache-dir", cache_dir]
@@ -1036,7 +1081,8 @@ DEFAULT_IDLE_TIMEOUT: Optional[float] = None
 
 def _hammal_env() -> Dict[str, str]:
     env = {
-        k: v for k, v in clean_env().items()
+        k: v
+        for k, v in clean_env().items()
         if not k.startswith("HAMMAL_") and k not in ("DOCKER_USERNAME", "DOCKER_PASSWORD")
     }
     env["PYTHONPATH"] = REPO_ROOT
@@ -1076,12 +1122,19 @@ def start_hammal(
     if cache_dir is None:
         cache_dir = owned_cache_dir = os.path.join(workdir, "cache")
     argv = hammal_argv(
-        port, upstream, redis=redis or None, cache_dir=cache_dir,
-        idle_timeout=idle_timeout, **options,
+        port,
+        upstream,
+        redis=redis or None,
+        cache_dir=cache_dir,
+        idle_timeout=idle_timeout,
+        **options,
     )
     proc = ManagedProcess(
-        "hammal", argv, os.path.join(workdir, "hammal.log"),
-        env=_hammal_env(), cwd=REPO_ROOT,
+        "hammal",
+        argv,
+        os.path.join(workdir, "hammal.log"),
+        env=_hammal_env(),
+        cwd=REPO_ROOT,
     ).start()
     hammal = HammalProcess(proc, port, argv, owned_cache_dir)
 

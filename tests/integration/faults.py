@@ -179,7 +179,7 @@ class BodySender:
             if self.offset >= self.stop_at:
                 break
             size = min(CHUNK, budget, self.stop_at - self.offset)
-            chunk = self.body[self.offset:self.offset + size]
+            chunk = self.body[self.offset : self.offset + size]
             if self.offset <= self.corrupt_at < self.offset + size:
                 flipped = bytearray(chunk)
                 flipped[self.corrupt_at - self.offset] ^= 0xFF
@@ -237,17 +237,30 @@ class FaultServer(resource.Resource):
             data = blob_bytes(size, seed)
             digest = _digest(data)
             self.blobs[digest], self.seeds[digest] = data, (size, seed)
-            layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                           "digest": digest, "size": size})
-        config = json.dumps({"architecture": "amd64", "os": "linux",
-                             "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+            layers.append(
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest,
+                    "size": size,
+                }
+            )
+        config = json.dumps(
+            {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+        ).encode()
         self.blobs[_digest(config)] = config
-        self.manifest = json.dumps({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": _digest(config), "size": len(config)},
-            "layers": layers,
-        }, sort_keys=True).encode()
+        self.manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": _digest(config),
+                    "size": len(config),
+                },
+                "layers": layers,
+            },
+            sort_keys=True,
+        ).encode()
         self.manifest_digest = _digest(self.manifest)
         self.faults: List[Fault] = []
         self.log: List[Dict[str, Any]] = []
@@ -261,8 +274,12 @@ class FaultServer(resource.Resource):
             return self._admin(request, method, path)
         rng = request.getHeader(b"range")
         entry: Dict[str, Any] = {
-            "time": time.time(), "method": method, "path": path,
-            "range": rng.decode("latin-1") if rng else None, "status": None, "fault": None,
+            "time": time.time(),
+            "method": method,
+            "path": path,
+            "range": rng.decode("latin-1") if rng else None,
+            "status": None,
+            "fault": None,
         }
         self.log.append(entry)
         match = re.fullmatch(r"/v2/(.+)/(blobs|manifests)/([^/]+)", path)
@@ -307,7 +324,9 @@ class FaultServer(resource.Resource):
         BodySender(request, part, fault, self.reactor).start()
         return NOT_DONE_YET
 
-    def _take_fault(self, method: str, path: str, has_range: bool, is_body: bool) -> Optional[Fault]:
+    def _take_fault(
+        self, method: str, path: str, has_range: bool, is_body: bool
+    ) -> Optional[Fault]:
         for fault in self.faults:
             if fault.applies(method, path, has_range, is_body):
                 if fault.count > 0:
@@ -316,7 +335,9 @@ class FaultServer(resource.Resource):
                 return fault
         return None
 
-    def _json(self, request: Request, entry: Optional[Dict[str, Any]], status: int, body: Any) -> bytes:
+    def _json(
+        self, request: Request, entry: Optional[Dict[str, Any]], status: int, body: Any
+    ) -> bytes:
         if entry is not None:
             entry["status"] = status
         request.setResponseCode(status)
@@ -335,8 +356,9 @@ class FaultServer(resource.Resource):
             return self._json(request, None, 200, self.log)
         if path == "/_admin/blobs" and method == "GET":
             blobs = [{"digest": d, "size": s, "seed": seed} for d, (s, seed) in self.seeds.items()]
-            return self._json(request, None, 200,
-                              {"blobs": blobs, "manifest_digest": self.manifest_digest})
+            return self._json(
+                request, None, 200, {"blobs": blobs, "manifest_digest": self.manifest_digest}
+            )
         if path == "/_admin/reset" and method == "POST":
             self.log, self.faults = [], []
             return self._json(request, None, 200, {"ok": True})
@@ -346,8 +368,13 @@ class FaultServer(resource.Resource):
                 return self._json(request, None, 400, {"error": f"kind must be one of {KINDS}"})
             try:
                 rate = int(args.get("rate", "1048576" if kind == "slow" else "0"))
-                fault = Fault(kind, int(args.get("after", "0")), int(args.get("count", "1")),
-                              rate, args.get("path", ""))
+                fault = Fault(
+                    kind,
+                    int(args.get("after", "0")),
+                    int(args.get("count", "1")),
+                    rate,
+                    args.get("path", ""),
+                )
             except ValueError as e:
                 return self._json(request, None, 400, {"error": str(e)})
             self.faults.append(fault)
@@ -368,8 +395,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     parser.add_argument("--port-file", help="write the port here once listening")
     parser.add_argument("--interface", default="127.0.0.1")
-    parser.add_argument("--blob", action="append", default=[],
-                        help="SIZE[:SEED] of a blob to serve (repeatable; default 8M:1, 32M:2)")
+    parser.add_argument(
+        "--blob",
+        action="append",
+        default=[],
+        help="SIZE[:SEED] of a blob to serve (repeatable; default 8M:1, 32M:2)",
+    )
     args = parser.parse_args(argv)
     blobs = []
     for i, spec in enumerate(args.blob or ["8M:1", "32M:2"]):
@@ -389,6 +420,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"fault server listening on {args.interface}:{number}", flush=True)
 
     endpoint = endpoints.TCP4ServerEndpoint(reactor, args.port, interface=args.interface)
+
     def failed(failure: Any) -> None:
         failure.printTraceback()
         reactor.stop()

@@ -322,9 +322,7 @@ def _multi(root: str, repo: str, tag: str, seed: int) -> TestImage:
     for arch, nlayers in (("amd64", 2), ("arm64", 1)):
         start = len(layout.blobs)
         files = [_small_files(rng, f"multi_{arch}/l{n}", 2) for n in range(nlayers)]
-        manifest, mtype, _ = _image(
-            layout, rng, False, files, platform=("linux", arch), label=arch
-        )
+        manifest, mtype, _ = _image(layout, rng, False, files, platform=("linux", arch), label=arch)
         desc = layout.put(manifest, mtype, record=False)
         platform = {"architecture": arch, "os": "linux"}
         if arch == "arm64":

@@ -6,7 +6,8 @@ the namespace's ``lo``; nothing in the namespace reaches any other network).
 Run by ``test_redirect_guard`` as::
 
     unshare --net -- sh -c 'ip link set lo up &&
-        ip addr add 11.22.33.44/32 dev lo && exec python -m tests.integration.netns_redirect WORKDIR'
+        ip addr add 11.22.33.44/32 dev lo &&
+        exec python -m tests.integration.netns_redirect WORKDIR'
 
 It starts a "metadata service" on 127.0.0.1, one redirecting registry on
 ``PUBLIC_ADDRESS`` and one on 127.0.0.1, a real hammal (``twistd``) in front
@@ -30,12 +31,12 @@ from typing import Any, Dict, List
 from tests.integration.environment import (
     REPO_ROOT,
     ManagedProcess,
+    _hammal_env,
     free_port,
     hammal_argv,
     http_request,
     wait_until,
 )
-from tests.integration.environment import _hammal_env
 
 PUBLIC_ADDRESS = "11.22.33.44"
 SECRET = b"iam-role-credentials: AKIA-only-for-this-machine\n"
@@ -59,9 +60,15 @@ def main(workdir: str) -> None:
         def do_GET(self) -> None:
             seen.append(self.path)
             manifest = self.path.endswith("/manifest")
-            body = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_V2}).encode() if manifest else SECRET
+            body = (
+                json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_V2}).encode()
+                if manifest
+                else SECRET
+            )
             self.send_response(200)
-            self.send_header("Content-Type", MANIFEST_V2 if manifest else "application/octet-stream")
+            self.send_header(
+                "Content-Type", MANIFEST_V2 if manifest else "application/octet-stream"
+            )
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -92,7 +99,10 @@ def main(workdir: str) -> None:
 
         do_HEAD = do_GET
 
-    upstreams = {"public": serve(PUBLIC_ADDRESS, Redirecting), "internal": serve("127.0.0.1", Redirecting)}
+    upstreams = {
+        "public": serve(PUBLIC_ADDRESS, Redirecting),
+        "internal": serve("127.0.0.1", Redirecting),
+    }
     report: Dict[str, Any] = {"results": {}, "cached": {}, "warnings": {}}
     processes = []
     try:
@@ -100,27 +110,50 @@ def main(workdir: str) -> None:
             address, port = server.server_address[:2]
             hammal_port = free_port()
             cache_dir = os.path.join(workdir, f"cache-{zone}")
-            argv = hammal_argv(hammal_port, f"http://{address}:{port}", retries=0, cache_dir=cache_dir)
-            process = ManagedProcess(f"hammal-{zone}", argv, os.path.join(workdir, f"hammal-{zone}.log"),
-                                     env=_hammal_env(), cwd=REPO_ROOT).start()
+            argv = hammal_argv(
+                hammal_port, f"http://{address}:{port}", retries=0, cache_dir=cache_dir
+            )
+            process = ManagedProcess(
+                f"hammal-{zone}",
+                argv,
+                os.path.join(workdir, f"hammal-{zone}.log"),
+                env=_hammal_env(),
+                cwd=REPO_ROOT,
+            ).start()
             processes.append(process)
             url = f"http://127.0.0.1:{hammal_port}"
-            wait_until(lambda: http_request("GET", url + "/healthz", timeout=2).status == 200,
-                       f"hammal for the {zone} upstream", 30, process)
+            wait_until(
+                lambda: http_request("GET", url + "/healthz", timeout=2).status == 200,
+                f"hammal for the {zone} upstream",
+                30,
+                process,
+            )
             results = []
             for repository in ("byaddress/app", "byname/app"):
-                for path in (f"/v2/{repository}/blobs/{SECRET_DIGEST}", f"/v2/{repository}/manifests/latest"):
-                    response = http_request("GET", url + path, [("Accept", MANIFEST_V2)], timeout=20)
-                    results.append({"path": path, "status": response.status,
-                                    "body": response.body.decode("latin-1")})
+                for path in (
+                    f"/v2/{repository}/blobs/{SECRET_DIGEST}",
+                    f"/v2/{repository}/manifests/latest",
+                ):
+                    response = http_request(
+                        "GET", url + path, [("Accept", MANIFEST_V2)], timeout=20
+                    )
+                    results.append(
+                        {
+                            "path": path,
+                            "status": response.status,
+                            "body": response.body.decode("latin-1"),
+                        }
+                    )
             report["results"][zone] = results
             report["cached"][zone] = sorted(
                 os.path.relpath(os.path.join(root, name), cache_dir)
-                for root, _, names in os.walk(cache_dir) for name in names
+                for root, _, names in os.walk(cache_dir)
+                for name in names
             )
             process.stop(timeout=10)
-            report["warnings"][zone] = [line for line in process.log_text().splitlines()
-                                        if "refused to follow" in line]
+            report["warnings"][zone] = [
+                line for line in process.log_text().splitlines() if "refused to follow" in line
+            ]
     finally:
         for process in processes:
             process.stop(timeout=10)

@@ -114,9 +114,7 @@ def generate_pki(directory: str) -> PKIFiles:
         .sign(ca_key, hashes.SHA256())
     )
 
-    def leaf(
-        key: rsa.RSAPrivateKey, common_name: str, server: bool
-    ) -> x509.Certificate:
+    def leaf(key: rsa.RSAPrivateKey, common_name: str, server: bool) -> x509.Certificate:
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
@@ -125,9 +123,7 @@ def generate_pki(directory: str) -> PKIFiles:
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
-            .add_extension(
-                x509.BasicConstraints(ca=False, path_length=None), critical=True
-            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,

@@ -173,15 +173,17 @@ class IntegrationTestCase(unittest.TestCase):
             self.fail(f"no errors[] list{context}")
         codes = [e.get("code") for e in errors if isinstance(e, dict)]
         if code is None:
-            self.assertTrue(all(isinstance(c, str) and c for c in codes),
-                            f"error without a code{context}")
+            self.assertTrue(
+                all(isinstance(c, str) and c for c in codes), f"error without a code{context}"
+            )
             code = codes[0]
         self.assertIn(code, codes, f"error code {code} not in {codes}{context}")
         error = errors[codes.index(code)]
         self.assertIsInstance(error.get("message"), str, f"no message{context}")
         for fragment in message_contains:
             self.assertIn(
-                fragment, error["message"] + " " + str(error.get("detail", "")),
+                fragment,
+                error["message"] + " " + str(error.get("detail", "")),
                 f"error does not mention {fragment!r}{context}",
             )
         return dict(error)

@@ -39,13 +39,13 @@ from tests.integration.environment import (
     HammalProcess,
     HTTPResponse,
     ManagedProcess,
+    _hammal_env,  # the env start_hammal uses
     free_port,
     hammal_argv,
     make_tempdir,
     skopeo,
     wait_until,
 )
-from tests.integration.environment import _hammal_env  # the env start_hammal uses
 from tests.integration.images import ALL_MANIFEST_TYPES, TestImage
 from tests.integration.pki import generate_pki
 from tests.integration.support import IntegrationTestCase, check_pulled_dir
@@ -84,12 +84,15 @@ def fetch(
     has_host = any(k.lower() == "host" for k, _ in hdrs)
     if parts.scheme == "https":
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname or "127.0.0.1", parts.port or 443, timeout=timeout,
+            parts.hostname or "127.0.0.1",
+            parts.port or 443,
+            timeout=timeout,
             context=ssl_context(ca) if ca else ssl_context(),
         )
     else:
-        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
-                                          timeout=timeout)
+        conn = http.client.HTTPConnection(
+            parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout
+        )
     try:
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         conn.putrequest(method, target, skip_host=has_host, skip_accept_encoding=True)
@@ -137,22 +140,26 @@ def launch_hammal(
     owned = None
     if cache_dir is None:
         cache_dir = owned = os.path.join(workdir, "cache")
-    argv = hammal_argv(port, upstream or "http://unused.invalid", cache_dir=cache_dir,
-                       **options)
+    argv = hammal_argv(port, upstream or "http://unused.invalid", cache_dir=cache_dir, **options)
     if upstream is None:
         i = argv.index("--upstream")
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     argv += list(extra_args)
-    proc = ManagedProcess("hammal", argv, os.path.join(workdir, "hammal.log"),
-                          env=_hammal_env(), cwd=REPO_ROOT).start()
+    proc = ManagedProcess(
+        "hammal", argv, os.path.join(workdir, "hammal.log"), env=_hammal_env(), cwd=REPO_ROOT
+    ).start()
     hammal = HammalProcess(proc, port, argv, owned)
     test.addCleanup(hammal.stop)
     test._hammals.append(hammal)
     if wait:
         scheme = "https" if tls_ca else "http"
         url = f"{scheme}://127.0.0.1:{port}/healthz"
-        wait_until(lambda: fetch(url, ca=tls_ca, timeout=2).status == 200,
-                   f"hammal /healthz on port {port}", 30, proc)
+        wait_until(
+            lambda: fetch(url, ca=tls_ca, timeout=2).status == 200,
+            f"hammal /healthz on port {port}",
+            30,
+            proc,
+        )
     return hammal
 
 
@@ -160,8 +167,7 @@ def hammal_output(hammal: HammalProcess) -> str:
     """hammal's own stdout/stderr: the log without the harness's ``==>``
     command-line header (which masks passwords itself)."""
     # split("\n"), not splitlines(): JSON records are separated by \x1e.
-    return "\n".join(line for line in hammal.log_text().split("\n")
-                     if not line.startswith("==> "))
+    return "\n".join(line for line in hammal.log_text().split("\n") if not line.startswith("==> "))
 
 
 def cert_dir_for(test: IntegrationTestCase, ca_file: str) -> str:
@@ -189,13 +195,18 @@ def skopeo_copy(
     result = skopeo(args, timeout=120)
     if expect_ok:
         if result.returncode != 0:
-            test.fail(f"skopeo {' '.join(args)} failed ({result.returncode}):\n"
-                      f"{result.stderr[-3000:]}\n{test.diagnostics()}")
+            test.fail(
+                f"skopeo {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stderr[-3000:]}\n{test.diagnostics()}"
+            )
         if image is not None:
             problems = check_pulled_dir(dest, image, all_platforms)
             if problems:
-                test.fail(f"pull of {source} gave wrong content:\n  " + "\n  ".join(problems)
-                          + f"\n{test.diagnostics()}")
+                test.fail(
+                    f"pull of {source} gave wrong content:\n  "
+                    + "\n  ".join(problems)
+                    + f"\n{test.diagnostics()}"
+                )
     return dest, result
 
 
@@ -219,8 +230,11 @@ class Metrics:
 
     def get(self, name: str, **labels: str) -> float:
         """The sum of *name*'s samples whose labels include *labels*."""
-        return sum(v for n, ls, v in self.samples
-                   if n == name and all(ls.get(k) == w for k, w in labels.items()))
+        return sum(
+            v
+            for n, ls, v in self.samples
+            if n == name and all(ls.get(k) == w for k, w in labels.items())
+        )
 
     def names(self) -> List[str]:
         return sorted({n for n, _, _ in self.samples})
@@ -325,7 +339,8 @@ class BasicAuthTLSTests(IntegrationTestCase):
 
     def _hammal(self, auth_args: Sequence[str]) -> HammalProcess:
         return launch_hammal(
-            self, ["--auth", "basic", *auth_args, *tls_args(self.pki.tls_chain, self.pki.tls_key)],
+            self,
+            ["--auth", "basic", *auth_args, *tls_args(self.pki.tls_chain, self.pki.tls_key)],
             tls_ca=self.pki.ca_cert,
         )
 
@@ -343,19 +358,34 @@ class BasicAuthTLSTests(IntegrationTestCase):
 
         image = self.env.image("library/alpine:3.20")
         cert = ["--src-cert-dir", self.cert_dir]
-        skopeo_copy(self, f"{hammal.host}/alpine:3.20", image,
-                    cert + ["--src-creds", f"{CLIENT_USER}:{CLIENT_PASSWORD}"])
+        skopeo_copy(
+            self,
+            f"{hammal.host}/alpine:3.20",
+            image,
+            cert + ["--src-creds", f"{CLIENT_USER}:{CLIENT_PASSWORD}"],
+        )
         multi = self.env.image("library/multi:1")
-        skopeo_copy(self, f"{hammal.host}/library/multi:1", multi,
-                    cert + ["--src-creds", f"{CLIENT_USER}:{CLIENT_PASSWORD}"], all_platforms=True)
+        skopeo_copy(
+            self,
+            f"{hammal.host}/library/multi:1",
+            multi,
+            cert + ["--src-creds", f"{CLIENT_USER}:{CLIENT_PASSWORD}"],
+            all_platforms=True,
+        )
 
         for creds in (f"{CLIENT_USER}:wrong", f"nobody:{CLIENT_PASSWORD}"):
-            _, result = skopeo_copy(self, f"{hammal.host}/alpine:3.20", None,
-                                    cert + ["--src-creds", creds], expect_ok=False)
+            _, result = skopeo_copy(
+                self,
+                f"{hammal.host}/alpine:3.20",
+                None,
+                cert + ["--src-creds", creds],
+                expect_ok=False,
+            )
             self.assertNotEqual(result.returncode, 0, f"{creds} was accepted")
             self.assertRegex(result.stderr.lower(), "unauthorized|401|authentication required")
-        _, anonymous = skopeo_copy(self, f"{hammal.host}/alpine:3.20", None,
-                                   cert + ["--src-no-creds"], expect_ok=False)
+        _, anonymous = skopeo_copy(
+            self, f"{hammal.host}/alpine:3.20", None, cert + ["--src-no-creds"], expect_ok=False
+        )
         self.assertNotEqual(anonymous.returncode, 0, "an anonymous client pulled")
 
         # The client's credentials never went upstream: hammal's own
@@ -367,10 +397,13 @@ class BasicAuthTLSTests(IntegrationTestCase):
         """Real verification: without the CA, skopeo refuses hammal's certificate."""
         hammal = self._hammal(["--auth-user", CLIENT_USER, "--auth-password", CLIENT_PASSWORD])
         other = cert_dir_for(self, generate_pki(self.make_dir()).ca_cert)
-        _, result = skopeo_copy(self, f"{hammal.host}/alpine:3.20", None,
-                                ["--src-cert-dir", other,
-                                 "--src-creds", f"{CLIENT_USER}:{CLIENT_PASSWORD}"],
-                                expect_ok=False)
+        _, result = skopeo_copy(
+            self,
+            f"{hammal.host}/alpine:3.20",
+            None,
+            ["--src-cert-dir", other, "--src-creds", f"{CLIENT_USER}:{CLIENT_PASSWORD}"],
+            expect_ok=False,
+        )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("certificate", result.stderr.lower())
 
@@ -380,12 +413,14 @@ class BasicAuthTLSTests(IntegrationTestCase):
         hammal = self._hammal(["--htpasswd", htpasswd])
         self.addCleanup(self._logout, hammal.host)
 
-        bad = skopeo(["login", "--cert-dir", self.cert_dir, "-u", "carol", "-p", "nope",
-                      hammal.host])
+        bad = skopeo(
+            ["login", "--cert-dir", self.cert_dir, "-u", "carol", "-p", "nope", hammal.host]
+        )
         self.assertNotEqual(bad.returncode, 0, "login with a wrong password succeeded")
 
-        login = skopeo(["login", "--cert-dir", self.cert_dir, "-u", "carol", "-p", "carol-Pw-1",
-                        hammal.host])
+        login = skopeo(
+            ["login", "--cert-dir", self.cert_dir, "-u", "carol", "-p", "carol-Pw-1", hammal.host]
+        )
         self.assertEqual(login.returncode, 0, f"{login.stderr}\n{self.diagnostics()}")
         image = self.env.image("library/ociimg:1")
         skopeo_copy(self, f"{hammal.host}/ociimg:1", image, ["--src-cert-dir", self.cert_dir])
@@ -394,14 +429,26 @@ class BasicAuthTLSTests(IntegrationTestCase):
         # (Polled gently: ten failed logins from one address get 429.)
         write_htpasswd(htpasswd, {"carol": "carol-Pw-1", "erin": "erin-Pw-3"})
         url = f"https://{hammal.host}/v2/"
-        wait_until(lambda: fetch(url, [basic_header("erin", "erin-Pw-3")],
-                                 ca=self.pki.ca_cert).status == 200,
-                   "the new htpasswd user to be admitted", 10, interval=0.4)
-        self.assertEqual(fetch(url, [basic_header("dave", "dave-Pw-2")],
-                               ca=self.pki.ca_cert).status, 401, "a removed user still admitted")
+        wait_until(
+            lambda: (
+                fetch(url, [basic_header("erin", "erin-Pw-3")], ca=self.pki.ca_cert).status == 200
+            ),
+            "the new htpasswd user to be admitted",
+            10,
+            interval=0.4,
+        )
+        self.assertEqual(
+            fetch(url, [basic_header("dave", "dave-Pw-2")], ca=self.pki.ca_cert).status,
+            401,
+            "a removed user still admitted",
+        )
         bitnami = self.env.image("bitnami/redis:7")
-        skopeo_copy(self, f"{hammal.host}/bitnami/redis:7", bitnami,
-                    ["--src-cert-dir", self.cert_dir, "--src-creds", "erin:erin-Pw-3"])
+        skopeo_copy(
+            self,
+            f"{hammal.host}/bitnami/redis:7",
+            bitnami,
+            ["--src-cert-dir", self.cert_dir, "--src-creds", "erin:erin-Pw-3"],
+        )
 
 
 # -- --auth token ----------------------------------------------------------------------
@@ -415,7 +462,8 @@ class TokenAuthTests(IntegrationTestCase):
         self.htpasswd = os.path.join(self.make_dir(), "htpasswd")
         write_htpasswd(self.htpasswd, {"alice": "alice-Pw-1", "bob": "bob-Pw-2"})
         self.hammal = launch_hammal(
-            self, ["--auth", "token", "--htpasswd", self.htpasswd, "--allow-users", "alice"])
+            self, ["--auth", "token", "--htpasswd", self.htpasswd, "--allow-users", "alice"]
+        )
         self.addCleanup(lambda: skopeo(["logout", self.hammal.host]))
 
     def _token(self, scope: str, user: str, password: str) -> Tuple[int, Dict[str, Any]]:
@@ -440,13 +488,23 @@ class TokenAuthTests(IntegrationTestCase):
         )
 
     def test_login_and_pull(self) -> None:
-        login = skopeo(["login", "--tls-verify=false", "-u", "alice", "-p", "alice-Pw-1",
-                        self.hammal.host])
+        login = skopeo(
+            ["login", "--tls-verify=false", "-u", "alice", "-p", "alice-Pw-1", self.hammal.host]
+        )
         self.assertEqual(login.returncode, 0, f"{login.stderr}\n{self.diagnostics()}")
-        skopeo_copy(self, f"{self.hammal.host}/alpine:3.20", self.env.image("library/alpine:3.20"),
-                    ["--src-tls-verify=false"])
-        skopeo_copy(self, f"{self.hammal.host}/library/multi:1", self.env.image("library/multi:1"),
-                    ["--src-tls-verify=false"], all_platforms=True)
+        skopeo_copy(
+            self,
+            f"{self.hammal.host}/alpine:3.20",
+            self.env.image("library/alpine:3.20"),
+            ["--src-tls-verify=false"],
+        )
+        skopeo_copy(
+            self,
+            f"{self.hammal.host}/library/multi:1",
+            self.env.image("library/multi:1"),
+            ["--src-tls-verify=false"],
+            all_platforms=True,
+        )
 
     def test_token_grants_pull_only(self) -> None:
         status, document = self._token("repository:library/alpine:pull,push", "alice", "alice-Pw-1")
@@ -471,9 +529,14 @@ class TokenAuthTests(IntegrationTestCase):
         self.assertIn('error="insufficient_scope"', other.header("WWW-Authenticate") or "")
         put = self.hammal.request("PUT", "/v2/library/alpine/manifests/3.20", [bearer])
         self.assertOCIError(put, 405, "UNSUPPORTED")
-        forged = document["token"][:-4] + ("AAAA" if not document["token"].endswith("AAAA") else "BBBB")
-        refused = self.hammal.request("GET", "/v2/library/alpine/manifests/3.20",
-                                      [("Authorization", f"Bearer {forged}"), *ACCEPT])
+        forged = document["token"][:-4] + (
+            "AAAA" if not document["token"].endswith("AAAA") else "BBBB"
+        )
+        refused = self.hammal.request(
+            "GET",
+            "/v2/library/alpine/manifests/3.20",
+            [("Authorization", f"Bearer {forged}"), *ACCEPT],
+        )
         self.assertOCIError(refused, 401, "UNAUTHORIZED")
 
     def test_allow_users_refuses_bob(self) -> None:
@@ -481,12 +544,17 @@ class TokenAuthTests(IntegrationTestCase):
         self.assertEqual(status, 401, "bob (valid htpasswd user, not allowed) got a token")
         status, _ = self._token("repository:library/alpine:pull", "alice", "wrong")
         self.assertEqual(status, 401)
-        login = skopeo(["login", "--tls-verify=false", "-u", "bob", "-p", "bob-Pw-2",
-                        self.hammal.host])
+        login = skopeo(
+            ["login", "--tls-verify=false", "-u", "bob", "-p", "bob-Pw-2", self.hammal.host]
+        )
         self.assertNotEqual(login.returncode, 0, "bob could log in")
-        _, result = skopeo_copy(self, f"{self.hammal.host}/alpine:3.20", None,
-                                ["--src-tls-verify=false", "--src-creds", "bob:bob-Pw-2"],
-                                expect_ok=False)
+        _, result = skopeo_copy(
+            self,
+            f"{self.hammal.host}/alpine:3.20",
+            None,
+            ["--src-tls-verify=false", "--src-creds", "bob:bob-Pw-2"],
+            expect_ok=False,
+        )
         self.assertNotEqual(result.returncode, 0, "bob could pull")
         self.assertIn("not in the allowed users", hammal_output(self.hammal))
 
@@ -509,8 +577,9 @@ class PassthroughTests(IntegrationTestCase):
 
     def _hammal_token(self, authorization: Optional[Tuple[str, str]]) -> str:
         query = urllib.parse.urlencode({"scope": "repository:private/secret:pull"})
-        login = self.hammal.request("GET", f"/v2/auth?{query}",
-                                    [authorization] if authorization else [])
+        login = self.hammal.request(
+            "GET", f"/v2/auth?{query}", [authorization] if authorization else []
+        )
         self.assertEqual(login.status, 200, login.describe())
         return str(login.json()["token"])
 
@@ -524,24 +593,36 @@ class PassthroughTests(IntegrationTestCase):
         """skopeo with the private user's credentials pulls ``private/secret:1``
         (an OCI image) through hammal."""
         image = self.env.image("private/secret:1")
-        skopeo_copy(self, f"{self.hammal.host}/private/secret:1", image,
-                    ["--src-tls-verify=false", "--src-creds", f"{PRIVATE_USER}:{PRIVATE_PASSWORD}"])
+        skopeo_copy(
+            self,
+            f"{self.hammal.host}/private/secret:1",
+            image,
+            ["--src-tls-verify=false", "--src-creds", f"{PRIVATE_USER}:{PRIVATE_PASSWORD}"],
+        )
         tokens = self.env.token_log()
-        self.assertIn((PRIVATE_USER, "basic", 200),
-                      {(e["user"], e["authorization"], e["status"]) for e in tokens},
-                      f"the client's login was not forwarded to the token server: {tokens}")
+        self.assertIn(
+            (PRIVATE_USER, "basic", 200),
+            {(e["user"], e["authorization"], e["status"]) for e in tokens},
+            f"the client's login was not forwarded to the token server: {tokens}",
+        )
         # Then an anonymous client is refused although everything is cached.
-        _, refused = skopeo_copy(self, f"{self.hammal.host}/private/secret:1", None,
-                                 self.anonymous, expect_ok=False)
+        _, refused = skopeo_copy(
+            self, f"{self.hammal.host}/private/secret:1", None, self.anonymous, expect_ok=False
+        )
         self.assertNotEqual(refused.returncode, 0, "an anonymous client pulled the private image")
         self._check_no_secrets_logged()
 
     def test_anonymous_public_pulls(self) -> None:
         """An anonymous client pulls public images: Docker schema2 and OCI."""
-        skopeo_copy(self, f"{self.hammal.host}/alpine:3.20",
-                    self.env.image("library/alpine:3.20"), self.anonymous)
-        skopeo_copy(self, f"{self.hammal.host}/ociimg:1",
-                    self.env.image("library/ociimg:1"), self.anonymous)
+        skopeo_copy(
+            self,
+            f"{self.hammal.host}/alpine:3.20",
+            self.env.image("library/alpine:3.20"),
+            self.anonymous,
+        )
+        skopeo_copy(
+            self, f"{self.hammal.host}/ociimg:1", self.env.image("library/ociimg:1"), self.anonymous
+        )
 
     def test_oci_manifest_with_client_token(self) -> None:
         """The smallest reproduction: an anonymous token for a public OCI image,
@@ -559,8 +640,10 @@ class PassthroughTests(IntegrationTestCase):
         """Blobs fetched by the private user (with its token from hammal's
         /v2/auth) stay in the cache, yet an anonymous client is refused."""
         image = self.env.image("private/secret:1")
-        alice = ("Authorization", "Bearer " + self._hammal_token(
-            basic_header(PRIVATE_USER, PRIVATE_PASSWORD)))
+        alice = (
+            "Authorization",
+            "Bearer " + self._hammal_token(basic_header(PRIVATE_USER, PRIVATE_PASSWORD)),
+        )
         for digest in image.blob_digests:
             response = self.hammal.request("GET", f"/v2/private/secret/blobs/{digest}", [alice])
             self.assertEqual(response.status, 200, f"{response.describe()}\n{self.diagnostics()}")
@@ -581,19 +664,26 @@ class PassthroughTests(IntegrationTestCase):
             self.assertOCIError(response, 401, "UNAUTHORIZED")
             head = self.hammal.request("HEAD", f"/v2/private/secret/blobs/{digest}", [anonymous])
             self.assertEqual(head.status, 401, head.describe())
-        manifest = self.hammal.request("GET", "/v2/private/secret/manifests/1", [anonymous, *ACCEPT])
+        manifest = self.hammal.request(
+            "GET", "/v2/private/secret/manifests/1", [anonymous, *ACCEPT]
+        )
         self.assertOCIError(manifest, 401, "UNAUTHORIZED")
         self.assertIn('error="insufficient_scope"', manifest.header("WWW-Authenticate") or "")
         no_token = self.hammal.request("GET", f"/v2/private/secret/blobs/{image.blob_digests[0]}")
         self.assertOCIError(no_token, 401, "UNAUTHORIZED")
 
-        _, refused = skopeo_copy(self, f"{self.hammal.host}/private/secret:1", None,
-                                 self.anonymous, expect_ok=False)
+        _, refused = skopeo_copy(
+            self, f"{self.hammal.host}/private/secret:1", None, self.anonymous, expect_ok=False
+        )
         self.assertNotEqual(refused.returncode, 0, "an anonymous client pulled the private image")
         self.assertRegex(refused.stderr.lower(), "denied|unauthorized|403|401")
         # The anonymous client can still pull a public image.
-        skopeo_copy(self, f"{self.hammal.host}/alpine:3.20",
-                    self.env.image("library/alpine:3.20"), self.anonymous)
+        skopeo_copy(
+            self,
+            f"{self.hammal.host}/alpine:3.20",
+            self.env.image("library/alpine:3.20"),
+            self.anonymous,
+        )
         self._check_no_secrets_logged()
 
 
@@ -605,8 +695,9 @@ class AccessRuleTests(IntegrationTestCase):
 
     MANIFEST = "/v2/library/alpine/manifests/3.20"
 
-    def _get(self, hammal: HammalProcess, path: str = MANIFEST,
-             headers: Sequence[Tuple[str, str]] = ()) -> HTTPResponse:
+    def _get(
+        self, hammal: HammalProcess, path: str = MANIFEST, headers: Sequence[Tuple[str, str]] = ()
+    ) -> HTTPResponse:
         return fetch(hammal.url + path, headers=[*ACCEPT, *headers])
 
     def test_deny_ip(self) -> None:
@@ -618,56 +709,97 @@ class AccessRuleTests(IntegrationTestCase):
         self.assertIn("--deny-ip 127.0.0.0/8", hammal_output(hammal))
         self.assertEqual(fetch(hammal.url + "/healthz").status, 200)
         dest = self.make_dir()
-        result = skopeo(["copy", "--src-tls-verify=false", "--src-no-creds",
-                         f"docker://{hammal.host}/alpine:3.20", f"dir:{dest}"])
+        result = skopeo(
+            [
+                "copy",
+                "--src-tls-verify=false",
+                "--src-no-creds",
+                f"docker://{hammal.host}/alpine:3.20",
+                f"dir:{dest}",
+            ]
+        )
         self.assertNotEqual(result.returncode, 0)
 
     def test_forwarded_for_only_from_trusted_proxy(self) -> None:
-        trusted = launch_hammal(self, ["--trusted-proxy", "127.0.0.1/32",
-                                       "--deny-ip", "203.0.113.0/24"])
+        trusted = launch_hammal(
+            self, ["--trusted-proxy", "127.0.0.1/32", "--deny-ip", "203.0.113.0/24"]
+        )
         xff = ("X-Forwarded-For", "203.0.113.9")
         self.assertOCIError(self._get(trusted, headers=[xff]), 403, "DENIED", ["203.0.113.9"])
         self.assertOCIError(self._get(trusted, "/v2/", [xff]), 403, "DENIED")
         # The right-most untrusted hop is the client; what it wrote to the left is ignored.
-        self.assertOCIError(self._get(trusted, headers=[("X-Forwarded-For", "198.51.100.1, 203.0.113.9")]),
-                            403, "DENIED")
-        self.assertEqual(self._get(trusted, headers=[("X-Forwarded-For", "203.0.113.9, 198.51.100.1")]).status, 200)
+        self.assertOCIError(
+            self._get(trusted, headers=[("X-Forwarded-For", "198.51.100.1, 203.0.113.9")]),
+            403,
+            "DENIED",
+        )
+        self.assertEqual(
+            self._get(trusted, headers=[("X-Forwarded-For", "203.0.113.9, 198.51.100.1")]).status,
+            200,
+        )
         self.assertEqual(self._get(trusted).status, 200)
-        self.assertEqual(self._get(trusted, headers=[("X-Forwarded-For", "198.51.100.7")]).status, 200)
+        self.assertEqual(
+            self._get(trusted, headers=[("X-Forwarded-For", "198.51.100.7")]).status, 200
+        )
 
         untrusted = launch_hammal(self, ["--deny-ip", "203.0.113.0/24"])
         response = self._get(untrusted, headers=[xff])
-        self.assertEqual(response.status, 200,
-                         f"X-Forwarded-For believed from an untrusted peer\n{response.describe()}")
+        self.assertEqual(
+            response.status,
+            200,
+            f"X-Forwarded-For believed from an untrusted peer\n{response.describe()}",
+        )
 
     def test_deny_user_agent(self) -> None:
         hammal = launch_hammal(self, ["--deny-ua", "^curl/"])
-        self.assertOCIError(self._get(hammal, headers=[("User-Agent", "curl/8.5.0")]),
-                            403, "DENIED", ["curl/8.5.0"])
+        self.assertOCIError(
+            self._get(hammal, headers=[("User-Agent", "curl/8.5.0")]), 403, "DENIED", ["curl/8.5.0"]
+        )
         self.assertEqual(self._get(hammal, headers=[("User-Agent", "containerd/1.7")]).status, 200)
         self.assertEqual(self._get(hammal, headers=[("User-Agent", "my curl/8")]).status, 200)
-        skopeo_copy(self, f"{hammal.host}/alpine:3.20", self.env.image("library/alpine:3.20"),
-                    ["--src-tls-verify=false", "--src-no-creds"])
+        skopeo_copy(
+            self,
+            f"{hammal.host}/alpine:3.20",
+            self.env.image("library/alpine:3.20"),
+            ["--src-tls-verify=false", "--src-no-creds"],
+        )
 
     def test_allow_path(self) -> None:
         hammal = launch_hammal(self, ["--allow-path", r"^/v2/(library/alpine/.*)?$"])
         self.assertEqual(self._get(hammal, "/v2/").status, 200)
         self.assertEqual(self._get(hammal).status, 200)
-        self.assertOCIError(self._get(hammal, "/v2/bitnami/redis/manifests/7"), 403, "DENIED",
-                            ["/v2/bitnami/redis/manifests/7"])
-        skopeo_copy(self, f"{hammal.host}/library/alpine:3.20", self.env.image("library/alpine:3.20"),
-                    ["--src-tls-verify=false", "--src-no-creds"])
-        _, result = skopeo_copy(self, f"{hammal.host}/bitnami/redis:7", None,
-                                ["--src-tls-verify=false", "--src-no-creds"], expect_ok=False)
+        self.assertOCIError(
+            self._get(hammal, "/v2/bitnami/redis/manifests/7"),
+            403,
+            "DENIED",
+            ["/v2/bitnami/redis/manifests/7"],
+        )
+        skopeo_copy(
+            self,
+            f"{hammal.host}/library/alpine:3.20",
+            self.env.image("library/alpine:3.20"),
+            ["--src-tls-verify=false", "--src-no-creds"],
+        )
+        _, result = skopeo_copy(
+            self,
+            f"{hammal.host}/bitnami/redis:7",
+            None,
+            ["--src-tls-verify=false", "--src-no-creds"],
+            expect_ok=False,
+        )
         self.assertNotEqual(result.returncode, 0)
 
     def test_deny_region(self) -> None:
         hammal = launch_hammal(self, ["--region-header", "CF-IPCountry", "--deny-region", "XX"])
-        self.assertOCIError(self._get(hammal, headers=[("CF-IPCountry", "XX")]), 403, "DENIED",
-                            ["region XX"])
+        self.assertOCIError(
+            self._get(hammal, headers=[("CF-IPCountry", "XX")]), 403, "DENIED", ["region XX"]
+        )
         self.assertOCIError(self._get(hammal, headers=[("CF-IPCountry", "xx")]), 403, "DENIED")
-        self.assertOCIError(self._get(hammal, headers=[("CF-IPCountry", "DE"), ("CF-IPCountry", "XX")]),
-                            403, "DENIED")
+        self.assertOCIError(
+            self._get(hammal, headers=[("CF-IPCountry", "DE"), ("CF-IPCountry", "XX")]),
+            403,
+            "DENIED",
+        )
         self.assertEqual(self._get(hammal, headers=[("CF-IPCountry", "DE")]).status, 200)
         self.assertEqual(self._get(hammal).status, 200)
 
@@ -675,9 +807,15 @@ class AccessRuleTests(IntegrationTestCase):
         hammal = launch_hammal(self)
         image = self.env.image("library/alpine:3.20")
         blob = image.blob_digests[0]
-        paths = ["/v2/", self.MANIFEST, f"/v2/library/alpine/manifests/{image.manifest_digest}",
-                 f"/v2/library/alpine/blobs/{blob}", "/v2/library/alpine/blobs/uploads/",
-                 "/v2/library/alpine/blobs/uploads/some-uuid", "/v2/library/alpine/tags/list"]
+        paths = [
+            "/v2/",
+            self.MANIFEST,
+            f"/v2/library/alpine/manifests/{image.manifest_digest}",
+            f"/v2/library/alpine/blobs/{blob}",
+            "/v2/library/alpine/blobs/uploads/",
+            "/v2/library/alpine/blobs/uploads/some-uuid",
+            "/v2/library/alpine/tags/list",
+        ]
         for method in ("PUT", "POST", "DELETE", "PATCH"):
             for path in paths:
                 response = fetch(hammal.url + path, method=method, body=b"{}")
@@ -687,12 +825,21 @@ class AccessRuleTests(IntegrationTestCase):
         # may go upstream; no write method ever does.)
         assert self.env.registry is not None
         registry_log_start = len(self.env.registry.log_text())
-        result = skopeo(["copy", "--dest-tls-verify=false", "--dest-no-creds",
-                         image.skopeo_source, f"docker://{hammal.host}/library/pushed:1"])
+        result = skopeo(
+            [
+                "copy",
+                "--dest-tls-verify=false",
+                "--dest-no-creds",
+                image.skopeo_source,
+                f"docker://{hammal.host}/library/pushed:1",
+            ]
+        )
         self.assertNotEqual(result.returncode, 0, "skopeo pushed through hammal")
         self.assertRegex(hammal_output(hammal), r'"(POST|PUT|PATCH) /v2/library/pushed/[^"]*" 405')
-        upstream_writes = re.findall(r'"(?:POST|PUT|PATCH|DELETE) /v2/[^"]*"',
-                                     self.env.registry.log_text()[registry_log_start:])
+        upstream_writes = re.findall(
+            r'"(?:POST|PUT|PATCH|DELETE) /v2/[^"]*"',
+            self.env.registry.log_text()[registry_log_start:],
+        )
         self.assertEqual(upstream_writes, [], "a write reached the upstream registry")
 
 
@@ -703,8 +850,10 @@ class _RedirectingMirror:
     """An HTTPS "mirror" (the environment's TLS leaf) that answers ``/v2/``
     with 200 and every blob GET with a 307 to a signed URL."""
 
-    LOCATION = ("https://cdn.mirror.test/blobs/{digest}/data"
-                "?X-Amz-Signature=ab%2Fcd%3D%3D&X-Amz-Expires=60&sig=%7Eq")
+    LOCATION = (
+        "https://cdn.mirror.test/blobs/{digest}/data"
+        "?X-Amz-Signature=ab%2Fcd%3D%3D&X-Amz-Expires=60&sig=%7Eq"
+    )
 
     def __init__(self, chain: str, key: str) -> None:
         seen: List[Tuple[str, str, Optional[str]]] = []
@@ -724,7 +873,9 @@ class _RedirectingMirror:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                body = b"{}" if path == "/v2/" else b'{"errors":[{"code":"NOT_FOUND","message":"no"}]}'
+                body = (
+                    b"{}" if path == "/v2/" else b'{"errors":[{"code":"NOT_FOUND","message":"no"}]}'
+                )
                 self.send_response(200 if path == "/v2/" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -758,60 +909,90 @@ class SSRFGuardTests(IntegrationTestCase):
         self.addCleanup(self.internal.close)
 
     def _refused(self, hammal: HammalProcess, query: str) -> None:
-        for path in ("/v2/", "/v2/library/alpine/manifests/3.20",
-                     "/v2/library/alpine/blobs/" + self.env.image("library/alpine:3.20").blob_digests[0]):
+        for path in (
+            "/v2/",
+            "/v2/library/alpine/manifests/3.20",
+            "/v2/library/alpine/blobs/" + self.env.image("library/alpine:3.20").blob_digests[0],
+        ):
             response = fetch(f"{hammal.url}{path}?{query}", headers=ACCEPT)
             self.assertOCIError(response, 403, "DENIED")
 
     def test_unlisted_hosts_are_refused_without_connecting(self) -> None:
         hammal = launch_hammal(self)
-        for query in ("upstream=169.254.169.254", f"upstream=127.0.0.1:{self.env.registry_port}",
-                      f"upstream={self.internal.address}", "upstream=localhost",
-                      "ns=evil.example.com", f"ns={self.internal.address}", "ns=169.254.169.254",
-                      f"upstream=evil.example.com&ns={self.env.registry_host}"):
+        for query in (
+            "upstream=169.254.169.254",
+            f"upstream=127.0.0.1:{self.env.registry_port}",
+            f"upstream={self.internal.address}",
+            "upstream=localhost",
+            "ns=evil.example.com",
+            f"ns={self.internal.address}",
+            "ns=169.254.169.254",
+            f"upstream=evil.example.com&ns={self.env.registry_host}",
+        ):
             self._refused(hammal, query)
         # A path prefix naming the listener is not a registry either.
         response = fetch(f"{hammal.url}/v2/{self.internal.address}/x/manifests/1", headers=ACCEPT)
         self.assertIn(response.status, (400, 404), response.describe())
         time.sleep(0.3)
-        self.assertEqual(self.internal.first_bytes, [],
-                         f"hammal connected to an address a client named\n{self.diagnostics()}")
+        self.assertEqual(
+            self.internal.first_bytes,
+            [],
+            f"hammal connected to an address a client named\n{self.diagnostics()}",
+        )
         self.assertEqual(self.env.token_log(), [])
         # The configured registry may be named with ?ns=.
-        ok = fetch(f"{hammal.url}/v2/library/alpine/manifests/3.20?ns={self.env.registry_host}",
-                   headers=ACCEPT)
+        ok = fetch(
+            f"{hammal.url}/v2/library/alpine/manifests/3.20?ns={self.env.registry_host}",
+            headers=ACCEPT,
+        )
         self.assertEqual(ok.status, 200, ok.describe())
 
     def test_allowed_upstream_is_used(self) -> None:
         assert self.env.pki is not None
         mirror = _RedirectingMirror(self.env.pki.tls_chain, self.env.pki.tls_key)
         self.addCleanup(mirror.close)
-        hammal = launch_hammal(self, [
-            "--allow-upstream", self.internal.address,
-            "--allow-upstream", f"127.0.0.1:{mirror.port}",
-            "--upstream-ca", self.env.pki.ca_cert,
-        ], retries=0)
+        hammal = launch_hammal(
+            self,
+            [
+                "--allow-upstream",
+                self.internal.address,
+                "--allow-upstream",
+                f"127.0.0.1:{mirror.port}",
+                "--upstream-ca",
+                self.env.pki.ca_cert,
+            ],
+            retries=0,
+        )
         digest = self.env.image("library/alpine:3.20").blob_digests[0]
 
         # An allowed host is reached with https://HOST: the listener sees a ClientHello.
-        response = fetch(f"{hammal.url}/v2/library/alpine/blobs/{digest}"
-                         f"?upstream={self.internal.address}")
+        response = fetch(
+            f"{hammal.url}/v2/library/alpine/blobs/{digest}?upstream={self.internal.address}"
+        )
         self.assertIn(response.status, (502, 504), response.describe())
         self.assertTrue(self.internal.first_bytes, "hammal never contacted the allowed host")
-        self.assertEqual(self.internal.first_bytes[0][:1], b"\x16",
-                         f"not a TLS ClientHello: {self.internal.first_bytes[0]!r}")
+        self.assertEqual(
+            self.internal.first_bytes[0][:1],
+            b"\x16",
+            f"not a TLS ClientHello: {self.internal.first_bytes[0]!r}",
+        )
 
         # An allowed HTTPS mirror's 307 reaches the client unchanged.
-        response = fetch(f"{hammal.url}/v2/library/alpine/blobs/{digest}"
-                         f"?upstream=127.0.0.1:{mirror.port}")
+        response = fetch(
+            f"{hammal.url}/v2/library/alpine/blobs/{digest}?upstream=127.0.0.1:{mirror.port}"
+        )
         self.assertEqual(response.status, 307, f"{response.describe()}\n{self.diagnostics()}")
-        self.assertEqual(response.header("Location"), _RedirectingMirror.LOCATION.format(digest=digest))
+        self.assertEqual(
+            response.header("Location"), _RedirectingMirror.LOCATION.format(digest=digest)
+        )
         blob_requests = [s for s in mirror.seen if "/blobs/" in s[1]]
         self.assertTrue(blob_requests, mirror.seen)
         self.assertEqual(blob_requests[0][1].split("?")[0], f"/v2/library/alpine/blobs/{digest}")
         # Such requests are not cached: asked again, hammal asks the mirror again.
         before = len(blob_requests)
-        again = fetch(f"{hammal.url}/v2/library/alpine/blobs/{digest}?upstream=127.0.0.1:{mirror.port}")
+        again = fetch(
+            f"{hammal.url}/v2/library/alpine/blobs/{digest}?upstream=127.0.0.1:{mirror.port}"
+        )
         self.assertEqual(again.status, 307, again.describe())
         self.assertGreater(len([s for s in mirror.seen if "/blobs/" in s[1]]), before)
         # The environment's upstream was not involved.
@@ -822,11 +1003,13 @@ class SSRFGuardTests(IntegrationTestCase):
 
 
 class FrontPageTests(IntegrationTestCase):
-
     def test_hostile_host_header_is_escaped(self) -> None:
         hammal = launch_hammal(self)
-        for host in ("<script>alert(1)</script>", 'x"><img src=x onerror=alert(1)>',
-                     "hammal.example.com<script>"):
+        for host in (
+            "<script>alert(1)</script>",
+            'x"><img src=x onerror=alert(1)>',
+            "hammal.example.com<script>",
+        ):
             response = fetch(hammal.url + "/", headers=[("Host", host)])
             self.assertEqual(response.status, 200, response.describe())
             self.assertIn("text/html", response.header("Content-Type", ""))
@@ -863,11 +1046,15 @@ class TLSReloadTests(IntegrationTestCase):
         hammal = launch_hammal(self, tls_args(chain, key), tls_ca=first.ca_cert)
         pid = hammal.process.pid
         assert pid is not None
-        old_fp, new_fp = leaf_fingerprint_file(first.tls_cert), leaf_fingerprint_file(second.tls_cert)
+        old_fp, new_fp = (
+            leaf_fingerprint_file(first.tls_cert),
+            leaf_fingerprint_file(second.tls_cert),
+        )
         self.assertEqual(served_fingerprint(hammal.port), old_fp)
 
-        keep = http.client.HTTPSConnection("127.0.0.1", hammal.port, timeout=10,
-                                           context=ssl_context(first.ca_cert))
+        keep = http.client.HTTPSConnection(
+            "127.0.0.1", hammal.port, timeout=10, context=ssl_context(first.ca_cert)
+        )
         self.addCleanup(keep.close)
         keep.request("GET", "/v2/")
         first_answer = keep.getresponse()
@@ -878,15 +1065,23 @@ class TLSReloadTests(IntegrationTestCase):
         # A broken pair (new key, old certificate) is refused; the old one stays.
         shutil.copy(second.tls_key, key)
         os.kill(pid, signal.SIGHUP)
-        wait_until(lambda: "TLS certificate not reloaded" in hammal.log_text(),
-                   "hammal to refuse the mismatched pair", 10, hammal.process)
+        wait_until(
+            lambda: "TLS certificate not reloaded" in hammal.log_text(),
+            "hammal to refuse the mismatched pair",
+            10,
+            hammal.process,
+        )
         self.assertEqual(served_fingerprint(hammal.port), old_fp)
 
         shutil.copy(second.tls_chain, chain)
         shutil.copy(second.tls_key, key)
         os.kill(pid, signal.SIGHUP)
-        wait_until(lambda: served_fingerprint(hammal.port) == new_fp,
-                   "new connections to present the new certificate", 10, hammal.process)
+        wait_until(
+            lambda: served_fingerprint(hammal.port) == new_fp,
+            "new connections to present the new certificate",
+            10,
+            hammal.process,
+        )
         self.assertTrue(hammal.running())
 
         # The connection opened before the reload still works, on the same socket.
@@ -903,5 +1098,9 @@ class TLSReloadTests(IntegrationTestCase):
         self.assertEqual(fetch(f"https://{hammal.host}/v2/", ca=second.ca_cert).status, 200)
         with self.assertRaises(ssl.SSLError):
             fetch(f"https://{hammal.host}/v2/", ca=first.ca_cert)
-        skopeo_copy(self, f"{hammal.host}/ociimg:1", self.env.image("library/ociimg:1"),
-                    ["--src-cert-dir", cert_dir_for(self, second.ca_cert), "--src-no-creds"])
+        skopeo_copy(
+            self,
+            f"{hammal.host}/ociimg:1",
+            self.env.image("library/ociimg:1"),
+            ["--src-cert-dir", cert_dir_for(self, second.ca_cert), "--src-no-creds"],
+        )

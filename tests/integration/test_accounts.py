@@ -44,7 +44,9 @@ class AccountPoolTests(IntegrationTestCase):
 
         # Its only account is limited: it rests, and an anonymous token serves.
         self.pull(hammal.host, "library/alpine", self.env.image("library/alpine:3.20"))
-        self.assertEqual(self.token_requests(), [(PRIVATE_USER, 429), (None, 200)], self.diagnostics())
+        self.assertEqual(
+            self.token_requests(), [(PRIVATE_USER, 429), (None, 200)], self.diagnostics()
+        )
 
         # A second account appears in the file: it takes over while alice rests.
         self.write_accounts(f"{PRIVATE_USER}:{PRIVATE_PASSWORD}", f"{ADMIN_USER}:{ADMIN_PASSWORD}")
@@ -57,7 +59,8 @@ class AccountPoolTests(IntegrationTestCase):
         metrics = scrape(hammal.url + "/metrics")
         upstream = self.env.registry_url.split("://", 1)[1]
         self.assertEqual(
-            metrics.get("hammal_upstream_account_resting", upstream=upstream, account=PRIVATE_USER), 1
+            metrics.get("hammal_upstream_account_resting", upstream=upstream, account=PRIVATE_USER),
+            1,
         )
         self.assertEqual(
             metrics.get("hammal_upstream_account_resting", upstream=upstream, account=ADMIN_USER), 0

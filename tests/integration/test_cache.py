@@ -94,23 +94,33 @@ class FaultUpstream:
         self.workdir = make_tempdir("hammal-it-faults-")
         port_file = os.path.join(self.workdir, "port")
         specs = [f"{SMALL[0]}:{SMALL[1]}", f"{LARGE[0]}:{LARGE[1]}"]
-        argv = [sys.executable, os.path.join(HERE, "faults.py"), "--port", "0",
-                "--port-file", port_file]
+        argv = [
+            sys.executable,
+            os.path.join(HERE, "faults.py"),
+            "--port",
+            "0",
+            "--port-file",
+            port_file,
+        ]
         for spec in specs:
             argv += ["--blob", spec]
         self.process = ManagedProcess(
-            "faults", argv, os.path.join(self.workdir, "faults.log"),
+            "faults",
+            argv,
+            os.path.join(self.workdir, "faults.log"),
             env=clean_env(PYTHONUNBUFFERED="1"),
         ).start()
-        wait_until(lambda: os.path.exists(port_file), "the fault server's port file",
-                   process=self.process)
+        wait_until(
+            lambda: os.path.exists(port_file), "the fault server's port file", process=self.process
+        )
         with open(port_file) as f:
             self.port = int(f.read())
         self.url = f"http://127.0.0.1:{self.port}"
         served = self._admin("GET", "blobs")
         self.manifest_digest = served["manifest_digest"]
         self.manifest = http_request(
-            "GET", f"{self.url}/v2/{REPO}/manifests/latest", timeout=10).body
+            "GET", f"{self.url}/v2/{REPO}/manifests/latest", timeout=10
+        ).body
 
     def _admin(self, method: str, what: str, **query: Any) -> Any:
         url = f"{self.url}/_admin/{what}"
@@ -204,8 +214,7 @@ class Fetched:
 
     def describe(self) -> str:
         heads = ", ".join(f"{k}: {v}" for k, v in self.headers)
-        return (f"{self.status} [{heads}] {self.size} bytes {self.digest[:19]}..."
-                f" error={self.error}")
+        return f"{self.status} [{heads}] {self.size} bytes {self.digest[:19]}... error={self.error}"
 
 
 def fetch(
@@ -325,8 +334,10 @@ class FaultServerTests(unittest.TestCase):
         self.upstream.fault("hang", after=1000)
         hung = fetch(self.url(), timeout=0.5)
         self.assertTrue(hung.timed_out and hung.size == 1000, hung.describe())
-        self.assertEqual([e["fault"] for e in self.upstream.log()],
-                         ["reset", "corrupt", "ignore-range", "status", "status", None, "hang"])
+        self.assertEqual(
+            [e["fault"] for e in self.upstream.log()],
+            ["reset", "corrupt", "ignore-range", "status", "status", None, "hang"],
+        )
 
     def test_slow_is_slow_whatever_the_reader(self) -> None:
         """1 MiB at 4 MiB/s may not take less than (1 MiB - 1/20 s worth) / rate,
@@ -391,19 +402,26 @@ class FaultUpstreamCacheTests(unittest.TestCase):
 
     def expect_blob(self, got: Fetched, spec: Tuple[int, int], what: str) -> None:
         """A complete 200 with exactly the blob's bytes."""
-        self.expect(got.status == 200 and not got.aborted and got.size == spec[0]
-                    and got.digest == digest_of(spec),
-                    f"{what}: expected the whole blob {digest_of(spec)} ({spec[0]} bytes),"
-                    f" got {got.describe()}")
+        self.expect(
+            got.status == 200
+            and not got.aborted
+            and got.size == spec[0]
+            and got.digest == digest_of(spec),
+            f"{what}: expected the whole blob {digest_of(spec)} ({spec[0]} bytes),"
+            f" got {got.describe()}",
+        )
 
     def expect_aborted(self, got: Fetched, spec: Tuple[int, int], what: str) -> None:
         """A 200 whose body broke off: never the complete blob."""
         self.expect(got.status == 200, f"{what}: expected 200 then an abort, got {got.describe()}")
-        self.expect(got.aborted and got.size < spec[0],
-                    f"{what}: the transfer was not aborted: {got.describe()}")
-        self.expect(not got.timed_out,
-                    f"{what}: hammal never ended the transfer (the client timed out):"
-                    f" {got.describe()}")
+        self.expect(
+            got.aborted and got.size < spec[0],
+            f"{what}: the transfer was not aborted: {got.describe()}",
+        )
+        self.expect(
+            not got.timed_out,
+            f"{what}: hammal never ended the transfer (the client timed out): {got.describe()}",
+        )
 
     def expect_nothing_cached(self, cache_dir: str) -> None:
         """No blob stored and no temporary left (polled briefly: the fetch
@@ -416,8 +434,10 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         try:
             wait_until(clean, "an empty cache", timeout=5)
         except Exception:
-            self.fail(f"the cache is not empty: blobs {files_under(os.path.join(cache_dir, 'blobs'))},"
-                      f" tmp {files_under(tmp)}\n{self.diagnostics()}")
+            self.fail(
+                f"the cache is not empty: blobs {files_under(os.path.join(cache_dir, 'blobs'))},"
+                f" tmp {files_under(tmp)}\n{self.diagnostics()}"
+            )
 
     def get(self, hammal: HammalProcess, spec: Tuple[int, int], **kw: Any) -> Fetched:
         return fetch(hammal.url + blob_path(spec), **kw)
@@ -445,8 +465,11 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         later = self.get(hammal, SMALL)
         self.expect_blob(later, SMALL, "a later GET")
         self.expect_equal(later.cache_status, HIT, "Cache-Status of a later GET")
-        self.expect_equal(len(self.upstream.log(digest_of(SMALL))), 1,
-                          "upstream requests for the blob after the hit")
+        self.expect_equal(
+            len(self.upstream.log(digest_of(SMALL))),
+            1,
+            "upstream requests for the blob after the hit",
+        )
 
     def test_slow_client_does_not_slow_fast_client(self) -> None:
         """A client reading at most 64 KiB every 100 ms through a 16 KiB
@@ -465,8 +488,9 @@ class FaultUpstreamCacheTests(unittest.TestCase):
                 time.sleep(0.1)
 
         with ThreadPoolExecutor(max_workers=1) as pool:
-            slow_future = pool.submit(self.get, hammal, SMALL, slow_socket=True,
-                                      progress=dawdle, timeout=60)
+            slow_future = pool.submit(
+                self.get, hammal, SMALL, slow_socket=True, progress=dawdle, timeout=60
+            )
             self.expect(started.wait(20), "the slow client never received a byte")
             fast = self.get(hammal, SMALL)
             slow_done_first = slow_future.done()
@@ -477,9 +501,11 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect_blob(slow, SMALL, "the slow client")
         self.expect_equal(slow.cache_status, MISS, "the slow client started the fetch")
         self.expect_equal(fast.cache_status, COALESCED, "the fast client joined it")
-        self.expect(not slow_done_first and slow_bytes_then < SMALL[0],
-                    f"the slow client finished first (it had {slow_bytes_then} bytes when the"
-                    " fast one was done): the fast client was held to the slow one's pace")
+        self.expect(
+            not slow_done_first and slow_bytes_then < SMALL[0],
+            f"the slow client finished first (it had {slow_bytes_then} bytes when the"
+            " fast one was done): the fast client was held to the slow one's pace",
+        )
         self.expect_equal(len(self.upstream.gets(SMALL)), 1, "upstream GETs of the blob")
 
     # -- verification ----------------------------------------------------------
@@ -498,16 +524,17 @@ class FaultUpstreamCacheTests(unittest.TestCase):
             self.expect_aborted(got, SMALL, f"client {i} of a corrupt upstream transfer")
         self.expect_equal(len(self.upstream.gets(SMALL)), 1, "upstream GETs of the blob")
         self.expect_nothing_cached(cache)
-        self.expect("digest mismatch" in hammal.log_text(),
-                    "hammal did not log the digest mismatch")
+        self.expect(
+            "digest mismatch" in hammal.log_text(), "hammal did not log the digest mismatch"
+        )
 
         again = self.get(hammal, SMALL)
         self.expect_blob(again, SMALL, "the GET after the corrupt one")
         self.expect_equal(again.cache_status, MISS, "Cache-Status after a discarded fetch")
-        self.expect(wait_stored(cache, digest_of(SMALL)),
-                    "the good blob was not stored")
-        self.expect_equal([e["fault"] for e in self.upstream.gets(SMALL)], ["corrupt", None],
-                          "upstream GETs")
+        self.expect(wait_stored(cache, digest_of(SMALL)), "the good blob was not stored")
+        self.expect_equal(
+            [e["fault"] for e in self.upstream.gets(SMALL)], ["corrupt", None], "upstream GETs"
+        )
 
     def test_no_hold_tail_corrupt_upstream_never_cached(self) -> None:
         """``--no-hold-tail``: one flipped byte (8 MiB/s upstream) goes to the
@@ -522,18 +549,22 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         before = digest_mismatches(hammal)
         self.upstream.fault("corrupt", after=3 * MiB + 17, rate=8 * MiB)
         got = self.get(hammal, SMALL)
-        self.expect(got.status == 200 and got.size > 3 * MiB + 17 and got.digest != digest_of(SMALL),
-                    f"expected the bytes past the corrupt one, got {got.describe()}")
+        self.expect(
+            got.status == 200 and got.size > 3 * MiB + 17 and got.digest != digest_of(SMALL),
+            f"expected the bytes past the corrupt one, got {got.describe()}",
+        )
         self.expect_nothing_cached(cache)
-        self.expect("digest mismatch" in hammal.log_text(),
-                    "hammal did not log the digest mismatch")
+        self.expect(
+            "digest mismatch" in hammal.log_text(), "hammal did not log the digest mismatch"
+        )
         self.expect_equal(digest_mismatches(hammal) - before, 1, "digest mismatches counted")
 
         again = self.get(hammal, SMALL)
         self.expect_blob(again, SMALL, "the GET after the corrupt one")
         self.expect(wait_stored(cache, digest_of(SMALL)), "the good blob was not stored")
-        self.expect_equal([e["fault"] for e in self.upstream.gets(SMALL)], ["corrupt", None],
-                          "upstream GETs")
+        self.expect_equal(
+            [e["fault"] for e in self.upstream.gets(SMALL)], ["corrupt", None], "upstream GETs"
+        )
 
     def test_fetch_completes_when_every_client_leaves(self) -> None:
         """The only client hangs up after 1 MiB of a 4 MiB/s transfer: the
@@ -571,8 +602,9 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect_blob(got, SMALL, "a transfer reset upstream")
         self.expect_equal(got.cache_status, MISS, "Cache-Status")
         assert hammal.owned_cache_dir is not None
-        self.expect(wait_stored(hammal.owned_cache_dir, digest_of(SMALL)),
-                    "the resumed blob was not stored")
+        self.expect(
+            wait_stored(hammal.owned_cache_dir, digest_of(SMALL)), "the resumed blob was not stored"
+        )
         gets = self.upstream.gets(SMALL)
         self.expect_equal(len(gets), 2, f"upstream GETs ({gets})")
         first, resume = gets
@@ -581,8 +613,9 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect(match is not None, f"the second GET is not a resume: {resume}")
         assert match is not None
         offset = int(match.group(1))
-        self.expect(0 < offset <= after,
-                    f"resumed at byte {offset}, but the reset came after {after} bytes")
+        self.expect(
+            0 < offset <= after, f"resumed at byte {offset}, but the reset came after {after} bytes"
+        )
         self.expect(f"at byte {offset}" in hammal.log_text(), "hammal did not log the resume")
         return resume
 
@@ -629,18 +662,25 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         for header, start, end in cases:
             got = self.get(hammal, SMALL, headers=[("Range", header)], keep=True)
             self.expect_equal(got.status, 206, f"status for {header}")
-            self.expect_equal(got.header("Content-Range"), f"bytes {start}-{end - 1}/{size}",
-                              f"Content-Range for {header}")
+            self.expect_equal(
+                got.header("Content-Range"),
+                f"bytes {start}-{end - 1}/{size}",
+                f"Content-Range for {header}",
+            )
             self.expect_equal(got.content_length, end - start, f"Content-Length for {header}")
-            self.expect(got.body == data[start:end] and not got.aborted,
-                        f"wrong bytes for {header}: {got.describe()}")
+            self.expect(
+                got.body == data[start:end] and not got.aborted,
+                f"wrong bytes for {header}: {got.describe()}",
+            )
             self.expect_equal(got.cache_status, HIT, f"Cache-Status for {header}")
         refused = self.get(hammal, SMALL, headers=[("Range", f"bytes={size}-")], keep=True)
         self.expect_equal(refused.status, 416, "status of an unsatisfiable range")
-        self.expect_equal(refused.header("Content-Range"), f"bytes */{size}",
-                          "Content-Range of the 416")
-        self.expect_equal(len(self.upstream.log(digest_of(SMALL))), 1,
-                          "upstream requests for the blob")
+        self.expect_equal(
+            refused.header("Content-Range"), f"bytes */{size}", "Content-Range of the 416"
+        )
+        self.expect_equal(
+            len(self.upstream.log(digest_of(SMALL))), 1, "upstream requests for the blob"
+        )
 
     def test_range_while_blob_arrives(self) -> None:
         """Ranges asked while the blob still arrives (4 MiB/s) are answered
@@ -650,27 +690,35 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.upstream.fault("slow", rate=4 * MiB)
         started = threading.Event()
         with ThreadPoolExecutor(max_workers=3) as pool:
-            whole = pool.submit(self.get, hammal, SMALL,
-                                progress=lambda _: started.set())
+            whole = pool.submit(self.get, hammal, SMALL, progress=lambda _: started.set())
             self.expect(started.wait(20), "the first client never received a byte")
             tail_start = 7 * MiB
-            tail = pool.submit(self.get, hammal, SMALL,
-                               headers=[("Range", f"bytes={tail_start}-")], keep=True)
-            middle = pool.submit(self.get, hammal, SMALL,
-                                 headers=[("Range", "bytes=1000-1999")], keep=True)
+            tail = pool.submit(
+                self.get, hammal, SMALL, headers=[("Range", f"bytes={tail_start}-")], keep=True
+            )
+            middle = pool.submit(
+                self.get, hammal, SMALL, headers=[("Range", "bytes=1000-1999")], keep=True
+            )
             whole_got, tail_got, middle_got = whole.result(), tail.result(), middle.result()
         self.expect_blob(whole_got, SMALL, "the whole-blob client")
         for got, start, end in ((tail_got, tail_start, size), (middle_got, 1000, 2000)):
             self.expect_equal(got.status, 206, f"status of range {start}-")
-            self.expect_equal(got.header("Content-Range"), f"bytes {start}-{end - 1}/{size}",
-                              f"Content-Range of range {start}-")
-            self.expect(got.body == data[start:end] and not got.aborted,
-                        f"wrong bytes for range {start}-: {got.describe()}")
-            self.expect_equal(got.cache_status, COALESCED,
-                              f"Cache-Status of range {start}- (asked mid-transfer)")
+            self.expect_equal(
+                got.header("Content-Range"),
+                f"bytes {start}-{end - 1}/{size}",
+                f"Content-Range of range {start}-",
+            )
+            self.expect(
+                got.body == data[start:end] and not got.aborted,
+                f"wrong bytes for range {start}-: {got.describe()}",
+            )
+            self.expect_equal(
+                got.cache_status, COALESCED, f"Cache-Status of range {start}- (asked mid-transfer)"
+            )
         gets = self.upstream.gets(SMALL)
-        self.expect_equal([(e["range"], e["fault"]) for e in gets], [(None, "slow")],
-                          "upstream GETs")
+        self.expect_equal(
+            [(e["range"], e["fault"]) for e in gets], [(None, "slow")], "upstream GETs"
+        )
 
     def test_head_on_cached_blob_stays_local(self) -> None:
         hammal = self.start()
@@ -679,11 +727,15 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         head = self.get(hammal, SMALL, method="HEAD")
         self.expect_equal(head.status, 200, "HEAD status")
         self.expect_equal(head.content_length, SMALL[0], "HEAD Content-Length")
-        self.expect_equal(head.header("Docker-Content-Digest"), digest_of(SMALL),
-                          "HEAD Docker-Content-Digest")
+        self.expect_equal(
+            head.header("Docker-Content-Digest"), digest_of(SMALL), "HEAD Docker-Content-Digest"
+        )
         self.expect_equal(head.cache_status, HIT, "HEAD Cache-Status")
-        self.expect_equal([e["method"] for e in self.upstream.log(digest_of(SMALL))], ["GET"],
-                          "upstream requests for the blob")
+        self.expect_equal(
+            [e["method"] for e in self.upstream.log(digest_of(SMALL))],
+            ["GET"],
+            "upstream requests for the blob",
+        )
 
     # -- manifests --------------------------------------------------------------------
 
@@ -697,13 +749,18 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect_equal((first.status, first.cache_status), (200, MISS), "first GET")
         self.expect_equal(first.body, self.upstream.manifest, "manifest body")
         self.upstream.fault("status", count=-1, path="/manifests/")
-        stale = self._poll_until_not_hit(lambda: fetch(hammal.url + path, headers=accept, keep=True))
+        stale = self._poll_until_not_hit(
+            lambda: fetch(hammal.url + path, headers=accept, keep=True)
+        )
         self.expect_equal(stale.status, 200, f"status of the stale answer {stale.describe()}")
         self.expect_equal(stale.header("Warning"), STALE_WARNING, "Warning header")
         self.expect_equal(stale.cache_status, STALE, "Cache-Status")
         self.expect_equal(stale.body, self.upstream.manifest, "stale body")
-        self.expect_equal(stale.header("Docker-Content-Digest"), self.upstream.manifest_digest,
-                          "stale Docker-Content-Digest")
+        self.expect_equal(
+            stale.header("Docker-Content-Digest"),
+            self.upstream.manifest_digest,
+            "stale Docker-Content-Digest",
+        )
         failed = [e for e in self.upstream.log("/manifests/") if e["status"] == 503]
         self.expect(failed, "upstream was never asked after the TTL")
 
@@ -728,8 +785,10 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect(wait_stored(cache, digest_of(SMALL)), "A was not stored")
         self.expect_blob(self.get(hammal, LARGE), LARGE, "B")
         self.expect(wait_stored(cache, digest_of(LARGE)), "B was not stored")
-        self.expect(not os.path.exists(stored_path(cache, digest_of(SMALL))),
-                    f"A was not evicted: {files_under(os.path.join(cache, 'blobs'))}")
+        self.expect(
+            not os.path.exists(stored_path(cache, digest_of(SMALL))),
+            f"A was not evicted: {files_under(os.path.join(cache, 'blobs'))}",
+        )
         again = self.get(hammal, SMALL)
         self.expect_blob(again, SMALL, "A again")
         self.expect_equal(again.cache_status, MISS, "Cache-Status of A after its eviction")
@@ -762,7 +821,9 @@ class FaultUpstreamCacheTests(unittest.TestCase):
         self.expect_equal(got.cache_status, HIT, "Cache-Status after the restart")
         self.expect_equal(self.upstream.log(), [], "upstream requests after the restart")
         self.expect(not os.path.exists(abandoned), "the abandoned temporary is still there")
-        self.expect(os.path.exists(fresh), "a fresh temporary (maybe another process's) was removed")
+        self.expect(
+            os.path.exists(fresh), "a fresh temporary (maybe another process's) was removed"
+        )
 
 
 # -- the tests against the Docker-Hub-like environment -----------------------------
@@ -783,20 +844,26 @@ class RegistryCacheTests(IntegrationTestCase):
         registry_log_start = len(self.env.registry.log_text())
         self.pull(hammal.host, "alpine", image)
         cdn_gets = [e for e in self.env.cdn_log() if e["method"] == "GET"]
-        self.assertTrue(cdn_gets, f"the first pull fetched nothing from the CDN\n{self.diagnostics()}")
+        self.assertTrue(
+            cdn_gets, f"the first pull fetched nothing from the CDN\n{self.diagnostics()}"
+        )
         registry_log_before = len(self.env.registry.log_text())
         first_blob_requests = _registry_blob_requests(
-            self.env.registry.log_text()[registry_log_start:registry_log_before])
-        self.assertTrue(first_blob_requests,
-                        f"the first pull asked the registry for no blob?\n{self.diagnostics()}")
+            self.env.registry.log_text()[registry_log_start:registry_log_before]
+        )
+        self.assertTrue(
+            first_blob_requests,
+            f"the first pull asked the registry for no blob?\n{self.diagnostics()}",
+        )
         self.env.reset_logs()
 
         self.pull(hammal.host, "alpine", image)
         cdn = self.env.cdn_log()
         self.assertEqual(cdn, [], f"the second pull reached the CDN\n{self.diagnostics()}")
         blob_requests = _registry_blob_requests(self.env.registry.log_text()[registry_log_before:])
-        self.assertEqual(blob_requests, [],
-                         f"the second pull asked the registry for blobs\n{self.diagnostics()}")
+        self.assertEqual(
+            blob_requests, [], f"the second pull asked the registry for blobs\n{self.diagnostics()}"
+        )
 
     def test_stale_if_error_when_rate_limited_after_restart(self) -> None:
         """Pull a tag through hammal (--manifest-ttl 1), restart hammal on the
@@ -805,15 +872,19 @@ class RegistryCacheTests(IntegrationTestCase):
         pulls the image, every digest right, from the cache alone."""
         image = self.env.image("library/alpine:3.20")
         cache = self.make_dir()
-        options: Dict[str, Any] = dict(cache_dir=cache, retries=0,
-                                       extra_args=["--manifest-ttl", "1"])
+        options: Dict[str, Any] = dict(
+            cache_dir=cache, retries=0, extra_args=["--manifest-ttl", "1"]
+        )
         accept = [("Accept", t) for t in ALL_MANIFEST_TYPES]
         path = "/v2/alpine/manifests/3.20"
         first = self.start_hammal(**options)
         self.pull(first.host, "alpine", image)
         fresh = fetch(first.url + path, headers=accept, keep=True)
-        self.assertEqual((fresh.status, fresh.body), (200, image.manifest_bytes),
-                         f"{fresh.describe()}\n{self.diagnostics()}")
+        self.assertEqual(
+            (fresh.status, fresh.body),
+            (200, image.manifest_bytes),
+            f"{fresh.describe()}\n{self.diagnostics()}",
+        )
         first.stop()
         self.env.reset_logs()  # (also switches the rate limit off: first)
 
@@ -836,5 +907,8 @@ class RegistryCacheTests(IntegrationTestCase):
         self.assertIn(429, statuses, f"the token server was not asked\n{self.diagnostics()}")
 
         self.pull(second.host, "alpine", image)
-        self.assertEqual([e for e in self.env.cdn_log() if e["method"] == "GET"], [],
-                         f"the pull while rate-limited reached the CDN\n{self.diagnostics()}")
+        self.assertEqual(
+            [e for e in self.env.cdn_log() if e["method"] == "GET"],
+            [],
+            f"the pull while rate-limited reached the CDN\n{self.diagnostics()}",
+        )

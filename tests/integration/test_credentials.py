@@ -50,7 +50,9 @@ class RecordingRegistry:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _send(self, status: int, document: Any, headers: Tuple[Tuple[str, str], ...] = ()) -> None:
+            def _send(
+                self, status: int, document: Any, headers: Tuple[Tuple[str, str], ...] = ()
+            ) -> None:
                 body = json.dumps(document).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -68,8 +70,11 @@ class RecordingRegistry:
                     return
                 if self.headers.get("Authorization") != f"Bearer {RecordingRegistry.TOKEN}":
                     challenge = f'Bearer realm="{recorder.realm}",service="recorder"'
-                    self._send(401, {"errors": [{"code": "UNAUTHORIZED", "message": "login"}]},
-                               (("WWW-Authenticate", challenge),))
+                    self._send(
+                        401,
+                        {"errors": [{"code": "UNAUTHORIZED", "message": "login"}]},
+                        (("WWW-Authenticate", challenge),),
+                    )
                     return
                 self._send(404, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "none here"}]})
 
@@ -102,7 +107,6 @@ class RecordingRegistry:
 
 
 class _CredentialsTestCase(IntegrationTestCase):
-
     def recorder(self, realm: Optional[str] = None) -> RecordingRegistry:
         recorder = RecordingRegistry(realm)
         self.addCleanup(recorder.close)
@@ -115,8 +119,12 @@ class _CredentialsTestCase(IntegrationTestCase):
         return path
 
     def upstream_credentials(self) -> List[str]:
-        return ["--upstream-username", UPSTREAM_USER,
-                "--upstream-password-file", self.secret_file(UPSTREAM_SECRET)]
+        return [
+            "--upstream-username",
+            UPSTREAM_USER,
+            "--upstream-password-file",
+            self.secret_file(UPSTREAM_SECRET),
+        ]
 
     def assertSecretNeverSent(self, recorder: RecordingRegistry, secret: str) -> None:
         for value in recorder.authorizations():
@@ -134,8 +142,12 @@ class FailoverMirrorCredentialsTests(_CredentialsTestCase):
 
     def _hammal(self, mirror: RecordingRegistry, *extra: str) -> HammalProcess:
         closed = free_port()
-        return launch_hammal(self, [*self.upstream_credentials(), "--mirror", mirror.url, *extra],
-                             upstream=f"http://127.0.0.1:{closed}", retries=0)
+        return launch_hammal(
+            self,
+            [*self.upstream_credentials(), "--mirror", mirror.url, *extra],
+            upstream=f"http://127.0.0.1:{closed}",
+            retries=0,
+        )
 
     def _pull(self, hammal: HammalProcess, headers: List[Tuple[str, str]] = []) -> None:
         response = fetch(hammal.url + "/v2/library/alpine/manifests/3.20", [*headers, *ACCEPT])
@@ -145,8 +157,10 @@ class FailoverMirrorCredentialsTests(_CredentialsTestCase):
         mirror = self.recorder()
         hammal = self._hammal(mirror)
         self._pull(hammal)
-        self.assertTrue(any(p.startswith("/token") for p, _ in mirror.seen),
-                        f"the mirror's realm was never asked: {mirror.seen}\n{self.diagnostics()}")
+        self.assertTrue(
+            any(p.startswith("/token") for p, _ in mirror.seen),
+            f"the mirror's realm was never asked: {mirror.seen}\n{self.diagnostics()}",
+        )
         self.assertSecretNeverSent(mirror, UPSTREAM_SECRET)
         self.assertSecretNeverSent(mirror, UPSTREAM_USER)
         self.assertEqual([v for p, v in mirror.seen if p.startswith("/token")], [None])
@@ -155,20 +169,27 @@ class FailoverMirrorCredentialsTests(_CredentialsTestCase):
     def test_mirror_gets_only_its_own_credentials(self) -> None:
         mirror = self.recorder()
         hammal = self._hammal(
-            mirror, "--mirror-credentials",
-            f"127.0.0.1:{mirror.port}=robot-of-mirror:{self.secret_file(MIRROR_SECRET)}")
+            mirror,
+            "--mirror-credentials",
+            f"127.0.0.1:{mirror.port}=robot-of-mirror:{self.secret_file(MIRROR_SECRET)}",
+        )
         self._pull(hammal)
         self.assertSecretNeverSent(mirror, UPSTREAM_SECRET)
-        self.assertIn(f"robot-of-mirror:{MIRROR_SECRET}", mirror.authorizations(),
-                      f"the mirror did not get its own credentials: {mirror.seen}")
+        self.assertIn(
+            f"robot-of-mirror:{MIRROR_SECRET}",
+            mirror.authorizations(),
+            f"the mirror did not get its own credentials: {mirror.seen}",
+        )
         self.assertNothingLogged(hammal, UPSTREAM_SECRET, MIRROR_SECRET)
 
     def test_mirror_never_gets_a_passthrough_clients_token(self) -> None:
         """--auth passthrough: the client's token is for the upstream only."""
         mirror = self.recorder()
         hammal = self._hammal(mirror, "--auth", "passthrough")
-        response = fetch(hammal.url + "/v2/library/alpine/manifests/3.20",
-                         [("Authorization", f"Bearer {CLIENT_TOKEN}"), *ACCEPT])
+        response = fetch(
+            hammal.url + "/v2/library/alpine/manifests/3.20",
+            [("Authorization", f"Bearer {CLIENT_TOKEN}"), *ACCEPT],
+        )
         self.assertIn(response.status, (401, 403, 404), response.describe())
         self.assertTrue(mirror.seen, f"the mirror was never asked\n{self.diagnostics()}")
         self.assertSecretNeverSent(mirror, CLIENT_TOKEN)
@@ -196,18 +217,27 @@ class ForeignRealmTests(_CredentialsTestCase):
         self.assertEqual(tokens, [None, None], f"{self.realm.seen}\n{self.diagnostics()}")
         self.assertSecretNeverSent(self.realm, UPSTREAM_SECRET)
         self.assertSecretNeverSent(self.upstream, UPSTREAM_SECRET)
-        warnings = [line for line in hammal_output(hammal).splitlines()
-                    if "not sending the upstream credentials" in line]
+        warnings = [
+            line
+            for line in hammal_output(hammal).splitlines()
+            if "not sending the upstream credentials" in line
+        ]
         self.assertEqual(len(warnings), 1, warnings)
         self.assertIn("--trusted-realm localhost", warnings[0])
         self.assertNothingLogged(hammal, UPSTREAM_SECRET)
 
     def test_trusted_realm_gets_the_credentials(self) -> None:
         """The control: listed with --trusted-realm, the realm gets them."""
-        hammal = launch_hammal(self, [*self.upstream_credentials(), "--trusted-realm", "localhost"],
-                               upstream=self.upstream.url)
+        hammal = launch_hammal(
+            self,
+            [*self.upstream_credentials(), "--trusted-realm", "localhost"],
+            upstream=self.upstream.url,
+        )
         self._pull(hammal)
-        self.assertIn(f"{UPSTREAM_USER}:{UPSTREAM_SECRET}", self.realm.authorizations(),
-                      f"{self.realm.seen}\n{self.diagnostics()}")
+        self.assertIn(
+            f"{UPSTREAM_USER}:{UPSTREAM_SECRET}",
+            self.realm.authorizations(),
+            f"{self.realm.seen}\n{self.diagnostics()}",
+        )
         self.assertSecretNeverSent(self.upstream, UPSTREAM_SECRET)
         self.assertNothingLogged(hammal, UPSTREAM_SECRET)

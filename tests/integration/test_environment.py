@@ -34,7 +34,9 @@ class DirectPullTests(IntegrationTestCase):
     def _direct(self, reference: str, creds: bool = False) -> None:
         image = self.env.image(reference)
         self.pull(
-            self.env.registry_host, image.repo, image,
+            self.env.registry_host,
+            image.repo,
+            image,
             creds=(PRIVATE_USER, PRIVATE_PASSWORD) if creds else None,
         )
         # Every blob went through the CDN redirect, without credentials.
@@ -112,8 +114,9 @@ class UpstreamBehaviourTests(IntegrationTestCase):
             self.assertEqual(response.status, 200, response.describe())
             self.assertEqual(response.header("Content-Type"), OCI_MANIFEST)
             self.assertEqual(response.header("Docker-Content-Digest"), image.manifest_digest)
-            self.assertEqual(int(response.header("Content-Length") or -1),
-                             len(image.manifest_bytes))
+            self.assertEqual(
+                int(response.header("Content-Length") or -1), len(image.manifest_bytes)
+            )
 
     def test_schema2_without_accept_is_converted(self) -> None:
         image = self.env.image("library/alpine:3.20")
@@ -122,8 +125,9 @@ class UpstreamBehaviourTests(IntegrationTestCase):
         self.assertNotEqual(response.header("Docker-Content-Digest"), image.manifest_digest)
 
     def test_oci_without_accept_is_404(self) -> None:
-        response = self.env.upstream_request("GET", "library/ociimg", "manifests", "1",
-                                             accept=(DOCKER_MANIFEST,))
+        response = self.env.upstream_request(
+            "GET", "library/ociimg", "manifests", "1", accept=(DOCKER_MANIFEST,)
+        )
         self.assertEqual(response.status, 404, response.describe())
         self.assertEqual(response.json()["errors"][0]["code"], "MANIFEST_UNKNOWN")
 
@@ -139,8 +143,9 @@ class UpstreamBehaviourTests(IntegrationTestCase):
                 location,
                 f"{self.env.cdn_url}/docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}/data",
             )
-        followed = self.env.upstream_request("GET", image.repo, "blobs", digest,
-                                             follow_redirects=True)
+        followed = self.env.upstream_request(
+            "GET", image.repo, "blobs", digest, follow_redirects=True
+        )
         self.assertEqual(followed.status, 200)
         self.assertEqual(len(followed.body), image.blob_sizes[digest])
 
@@ -150,8 +155,7 @@ class UpstreamBehaviourTests(IntegrationTestCase):
         hexd = digest.split(":")[1]
         url = f"{self.env.cdn_url}/docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}/data"
         full = http_request("GET", url)
-        part = http_request("GET", url, [("Range", "bytes=100-199"),
-                                         ("Authorization", "Bearer x")])
+        part = http_request("GET", url, [("Range", "bytes=100-199"), ("Authorization", "Bearer x")])
         self.assertEqual(part.status, 206)
         self.assertEqual(part.body, full.body[100:200])
         log = self.env.cdn_log()
@@ -203,8 +207,10 @@ class TokenServerTests(IntegrationTestCase):
         anon = self._claims(self._token("repository:private/secret:pull").json()["token"])
         self.assertEqual(anon["access"][0]["actions"], [])
         user = self._claims(
-            self._token("repository:private/secret:pull,push",
-                        (PRIVATE_USER, PRIVATE_PASSWORD)).json()["token"])
+            self._token(
+                "repository:private/secret:pull,push", (PRIVATE_USER, PRIVATE_PASSWORD)
+            ).json()["token"]
+        )
         self.assertEqual(user["access"][0]["actions"], ["pull"])
         self.assertEqual(user["sub"], PRIVATE_USER)
         bad = self._token("repository:private/secret:pull", (PRIVATE_USER, "wrong"))

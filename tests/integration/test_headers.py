@@ -43,7 +43,8 @@ class ManifestHeaderTests(IntegrationTestCase):
             self.assertEqual(mine.status, 200, f"{method} {path}{context}\n{self.diagnostics()}")
             for name in MANIFEST_HEADERS:
                 self.assertEqual(
-                    mine.header(name), upstream.header(name),
+                    mine.header(name),
+                    upstream.header(name),
                     f"{method} {path}: {name} differs{context}",
                 )
             self.assertEqual(mine.header("Docker-Content-Digest"), image.manifest_digest)
@@ -99,7 +100,8 @@ class ManifestHeaderTests(IntegrationTestCase):
         image = self.env.image("library/ociimg:1")
         accept = ", ".join([DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX, "*/*"])
         mine = self.hammal.request(
-            "HEAD", f"/v2/library/ociimg/manifests/1?ns={self.env.registry_host}",
+            "HEAD",
+            f"/v2/library/ociimg/manifests/1?ns={self.env.registry_host}",
             [("Accept", accept)],
         )
         self.assertEqual(mine.status, 200, mine.describe())
@@ -111,7 +113,8 @@ class ManifestHeaderTests(IntegrationTestCase):
         schema2 image comes back converted to schema1 with another digest."""
         image = self.env.image("library/alpine:3.20")
         headers = [
-            ("Accept", t) for t in (
+            ("Accept", t)
+            for t in (
                 "application/vnd.oci.image.index.v1+json",
                 "application/vnd.oci.image.manifest.v1+json",
                 DOCKER_LIST,
@@ -122,7 +125,9 @@ class ManifestHeaderTests(IntegrationTestCase):
         ]
         mine = self.hammal.request("GET", "/v2/library/alpine/manifests/3.20", headers)
         self.assertEqual(mine.status, 200, mine.describe())
-        self.assertEqual(mine.header("Docker-Content-Digest"), image.manifest_digest, mine.describe())
+        self.assertEqual(
+            mine.header("Docker-Content-Digest"), image.manifest_digest, mine.describe()
+        )
         self.assertEqual(mine.body, image.manifest_bytes)
 
     def test_negotiated_404_is_not_cached(self) -> None:
@@ -155,8 +160,9 @@ class BlobHeaderTests(IntegrationTestCase):
 
     def _upstream(self, image: TestImage, digest: str, method: str) -> HTTPResponse:
         """What a client gets from upstream directly (redirect followed)."""
-        response = self.env.upstream_request(method, image.repo, "blobs", digest,
-                                             follow_redirects=True)
+        response = self.env.upstream_request(
+            method, image.repo, "blobs", digest, follow_redirects=True
+        )
         self.assertEqual(response.status, 200, response.describe())
         return response
 
@@ -170,7 +176,9 @@ class BlobHeaderTests(IntegrationTestCase):
             mine = self.hammal.request(method, path)
             context = f"\nhammal: {mine.describe()}\nupstream: {upstream.describe()}"
             self.assertEqual(mine.status, 200, f"{method}{context}\n{self.diagnostics()}")
-            self.assertEqual(mine.header("Content-Length"), upstream.header("Content-Length"), context)
+            self.assertEqual(
+                mine.header("Content-Length"), upstream.header("Content-Length"), context
+            )
             self.assertEqual(int(mine.header("Content-Length") or -1), image.blob_sizes[digest])
             self.assertEqual(mine.header("Content-Type"), upstream.header("Content-Type"), context)
             self.assertEqual(mine.header("Docker-Content-Digest"), digest, context)

@@ -96,9 +96,7 @@ class CrossTenantTests(_Passthrough):
             name = who[0] if who else "anonymous"
             # A repository this client may read, confirmed by upstream...
             readable = self.login("repository:alpine:pull", who)
-            self.assertEqual(
-                self.get("/v2/alpine/manifests/3.20", readable).status, 200, name
-            )
+            self.assertEqual(self.get("/v2/alpine/manifests/3.20", readable).status, 200, name)
             # ...unlocks none of the owner's cached objects named under it,
             # by any route to the same upstream. (A path prefix cannot name
             # a host with a port: tests/test_passthrough.py covers it.)
@@ -116,9 +114,11 @@ class CrossTenantTests(_Passthrough):
             # The private repository itself, with a token asked for it.
             asked = self.login("repository:private/secret:pull", who)
             paths = [f"/v2/private/secret/blobs/{d}" for d in private_only]
-            paths += ["/v2/private/secret/manifests/1",
-                      f"/v2/private/secret/manifests/{secret.manifest_digest}",
-                      "/v2/private/secret/tags/list"]
+            paths += [
+                "/v2/private/secret/manifests/1",
+                f"/v2/private/secret/manifests/{secret.manifest_digest}",
+                "/v2/private/secret/tags/list",
+            ]
             for path in paths:
                 response = self.get(path, asked)
                 self.assertOCIError(response, 401, "UNAUTHORIZED")
@@ -126,8 +126,13 @@ class CrossTenantTests(_Passthrough):
                 self.assertIn('error="insufficient_scope"', challenge, f"{name}: {path}")
                 self.assertIn(f'realm="{self.hammal.url}/v2/auth"', challenge)
             # And through a real client.
-            _, refused = skopeo_copy(self, f"{self.hammal.host}/private/secret:1", None,
-                                     self.skopeo_args(who), expect_ok=False)
+            _, refused = skopeo_copy(
+                self,
+                f"{self.hammal.host}/private/secret:1",
+                None,
+                self.skopeo_args(who),
+                expect_ok=False,
+            )
             self.assertNotEqual(refused.returncode, 0, f"{name} pulled the private image")
 
         # A token upstream does not take: 401 and hammal's challenge, so the
@@ -172,11 +177,20 @@ class AllowUsersTests(_Passthrough):
         self.hammal = launch_hammal(self, ["--auth", "passthrough", "--allow-users", PRIVATE_USER])
 
     def test_only_listed_users(self) -> None:
-        skopeo_copy(self, f"{self.hammal.host}/alpine:3.20", self.env.image("library/alpine:3.20"),
-                    self.skopeo_args((PRIVATE_USER, PRIVATE_PASSWORD)))
+        skopeo_copy(
+            self,
+            f"{self.hammal.host}/alpine:3.20",
+            self.env.image("library/alpine:3.20"),
+            self.skopeo_args((PRIVATE_USER, PRIVATE_PASSWORD)),
+        )
         for who in ((OTHER_USER, OTHER_PASSWORD), None):
-            _, refused = skopeo_copy(self, f"{self.hammal.host}/alpine:3.20", None,
-                                     self.skopeo_args(who), expect_ok=False)
+            _, refused = skopeo_copy(
+                self,
+                f"{self.hammal.host}/alpine:3.20",
+                None,
+                self.skopeo_args(who),
+                expect_ok=False,
+            )
             self.assertNotEqual(refused.returncode, 0, f"{who} pulled through --allow-users")
         # A token fetched from upstream's realm directly names nobody.
         direct = self.env.token("library/alpine")

@@ -58,9 +58,7 @@ class MirrorOfAMirrorTests(IntegrationTestCase):
     def test_containerd_refused_without_registry(self) -> None:
         """Without ``docker.io=``, nothing says the upstream stands for the Hub: 403."""
         hammal = self.hammal(stands_for=False)
-        response = fetch(
-            f"{hammal.url}/v2/library/alpine/manifests/3.20?ns=docker.io", ACCEPT
-        )
+        response = fetch(f"{hammal.url}/v2/library/alpine/manifests/3.20?ns=docker.io", ACCEPT)
         self.assertOCIError(response, 403, "DENIED", ["ns="])
 
     def test_library_prefix_and_path_prefix(self) -> None:
@@ -114,4 +112,6 @@ class MirrorOfAMirrorTests(IntegrationTestCase):
         workdir = self.make_dir()
         registries = blocks["/etc/containers/registries.conf"]
         result = podman(workdir, registries, "pull", "docker.io/library/alpine:3.20")
-        self.assertEqual(result.returncode, 0, f"{registries}\n{result.stderr}\n{self.diagnostics()}")
+        self.assertEqual(
+            result.returncode, 0, f"{registries}\n{result.stderr}\n{self.diagnostics()}"
+        )

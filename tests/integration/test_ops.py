@@ -32,9 +32,9 @@ from tests.integration.environment import (
 )
 from tests.integration.support import IntegrationTestCase
 from tests.integration.test_access import (
-    JWT_RE,
     CLIENT_PASSWORD,
     CLIENT_USER,
+    JWT_RE,
     Metrics,
     fetch,
     hammal_output,
@@ -51,7 +51,6 @@ def _delta(after: Metrics, before: Metrics, name: str, **labels: str) -> float:
 
 
 class MetricsTests(IntegrationTestCase):
-
     def test_counters_follow_a_cold_then_warm_pull(self) -> None:
         hammal = launch_hammal(self)
         image = self.env.image("library/alpine:3.20")
@@ -73,11 +72,16 @@ class MetricsTests(IntegrationTestCase):
         m2 = scrape(url)
         cdn_warm = [e for e in self.env.cdn_log() if e["method"] == "GET"]
 
-        def check(phase: str, after: Metrics, before: Metrics, name: str,
-                  want: float, **labels: str) -> None:
+        def check(
+            phase: str, after: Metrics, before: Metrics, name: str, want: float, **labels: str
+        ) -> None:
             got = _delta(after, before, name, **labels)
-            self.assertEqual(got, want, f"{phase} pull: {name}{labels} moved by {got}, "
-                                        f"expected {want}\n{after.text}\n{self.diagnostics()}")
+            self.assertEqual(
+                got,
+                want,
+                f"{phase} pull: {name}{labels} moved by {got}, "
+                f"expected {want}\n{after.text}\n{self.diagnostics()}",
+            )
 
         check("cold", m1, m0, "hammal_requests_total", blobs, route="blob", status="200")
         check("warm", m2, m1, "hammal_requests_total", blobs, route="blob", status="200")
@@ -107,13 +111,13 @@ class MetricsTests(IntegrationTestCase):
         self.assertEqual(main.status, 404, f"/metrics still on the main port: {main.describe()}")
         wait_until(lambda: port_open(metrics_port), "the metrics port", 10)
         metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
-        self.assertGreaterEqual(metrics.get("hammal_requests_total", route="base", status="200"), 1,
-                                metrics.text)
+        self.assertGreaterEqual(
+            metrics.get("hammal_requests_total", route="base", status="200"), 1, metrics.text
+        )
         self.assertEqual(fetch(f"http://127.0.0.1:{metrics_port}/v2/").status, 404)
 
 
 class ReadinessTests(IntegrationTestCase):
-
     def setUp(self) -> None:
         super().setUp()
         if not self.env.redis.ping():
@@ -127,14 +131,19 @@ class ReadinessTests(IntegrationTestCase):
     def test_readyz_follows_redis(self) -> None:
         hammal = launch_hammal(self, redis=self.env.redis.url)
         readyz = hammal.url + "/readyz"
-        wait_until(lambda: fetch(readyz, timeout=5).status == 200, "/readyz 200", 15,
-                   hammal.process)
+        wait_until(
+            lambda: fetch(readyz, timeout=5).status == 200, "/readyz 200", 15, hammal.process
+        )
         report = fetch(readyz).json()
         self.assertEqual(report["checks"].get("redis"), "ok", report)
 
         self.env.redis.kill()
-        wait_until(lambda: fetch(readyz, timeout=5).status == 503, "/readyz 503 without redis",
-                   15, hammal.process)
+        wait_until(
+            lambda: fetch(readyz, timeout=5).status == 503,
+            "/readyz 503 without redis",
+            15,
+            hammal.process,
+        )
         down = fetch(readyz)
         report = down.json()
         self.assertFalse(report["ready"], report)
@@ -142,17 +151,21 @@ class ReadinessTests(IntegrationTestCase):
         self.assertEqual(report["checks"]["draining"], "ok", report)
         self.assertEqual(down.header("Content-Type"), "application/json")
         # hammal keeps serving pulls meanwhile.
-        skopeo_copy(self, f"{hammal.host}/library/ociimg:1", self.env.image("library/ociimg:1"),
-                    ANONYMOUS)
+        skopeo_copy(
+            self, f"{hammal.host}/library/ociimg:1", self.env.image("library/ociimg:1"), ANONYMOUS
+        )
 
         self.env.redis.restart()
-        wait_until(lambda: fetch(readyz, timeout=5).status == 200,
-                   "/readyz 200 again after redis restarted", 30, hammal.process)
+        wait_until(
+            lambda: fetch(readyz, timeout=5).status == 200,
+            "/readyz 200 again after redis restarted",
+            30,
+            hammal.process,
+        )
         self.assertEqual(fetch(readyz).json()["checks"]["redis"], "ok")
 
 
 class DrainTests(IntegrationTestCase):
-
     def test_sigterm_drains_an_in_flight_transfer(self) -> None:
         drain_timeout = 20.0
         hammal = launch_hammal(self, ["--drain-timeout", str(drain_timeout)])
@@ -175,8 +188,10 @@ class DrainTests(IntegrationTestCase):
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         slow.settimeout(30)
         slow.connect(("127.0.0.1", hammal.port))
-        slow.sendall(f"GET /v2/library/big/blobs/{digest} HTTP/1.1\r\n"
-                     f"Host: {hammal.host}\r\nUser-Agent: slow-client\r\n\r\n".encode())
+        slow.sendall(
+            f"GET /v2/library/big/blobs/{digest} HTTP/1.1\r\n"
+            f"Host: {hammal.host}\r\nUser-Agent: slow-client\r\n\r\n".encode()
+        )
         buffered = b""
         while b"\r\n\r\n" not in buffered:
             chunk = slow.recv(65536)
@@ -184,8 +199,13 @@ class DrainTests(IntegrationTestCase):
             buffered += chunk
         head, _, body_start = buffered.partition(b"\r\n\r\n")
         self.assertIn(b" 200 ", head.split(b"\r\n")[0], head)
-        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")))
+        length = int(
+            next(
+                line.split(b":", 1)[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+        )
         self.assertEqual(length, size)
         hasher = hashlib.sha256(body_start)
         received = len(body_start)
@@ -201,8 +221,9 @@ class DrainTests(IntegrationTestCase):
         signalled = time.monotonic()
 
         # New connections are refused (the port closed) ...
-        wait_until(lambda: not port_open(hammal.port), "hammal to stop listening", 5,
-                   hammal.process)
+        wait_until(
+            lambda: not port_open(hammal.port), "hammal to stop listening", 5, hammal.process
+        )
         # ... /readyz on the already-open connection says draining ...
         keep.request("GET", "/readyz")
         answer = keep.getresponse()
@@ -245,9 +266,23 @@ class SecretScrubbingTests(IntegrationTestCase):
         workdir = make_tempdir("hammal-it-redis-")
         process = ManagedProcess(
             "redis-server-auth",
-            [REDIS_BIN, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir, "--requirepass", self.REDIS_PASSWORD],
-            os.path.join(workdir, "redis.log"), cwd=workdir,
+            [
+                REDIS_BIN,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+                "--requirepass",
+                self.REDIS_PASSWORD,
+            ],
+            os.path.join(workdir, "redis.log"),
+            cwd=workdir,
         ).start()
         self.addCleanup(process.stop)
         wait_until(lambda: port_open(port), "redis with a password", 10, process)
@@ -268,17 +303,38 @@ class SecretScrubbingTests(IntegrationTestCase):
     def _scrub_run(self, log_format: str, redis_url: str) -> None:
         hammal = launch_hammal(
             self,
-            ["--debug", "--log-format", log_format, "--auth", "basic",
-             "--auth-user", CLIENT_USER, "--auth-password", CLIENT_PASSWORD],
-            redis=redis_url, upstream_username=PRIVATE_USER, upstream_password=PRIVATE_PASSWORD,
+            [
+                "--debug",
+                "--log-format",
+                log_format,
+                "--auth",
+                "basic",
+                "--auth-user",
+                CLIENT_USER,
+                "--auth-password",
+                CLIENT_PASSWORD,
+            ],
+            redis=redis_url,
+            upstream_username=PRIVATE_USER,
+            upstream_password=PRIVATE_PASSWORD,
         )
         creds = ["--src-tls-verify=false", "--src-creds", f"{CLIENT_USER}:{CLIENT_PASSWORD}"]
-        skopeo_copy(self, f"{hammal.host}/private/secret:1", self.env.image("private/secret:1"),
-                    creds)
-        skopeo_copy(self, f"{hammal.host}/alpine:3.20", self.env.image("library/alpine:3.20"),
-                    creds)
-        wrong = fetch(hammal.url + "/v2/", [("Authorization", "Basic " + base64.b64encode(
-            f"{CLIENT_USER}:{CLIENT_PASSWORD}x".encode()).decode())])
+        skopeo_copy(
+            self, f"{hammal.host}/private/secret:1", self.env.image("private/secret:1"), creds
+        )
+        skopeo_copy(
+            self, f"{hammal.host}/alpine:3.20", self.env.image("library/alpine:3.20"), creds
+        )
+        wrong = fetch(
+            hammal.url + "/v2/",
+            [
+                (
+                    "Authorization",
+                    "Basic "
+                    + base64.b64encode(f"{CLIENT_USER}:{CLIENT_PASSWORD}x".encode()).decode(),
+                )
+            ],
+        )
         self.assertEqual(wrong.status, 401)
         ready = hammal.request("GET", "/readyz")
         self.assertEqual(ready.status, 200, f"redis with a password: {ready.describe()}")
@@ -296,8 +352,12 @@ class SecretScrubbingTests(IntegrationTestCase):
                     except ValueError:
                         not_json.append(chunk)
             self.assertEqual(not_json, [], "--log-format json wrote lines that are not JSON")
-            debug = [r for r in records if r.get("log_level", {}).get("name") == "debug"
-                     and r.get("log_format", "").startswith("upstream {method}")]
+            debug = [
+                r
+                for r in records
+                if r.get("log_level", {}).get("name") == "debug"
+                and r.get("log_format", "").startswith("upstream {method}")
+            ]
             self.assertTrue(debug, "no --debug upstream exchange was logged")
         else:
             self.assertIn("upstream GET", out, "no --debug upstream exchange was logged")
@@ -314,25 +374,34 @@ class SecretScrubbingTests(IntegrationTestCase):
 
 
 class PrefetchTests(IntegrationTestCase):
-
     def _prefetch(self, mirror: str, *args: str) -> "subprocess.CompletedProcess[str]":
         env = clean_env(PYTHONPATH=REPO_ROOT)
         return subprocess.run(
             [sys.executable, "-m", "hammal", "prefetch", *args, "--mirror", mirror],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
             stdin=subprocess.DEVNULL,
         )
 
     def _cdn_blobs(self) -> List[str]:
-        return sorted({"sha256:" + e["path"].rsplit("/", 2)[-2] for e in self.env.cdn_log()
-                       if e["method"] == "GET"})
+        return sorted(
+            {
+                "sha256:" + e["path"].rsplit("/", 2)[-2]
+                for e in self.env.cdn_log()
+                if e["method"] == "GET"
+            }
+        )
 
     def test_prefetch_fills_the_cache(self) -> None:
         hammal = launch_hammal(self)
         image = self.env.image("library/multi:1")
         result = self._prefetch(hammal.url, "library/multi:1")
-        self.assertEqual(result.returncode, 0,
-                         f"{result.stdout}\n{result.stderr}\n{self.diagnostics()}")
+        self.assertEqual(
+            result.returncode, 0, f"{result.stdout}\n{result.stderr}\n{self.diagnostics()}"
+        )
         self.assertEqual(self._cdn_blobs(), sorted(image.blob_digests))
 
         self.env.reset_logs()
@@ -347,6 +416,7 @@ class PrefetchTests(IntegrationTestCase):
         amd64 = next(c for c in image.children if c.platform["architecture"] == "amd64")
         result = self._prefetch(hammal.url, "library/multi:1", "--platform", "linux/arm64")
         self.assertEqual(result.returncode, 0, f"{result.stdout}\n{result.stderr}")
-        self.assertEqual(self._cdn_blobs(), sorted(arm64.blob_digests),
-                         f"amd64 blobs: {amd64.blob_digests}")
+        self.assertEqual(
+            self._cdn_blobs(), sorted(arm64.blob_digests), f"amd64 blobs: {amd64.blob_digests}"
+        )
         self.assertFalse(set(amd64.blob_digests) & set(self._cdn_blobs()))

@@ -18,11 +18,17 @@ USER, PASSWORD = "warmer", "warm-Pw-9"
 
 
 class PrefetchWithAuthTests(IntegrationTestCase):
-    def prefetch(self, mirror: str, *args: str, env: Dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+    def prefetch(
+        self, mirror: str, *args: str, env: Dict[str, str] | None = None
+    ) -> "subprocess.CompletedProcess[str]":
         return subprocess.run(
             [sys.executable, "-m", "hammal", "prefetch", *args, "--mirror", mirror],
-            cwd=REPO_ROOT, env=clean_env(PYTHONPATH=REPO_ROOT, **(env or {})),
-            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            env=clean_env(PYTHONPATH=REPO_ROOT, **(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
         )
 
     def password_file(self, password: str = PASSWORD) -> str:
@@ -42,18 +48,28 @@ class PrefetchWithAuthTests(IntegrationTestCase):
         self.assertIn("401", anonymous.stderr)
 
         wrong = self.prefetch(
-            hammal.url, "library/alpine:3.20", "--username", USER,
-            "--password-file", self.password_file("not-it"),
+            hammal.url,
+            "library/alpine:3.20",
+            "--username",
+            USER,
+            "--password-file",
+            self.password_file("not-it"),
         )
         self.assertEqual(wrong.returncode, 1, wrong.stderr)
         self.assertIn(f"refused the credentials of {USER}", wrong.stderr)
         self.assertNotIn("not-it", wrong.stdout + wrong.stderr)
 
         result = self.prefetch(
-            hammal.url, "library/alpine:3.20", "--username", USER,
-            "--password-file", self.password_file(),
+            hammal.url,
+            "library/alpine:3.20",
+            "--username",
+            USER,
+            "--password-file",
+            self.password_file(),
         )
-        self.assertEqual(result.returncode, 0, f"{result.stdout}\n{result.stderr}\n{self.diagnostics()}")
+        self.assertEqual(
+            result.returncode, 0, f"{result.stdout}\n{result.stderr}\n{self.diagnostics()}"
+        )
         self.assertIn(f"{len(image.blob_digests)} blobs", result.stdout)
         self.assertNotIn(PASSWORD, result.stdout + result.stderr)
 
@@ -66,7 +82,9 @@ class PrefetchWithAuthTests(IntegrationTestCase):
         result = self.prefetch(
             hammal.url, "library/ociimg:1", "--username", USER, env={"HAMMAL_PASSWORD": PASSWORD}
         )
-        self.assertEqual(result.returncode, 0, f"{result.stdout}\n{result.stderr}\n{self.diagnostics()}")
+        self.assertEqual(
+            result.returncode, 0, f"{result.stdout}\n{result.stderr}\n{self.diagnostics()}"
+        )
         self.assertIn("library/ociimg:1 done", result.stdout)
         missing = self.prefetch(hammal.url, "library/ociimg:1", "--username", USER)
         self.assertEqual(missing.returncode, 2, missing.stderr)

@@ -16,8 +16,8 @@ from typing import Dict, List, Mapping, Sequence
 
 from tests.integration.environment import (
     REGISTRY_BIN,
-    REPO_ROOT,
     REGISTRY_SERVICE,
+    REPO_ROOT,
     TOKEN_ISSUER,
     HammalProcess,
     ManagedProcess,
@@ -59,7 +59,8 @@ class TinyProxy:
         with open(config, "w") as f:
             f.write("\n".join(lines) + "\n")
         self.process = ManagedProcess(
-            "tinyproxy", [TINYPROXY_BIN, "-d", "-c", config],
+            "tinyproxy",
+            [TINYPROXY_BIN, "-d", "-c", config],
             os.path.join(self.workdir, "stdout.log"),
         ).start()
         wait_until(lambda: port_open(self.port), "tinyproxy", process=self.process)
@@ -97,7 +98,8 @@ def _start_hammal(
         port, upstream, cache_dir=os.path.join(workdir, "cache"), extra_args=list(extra)
     )
     env = {
-        k: v for k, v in _hammal_env().items()
+        k: v
+        for k, v in _hammal_env().items()
         if k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
     }
     env.update(environ)
@@ -107,7 +109,8 @@ def _start_hammal(
     test._hammals.append(hammal)
     wait_until(
         lambda: http_request("GET", hammal.url + "/v2/", timeout=2).status == 200,
-        "hammal /v2/", process=process,
+        "hammal /v2/",
+        process=process,
     )
     return hammal
 
@@ -141,26 +144,39 @@ class ForwardProxyTests(IntegrationTestCase):
         image = self.env.image("library/alpine:3.20")
         self.pull(hammal.host, "alpine", image)
         targets = set(proxy.targets())
-        for port, what in ((self.env.registry_port, "registry"), (self.env.token_port, "token realm"),
-                           (self.env.cdn_port, "CDN")):
-            self.assertIn(f"127.0.0.1:{port}", targets,
-                          f"the {what} was reached around the proxy\n{proxy.log_text()[-3000:]}"
-                          f"\n{self.diagnostics()}")
+        for port, what in (
+            (self.env.registry_port, "registry"),
+            (self.env.token_port, "token realm"),
+            (self.env.cdn_port, "CDN"),
+        ):
+            self.assertIn(
+                f"127.0.0.1:{port}",
+                targets,
+                f"the {what} was reached around the proxy\n{proxy.log_text()[-3000:]}"
+                f"\n{self.diagnostics()}",
+            )
         self.assertTrue(self.env.token_log(), "no token request reached the token server")
         self._check_no_secret(hammal)
 
     def test_no_proxy_exempts_loopback_only_when_listed(self) -> None:
         proxy = self._proxy()
-        hammal = _start_hammal(self, self.env.registry_url, {
-            "http_proxy": proxy.url, "no_proxy": "10.0.0.0/8, 127.0.0.0/8",
-        })
+        hammal = _start_hammal(
+            self,
+            self.env.registry_url,
+            {
+                "http_proxy": proxy.url,
+                "no_proxy": "10.0.0.0/8, 127.0.0.0/8",
+            },
+        )
         self.pull(hammal.host, "alpine", self.env.image("library/alpine:3.20"))
         self.assertEqual(proxy.targets(), [], proxy.log_text()[-2000:])
 
     def test_wrong_proxy_credentials_fail_cleanly(self) -> None:
         proxy = self._proxy()
         wrong = f"http://{PROXY_USER}:not-the-password@127.0.0.1:{proxy.port}"
-        hammal = _start_hammal(self, self.env.registry_url, {}, ["--upstream-proxy", wrong, "--retries", "0"])
+        hammal = _start_hammal(
+            self, self.env.registry_url, {}, ["--upstream-proxy", wrong, "--retries", "0"]
+        )
         response = hammal.request("GET", "/v2/library/alpine/manifests/3.20")
         # tinyproxy answers wrong credentials with a 401 of its own.
         self.assertGreaterEqual(response.status, 400, response.describe())
@@ -172,9 +188,17 @@ class ForwardProxyTests(IntegrationTestCase):
         """The proxy's 407 is not relayed (a client would think its own
         proxy wants credentials): a 502 naming it."""
         proxy = self._proxy()
-        hammal = _start_hammal(self, self.env.registry_url, {}, [
-            "--upstream-proxy", f"http://127.0.0.1:{proxy.port}", "--retries", "0",
-        ])
+        hammal = _start_hammal(
+            self,
+            self.env.registry_url,
+            {},
+            [
+                "--upstream-proxy",
+                f"http://127.0.0.1:{proxy.port}",
+                "--retries",
+                "0",
+            ],
+        )
         response = hammal.request("GET", "/v2/library/alpine/manifests/3.20")
         self.assertOCIError(response, 502, "UNAVAILABLE", ["407"])
         self.assertEqual(proxy.targets(), [])
@@ -196,8 +220,11 @@ class ForwardProxyTests(IntegrationTestCase):
         image = self.env.image("library/alpine:3.20")
         self.pull(hammal.host, "alpine", image)
         connects = proxy.connects()
-        self.assertIn(f"127.0.0.1:{registry_port}", connects,
-                      f"no CONNECT tunnel to the registry\n{proxy.log_text()[-3000:]}\n{self.diagnostics()}")
+        self.assertIn(
+            f"127.0.0.1:{registry_port}",
+            connects,
+            f"no CONNECT tunnel to the registry\n{proxy.log_text()[-3000:]}\n{self.diagnostics()}",
+        )
         targets = set(proxy.targets())
         self.assertIn(f"127.0.0.1:{self.env.token_port}", targets)
         self.assertIn(f"127.0.0.1:{self.env.cdn_port}", targets)
@@ -211,7 +238,9 @@ class ForwardProxyTests(IntegrationTestCase):
         self.addCleanup(registry.stop)
         proxy = self._proxy([registry_port])
         hammal = _start_hammal(
-            self, f"https://127.0.0.1:{registry_port}", {"HTTPS_PROXY": proxy.url},
+            self,
+            f"https://127.0.0.1:{registry_port}",
+            {"HTTPS_PROXY": proxy.url},
             ["--retries", "0"],
         )
         response = hammal.request("GET", "/v2/library/alpine/manifests/3.20")
@@ -221,12 +250,19 @@ class ForwardProxyTests(IntegrationTestCase):
     def _tls_registry(self, port: int) -> ManagedProcess:
         """A second Distribution over the seeded storage, serving TLS."""
         assert self.env.pki is not None
-        config = json.loads(_registry_config(
-            port, self.env.storage_root,
-            auth={"realm": self.env.realm, "service": REGISTRY_SERVICE, "issuer": TOKEN_ISSUER,
-                  "rootcertbundle": self.env.pki.ca_cert},
-            redirect_baseurl=self.env.cdn_url + "/",
-        ))
+        config = json.loads(
+            _registry_config(
+                port,
+                self.env.storage_root,
+                auth={
+                    "realm": self.env.realm,
+                    "service": REGISTRY_SERVICE,
+                    "issuer": TOKEN_ISSUER,
+                    "rootcertbundle": self.env.pki.ca_cert,
+                },
+                redirect_baseurl=self.env.cdn_url + "/",
+            )
+        )
         config["http"]["tls"] = {"certificate": self.env.pki.tls_chain, "key": self.env.pki.tls_key}
         workdir = make_tempdir("hammal-it-tls-registry-")
         path = os.path.join(workdir, "registry.yml")
@@ -234,13 +270,14 @@ class ForwardProxyTests(IntegrationTestCase):
             f.write(json.dumps(config))
         env: Dict[str, str] = dict(_hammal_env(), HOME=workdir)
         process = ManagedProcess(
-            "tls-registry", [REGISTRY_BIN, "serve", path], os.path.join(workdir, "registry.log"),
-            env=env, cwd=workdir,
+            "tls-registry",
+            [REGISTRY_BIN, "serve", path],
+            os.path.join(workdir, "registry.log"),
+            env=env,
+            cwd=workdir,
         ).start()
         wait_until(lambda: port_open(port), "TLS registry", process=process)
         return process
-
-
 
 
 class PrefetchThroughProxyTests(IntegrationTestCase):
@@ -256,16 +293,31 @@ class PrefetchThroughProxyTests(IntegrationTestCase):
         self.addCleanup(self.proxy.stop)
         self.hammal = self.start_hammal()
 
-    def _prefetch(self, environ: Mapping[str, str], *args: str) -> "subprocess.CompletedProcess[str]":
+    def _prefetch(
+        self, environ: Mapping[str, str], *args: str
+    ) -> "subprocess.CompletedProcess[str]":
         env = {
-            k: v for k, v in _hammal_env().items()
+            k: v
+            for k, v in _hammal_env().items()
             if k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
         }
         env.update(environ)
         return subprocess.run(
-            [sys.executable, "-m", "hammal", "prefetch", "library/alpine:3.20",
-             "--mirror", self.hammal.url, *args],
-            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "hammal",
+                "prefetch",
+                "library/alpine:3.20",
+                "--mirror",
+                self.hammal.url,
+                *args,
+            ],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     def test_http_proxy_variable(self) -> None:

@@ -6,9 +6,9 @@ import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 from tests.integration.environment import (
-    HammalProcess,
     PRIVATE_PASSWORD,
     PRIVATE_USER,
+    HammalProcess,
     http_get_digest,
     skopeo_pull,
 )
@@ -62,10 +62,14 @@ class _PullTestsMixin(_Base):
         self.assertEqual(with_auth, [], f"the CDN received an Authorization header\n{diag}")
         fetched = {e["path"].rsplit("/", 2)[-2] for e in cdn}
         for digest in image.blob_digests:
-            self.assertIn(_hex(digest), fetched, f"blob {digest} never fetched from the CDN\n{diag}")
+            self.assertIn(
+                _hex(digest), fetched, f"blob {digest} never fetched from the CDN\n{diag}"
+            )
         agents = {HAMMAL_UA in (e["user_agent"] or "") for e in cdn}
         if self.blob_redirect == "follow":
-            self.assertEqual(agents, {True}, f"follow mode: the client went to the CDN itself\n{cdn}")
+            self.assertEqual(
+                agents, {True}, f"follow mode: the client went to the CDN itself\n{cdn}"
+            )
         else:
             self.assertEqual(agents, {False}, f"pass mode: hammal fetched blobs itself\n{cdn}")
 
@@ -101,8 +105,7 @@ class _PullTestsMixin(_Base):
 
     def test_pull_by_digest(self) -> None:
         image = self.env.image("library/ociimg:1")
-        self.pull(self.hammal.host, "library/ociimg", image,
-                  reference="@" + image.manifest_digest)
+        self.pull(self.hammal.host, "library/ociimg", image, reference="@" + image.manifest_digest)
         self.check_upstream_traffic(image, image.repo)
 
     def test_second_pull_same_content(self) -> None:
@@ -145,9 +148,7 @@ class PullFollowTests(_PullTestsMixin, IntegrationTestCase):
         for t in threads:
             t.join(180)
         self.assertEqual(errors, [], self.diagnostics())
-        self.assertEqual(
-            results, [(200, digest, image.blob_sizes[digest])] * 4, self.diagnostics()
-        )
+        self.assertEqual(results, [(200, digest, image.blob_sizes[digest])] * 4, self.diagnostics())
         gets = [e for e in self._cdn_blob_gets() if _hex(digest) in e["path"]]
         self.assertEqual(len(gets), 1, f"CDN fetches of the blob: {gets}")
 
@@ -182,7 +183,8 @@ class PrivateRepositoryTests(IntegrationTestCase):
         hammal = self.start_hammal()
         image = self.env.image("private/secret:1")
         response = hammal.request(
-            "GET", "/v2/private/secret/manifests/1",
+            "GET",
+            "/v2/private/secret/manifests/1",
             [("Accept", image.media_type)],
         )
         self.assertOCIError(response, 403, "DENIED")
@@ -199,7 +201,8 @@ class PrivateRepositoryTests(IntegrationTestCase):
     def _with_credentials(self, blob_redirect: str) -> None:
         hammal = self.start_hammal(
             blob_redirect=blob_redirect,
-            upstream_username=PRIVATE_USER, upstream_password=PRIVATE_PASSWORD,
+            upstream_username=PRIVATE_USER,
+            upstream_password=PRIVATE_PASSWORD,
         )
         image = self.env.image("private/secret:1")
         self.pull(hammal.host, "private/secret", image)
@@ -215,10 +218,10 @@ class PrivateRepositoryTests(IntegrationTestCase):
             )
         cdn = self.env.cdn_log()
         self.assertTrue(cdn)
-        self.assertEqual([e for e in cdn if e["authorization"]], [],
-                         "the CDN received an Authorization header")
-        self.assertNotIn(PRIVATE_PASSWORD, hammal.log_text(),
-                         "hammal logged the upstream password")
+        self.assertEqual(
+            [e for e in cdn if e["authorization"]], [], "the CDN received an Authorization header"
+        )
+        self.assertNotIn(PRIVATE_PASSWORD, hammal.log_text(), "hammal logged the upstream password")
 
     def test_pull_with_credentials_follow(self) -> None:
         self._with_credentials("follow")
@@ -229,10 +232,12 @@ class PrivateRepositoryTests(IntegrationTestCase):
     def test_wrong_credentials(self) -> None:
         """A wrong upstream password is not reported as success or as 404."""
         hammal = self.start_hammal(
-            upstream_username=PRIVATE_USER, upstream_password="not-the-password",
+            upstream_username=PRIVATE_USER,
+            upstream_password="not-the-password",
         )
         response = hammal.request(
-            "GET", "/v2/private/secret/manifests/1",
+            "GET",
+            "/v2/private/secret/manifests/1",
             [("Accept", self.env.image("private/secret:1").media_type)],
         )
         self.assertIn(response.status, (401, 403, 502), response.describe())

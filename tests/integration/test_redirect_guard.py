@@ -40,15 +40,18 @@ def _namespace_problem() -> str | None:
     """Why a network namespace cannot be used here, or None."""
     if UNSHARE is None or IP is None:
         return "unshare (util-linux) and ip (iproute2) are needed (make system-deps)"
-    probe = subprocess.run([UNSHARE, "--net", "--", IP, "link", "set", "lo", "up"],
-                           capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        [UNSHARE, "--net", "--", IP, "link", "set", "lo", "up"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if probe.returncode != 0:
         return f"cannot create a network namespace: {probe.stderr.strip()[:200]}"
     return None
 
 
 class RedirectToLoopbackTests(unittest.TestCase):
-
     def run_scenario(self) -> Dict[str, Any]:
         problem = _namespace_problem()
         if problem is not None:
@@ -57,11 +60,19 @@ class RedirectToLoopbackTests(unittest.TestCase):
             raise unittest.SkipTest(problem)
         workdir = make_tempdir("hammal-it-netns-")
         assert UNSHARE is not None and IP is not None
-        script = (f"{IP} link set lo up && {IP} addr add {PUBLIC_ADDRESS}/32 dev lo && "
-                  f"exec {sys.executable} -m tests.integration.netns_redirect {workdir}")
+        script = (
+            f"{IP} link set lo up && {IP} addr add {PUBLIC_ADDRESS}/32 dev lo && "
+            f"exec {sys.executable} -m tests.integration.netns_redirect {workdir}"
+        )
         env = clean_env(PYTHONPATH=REPO_ROOT)
-        done = subprocess.run([UNSHARE, "--net", "--", "sh", "-c", script], cwd=REPO_ROOT,
-                              env=env, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            [UNSHARE, "--net", "--", "sh", "-c", script],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         self.assertEqual(done.returncode, 0, f"scenario failed:\n{done.stderr[-4000:]}")
         report: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         return report
@@ -76,10 +87,16 @@ class RedirectToLoopbackTests(unittest.TestCase):
             self.assertEqual(json.loads(result["body"])["errors"][0]["code"], "UNAVAILABLE", result)
             self.assertIn("internal address", result["body"])
             self.assertNotIn(secret, result["body"])
-        self.assertEqual([p for p in report["metadata_seen"] if PUBLIC_ADDRESS in p], [],
-                         "the loopback service was reached through the public upstream")
-        self.assertEqual([f for f in report["cached"]["public"] if f.startswith("blobs/")], [],
-                         report["cached"]["public"])
+        self.assertEqual(
+            [p for p in report["metadata_seen"] if PUBLIC_ADDRESS in p],
+            [],
+            "the loopback service was reached through the public upstream",
+        )
+        self.assertEqual(
+            [f for f in report["cached"]["public"] if f.startswith("blobs/")],
+            [],
+            report["cached"]["public"],
+        )
         self.assertNotIn(secret, json.dumps(report["cached"]["public"]))
         self.assertTrue(report["warnings"]["public"], "no warning was logged")
         self.assertNotIn("AKIA", "\n".join(report["warnings"]["public"]))

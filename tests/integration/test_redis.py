@@ -62,14 +62,15 @@ class RedisTests(IntegrationTestCase):
         deadline = time.monotonic() + 20
         statuses = []
         while time.monotonic() < deadline and not redis.keys("*"):
-            accept = [("Accept", t) for t in next(subsets)] + [("Accept", "application/vnd.oci.image.manifest.v1+json")]
-            statuses.append(
-                hammal.request("GET", "/v2/library/ociimg/manifests/1", accept).status
-            )
+            accept = [("Accept", t) for t in next(subsets)] + [
+                ("Accept", "application/vnd.oci.image.manifest.v1+json")
+            ]
+            statuses.append(hammal.request("GET", "/v2/library/ociimg/manifests/1", accept).status)
             time.sleep(0.2)
-        self.assertTrue(redis.keys("*"),
-                        f"hammal never wrote to the restarted redis; statuses {statuses}\n"
-                        f"{self.diagnostics()}")
+        self.assertTrue(
+            redis.keys("*"),
+            f"hammal never wrote to the restarted redis; statuses {statuses}\n{self.diagnostics()}",
+        )
         self.assertEqual(set(statuses) - {200}, set())
 
     def test_shared_cache_keeps_credentials_apart(self) -> None:
@@ -77,7 +78,9 @@ class RedisTests(IntegrationTestCase):
         credentials left in the shared redis."""
         image = self.env.image("private/secret:1")
         with_creds = self.start_hammal(
-            redis=True, upstream_username=PRIVATE_USER, upstream_password=PRIVATE_PASSWORD,
+            redis=True,
+            upstream_username=PRIVATE_USER,
+            upstream_password=PRIVATE_PASSWORD,
         )
         self.pull(with_creds.host, "private/secret", image)
         self.assertTrue(self.env.redis.keys("*"))
@@ -87,7 +90,8 @@ class RedisTests(IntegrationTestCase):
         )
         self.assertOCIError(response, 403, "DENIED")
         response = anonymous.request(
-            "GET", f"/v2/private/secret/manifests/{image.manifest_digest}",
+            "GET",
+            f"/v2/private/secret/manifests/{image.manifest_digest}",
             [("Accept", image.media_type)],
         )
         self.assertOCIError(response, 403, "DENIED")

@@ -67,8 +67,10 @@ class Pusher:
         location = urllib.parse.urljoin(self.url, started.header("Location") or "")
         separator = "&" if "?" in location else "?"
         done = http_request(
-            "PUT", f"{location}{separator}digest={digest}",
-            [("Content-Type", "application/octet-stream")], data,
+            "PUT",
+            f"{location}{separator}digest={digest}",
+            [("Content-Type", "application/octet-stream")],
+            data,
         )
         assert done.status == 201, done.describe()
         return {"digest": digest, "size": len(data)}
@@ -78,8 +80,10 @@ class Pusher:
         body = _json(document)
         reference = reference or _digest(body)
         put = http_request(
-            "PUT", f"{self.url}/v2/{REPO}/manifests/{reference}",
-            [("Content-Type", document["mediaType"])], body,
+            "PUT",
+            f"{self.url}/v2/{REPO}/manifests/{reference}",
+            [("Content-Type", document["mediaType"])],
+            body,
         )
         assert put.status == 201, put.describe()
         return _digest(body), body
@@ -91,47 +95,79 @@ class ReferrersTests(_RoutingTestCase):
         plain, url = self.start_plain_registry()
         push = Pusher(url)
         layer = push.blob(_layer())
-        config = push.blob(_json({
-            "architecture": "amd64", "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [_digest(gzip.decompress(_layer()))]},
-        }))
-        self.subject, subject_body = push.manifest("1", {
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, **config},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}],
-        })
+        config = push.blob(
+            _json(
+                {
+                    "architecture": "amd64",
+                    "os": "linux",
+                    "rootfs": {"type": "layers", "diff_ids": [_digest(gzip.decompress(_layer()))]},
+                }
+            )
+        )
+        self.subject, subject_body = push.manifest(
+            "1",
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, **config},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}],
+            },
+        )
         subject = {"mediaType": OCI_MANIFEST, "digest": self.subject, "size": len(subject_body)}
         empty = push.blob(b"{}")
         sbom = push.blob(b'{"packages":["hello"]}')
-        self.sbom, sbom_body = push.manifest(None, {
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SBOM,
-            "config": {"mediaType": EMPTY, **empty},
-            "layers": [{"mediaType": "application/json", **sbom}],
-            "subject": subject,
-        })
+        self.sbom, sbom_body = push.manifest(
+            None,
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "artifactType": SBOM,
+                "config": {"mediaType": EMPTY, **empty},
+                "layers": [{"mediaType": "application/json", **sbom}],
+                "subject": subject,
+            },
+        )
         self.sbom_descriptor = {
-            "mediaType": OCI_MANIFEST, "digest": self.sbom, "size": len(sbom_body),
+            "mediaType": OCI_MANIFEST,
+            "digest": self.sbom,
+            "size": len(sbom_body),
             "artifactType": SBOM,
         }
         hex_ = self.subject.split(":", 1)[1]
-        push.manifest(f"sha256-{hex_}", {
-            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [self.sbom_descriptor],
-        })
-        payload = push.blob(_json({"critical": {"image": {"docker-manifest-digest": self.subject}}}))
+        push.manifest(
+            f"sha256-{hex_}",
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [self.sbom_descriptor],
+            },
+        )
+        payload = push.blob(
+            _json({"critical": {"image": {"docker-manifest-digest": self.subject}}})
+        )
         self.signature_tag = f"sha256-{hex_}.sig"
-        self.signature, _ = push.manifest(self.signature_tag, {
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, **config},
-            "layers": [{
-                "mediaType": SIGNATURE_LAYER, **payload,
-                "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ=="},
-            }],
-        })
+        self.signature, _ = push.manifest(
+            self.signature_tag,
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, **config},
+                "layers": [
+                    {
+                        "mediaType": SIGNATURE_LAYER,
+                        **payload,
+                        "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ=="},
+                    }
+                ],
+            },
+        )
         plain.stop()
         self.hammal = launch_hammal(self)
 
     def referrers(self, artifact_type: Optional[str] = None) -> Any:
-        query = "?" + urllib.parse.urlencode({"artifactType": artifact_type}) if artifact_type else ""
+        query = (
+            "?" + urllib.parse.urlencode({"artifactType": artifact_type}) if artifact_type else ""
+        )
         return fetch(f"{self.hammal.url}/v2/{REPO}/referrers/{self.subject}{query}")
 
     def test_upstream_without_api_answers_from_tag_schema(self) -> None:

@@ -45,7 +45,7 @@ class RegistryLog:
         self.start = len(process.log_text())
 
     def requests(self) -> List[Tuple[str, str, int]]:
-        text = self.process.log_text()[self.start:]
+        text = self.process.log_text()[self.start :]
         return [(m, p, int(s)) for m, p, s in _ACCESS_LINE.findall(text)]
 
     def paths(self) -> List[str]:
@@ -70,8 +70,12 @@ class _RoutingTestCase(IntegrationTestCase):
         plain = self.env._start_registry(f"plain-registry-{port}", port, None, None)
         self.addCleanup(plain.stop)
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_request("GET", url + "/v2/", timeout=2).status == 200,
-                   "the plain registry", 30, plain)
+        wait_until(
+            lambda: http_request("GET", url + "/v2/", timeout=2).status == 200,
+            "the plain registry",
+            30,
+            plain,
+        )
         return plain, url
 
     def env_registry_log(self) -> RegistryLog:
@@ -87,9 +91,10 @@ class HostRoutingTests(_RoutingTestCase):
         self.plain, self.plain_url = self.start_plain_registry()
         self.plain_host = self.plain_url.split("//", 1)[1]
         self.hammal = launch_hammal(
-            self, ["--route", f"a.test={self.env.registry_url}",
-                   "--route", f"b.test={self.plain_url}"],
-            upstream=None)
+            self,
+            ["--route", f"a.test={self.env.registry_url}", "--route", f"b.test={self.plain_url}"],
+            upstream=None,
+        )
 
     def test_each_host_reaches_only_its_upstream(self) -> None:
         alpine = self.env.image("library/alpine:3.20")
@@ -97,8 +102,9 @@ class HostRoutingTests(_RoutingTestCase):
         env_log, plain_log = self.env_registry_log(), RegistryLog(self.plain)
 
         self.assertEqual(fetch(self.hammal.url + "/v2/", [("Host", "a.test")]).status, 200)
-        response = fetch(self.hammal.url + "/v2/library/alpine/manifests/3.20",
-                         [("Host", "a.test:443"), *ACCEPT])
+        response = fetch(
+            self.hammal.url + "/v2/library/alpine/manifests/3.20", [("Host", "a.test:443"), *ACCEPT]
+        )
         self.assertEqual(response.status, 200, f"{response.describe()}\n{self.diagnostics()}")
         self.assertEqual(response.header("Docker-Content-Digest"), alpine.manifest_digest)
         blob = alpine.blob_digests[0]
@@ -112,8 +118,9 @@ class HostRoutingTests(_RoutingTestCase):
 
         self.env.reset_logs()
         env_log, plain_log = self.env_registry_log(), RegistryLog(self.plain)
-        response = fetch(self.hammal.url + "/v2/library/ociimg/manifests/1",
-                         [("Host", "B.TEST"), *ACCEPT])
+        response = fetch(
+            self.hammal.url + "/v2/library/ociimg/manifests/1", [("Host", "B.TEST"), *ACCEPT]
+        )
         self.assertEqual(response.status, 200, f"{response.describe()}\n{self.diagnostics()}")
         self.assertEqual(response.header("Docker-Content-Digest"), ociimg.manifest_digest)
         blob = ociimg.blob_digests[-1]
@@ -141,14 +148,18 @@ class HostRoutingTests(_RoutingTestCase):
         env_log, plain_log = self.env_registry_log(), RegistryLog(self.plain)
         # ?ns= wins over the Host header, and works for an unknown Host.
         for host in ("a.test", "c.test"):
-            response = fetch(self.hammal.url + f"/v2/library/ociimg/manifests/1?ns={self.plain_host}",
-                             [("Host", host), *ACCEPT])
+            response = fetch(
+                self.hammal.url + f"/v2/library/ociimg/manifests/1?ns={self.plain_host}",
+                [("Host", host), *ACCEPT],
+            )
             self.assertEqual(response.status, 200, f"{response.describe()}\n{self.diagnostics()}")
             self.assertEqual(response.header("Docker-Content-Digest"), ociimg.manifest_digest)
         self.assertIn("/v2/library/ociimg/manifests/1", plain_log.paths())
         self.assertEqual(env_log.requests(), [])
-        response = fetch(self.hammal.url + f"/v2/library/ociimg/manifests/1?ns={self.env.registry_host}",
-                         [("Host", "b.test"), *ACCEPT])
+        response = fetch(
+            self.hammal.url + f"/v2/library/ociimg/manifests/1?ns={self.env.registry_host}",
+            [("Host", "b.test"), *ACCEPT],
+        )
         self.assertEqual(response.status, 200, response.describe())
         self.assertIn("/v2/library/ociimg/manifests/1", env_log.paths())
         # A --route host name (what clients call the mirror) is not a registry name for ?ns=.
@@ -159,31 +170,41 @@ class HostRoutingTests(_RoutingTestCase):
         """Documented limitation: ``/v2/127.0.0.1:PORT/name/...`` cannot route
         (``:`` is not allowed in a repository name)."""
         plain_log = RegistryLog(self.plain)
-        response = fetch(self.hammal.url + f"/v2/{self.plain_host}/library/ociimg/manifests/1",
-                         [("Host", "c.test"), *ACCEPT])
+        response = fetch(
+            self.hammal.url + f"/v2/{self.plain_host}/library/ociimg/manifests/1",
+            [("Host", "c.test"), *ACCEPT],
+        )
         self.assertEqual(response.status, 400, response.describe())
         self.assertEqual(response.json()["errors"][0]["code"], "NAME_INVALID")
         self.assertEqual(plain_log.requests(), [])
 
 
 class SkopeoHostRoutingTests(_RoutingTestCase):
-
     def test_skopeo_pulls_by_host_name(self) -> None:
         """Real clients: ``localhost:PORT`` and ``127.0.0.1:PORT`` as two mirror hosts."""
         plain, plain_url = self.start_plain_registry()
         hammal = launch_hammal(
-            self, ["--route", f"localhost={self.env.registry_url}",
-                   "--route", f"127.0.0.1={plain_url}"],
-            upstream=None)
+            self,
+            ["--route", f"localhost={self.env.registry_url}", "--route", f"127.0.0.1={plain_url}"],
+            upstream=None,
+        )
         env_log, plain_log = self.env_registry_log(), RegistryLog(plain)
         alpine = self.env.image("library/alpine:3.20")
-        skopeo_copy(self, f"localhost:{hammal.port}/alpine:3.20", alpine,
-                    ["--src-tls-verify=false", "--src-no-creds"])
+        skopeo_copy(
+            self,
+            f"localhost:{hammal.port}/alpine:3.20",
+            alpine,
+            ["--src-tls-verify=false", "--src-no-creds"],
+        )
         self.assertIn("/v2/library/alpine/manifests/3.20", env_log.paths())
         self.assertFalse([p for p in plain_log.paths() if "alpine" in p], plain_log.paths())
         redis = self.env.image("bitnami/redis:7")
-        skopeo_copy(self, f"127.0.0.1:{hammal.port}/bitnami/redis:7", redis,
-                    ["--src-tls-verify=false", "--src-no-creds"])
+        skopeo_copy(
+            self,
+            f"127.0.0.1:{hammal.port}/bitnami/redis:7",
+            redis,
+            ["--src-tls-verify=false", "--src-no-creds"],
+        )
         self.assertIn("/v2/bitnami/redis/manifests/7", plain_log.paths())
         self.assertFalse([p for p in env_log.paths() if "bitnami" in p], env_log.paths())
         for digest in redis.blob_digests:
@@ -203,8 +224,12 @@ class PathPrefixTests(_RoutingTestCase):
         response = hammal.request("GET", "/v2/127.0.0.1/library/ociimg/manifests/1", ACCEPT)
         self.assertEqual(response.status, 200, f"{response.describe()}\n{self.diagnostics()}")
         self.assertEqual(response.header("Docker-Content-Digest"), ociimg.manifest_digest)
-        skopeo_copy(self, f"{hammal.host}/127.0.0.1/library/ociimg:1", ociimg,
-                    ["--src-tls-verify=false", "--src-no-creds"])
+        skopeo_copy(
+            self,
+            f"{hammal.host}/127.0.0.1/library/ociimg:1",
+            ociimg,
+            ["--src-tls-verify=false", "--src-no-creds"],
+        )
         self.assertIn("/v2/library/ociimg/manifests/1", plain_log.paths())
         for digest in ociimg.blob_digests:
             self.assertIn(f"/v2/library/ociimg/blobs/{digest}", plain_log.paths())
@@ -216,19 +241,25 @@ class PathPrefixTests(_RoutingTestCase):
 
 
 class MirrorFailoverTests(_RoutingTestCase):
-
     def test_failover_to_mirror(self) -> None:
         _, plain_url = self.start_plain_registry()
         closed = free_port()
-        hammal = launch_hammal(self, ["--mirror", plain_url],
-                               upstream=f"http://127.0.0.1:{closed}")
+        hammal = launch_hammal(self, ["--mirror", plain_url], upstream=f"http://127.0.0.1:{closed}")
         alpine = self.env.image("library/alpine:3.20")
-        skopeo_copy(self, f"{hammal.host}/alpine:3.20", alpine,
-                    ["--src-tls-verify=false", "--src-no-creds"])
-        skopeo_copy(self, f"{hammal.host}/library/multi:1", self.env.image("library/multi:1"),
-                    ["--src-tls-verify=false", "--src-no-creds"], all_platforms=True)
+        skopeo_copy(
+            self, f"{hammal.host}/alpine:3.20", alpine, ["--src-tls-verify=false", "--src-no-creds"]
+        )
+        skopeo_copy(
+            self,
+            f"{hammal.host}/library/multi:1",
+            self.env.image("library/multi:1"),
+            ["--src-tls-verify=false", "--src-no-creds"],
+            all_platforms=True,
+        )
         log = hammal_output(hammal)
-        self.assertRegex(log, rf"upstream 127\.0\.0\.1:{closed} failed \(.*\); trying the next mirror")
+        self.assertRegex(
+            log, rf"upstream 127\.0\.0\.1:{closed} failed \(.*\); trying the next mirror"
+        )
         metrics = scrape(hammal.url + "/metrics")
         failovers = metrics.get("hammal_upstream_failovers_total", host=f"127.0.0.1:{closed}")
         self.assertGreater(failovers, 0, metrics.text)

@@ -18,7 +18,9 @@ def curl(url: str, *extra: str) -> Tuple[int, Dict[str, str], bytes]:
     """``curl URL`` (no ``Accept`` of its own beyond curl's): status, headers, body."""
     result = subprocess.run(
         ["curl", "-sS", "--max-time", "30", "-D", "/dev/stderr", "-o", "-", *extra, url],
-        capture_output=True, timeout=60, check=False,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     if result.returncode != 0:
         raise AssertionError(f"curl failed ({result.returncode}): {result.stderr[-2000:]!r}")
@@ -45,14 +47,20 @@ class Schema1Tests(IntegrationTestCase):
         image = self.env.image("library/alpine:3.20")
         upstream = self.env.upstream_request("GET", image.repo, "manifests", "3.20", accept=())
         self.assertEqual(upstream.status, 200, upstream.describe())
-        self.assertEqual(upstream.header("Content-Type"), SCHEMA1, "the upstream no longer converts")
+        self.assertEqual(
+            upstream.header("Content-Type"), SCHEMA1, "the upstream no longer converts"
+        )
         announced = upstream.header("Docker-Content-Digest")
         self.assertIsNotNone(announced)
-        self.assertNotEqual(announced, "sha256:" + hashlib.sha256(upstream.body).hexdigest(),
-                            "a schema 1 digest covers the payload, not the body")
+        self.assertNotEqual(
+            announced,
+            "sha256:" + hashlib.sha256(upstream.body).hexdigest(),
+            "a schema 1 digest covers the payload, not the body",
+        )
         for attempt in (1, 2):
             status, headers, body = curl(
-                f"{self.hammal.url}/v2/{image.repo}/manifests/3.20", *curl_args)
+                f"{self.hammal.url}/v2/{image.repo}/manifests/3.20", *curl_args
+            )
             context = f"attempt {attempt}: {status} {headers} {body[:300]!r}\n{self.diagnostics()}"
             self.assertEqual(status, 200, context)
             self.assertEqual(headers.get("content-type"), SCHEMA1, context)

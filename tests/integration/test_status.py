@@ -64,7 +64,6 @@ return {
 
 
 class StatusPageBrowserTests(IntegrationTestCase):
-
     def setUp(self) -> None:
         super().setUp()
         missing = missing_browser()
@@ -110,8 +109,14 @@ class StatusPageBrowserTests(IntegrationTestCase):
         self.assertEqual(facts["resources"], [], f"the page fetched something{context}")
 
         charts = facts["charts"]
-        for name in ("requests-hour", "hit-ratio-hour", "bytes-hour",
-                     "requests-day", "hit-ratio-day", "bytes-day"):
+        for name in (
+            "requests-hour",
+            "hit-ratio-hour",
+            "bytes-hour",
+            "requests-day",
+            "hit-ratio-day",
+            "bytes-day",
+        ):
             self.assertIn(name, charts, context)
             self.assertGreater(charts[name]["width"], 300, f"{name} not laid out{context}")
         self.assertEqual(charts["requests-hour"]["points"], 60)
@@ -123,17 +128,20 @@ class StatusPageBrowserTests(IntegrationTestCase):
         self.assertGreaterEqual(charts["hit-ratio-day"]["lines"]["ratio_points"], 1, context)
         self.assertGreater(charts["bytes-hour"]["lines"]["bytes_from_upstream"], 0, context)
         for name in ("top-pulls", "top-bytes"):
-            self.assertEqual(set(charts[name]["bars"]), {"library/alpine", "library/ociimg"},
-                             f"{name}{context}")
+            self.assertEqual(
+                set(charts[name]["bars"]), {"library/alpine", "library/ociimg"}, f"{name}{context}"
+            )
         self.assertEqual(charts["top-pulls"]["bars"][0], "library/alpine", context)
 
         def repositories(rows: List[List[str]]) -> List[str]:
             return [row[0] for row in rows]
 
-        self.assertEqual(repositories(facts["topByPulls"]), ["library/alpine", "library/ociimg"],
-                         context)
-        self.assertEqual(set(repositories(facts["topByBytes"])),
-                         {"library/alpine", "library/ociimg"}, context)
+        self.assertEqual(
+            repositories(facts["topByPulls"]), ["library/alpine", "library/ociimg"], context
+        )
+        self.assertEqual(
+            set(repositories(facts["topByBytes"])), {"library/alpine", "library/ociimg"}, context
+        )
         (upstream,) = facts["upstreams"]
         self.assertEqual(upstream[0], "default", context)
         self.assertIn(self.env.registry_host, upstream[1], context)
@@ -143,8 +151,11 @@ class StatusPageBrowserTests(IntegrationTestCase):
         phone = self._browser(width=390, height=844)
         phone.open(hammal.url + "/status")
         narrow: Dict[str, Any] = phone.run(_PAGE_FACTS)
-        self.assertLessEqual(narrow["scrollWidth"], narrow["innerWidth"],
-                             f"the page scrolls sideways on a phone{context}")
+        self.assertLessEqual(
+            narrow["scrollWidth"],
+            narrow["innerWidth"],
+            f"the page scrolls sideways on a phone{context}",
+        )
         phone.resize(390, min(max(int(narrow["height"]) + 40, 844), 8000))
         phone.screenshot(os.path.join(artifacts, "status-phone.png"))
         self.assertEqual([m for m in phone.console() if m.get("level") == "SEVERE"], [])
@@ -158,7 +169,9 @@ class StatusAccessTests(IntegrationTestCase):
         hammal = launch_hammal(self, ["--metrics-port", f"tcp:{metrics_port}:interface=127.0.0.1"])
         for path in ("/status", "/status.json"):
             response = hammal.request("GET", path)
-            self.assertEqual(response.status, 404, f"{path} on the main port: {response.describe()}")
+            self.assertEqual(
+                response.status, 404, f"{path} on the main port: {response.describe()}"
+            )
         wait_until(lambda: port_open(metrics_port), "the metrics port", 10)
         page = fetch(f"http://127.0.0.1:{metrics_port}/status")
         self.assertEqual(page.status, 200, page.describe())
@@ -199,25 +212,39 @@ class _QuotaHandler(BaseHTTPRequestHandler):
             self._send(200, b"{}", {"Content-Type": "application/json"})
             return
         if "/manifests/" not in self.path:
-            self._send(404, b'{"errors":[{"code":"NAME_UNKNOWN","message":"?"}]}',
-                       {"Content-Type": "application/json"})
+            self._send(
+                404,
+                b'{"errors":[{"code":"NAME_UNKNOWN","message":"?"}]}',
+                {"Content-Type": "application/json"},
+            )
             return
-        body = json.dumps({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": "sha256:" + "0" * 64, "size": 2},
-            "layers": [], "annotations": {"path": self.path},
-        }).encode()
+        body = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": "sha256:" + "0" * 64,
+                    "size": 2,
+                },
+                "layers": [],
+                "annotations": {"path": self.path},
+            }
+        ).encode()
         with self.server.lock:
             if self.command == "GET":
                 self.server.remaining -= 1
             remaining = self.server.remaining
-        self._send(200, body, {
-            "Content-Type": OCI_MANIFEST,
-            "Docker-Content-Digest": "sha256:" + hashlib.sha256(body).hexdigest(),
-            "RateLimit-Limit": "100;w=21600",
-            "RateLimit-Remaining": f"{remaining};w=21600",
-        })
+        self._send(
+            200,
+            body,
+            {
+                "Content-Type": OCI_MANIFEST,
+                "Docker-Content-Digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+                "RateLimit-Limit": "100;w=21600",
+                "RateLimit-Remaining": f"{remaining};w=21600",
+            },
+        )
 
     do_HEAD = do_GET
 
@@ -231,8 +258,12 @@ class QuotaUpstream(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _QuotaHandler)
         self.remaining = 100
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="quota-upstream", daemon=True)
+        self.thread = threading.Thread(
+            target=self.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="quota-upstream",
+            daemon=True,
+        )
         self.thread.start()
 
     @property
@@ -262,12 +293,16 @@ class QuotaTests(IntegrationTestCase):
         before = quota()
         self.assertEqual((before["account"], before["remaining"]), ("anonymous", None))
         for tag in ("1", "2"):
-            response = hammal.request("GET", f"/v2/team/app/manifests/{tag}",
-                                      [("Accept", OCI_MANIFEST)])
+            response = hammal.request(
+                "GET", f"/v2/team/app/manifests/{tag}", [("Accept", OCI_MANIFEST)]
+            )
             self.assertEqual(response.status, 200, response.describe())
         after = quota()
-        self.assertEqual((after["remaining"], after["limit"], after["window_seconds"]),
-                         (98, 100, 21600), f"{after}\n{self.diagnostics()}")
+        self.assertEqual(
+            (after["remaining"], after["limit"], after["window_seconds"]),
+            (98, 100, 21600),
+            f"{after}\n{self.diagnostics()}",
+        )
         self.assertLess(after["observed_seconds_ago"], 60)
         page = fetch(hammal.url + "/status").body.decode()
         self.assertIn("<td>98 of 100</td>", page)

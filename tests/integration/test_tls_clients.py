@@ -64,10 +64,23 @@ class TLSClientTests(IntegrationTestCase):
 
     def curl(self, *flags: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["curl", "-sS", "--max-time", "20", "--cacert", self.pki.ca_cert,
-             "-o", "/dev/null", "-w", "%{http_code} %{http_version}", *flags,
-             self.url + "/v2/"],
-            capture_output=True, text=True, timeout=30,
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                self.pki.ca_cert,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{http_version}",
+                *flags,
+                self.url + "/v2/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     def test_curl(self) -> None:
@@ -77,13 +90,16 @@ class TLSClientTests(IntegrationTestCase):
         for flags in ((), ("--http1.1",), ("--http2",), ("--no-alpn",)):
             result = self.curl(*flags)
             self.assertEqual(
-                (result.returncode, result.stdout), (0, "200 1.1"),
+                (result.returncode, result.stdout),
+                (0, "200 1.1"),
                 f"curl {' '.join(flags)}: {result.stderr}",
             )
 
     def test_go_client(self) -> None:
         """Go's net/http with HTTP/2 enabled (what docker and containerd use)."""
-        go = shutil.which("go") or ("/usr/lib/go/bin/go" if os.path.exists("/usr/lib/go/bin/go") else None)
+        go = shutil.which("go") or (
+            "/usr/lib/go/bin/go" if os.path.exists("/usr/lib/go/bin/go") else None
+        )
         if go is None:
             self.fail_or_skip("go")
             return
@@ -91,13 +107,25 @@ class TLSClientTests(IntegrationTestCase):
         source = os.path.join(workdir, "client.go")
         with open(source, "w") as f:
             f.write(_GO_CLIENT)
-        env = dict(os.environ, GOCACHE=os.path.join(workdir, "cache"), GOPATH=os.path.join(workdir, "gopath"),
-                   GO111MODULE="off", GOFLAGS="", GOTOOLCHAIN="local")
+        env = dict(
+            os.environ,
+            GOCACHE=os.path.join(workdir, "cache"),
+            GOPATH=os.path.join(workdir, "gopath"),
+            GO111MODULE="off",
+            GOFLAGS="",
+            GOTOOLCHAIN="local",
+        )
         result = subprocess.run(
             [go, "run", source, self.pki.ca_cert, self.url + "/v2/"],
-            capture_output=True, text=True, timeout=300, env=env, cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=workdir,
         )
-        self.assertEqual((result.returncode, result.stdout.strip()), (0, "200 HTTP/1.1"), result.stderr)
+        self.assertEqual(
+            (result.returncode, result.stdout.strip()), (0, "200 HTTP/1.1"), result.stderr
+        )
 
     def fail_or_skip(self, binary: str) -> None:
         from twisted.trial.unittest import SkipTest

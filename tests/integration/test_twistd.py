@@ -12,6 +12,7 @@ import time
 import unittest
 
 from tests.integration.environment import (
+    REPO_ROOT,
     ManagedProcess,
     _hammal_env,
     free_port,
@@ -21,7 +22,6 @@ from tests.integration.environment import (
     twistd_path,
     wait_until,
 )
-from tests.integration.environment import REPO_ROOT
 from tests.integration.support import IntegrationTestCase, check_pulled_dir
 
 
@@ -52,18 +52,41 @@ class DaemonLogfileTests(IntegrationTestCase):
         pidfile, logfile = os.path.join(workdir, "hammal.pid"), os.path.join(workdir, "hammal.log")
         port = free_port()
         argv = [
-            twistd_path(), "--pidfile", pidfile, "--logfile", logfile, "hammal",
-            "--port", f"tcp:{port}:interface=127.0.0.1", "--upstream", self.env.registry_url,
-            "--cache-dir", os.path.join(workdir, "cache"), "--log-format", "json",
+            twistd_path(),
+            "--pidfile",
+            pidfile,
+            "--logfile",
+            logfile,
+            "hammal",
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--upstream",
+            self.env.registry_url,
+            "--cache-dir",
+            os.path.join(workdir, "cache"),
+            "--log-format",
+            "json",
         ]
-        started = subprocess.run(argv, env=_hammal_env(), cwd=REPO_ROOT, capture_output=True, text=True,
-                                 timeout=60, stdin=subprocess.DEVNULL)
+        started = subprocess.run(
+            argv,
+            env=_hammal_env(),
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         self.addCleanup(self._stop, pidfile)
         self.assertEqual(started.returncode, 0, started.stderr + started.stdout)
-        wait_until(lambda: http_request("GET", f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200,
-                   "the daemon's /v2/")
-        response = http_request("GET", f"http://127.0.0.1:{port}/v2/library/alpine/manifests/3.20",
-                                [("Accept", "application/vnd.docker.distribution.manifest.v2+json")])
+        wait_until(
+            lambda: http_request("GET", f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200,
+            "the daemon's /v2/",
+        )
+        response = http_request(
+            "GET",
+            f"http://127.0.0.1:{port}/v2/library/alpine/manifests/3.20",
+            [("Accept", "application/vnd.docker.distribution.manifest.v2+json")],
+        )
         self.assertEqual(response.status, 200, response.describe())
 
         def logged() -> bool:
@@ -74,7 +97,9 @@ class DaemonLogfileTests(IntegrationTestCase):
         with open(logfile) as f:
             text = f.read()
         # hammal's JSON observer, not twistd's default text one.
-        access = [line for line in text.split("\x1e") if "/v2/library/alpine/manifests/3.20" in line]
+        access = [
+            line for line in text.split("\x1e") if "/v2/library/alpine/manifests/3.20" in line
+        ]
         self.assertTrue(access[0].lstrip().startswith("{"), text[-2000:])
         self.assertIn('"route": "manifest"', access[0])
 
@@ -84,12 +109,22 @@ class SelfSignedTlsTests(IntegrationTestCase):
 
     def _start(self, workdir: str, port: int, log: str = "hammal.log") -> ManagedProcess:
         argv = [
-            twistd_path(), "--pidfile=", "-n", "hammal", "--tls", "--library-prefix",
-            "--port", f"tcp:{port}:interface=127.0.0.1", "--upstream", self.env.registry_url,
-            "--cache-dir", os.path.join(workdir, "var", "cache"),
+            twistd_path(),
+            "--pidfile=",
+            "-n",
+            "hammal",
+            "--tls",
+            "--library-prefix",
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--upstream",
+            self.env.registry_url,
+            "--cache-dir",
+            os.path.join(workdir, "var", "cache"),
         ]
-        process = ManagedProcess("hammal", argv, os.path.join(workdir, log),
-                                 env=_hammal_env(), cwd=REPO_ROOT).start()
+        process = ManagedProcess(
+            "hammal", argv, os.path.join(workdir, log), env=_hammal_env(), cwd=REPO_ROOT
+        ).start()
         self.addCleanup(process.stop)
         wait_until(lambda: "starting on" in process.log_text(), "hammal to listen", process=process)
         return process
@@ -106,8 +141,12 @@ class SelfSignedTlsTests(IntegrationTestCase):
         cert = os.path.join(workdir, "var", "tls", "hammal.crt")
         line = self._logged(process)
         self.assertIn(cert, line)
-        openssl = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", cert],
-                                 capture_output=True, text=True, check=True)
+        openssl = subprocess.run(
+            ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", cert],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         fingerprint = openssl.stdout.strip().split("=", 1)[1]
         self.assertIn(fingerprint, line)
         self.assertIn("/etc/docker/certs.d/", line)
@@ -117,13 +156,27 @@ class SelfSignedTlsTests(IntegrationTestCase):
         certs_dir = self.make_dir()
         shutil.copy(cert, os.path.join(certs_dir, "ca.crt"))
         dest = self.make_dir()
-        result = skopeo(["copy", "--src-cert-dir", certs_dir, "--src-no-creds",
-                         f"docker://127.0.0.1:{port}/alpine:3.20", f"dir:{dest}"])
+        result = skopeo(
+            [
+                "copy",
+                "--src-cert-dir",
+                certs_dir,
+                "--src-no-creds",
+                f"docker://127.0.0.1:{port}/alpine:3.20",
+                f"dir:{dest}",
+            ]
+        )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:] + process.log_tail())
         self.assertEqual(check_pulled_dir(dest, self.env.image("library/alpine:3.20"), False), [])
         # Untrusted, the same pull fails verification.
-        untrusted = skopeo(["copy", "--src-no-creds", f"docker://127.0.0.1:{port}/alpine:3.20",
-                            f"dir:{self.make_dir()}"])
+        untrusted = skopeo(
+            [
+                "copy",
+                "--src-no-creds",
+                f"docker://127.0.0.1:{port}/alpine:3.20",
+                f"dir:{self.make_dir()}",
+            ]
+        )
         self.assertNotEqual(untrusted.returncode, 0)
 
         process.stop()
@@ -145,12 +198,26 @@ class DualStackTests(IntegrationTestCase):
             raise unittest.SkipTest("this machine has no IPv6 loopback")
         workdir = make_tempdir("hammal-it-dual-")
         port = free_port()
-        argv = [twistd_path(), "--pidfile=", "-n", "hammal", "--port", str(port),
-                "--upstream", self.env.registry_url, "--cache-dir", os.path.join(workdir, "cache")]
-        process = ManagedProcess("hammal", argv, os.path.join(workdir, "hammal.log"),
-                                 env=_hammal_env(), cwd=REPO_ROOT).start()
+        argv = [
+            twistd_path(),
+            "--pidfile=",
+            "-n",
+            "hammal",
+            "--port",
+            str(port),
+            "--upstream",
+            self.env.registry_url,
+            "--cache-dir",
+            os.path.join(workdir, "cache"),
+        ]
+        process = ManagedProcess(
+            "hammal", argv, os.path.join(workdir, "hammal.log"), env=_hammal_env(), cwd=REPO_ROOT
+        ).start()
         self.addCleanup(process.stop)
-        wait_until(lambda: http_request("GET", f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200,
-                   "hammal on IPv4", process=process)
+        wait_until(
+            lambda: http_request("GET", f"http://127.0.0.1:{port}/v2/", timeout=2).status == 200,
+            "hammal on IPv4",
+            process=process,
+        )
         response = http_request("GET", f"http://[::1]:{port}/v2/", timeout=5)
         self.assertEqual(response.status, 200, response.describe())

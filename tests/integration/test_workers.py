@@ -61,14 +61,25 @@ class _Upstream:
     def __init__(self) -> None:
         self.workdir = make_tempdir("hammal-it-workers-faults-")
         port_file = os.path.join(self.workdir, "port")
-        argv = [sys.executable, os.path.join(HERE, "faults.py"), "--port", "0", "--port-file", port_file]
+        argv = [
+            sys.executable,
+            os.path.join(HERE, "faults.py"),
+            "--port",
+            "0",
+            "--port-file",
+            port_file,
+        ]
         for size, seed in BLOBS:
             argv += ["--blob", f"{size}:{seed}"]
         self.process = ManagedProcess(
-            "faults", argv, os.path.join(self.workdir, "faults.log"),
+            "faults",
+            argv,
+            os.path.join(self.workdir, "faults.log"),
             env=clean_env(PYTHONUNBUFFERED="1"),
         ).start()
-        wait_until(lambda: os.path.exists(port_file), "the fault server's port file", process=self.process)
+        wait_until(
+            lambda: os.path.exists(port_file), "the fault server's port file", process=self.process
+        )
         with open(port_file) as f:
             self.url = f"http://127.0.0.1:{int(f.read())}"
         self.digests = {spec: digest_of(spec) for spec in BLOBS}
@@ -80,7 +91,11 @@ class _Upstream:
         return response.json()
 
     def gets(self, spec: Tuple[int, int]) -> List[Dict[str, Any]]:
-        return [e for e in self.admin("GET", "log") if self.digests[spec] in e["path"] and e["method"] == "GET"]
+        return [
+            e
+            for e in self.admin("GET", "log")
+            if self.digests[spec] in e["path"] and e["method"] == "GET"
+        ]
 
 
 _upstream: Optional[_Upstream] = None
@@ -97,7 +112,7 @@ def worker_counts(hammal: HammalProcess, route: str = "blob") -> Dict[str, float
     """Requests of C{route} answered 200, by worker, from /metrics."""
     text = http_request("GET", hammal.url + "/metrics", timeout=10).body.decode()
     counts: Dict[str, float] = {}
-    pattern = re.compile(r'^hammal_requests_total\{(.*)\} (\S+)$')
+    pattern = re.compile(r"^hammal_requests_total\{(.*)\} (\S+)$")
     for line in text.splitlines():
         match = pattern.match(line)
         if not match:
@@ -135,7 +150,10 @@ class WorkersTests(unittest.TestCase):
     def diagnostics(self) -> str:
         parts = [f"--- hammal ---\n{h.log_tail(6000)}" for h in self.hammals]
         try:
-            parts.append("--- upstream requests ---\n" + json.dumps(self.upstream.admin("GET", "log"))[-3000:])
+            parts.append(
+                "--- upstream requests ---\n"
+                + json.dumps(self.upstream.admin("GET", "log"))[-3000:]
+            )
         except Exception as e:  # noqa: BLE001 - diagnostics only
             parts.append(repr(e))
         return "\n".join(parts)
@@ -146,9 +164,12 @@ class WorkersTests(unittest.TestCase):
 
     def expect_blob(self, got: Fetched, spec: Tuple[int, int], what: str) -> None:
         self.expect(
-            got.status == 200 and not got.aborted and got.size == spec[0]
+            got.status == 200
+            and not got.aborted
+            and got.size == spec[0]
             and got.digest == self.upstream.digests[spec],
-            f"{what}: expected all of {self.upstream.digests[spec]} ({spec[0]} bytes), got {got.describe()}",
+            f"{what}: expected all of {self.upstream.digests[spec]} ({spec[0]} bytes),"
+            f" got {got.describe()}",
         )
 
     def get(self, hammal: HammalProcess, spec: Tuple[int, int], **kw: Any) -> Fetched:
@@ -178,8 +199,10 @@ class WorkersTests(unittest.TestCase):
         try:
             wait_until(on_both, "blob requests on both workers", timeout=10)
         except Exception:
-            self.fail(f"blob requests by worker, last seen: {seen[-1:]} (expected some on each)"
-                      f"\n{self.diagnostics()}")
+            self.fail(
+                f"blob requests by worker, last seen: {seen[-1:]} (expected some on each)"
+                f"\n{self.diagnostics()}"
+            )
 
     def test_kill_9_a_worker_mid_fill(self) -> None:
         """The worker filling a blob is killed with -9 while 6 clients read it:
@@ -221,15 +244,17 @@ class WorkersTests(unittest.TestCase):
         for got in whole:
             self.expect_blob(got, spec, "a client that was not cut")
         for got in cut:
-            self.expect(got.size < spec[0] and not got.timed_out,
-                        f"a cut client got {got.describe()}")
+            self.expect(
+                got.size < spec[0] and not got.timed_out, f"a cut client got {got.describe()}"
+            )
         for i in range(len(cut) + 1):
             self.expect_blob(self.get(hammal, spec), spec, f"retry {i}")
         # One process took the fill over (from the start) for every reader
         # left, and the retries: one upstream GET, not one per reader.
         after = self.upstream.gets(spec)[before:]
-        self.expect(len(after) == 1 and after[0]["range"] is None,
-                    f"upstream GETs after the kill: {after}")
+        self.expect(
+            len(after) == 1 and after[0]["range"] is None, f"upstream GETs after the kill: {after}"
+        )
 
         def restarted() -> bool:
             return "worker 1 (pid" in hammal.log_text() and "starting it again" in hammal.log_text()
@@ -240,17 +265,22 @@ class WorkersTests(unittest.TestCase):
         """Every small blob, two at a time, through the hammals in turn; the
         directory's size after each pair."""
         sizes = []
-        pairs = [SMALL[i:i + 2] for i in range(0, len(SMALL), 2)]
+        pairs = [SMALL[i : i + 2] for i in range(0, len(SMALL), 2)]
         for n, pair in enumerate(pairs):
             with ThreadPoolExecutor(max_workers=2) as pool:
-                results = list(pool.map(
-                    lambda item: self.get(hammals[(n + item[0]) % len(hammals)], item[1]),
-                    enumerate(pair)))
+                results = list(
+                    pool.map(
+                        lambda item: self.get(hammals[(n + item[0]) % len(hammals)], item[1]),
+                        enumerate(pair),
+                    )
+                )
             for spec, got in zip(pair, results):
                 self.expect_blob(got, spec, "a small blob")
             time.sleep(0.3)  # the last commit follows the last byte
-            sizes.append(directory_size(os.path.join(cache_dir, "blobs"))
-                         + directory_size(os.path.join(cache_dir, "tmp")))
+            sizes.append(
+                directory_size(os.path.join(cache_dir, "blobs"))
+                + directory_size(os.path.join(cache_dir, "tmp"))
+            )
         return sizes
 
     def test_two_workers_keep_the_directory_under_the_cap(self) -> None:
@@ -289,21 +319,41 @@ class WorkersTests(unittest.TestCase):
         """hammal with ``--workers 2`` and C{args}, not waiting for plain HTTP."""
         workdir = make_tempdir("hammal-it-workers-")
         port = free_port()
-        argv = [twistd_path(), "--pidfile=", "-n", "hammal", "--workers", "2",
-                "--port", f"tcp:{port}:interface=127.0.0.1", "--upstream", self.upstream.url,
-                "--cache-dir", os.path.join(workdir, "var", "cache"), "--read-timeout", "5", *args]
-        process = ManagedProcess("hammal", argv, os.path.join(workdir, "hammal.log"),
-                                 env=_hammal_env(), cwd=REPO_ROOT).start()
+        argv = [
+            twistd_path(),
+            "--pidfile=",
+            "-n",
+            "hammal",
+            "--workers",
+            "2",
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--upstream",
+            self.upstream.url,
+            "--cache-dir",
+            os.path.join(workdir, "var", "cache"),
+            "--read-timeout",
+            "5",
+            *args,
+        ]
+        process = ManagedProcess(
+            "hammal", argv, os.path.join(workdir, "hammal.log"), env=_hammal_env(), cwd=REPO_ROOT
+        ).start()
         self.addCleanup(process.stop)
-        wait_until(lambda: process.log_text().count("starting on") >= 2, "both processes listening",
-                   process=process)
+        wait_until(
+            lambda: process.log_text().count("starting on") >= 2,
+            "both processes listening",
+            process=process,
+        )
         return process, port, workdir
 
     def test_tls_in_every_worker(self) -> None:
         """--tls --workers 2: both processes serve HTTPS with the kept
         certificate; a cold crowd over TLS makes one upstream fetch."""
         process, port, workdir = self._launch("--tls")
-        context = ssl.create_default_context(cafile=os.path.join(workdir, "var", "tls", "hammal.crt"))
+        context = ssl.create_default_context(
+            cafile=os.path.join(workdir, "var", "tls", "hammal.crt")
+        )
         spec = CRAWL[7]
         self.upstream.admin("POST", "fault", kind="slow", rate=8 * MiB)
 
@@ -320,23 +370,34 @@ class WorkersTests(unittest.TestCase):
         with ThreadPoolExecutor(max_workers=8) as pool:
             results = list(pool.map(lambda _: get(blob_path), range(8)))
         for status, body in results:
-            self.expect(status == 200 and hashlib.sha256(body).hexdigest() == self.upstream.digests[spec][7:],
-                        f"a TLS client got {status} and {len(body)} bytes\n{process.log_tail()}")
-        self.expect(len(self.upstream.gets(spec)) == 1, f"upstream GETs: {self.upstream.gets(spec)}")
+            self.expect(
+                status == 200
+                and hashlib.sha256(body).hexdigest() == self.upstream.digests[spec][7:],
+                f"a TLS client got {status} and {len(body)} bytes\n{process.log_tail()}",
+            )
+        self.expect(
+            len(self.upstream.gets(spec)) == 1, f"upstream GETs: {self.upstream.gets(spec)}"
+        )
         seen: List[str] = []
 
         def both_served_tls() -> bool:
             text = get("/metrics")[1].decode()
             seen.append(text)
-            workers = set(re.findall(r'hammal_requests_total\{route="blob",status="200",worker="(\d)"\}', text))
+            workers = set(
+                re.findall(
+                    r'hammal_requests_total\{route="blob",status="200",worker="(\d)"\}', text
+                )
+            )
             return workers == {"0", "1"}
 
         try:
             wait_until(both_served_tls, "TLS blob requests on both workers", timeout=10)
         except Exception:
-            self.fail(f"blob requests by worker over TLS: "
-                      f"{re.findall(r'hammal_requests_total.*blob.*', seen[-1] if seen else '')}"
-                      f"\n{process.log_tail()}")
+            self.fail(
+                f"blob requests by worker over TLS: "
+                f"{re.findall(r'hammal_requests_total.*blob.*', seen[-1] if seen else '')}"
+                f"\n{process.log_tail()}"
+            )
 
     def test_sigterm_drains_every_worker(self) -> None:
         """SIGTERM to the main process while transfers run in both: every
@@ -356,23 +417,42 @@ class WorkersTests(unittest.TestCase):
             self.expect_blob(got, spec, "a client during the drain")
         wait_until(lambda: not process.running(), "the main process to exit", timeout=20)
         # twistd ends with the signal it stopped on (Twisted re-raises SIGTERM).
-        self.expect(process.popen is not None and process.popen.returncode in (0, -signal.SIGTERM),
-                    f"exit code {process.popen and process.popen.returncode}\n{process.log_tail()}")
+        self.expect(
+            process.popen is not None and process.popen.returncode in (0, -signal.SIGTERM),
+            f"exit code {process.popen and process.popen.returncode}\n{process.log_tail()}",
+        )
         for pid in workers:
-            self.expect(not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} still runs")
+            self.expect(
+                not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} still runs"
+            )
         log = process.log_text()
-        self.expect(log.count("Server Shut Down.") == 2, f"both processes shut down:\n{log[-4000:]}")
+        self.expect(
+            log.count("Server Shut Down.") == 2, f"both processes shut down:\n{log[-4000:]}"
+        )
 
     def test_logfile_one_per_process(self) -> None:
         """--logfile FILE: the main process logs there, worker 1 to FILE.worker1."""
         workdir = make_tempdir("hammal-it-workers-log-")
         port = free_port()
         logfile = os.path.join(workdir, "hammal.log")
-        argv = [twistd_path(), "--pidfile=", "-n", f"--logfile={logfile}", "hammal",
-                "--workers", "2", "--port", f"tcp:{port}:interface=127.0.0.1",
-                "--upstream", self.upstream.url, "--cache-dir", os.path.join(workdir, "cache")]
-        process = ManagedProcess("hammal", argv, os.path.join(workdir, "stdout.log"),
-                                 env=_hammal_env(), cwd=REPO_ROOT).start()
+        argv = [
+            twistd_path(),
+            "--pidfile=",
+            "-n",
+            f"--logfile={logfile}",
+            "hammal",
+            "--workers",
+            "2",
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--upstream",
+            self.upstream.url,
+            "--cache-dir",
+            os.path.join(workdir, "cache"),
+        ]
+        process = ManagedProcess(
+            "hammal", argv, os.path.join(workdir, "stdout.log"), env=_hammal_env(), cwd=REPO_ROOT
+        ).start()
         self.addCleanup(process.stop)
 
         def read(path: str) -> str:
@@ -395,7 +475,9 @@ class WorkersTests(unittest.TestCase):
         workers = _children(process.pid or 0)
         self.expect(len(workers) == 1, f"worker processes: {workers}")
         with open(f"/proc/{workers[0]}/environ", "rb") as environ:
-            variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+            variables = dict(
+                item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item
+            )
         snapshots = variables[b"HAMMAL_WORKER_METRICS_DIR"].decode()
         self.expect(os.path.isdir(snapshots), f"no metrics snapshots in {snapshots}")
         process.kill()
@@ -444,8 +526,14 @@ class WorkersSkopeoTests(IntegrationTestCase):
         assert self.env.registry is not None
         registry_log = len(self.env.registry.log_text())
         self.pull(hammal.host, "alpine", image)
-        self.assertEqual([e for e in self.env.cdn_log() if e["method"] == "GET"], [],
-                         f"a warm pull reached the CDN\n{self.diagnostics()}")
-        blob_requests = re.findall(r'"(?:GET|HEAD) /v2/[^" ]*/blobs/[^" ]*',
-                                   self.env.registry.log_text()[registry_log:])
-        self.assertEqual(blob_requests, [], f"a warm pull asked upstream for blobs\n{self.diagnostics()}")
+        self.assertEqual(
+            [e for e in self.env.cdn_log() if e["method"] == "GET"],
+            [],
+            f"a warm pull reached the CDN\n{self.diagnostics()}",
+        )
+        blob_requests = re.findall(
+            r'"(?:GET|HEAD) /v2/[^" ]*/blobs/[^" ]*', self.env.registry.log_text()[registry_log:]
+        )
+        self.assertEqual(
+            blob_requests, [], f"a warm pull asked upstream for blobs\n{self.diagnostics()}"
+        )

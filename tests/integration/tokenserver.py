@@ -96,9 +96,7 @@ class TokenServer:
     ) -> None:
         self.key = serialization.load_pem_private_key(key_pem, password=None)
         cert = x509.load_pem_x509_certificate(cert_pem)
-        self.x5c = [
-            base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
-        ]
+        self.x5c = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
         self.issuer = issuer
         self.service = service
         self.expires_in = expires_in
@@ -124,8 +122,7 @@ class TokenServer:
         spec = self.users.get(user)
         return spec is not None and spec["password"] == password
 
-    def granted(self, user: Optional[str], rtype: str, name: str,
-                actions: List[str]) -> List[str]:
+    def granted(self, user: Optional[str], rtype: str, name: str, actions: List[str]) -> List[str]:
         """The subset of *actions* that *user* (``None``: anonymous) gets."""
         if rtype != "repository":
             return []
@@ -142,8 +139,9 @@ class TokenServer:
                         out.append(action)
         return out
 
-    def issue(self, user: Optional[str], scopes: List[str],
-              service: Optional[str]) -> Dict[str, Any]:
+    def issue(
+        self, user: Optional[str], scopes: List[str], service: Optional[str]
+    ) -> Dict[str, Any]:
         """Build the token response body for *user* and *scopes*."""
         access: List[Dict[str, Any]] = []
         for scope in scopes:
@@ -171,7 +169,9 @@ class TokenServer:
             "access": access,
         }
         token = jwt.encode(
-            claims, self.key, algorithm="RS256",  # type: ignore[arg-type]
+            claims,
+            self.key,
+            algorithm="RS256",  # type: ignore[arg-type]
             headers={"x5c": self.x5c, "typ": "JWT"},
         )
         issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
@@ -317,9 +317,7 @@ class TokenServerResource(resource.Resource):
             grant = (form.get("grant_type") or [""])[0]
             if grant == "password":
                 name = (form.get("username") or [""])[0]
-                if not self.state.check_password(
-                    name, (form.get("password") or [""])[0]
-                ):
+                if not self.state.check_password(name, (form.get("password") or [""])[0]):
                     return done(401, {"details": "incorrect username or password"})
                 user = name
                 entry["user"] = name
@@ -355,7 +353,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--issuer", required=True)
     parser.add_argument("--service", required=True)
     parser.add_argument(
-        "--users", default="{}",
+        "--users",
+        default="{}",
         help="JSON object user -> password, or @FILE holding it",
     )
     parser.add_argument("--expires-in", type=int, default=300)
@@ -370,14 +369,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     with open(args.cert, "rb") as f:
         cert_pem = f.read()
     state = TokenServer(
-        key_pem, cert_pem, args.issuer, args.service, json.loads(users_text),
+        key_pem,
+        cert_pem,
+        args.issuer,
+        args.service,
+        json.loads(users_text),
         args.expires_in,
     )
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     site = server.Site(TokenServerResource(state))
-    endpoint = endpoints.TCP4ServerEndpoint(
-        reactor, args.port, interface=args.interface
-    )
+    endpoint = endpoints.TCP4ServerEndpoint(reactor, args.port, interface=args.interface)
     endpoint.listen(site)
     reactor.run()
 

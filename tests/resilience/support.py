@@ -67,15 +67,15 @@ class Sandbox:
         self.hammal.stop()
 
 
-def start_sandboxed_hammal(upstream: str, redis: Optional[str] = None,
-                           extra_args: Sequence[str] = (), **options: object) -> Sandbox:
+def start_sandboxed_hammal(
+    upstream: str, redis: Optional[str] = None, extra_args: Sequence[str] = (), **options: object
+) -> Sandbox:
     """``twistd -n hammal`` on a free port, cwd and cache in a fresh temp dir.
 
     *options* are :func:`tests.integration.environment.hammal_argv`'s
     (``read_timeout``, ``retries``, ...); the defaults here are short.
     """
-    opts: Dict[str, object] = dict(retries=2, retry_backoff=0.05, connect_timeout=2,
-                                   read_timeout=2)
+    opts: Dict[str, object] = dict(retries=2, retry_backoff=0.05, connect_timeout=2, read_timeout=2)
     opts.update(options)
     root = make_tempdir("hammal-res-")
     # nested, so that a path escaping the cache by a few ".." still lands
@@ -85,15 +85,20 @@ def start_sandboxed_hammal(upstream: str, redis: Optional[str] = None,
     logdir = make_tempdir("hammal-res-log-")
     cache_dir = os.path.join(workdir, "cache")
     port = free_port()
-    argv = hammal_argv(port, upstream, redis=redis, cache_dir=cache_dir,
-                       extra_args=list(extra_args), **opts)  # type: ignore[arg-type]
-    env = {k: v for k, v in clean_env().items()
-           if not k.startswith("HAMMAL_") and k not in ("DOCKER_USERNAME", "DOCKER_PASSWORD")}
+    argv = hammal_argv(
+        port, upstream, redis=redis, cache_dir=cache_dir, extra_args=list(extra_args), **opts
+    )  # type: ignore[arg-type]
+    env = {
+        k: v
+        for k, v in clean_env().items()
+        if not k.startswith("HAMMAL_") and k not in ("DOCKER_USERNAME", "DOCKER_PASSWORD")
+    }
     env["PYTHONPATH"] = REPO_ROOT
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    proc = ManagedProcess("hammal", argv, os.path.join(logdir, "hammal.log"),
-                          env=env, cwd=workdir).start()
+    proc = ManagedProcess(
+        "hammal", argv, os.path.join(logdir, "hammal.log"), env=env, cwd=workdir
+    ).start()
     hammal = HammalProcess(proc, port, argv, None)
 
     def ready() -> bool:
@@ -138,8 +143,13 @@ def _parse_head(head: bytes) -> Tuple[Optional[int], List[Tuple[str, str]]]:
     return status, headers
 
 
-def raw_exchange(port: int, payload: bytes, timeout: float = 10.0,
-                 max_body: int = 64 * 1024 * 1024, method_head: bool = False) -> RawResponse:
+def raw_exchange(
+    port: int,
+    payload: bytes,
+    timeout: float = 10.0,
+    max_body: int = 64 * 1024 * 1024,
+    method_head: bool = False,
+) -> RawResponse:
     """Send *payload* as is, read one response (or until close/timeout)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     deadline = time.monotonic() + timeout
@@ -175,8 +185,11 @@ def raw_exchange(port: int, payload: bytes, timeout: float = 10.0,
         if method_head or status in (204, 304):
             resp.complete = True
             return resp
-        while (length is None or len(body) < length) and len(body) < max_body \
-                and time.monotonic() < deadline:
+        while (
+            (length is None or len(body) < length)
+            and len(body) < max_body
+            and time.monotonic() < deadline
+        ):
             try:
                 chunk = s.recv(1 << 20)
             except OSError as e:
@@ -198,13 +211,27 @@ def raw_exchange(port: int, payload: bytes, timeout: float = 10.0,
         s.close()
 
 
-def get_blob(port: int, name: str, digest: str, headers: Sequence[Tuple[str, str]] = (),
-             timeout: float = 30.0, method: str = "GET") -> RawResponse:
+def get_blob(
+    port: int,
+    name: str,
+    digest: str,
+    headers: Sequence[Tuple[str, str]] = (),
+    timeout: float = 30.0,
+    method: str = "GET",
+) -> RawResponse:
     """``GET /v2/NAME/blobs/DIGEST`` (``Connection: close``)."""
-    lines = [f"{method} /v2/{name}/blobs/{digest} HTTP/1.1", f"Host: 127.0.0.1:{port}",
-             "Connection: close", *[f"{k}: {v}" for k, v in headers]]
-    return raw_exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), timeout,
-                        method_head=method == "HEAD")
+    lines = [
+        f"{method} /v2/{name}/blobs/{digest} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Connection: close",
+        *[f"{k}: {v}" for k, v in headers],
+    ]
+    return raw_exchange(
+        port,
+        ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"),
+        timeout,
+        method_head=method == "HEAD",
+    )
 
 
 def sha256(data: bytes) -> str:
@@ -228,7 +255,7 @@ def open_fds(pid: int) -> Dict[str, str]:
 
 def established_sockets(pid: int) -> List[Tuple[str, str]]:
     """(local, remote) of the ESTABLISHED TCP sockets *pid* holds."""
-    inodes = {t[len("socket:["):-1] for t in open_fds(pid).values() if t.startswith("socket:[")}
+    inodes = {t[len("socket:[") : -1] for t in open_fds(pid).values() if t.startswith("socket:[")}
     out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -246,7 +273,7 @@ def established_sockets(pid: int) -> List[Tuple[str, str]]:
 def _addr(text: str) -> str:
     host, port = text.split(":")
     if len(host) == 8:
-        ip = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))
+        ip = ".".join(str(int(host[i : i + 2], 16)) for i in (6, 4, 2, 0))
     else:
         ip = host
     return f"{ip}:{int(port, 16)}"
@@ -266,8 +293,10 @@ def tree_snapshot(root: str, skip: Iterable[str] = ()) -> Dict[str, Tuple[int, i
             except OSError:
                 continue
             rel = os.path.relpath(path, root)
-            out[rel] = (st.st_size if not os.path.isdir(path) else 0,
-                        st.st_mtime_ns if not os.path.isdir(path) else 0)
+            out[rel] = (
+                st.st_size if not os.path.isdir(path) else 0,
+                st.st_mtime_ns if not os.path.isdir(path) else 0,
+            )
     return out
 
 
@@ -288,7 +317,9 @@ def cache_problems(cache_dir: str) -> List[str]:
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
                 if h.hexdigest() != name:
-                    problems.append(f"{kind}/{prefix}/{name} holds bytes hashing to {h.hexdigest()}")
+                    problems.append(
+                        f"{kind}/{prefix}/{name} holds bytes hashing to {h.hexdigest()}"
+                    )
     return problems
 
 
@@ -300,7 +331,7 @@ class ResilienceCase(unittest.SynchronousTestCase):
         for marker in TRACEBACK_MARKERS:
             if marker in text:
                 at = text.index(marker)
-                self.fail(f"hammal logged {marker!r}:\n{text[max(0, at - 1500):at + 3000]}")
+                self.fail(f"hammal logged {marker!r}:\n{text[max(0, at - 1500) : at + 3000]}")
 
     def assertAlive(self, sandbox: Sandbox) -> None:
         if not sandbox.hammal.running():
@@ -316,9 +347,16 @@ class ResilienceCase(unittest.SynchronousTestCase):
                 return False
             time.sleep(0.1)
 
-    def assertNoLeaks(self, sandbox: Sandbox, fds_before: int, est_before: int,
-                      upstream_ports: Sequence[int] = (), pool_limit: int = 4,
-                      slack: int = 2, timeout: float = 10.0) -> None:
+    def assertNoLeaks(
+        self,
+        sandbox: Sandbox,
+        fds_before: int,
+        est_before: int,
+        upstream_ports: Sequence[int] = (),
+        pool_limit: int = 4,
+        slack: int = 2,
+        timeout: float = 10.0,
+    ) -> None:
         """No client connection left open, at most *pool_limit* persistent
         connections to the upstream (*upstream_ports*: hammal's pool keeps
         them on purpose), and every other fd back to what it was, give or
@@ -334,17 +372,22 @@ class ResilienceCase(unittest.SynchronousTestCase):
             clients = [e for e in est if e[0].endswith(own)]
             pooled = [e for e in est if any(e[1].endswith(p) for p in ports)]
             state.update(fds=fds, est=est, clients=clients, pooled=pooled)
-            return (not clients and len(pooled) <= pool_limit
-                    and len(fds) - len(pooled) <= fds_before + slack
-                    and len(est) - len(pooled) <= est_before + slack)
+            return (
+                not clients
+                and len(pooled) <= pool_limit
+                and len(fds) - len(pooled) <= fds_before + slack
+                and len(est) - len(pooled) <= est_before + slack
+            )
 
         if not self.settle(settled, timeout):
             fds = state["fds"]
-            self.fail(f"hammal holds {len(fds)} fds (was {fds_before}; slack {slack}), "  # type: ignore[arg-type]
-                      f"{len(state['clients'])} client connections, "  # type: ignore[arg-type]
-                      f"{len(state['pooled'])} pooled upstream connections (limit {pool_limit}),"  # type: ignore[arg-type]
-                      f" ESTABLISHED {state['est']} (was {est_before}):\n"
-                      f"{sorted(fds.values())}\nlog tail:\n{sandbox.hammal.log_tail(3000)}")  # type: ignore[attr-defined]
+            self.fail(
+                f"hammal holds {len(fds)} fds (was {fds_before}; slack {slack}), "  # type: ignore[arg-type]
+                f"{len(state['clients'])} client connections, "  # type: ignore[arg-type]
+                f"{len(state['pooled'])} pooled upstream connections (limit {pool_limit}),"  # type: ignore[arg-type]
+                f" ESTABLISHED {state['est']} (was {est_before}):\n"
+                f"{sorted(fds.values())}\nlog tail:\n{sandbox.hammal.log_tail(3000)}"
+            )  # type: ignore[attr-defined]
 
 
 # -- one shared fixture per test class ------------------------------------------------

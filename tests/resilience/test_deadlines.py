@@ -32,8 +32,12 @@ CLIENT_TIMEOUT = 20.0
 
 
 def _options() -> dict:
-    return dict(read_timeout=READ_TIMEOUT, retries=2, retry_backoff=0.05,
-                extra_args=["--upstream-deadline", str(DEADLINE)])
+    return dict(
+        read_timeout=READ_TIMEOUT,
+        retries=2,
+        retry_backoff=0.05,
+        extra_args=["--upstream-deadline", str(DEADLINE)],
+    )
 
 
 class _DeadlineCase(_FaultCase):
@@ -46,8 +50,11 @@ class _DeadlineCase(_FaultCase):
 
     def manifest(self, image: Image, reference: str = "latest") -> HTTPResponse:
         return http_request(
-            "GET", f"{self.sandbox.hammal.url}/v2/{image.name}/manifests/{reference}",
-            [("Accept", OCI_MANIFEST)], timeout=CLIENT_TIMEOUT)
+            "GET",
+            f"{self.sandbox.hammal.url}/v2/{image.name}/manifests/{reference}",
+            [("Accept", OCI_MANIFEST)],
+            timeout=CLIENT_TIMEOUT,
+        )
 
     def assertManifest(self, resp: HTTPResponse, image: Image) -> None:
         self.assertEqual(resp.status, 200, resp.describe())
@@ -99,8 +106,7 @@ class ManifestDeadlineTests(_DeadlineCase):
     def test_stalled_manifest_body(self) -> None:
         """A manifest whose body stalls: a clean 504, then a normal pull."""
         img = self.image((4096,))
-        self.registry.add_fault("hang", f"{img.name}/manifests/", count=-1, after=10,
-                                method="GET")
+        self.registry.add_fault("hang", f"{img.name}/manifests/", count=-1, after=10, method="GET")
         started = time.monotonic()
         self.assertTimedOut(self.manifest(img), started)
         self.registry.clear_faults()
@@ -114,8 +120,9 @@ class ManifestDeadlineTests(_DeadlineCase):
         fetch) for ever.
         """
         img = self.image((4096,))
-        self.registry.add_fault("status-hang", f"{img.name}/manifests/", count=1, code=503,
-                                after=5, method="GET")
+        self.registry.add_fault(
+            "status-hang", f"{img.name}/manifests/", count=1, code=503, after=5, method="GET"
+        )
         started = time.monotonic()
         self.assertManifest(self.manifest(img), img)
         self.assertLess(time.monotonic() - started, WITHIN)
@@ -128,8 +135,14 @@ class ManifestDeadlineTests(_DeadlineCase):
         fails cleanly, and the next pull of that blob fetches it afresh.
         """
         img = self.image((256 * 1024,))
-        self.registry.add_fault("status-hang", f"/blobs/{img.layers[0].digest}", count=-1,
-                                code=503, after=5, method="GET")
+        self.registry.add_fault(
+            "status-hang",
+            f"/blobs/{img.layers[0].digest}",
+            count=-1,
+            code=503,
+            after=5,
+            method="GET",
+        )
         started = time.monotonic()
         resp = self.pull(img, timeout=CLIENT_TIMEOUT)
         self.assertLess(time.monotonic() - started, WITHIN)
@@ -140,8 +153,14 @@ class ManifestDeadlineTests(_DeadlineCase):
     def test_large_5xx_page_without_mirror(self) -> None:
         """A 503 with a large HTML page: retried, then a clear 503 naming upstream."""
         img = self.image((4096,))
-        self.registry.add_fault("status-page", f"{img.name}/manifests/", count=-1, code=503,
-                                after=300 * 1024, method="GET")
+        self.registry.add_fault(
+            "status-page",
+            f"{img.name}/manifests/",
+            count=-1,
+            code=503,
+            after=300 * 1024,
+            method="GET",
+        )
         resp = self.manifest(img)
         self.assertEqual(resp.status, 502, resp.describe())
         message = resp.json()["errors"][0]["message"]
@@ -180,14 +199,20 @@ class FailoverDeadlineTests(ResilienceCase):
         for where in (f"{img.name}/manifests/", f"/blobs/{img.layers[0].digest}"):
             self.primary.add_fault(kind, where, count=-1, code=503, after=after, method="GET")
         started = time.monotonic()
-        resp = http_request("GET", f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/latest",
-                            [("Accept", OCI_MANIFEST)], timeout=CLIENT_TIMEOUT)
+        resp = http_request(
+            "GET",
+            f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/latest",
+            [("Accept", OCI_MANIFEST)],
+            timeout=CLIENT_TIMEOUT,
+        )
         self.assertEqual(resp.status, 200, resp.describe())
         self.assertEqual(sha256(resp.body), img.digest)
         self.assertLess(time.monotonic() - started, WITHIN)
         blob = http_request(
-            "GET", f"{self.sandbox.hammal.url}/v2/{img.name}/blobs/{img.layers[0].digest}",
-            timeout=CLIENT_TIMEOUT)
+            "GET",
+            f"{self.sandbox.hammal.url}/v2/{img.name}/blobs/{img.layers[0].digest}",
+            timeout=CLIENT_TIMEOUT,
+        )
         self.assertEqual(blob.status, 200, blob.describe())
         self.assertEqual(sha256(blob.body), img.layers[0].digest)
         tried = [e for e in self.primary.entries(f"{img.name}/manifests/") if e.fault == kind]
@@ -198,9 +223,10 @@ class FailoverDeadlineTests(ResilienceCase):
 
     def test_stalled_5xx_body_fails_over(self) -> None:
         self._pull_through_mirror("status-hang", 5)
-        self.assertTrue(self.settle(lambda: self.primary.hanging == 0, 3 * READ_TIMEOUT + 8),
-                        "hammal left the stalled primary connections open")
+        self.assertTrue(
+            self.settle(lambda: self.primary.hanging == 0, 3 * READ_TIMEOUT + 8),
+            "hammal left the stalled primary connections open",
+        )
 
     def test_large_5xx_page_fails_over(self) -> None:
         self._pull_through_mirror("status-page", 300 * 1024)
-

@@ -72,7 +72,8 @@ class LoadTests(FixtureCase):
         """500 connections open at once, each pulling a small blob (cold and
         coalesced, or warm): every digest right, one upstream GET per blob."""
         image = self.registry.add_image(
-            "load/many", [1024 * (1 + 13 * i) for i in range(24)], seed=7)
+            "load/many", [1024 * (1 + 13 * i) for i in range(24)], seed=7
+        )
         blobs = image.layers
         port = self.sandbox.hammal.port
         pid = self.sandbox.pid
@@ -90,8 +91,10 @@ class LoadTests(FixtureCase):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 s.setblocking(False)
                 s.connect_ex(("127.0.0.1", port))
-                req = (f"GET /v2/{image.name}/blobs/{blob.digest} HTTP/1.1\r\n"
-                       f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").encode()
+                req = (
+                    f"GET /v2/{image.name}/blobs/{blob.digest} HTTP/1.1\r\n"
+                    f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+                ).encode()
                 conns.append(_Conn(s, blob.digest, req))
                 sel.register(s, selectors.EVENT_WRITE, conns[-1])
                 if len(conns) % WAVE == 0 or len(conns) == CONNECTIONS:
@@ -104,14 +107,23 @@ class LoadTests(FixtureCase):
                                 c.error = f"connect: errno {err}"
                             sel.unregister(c.sock)
                             pending -= 1
-                    self.assertEqual(pending, 0, f"connections {len(conns)}: {pending} never"
-                                     " completed")
+                    self.assertEqual(
+                        pending, 0, f"connections {len(conns)}: {pending} never completed"
+                    )
             self.assertEqual([c.error for c in conns if c.error], [])
             # hammal holds them all at once (accepted, none answered yet)
             self.assertTrue(
-                self.settle(lambda: sum(1 for local, _ in established_sockets(pid)
-                                        if local.endswith(f":{port}")) >= CONNECTIONS, 20),
-                "hammal never held 500 client connections at once")
+                self.settle(
+                    lambda: (
+                        sum(
+                            1 for local, _ in established_sockets(pid) if local.endswith(f":{port}")
+                        )
+                        >= CONNECTIONS
+                    ),
+                    20,
+                ),
+                "hammal never held 500 client connections at once",
+            )
             # 2. send every request, then read every response
             for c in conns:
                 sel.register(c.sock, selectors.EVENT_WRITE | selectors.EVENT_READ, c)
@@ -122,7 +134,7 @@ class LoadTests(FixtureCase):
                     c = key.data
                     if events & selectors.EVENT_WRITE and c.sent < len(c.request):
                         try:
-                            c.sent += c.sock.send(c.request[c.sent:])
+                            c.sent += c.sock.send(c.request[c.sent :])
                         except BlockingIOError:
                             pass
                         if c.sent == len(c.request):
@@ -147,8 +159,11 @@ class LoadTests(FixtureCase):
             for c in conns:
                 statuses[c.status] = statuses.get(c.status, 0) + 1
             self.assertEqual(statuses, {200: CONNECTIONS})
-            wrong = [c.digest for c in conns
-                     if c.received != c.length or "sha256:" + c.hasher.hexdigest() != c.digest]
+            wrong = [
+                c.digest
+                for c in conns
+                if c.received != c.length or "sha256:" + c.hasher.hexdigest() != c.digest
+            ]
             self.assertEqual(wrong, [])
         finally:
             sel.close()
@@ -157,8 +172,14 @@ class LoadTests(FixtureCase):
         for blob in blobs:
             gets = [e for e in self.registry.entries(f"/blobs/{blob.digest}") if e.method == "GET"]
             self.assertEqual(len(gets), 1, f"{blob.digest}: {len(gets)} upstream GETs")
-        self.assertNoLeaks(self.sandbox, fds_before, est_before, upstream_ports=[self.registry.port],
-                           pool_limit=64, timeout=15)
+        self.assertNoLeaks(
+            self.sandbox,
+            fds_before,
+            est_before,
+            upstream_ports=[self.registry.port],
+            pool_limit=64,
+            timeout=15,
+        )
 
     @staticmethod
     def _feed(c: _Conn, data: bytes) -> None:
@@ -191,8 +212,10 @@ class LoadTests(FixtureCase):
         order: List[str] = []
         lock = threading.Lock()
         try:
-            slow.sendall(f"GET /v2/{image.name}/blobs/{big.digest} HTTP/1.1\r\n"
-                         f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+            slow.sendall(
+                f"GET /v2/{image.name}/blobs/{big.digest} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
             first = slow.recv(4096)
             self.assertTrue(first.startswith(b"HTTP/1.1 200"), first[:200])
             # the slow client now stops reading

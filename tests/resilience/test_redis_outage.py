@@ -8,9 +8,8 @@ goes through the shared tag map and the token cache, both in redis.
 
 from __future__ import annotations
 
-import os
-
 import hashlib
+import os
 import threading
 import time
 from typing import Dict, List, Tuple
@@ -45,18 +44,27 @@ class RedisOutageTests(ResilienceCase):
 
     def test_redis_dies_and_returns_mid_load(self) -> None:
         env = self.env
-        sandbox = start_sandboxed_hammal(env.registry_url, redis=env.redis.url,
-                                         extra_args=["--manifest-ttl", "0"])
+        sandbox = start_sandboxed_hammal(
+            env.registry_url, redis=env.redis.url, extra_args=["--manifest-ttl", "0"]
+        )
         self.addCleanup(sandbox.stop)
-        images = [env.image(r) for r in ("library/alpine:3.20", "library/ociimg:1",
-                                          "bitnami/redis:7")]
+        images = [
+            env.image(r) for r in ("library/alpine:3.20", "library/ociimg:1", "bitnami/redis:7")
+        ]
         work: List[Tuple[str, str, List[Tuple[str, str]], str]] = []
         for img in images:
             accept = [("Accept", t) for t in ALL_MANIFEST_TYPES]
-            work.append((f"/v2/{img.repo}/manifests/{img.tag}", "manifest", accept,
-                         img.manifest_digest))
-            work.append((f"/v2/{img.repo}/manifests/{img.manifest_digest}", "manifest", accept,
-                         img.manifest_digest))
+            work.append(
+                (f"/v2/{img.repo}/manifests/{img.tag}", "manifest", accept, img.manifest_digest)
+            )
+            work.append(
+                (
+                    f"/v2/{img.repo}/manifests/{img.manifest_digest}",
+                    "manifest",
+                    accept,
+                    img.manifest_digest,
+                )
+            )
             for d in img.blob_digests[:2]:
                 work.append((f"/v2/{img.repo}/blobs/{d}", "blob", [], d))
         # warm-up: tokens and tags land in redis
@@ -82,8 +90,11 @@ class RedisOutageTests(ResilienceCase):
                 try:
                     resp = http_request("GET", sandbox.hammal.url + path, headers, timeout=20)
                     got = "sha256:" + hashlib.sha256(resp.body).hexdigest()
-                    problem = "" if resp.status == 200 and got == want else \
-                        f"{path} during {current}: {resp.status} {resp.body[:200]!r}"
+                    problem = (
+                        ""
+                        if resp.status == 200 and got == want
+                        else f"{path} during {current}: {resp.status} {resp.body[:200]!r}"
+                    )
                 except Exception as e:  # noqa: BLE001 - a failure to report
                     problem = f"{path} during {current}: {e!r}"
                 with lock:
@@ -107,12 +118,16 @@ class RedisOutageTests(ResilienceCase):
             stop.set()
             for t in threads:
                 t.join(30)
-        self.assertEqual(failures[:10], [], f"{len(failures)} failed requests; counts {counts}\n"
-                         f"{sandbox.hammal.log_tail(3000)}")
+        self.assertEqual(
+            failures[:10],
+            [],
+            f"{len(failures)} failed requests; counts {counts}\n{sandbox.hammal.log_tail(3000)}",
+        )
         self.assertTrue(all(counts.values()), f"no traffic in some phase: {counts}")
         self.assertAlive(sandbox)
         self.assertNoTraceback(sandbox)
         self.assertEqual(cache_problems(sandbox.cache_dir), [])
+
         # with redis back, hammal uses it again
         def wrote_again() -> bool:
             http_request("GET", sandbox.hammal.url + work[0][0], work[0][2], timeout=10)

@@ -44,14 +44,17 @@ def mount_small_disk(test: FixtureCase) -> str:
     try:
         done = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={DISK // MiB}m", "tmpfs", path],
-            capture_output=True, timeout=20,
+            capture_output=True,
+            timeout=20,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SkipTest(f"cannot mount a tmpfs here ({e}); see tests.test_cache_disk_faults")
     if done.returncode != 0:
-        raise SkipTest("cannot mount a tmpfs here "
-                       f"({done.stderr.decode(errors='replace').strip()}); "
-                       "see tests.test_cache_disk_faults")
+        raise SkipTest(
+            "cannot mount a tmpfs here "
+            f"({done.stderr.decode(errors='replace').strip()}); "
+            "see tests.test_cache_disk_faults"
+        )
     test.addCleanup(subprocess.run, ["umount", "-l", path], capture_output=True, timeout=20)
     return path
 
@@ -77,14 +80,19 @@ def fill(path: str) -> str:
     return filler
 
 
-def get(port: int, name: str, blob: Blob, headers: Sequence[str] = (),
-        timeout: float = 60.0) -> RawResponse:
+def get(
+    port: int, name: str, blob: Blob, headers: Sequence[str] = (), timeout: float = 60.0
+) -> RawResponse:
     """
     C{GET} a blob, reading as fast as the socket allows (the shared
     L{raw_exchange} copies its buffer on every read: too slow for 60 MiB).
     """
-    lines = [f"GET /v2/{name}/blobs/{blob.digest} HTTP/1.1", f"Host: 127.0.0.1:{port}",
-             "Connection: close", *headers]
+    lines = [
+        f"GET /v2/{name}/blobs/{blob.digest} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Connection: close",
+        *headers,
+    ]
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     chunks: List[bytes] = []
     error = ""
@@ -143,8 +151,12 @@ class SmallDiskTests(FixtureCase):
 
     def start(self, *args: str) -> Sandbox:
         sandbox = start_sandboxed_hammal(
-            self.registry.url, read_timeout=5, retries=2, retry_backoff=0.05,
-            extra_args=["--cache-dir", self.disk, *args])
+            self.registry.url,
+            read_timeout=5,
+            retries=2,
+            retry_backoff=0.05,
+            extra_args=["--cache-dir", self.disk, *args],
+        )
         self.addCleanup(sandbox.stop)
         return sandbox
 
@@ -155,8 +167,12 @@ class SmallDiskTests(FixtureCase):
 
     def pull(self, sandbox: Sandbox, image: Image) -> None:
         """Manifest by tag and every blob, each exact (never a 5xx)."""
-        resp = http_request("GET", f"{sandbox.hammal.url}/v2/{image.name}/manifests/latest",
-                            [("Accept", OCI_MANIFEST)], timeout=60)
+        resp = http_request(
+            "GET",
+            f"{sandbox.hammal.url}/v2/{image.name}/manifests/latest",
+            [("Accept", OCI_MANIFEST)],
+            timeout=60,
+        )
         self.assertEqual(resp.status, 200, resp.describe())
         self.assertEqual(sha256(resp.body), image.digest)
         for blob in [image.config, *image.layers]:
@@ -171,11 +187,15 @@ class SmallDiskTests(FixtureCase):
             with open(os.path.join(dest, blob.hex), "rb") as layer:
                 self.assertTrue(sha256(layer.read()) == blob.digest, "a layer differs")
 
-    def assertExact(self, resp: RawResponse, blob: Blob, start: int = 0,
-                    end: Optional[int] = None) -> None:
+    def assertExact(
+        self, resp: RawResponse, blob: Blob, start: int = 0, end: Optional[int] = None
+    ) -> None:
         expected = blob.data[start:end]
-        self.assertEqual(resp.status, 200 if start == 0 and end is None else 206,
-                         f"{resp.status} {resp.error} {resp.body[:300]!r}")
+        self.assertEqual(
+            resp.status,
+            200 if start == 0 and end is None else 206,
+            f"{resp.status} {resp.error} {resp.body[:300]!r}",
+        )
         self.assertTrue(resp.complete, resp.error)
         self.assertEqual(len(resp.body), len(expected))
         self.assertTrue(resp.body == expected, "wrong bytes")
@@ -197,8 +217,10 @@ class SmallDiskTests(FixtureCase):
 
     def assertCacheSound(self, sandbox: Sandbox) -> None:
         self.assertEqual(cache_problems(self.disk), [])
-        self.assertTrue(self.settle(lambda: self.tmp_files() == [], 10),
-                        f"temporaries left behind: {self.tmp_files()}")
+        self.assertTrue(
+            self.settle(lambda: self.tmp_files() == [], 10),
+            f"temporaries left behind: {self.tmp_files()}",
+        )
         self.assertNoTraceback(sandbox)
         self.assertAlive(sandbox)
 
@@ -249,9 +271,16 @@ class SmallDiskTests(FixtureCase):
         self.registry.add_fault("slow", f"/blobs/{blob.digest}", rate=8 * MiB)
         port = sandbox.hammal.port
         whole = in_thread(lambda: get(port, image.name, blob))
-        self.assertTrue(self.settle(lambda: any(
-            os.path.getsize(os.path.join(self.disk, "tmp", name)) > 4 * MiB
-            for name in self.tmp_files()), 20), "the fill did not start")
+        self.assertTrue(
+            self.settle(
+                lambda: any(
+                    os.path.getsize(os.path.join(self.disk, "tmp", name)) > 4 * MiB
+                    for name in self.tmp_files()
+                ),
+                20,
+            ),
+            "the fill did not start",
+        )
         early = in_thread(lambda: get(port, image.name, blob, ["Range: bytes=1048576-3145727"]))
         late = in_thread(lambda: get(port, image.name, blob, ["Range: bytes=31457280-36700159"]))
         follower = in_thread(lambda: get(port, image.name, blob))
@@ -289,10 +318,21 @@ class SmallDiskTests(FixtureCase):
         for blob in image.layers:
             self.registry.add_fault("slow", f"/blobs/{blob.digest}", rate=4 * MiB)
             joins[blob.digest] = in_thread(
-                lambda blob=blob: get(sandbox.hammal.port, image.name, blob))  # type: ignore[misc]
-        self.assertTrue(self.settle(lambda: len(self.tmp_files()) >= 2 and all(
-            os.path.getsize(os.path.join(self.disk, "tmp", name)) > MiB
-            for name in self.tmp_files()), 20), "the fills did not start")
+                lambda blob=blob: get(sandbox.hammal.port, image.name, blob)
+            )  # type: ignore[misc]
+        self.assertTrue(
+            self.settle(
+                lambda: (
+                    len(self.tmp_files()) >= 2
+                    and all(
+                        os.path.getsize(os.path.join(self.disk, "tmp", name)) > MiB
+                        for name in self.tmp_files()
+                    )
+                ),
+                20,
+            ),
+            "the fills did not start",
+        )
         os.kill(sandbox.pid, signal.SIGKILL)
         for join in joins.values():
             self.assertFalse(join().complete)
@@ -325,14 +365,27 @@ class SmallDiskTests(FixtureCase):
         self.assertTrue(self.settle(lambda: bool(self.tmp_files()), 20), "the fill did not start")
         in_flight = self.tmp_files()
         done = subprocess.run(
-            [sys.executable, "-m", "hammal", "cache", "gc", "--cache-dir", self.disk,
-             "--max-size", "1K"],
-            capture_output=True, timeout=60, cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": REPO_ROOT})
+            [
+                sys.executable,
+                "-m",
+                "hammal",
+                "cache",
+                "gc",
+                "--cache-dir",
+                self.disk,
+                "--max-size",
+                "1K",
+            ],
+            capture_output=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        )
         self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace"))
         self.assertFalse(any(self.stored(b) for b in cached.layers))
-        self.assertTrue(set(in_flight) <= set(self.tmp_files()),
-                        "gc removed a transfer in progress")
+        self.assertTrue(
+            set(in_flight) <= set(self.tmp_files()), "gc removed a transfer in progress"
+        )
         self.assertExact(whole(), blob)
         self.pull(sandbox, cached)
         self.pull(sandbox, filling)

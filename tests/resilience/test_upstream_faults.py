@@ -40,8 +40,9 @@ class _FaultCase(FixtureCase):
     @classmethod
     def start_fixture(cls) -> None:
         cls.registry = FaultyRegistry(redirect=cls.redirect)
-        cls.sandbox = start_sandboxed_hammal(cls.registry.url, read_timeout=READ_TIMEOUT,
-                                             retries=2, retry_backoff=0.05)
+        cls.sandbox = start_sandboxed_hammal(
+            cls.registry.url, read_timeout=READ_TIMEOUT, retries=2, retry_backoff=0.05
+        )
 
     @classmethod
     def stop_fixture(cls) -> None:
@@ -61,16 +62,20 @@ class _FaultCase(FixtureCase):
         self.registry.clear_faults()
         self.assertAlive(self.sandbox)
         # hammal closes the connections an upstream left hanging
-        self.assertTrue(self.settle(lambda: self.registry.hanging == 0, 3 * READ_TIMEOUT + 8),
-                        f"{self.registry.hanging} hanging upstream connections still open")
+        self.assertTrue(
+            self.settle(lambda: self.registry.hanging == 0, 3 * READ_TIMEOUT + 8),
+            f"{self.registry.hanging} hanging upstream connections still open",
+        )
         self.assertNoTraceback(self.sandbox, self.log_offset)
-        self.assertNoLeaks(self.sandbox, self.fds_before, self.est_before,
-                           upstream_ports=[self.registry.port])
+        self.assertNoLeaks(
+            self.sandbox, self.fds_before, self.est_before, upstream_ports=[self.registry.port]
+        )
         self.assertEqual(cache_problems(self.sandbox.cache_dir), [])
         tmp = os.path.join(self.sandbox.cache_dir, "tmp")
         self.assertTrue(
             self.settle(lambda: not os.path.isdir(tmp) or not os.listdir(tmp), 10),
-            f"temporary files left behind: {os.listdir(tmp) if os.path.isdir(tmp) else []}")
+            f"temporary files left behind: {os.listdir(tmp) if os.path.isdir(tmp) else []}",
+        )
 
     # -- helpers ---------------------------------------------------------------
 
@@ -95,16 +100,17 @@ class _FaultCase(FixtureCase):
         Never a complete body with the wrong bytes, never a 500."""
         blob = image.layers[index]
         if resp.status == 200:
-            self.assertFalse(resp.complete and sha256(resp.body) != blob.digest,
-                             "a complete 200 with the wrong bytes")
+            self.assertFalse(
+                resp.complete and sha256(resp.body) != blob.digest,
+                "a complete 200 with the wrong bytes",
+            )
             self.assertFalse(resp.complete, "expected the transfer to be cut short")
             return
         self.assertIn(resp.status, (502, 503, 504), f"{resp.status} {resp.body[:300]!r}")
         errors = json.loads(resp.body)["errors"]
         self.assertTrue(errors and errors[0]["code"] and errors[0]["message"], errors)
 
-    def blob_requests(self, image: Image, index: int = 0,
-                      where: str = "/blobs/") -> List[LogEntry]:
+    def blob_requests(self, image: Image, index: int = 0, where: str = "/blobs/") -> List[LogEntry]:
         blob = image.layers[index]
         key = f"/blobs/{blob.digest}" if where == "/blobs/" else f"/cdn/{blob.hex}"
         return [e for e in self.registry.entries(key) if e.method == "GET"]
@@ -154,13 +160,21 @@ class UpstreamFaultTests(_FaultCase):
     def test_manifest_5xx_burst(self) -> None:
         img = self.image((4096,))
         self.registry.add_fault("status", f"{img.name}/manifests/", count=2, code=503)
-        resp = http_request("GET", f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/latest",
-                            [("Accept", OCI_MANIFEST)], timeout=30)
+        resp = http_request(
+            "GET",
+            f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/latest",
+            [("Accept", OCI_MANIFEST)],
+            timeout=30,
+        )
         self.assertEqual(resp.status, 200, resp.describe())
         self.assertEqual(sha256(resp.body), img.digest)
         self.registry.add_fault("status", f"{img.name}/manifests/", count=-1, code=503)
-        resp = http_request("GET", f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/{img.digest}",
-                            [("Accept", OCI_MANIFEST)], timeout=30)
+        resp = http_request(
+            "GET",
+            f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/{img.digest}",
+            [("Accept", OCI_MANIFEST)],
+            timeout=30,
+        )
         # cached by digest already, or a clear error: never wrong bytes
         if resp.status == 200:
             self.assertEqual(sha256(resp.body), img.digest)
@@ -182,8 +196,12 @@ class UpstreamFaultTests(_FaultCase):
     def test_hanging_manifest_times_out(self) -> None:
         img = self.image((4096,))
         self.registry.add_fault("hang", f"{img.name}/manifests/", count=-1, after=-1)
-        resp = http_request("GET", f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/latest",
-                            [("Accept", OCI_MANIFEST)], timeout=40)
+        resp = http_request(
+            "GET",
+            f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/latest",
+            [("Accept", OCI_MANIFEST)],
+            timeout=40,
+        )
         self.assertEqual(resp.status, 504, resp.describe())
         self.assertTrue(resp.json()["errors"][0]["message"])
 
@@ -248,8 +266,9 @@ class ConnectionRefusedTests(ResilienceCase):
 
     def test_connection_refused(self) -> None:
         port = free_port()  # nothing listens there
-        sandbox = start_sandboxed_hammal(f"http://127.0.0.1:{port}", retries=2,
-                                         retry_backoff=0.05, connect_timeout=1)
+        sandbox = start_sandboxed_hammal(
+            f"http://127.0.0.1:{port}", retries=2, retry_backoff=0.05, connect_timeout=1
+        )
         self.addCleanup(sandbox.stop)
         http_request("GET", sandbox.hammal.url + "/v2/", timeout=5)
         fds, est = len(open_fds(sandbox.pid)), len(established_sockets(sandbox.pid))
@@ -260,8 +279,12 @@ class ConnectionRefusedTests(ResilienceCase):
                 resp = get_blob(sandbox.hammal.port, "res/refused", digest, timeout=20)
                 status, body = resp.status, resp.body
             else:
-                r = http_request("GET", f"{sandbox.hammal.url}/v2/res/refused/manifests/latest",
-                                 [("Accept", OCI_MANIFEST)], timeout=20)
+                r = http_request(
+                    "GET",
+                    f"{sandbox.hammal.url}/v2/res/refused/manifests/latest",
+                    [("Accept", OCI_MANIFEST)],
+                    timeout=20,
+                )
                 status, body = r.status, r.body
             self.assertLess(time.monotonic() - started, 10)
             self.assertEqual(status, 502, body[:300])

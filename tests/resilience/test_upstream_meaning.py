@@ -18,12 +18,16 @@ class UnverifiableManifestTests(_FaultCase):
 
     def manifest(self, image: Image) -> HTTPResponse:
         return http_request(
-            "GET", f"{self.sandbox.hammal.url}/v2/{image.name}/manifests/latest",
-            [("Accept", OCI_MANIFEST)], timeout=20)
+            "GET",
+            f"{self.sandbox.hammal.url}/v2/{image.name}/manifests/latest",
+            [("Accept", OCI_MANIFEST)],
+            timeout=20,
+        )
 
     def manifest_gets(self, image: Image) -> int:
-        return len([e for e in self.registry.entries(f"{image.name}/manifests/")
-                    if e.method == "GET"])
+        return len(
+            [e for e in self.registry.entries(f"{image.name}/manifests/") if e.method == "GET"]
+        )
 
     def test_truncated_by_close_is_not_cached(self) -> None:
         """
@@ -32,8 +36,13 @@ class UnverifiableManifestTests(_FaultCase):
         cached; the next pull asks upstream again and gets it whole.
         """
         img = self.image((4096,))
-        self.registry.add_fault("no-length", f"{img.name}/manifests/", count=1,
-                                after=len(img.manifest) // 2, method="GET")
+        self.registry.add_fault(
+            "no-length",
+            f"{img.name}/manifests/",
+            count=1,
+            after=len(img.manifest) // 2,
+            method="GET",
+        )
         first = self.manifest(img)
         self.assertEqual(first.status, 200, first.describe())
         self.assertEqual(first.body, img.manifest[: len(img.manifest) // 2])
@@ -48,8 +57,9 @@ class UnverifiableManifestTests(_FaultCase):
 
     def test_whole_but_unverifiable_is_not_cached(self) -> None:
         img = self.image((4096,))
-        self.registry.add_fault("no-length", f"{img.name}/manifests/", count=1, after=-1,
-                                method="GET")
+        self.registry.add_fault(
+            "no-length", f"{img.name}/manifests/", count=1, after=-1, method="GET"
+        )
         first = self.manifest(img)
         self.assertEqual(first.status, 200, first.describe())
         self.assertEqual(sha256(first.body), img.digest)
@@ -69,8 +79,9 @@ class ConditionalTests(_FaultCase):
         url = f"{self.sandbox.hammal.url}/v2/{img.name}/manifests/latest"
         tag = f'"{img.digest}"'
         for _ in range(2):  # cold, then cached
-            resp = http_request("GET", url, [("Accept", OCI_MANIFEST), ("If-None-Match", tag)],
-                                timeout=20)
+            resp = http_request(
+                "GET", url, [("Accept", OCI_MANIFEST), ("If-None-Match", tag)], timeout=20
+            )
             self.assertEqual(resp.status, 304, resp.describe())
             self.assertEqual(resp.header("ETag"), tag)
             self.assertEqual(resp.body, b"")
@@ -89,8 +100,13 @@ class ConditionalTests(_FaultCase):
         """
         img = self.image((512 * 1024,))
         digest = img.layers[0].digest
-        resp = get_blob(self.sandbox.hammal.port, img.name, digest,
-                        headers=[("If-None-Match", f'"{digest}"')], timeout=20)
+        resp = get_blob(
+            self.sandbox.hammal.port,
+            img.name,
+            digest,
+            headers=[("If-None-Match", f'"{digest}"')],
+            timeout=20,
+        )
         self.assertEqual(resp.status, 304, f"{resp.status} {resp.body[:300]!r}")
         self.assertExact(self.pull(img), img)
         gets = self.blob_requests(img)

@@ -109,10 +109,15 @@ class Image:
         doc = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": self.config.digest,
-                       "size": len(self.config.data)},
-            "layers": [{"mediaType": OCI_LAYER, "digest": b.digest, "size": len(b.data)}
-                       for b in self.layers],
+            "config": {
+                "mediaType": OCI_CONFIG,
+                "digest": self.config.digest,
+                "size": len(self.config.data),
+            },
+            "layers": [
+                {"mediaType": OCI_LAYER, "digest": b.digest, "size": len(b.data)}
+                for b in self.layers
+            ],
         }
         self.manifest = json.dumps(doc, indent=2).encode()
         self.digest = _digest(self.manifest)
@@ -157,8 +162,9 @@ class FaultyRegistry:
         self.sock.listen(512)
         self.sock.settimeout(0.2)
         self.port = int(self.sock.getsockname()[1])
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
-                                          name=f"faulty-registry-{self.port}")
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, daemon=True, name=f"faulty-registry-{self.port}"
+        )
         self._acceptor.start()
 
     # -- content -------------------------------------------------------------
@@ -168,8 +174,11 @@ class FaultyRegistry:
         return f"http://127.0.0.1:{self.port}"
 
     def add_image(self, name: str, layer_sizes: List[int], seed: int) -> Image:
-        config = Blob(json.dumps({"architecture": "amd64", "os": "linux",
-                                  "seed": seed, "name": name}).encode())
+        config = Blob(
+            json.dumps(
+                {"architecture": "amd64", "os": "linux", "seed": seed, "name": name}
+            ).encode()
+        )
         layers = [make_blob(size, seed * 1000 + i) for i, size in enumerate(layer_sizes)]
         image = Image(name, config, layers)
         with self._lock:
@@ -292,36 +301,66 @@ class FaultyRegistry:
 
     # -- responses -----------------------------------------------------------
 
-    def _record(self, method: str, path: str, headers: Dict[str, str], status: int,
-                fault: Optional[Fault]) -> None:
+    def _record(
+        self, method: str, path: str, headers: Dict[str, str], status: int, fault: Optional[Fault]
+    ) -> None:
         with self._lock:
-            self.log.append(LogEntry(method, path, headers.get("range"), status,
-                                     fault.kind if fault else None, dict(headers)))
+            self.log.append(
+                LogEntry(
+                    method,
+                    path,
+                    headers.get("range"),
+                    status,
+                    fault.kind if fault else None,
+                    dict(headers),
+                )
+            )
 
     @staticmethod
     def _send_head(conn: socket.socket, status: int, headers: List[Tuple[str, str]]) -> None:
-        reason = {200: "OK", 206: "Partial Content", 307: "Temporary Redirect",
-                  304: "Not Modified", 401: "Unauthorized", 404: "Not Found",
-                  416: "Range Not Satisfiable"}.get(status, "Status")
+        reason = {
+            200: "OK",
+            206: "Partial Content",
+            307: "Temporary Redirect",
+            304: "Not Modified",
+            401: "Unauthorized",
+            404: "Not Found",
+            416: "Range Not Satisfiable",
+        }.get(status, "Status")
         lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
-    def _simple(self, conn: socket.socket, method: str, status: int, body: bytes,
-                ctype: str = "application/json", extra: Tuple[Tuple[str, str], ...] = ()) -> None:
-        self._send_head(conn, status, [("Content-Type", ctype),
-                                       ("Content-Length", str(len(body))),
-                                       ("Docker-Distribution-Api-Version", "registry/2.0"),
-                                       *extra])
+    def _simple(
+        self,
+        conn: socket.socket,
+        method: str,
+        status: int,
+        body: bytes,
+        ctype: str = "application/json",
+        extra: Tuple[Tuple[str, str], ...] = (),
+    ) -> None:
+        self._send_head(
+            conn,
+            status,
+            [
+                ("Content-Type", ctype),
+                ("Content-Length", str(len(body))),
+                ("Docker-Distribution-Api-Version", "registry/2.0"),
+                *extra,
+            ],
+        )
         if method != "HEAD" and body:
             conn.sendall(body)
 
     def _error(self, conn: socket.socket, method: str, status: int, code: str) -> None:
-        body = json.dumps({"errors": [{"code": code, "message": f"{code.lower()} here",
-                                       "detail": None}]}).encode()
+        body = json.dumps(
+            {"errors": [{"code": code, "message": f"{code.lower()} here", "detail": None}]}
+        ).encode()
         self._simple(conn, method, status, body)
 
-    def _handle(self, conn: socket.socket, method: str, target: str,
-                headers: Dict[str, str]) -> None:
+    def _handle(
+        self, conn: socket.socket, method: str, target: str, headers: Dict[str, str]
+    ) -> None:
         path = target.split("?", 1)[0]
         has_range = "range" in headers
         fault = None
@@ -338,10 +377,23 @@ class FaultyRegistry:
                     if kind in path:
                         scope = f',scope="repository:{path[4:].rpartition(kind)[0]}:pull"'
             challenge = f'Bearer realm="{self.url}/token",service="faulty"{scope}'
-            self._simple(conn, method, 401, json.dumps(
-                {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required",
-                             "detail": None}]}).encode(),
-                extra=(("WWW-Authenticate", challenge),))
+            self._simple(
+                conn,
+                method,
+                401,
+                json.dumps(
+                    {
+                        "errors": [
+                            {
+                                "code": "UNAUTHORIZED",
+                                "message": "authentication required",
+                                "detail": None,
+                            }
+                        ]
+                    }
+                ).encode(),
+                extra=(("WWW-Authenticate", challenge),),
+            )
             return
         if fault is not None and fault.kind in ("status-hang", "status-page"):
             self._record(method, path, headers, fault.code, fault)
@@ -349,13 +401,17 @@ class FaultyRegistry:
                 page = b"<html><body>" + b"x" * max(0, fault.after) + b"</body></html>"
                 self._simple(conn, method, fault.code, page, "text/html")
                 return
-            body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "try later",
-                                           "detail": None}]}).encode()
-            self._send_head(conn, fault.code, [("Content-Type", "application/json"),
-                                               ("Content-Length", str(len(body)))])
+            body = json.dumps(
+                {"errors": [{"code": "UNAVAILABLE", "message": "try later", "detail": None}]}
+            ).encode()
+            self._send_head(
+                conn,
+                fault.code,
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
             if method == "HEAD":
                 return  # a HEAD's answer is complete without its body
-            conn.sendall(body[:max(0, min(fault.after, len(body) - 1))])
+            conn.sendall(body[: max(0, min(fault.after, len(body) - 1))])
             self._hang(conn)
         if fault is not None and fault.kind == "status":
             self._record(method, path, headers, fault.code, fault)
@@ -369,16 +425,17 @@ class FaultyRegistry:
             self._simple(conn, method, 200, b"{}")
             return
         if path.startswith("/cdn/"):
-            blob = self.blobs.get("sha256:" + path[len("/cdn/"):])
+            blob = self.blobs.get("sha256:" + path[len("/cdn/") :])
             if blob is None:
                 self._record(method, path, headers, 404, None)
                 self._simple(conn, method, 404, b"no such object", "text/plain")
                 return
             ignore = self.cdn_ignores_range or (fault is not None and fault.kind == "ignore-range")
-            self._body(conn, method, path, headers, blob, fault, honour_range=not ignore,
-                       registry=False)
+            self._body(
+                conn, method, path, headers, blob, fault, honour_range=not ignore, registry=False
+            )
             return
-        rest = path[len("/v2/"):]
+        rest = path[len("/v2/") :]
         for kind in ("/manifests/", "/blobs/", "/tags/"):
             if kind in rest:
                 name, _, ref = rest.rpartition(kind)
@@ -401,8 +458,17 @@ class FaultyRegistry:
                 self._record(method, path, headers, 404, fault)
                 self._error(conn, method, 404, "MANIFEST_UNKNOWN")
                 return
-            self._body(conn, method, path, headers, Blob(image.manifest, image.digest), fault,
-                       honour_range=False, registry=True, ctype=OCI_MANIFEST)
+            self._body(
+                conn,
+                method,
+                path,
+                headers,
+                Blob(image.manifest, image.digest),
+                fault,
+                honour_range=False,
+                registry=True,
+                ctype=OCI_MANIFEST,
+            )
             return
         blob = self.blobs.get(ref)
         if image is None or blob is None:
@@ -411,8 +477,9 @@ class FaultyRegistry:
             return
         if self.redirect:
             self._record(method, path, headers, 307, fault)
-            self._simple(conn, method, 307, b"", "text/plain",
-                         (("Location", f"{self.url}/cdn/{blob.hex}"),))
+            self._simple(
+                conn, method, 307, b"", "text/plain", (("Location", f"{self.url}/cdn/{blob.hex}"),)
+            )
             return
         self._body(conn, method, path, headers, blob, fault, honour_range=True, registry=True)
 
@@ -421,8 +488,14 @@ class FaultyRegistry:
         with self._lock:
             return value.startswith("Bearer ") and value[7:] in self._tokens_issued
 
-    def _token(self, conn: socket.socket, method: str, target: str, headers: Dict[str, str],
-               fault: Optional[Fault]) -> None:
+    def _token(
+        self,
+        conn: socket.socket,
+        method: str,
+        target: str,
+        headers: Dict[str, str],
+        fault: Optional[Fault],
+    ) -> None:
         """A token endpoint like auth.docker.io (anonymous; any scope)."""
         with self._lock:
             token = f"token-{len(self._tokens_issued) + 1}"
@@ -433,16 +506,26 @@ class FaultyRegistry:
             self._error(conn, method, fault.code, "UNAVAILABLE")
             return
         self._record(method, "/token", headers, 200, fault)
-        self._send_head(conn, 200, [("Content-Type", "application/json"),
-                                    ("Content-Length", str(len(body)))])
+        self._send_head(
+            conn, 200, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        )
         if fault is not None and fault.kind == "hang":
-            conn.sendall(body[:max(0, min(fault.after, len(body) - 1))])
+            conn.sendall(body[: max(0, min(fault.after, len(body) - 1))])
             self._hang(conn)
         conn.sendall(body)
 
-    def _body(self, conn: socket.socket, method: str, path: str, headers: Dict[str, str],
-              blob: Blob, fault: Optional[Fault], honour_range: bool, registry: bool,
-              ctype: str = "application/octet-stream") -> None:
+    def _body(
+        self,
+        conn: socket.socket,
+        method: str,
+        path: str,
+        headers: Dict[str, str],
+        blob: Blob,
+        fault: Optional[Fault],
+        honour_range: bool,
+        registry: bool,
+        ctype: str = "application/octet-stream",
+    ) -> None:
         data = blob.data
         size = len(data)
         status, start, end = 200, 0, size
@@ -467,26 +550,34 @@ class FaultyRegistry:
                 pass
             except IndexError:
                 self._record(method, path, headers, 416, fault)
-                self._simple(conn, method, 416, b"", "text/plain",
-                             (("Content-Range", f"bytes */{size}"),))
+                self._simple(
+                    conn, method, 416, b"", "text/plain", (("Content-Range", f"bytes */{size}"),)
+                )
                 return
         if registry and headers.get("if-none-match") == f'"{blob.digest}"':
             # like Distribution: the client has it already
             self._record(method, path, headers, 304, fault)
-            self._send_head(conn, 304, [("Etag", f'"{blob.digest}"'),
-                                        ("Docker-Content-Digest", blob.digest)])
+            self._send_head(
+                conn, 304, [("Etag", f'"{blob.digest}"'), ("Docker-Content-Digest", blob.digest)]
+            )
             return
         self._record(method, path, headers, status, fault)
         if fault is not None and fault.kind == "no-length" and method == "GET":
             self._send_head(conn, status, [("Content-Type", ctype), ("Connection", "close")])
             body = memoryview(data)[start:end]
-            conn.sendall(body if fault.after < 0 else body[:fault.after])
+            conn.sendall(body if fault.after < 0 else body[: fault.after])
             raise _Close()
-        head = [("Content-Type", ctype), ("Content-Length", str(end - start)),
-                ("Accept-Ranges", "bytes" if honour_range else "none"), *extra]
+        head = [
+            ("Content-Type", ctype),
+            ("Content-Length", str(end - start)),
+            ("Accept-Ranges", "bytes" if honour_range else "none"),
+            *extra,
+        ]
         if registry:
-            head += [("Docker-Content-Digest", blob.digest),
-                     ("Docker-Distribution-Api-Version", "registry/2.0")]
+            head += [
+                ("Docker-Content-Digest", blob.digest),
+                ("Docker-Distribution-Api-Version", "registry/2.0"),
+            ]
         self._send_head(conn, status, head)
         if method == "HEAD":
             return
@@ -508,7 +599,7 @@ class FaultyRegistry:
             while sent < len(body):
                 if self._stopping.is_set():
                     raise _Close()
-                conn.sendall(body[sent:sent + step])
+                conn.sendall(body[sent : sent + step])
                 sent += min(step, len(body) - sent)
                 delay = t0 + sent / rate - time.monotonic()
                 if delay > 0:
