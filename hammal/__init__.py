@@ -20,7 +20,7 @@ under twistd; L{hammal.reference}, L{hammal.errors}, L{hammal.ttlstore} and
 L{hammal.metrics} serve every layer; L{hammal.access} and L{hammal.status}
 are the gate's rules and the status page's data; L{hammal.ops} is the
 operator's command. tests/test_imports.py keeps the import graph free of
-circles.
+circles and of arrows pointing up its layers.
 """
 
 __version__ = "0.1.0"

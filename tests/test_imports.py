@@ -95,6 +95,57 @@ def circles(graph: Graph) -> list[list[str]]:
     return found
 
 
+#: hammal's units from the top (what starts the process) to the bottom (what
+#: every layer uses), as README.rst "Layout" walks them. A unit imports only
+#: units of lower layers: no upward arrows, and none inside a layer.
+LAYERS: list[set[str]] = [
+    {"__main__", "tap"},
+    {"app", "ops"},
+    {"workers", "drain", "worker_metrics"},
+    {"web"},
+    {"pull", "status"},
+    {"cluster", "tls"},
+    {"config"},
+    {"storage", "access"},
+    {"cache"},
+    {"upstream"},
+    {"coalesce", "links"},
+    {"replies", "ttlstore"},
+    {
+        "stream",
+        "ranges",
+        "conditional",
+        "headers",
+        "lru",
+        "keyfile",
+        "listen",
+        "logs",
+        "selfsigned",
+        "trust",
+    },
+    {"reference", "metrics"},
+    {"errors", ""},
+]
+
+
+def upward_arrows(units: Graph, layers: list[set[str]]) -> list[str]:
+    """
+    Every import between units that does not point to a lower layer, and
+    every unit no layer names.
+    """
+    rank = {
+        f"hammal.{name}" if name else "hammal": i
+        for i, names in enumerate(layers)
+        for name in names
+    }
+    found = [f"{unit} is in no layer" for unit in sorted(units) if unit not in rank]
+    for unit, targets in sorted(units.items()):
+        for target in sorted(targets):
+            if unit in rank and target in rank and rank[target] <= rank[unit]:
+                found.append(f"{unit} -> {target}")
+    return found
+
+
 class ImportGraphTests(SynchronousTestCase):
     def test_finds_circles(self) -> None:
         """The checker sees a circle, direct or through a third module."""
@@ -119,6 +170,33 @@ class ImportGraphTests(SynchronousTestCase):
     def test_no_package_circles(self) -> None:
         """Packages are layers: none imports another that imports it back."""
         self.assertEqual(circles(package_graph(import_graph())), [])
+
+    def test_finds_upward_arrows(self) -> None:
+        """The layer checker sees an import that points up or sideways, and an unplaced unit."""
+        layers = [{"web"}, {"pull", "status"}, {"cache"}]
+        self.assertEqual(
+            upward_arrows(
+                {
+                    "hammal.web": {"hammal.cache"},
+                    "hammal.cache": {"hammal.pull"},
+                    "hammal.pull": {"hammal.status"},
+                    "hammal.new": set(),
+                },
+                layers,
+            ),
+            [
+                "hammal.new is in no layer",
+                "hammal.cache -> hammal.pull",
+                "hammal.pull -> hammal.status",
+            ],
+        )
+
+    def test_no_upward_arrows(self) -> None:
+        """
+        The data path reads from the folder names down: web -> pull ->
+        cache/upstream -> the shared modules, never back up.
+        """
+        self.assertEqual(upward_arrows(package_graph(import_graph()), LAYERS), [])
 
 
 class RuntimeCheckTests(SynchronousTestCase):
