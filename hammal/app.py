@@ -65,9 +65,9 @@ from hammal.upstream.accounts import AccountsFile, AccountsFileError
 from hammal.upstream.addresses import PeerZones
 from hammal.upstream.auth import Credentials
 from hammal.upstream.client import RegistryClient, Upstream, UpstreamClient, make_http_client
+from hammal.upstream.credentials import CredentialPolicy, load_suffix_list
 from hammal.upstream.quota import QUOTAS
 from hammal.upstream.retry import RetryPolicy
-from hammal.upstream.trust import CredentialPolicy, load_suffix_list
 from hammal.web.forwarded import ForwardedHeaders
 from hammal.web.front import FrontPage
 from hammal.web.gate import Gate

@@ -20,8 +20,8 @@ from hammal.stream import read_body
 from hammal.ttlstore import MemoryTtlStore
 from hammal.upstream.auth import Credentials, UpstreamAuth
 from hammal.upstream.client import Trace, Upstream, UpstreamClient
+from hammal.upstream.credentials import CredentialPolicy
 from hammal.upstream.retry import RetryPolicy
-from hammal.upstream.trust import CredentialPolicy
 from tests.fakes import CDN, REALM, REGISTRY, FakeUpstream, stub_for
 
 #: The fake world's realm (auth.test) is another site than registry.test:

@@ -3,7 +3,7 @@ Talking to registries: the upstream client and what it needs.
 
 L{hammal.upstream.client} sends hammal's requests to one upstream registry
 (token auth from L{auth} and L{challenge}, retries from L{retry}, redirects
-kept off internal addresses by L{addresses}, credentials only where L{trust}
+kept off internal addresses by L{addresses}, credentials only where L{credentials}
 allows, outbound proxies from L{proxy_rules} and L{forward_proxy}, account
 pools from L{accounts}); L{remote} fetches manifests upstream for the pull
 service and the manifest cache. It knows nothing of hammal's clients or caches:

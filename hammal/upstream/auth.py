@@ -31,7 +31,7 @@ from hammal.errors import RegistryError, UpstreamBadResponse
 from hammal.stream import ReadBounds, read_body
 from hammal.ttlstore import TtlStore
 from hammal.upstream.challenge import Challenge
-from hammal.upstream.trust import CredentialPolicy
+from hammal.upstream.credentials import CredentialPolicy
 
 #: Lifetime assumed for a token whose response gives no ``expires_in``.
 DEFAULT_TOKEN_LIFETIME = 60.0

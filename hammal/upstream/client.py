@@ -54,11 +54,11 @@ from hammal.upstream.addresses import (
 )
 from hammal.upstream.auth import Credentials, CredentialSource, UpstreamAuth
 from hammal.upstream.challenge import select_challenge
+from hammal.upstream.credentials import CredentialPolicy
 from hammal.upstream.forward_proxy import ProxyingAgent
 from hammal.upstream.proxy_rules import ProxyRules
 from hammal.upstream.quota import QUOTAS, QuotaBoard
 from hammal.upstream.retry import RetryPolicy, parse_retry_after, sleep
-from hammal.upstream.trust import CredentialPolicy
 
 
 def default_deadline(read_timeout: float) -> float:

@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.upstream.trust}: which hosts may receive upstream
+Tests for L{hammal.upstream.credentials}: which hosts may receive upstream
 credentials.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.upstream.trust import (
+from hammal.upstream.credentials import (
     CredentialPolicy,
     is_loopback_host,
     registrable_domain,
