@@ -311,7 +311,7 @@ def build_app(
     site = HammalSite(
         root,
         reactor,
-        forwarded=ForwardedHeaders(trusted) if trusted else None,
+        forwarded=ForwardedHeaders(trusted, settings.forwarded_header) if trusted else None,
         max_headers=settings.max_headers,
         max_header_bytes=settings.max_header_bytes,
         timeout=settings.idle_timeout,
@@ -467,6 +467,7 @@ def _rules(settings: Settings) -> AccessRules | None:
             allow_ip=r.get("allow-ip", ()),
             deny_ip=r.get("deny-ip", ()),
             trusted_proxies=r.get("trusted-proxy", ()),
+            forwarded_header=settings.forwarded_header,
             allow_ua=r.get("allow-ua", ()),
             deny_ua=r.get("deny-ua", ()),
             allow_path=r.get("allow-path", ()),
@@ -528,6 +529,7 @@ def _address_rules(settings: Settings) -> AccessRules | None:
             allow_ip=rules.get("allow-ip", ()),
             deny_ip=rules.get("deny-ip", ()),
             trusted_proxies=rules.get("trusted-proxy", ()),
+            forwarded_header=settings.forwarded_header,
         )
     except ValueError as failure:
         raise ConfigError(str(failure))

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
+from hammal.access.forwarding import FORWARDED_HEADERS
 from hammal.cache.store import FreeSpaceFloor
 from hammal.keyfile import ClusterKeyError, load_cluster_key
 from hammal.reference import is_docker_hub, registry_names
@@ -172,6 +173,12 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec("token-lifetime", "300", "Seconds a token from /v2/auth is valid."),
     OptionSpec(
+        "forwarded-header",
+        "x-forwarded",
+        "Which headers a --trusted-proxy writes: x-forwarded (X-Forwarded-For/-Proto/-Host/"
+        "-Port) or forwarded (RFC 7239 Forwarded); the other kind is the client's and ignored.",
+    ),
+    OptionSpec(
         "region-header", None, "Request header holding the client's country code (set by a CDN)."
     ),
     OptionSpec(
@@ -253,7 +260,7 @@ LISTS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "trusted-proxy",
         None,
-        "CIDR of reverse proxies whose Forwarded/X-Forwarded-* headers are believed (repeatable).",
+        "CIDR of reverse proxies whose --forwarded-header headers are believed (repeatable).",
     ),
     OptionSpec("allow-ua", None, "REGEX a User-Agent must match (repeatable; env: one per line)."),
     OptionSpec("deny-ua", None, "REGEX of refused User-Agents (repeatable; env: one per line)."),
@@ -696,6 +703,7 @@ class Settings:
     token_key_file: str | None = None
     token_lifetime: float = 300.0
     rules: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    forwarded_header: str = "x-forwarded"
     region_header: str | None = None
     upstream_ca: str | None = None
     proxies: ProxyRules = ProxyRules()
@@ -890,6 +898,9 @@ class Settings:
             rules={
                 name: tuple(_items(options, name)) for name in RULE_LISTS if _items(options, name)
             },
+            forwarded_header=_choice(
+                text("forwarded-header") or "x-forwarded", "--forwarded-header", FORWARDED_HEADERS
+            ),
             region_header=text("region-header"),
             upstream_ca=text("upstream-ca"),
             proxies=proxies,

@@ -222,6 +222,35 @@ class ClientAddressTests(RulesTestCase):
         self.assertIn("10.0.0.1", line)
         self.admits(access, "10.0.0.1", {"x-forwarded-for": ["192.0.2.7"]})
 
+    def test_forwarded_family(self) -> None:
+        """
+        With forwarded_header="forwarded" the client is Forwarded's for=
+        (brackets and ports dropped) and X-Forwarded-For is not read; by
+        default it is the other way round.
+        """
+        named = AccessRules(
+            trusted_proxies=["10.0.0.0/8"],
+            allow_ip=["192.168.0.0/16"],
+            forwarded_header="forwarded",
+        )
+        self.refuses(named, "10.0.0.1", {"forwarded": ["for=203.0.113.9"]})
+        self.refuses(
+            named,
+            "10.0.0.1",
+            {"forwarded": ["for=203.0.113.9"], "x-forwarded-for": ["192.168.1.1"]},
+        )
+        self.admits(named, "10.0.0.1", {"forwarded": ['for="192.168.1.1:4711"']})
+        self.assertEqual(
+            named.client_of("10.0.0.1", {"forwarded": ['for="[2001:db8::7]:80"']}), "2001:db8::7"
+        )
+        default = AccessRules(trusted_proxies=["10.0.0.0/8"], allow_ip=["192.168.0.0/16"])
+        self.refuses(
+            default,
+            "10.0.0.1",
+            {"forwarded": ["for=192.168.1.1"], "x-forwarded-for": ["203.0.113.9"]},
+        )
+        self.assertRaises(ValueError, AccessRules, forwarded_header="x-real-ip")
+
     def test_spoofed_header_does_not_open_allow_list(self) -> None:
         access = AccessRules(trusted_proxies=["10.0.0.0/8"], allow_ip=["192.168.0.0/16"])
         self.refuses(access, "203.0.113.9", {"x-forwarded-for": ["192.168.1.1"]})

@@ -6,7 +6,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.web.forwarded import Forwarded, ForwardedHeaders, parse_forwarded
+from hammal.access.forwarding import parse_forwarded
+from hammal.web.forwarded import Forwarded, ForwardedHeaders
 
 
 class ParseForwardedTests(SynchronousTestCase):
@@ -75,8 +76,29 @@ class ReadTests(SynchronousTestCase):
         )
         self.assertEqual(forwarded, Forwarded("https", "public.example"))
 
-    def test_forwarded_wins(self) -> None:
+    def test_forwarded_ignored_by_default(self) -> None:
+        """
+        A proxy that writes X-Forwarded-* passes a client's own Forwarded
+        through: by default it is not read.
+        """
         forwarded = self.headers.read(
+            "10.1.1.1",
+            {
+                "forwarded": ["for=198.51.100.4;proto=https;host=a.example"],
+                "x-forwarded-proto": ["http"],
+                "x-forwarded-host": ["b.example"],
+                "x-forwarded-for": ["1.1.1.1"],
+            },
+        )
+        self.assertEqual(forwarded, Forwarded("http", "b.example", "1.1.1.1"))
+
+    def test_forwarded_when_named(self) -> None:
+        """
+        With the forwarded family, Forwarded alone is read: X-Forwarded-*
+        are the client's own then.
+        """
+        headers = ForwardedHeaders(["10.0.0.0/8"], "forwarded")
+        forwarded = headers.read(
             "10.1.1.1",
             {
                 "forwarded": ["for=198.51.100.4;proto=https;host=a.example, for=10.2.2.2"],
@@ -86,6 +108,10 @@ class ReadTests(SynchronousTestCase):
             },
         )
         self.assertEqual(forwarded, Forwarded("https", "a.example", "198.51.100.4"))
+        self.assertEqual(headers.read("10.1.1.1", {"x-forwarded-for": ["1.1.1.1"]}), Forwarded())
+
+    def test_unknown_family_refused(self) -> None:
+        self.assertRaises(ValueError, ForwardedHeaders, ["10.0.0.0/8"], "x-real-ip")
 
     def test_client_walk_stops_at_first_untrusted(self) -> None:
         forwarded = self.headers.read(

@@ -9,18 +9,20 @@ address and the rule that matched, so an operator can tell why someone was
 turned away. No header value that could hold a secret is ever logged.
 
 Behind a reverse proxy the peer is the proxy, so the client address comes
-from C{X-Forwarded-For} -- but only when the peer is a trusted proxy, since
-anyone can send that header.
+from the header the proxy writes (C{X-Forwarded-For}, or C{Forwarded} with
+C{--forwarded-header forwarded}) -- but only when the peer is a trusted
+proxy, since anyone can send those headers.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 from twisted.logger import Logger
 
+from hammal.access.forwarding import FORWARDED_HEADERS, forwarded_for
 from hammal.errors import Denied
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -133,7 +135,7 @@ class AccessRules:
         one of them are served.
     @param deny_ip: CIDRs whose clients are refused.
     @param trusted_proxies: CIDRs of reverse proxies whose
-        C{X-Forwarded-For} is believed.
+        C{forwarded_header} family is believed.
     @param allow_ua: regular expressions (searched); if given, the
         C{User-Agent} must match one.
     @param deny_ua: regular expressions; a matching C{User-Agent} is refused.
@@ -144,6 +146,8 @@ class AccessRules:
     @param allow_region: country codes; if given, only these are served and
         a request without the header is refused.
     @param deny_region: country codes that are refused.
+    @param forwarded_header: which headers the trusted proxies write the
+        client's address into (L{hammal.access.forwarding}).
     @raise ValueError: for an invalid CIDR, regular expression or country
         code, or region lists without C{region_header}; the message is one
         line naming the option.
@@ -160,7 +164,14 @@ class AccessRules:
         region_header: str | None = None,
         allow_region: Sequence[str] = (),
         deny_region: Sequence[str] = (),
+        forwarded_header: str = "x-forwarded",
     ) -> None:
+        if forwarded_header not in FORWARDED_HEADERS:
+            raise ValueError(
+                f"--forwarded-header: {forwarded_header!r} is not one of"
+                f" {', '.join(FORWARDED_HEADERS)}"
+            )
+        self._forwarded_header = forwarded_header
         self._allow_ip = _networks("allow_ip", allow_ip)
         self._deny_ip = _networks("deny_ip", deny_ip)
         self._trusted = _networks("trusted_proxies", trusted_proxies)
@@ -203,6 +214,13 @@ class AccessRules:
                 break
         return str(current)
 
+    def client_of(self, peer_ip: str, headers: Mapping[str, Sequence[str]]) -> str:
+        """
+        The address of the client behind C{peer_ip}, from the forwarding
+        headers (names in lower case) of the family the proxies write.
+        """
+        return self.client_ip(peer_ip, forwarded_for(headers, self._forwarded_header))
+
     def _deny(self, client: str, peer_ip: str, reason: str, rule: str) -> Denied:
         log.info(
             "refused {client} (peer {peer}): {reason} [{rule}]",
@@ -222,7 +240,7 @@ class AccessRules:
         @param path: the request path.
         @raise Denied: with the reason, naming the kind of rule.
         """
-        client = self.client_ip(peer_ip, headers.get("x-forwarded-for", []))
+        client = self.client_of(peer_ip, headers)
         address = _parse_address(client)
         agents = headers.get("user-agent") or [""]
         regions = self._regions(headers)
@@ -266,16 +284,17 @@ class AccessRules:
                         client, peer_ip, f"region {region} is not allowed", "--allow-region"
                     )
 
-    def check_address(self, peer_ip: str, forwarded_for: list[str]) -> None:
+    def check_address(self, peer_ip: str, headers: Mapping[str, Sequence[str]]) -> None:
         """
         Only the address rules (C{--allow-ip}, C{--deny-ip}): for the
         operational pages (C{/metrics}, C{/readyz}), which say how the
         mirror is doing to whoever may use it, but are no pulls, so user
         agent, path and region rules do not apply to them.
 
+        @param headers: the request's forwarding headers, names in lower case.
         @raise Denied: when the client address is refused.
         """
-        client = self.client_ip(peer_ip, forwarded_for)
+        client = self.client_of(peer_ip, headers)
         address = _parse_address(client)
         self._check_denied_ip(client, peer_ip, address)
         self._check_allowed_ip(client, peer_ip, address)

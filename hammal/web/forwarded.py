@@ -4,16 +4,18 @@ client used, and the client's address.
 
 Behind a TLS-terminating proxy or CDN, hammal sees plain HTTP from the
 proxy's address with the proxy's idea of ``Host``. When the peer is a
-``--trusted-proxy``, ``Forwarded`` (RFC 7239) or else ``X-Forwarded-Proto``,
-``X-Forwarded-Host`` (with ``X-Forwarded-Port``) and ``X-Forwarded-For``
+``--trusted-proxy``, the headers of the family it writes
+(``--forwarded-header``: ``X-Forwarded-Proto``, ``X-Forwarded-Host`` with
+``X-Forwarded-Port`` and ``X-Forwarded-For`` by default, or RFC 7239's
+``Forwarded``; the other family is ignored, L{hammal.access.forwarding})
 decide the scheme and host hammal writes into challenges (``realm=``), the
 front page and URLs it builds, and the client address in the access log.
 From any other peer these headers are ignored.
 
 The scheme and host come from the first (client-side) entry: proxies in
 front of the trusted one may append, and the first is what the client
-used. The client address is found like C{X-Forwarded-For} in the access
-rules: from the right, skipping trusted proxies.
+used. The client address is found as the access rules find it: from the
+right, skipping trusted proxies.
 """
 
 from __future__ import annotations
@@ -25,12 +27,11 @@ from typing import Sequence
 import attrs
 from twisted.web.http import Request
 
+from hammal.access.forwarding import FORWARDED_HEADERS, forwarded_for, parse_forwarded
 from hammal.access.rules import AccessRules
 
 #: A host as a client may name it: name or IPv4 (with a port), or [IPv6].
 _HOST = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::(\d{1,5}))?\Z")
-
-_PAIR = re.compile(r'\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)\s*')
 
 
 @attrs.frozen
@@ -42,50 +43,17 @@ class Forwarded:
     client: str | None = None
 
 
-def parse_forwarded(values: Sequence[str]) -> list[dict[str, str]]:
-    """
-    The elements of ``Forwarded`` header values, each a dict of lower-case
-    parameter names to unquoted values. A malformed element ends the list.
-    """
-    elements: list[dict[str, str]] = []
-    text = ",".join(values)
-    position = 0
-    element: dict[str, str] = {}
-    while position < len(text):
-        match = _PAIR.match(text, position)
-        if match is None:
-            break
-        value = match.group(2)
-        if value.startswith('"'):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        element[match.group(1).lower()] = value
-        position = match.end()
-        if position < len(text) and text[position] == ";":
-            position += 1
-        elif position >= len(text) or text[position] == ",":
-            elements.append(element)
-            element = {}
-            position += 1
-        else:
-            break
-    return elements
-
-
-def _node_address(node: str) -> str:
-    """A ``for=`` node without brackets or port (``[::1]:80`` -> ``::1``)."""
-    node = node.strip()
-    if node.startswith("["):
-        return node[1:].split("]", 1)[0]
-    if node.count(":") == 1:
-        return node.split(":", 1)[0]
-    return node
-
-
 class ForwardedHeaders:
-    """Reads forwarding headers from C{trusted} peers (CIDRs) only."""
+    """
+    Reads forwarding headers from C{trusted} peers (CIDRs) only, and of
+    those only the C{family} the proxy writes (L{FORWARDED_HEADERS}).
+    """
 
-    def __init__(self, trusted: Sequence[str]) -> None:
-        self._rules = AccessRules(trusted_proxies=trusted)
+    def __init__(self, trusted: Sequence[str], family: str = "x-forwarded") -> None:
+        if family not in FORWARDED_HEADERS:
+            raise ValueError(f"unknown forwarded header family {family!r}")
+        self._family = family
+        self._rules = AccessRules(trusted_proxies=trusted, forwarded_header=family)
         self._trusted = [ipaddress.ip_network(t.strip(), strict=False) for t in trusted]
 
     def trusts(self, peer: str) -> bool:
@@ -105,18 +73,12 @@ class ForwardedHeaders:
         """
         if not self.trusts(peer):
             return None
-        elements = parse_forwarded(headers.get("forwarded", []))
-        scheme = host = None
-        if elements:
-            scheme = elements[0].get("proto")
-            host = elements[0].get("host")
-            nodes = [_node_address(e["for"]) for e in elements if "for" in e]
-            client = self._rules.client_ip(peer, nodes) if nodes else None
+        if self._family == "forwarded":
+            elements = parse_forwarded(headers.get("forwarded", []))
+            scheme = elements[0].get("proto") if elements else None
+            host = elements[0].get("host") if elements else None
         else:
-            client = None
-        if scheme is None:
             scheme = _first(headers.get("x-forwarded-proto"))
-        if host is None:
             host = _first(headers.get("x-forwarded-host"))
             port = _first(headers.get("x-forwarded-port"))
             if (
@@ -126,8 +88,8 @@ class ForwardedHeaders:
                 and ":" not in host.rsplit("]", 1)[-1]
             ):
                 host = f"{host}:{port}"
-        if client is None and headers.get("x-forwarded-for"):
-            client = self._rules.client_ip(peer, headers["x-forwarded-for"])
+        hops = forwarded_for(headers, self._family)
+        client = self._rules.client_ip(peer, hops) if hops else None
         scheme = scheme.lower() if scheme and scheme.lower() in ("http", "https") else None
         host = host if host and _HOST.match(host) else None
         return Forwarded(scheme, host, client if client != peer else None)
@@ -139,11 +101,7 @@ class ForwardedHeaders:
         """
         address = request.getClientAddress()
         peer = str(getattr(address, "host", ""))
-        headers = {
-            name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
-            for name, values in request.requestHeaders.getAllRawHeaders()
-            if name.lower() in _NAMES
-        }
+        headers = forwarding_headers(request)
         if not headers:
             return None
         forwarded = self.read(peer, headers)
@@ -182,3 +140,12 @@ def _split_host(host: str, default_port: int) -> tuple[str, int]:
     if match.group(1) is None:
         return host, default_port
     return host[: -len(match.group(1)) - 1], int(match.group(1))
+
+
+def forwarding_headers(request: Request) -> dict[str, list[str]]:
+    """The request's forwarding headers of either family, names in lower case."""
+    return {
+        name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
+        for name, values in request.requestHeaders.getAllRawHeaders()
+        if name.lower() in _NAMES
+    }

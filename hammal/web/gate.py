@@ -49,6 +49,7 @@ from hammal.pull.service import PullService
 from hammal.replies import Document
 from hammal.ttlstore import MemoryTtlStore
 from hammal.upstream.client import upstream_error
+from hammal.web.forwarded import forwarding_headers
 
 AUTH_MODES = ("none", "basic", "token", "passthrough")
 
@@ -172,11 +173,7 @@ class Gate:
         peer = str(getattr(request.getClientAddress(), "host", ""))
         if self._rules is None:
             return peer
-        forwarded = [
-            value.decode("latin-1")
-            for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
-        ]
-        return self._rules.client_ip(peer, forwarded)
+        return self._rules.client_of(peer, forwarding_headers(request))
 
     async def _basic(self, request: Request, authorization: bytes | None) -> str:
         credentials = parse_basic(authorization)

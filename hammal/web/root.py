@@ -13,6 +13,7 @@ from twisted.web.server import Request
 
 from hammal.access.rules import AccessRules
 from hammal.errors import NotFound, RegistryError, Unsupported
+from hammal.web.forwarded import forwarding_headers
 from hammal.web.front import FrontPage
 from hammal.web.respond import error_body
 
@@ -115,11 +116,7 @@ def address_guard(rules: AccessRules) -> Guard:
 
     def guard(request: Request) -> None:
         peer = str(getattr(request.getClientAddress(), "host", ""))
-        forwarded = [
-            value.decode("latin-1")
-            for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
-        ]
-        rules.check_address(peer, forwarded)
+        rules.check_address(peer, forwarding_headers(request))
 
     return guard
 
