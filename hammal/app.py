@@ -303,6 +303,7 @@ def build_app(
         blobs,
         settings.cache_max_size,
         settings.status_show_clients,
+        show_repositories=settings.status_repositories_shown,
     )
     status_rules = _address_rules(settings)
     if settings.metrics_port is None:

@@ -306,6 +306,11 @@ FLAGS: tuple[tuple[str, str], ...] = (
         "Show full client addresses on /status (default: masked to /24 or /48).",
     ),
     (
+        "status-show-repositories",
+        "Show repository names on /status with --auth passthrough (default: a keyed digest"
+        " in their place: each tenant's repositories are its own).",
+    ),
+    (
         "no-hold-tail",
         "Send a cold blob's every byte as it arrives, before its digest is checked"
         " (a mismatch is still never cached).",
@@ -717,8 +722,18 @@ class Settings:
     workers: int = 1
     debug: bool = False
     status_show_clients: bool = False
+    status_show_repositories: bool = False
     #: Cold blobs: send the last chunk before the digest matched (--no-hold-tail).
     no_hold_tail: bool = False
+
+    @property
+    def status_repositories_shown(self) -> bool:
+        """
+        Whether /status names repositories: unless --auth passthrough, where
+        each tenant's repositories are its own, without
+        --status-show-repositories.
+        """
+        return self.status_show_repositories or self.auth != "passthrough"
 
     def registry_for(self, url: str) -> str | None:
         """The registry C{url} was configured to stand for, if any."""
@@ -926,6 +941,7 @@ class Settings:
             workers=parse_workers(text("workers") or "1"),
             debug=bool(options.get("debug")),
             status_show_clients=bool(options.get("status-show-clients")),
+            status_show_repositories=bool(options.get("status-show-repositories")),
             no_hold_tail=bool(options.get("no-hold-tail")),
             cache_max_size=cache_max_size,
             cache_min_free=cache_min_free,

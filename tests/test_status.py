@@ -191,7 +191,11 @@ class StatusMirror(Mirror):
     """L{Mirror} with the status recorder and ``/status`` wired in."""
 
     def __init__(
-        self, cache_dir: str, rules: AccessRules | None = None, show_clients: bool = False
+        self,
+        cache_dir: str,
+        rules: AccessRules | None = None,
+        show_clients: bool = False,
+        show_repositories: bool = True,
     ) -> None:
         super().__init__(cache_dir=cache_dir)
         self.recorder = StatusRecorder(self.clock)
@@ -205,6 +209,7 @@ class StatusMirror(Mirror):
             self.blobs,
             cache_max_size=10 * 1024 * 1024,
             show_clients=show_clients,
+            show_repositories=show_repositories,
         )
         add_status(self.agent._rootResource, self.report, rules)  # type: ignore[attr-defined]
         self.agent._serverFactory.status = self.recorder  # type: ignore[attr-defined]
@@ -327,6 +332,38 @@ class StatusReportTests(SynchronousTestCase):
         mirror.world.release()
         mirror.flush()
 
+    def test_hidden_repositories(self) -> None:
+        """
+        Without show_repositories (--auth passthrough's default) no
+        repository name appears on the page or in the document: each is a
+        keyed digest, the same for one repository, different between two.
+        """
+        mirror = StatusMirror(self.mktemp(), show_repositories=False)
+        world = mirror.world
+        digest = world.add_blob(self.blob)
+        world.add_image("library/alpine", "3.20", b'{"a":1}')
+        world.add_image("team/secret-app", "1.0", b'{"s":1}')
+        for path in ["/v2/alpine/manifests/3.20"] * 2 + ["/v2/team/secret-app/manifests/1.0"]:
+            mirror.body(mirror.request(b"GET", path, ACCEPT))
+        world.hold_blobs = True
+        mirror.agent.request(
+            b"GET", f"http://mirror.test/v2/team/secret-app/blobs/{digest}".encode()
+        )
+        mirror.flush()
+        report = mirror.status()
+        page = mirror.body(mirror.request(b"GET", "/status")).decode()
+        for text in (json.dumps(report), page):
+            self.assertNotIn("secret-app", text)
+            self.assertNotIn("alpine", text)
+        top = [u["repository"] for u in report["top_repositories"]["by_pulls"]]
+        self.assertEqual(len(top), 2)
+        self.assertNotEqual(top[0], top[1])
+        (transfer,) = report["transfers"]
+        self.assertEqual(transfer["repository"], top[1])
+        self.assertTrue(all(name.startswith("hidden:") for name in top))
+        world.release()
+        mirror.flush()
+
     def test_quota(self) -> None:
         """The board lists the registered account until upstream reports its quota."""
         (quota,) = self.mirror.status()["quota"]
@@ -409,6 +446,23 @@ class StatusPageTests(SynchronousTestCase):
 
 
 class OptionTests(SynchronousTestCase):
+    def test_show_repositories(self) -> None:
+        """
+        Repository names are shown unless --auth passthrough (tenants' own
+        repositories) without --status-show-repositories.
+        """
+        self.assertTrue(settings().status_repositories_shown)
+        passthrough = ["--auth", "passthrough"]
+        self.assertFalse(settings(passthrough).status_repositories_shown)
+        self.assertTrue(
+            settings([*passthrough, "--status-show-repositories"]).status_repositories_shown
+        )
+        self.assertTrue(
+            settings(
+                passthrough, environ={"HAMMAL_STATUS_SHOW_REPOSITORIES": "true"}
+            ).status_repositories_shown
+        )
+
     def test_show_clients_flag(self) -> None:
         """--status-show-clients, or HAMMAL_STATUS_SHOW_CLIENTS; off by default."""
         self.assertFalse(settings().status_show_clients)

@@ -11,7 +11,10 @@ masked to their network unless C{show_clients}.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
+import os
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import urlsplit
 
@@ -70,6 +73,26 @@ def _ratio(hits: float, lookups: float) -> float | None:
     return round(hits / lookups, 4) if lookups else None
 
 
+class RepositoryNames:
+    """
+    Repository names as the status page may show them: as they are, or
+    (with C{--auth passthrough}, where each tenant's repositories are its
+    own) as a digest keyed with a secret of this process, so that the page
+    still tells one repository from another without naming any.
+    """
+
+    def __init__(self, shown: bool, key: bytes | None = None) -> None:
+        self._shown = shown
+        self._key = key if key is not None else os.urandom(32)
+
+    def shown(self, upstream: str, repository: str) -> str:
+        """C{repository} of C{upstream}, or its stand-in."""
+        if self._shown:
+            return repository
+        mac = hmac.new(self._key, f"{upstream}/{repository}".encode(), hashlib.sha256)
+        return f"hidden:{mac.hexdigest()[:12]}"
+
+
 class StatusReport:
     """Builds the status document from hammal's live objects."""
 
@@ -82,6 +105,7 @@ class StatusReport:
         cache_max_size: int | None = None,
         show_clients: bool = False,
         registry: CollectorRegistry = metrics.REGISTRY,
+        show_repositories: bool = True,
     ) -> None:
         self._recorder = recorder
         self._quotas = quotas
@@ -90,6 +114,7 @@ class StatusReport:
         self._cache_max_size = cache_max_size
         self._show_clients = show_clients
         self._registry = registry
+        self._repository_names = RepositoryNames(show_repositories)
 
     def build(self) -> dict[str, Any]:
         """The whole document."""
@@ -115,11 +140,16 @@ class StatusReport:
             "transfers": self._transfers(),
             "top_repositories": {
                 "window_hours": 24,
-                "by_pulls": [attrs.asdict(use) for use in by_pulls],
-                "by_bytes": [attrs.asdict(use) for use in by_bytes],
+                "by_pulls": [self._use(use) for use in by_pulls],
+                "by_bytes": [self._use(use) for use in by_bytes],
             },
             "quota": self._quota(now),
         }
+
+    def _use(self, use: Any) -> dict[str, Any]:
+        entry = attrs.asdict(use)
+        entry["repository"] = self._repository_names.shown(use.upstream, use.repository)
+        return entry
 
     def _upstreams(self, now: float) -> list[dict[str, Any]]:
         errors = self._samples("hammal_upstream_errors_total")
@@ -190,7 +220,7 @@ class StatusReport:
             entry: dict[str, Any] = {
                 "digest": str(fetch.digest),
                 "upstream": transfer.upstream,
-                "repository": transfer.repository,
+                "repository": self._repository_names.shown(transfer.upstream, transfer.repository),
                 "bytes": fetch.written,
                 "size": fetch.size,
                 "clients": len(clients),
