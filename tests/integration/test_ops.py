@@ -41,6 +41,7 @@ from tests.integration.test_access import (
     launch_hammal,
     scrape,
     skopeo_copy,
+    tls_args,
 )
 
 ANONYMOUS = ["--src-tls-verify=false", "--src-no-creds"]
@@ -374,8 +375,10 @@ class SecretScrubbingTests(IntegrationTestCase):
 
 
 class PrefetchTests(IntegrationTestCase):
-    def _prefetch(self, mirror: str, *args: str) -> "subprocess.CompletedProcess[str]":
-        env = clean_env(PYTHONPATH=REPO_ROOT)
+    def _prefetch(
+        self, mirror: str, *args: str, **env_extra: str
+    ) -> "subprocess.CompletedProcess[str]":
+        env = clean_env(PYTHONPATH=REPO_ROOT, **env_extra)
         return subprocess.run(
             [sys.executable, "-m", "hammal", "prefetch", *args, "--mirror", mirror],
             cwd=REPO_ROOT,
@@ -408,6 +411,27 @@ class PrefetchTests(IntegrationTestCase):
         skopeo_copy(self, f"{hammal.host}/library/multi:1", image, ANONYMOUS, all_platforms=True)
         self.assertEqual(self._cdn_blobs(), [], "the pull after prefetch fetched blobs upstream")
         self.assertEqual([e for e in self.env.cdn_log() if e["method"] == "GET"], [])
+
+    def test_prefetch_over_tls(self) -> None:
+        """
+        Prefetch through hammal's own --tls listener (ALPN offered by
+        Python's client), verifying its certificate against the CA named by
+        SSL_CERT_FILE; without that CA it refuses the mirror.
+        """
+        assert self.env.pki is not None
+        pki = self.env.pki
+        hammal = launch_hammal(self, tls_args(pki.tls_chain, pki.tls_key), tls_ca=pki.ca_cert)
+        mirror = f"https://localhost:{hammal.port}"
+        image = self.env.image("library/multi:1")
+        untrusted = self._prefetch(mirror, "library/multi:1", SSL_CERT_FILE=os.devnull)
+        self.assertNotEqual(untrusted.returncode, 0, untrusted.stdout)
+        self.assertIn("certificate", (untrusted.stdout + untrusted.stderr).lower())
+        self.assertEqual(self._cdn_blobs(), [])
+        result = self._prefetch(mirror, "library/multi:1", SSL_CERT_FILE=pki.ca_cert)
+        self.assertEqual(
+            result.returncode, 0, f"{result.stdout}\n{result.stderr}\n{self.diagnostics()}"
+        )
+        self.assertEqual(self._cdn_blobs(), sorted(image.blob_digests))
 
     def test_prefetch_one_platform(self) -> None:
         hammal = launch_hammal(self)
