@@ -36,7 +36,7 @@ from twisted.web.iweb import IResponse
 
 from hammal import metrics
 from hammal.cache.bypass import StartUpstream, starts_at
-from hammal.cache.store import BlobStore
+from hammal.cache.storage import BlobStorage
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
 from hammal.reference import Digest
@@ -123,7 +123,7 @@ class BlobFetch:
     def __init__(
         self,
         digest: Digest,
-        store: BlobStore,
+        store: BlobStorage,
         clock: IReactorTime,
         start_upstream: StartUpstream,
         read_timeout: float,

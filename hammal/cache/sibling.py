@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from hammal.cache.coordinate import FillHolder
-from hammal.cache.store import BlobStore
+from hammal.cache.storage import BlobStorage
 from hammal.cache.writes import LocalCacheError
 from hammal.errors import RegistryError, UpstreamTimeout
 from hammal.reference import Digest
@@ -56,7 +56,7 @@ class SiblingFill:
     def __init__(
         self,
         digest: Digest,
-        store: BlobStore,
+        store: BlobStorage,
         holder: HolderLookup,
         clock: IReactorTime,
         stall: float,
