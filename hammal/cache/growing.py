@@ -5,12 +5,13 @@ A fill is either this process's own upstream transfer
 (L{hammal.cache.fetch.BlobFetch}) or another process's, followed through
 its growing file (L{hammal.cache.sibling.SiblingFill}). The blob cache, its
 readers, the status page and a cluster's peer endpoint use only what both
-offer, so neither is ever taken for the other.
+offer, so neither is ever taken for the other; both tell their news
+through L{FillNews}.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IResponse
@@ -44,3 +45,45 @@ class GrowingFill(GrowingFile, Protocol):
         Upstream's unread answer of a fill the cache refused, for one
         waiter to stream uncached; L{None} when there is none to take.
         """
+
+
+class FillNews:
+    """
+    How a fill tells its followers: listeners called whenever it grows or
+    ends, and the waiters of L{GrowingFill.when_started}. Shared by every
+    kind of fill.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: set[Callable[[], None]] = set()
+        self._start_waiters: list[Deferred[Any]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call C{listener} whenever the file grows or the fill ends."""
+        self._listeners.add(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        """Stop calling C{listener}."""
+        self._listeners.discard(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    def _wait_for_start(self) -> Deferred[Any]:
+        """A waiter for L{_started_now} or L{_start_failed}."""
+        d: Deferred[Any] = Deferred()
+        self._start_waiters.append(d)
+        return d
+
+    def _started_now(self) -> None:
+        """The file can be followed: every waiter gets the fill."""
+        waiters, self._start_waiters = self._start_waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    def _start_failed(self, failure: Exception) -> None:
+        """The fill failed before it could be followed: every waiter gets C{failure}."""
+        waiters, self._start_waiters = self._start_waiters, []
+        for d in waiters:
+            d.errback(failure)
