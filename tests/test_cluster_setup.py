@@ -5,7 +5,6 @@ joined to the blob cache, and the peer endpoint as build_app mounts it.
 
 from __future__ import annotations
 
-
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase

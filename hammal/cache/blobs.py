@@ -200,9 +200,9 @@ class BlobCache:
         self._transfers: dict[GrowingFill, Transfer] = {}
         self.fetches_started = 0
         self.readers = 0
-        #: Where fills get their bytes besides upstream (a cluster's peers
-        #: and object store): C{for_fill(digest, start) -> source} with
-        #: C{source.start} and C{source.attach(fetch)}; L{None} alone.
+        #: Where fills get their bytes besides upstream (the storage's
+        #: other tiers, a cluster's peers: L{hammal.cache.sources});
+        #: L{None}: straight upstream.
         self.fill_sources: FillSources | None = None
         #: Cache hits on plain TCP go out with os.sendfile.
         self.use_sendfile = True
