@@ -37,11 +37,13 @@ from hammal.cache.coordinate import LockFileCoordinator
 from hammal.cache.fetch import Offload
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore, RemoteManifests
 from hammal.cache.shared_room import SharedRoom
+from hammal.cache.sources import ReadThrough
+from hammal.cache.storage import BlobStorage
 from hammal.cache.store import BlobStore
 from hammal.cache.sweep import CacheSweep
 from hammal.cache.writes import WriteErrors
 from hammal.cluster.peer import mount_peer_endpoint
-from hammal.cluster.setup import build_cluster, object_store
+from hammal.cluster.setup import build_cluster
 from hammal.cluster.setup import cluster_http as make_cluster_http
 from hammal.config import ConfigError, Settings
 from hammal.drain import DrainService
@@ -51,8 +53,11 @@ from hammal.pull.upstreams import FailoverClient, UpstreamSelector
 from hammal.reference import is_docker_hub
 from hammal.status.recorder import StatusRecorder
 from hammal.status.report import RouteSource, StatusReport
+from hammal.storage.blobs import S3BlobStorage
 from hammal.storage.health import StoreHealth
 from hammal.storage.manifests import SharedManifests, SharedManifestStore
+from hammal.storage.objects import ObjectStore
+from hammal.storage.s3 import S3Credentials, S3Store
 from hammal.tls import upstream_tls_policy
 from hammal.ttlstore import (
     TAG_KEY_PREFIX,
@@ -179,11 +184,22 @@ def build_app(
         else RetryPolicy(retries=settings.retries, base=settings.retry_backoff, random=retry_random)
     )
     write_errors = WriteErrors(reactor)  # one warning a minute for the whole cache
-    blobs = _blob_cache(settings, reactor, offload, write_errors)
     if cluster_http is None and (settings.storage or settings.cluster_advertise):
         cluster_http = make_cluster_http(reactor, settings.connect_timeout)
-    objects = object_store(settings, reactor, cluster_http)
+    objects = _object_store(settings, reactor, cluster_http)
     store_health = StoreHealth(reactor)
+    local_blobs = _local_blobs(settings)
+    blobs = (
+        _blob_cache(
+            settings,
+            reactor,
+            offload,
+            _blob_storage(local_blobs, objects, store_health),
+            write_errors,
+        )
+        if local_blobs is not None
+        else None
+    )
     shared_manifests = SharedManifests(objects, store_health) if objects is not None else None
     manifests = _manifest_cache(settings, redis, reactor, write_errors, shared_manifests)
     referrers = (
@@ -282,11 +298,11 @@ def build_app(
         FrontPage(settings.url302, _served_registries(settings)),
         guard=None if rules is None else address_guard(rules),
     )
-    cluster = (
-        build_cluster(settings, reactor, redis, blobs, cluster_http, objects, store_health)
-        if blobs
-        else None
-    )
+    if blobs is not None and objects is not None:
+        # Fills read through the bucket and are kept there (in a cluster,
+        # with the fill lease between the bucket and upstream).
+        blobs.fill_sources = ReadThrough(blobs.store)
+    cluster = build_cluster(settings, reactor, redis, blobs, cluster_http) if blobs else None
     if cluster is not None and cluster.peer_endpoint is not None:
         mount_peer_endpoint(root, cluster.peer_endpoint)
     recorder = StatusRecorder(reactor)
@@ -324,8 +340,8 @@ def build_app(
         hashing,
         DrainService(readiness, lambda: site.active_requests, reactor, settings.drain_timeout),
     ]
-    if blobs is not None:
-        services.append(CacheSweep(blobs.store, reactor, offload=offload))
+    if local_blobs is not None:
+        services.append(CacheSweep(local_blobs, reactor, offload=offload))
     return App(
         root,
         site,
@@ -420,23 +436,74 @@ def _manifest_cache(
     return build
 
 
-def _blob_cache(
-    settings: Settings, reactor: Any, offload: Offload, write_errors: WriteErrors | None = None
-) -> BlobCache | None:
+def _object_store(settings: Settings, reactor: Any, http: Any) -> S3Store | None:
+    """
+    The object store of C{--storage s3://...}, or L{None} for C{file}.
+
+    @raise ConfigError: when the S3 credentials are missing.
+    """
+    if settings.storage is None:
+        return None
+    if settings.s3_endpoint is None:
+        raise ConfigError("--storage s3://... needs --s3-endpoint URL")
+    try:
+        credentials = S3Credentials.from_environ()
+    except ValueError as failure:
+        raise ConfigError(f"--storage s3://{settings.storage.bucket}: {failure}")
+    return S3Store(
+        settings.s3_endpoint,
+        settings.storage,
+        credentials,
+        http,
+        reactor,
+        timeout=settings.read_timeout,
+    )
+
+
+def _blob_storage(
+    local: BlobStore, objects: ObjectStore | None, health: StoreHealth
+) -> BlobStorage:
+    """
+    Where the blob cache keeps verified blobs: the local directory alone
+    (C{--storage file}), or it as the serving tier over C{objects}.
+    """
+    if objects is None:
+        return local
+    return S3BlobStorage(local, objects, health)
+
+
+def _local_blobs(settings: Settings) -> BlobStore | None:
+    """The blobs of --cache-dir (opened), or L{None} without one."""
     if settings.cache_dir is None:
         return None
     store = BlobStore(settings.cache_dir, settings.cache_max_size, settings.cache_min_free)
-    coordinator = LockFileCoordinator(settings.cache_dir)  # fills shared with other processes
     # --cache-max-size for every process using the directory (--workers, or not)
     store.shared = SharedRoom(settings.cache_dir)
     try:
         store.shared.open()
         store.open()
+    except OSError as failure:
+        raise ConfigError(f"cannot use --cache-dir {settings.cache_dir}: {failure.strerror}")
+    return store
+
+
+def _blob_cache(
+    settings: Settings,
+    reactor: Any,
+    offload: Offload,
+    storage: BlobStorage,
+    write_errors: WriteErrors | None = None,
+) -> BlobCache:
+    """The blob cache over C{storage}, sharing fills with the directory's other processes."""
+    if settings.cache_dir is None:
+        raise RuntimeError("a blob cache is built without --cache-dir")
+    coordinator = LockFileCoordinator(settings.cache_dir)  # fills shared with other processes
+    try:
         coordinator.open()
     except OSError as failure:
         raise ConfigError(f"cannot use --cache-dir {settings.cache_dir}: {failure.strerror}")
     return BlobCache(
-        store,
+        storage,
         reactor,
         settings.read_timeout,
         resumes=settings.retries,

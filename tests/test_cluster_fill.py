@@ -20,12 +20,16 @@ from twisted.web.server import NOT_DONE_YET, Request
 from hammal import metrics
 from hammal.cache.blobs import BlobCache
 from hammal.cache.fetch import BlobFetch
+from hammal.cache.sources import ReadThrough
+from hammal.cache.storage import BlobStorage
 from hammal.cache.store import BlobStore
 from hammal.cluster.fill import ClusterFills, peer_lookup
 from hammal.cluster.lease import KEY_PREFIX, FillLeases
 from hammal.cluster.peer import PeerBlobResource, PeerClient, mount_peer_endpoint
 from hammal.cluster.peerauth import PeerAuth, generate_key
 from hammal.reference import Digest
+from hammal.storage.blobs import S3BlobStorage
+from hammal.storage.health import StoreHealth
 from hammal.storage.objects import object_key
 from hammal.storage.s3 import MIN_PART_SIZE, S3Credentials, S3Location, S3Store
 from tests.cluster.fakes import FakeRedis, FakeS3
@@ -103,11 +107,7 @@ class Node:
         root = test.mktemp()
         store = BlobStore(root)
         store.open()
-        self.blobs = BlobCache(store, test.clock, read_timeout=30.0, resumes=3)
-        auth = PeerAuth(key, test.clock)
-        fill_leases = FillLeases(test.redis, test.clock, self.url, ttl=5.0) if leases else None
-        self.peer_http = StubTreq(peer if peer is not None else Refusing())
-        objects = None
+        storage: BlobStorage = store
         if s3 is not None:
             objects = S3Store(
                 S3_ENDPOINT,
@@ -116,10 +116,21 @@ class Node:
                 s3,
                 test.clock,
             )
-        self.fills = ClusterFills(
-            test.clock, fill_leases, PeerClient(self.peer_http, auth, test.clock), objects
-        )
-        self.blobs.fill_sources = self.fills
+            storage = S3BlobStorage(store, objects, StoreHealth(test.clock))
+        self.blobs = BlobCache(storage, test.clock, read_timeout=30.0, resumes=3)
+        auth = PeerAuth(key, test.clock)
+        self.peer_http = StubTreq(peer if peer is not None else Refusing())
+        if leases:
+            # A cluster node, as build_cluster joins it.
+            self.blobs.fill_sources = ClusterFills(
+                test.clock,
+                storage,
+                FillLeases(test.redis, test.clock, self.url, ttl=5.0),
+                PeerClient(self.peer_http, auth, test.clock),
+            )
+        else:
+            # --storage s3 alone, as build_app joins it.
+            self.blobs.fill_sources = ReadThrough(storage)
         self.root = Resource()
         mount_peer_endpoint(self.root, PeerBlobResource(peer_lookup(self.blobs), auth, test.clock))
         test.stubs.append(self.peer_http)

@@ -5,9 +5,6 @@ joined to the blob cache, and the peer endpoint as build_app mounts it.
 
 from __future__ import annotations
 
-import os
-from unittest import mock
-
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -38,17 +35,18 @@ class BuildClusterTests(SynchronousTestCase):
             f.write(KEY)
 
     def test_alone(self) -> None:
-        """Without --storage s3 or --cluster-advertise, nothing is built or joined."""
+        """Without --cluster-advertise, nothing is built or joined (--storage s3 or not)."""
         self.assertIsNone(build_cluster(Settings(), self.clock, None, self.blobs))
+        storage_only = Settings(storage=S3Location("b", "p/"), s3_endpoint="http://s3.test")
+        self.assertIsNone(build_cluster(storage_only, self.clock, None, self.blobs))
         self.assertIsNone(self.blobs.fill_sources)
 
-    def test_s3_needs_credentials(self) -> None:
-        """--storage s3://... without AWS keys is a start-up error, not a failing pull."""
-        settings = Settings(storage=S3Location("b", "p/"), s3_endpoint="http://s3.test")
-        with mock.patch.dict(os.environ, {}, clear=True):
-            with self.assertRaises(ConfigError) as raised:
-                build_cluster(settings, self.clock, None, self.blobs)
-        self.assertIn("AWS_ACCESS_KEY_ID", str(raised.exception))
+    def test_cluster_needs_a_key(self) -> None:
+        """--cluster-advertise without --cluster-key-file is a start-up error."""
+        settings = Settings(cluster_advertise="http://10.0.0.1:5000")
+        with self.assertRaises(ConfigError) as raised:
+            build_cluster(settings, self.clock, None, self.blobs, StubTreq(Resource()))
+        self.assertIn("--cluster-key-file", str(raised.exception))
 
     def test_cluster_node(self) -> None:
         """
@@ -56,20 +54,16 @@ class BuildClusterTests(SynchronousTestCase):
         endpoint answers a signed request and refuses an unsigned one.
         """
         settings = Settings(
-            storage=S3Location("b", "p/"),
-            s3_endpoint="http://s3.test",
             cluster_advertise="http://10.0.0.1:5000",
             cluster_key_file=self.key_file,
         )
-        environ = {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "secret"}
-        with mock.patch.dict(os.environ, environ, clear=True):
-            cluster = build_cluster(
-                settings, self.clock, FakeRedis(self.clock), self.blobs, StubTreq(Resource())
-            )
-        assert cluster is not None and cluster.peer_endpoint is not None
+        cluster = build_cluster(
+            settings, self.clock, FakeRedis(self.clock), self.blobs, StubTreq(Resource())
+        )
+        assert cluster is not None
         self.assertIsInstance(self.blobs.fill_sources, ClusterFills)
         self.assertIs(self.blobs.fill_sources, cluster.fills)
-        self.assertIsNotNone(cluster.fills.objects)
+        self.assertIs(cluster.fills.storage, self.blobs.store)
         self.assertIsNotNone(cluster.fills.leases)
         root = Resource()
         mount_peer_endpoint(root, cluster.peer_endpoint)

@@ -5,7 +5,7 @@ L{BlobFetch} per digest, each client reading at its own pace.
 
 from __future__ import annotations
 
-from typing import Callable, cast
+from typing import Callable
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -18,10 +18,11 @@ from hammal import metrics
 from hammal.cache.bypass import UpstreamTail
 from hammal.cache.coordinate import LockFileCoordinator, hold_lease
 from hammal.cache.fetch import BlobFetch, Offload, StartUpstream, run_here
+from hammal.cache.growing import GrowingFill
 from hammal.cache.readers import BlobReader, Bypass, FileSender, tcp_transport
 from hammal.cache.sibling import SiblingFill
 from hammal.cache.sources import FillSources
-from hammal.cache.store import BlobStore
+from hammal.cache.storage import BlobStorage
 from hammal.cache.takeover import TakenOver
 from hammal.cache.writes import LocalCacheError, WriteErrors
 from hammal.conditional import range_applies
@@ -40,7 +41,7 @@ class Transfer:
     @ivar clients: the addresses of the clients following it now.
     """
 
-    fetch: BlobFetch
+    fetch: GrowingFill
     upstream: str
     repository: str
     clients: list[str] = attrs.Factory(list)
@@ -68,7 +69,7 @@ class CachedBody:
         digest: Digest,
         start: int,
         end: int | None,
-        fetch: BlobFetch | None,
+        fetch: GrowingFill | None,
         start_upstream: StartUpstream | None = None,
         upstream: str = "upstream",
     ) -> None:
@@ -160,7 +161,9 @@ class CachedBody:
 
 class BlobCache:
     """
-    Coordinates the store and the fetches in flight.
+    Coordinates the storage of committed blobs (a
+    L{hammal.cache.storage.BlobStorage}: which one, it never knows) and the
+    fills in flight.
 
     @ivar fetches_started: upstream fetches begun (for tests and metrics).
     """
@@ -169,7 +172,7 @@ class BlobCache:
 
     def __init__(
         self,
-        store: BlobStore,
+        store: BlobStorage,
         clock: IReactorTime,
         read_timeout: float,
         resumes: int,
@@ -193,13 +196,13 @@ class BlobCache:
         self._deadline = deadline
         #: Whether a fill's last chunk waits for the digest (see BlobFetch).
         self.hold_tail = hold_tail
-        self._fetches: dict[str, BlobFetch] = {}
-        self._transfers: dict[BlobFetch, Transfer] = {}
+        self._fetches: dict[str, GrowingFill] = {}
+        self._transfers: dict[GrowingFill, Transfer] = {}
         self.fetches_started = 0
         self.readers = 0
-        #: Where fills get their bytes besides upstream (a cluster's peers
-        #: and object store): C{for_fill(digest, start) -> source} with
-        #: C{source.start} and C{source.attach(fetch)}; L{None} alone.
+        #: Where fills get their bytes besides upstream (the storage's
+        #: other tiers, a cluster's peers: L{hammal.cache.sources});
+        #: L{None}: straight upstream.
         self.fill_sources: FillSources | None = None
         #: Cache hits on plain TCP go out with os.sendfile.
         self.use_sendfile = True
@@ -208,7 +211,7 @@ class BlobCache:
         """Whether the disk has space for new transfers (above the free-space floor)."""
         return self.store.has_room()
 
-    def in_flight(self, digest: Digest) -> BlobFetch | None:
+    def in_flight(self, digest: Digest) -> GrowingFill | None:
         """The running fetch of C{digest}, if any."""
         fetch = self._fetches.get(str(digest))
         if fetch is None or fetch.failure is not None or fetch.complete:
@@ -217,7 +220,7 @@ class BlobCache:
 
     def fetch(
         self, digest: Digest, start_upstream: StartUpstream, upstream: str, repository: str = ""
-    ) -> tuple[BlobFetch, bool]:
+    ) -> tuple[GrowingFill, bool]:
         """
         The fetch of C{digest}: the one in flight (C{True}: joined) or a new
         one started now (C{False}). A fetch runs to its end whoever leaves.
@@ -270,7 +273,7 @@ class BlobCache:
         Deferred.fromCoroutine(fetch.run())
         return fetch, False
 
-    def _follow_sibling(self, digest: Digest, upstream: str, repository: str) -> BlobFetch:
+    def _follow_sibling(self, digest: Digest, upstream: str, repository: str) -> SiblingFill:
         """Another process fills C{digest}: follow its file instead of going upstream."""
         if self.coordinator is None:
             raise RuntimeError("a sibling fill is followed without a coordinator")
@@ -281,29 +284,27 @@ class BlobCache:
             self.clock,
             stall=self._deadline if self._deadline is not None else 4 * self._read_timeout,
         )
-        # Readers use the attributes the two have in common (see hammal.cache.sibling).
-        fill = cast(BlobFetch, sibling)
         key = str(digest)
-        self._fetches[key] = fill
-        self._transfers[fill] = Transfer(fill, upstream, repository)
+        self._fetches[key] = sibling
+        self._transfers[sibling] = Transfer(sibling, upstream, repository)
         metrics.sibling_fills.inc()
 
         def forget(_: object) -> None:
-            self._transfers.pop(fill, None)
-            if self._fetches.get(key) is fill:
+            self._transfers.pop(sibling, None)
+            if self._fetches.get(key) is sibling:
                 del self._fetches[key]
 
         sibling.finished.addBoth(forget)
         sibling.start()
-        return fill
+        return sibling
 
-    def attach(self, fetch: BlobFetch, client: str) -> None:
+    def attach(self, fetch: GrowingFill, client: str) -> None:
         """C{client} follows C{fetch} (for the status page)."""
         transfer = self._transfers.get(fetch)
         if transfer is not None:
             transfer.clients.append(client)
 
-    def detach(self, fetch: BlobFetch, client: str) -> None:
+    def detach(self, fetch: GrowingFill, client: str) -> None:
         """C{client} no longer follows C{fetch}."""
         transfer = self._transfers.get(fetch)
         if transfer is not None and client in transfer.clients:
@@ -318,7 +319,7 @@ class BlobCache:
         digest: Digest,
         start: int,
         end: int | None,
-        fetch: BlobFetch | None = None,
+        fetch: GrowingFill | None = None,
         start_upstream: StartUpstream | None = None,
         upstream: str = "upstream",
     ) -> CachedBody:
@@ -410,7 +411,7 @@ class BlobCache:
         digest: Digest,
         size: int | None,
         requested_range: bytes | None,
-        fetch: BlobFetch | None,
+        fetch: GrowingFill | None,
         cache_status: str,
         content_type: bytes,
         start_upstream: StartUpstream | None = None,

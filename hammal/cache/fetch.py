@@ -36,7 +36,8 @@ from twisted.web.iweb import IResponse
 
 from hammal import metrics
 from hammal.cache.bypass import StartUpstream, starts_at
-from hammal.cache.store import BlobStore
+from hammal.cache.growing import FillNews
+from hammal.cache.storage import BlobStorage
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
 from hammal.reference import Digest
@@ -107,7 +108,7 @@ class DigestMismatch(TransferBroken):
     """The bytes upstream sent do not hash to the digest asked for."""
 
 
-class BlobFetch:
+class BlobFetch(FillNews):
     """
     The single upstream transfer of one blob into the cache.
 
@@ -123,7 +124,7 @@ class BlobFetch:
     def __init__(
         self,
         digest: Digest,
-        store: BlobStore,
+        store: BlobStorage,
         clock: IReactorTime,
         start_upstream: StartUpstream,
         read_timeout: float,
@@ -179,8 +180,7 @@ class BlobFetch:
         self._reserved = 0
         self._checked_free_at = 0
         self._spare: IResponse | None = None
-        self._listeners: set[Callable[[], None]] = set()
-        self._started: list[Deferred[BlobFetch]] = []
+        FillNews.__init__(self)
         self.finished: Deferred[None] = Deferred()
 
     # Observation.
@@ -191,19 +191,7 @@ class BlobFetch:
             return succeed(self)
         if self.failure is not None:
             return fail(self.failure)
-        d: Deferred[BlobFetch] = Deferred()
-        self._started.append(d)
-        return d
-
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.add(listener)
-
-    def unsubscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.discard(listener)
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()
+        return self._wait_for_start()
 
     # The transfer.
 
@@ -242,9 +230,7 @@ class BlobFetch:
             if isinstance(failure, OSError):
                 raise LocalCacheError(f"cannot create the cache file: {describe(failure)}")
             raise
-        for d in self._started:
-            d.callback(self)
-        self._started.clear()
+        self._started_now()
         resumes_left = self._resumes
         while True:
             try:
@@ -505,9 +491,7 @@ class BlobFetch:
         self.failure = failure
         self._to_write.clear()
         self._to_hash.clear()
-        for d in self._started:
-            d.errback(failure)
-        self._started.clear()
+        self._start_failed(failure)
         if self._spare is not None:
             # Waiters take it over now; whoever comes later has missed it.
             self._clock.callLater(0, self._drop_spare)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
 
-from hammal.cache.store import BlobStore
+from hammal.cache.storage import BlobStorage
 from hammal.errors import RegistryError
 from hammal.lru import remember
 from hammal.reference import Digest
@@ -48,7 +48,7 @@ class LayerKeeper:
 
     def __init__(
         self,
-        store: BlobStore,
+        store: BlobStorage,
         clock: IReactorTime,
         interval: float = 60.0,
         remember: int = 10000,

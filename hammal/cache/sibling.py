@@ -4,10 +4,11 @@ Following a fill that another process of this machine runs.
 When another process sharing the cache directory holds a digest's fill
 (L{hammal.cache.coordinate}), this one does not go upstream: a
 L{SiblingFill} follows the holder's growing temporary file, polling its
-size every L{POLL_INTERVAL} seconds, and gives readers the same view a
-local L{hammal.cache.fetch.BlobFetch} gives them (C{path}, C{size},
-C{readable}, C{verified}, C{complete}, C{failure}, listeners), so the
-existing followers (C{pread} or C{sendfile}) serve it unchanged.
+size every L{POLL_INTERVAL} seconds. Like a local
+L{hammal.cache.fetch.BlobFetch} it is a L{hammal.cache.growing.GrowingFill}
+(and tells its news through the same L{hammal.cache.growing.FillNews}),
+so the blob cache and the existing followers (C{pread} or C{sendfile})
+serve it unchanged.
 
 The last byte is held back until the blob is in the store (the holder
 commits only what it verified), so no client sees a blob complete that
@@ -30,7 +31,8 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from hammal.cache.coordinate import FillHolder
-from hammal.cache.store import BlobStore
+from hammal.cache.growing import FillNews
+from hammal.cache.storage import BlobStorage
 from hammal.cache.writes import LocalCacheError
 from hammal.errors import RegistryError, UpstreamTimeout
 from hammal.reference import Digest
@@ -42,7 +44,7 @@ HolderLookup = Callable[[Digest], "FillHolder | None"]
 """Who fills a digest now (answered at once), or L{None}."""
 
 
-class SiblingFill:
+class SiblingFill(FillNews):
     """
     A fill run by another process, seen through its growing file.
 
@@ -56,7 +58,7 @@ class SiblingFill:
     def __init__(
         self,
         digest: Digest,
-        store: BlobStore,
+        store: BlobStorage,
         holder: HolderLookup,
         clock: IReactorTime,
         stall: float,
@@ -79,13 +81,12 @@ class SiblingFill:
         self._where = ""
         self.upstream_requests = 0
         self._fd: int | None = None
-        self._listeners: set[Callable[[], None]] = set()
-        self._started: list[Deferred[SiblingFill]] = []
+        FillNews.__init__(self)
         self._call: IDelayedCall | None = None
         self._news_at = clock.seconds()
         self.finished: Deferred[None] = Deferred()
 
-    # What readers and the pull service use (as of a BlobFetch).
+    # What readers and the blob cache use (a GrowingFill).
 
     def when_started(self) -> Deferred[SiblingFill]:
         """Fires once the holder's file can be followed (or the blob is stored)."""
@@ -93,15 +94,7 @@ class SiblingFill:
             return succeed(self)
         if self.failure is not None:
             return fail(self.failure)
-        d: Deferred[SiblingFill] = Deferred()
-        self._started.append(d)
-        return d
-
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.add(listener)
-
-    def unsubscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.discard(listener)
+        return self._wait_for_start()
 
     def take_response(self) -> IResponse | None:
         """Nothing to hand over: the upstream answer is the holder's."""
@@ -147,9 +140,7 @@ class SiblingFill:
             self.content_type = holder.content_type
             self._news_at = self._clock.seconds()
             self._grew()
-            for d in self._started:
-                d.callback(self)
-            self._started.clear()
+            self._started_now()
         elif self._fd is not None:
             self._grew()
         if self._clock.seconds() - self._news_at > self._stall:
@@ -183,18 +174,14 @@ class SiblingFill:
         self.verified = self.complete = True
         if self._fd is None:
             self.path = self.store.path(self.digest)
-        for d in self._started:
-            d.callback(self)
-        self._started.clear()
+        self._started_now()
         self._notify()
         self._end()
         return True
 
     def _fail(self, failure: RegistryError) -> None:
         self.failure = failure
-        for d in self._started:
-            d.errback(failure)
-        self._started.clear()
+        self._start_failed(failure)
         self._notify()
         self._end()
 
@@ -213,7 +200,3 @@ class SiblingFill:
             self._fd = None
             # Never the descriptor's number again: it may name another file now.
             self.path = self.store.path(self.digest) if self.complete else self._where
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()

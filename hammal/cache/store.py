@@ -36,9 +36,12 @@ from collections import OrderedDict
 from typing import Iterator, Protocol
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.web.iweb import IResponse
 
 from hammal import metrics
+from hammal.cache.growing import GrowingFill
 from hammal.cache.liveness import writer_alive
 from hammal.reference import Digest
 
@@ -91,7 +94,8 @@ class SharedAccounting(Protocol):
 
 class BlobStore:
     """
-    Verified blobs on disk with an LRU index.
+    Verified blobs on disk with an LRU index: the local
+    L{hammal.cache.storage.BlobStorage}, with no tier beyond it.
 
     @param max_size: bytes the blobs (stored and in flight) may occupy;
         L{None} for no limit.
@@ -424,6 +428,14 @@ class BlobStore:
         self._add(str(digest), size)
         self._evict()
         self.publish()
+
+    def read_through(self, digest: Digest, offset: int) -> Deferred[IResponse | None]:
+        """Nothing beyond the directory: a local miss is a miss."""
+        return succeed(None)
+
+    def keep(self, fill: GrowingFill) -> Deferred[bool]:
+        """Nothing beyond the directory: the fill commits here itself."""
+        return succeed(False)
 
     def remove(self, digest: Digest) -> None:
         """Forget and delete C{digest} (for a blob found to be bad)."""

@@ -14,7 +14,7 @@ local failure does.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IReactorTime
@@ -22,6 +22,8 @@ from twisted.logger import Logger
 
 from hammal import metrics
 from hammal.cache.bypass import StartUpstream, UpstreamTail
+from hammal.cache.growing import GrowingFill
+from hammal.cache.storage import BlobStorage
 from hammal.cache.writes import LocalCacheError
 from hammal.reference import Digest
 from hammal.stream import BodySource, TransferBroken
@@ -30,7 +32,7 @@ from hammal.stream import BodySource, TransferBroken
 class FillingCache(Protocol):
     """What a takeover needs of the blob cache (L{hammal.cache.blobs.BlobCache})."""
 
-    store: Any
+    store: BlobStorage
     clock: IReactorTime
     read_timeout: float
 
@@ -39,7 +41,7 @@ class FillingCache(Protocol):
         digest: Digest,
         start: int,
         end: int | None,
-        fetch: Any = None,
+        fetch: GrowingFill | None = None,
         start_upstream: StartUpstream | None = None,
         upstream: str = "upstream",
     ) -> BodySource:
@@ -47,7 +49,7 @@ class FillingCache(Protocol):
 
     def fetch(
         self, digest: Digest, start_upstream: StartUpstream, upstream: str, repository: str = ""
-    ) -> tuple[Any, bool]:
+    ) -> tuple[GrowingFill, bool]:
         """The fill of C{digest}, joined or started."""
 
 

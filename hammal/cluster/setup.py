@@ -1,7 +1,9 @@
 """
 The cluster's parts built from the settings, for the composition root
 (L{hammal.app.build_app}): the fill leases, the peer endpoint and client,
-the object store, joined to the blob cache as its fill sources.
+joined to the blob cache as its fill sources. The object store is not
+the cluster's: it is the blob cache's storage
+(L{hammal.storage.blobs.S3BlobStorage}), which the fills ask first.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from hammal.cluster.lease import FillLeases
 from hammal.cluster.peer import PeerBlobResource, PeerClient
 from hammal.cluster.peerauth import ClusterKeyError, PeerAuth
 from hammal.config import ConfigError, Settings
-from hammal.storage.health import StoreHealth
-from hammal.storage.s3 import S3Credentials, S3Store
 
 #: Seconds a dead holder's lease outlives it: how long its peers wait
 #: before one of them takes the fill over.
@@ -30,12 +30,11 @@ LEASE_TTL = 5.0
 class Cluster:
     """
     @ivar fills: the blob cache's fill sources.
-    @ivar peer_endpoint: the resource to mount at
-        L{hammal.cluster.peer.PEER_PATH}, or L{None} without a cluster.
+    @ivar peer_endpoint: the resource to mount at L{hammal.cluster.peer.PEER_PATH}.
     """
 
     fills: ClusterFills
-    peer_endpoint: PeerBlobResource | None
+    peer_endpoint: PeerBlobResource
 
 
 def cluster_http(reactor: Any, connect_timeout: float) -> HTTPClient:
@@ -45,65 +44,37 @@ def cluster_http(reactor: Any, connect_timeout: float) -> HTTPClient:
     return HTTPClient(Agent(reactor, pool=pool, connectTimeout=connect_timeout))
 
 
-def object_store(settings: Settings, reactor: Any, http: Any) -> S3Store | None:
-    """
-    The object store of C{--storage s3://...}, or L{None} for C{file}.
-
-    @raise ConfigError: when the S3 credentials are missing.
-    """
-    if settings.storage is None:
-        return None
-    if settings.s3_endpoint is None:
-        raise ConfigError("--storage s3://... needs --s3-endpoint URL")
-    try:
-        credentials = S3Credentials.from_environ()
-    except ValueError as failure:
-        raise ConfigError(f"--storage s3://{settings.storage.bucket}: {failure}")
-    return S3Store(
-        settings.s3_endpoint,
-        settings.storage,
-        credentials,
-        http,
-        reactor,
-        timeout=settings.read_timeout,
-    )
-
-
 def build_cluster(
     settings: Settings,
     reactor: Any,
     redis: Any,
     blobs: BlobCache,
     http: Any = None,
-    objects: S3Store | None = None,
-    health: StoreHealth | None = None,
 ) -> Cluster | None:
     """
-    The cluster parts C{settings} ask for (C{--storage s3://...},
-    C{--cluster-advertise}), joined to C{blobs}; L{None} when neither is
-    given. C{objects}: the store L{object_store} made, if made already.
+    The cluster parts C{settings} ask for (C{--cluster-advertise}), joined
+    to C{blobs} as its fill sources; L{None} without a cluster. The blob
+    cache's storage (with C{--storage s3://...}, the bucket
+    under the cache directory) is asked before the lease holder and keeps
+    what is fetched from upstream.
 
-    @raise ConfigError: when the S3 credentials or the cluster key are unusable.
+    @raise ConfigError: when the cluster key is unusable.
     """
-    if settings.storage is None and settings.cluster_advertise is None:
+    if settings.cluster_advertise is None:
         return None
+    if settings.cluster_key_file is None:
+        raise ConfigError("--cluster-advertise needs --cluster-key-file")
     if http is None:
         http = cluster_http(reactor, settings.connect_timeout)
-    if objects is None:
-        objects = object_store(settings, reactor, http)
-    leases = peers = endpoint = None
-    if settings.cluster_advertise is not None:
-        if settings.cluster_key_file is None:
-            raise ConfigError("--cluster-advertise needs --cluster-key-file")
-        try:
-            auth = PeerAuth.from_file(settings.cluster_key_file, reactor)
-        except ClusterKeyError as failure:
-            raise ConfigError(str(failure))
-        leases = FillLeases(redis, reactor, settings.cluster_advertise, ttl=LEASE_TTL)
-        peers = PeerClient(http, auth, reactor, timeout=settings.read_timeout)
-        endpoint = PeerBlobResource(
-            peer_lookup(blobs), auth, reactor, stall_timeout=settings.read_timeout
-        )
-    fills = ClusterFills(reactor, leases, peers, objects, health=health)
+    try:
+        auth = PeerAuth.from_file(settings.cluster_key_file, reactor)
+    except ClusterKeyError as failure:
+        raise ConfigError(str(failure))
+    leases = FillLeases(redis, reactor, settings.cluster_advertise, ttl=LEASE_TTL)
+    peers = PeerClient(http, auth, reactor, timeout=settings.read_timeout)
+    endpoint = PeerBlobResource(
+        peer_lookup(blobs), auth, reactor, stall_timeout=settings.read_timeout
+    )
+    fills = ClusterFills(reactor, blobs.store, leases, peers)
     blobs.fill_sources = fills
     return Cluster(fills, endpoint)

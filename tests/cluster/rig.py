@@ -99,14 +99,12 @@ class Node:
             "--retries",
             "3",
         ]
+        if rig.cluster or rig.storage_only:
+            argv += ["--storage", f"s3://{BUCKET}/{rig.prefix}", "--s3-endpoint", rig.s3.endpoint]
         if rig.cluster:
             argv += [
                 "--redis",
                 rig.redis.url,
-                "--storage",
-                f"s3://{BUCKET}/{rig.prefix}",
-                "--s3-endpoint",
-                rig.s3.endpoint,
                 "--cluster-advertise",
                 self.url,
                 "--cluster-key-file",
@@ -118,7 +116,7 @@ class Node:
         if empty_cache:
             shutil.rmtree(os.path.join(self.workdir, "cache"), ignore_errors=True)
         env = _hammal_env()
-        if self.rig.cluster:
+        if self.rig.cluster or self.rig.storage_only:
             env.update(self.rig.s3.environ())
         self.process = ManagedProcess(
             f"hammal-{self.port}",
@@ -160,12 +158,21 @@ class ClusterRig:
     @param nodes: how many hammal instances.
     @param cluster: run them as a cluster (Redis leases, S3, peers); else
         as independent instances (what hammal did before the cluster).
+    @param storage_only: (not a cluster) independent instances sharing the
+        S3 store alone (C{--storage s3://...}, no Redis, no peers).
     @param rate: the upstream's bytes per second for each blob transfer.
     """
 
-    def __init__(self, nodes: int = 3, cluster: bool = True, rate: int = 12 * MiB) -> None:
+    def __init__(
+        self,
+        nodes: int = 3,
+        cluster: bool = True,
+        rate: int = 12 * MiB,
+        storage_only: bool = False,
+    ) -> None:
         self.count = nodes
-        self.cluster = cluster
+        self.cluster = cluster and not storage_only
+        self.storage_only = storage_only
         self.rate = rate
         self.prefix = f"run-{os.getpid()}-{time.time_ns()}/"
         self.work = make_tempdir("hammal-cluster-")
