@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from hammal import metrics
 from hammal.cache import fetch as fetch_module
@@ -49,7 +50,7 @@ class _Response:
 
     code = 200
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: Any) -> None:
         self.length = length
         self.headers = Headers({b"content-type": [b"application/octet-stream"]})
         self.transport = _Transport()
@@ -80,6 +81,13 @@ class _HeldOffload:
     def of(self, f: Callable[..., Any]) -> list[tuple[Any, ...]]:
         return [args for g, args, _ in self.jobs if g is f]
 
+    def run_only(self, f: Callable[..., Any]) -> None:
+        """Run the jobs of C{f} (and those they start), leave the others waiting."""
+        while any(g is f for g, _, _ in self.jobs):
+            job = next(job for job in self.jobs if job[0] is f)
+            self.jobs.remove(job)
+            job[2].callback(f(*job[1]))
+
     def run_all(self) -> None:
         while self.jobs:
             f, args, d = self.jobs.pop(0)
@@ -99,9 +107,13 @@ class FetchPipelineTests(SynchronousTestCase):
         self.offload = _HeldOffload()
 
     def fetch(
-        self, blob: bytes, hold_tail: bool = True, digest: Digest | None = None
+        self,
+        blob: bytes,
+        hold_tail: bool = True,
+        digest: Digest | None = None,
+        sized: bool = True,
     ) -> tuple[BlobFetch, _Response]:
-        response = _Response(len(blob))
+        response = _Response(len(blob) if sized else UNKNOWN_LENGTH)
         if digest is None:
             digest = Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest())
         fetch = BlobFetch(
@@ -142,7 +154,7 @@ class FetchPipelineTests(SynchronousTestCase):
         self.offload.run_all()  # the rest went as one batch of each
         self.assertEqual(len(self.offload.of(fetch_module._write_chunks)), 0)
         self.assertEqual(fetch.written, 5000)
-        self.assertEqual(fetch.readable, 4000)  # the tail held
+        self.assertEqual(fetch.readable, 5000 - fetch_module.TAIL_HOLD)  # the tail held
         response.end()
         self.offload.run_all()  # fdatasync
         self.assertTrue(fetch.complete)
@@ -150,13 +162,35 @@ class FetchPipelineTests(SynchronousTestCase):
         with open(self.store.path(fetch.digest), "rb") as stored:
             self.assertEqual(stored.read(), blob)
 
-    def test_previous_chunk_released_on_arrival(self) -> None:
+    def test_first_bytes_readable_before_second_chunk(self) -> None:
         """
-        A written chunk is released as soon as the next one arrives, before
-        that one is written: only the last chunk received is held.
+        With a known size only the blob's last bytes wait for the digest: a
+        reader gets the first chunk as soon as it is written, before the
+        second one arrives.
         """
         chunks = [bytes([n]) * 1000 for n in range(3)]
         fetch, response = self.fetch(b"".join(chunks))
+        woken: list[int] = []
+        fetch.subscribe(lambda: woken.append(fetch.readable))
+        response.send(chunks[0])
+        self.offload.run_all()
+        self.assertEqual((fetch.written, fetch.readable), (1000, 1000))
+        self.assertEqual(woken, [1000])
+        response.send(chunks[1])
+        response.send(chunks[2])
+        self.offload.run_only(fetch_module._write_chunks)  # written, not hashed
+        self.assertEqual(fetch.written, 3000)
+        self.assertEqual(fetch.readable, 3000 - fetch_module.TAIL_HOLD)
+        self.assertFalse(fetch.verified)
+
+    def test_previous_chunk_released_on_arrival(self) -> None:
+        """
+        Of a blob of unknown size, a written chunk is released as soon as
+        the next one arrives, before that one is written: only the last
+        chunk received is held.
+        """
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks), sized=False)
         response.send(chunks[0])
         self.offload.run_all()
         self.assertEqual((fetch.written, fetch.readable), (1000, 0))

@@ -6,10 +6,12 @@ it on the way, resuming with ``Range`` when upstream breaks mid-body, and
 commits it to the L{BlobStore} once the digest matched. Any number of
 L{hammal.cache.readers} follow the file at their own pace, each the push producer of
 its own client: a slow client never slows the fetch or the other clients,
-and a client leaving never stops the fetch. Readers are given bytes only up
-to the last complete chunk but one until the digest is verified, so a
-corrupt transfer is never seen complete by anyone (unless the fetch was
-told not to hold the tail: C{--no-hold-tail}).
+and a client leaving never stops the fetch. Until the digest is verified
+readers are given every written byte but the blob's last (C{TAIL_HOLD});
+of a blob of unknown size, all but the last chunk received. So the first
+bytes go out as soon as they are written, and a corrupt transfer is never
+seen complete by anyone (unless the fetch was told not to hold the tail:
+C{--no-hold-tail}).
 
 The event loop only receives: each chunk goes, uncopied, to a writer and a
 hasher that run off the event loop (C{offload}) in batches.
@@ -61,6 +63,10 @@ RESERVE_STEP = 8 * 1024 * 1024
 CHECK_FREE_EVERY = 4 * 1024 * 1024
 #: Received bytes not yet written and hashed, past which upstream is paused.
 MAX_BACKLOG = 8 * 1024 * 1024
+#: Bytes at the end of a blob of known size that readers get only once the
+#: digest matched: one is enough for no client to hold a corrupt blob whole
+#: (as L{hammal.cache.sibling} holds back for the processes that follow).
+TAIL_HOLD = 1
 
 Offload = Callable[..., Deferred[Any]]
 """Runs C{f(*args)} off the event loop (a thread pool) and returns its result."""
@@ -332,8 +338,8 @@ class BlobFetch:
         Take a chunk from upstream: the same C{bytes} object (no copy) goes
         to the file writer and to the hasher, each on a thread of its own
         and in batches of whatever arrived meanwhile. Readers may use what
-        was written, but for the last chunk received until the digest
-        matched (unless the tail is not held).
+        was written, but for the tail until the digest matched (unless the
+        tail is not held): see L{_release}.
         """
         if self._fd is None:
             raise RuntimeError("hammal bug: expected self._fd is not None")
@@ -384,14 +390,18 @@ class BlobFetch:
 
     def _release(self) -> bool:
         """
-        Let readers have what was written, but for the last chunk received
-        while the tail is held; whether C{readable} moved.
+        Let readers have what was written, but for the tail while it is
+        held: the blob's last C{TAIL_HOLD} bytes when its size is known,
+        else the last chunk received. Whether C{readable} moved.
         """
         if self.verified:
             return False
         limit = self.written
         if self._hold_tail:
-            limit = min(limit, self.received - self._last_received)
+            if self.size is not None:
+                limit = min(limit, self.size - TAIL_HOLD)
+            else:
+                limit = min(limit, self.received - self._last_received)
         if limit <= self.readable:
             return False
         self.readable = limit
