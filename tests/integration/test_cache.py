@@ -797,9 +797,9 @@ class FaultUpstreamCacheTests(unittest.TestCase):
 
     def test_restart_keeps_cache(self) -> None:
         """A new hammal on the same --cache-dir serves the blob as a hit with
-        no upstream request (but its ``/v2/`` ping at start), and removes at once a temporary whose writer is
-        gone (a kill -9), while keeping one whose writer still runs (another
-        process sharing the directory)."""
+        no upstream request (but its ``/v2/`` ping at start), and removes at
+        once a temporary whose writer is gone (a kill -9), while keeping one
+        whose writer still runs (another process sharing the directory)."""
         cache = self.make_dir()
         first = self.start(cache_dir=cache)
         self.expect_blob(self.get(first, SMALL), SMALL, "the first GET")
