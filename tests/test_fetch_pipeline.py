@@ -175,13 +175,59 @@ class FetchPipelineTests(SynchronousTestCase):
         response.send(chunks[0])
         self.offload.run_all()
         self.assertEqual((fetch.written, fetch.readable), (1000, 1000))
-        self.assertEqual(woken, [1000])
+        self.assertEqual(woken[-1], 1000)  # told when written (and when received)
         response.send(chunks[1])
         response.send(chunks[2])
         self.offload.run_only(fetch_module._write_chunks)  # written, not hashed
         self.assertEqual(fetch.written, 3000)
         self.assertEqual(fetch.readable, 3000 - fetch_module.TAIL_HOLD)
         self.assertFalse(fetch.verified)
+
+    def test_received_bytes_sendable_before_written(self) -> None:
+        """
+        Readers may take a chunk from memory as soon as it arrives, before
+        the writer thread wrote it (C{sendable}, C{buffered}); once written
+        it comes from the file. The blob's last byte still waits for the
+        digest.
+        """
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks))
+        woken: list[int] = []
+        fetch.subscribe(lambda: woken.append(fetch.sendable))
+        response.send(chunks[0])
+        self.assertEqual((fetch.written, fetch.readable, fetch.sendable), (0, 0, 1000))
+        self.assertEqual(woken, [1000])
+        self.assertEqual(bytes(fetch.buffered(0, 1000)), chunks[0])
+        self.assertEqual(bytes(fetch.buffered(500, 700)), chunks[0][500:700])
+        response.send(chunks[1])
+        response.send(chunks[2])
+        self.assertEqual(fetch.sendable, 3000 - fetch_module.TAIL_HOLD)
+        self.assertEqual(bytes(fetch.buffered(1000, 3000)), chunks[1])  # one chunk at most
+        self.assertEqual(bytes(fetch.buffered(2000, fetch.sendable)), chunks[2][:-1])
+        self.offload.run_only(fetch_module._write_chunks)
+        self.assertEqual(fetch.written, 3000)
+        self.assertIsNone(fetch.buffered(0, 1000))  # in the file now
+        self.assertEqual(fetch.sendable, 3000 - fetch_module.TAIL_HOLD)
+        response.end()
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+        self.assertEqual(fetch.sendable, 3000)
+
+    def test_unsized_blob_sendable_but_last_chunk(self) -> None:
+        """Of a blob of unknown size, all but the last chunk received is sendable."""
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks), sized=False)
+        response.send(chunks[0])
+        self.assertEqual(fetch.sendable, 0)
+        response.send(chunks[1])
+        self.assertEqual(fetch.sendable, 1000)
+        self.assertEqual(bytes(fetch.buffered(0, 1000)), chunks[0])
+
+    def test_no_hold_tail_sendable_as_received(self) -> None:
+        """Without the held tail every received byte is sendable at once."""
+        fetch, response = self.fetch(b"x" * 2000, hold_tail=False)
+        response.send(b"x" * 2000)
+        self.assertEqual((fetch.written, fetch.sendable), (0, 2000))
 
     def test_previous_chunk_released_on_arrival(self) -> None:
         """

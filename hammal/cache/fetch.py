@@ -14,7 +14,9 @@ seen complete by anyone (unless the fetch was told not to hold the tail:
 C{--no-hold-tail}).
 
 The event loop only receives: each chunk goes, uncopied, to a writer and a
-hasher that run off the event loop (C{offload}) in batches.
+hasher that run off the event loop (C{offload}) in batches. Readers need not
+wait for the writer: what arrived and is not written yet is theirs from
+memory (C{sendable}, L{BlobFetch.buffered}); the rest from the file.
 
 The cache's own failures are not upstream's: a disk that is full, fails a
 write or cannot be hashed makes the fetch fail with L{LocalCacheError}
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -119,6 +122,8 @@ class BlobFetch:
 
     @ivar size: the blob's size once upstream announced it.
     @ivar readable: how many bytes of the temporary file readers may use.
+    @ivar sendable: how many bytes readers may have, from the file up to
+        C{written} and from memory (L{buffered}) beyond it.
     @ivar complete: whether the blob was verified (and committed).
     @ivar failure: why the fetch failed, if it did.
     @ivar content_type: upstream's ``Content-Type``.
@@ -159,6 +164,7 @@ class BlobFetch:
         self.size: int | None = None
         self.written = 0
         self.readable = 0
+        self.sendable = 0
         self.complete = False
         #: The digest matched: every byte is readable, stored or not.
         self.verified = False
@@ -172,6 +178,8 @@ class BlobFetch:
         self.received = 0
         self._last_received = 0
         self._to_write: list[bytes] = []
+        #: The received chunks not written yet, from offset C{written} on.
+        self._unwritten: deque[bytes] = deque()
         self._writing: Deferred[int] | None = None
         self._hasher = digest.hasher()
         self._hashed = 0
@@ -353,6 +361,7 @@ class BlobFetch:
         self._last_received = len(data)
         self._to_write.append(data)
         self._to_hash.append(data)
+        self._unwritten.append(data)
         self._write_more()
         self._hash_more()
         if self._release():  # the chunk before this one, if written, is not the tail any more
@@ -382,6 +391,9 @@ class BlobFetch:
         self._writing = None
         if self._reserved:
             self.store.wrote(end - self.written)
+        at = self.written
+        while self._unwritten and at + len(self._unwritten[0]) <= end:
+            at += len(self._unwritten.popleft())
         self.written = end
         self._release()
         self._write_more()
@@ -396,16 +408,34 @@ class BlobFetch:
         """
         if self.verified:
             return False
-        limit = self.written
+        readable, sendable = self.written, self.received
         if self._hold_tail:
             if self.size is not None:
-                limit = min(limit, self.size - TAIL_HOLD)
+                hold = self.size - TAIL_HOLD
             else:
-                limit = min(limit, self.received - self._last_received)
-        if limit <= self.readable:
+                hold = self.received - self._last_received
+            readable, sendable = min(readable, hold), min(sendable, hold)
+        if readable <= self.readable and sendable <= self.sendable:
             return False
-        self.readable = limit
+        self.readable = max(self.readable, readable)
+        self.sendable = max(self.sendable, sendable)
         return True
+
+    def buffered(self, offset: int, limit: int) -> memoryview | None:
+        """
+        Bytes from C{offset} on (before C{limit}, within one received chunk)
+        that are not in the file yet, from memory: for a reader ahead of
+        the writer. L{None} when they are in the file already (or not here).
+        """
+        if offset < self.written or offset >= min(limit, self.received):
+            return None
+        at = self.written
+        for chunk in self._unwritten:
+            end = at + len(chunk)
+            if offset < end:
+                return memoryview(chunk)[offset - at : min(end, limit) - at]
+            at = end
+        return None
 
     def _write_failed(self, failure: Failure) -> None:
         self._writing = None
@@ -459,6 +489,7 @@ class BlobFetch:
         self._broken = broken
         self._to_write.clear()
         self._to_hash.clear()
+        self._unwritten.clear()
         if self._drain_waiter is not None:
             waiter, self._drain_waiter = self._drain_waiter, None
             waiter.errback(broken)
@@ -490,7 +521,7 @@ class BlobFetch:
         # Verified: clients get the tail now; the disk only has to be
         # durable before the blob enters the store.
         self.size = self.written
-        self.readable = self.written
+        self.readable = self.sendable = self.written
         self.verified = True
         self._notify()
         if self._fd is None:
@@ -515,6 +546,7 @@ class BlobFetch:
         self.failure = failure
         self._to_write.clear()
         self._to_hash.clear()
+        self._unwritten.clear()
         for d in self._started:
             d.errback(failure)
         self._started.clear()

@@ -15,6 +15,8 @@ fields this needs are behind L{hammal.cache.rawsocket.RawSocket}.
 
 Readers know a fill only as a L{GrowingFile}: a local
 L{hammal.cache.fetch.BlobFetch} or a L{hammal.cache.sibling.SiblingFill}.
+A reader ahead of a local fill's writer takes the bytes the fill holds in
+memory (C{sendable}, C{buffered}) rather than wait for them to be written.
 """
 
 from __future__ import annotations
@@ -209,9 +211,31 @@ class FileFollower:
             return fetch.size if fetch is not None else None
         if fetch.failure is not None:
             return None
+        # a local fill also lets us have what it holds in memory
+        sendable = int(getattr(fetch, "sendable", fetch.readable))
         if self._end is not None:
-            return min(self._end, fetch.readable)
-        return fetch.readable
+            return min(self._end, sendable)
+        return sendable
+
+    def _in_file(self, limit: int) -> int:
+        """
+        Up to where, before C{limit}, the file holds the bytes; beyond it
+        they are still in the fill's memory (L{_buffered}).
+        """
+        fetch = self._fetch
+        if fetch is None or fetch.complete or fetch.verified:
+            return limit
+        if getattr(fetch, "buffered", None) is None:
+            return limit
+        return min(limit, int(getattr(fetch, "written", limit)))
+
+    def _buffered(self, limit: int) -> memoryview | None:
+        """The bytes from our offset the fill has received and not written yet."""
+        buffered = getattr(self._fetch, "buffered", None)
+        if buffered is None:
+            return None
+        view: memoryview | None = buffered(self._offset, limit)
+        return view
 
     def _delivered(self, limit: int | None) -> bool:
         if self._end is not None:
@@ -307,9 +331,17 @@ class FileSender(FileFollower):
                 if self._delivered(limit):
                     self._finish(None)
                 return  # the fetch's progress wakes us
-            count = min(_FIRST_SLICE if self._first else _SLICE, limit - self._offset)
+            most = _FIRST_SLICE if self._first else _SLICE
+            in_file = self._in_file(limit)
             try:
-                sent = os.sendfile(socket_fd, self._fd, self._offset, count)
+                if self._offset < in_file:
+                    count = min(most, in_file - self._offset)
+                    sent = os.sendfile(socket_fd, self._fd, self._offset, count)
+                else:
+                    data = self._buffered(limit)
+                    if data is None:
+                        return  # the fetch's progress wakes us
+                    sent = os.write(socket_fd, data[:most])
             except BlockingIOError:
                 self._wait_for_socket()
                 return
@@ -360,7 +392,15 @@ class BlobReader(FileFollower):
                 if self._delivered(limit):
                     self._finish(None)
                 return
-            data = os.pread(self._fd, min(self._chunk_size, limit - self._offset), self._offset)
+            in_file = self._in_file(limit)
+            if self._offset < in_file:
+                count = min(self._chunk_size, in_file - self._offset)
+                data = os.pread(self._fd, count, self._offset)
+            else:
+                view = self._buffered(limit)
+                if view is None:
+                    return  # the fetch's progress wakes us
+                data = bytes(view[: self._chunk_size])
             if not data:
                 self._local_failure("the cache file ended early")
                 return
