@@ -22,6 +22,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from hammal import metrics
 from hammal.cache import fetch as fetch_module
 from hammal.cache.fetch import BlobFetch, DigestMismatch
+from hammal.cache.readers import BlobReader
 from hammal.cache.store import BlobStore
 from hammal.reference import Digest
 
@@ -98,7 +99,9 @@ def _mismatches() -> float:
     return metrics.REGISTRY.get_sample_value("hammal_digest_mismatches_total") or 0
 
 
-class FetchPipelineTests(SynchronousTestCase):
+class _FetchHarness(SynchronousTestCase):
+    """A fill whose upstream answer and offload jobs the test drives."""
+
     def setUp(self) -> None:
         self.root = self.mktemp()
         self.store = BlobStore(self.root)
@@ -131,6 +134,8 @@ class FetchPipelineTests(SynchronousTestCase):
         self.assertIsNotNone(response.protocol)
         return fetch, response
 
+
+class FetchPipelineTests(_FetchHarness):
     def test_chunks_batched_and_hashed_in_hand(self) -> None:
         """
         Chunks arriving while a write runs go in one batch; the hasher is
@@ -339,3 +344,76 @@ class FetchPipelineTests(SynchronousTestCase):
         self.offload.run_all()
         self.assertIsInstance(fetch.failure, DigestMismatch)
         self.assertLess(fetch.readable, 3000)
+
+
+class _Consumer:
+    """A client: records what was written, registers producers."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Bypass:
+    """The rest of a blob from upstream: records where it was asked to start."""
+
+    def __init__(self, blob: bytes, asked: list[tuple[int, int | None]], start: int) -> None:
+        self._blob = blob
+        self._start = start
+        asked.append((start, None))
+
+    def deliver(self, consumer: Any) -> Deferred[int]:
+        consumer.write(self._blob[self._start :])
+        return succeed(len(self._blob) - self._start)
+
+    def stop(self) -> None:
+        pass
+
+
+class ReaderAheadOfWriterTests(_FetchHarness):
+    """A reader that took bytes from the fill's memory, when the disk fails."""
+
+    def test_write_failure_goes_on_from_the_reader_offset(self) -> None:
+        """
+        The reader had two chunks from memory, none written, when the write
+        failed: it goes on from upstream at its own offset, so the client
+        gets every byte once, in order.
+        """
+        chunks = [bytes([n]) * 1000 for n in range(1, 5)]
+        blob = b"".join(chunks)
+        fetch, response = self.fetch(blob)
+        consumer = _Consumer()
+        asked: list[tuple[int, int | None]] = []
+        reader = BlobReader(
+            consumer,
+            self.clock,
+            fetch.path,
+            0,
+            None,
+            fetch,
+            bypass=lambda offset, end: _Bypass(blob, asked, offset),
+        )
+        done: list[object] = []
+        reader.done.addBoth(done.append)
+        reader.begin()
+        response.send(chunks[0])
+        response.send(chunks[1])
+        self.clock.advance(0)
+        self.assertEqual(consumer.data, chunks[0] + chunks[1])
+        self.assertEqual(fetch.written, 0)
+        f, args, d = self.offload.jobs.pop(0)
+        self.assertIs(f, fetch_module._write_chunks)
+        d.errback(OSError(28, "No space left on device"))
+        self.clock.advance(0)
+        self.assertEqual(asked, [(2000, None)])
+        self.assertEqual(consumer.data, blob)
+        self.assertEqual(done, [len(blob)])
