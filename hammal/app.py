@@ -73,6 +73,7 @@ from hammal.upstream.client import RegistryClient, Upstream, UpstreamClient, mak
 from hammal.upstream.credentials import CredentialPolicy, load_suffix_list
 from hammal.upstream.quota import QUOTAS
 from hammal.upstream.retry import RetryPolicy
+from hammal.upstream.warmup import UpstreamWarmUp
 from hammal.web.forwarded import ForwardedHeaders
 from hammal.web.front import FrontPage
 from hammal.web.gate import Gate
@@ -342,6 +343,10 @@ def build_app(
     ]
     if local_blobs is not None:
         services.append(CacheSweep(local_blobs, reactor, offload=offload))
+    # The upstreams' challenges known before the first pull (time to first byte).
+    services.append(
+        UpstreamWarmUp([member for route in status_routes for member in _members(route.client)])
+    )
     return App(
         root,
         site,

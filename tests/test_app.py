@@ -65,9 +65,12 @@ class GraphTests(SynchronousTestCase):
     """What L{build_app} wires, seen from outside."""
 
     def test_services(self) -> None:
-        """Without a cache: password hashing and draining run beside the listeners."""
+        """
+        Without a cache: password hashing, draining and the upstreams'
+        warm-up run beside the listeners.
+        """
         app = _app()
-        self.assertEqual(len(app.services), 2)
+        self.assertEqual(len(app.services), 3)
         self.assertIsNone(app.blobs)
         self.assertIsNotNone(app.default)
 

@@ -22,6 +22,7 @@ from hammal.upstream.auth import Credentials, UpstreamAuth
 from hammal.upstream.client import Trace, Upstream, UpstreamClient
 from hammal.upstream.credentials import CredentialPolicy
 from hammal.upstream.retry import RetryPolicy
+from hammal.upstream.warmup import UpstreamWarmUp
 from tests.fakes import CDN, REALM, REGISTRY, FakeUpstream, stub_for
 
 #: The fake world's realm (auth.test) is another site than registry.test:
@@ -65,6 +66,9 @@ class ClientHarness:
         return Deferred.fromCoroutine(
             self.client.request(b"GET", name, path, headers or Headers(), trace or Trace())
         )
+
+    def warm_up(self) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self.client.warm_up())
 
     def settle(self, d: Deferred[Any]) -> Any:
         self.stub.flush()
@@ -120,6 +124,27 @@ class TokenAuthTests(SynchronousTestCase):
         redis_hits = self.h.world.hits(REGISTRY, "bitnami/redis")
         self.assertEqual(len(redis_hits), 1)
         self.assertEqual(self.h.world.tokens_issued, 2)
+
+    def test_warm_up_learns_challenge(self) -> None:
+        """
+        Warmed up (a ``/v2/`` ping at start, as Distribution does), the
+        first pull asks the realm for its token at once: no 401 round trip.
+        """
+        self.assertIsNone(self.successResultOf(self.h.settle(self.h.warm_up())))
+        self.assertEqual(len(self.h.world.hits(REGISTRY)), 1)  # the ping
+        self.assertEqual(self.h.world.tokens_issued, 0)
+        response = self.successResultOf(self.h.settle(self.h.get("manifests/3.20")))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.h.world.tokens_issued, 1)
+        pulls = self.h.world.hits(REGISTRY, "library/alpine")
+        self.assertEqual(len(pulls), 1)
+        self.assertTrue(pulls[0].header("authorization").startswith("Bearer tok-1"))
+
+    def test_warm_up_never_fails(self) -> None:
+        """An upstream down at start is only logged: the warm-up ends quietly."""
+        self.h.world.faults = [503] * 10
+        self.assertIsNone(self.successResultOf(self.h.settle(self.h.warm_up())))
+        self.assertIsNone(self.h.client._auth._challenge)
 
     def test_token_expiry(self) -> None:
         """A token is dropped shortly before its expires_in."""
@@ -478,3 +503,35 @@ class _Refuses:
         from twisted.internet.error import ConnectionRefusedError
 
         return fail(ConnectionRefusedError())
+
+
+class WarmUpServiceTests(SynchronousTestCase):
+    """L{UpstreamWarmUp} pings every upstream once when hammal starts."""
+
+    def test_pings_each_upstream_on_start(self) -> None:
+        first, second = ClientHarness(), ClientHarness()
+        service = UpstreamWarmUp([first.client, second.client])
+        self.assertEqual(first.world.hits(REGISTRY), [])
+        service.startService()
+        first.stub.flush()
+        second.stub.flush()
+        for h in (first, second):
+            self.assertEqual([seen.path for seen in h.world.hits(REGISTRY)], ["/v2/"])
+            self.assertIsNotNone(h.client._auth._challenge)
+        service.stopService()
+
+    def test_stop_cancels_a_ping_in_flight(self) -> None:
+        ended: list[object] = []
+
+        class Hangs:
+            async def warm_up(self) -> None:
+                try:
+                    await Deferred()
+                except BaseException as reason:
+                    ended.append(reason)
+                    raise
+
+        service = UpstreamWarmUp([Hangs()])
+        service.startService()
+        service.stopService()
+        self.assertEqual(len(ended), 1)

@@ -17,10 +17,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from hammal import metrics
 from hammal.cache import fetch as fetch_module
 from hammal.cache.fetch import BlobFetch, DigestMismatch
+from hammal.cache.readers import BlobReader
 from hammal.cache.store import BlobStore
 from hammal.reference import Digest
 
@@ -49,7 +51,7 @@ class _Response:
 
     code = 200
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: Any) -> None:
         self.length = length
         self.headers = Headers({b"content-type": [b"application/octet-stream"]})
         self.transport = _Transport()
@@ -80,6 +82,13 @@ class _HeldOffload:
     def of(self, f: Callable[..., Any]) -> list[tuple[Any, ...]]:
         return [args for g, args, _ in self.jobs if g is f]
 
+    def run_only(self, f: Callable[..., Any]) -> None:
+        """Run the jobs of C{f} (and those they start), leave the others waiting."""
+        while any(g is f for g, _, _ in self.jobs):
+            job = next(job for job in self.jobs if job[0] is f)
+            self.jobs.remove(job)
+            job[2].callback(f(*job[1]))
+
     def run_all(self) -> None:
         while self.jobs:
             f, args, d = self.jobs.pop(0)
@@ -90,7 +99,9 @@ def _mismatches() -> float:
     return metrics.REGISTRY.get_sample_value("hammal_digest_mismatches_total") or 0
 
 
-class FetchPipelineTests(SynchronousTestCase):
+class _FetchHarness(SynchronousTestCase):
+    """A fill whose upstream answer and offload jobs the test drives."""
+
     def setUp(self) -> None:
         self.root = self.mktemp()
         self.store = BlobStore(self.root)
@@ -99,9 +110,13 @@ class FetchPipelineTests(SynchronousTestCase):
         self.offload = _HeldOffload()
 
     def fetch(
-        self, blob: bytes, hold_tail: bool = True, digest: Digest | None = None
+        self,
+        blob: bytes,
+        hold_tail: bool = True,
+        digest: Digest | None = None,
+        sized: bool = True,
     ) -> tuple[BlobFetch, _Response]:
-        response = _Response(len(blob))
+        response = _Response(len(blob) if sized else UNKNOWN_LENGTH)
         if digest is None:
             digest = Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest())
         fetch = BlobFetch(
@@ -119,6 +134,8 @@ class FetchPipelineTests(SynchronousTestCase):
         self.assertIsNotNone(response.protocol)
         return fetch, response
 
+
+class FetchPipelineTests(_FetchHarness):
     def test_chunks_batched_and_hashed_in_hand(self) -> None:
         """
         Chunks arriving while a write runs go in one batch; the hasher is
@@ -142,7 +159,7 @@ class FetchPipelineTests(SynchronousTestCase):
         self.offload.run_all()  # the rest went as one batch of each
         self.assertEqual(len(self.offload.of(fetch_module._write_chunks)), 0)
         self.assertEqual(fetch.written, 5000)
-        self.assertEqual(fetch.readable, 4000)  # the tail held
+        self.assertEqual(fetch.readable, 5000 - fetch_module.TAIL_HOLD)  # the tail held
         response.end()
         self.offload.run_all()  # fdatasync
         self.assertTrue(fetch.complete)
@@ -150,13 +167,81 @@ class FetchPipelineTests(SynchronousTestCase):
         with open(self.store.path(fetch.digest), "rb") as stored:
             self.assertEqual(stored.read(), blob)
 
-    def test_previous_chunk_released_on_arrival(self) -> None:
+    def test_first_bytes_readable_before_second_chunk(self) -> None:
         """
-        A written chunk is released as soon as the next one arrives, before
-        that one is written: only the last chunk received is held.
+        With a known size only the blob's last bytes wait for the digest: a
+        reader gets the first chunk as soon as it is written, before the
+        second one arrives.
         """
         chunks = [bytes([n]) * 1000 for n in range(3)]
         fetch, response = self.fetch(b"".join(chunks))
+        woken: list[int] = []
+        fetch.subscribe(lambda: woken.append(fetch.readable))
+        response.send(chunks[0])
+        self.offload.run_all()
+        self.assertEqual((fetch.written, fetch.readable), (1000, 1000))
+        self.assertEqual(woken[-1], 1000)  # told when written (and when received)
+        response.send(chunks[1])
+        response.send(chunks[2])
+        self.offload.run_only(fetch_module._write_chunks)  # written, not hashed
+        self.assertEqual(fetch.written, 3000)
+        self.assertEqual(fetch.readable, 3000 - fetch_module.TAIL_HOLD)
+        self.assertFalse(fetch.verified)
+
+    def test_received_bytes_sendable_before_written(self) -> None:
+        """
+        Readers may take a chunk from memory as soon as it arrives, before
+        the writer thread wrote it (C{sendable}, C{buffered}); once written
+        it comes from the file. The blob's last byte still waits for the
+        digest.
+        """
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks))
+        woken: list[int] = []
+        fetch.subscribe(lambda: woken.append(fetch.sendable))
+        response.send(chunks[0])
+        self.assertEqual((fetch.written, fetch.readable, fetch.sendable), (0, 0, 1000))
+        self.assertEqual(woken, [1000])
+        self.assertEqual(bytes(fetch.buffered(0, 1000)), chunks[0])
+        self.assertEqual(bytes(fetch.buffered(500, 700)), chunks[0][500:700])
+        response.send(chunks[1])
+        response.send(chunks[2])
+        self.assertEqual(fetch.sendable, 3000 - fetch_module.TAIL_HOLD)
+        self.assertEqual(bytes(fetch.buffered(1000, 3000)), chunks[1])  # one chunk at most
+        self.assertEqual(bytes(fetch.buffered(2000, fetch.sendable)), chunks[2][:-1])
+        self.offload.run_only(fetch_module._write_chunks)
+        self.assertEqual(fetch.written, 3000)
+        self.assertIsNone(fetch.buffered(0, 1000))  # in the file now
+        self.assertEqual(fetch.sendable, 3000 - fetch_module.TAIL_HOLD)
+        response.end()
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+        self.assertEqual(fetch.sendable, 3000)
+
+    def test_unsized_blob_sendable_but_last_chunk(self) -> None:
+        """Of a blob of unknown size, all but the last chunk received is sendable."""
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks), sized=False)
+        response.send(chunks[0])
+        self.assertEqual(fetch.sendable, 0)
+        response.send(chunks[1])
+        self.assertEqual(fetch.sendable, 1000)
+        self.assertEqual(bytes(fetch.buffered(0, 1000)), chunks[0])
+
+    def test_no_hold_tail_sendable_as_received(self) -> None:
+        """Without the held tail every received byte is sendable at once."""
+        fetch, response = self.fetch(b"x" * 2000, hold_tail=False)
+        response.send(b"x" * 2000)
+        self.assertEqual((fetch.written, fetch.sendable), (0, 2000))
+
+    def test_previous_chunk_released_on_arrival(self) -> None:
+        """
+        Of a blob of unknown size, a written chunk is released as soon as
+        the next one arrives, before that one is written: only the last
+        chunk received is held.
+        """
+        chunks = [bytes([n]) * 1000 for n in range(3)]
+        fetch, response = self.fetch(b"".join(chunks), sized=False)
         response.send(chunks[0])
         self.offload.run_all()
         self.assertEqual((fetch.written, fetch.readable), (1000, 0))
@@ -259,3 +344,76 @@ class FetchPipelineTests(SynchronousTestCase):
         self.offload.run_all()
         self.assertIsInstance(fetch.failure, DigestMismatch)
         self.assertLess(fetch.readable, 3000)
+
+
+class _Consumer:
+    """A client: records what was written, registers producers."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Bypass:
+    """The rest of a blob from upstream: records where it was asked to start."""
+
+    def __init__(self, blob: bytes, asked: list[tuple[int, int | None]], start: int) -> None:
+        self._blob = blob
+        self._start = start
+        asked.append((start, None))
+
+    def deliver(self, consumer: Any) -> Deferred[int]:
+        consumer.write(self._blob[self._start :])
+        return succeed(len(self._blob) - self._start)
+
+    def stop(self) -> None:
+        pass
+
+
+class ReaderAheadOfWriterTests(_FetchHarness):
+    """A reader that took bytes from the fill's memory, when the disk fails."""
+
+    def test_write_failure_goes_on_from_the_reader_offset(self) -> None:
+        """
+        The reader had two chunks from memory, none written, when the write
+        failed: it goes on from upstream at its own offset, so the client
+        gets every byte once, in order.
+        """
+        chunks = [bytes([n]) * 1000 for n in range(1, 5)]
+        blob = b"".join(chunks)
+        fetch, response = self.fetch(blob)
+        consumer = _Consumer()
+        asked: list[tuple[int, int | None]] = []
+        reader = BlobReader(
+            consumer,
+            self.clock,
+            fetch.path,
+            0,
+            None,
+            fetch,
+            bypass=lambda offset, end: _Bypass(blob, asked, offset),
+        )
+        done: list[object] = []
+        reader.done.addBoth(done.append)
+        reader.begin()
+        response.send(chunks[0])
+        response.send(chunks[1])
+        self.clock.advance(0)
+        self.assertEqual(consumer.data, chunks[0] + chunks[1])
+        self.assertEqual(fetch.written, 0)
+        f, args, d = self.offload.jobs.pop(0)
+        self.assertIs(f, fetch_module._write_chunks)
+        d.errback(OSError(28, "No space left on device"))
+        self.clock.advance(0)
+        self.assertEqual(asked, [(2000, None)])
+        self.assertEqual(consumer.data, blob)
+        self.assertEqual(done, [len(blob)])

@@ -6,11 +6,14 @@ over real sockets).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -18,7 +21,12 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from hammal.cache import fetch as fetch_module
+from hammal.cache.fetch import BlobFetch
 from hammal.cache.readers import _FIRST_SLICE, FileSender, tcp_transport
+from hammal.cache.store import BlobStore
+from hammal.reference import Digest
+from tests.test_fetch_pipeline import _HeldOffload, _Response
 
 
 def request_over(transport: Any) -> Any:
@@ -101,3 +109,85 @@ class FirstBurstTests(SynchronousTestCase):
                 pass
             clock.advance(0)
         self.assertEqual(received, [size])
+
+
+class FollowFromMemoryTests(SynchronousTestCase):
+    """
+    A FileSender following a fill sends what arrived from upstream at once,
+    from memory, without waiting for the writer thread; it goes on from
+    the file for what was written.
+    """
+
+    def test_first_chunk_sent_before_it_is_written(self) -> None:
+        sender_sock, reader_sock = socket.socketpair()
+        self.addCleanup(sender_sock.close)
+        self.addCleanup(reader_sock.close)
+        sender_sock.setblocking(False)
+        chunks = [bytes([n]) * 50_000 for n in range(1, 5)]
+        blob = b"".join(chunks)
+        root = self.mktemp()
+        store = BlobStore(root)
+        os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+        clock = Clock()
+        offload = _HeldOffload()
+        response = _Response(len(blob))
+        fetch = BlobFetch(
+            Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest()),
+            store,
+            clock,
+            lambda offset: succeed(response),
+            read_timeout=30,
+            resumes=0,
+            upstream="upstream.test",
+            offload=offload,
+        )
+        Deferred.fromCoroutine(fetch.run())
+        transport = SimpleNamespace(
+            fileno=sender_sock.fileno,
+            dataBuffer=b"",
+            offset=0,
+            _tempDataLen=0,
+            producerPaused=False,
+            startWriting=lambda: None,
+        )
+        consumer = _Consumer()
+        sender = FileSender(
+            consumer,
+            transport,  # type: ignore[arg-type]
+            clock,
+            fetch.path,
+            0,
+            len(blob),
+            fetch=fetch,
+        )
+        received: list[int] = []
+        sender.done.addCallback(received.append)
+        sender.begin()
+
+        def read() -> bytes:
+            got = b""
+            while True:
+                try:
+                    got += reader_sock.recv(1 << 20, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return got
+
+        response.send(chunks[0])
+        clock.advance(0)
+        self.assertEqual(fetch.written, 0)  # no write job ran
+        self.assertEqual(read(), chunks[0])
+        for chunk in chunks[1:]:
+            response.send(chunk)
+        offload.run_only(fetch_module._write_chunks)  # then sent from the file
+        got = b""
+        for _ in range(20):
+            clock.advance(0)
+            got += read()
+        self.assertEqual(got, blob[50_000:-1])  # the last byte waits for the digest
+        response.end()
+        offload.run_all()
+        for _ in range(20):
+            clock.advance(0)
+            got += read()
+        self.assertEqual(got, blob[50_000:])
+        self.assertEqual(received, [len(blob)])

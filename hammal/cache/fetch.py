@@ -6,13 +6,17 @@ it on the way, resuming with ``Range`` when upstream breaks mid-body, and
 commits it to the L{BlobStore} once the digest matched. Any number of
 L{hammal.cache.readers} follow the file at their own pace, each the push producer of
 its own client: a slow client never slows the fetch or the other clients,
-and a client leaving never stops the fetch. Readers are given bytes only up
-to the last complete chunk but one until the digest is verified, so a
-corrupt transfer is never seen complete by anyone (unless the fetch was
-told not to hold the tail: C{--no-hold-tail}).
+and a client leaving never stops the fetch. Until the digest is verified
+readers are given every written byte but the blob's last (C{TAIL_HOLD});
+of a blob of unknown size, all but the last chunk received. So the first
+bytes go out as soon as they are written, and a corrupt transfer is never
+seen complete by anyone (unless the fetch was told not to hold the tail:
+C{--no-hold-tail}).
 
 The event loop only receives: each chunk goes, uncopied, to a writer and a
-hasher that run off the event loop (C{offload}) in batches.
+hasher that run off the event loop (C{offload}) in batches. Readers need not
+wait for the writer: what arrived and is not written yet is theirs from
+memory (C{sendable}, L{BlobFetch.buffered}); the rest from the file.
 
 The cache's own failures are not upstream's: a disk that is full, fails a
 write or cannot be hashed makes the fetch fail with L{LocalCacheError}
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -62,6 +67,10 @@ RESERVE_STEP = 8 * 1024 * 1024
 CHECK_FREE_EVERY = 4 * 1024 * 1024
 #: Received bytes not yet written and hashed, past which upstream is paused.
 MAX_BACKLOG = 8 * 1024 * 1024
+#: Bytes at the end of a blob of known size that readers get only once the
+#: digest matched: one is enough for no client to hold a corrupt blob whole
+#: (as L{hammal.cache.sibling} holds back for the processes that follow).
+TAIL_HOLD = 1
 
 Offload = Callable[..., Deferred[Any]]
 """Runs C{f(*args)} off the event loop (a thread pool) and returns its result."""
@@ -114,6 +123,8 @@ class BlobFetch(FillNews):
 
     @ivar size: the blob's size once upstream announced it.
     @ivar readable: how many bytes of the temporary file readers may use.
+    @ivar sendable: how many bytes readers may have, from the file up to
+        C{written} and from memory (L{buffered}) beyond it.
     @ivar complete: whether the blob was verified (and committed).
     @ivar failure: why the fetch failed, if it did.
     @ivar content_type: upstream's ``Content-Type``.
@@ -154,6 +165,7 @@ class BlobFetch(FillNews):
         self.size: int | None = None
         self.written = 0
         self.readable = 0
+        self.sendable = 0
         self.complete = False
         #: The digest matched: every byte is readable, stored or not.
         self.verified = False
@@ -167,6 +179,8 @@ class BlobFetch(FillNews):
         self.received = 0
         self._last_received = 0
         self._to_write: list[bytes] = []
+        #: The received chunks not written yet, from offset C{written} on.
+        self._unwritten: deque[bytes] = deque()
         self._writing: Deferred[int] | None = None
         self._hasher = digest.hasher()
         self._hashed = 0
@@ -318,8 +332,8 @@ class BlobFetch(FillNews):
         Take a chunk from upstream: the same C{bytes} object (no copy) goes
         to the file writer and to the hasher, each on a thread of its own
         and in batches of whatever arrived meanwhile. Readers may use what
-        was written, but for the last chunk received until the digest
-        matched (unless the tail is not held).
+        was written, but for the tail until the digest matched (unless the
+        tail is not held): see L{_release}.
         """
         if self._fd is None:
             raise RuntimeError("hammal bug: expected self._fd is not None")
@@ -333,6 +347,7 @@ class BlobFetch(FillNews):
         self._last_received = len(data)
         self._to_write.append(data)
         self._to_hash.append(data)
+        self._unwritten.append(data)
         self._write_more()
         self._hash_more()
         if self._release():  # the chunk before this one, if written, is not the tail any more
@@ -362,6 +377,9 @@ class BlobFetch(FillNews):
         self._writing = None
         if self._reserved:
             self.store.wrote(end - self.written)
+        at = self.written
+        while self._unwritten and at + len(self._unwritten[0]) <= end:
+            at += len(self._unwritten.popleft())
         self.written = end
         self._release()
         self._write_more()
@@ -370,18 +388,40 @@ class BlobFetch(FillNews):
 
     def _release(self) -> bool:
         """
-        Let readers have what was written, but for the last chunk received
-        while the tail is held; whether C{readable} moved.
+        Let readers have what was written, but for the tail while it is
+        held: the blob's last C{TAIL_HOLD} bytes when its size is known,
+        else the last chunk received. Whether C{readable} moved.
         """
         if self.verified:
             return False
-        limit = self.written
+        readable, sendable = self.written, self.received
         if self._hold_tail:
-            limit = min(limit, self.received - self._last_received)
-        if limit <= self.readable:
+            if self.size is not None:
+                hold = self.size - TAIL_HOLD
+            else:
+                hold = self.received - self._last_received
+            readable, sendable = min(readable, hold), min(sendable, hold)
+        if readable <= self.readable and sendable <= self.sendable:
             return False
-        self.readable = limit
+        self.readable = max(self.readable, readable)
+        self.sendable = max(self.sendable, sendable)
         return True
+
+    def buffered(self, offset: int, limit: int) -> memoryview | None:
+        """
+        Bytes from C{offset} on (before C{limit}, within one received chunk)
+        that are not in the file yet, from memory: for a reader ahead of
+        the writer. L{None} when they are in the file already (or not here).
+        """
+        if offset < self.written or offset >= min(limit, self.received):
+            return None
+        at = self.written
+        for chunk in self._unwritten:
+            end = at + len(chunk)
+            if offset < end:
+                return memoryview(chunk)[offset - at : min(end, limit) - at]
+            at = end
+        return None
 
     def _write_failed(self, failure: Failure) -> None:
         self._writing = None
@@ -435,6 +475,7 @@ class BlobFetch(FillNews):
         self._broken = broken
         self._to_write.clear()
         self._to_hash.clear()
+        self._unwritten.clear()
         if self._drain_waiter is not None:
             waiter, self._drain_waiter = self._drain_waiter, None
             waiter.errback(broken)
@@ -466,7 +507,7 @@ class BlobFetch(FillNews):
         # Verified: clients get the tail now; the disk only has to be
         # durable before the blob enters the store.
         self.size = self.written
-        self.readable = self.written
+        self.readable = self.sendable = self.written
         self.verified = True
         self._notify()
         if self._fd is None:
@@ -491,6 +532,7 @@ class BlobFetch(FillNews):
         self.failure = failure
         self._to_write.clear()
         self._to_hash.clear()
+        self._unwritten.clear()
         self._start_failed(failure)
         if self._spare is not None:
             # Waiters take it over now; whoever comes later has missed it.

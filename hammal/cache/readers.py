@@ -15,6 +15,8 @@ fields this needs are behind L{hammal.cache.rawsocket.RawSocket}.
 
 Readers know a fill only as a L{GrowingFile}: a local
 L{hammal.cache.fetch.BlobFetch} or a L{hammal.cache.sibling.SiblingFill}.
+A reader ahead of a local fill's writer takes the bytes the fill holds in
+memory (C{sendable}, C{buffered}) rather than wait for them to be written.
 """
 
 from __future__ import annotations
@@ -44,10 +46,23 @@ class GrowingFile(Protocol):
     """
 
     size: int | None
+    #: Bytes in the file.
+    written: int
+    #: Bytes readers may take from the file.
     readable: int
     complete: bool
     verified: bool
     failure: Any
+
+    @property
+    def sendable(self) -> int:
+        """Bytes readers may take, from the file or (past C{written}) from memory."""
+
+    def buffered(self, offset: int, limit: int) -> memoryview | None:
+        """
+        Bytes from C{offset} (before C{limit}) received but not in the file
+        yet, or L{None} when they are in the file (or not held here).
+        """
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call C{listener} whenever the file grows or the fetch ends."""
@@ -209,9 +224,27 @@ class FileFollower:
             return fetch.size if fetch is not None else None
         if fetch.failure is not None:
             return None
+        # a local fill also lets us have what it holds in memory
+        sendable = fetch.sendable
         if self._end is not None:
-            return min(self._end, fetch.readable)
-        return fetch.readable
+            return min(self._end, sendable)
+        return sendable
+
+    def _in_file(self, limit: int) -> int:
+        """
+        Up to where, before C{limit}, the file holds the bytes; beyond it
+        they are still in the fill's memory (L{_buffered}).
+        """
+        fetch = self._fetch
+        if fetch is None or fetch.complete or fetch.verified:
+            return limit
+        return min(limit, fetch.written)
+
+    def _buffered(self, limit: int) -> memoryview | None:
+        """The bytes from our offset the fill has received and not written yet."""
+        if self._fetch is None:
+            return None
+        return self._fetch.buffered(self._offset, limit)
 
     def _delivered(self, limit: int | None) -> bool:
         if self._end is not None:
@@ -307,9 +340,17 @@ class FileSender(FileFollower):
                 if self._delivered(limit):
                     self._finish(None)
                 return  # the fetch's progress wakes us
-            count = min(_FIRST_SLICE if self._first else _SLICE, limit - self._offset)
+            most = _FIRST_SLICE if self._first else _SLICE
+            in_file = self._in_file(limit)
             try:
-                sent = os.sendfile(socket_fd, self._fd, self._offset, count)
+                if self._offset < in_file:
+                    count = min(most, in_file - self._offset)
+                    sent = os.sendfile(socket_fd, self._fd, self._offset, count)
+                else:
+                    data = self._buffered(limit)
+                    if data is None:
+                        return  # the fetch's progress wakes us
+                    sent = os.write(socket_fd, data[:most])
             except BlockingIOError:
                 self._wait_for_socket()
                 return
@@ -360,7 +401,15 @@ class BlobReader(FileFollower):
                 if self._delivered(limit):
                     self._finish(None)
                 return
-            data = os.pread(self._fd, min(self._chunk_size, limit - self._offset), self._offset)
+            in_file = self._in_file(limit)
+            if self._offset < in_file:
+                count = min(self._chunk_size, in_file - self._offset)
+                data = os.pread(self._fd, count, self._offset)
+            else:
+                view = self._buffered(limit)
+                if view is None:
+                    return  # the fetch's progress wakes us
+                data = bytes(view[: self._chunk_size])
             if not data:
                 self._local_failure("the cache file ended early")
                 return

@@ -88,6 +88,15 @@ class SiblingFill(FillNews):
 
     # What readers and the blob cache use (a GrowingFill).
 
+    @property
+    def sendable(self) -> int:
+        """What readers may take: the file holds all of it (no bytes in memory here)."""
+        return self.readable
+
+    def buffered(self, offset: int, limit: int) -> memoryview | None:
+        """Nothing is held in memory: every byte comes from the file."""
+        return None
+
     def when_started(self) -> Deferred[SiblingFill]:
         """Fires once the holder's file can be followed (or the blob is stored)."""
         if self._fd is not None or self.complete:

@@ -197,6 +197,15 @@ class UpstreamAuth:
             return await self._fetch(challenge, scope, credentials)
         return self._issue(b"Bearer " + token.encode(), credentials)
 
+    def learn(self, challenge: Challenge) -> None:
+        """
+        Take upstream's challenge from the ping at start (see
+        L{hammal.upstream.client.UpstreamClient.warm_up}) unless a request
+        met one already: the first pull then asks the realm at once.
+        """
+        if self._challenge is None:
+            self._challenge = challenge
+
     async def answer(
         self, challenge: Challenge, scope: str, rejected: bytes | None
     ) -> bytes | None:

@@ -614,6 +614,33 @@ class UpstreamClient:
             return f"{self.upstream.host} answers HTTP {response.code}"
         return None
 
+    async def warm_up(self) -> None:
+        """
+        Ask ``/v2/`` once, as Distribution does when it starts: the first
+        pull then finds upstream's challenge known (its token is asked for
+        at once, no 401 round trip first) and a connection to upstream in
+        the pool. Never fails: a problem is only logged, and the first pull
+        meets the challenge as before.
+        """
+        try:
+            response = await self._send(b"GET", f"{self.upstream.url}/v2/", Headers())
+            await discard_body(response, self.bounds)
+        except RegistryError as failure:
+            self.log.info(
+                "could not reach {upstream} at start: {reason}",
+                upstream=self.upstream.host,
+                reason=failure.message,
+            )
+            return
+        if response.code != 401:
+            return
+        challenge = select_challenge(
+            value.decode("latin-1")
+            for value in response.headers.getRawHeaders(b"www-authenticate", [])
+        )
+        if challenge is not None:
+            self._auth.learn(challenge)
+
     async def fetch_document(self, response: IResponse, limit: int) -> bytes:
         """
         Read a small body (manifest, tag list, error) with C{read_timeout}
