@@ -278,6 +278,16 @@ class BlobReaderTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(reader.done), 0)
         self.assertEqual(self.consumer.data, [])
 
+    def test_to_the_end_of_a_stored_file(self) -> None:
+        """
+        No end given and no fill to follow (the fill committed before the
+        reader began): the reader ends at the end of the file.
+        """
+        reader = self.reader(10240 - 300, None)
+        self.assertEqual(self.successResultOf(reader.done), 300)
+        self.assertEqual(self.consumer.received, BLOB[-300:])
+        self.assertReleased()
+
     def test_sixteen_chunks_per_turn(self) -> None:
         """One reader sends at most 16 chunks in a reactor turn, then lets others run."""
         reader = self.reader(chunk_size=100)
