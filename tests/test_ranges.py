@@ -123,6 +123,15 @@ class RangeFormsTests(SynchronousTestCase):
         """The unit is matched as sent (RFC 9110 says case-insensitive; clients send lowercase)."""
         self.assertIsNone(parse_range(b"BYTES=0-5", SIZE))
 
+    def test_empty_body(self) -> None:
+        """
+        An empty blob has no byte to give: a suffix range is served as the
+        whole (empty) body, any other range is unsatisfiable.
+        """
+        self.assertIsNone(parse_range(b"bytes=-5", 0))
+        self.assertRaises(RangeInvalid, parse_range, b"bytes=0-", 0)
+        self.assertRaises(RangeInvalid, parse_range, b"bytes=0-0", 0)
+
 
 class ContentRangeTests(SynchronousTestCase):
     def test_inclusive_last_position(self) -> None:
