@@ -32,7 +32,12 @@ from hammal.cache import fetch as fetch_module
 from hammal.cache.fetch import BlobFetch, DigestMismatch, run_here
 from hammal.cache.store import BlobStore, FreeSpaceFloor
 from hammal.cache.writes import LocalCacheError
-from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
+from hammal.errors import (
+    RegistryError,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from hammal.reference import Digest
 from hammal.stream import TransferBroken
 
@@ -485,6 +490,28 @@ class VerifyAndCommitTests(_FetchTestCase):
         self.assertEqual(fetch.content_type, b"application/octet-stream")
         self.assertIs(self.successResultOf(fetch.when_started()), fetch)
 
+    def test_waiters_told_once_the_file_exists(self) -> None:
+        """
+        Waiters that came before upstream answered are told once the
+        temporary exists (readers can follow), not before; the type
+        upstream announced is kept, and a default used when it sent none.
+        """
+        answer: Deferred[Any] = Deferred()
+        fetch = self.start(_Upstream(answer))
+        waiters = [fetch.when_started(), fetch.when_started()]
+        self.assertNoResult(waiters[0])
+        self.assertFalse(os.path.exists(fetch.path))
+        response = _Response(len(BLOB))
+        response.headers.removeHeader(b"content-type")
+        answer.callback(response)
+        for waiter in waiters:
+            self.assertIs(self.successResultOf(waiter), fetch)
+        self.assertTrue(os.path.exists(fetch.path))
+        self.assertEqual(fetch.content_type, b"application/octet-stream")
+        response.send(BLOB)
+        response.end()
+        self.assertStored(fetch)
+
     def test_unsubscribed_listener_not_called(self) -> None:
         """A reader that left is not woken any more."""
         response = _Response(len(BLOB))
@@ -596,6 +623,21 @@ class UpstreamAnswerTests(_FetchTestCase):
         self.assertIn("blob unknown to registry", failure.getErrorMessage())
         self.assertEqual(self.assertFailed(fetch, RegistryError).code, "BLOB_UNKNOWN")
         self.assertNotIsInstance(fetch.failure, LocalCacheError)
+
+    def test_error_body_that_stalls(self) -> None:
+        """
+        An error answer whose body never comes is reported from its status
+        alone once the read times out, and its connection dropped.
+        """
+        error = _Response(100, code=503)
+        fetch = self.start(_Upstream(error), read_timeout=1)
+        waiter = fetch.when_started()
+        self.assertNoResult(waiter)
+        self.clock.advance(1)
+        self.failureResultOf(waiter, UpstreamUnavailable)
+        self.assertTrue(error.transport.stopped)
+        failure = self.assertFailed(fetch, RegistryError)
+        self.assertIn("HTTP 503", failure.message)
 
     def test_first_answer_partial(self) -> None:
         """A 206 to a request for the whole blob is not a blob."""
@@ -807,6 +849,18 @@ class LocalFailureTests(_FetchTestCase):
         offload.fail_next(fetch_module._write_chunks, OSError(errno.EIO, "Input/output error"))
         offload.run_all()
         self.assertIn("Input/output error", self.assertLocal(fetch, errors))
+
+    def test_offloaded_job_fails_oddly(self) -> None:
+        """A job failing with something other than an OSError is still a local failure."""
+        errors = _write_errors()
+        offload = _HeldOffload()
+        response = _Response(len(BLOB))
+        fetch = self.start(_Upstream(response), offload=offload)
+        response.send(BLOB[:1000])
+        offload.fail_next(fetch_module._write_chunks, MemoryError("out of memory"))
+        offload.run_all()
+        message = self.assertLocal(fetch, errors)
+        self.assertEqual(message, "cannot write the cache file: out of memory")
 
     def test_hash_fails(self) -> None:
         """

@@ -682,6 +682,20 @@ class FileSenderTests(SynchronousTestCase):
         tail.delivered.callback(50)
         self.assertEqual(self.successResultOf(sender.done), len(BLOB) + 50)
 
+    def test_fill_fails(self) -> None:
+        """A sender following a fill that fails upstream ends with that failure."""
+        fill = _GrowingFile(self.mktemp())
+        sender = FileSender(self.request, self.transport, self.clock, fill.path, 0, len(BLOB), fill)
+        sender.begin()
+        fill.write(BLOB[:5000])
+        self.clock.turn()
+        broken = TransferBroken("upstream broke the transfer")
+        fill.fail(broken)
+        self.clock.turn()
+        self.assertIs(self.failureResultOf(sender.done).value, broken)
+        self.assertEqual(self.read(), BLOB[:5000])
+        self.assertEqual(fill.listeners, set())
+
     def test_follows_a_growing_fill(self) -> None:
         """A sender following a fill sends what is readable and ends once verified."""
         fill = _GrowingFile(self.mktemp())
