@@ -544,7 +544,8 @@ class VerifyAndCommitTests(_FetchTestCase):
         response.send(BLOB[:2000])
         response.send(BLOB[2000:])
         offload.run_all()
-        self.assertEqual((fetch.written, fetch.readable), (len(BLOB), 2000))
+        self.assertEqual(fetch.written, len(BLOB))
+        self.assertLess(fetch.readable, len(BLOB))  # the tail held
         response.end()
         self.assertTrue(fetch.verified)
         self.assertEqual(fetch.readable, len(BLOB))
