@@ -41,6 +41,8 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
         suffix = _position(last)
         if suffix == 0:
             raise _unsatisfiable(size)
+        if size == 0:
+            return None  # satisfiable (RFC 9110 14.1.1), but no byte to name: the empty body
         return (max(0, size - suffix), size)
     start = _position(first)
     end = size if not last else min(size, _position(last) + 1)

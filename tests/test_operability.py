@@ -144,9 +144,21 @@ class DrainTests(SynchronousTestCase):
 
 
 class ConnectionLimitTests(SynchronousTestCase):
+    """
+    The connection limit in front of the site. The site's channels arm
+    their idle timeouts on a L{Clock}, never on the global reactor, where
+    they would outlive the test and make a later real-reactor test dirty.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def site(self) -> Site:
+        return Site(Resource(), reactor=self.clock)
+
     def test_refuses_beyond_limit(self) -> None:
         """Past --max-connections a client gets a 503 JSON answer and is closed."""
-        factory = ConnectionLimit(Site(Resource()), max_connections=2)
+        factory = ConnectionLimit(self.site(), max_connections=2)
         address = IPv4Address("TCP", "127.0.0.1", 1234)
         transports = []
         for _ in range(3):
@@ -161,9 +173,25 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(transports[2].disconnecting)
         self.assertFalse(transports[0].disconnecting)
 
+    def test_timeouts_on_the_given_clock(self) -> None:
+        """
+        The accepted connections' idle timeouts run on the site's clock:
+        nothing is left on the global reactor, and they still fire.
+        """
+        from twisted.internet import reactor
+
+        before = set(reactor.getDelayedCalls())  # type: ignore[attr-defined]
+        factory = ConnectionLimit(self.site(), max_connections=2)
+        transport = StringTransport()
+        factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234)).makeConnection(transport)
+        self.assertEqual(set(reactor.getDelayedCalls()), before)  # type: ignore[attr-defined]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(self.clock.getDelayedCalls()[0].getTime())
+        self.assertTrue(transport.disconnecting)
+
     def test_tls_probe_on_plain_port_answered_at_once(self) -> None:
         """A TLS ClientHello on a plain port gets a 400 and a close, not a long wait."""
-        factory = ConnectionLimit(Site(Resource()), max_connections=None)
+        factory = ConnectionLimit(self.site(), max_connections=None)
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
         transport = StringTransport()
         protocol.makeConnection(transport)

@@ -221,7 +221,10 @@ class FileFollower:
         if fetch is None or fetch.complete or fetch.verified:
             if self._end is not None:
                 return self._end
-            return fetch.size if fetch is not None else None
+            if fetch is not None:
+                return fetch.size
+            # A stored blob read to its end (its fill committed before we began).
+            return os.fstat(self._fd).st_size if self._fd is not None else None
         if fetch.failure is not None:
             return None
         # a local fill also lets us have what it holds in memory
