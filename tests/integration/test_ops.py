@@ -301,7 +301,7 @@ class SecretScrubbingTests(IntegrationTestCase):
             "client Basic credentials": b64(CLIENT_USER, CLIENT_PASSWORD),
         }
 
-    def _scrub_run(self, log_format: str, redis_url: str) -> None:
+    def _scrub_run(self, log_format: str, redis_url: str) -> int:
         hammal = launch_hammal(
             self,
             [
@@ -340,7 +340,7 @@ class SecretScrubbingTests(IntegrationTestCase):
         ready = hammal.request("GET", "/readyz")
         self.assertEqual(ready.status, 200, f"redis with a password: {ready.describe()}")
         tokens = self.env.token_log()
-        self.assertTrue(tokens and all(e["user"] == PRIVATE_USER for e in tokens), tokens)
+        self.assertTrue(all(e["user"] == PRIVATE_USER for e in tokens), tokens)
         hammal.stop()
 
         out = hammal_output(hammal)
@@ -366,11 +366,14 @@ class SecretScrubbingTests(IntegrationTestCase):
             self.assertNotIn(secret, out, f"{log_format} log holds the {what}")
         self.assertEqual(JWT_RE.findall(out), [], f"{log_format} log holds a bearer token")
         self.assertNotRegex(out.lower(), r"bearer [a-z0-9._-]{20,}")
+        return len(tokens)
 
     def test_text_and_json_logs(self) -> None:
         redis_url = self._redis_with_password()
-        self._scrub_run("text", redis_url)
+        self.assertGreater(self._scrub_run("text", redis_url), 0, "no token was asked for")
         self.env.reset_logs()
+        # The second process may find the first one's tokens in Redis (it knows
+        # the challenge from its start-up ping): whatever it asks for is checked.
         self._scrub_run("json", redis_url)
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 from tests.integration.environment import (
+    HammalProcess,
     ManagedProcess,
     free_port,
     http_request,
@@ -82,6 +83,19 @@ class _RoutingTestCase(IntegrationTestCase):
         assert self.env.registry is not None
         return RegistryLog(self.env.registry)
 
+    def launch_settled(
+        self, args: List[str], registries: List[ManagedProcess], **kwargs: Any
+    ) -> HammalProcess:
+        """
+        hammal, once each of C{registries} saw its start-up ping (``GET
+        /v2/``): what the tests count afterwards is only what they asked.
+        """
+        logs = [RegistryLog(registry) for registry in registries]
+        hammal = launch_hammal(self, args, **kwargs)
+        for registry, log in zip(registries, logs):
+            wait_until(lambda: "/v2/" in log.paths(), "hammal's start-up ping", 10, registry)
+        return hammal
+
 
 class HostRoutingTests(_RoutingTestCase):
     """``--route a.test=TOKEN-AUTH --route b.test=PLAIN`` and no ``--upstream``."""
@@ -90,9 +104,10 @@ class HostRoutingTests(_RoutingTestCase):
         super().setUp()
         self.plain, self.plain_url = self.start_plain_registry()
         self.plain_host = self.plain_url.split("//", 1)[1]
-        self.hammal = launch_hammal(
-            self,
+        assert self.env.registry is not None
+        self.hammal = self.launch_settled(
             ["--route", f"a.test={self.env.registry_url}", "--route", f"b.test={self.plain_url}"],
+            [self.env.registry, self.plain],
             upstream=None,
         )
 
@@ -218,7 +233,10 @@ class PathPrefixTests(_RoutingTestCase):
         if not can_bind(80):
             self.skipTest("needs to bind 127.0.0.1:80 (root) for a port-less registry URL")
         plain, _ = self.start_plain_registry(80)
-        hammal = launch_hammal(self, ["--route", "plain.test=http://127.0.0.1"])
+        assert self.env.registry is not None
+        hammal = self.launch_settled(
+            ["--route", "plain.test=http://127.0.0.1"], [plain, self.env.registry]
+        )
         plain_log, env_log = RegistryLog(plain), self.env_registry_log()
         ociimg = self.env.image("library/ociimg:1")
         response = hammal.request("GET", "/v2/127.0.0.1/library/ociimg/manifests/1", ACCEPT)
