@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from hammal import metrics
+from hammal.accept import FairListening
 from hammal.app import build_app
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.listen import dual_stack_endpoint
@@ -343,9 +344,11 @@ def _tcp_endpoint(reactor: Any, description: str) -> Any:
 
 
 def _endpoint(reactor: Any, description: str) -> Any:
+    # TCP ports accept a bounded number of connections per reactor turn.
+    listening = FairListening(reactor)
     try:
         described = with_backlog(description)
-        return dual_stack_endpoint(reactor, described) or serverFromString(reactor, described)
+        return dual_stack_endpoint(listening, described) or serverFromString(listening, described)
     except (ValueError, KeyError, TypeError) as failure:
         raise usage.UsageError(f"{description!r} is not a valid endpoint: {failure}")
 
