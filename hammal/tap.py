@@ -27,6 +27,7 @@ from twisted.web.server import Site
 from hammal import metrics
 from hammal.accept import FairListening
 from hammal.app import build_app
+from hammal.collector import CollectorTuning
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.listen import dual_stack_endpoint
 from hammal.logs import Destination, observer_name, set_destination
@@ -220,6 +221,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         raise usage.UsageError(str(failure))
 
     service = MultiService()
+    CollectorTuning(reactor).setServiceParent(service)
     factory: Any = ConnectionLimit(app.site, settings.max_connections)
     if settings.tls:
         cert_path, key_path = settings.tls_cert, settings.tls_key
