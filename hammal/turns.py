@@ -20,7 +20,7 @@ import weakref
 from collections import deque
 from typing import Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 #: Queued calls run per reactor turn. A cache reader's call sends at most
 #: what its client's socket takes (up to a few hundred KiB to a slow client
@@ -62,15 +62,16 @@ class TurnQueue:
         self._clock = clock
         self._per_turn = per_turn
         self._queue: deque[QueuedCall] = deque()
-        self._draining = False
+        self._next_turn: IDelayedCall | None = None
+        self._running = False
 
     def call(self, function: Callable[[], object]) -> QueuedCall:
         """Run C{function} in a coming turn, after the calls queued before it."""
         queued = QueuedCall(function)
         self._queue.append(queued)
-        if not self._draining:
-            self._draining = True
-            self._clock.callLater(0, self._drain)
+        if not self._running and (self._next_turn is None or not self._next_turn.active()):
+            # (checked, not a flag: a test's reactor clean-up may cancel it)
+            self._next_turn = self._clock.callLater(0, self._drain)
         return queued
 
     def __len__(self) -> int:
@@ -82,16 +83,16 @@ class TurnQueue:
         queue = self._queue
         waiting = len(queue)
         ran = 0
+        self._running = True
         try:
             while waiting and ran < self._per_turn:
                 waiting -= 1
                 if queue.popleft()._run():
                     ran += 1
         finally:
+            self._running = False
             if queue:
-                self._clock.callLater(0, self._drain)
-            else:
-                self._draining = False
+                self._next_turn = self._clock.callLater(0, self._drain)
 
 
 _QUEUES: weakref.WeakKeyDictionary[IReactorTime, TurnQueue] = weakref.WeakKeyDictionary()

@@ -86,3 +86,17 @@ class TurnQueueTests(SynchronousTestCase):
         clock = Clock()
         self.assertIs(turn_queue(clock), turn_queue(clock))
         self.assertIsNot(turn_queue(clock), turn_queue(Clock()))
+
+
+class CancelledTurnTests(SynchronousTestCase):
+    def test_queue_recovers_when_its_turn_was_cancelled(self) -> None:
+        """A reactor clean-up that cancels the pending turn does not wedge the queue."""
+        clock = Clock()
+        queue = TurnQueue(clock)
+        ran: list[str] = []
+        queue.call(lambda: ran.append("dropped"))
+        for call in clock.getDelayedCalls():
+            call.cancel()
+        queue.call(lambda: ran.append("later"))
+        clock.advance(0)
+        self.assertEqual(ran, ["dropped", "later"])
