@@ -9,6 +9,8 @@ outcomes, never names or digests.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -188,3 +190,20 @@ sibling_fills = Counter(
     " directory (--workers) instead of fetching upstream.",
     registry=REGISTRY,
 )
+
+
+_LABELLED: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: Any, *values: str) -> Any:
+    """
+    C{metric.labels(*values)}, kept: prometheus_client takes a lock and
+    builds a key on every C{labels} call, which showed on every request's
+    path. Labels are bounded here (routes, statuses, outcomes), and hammal
+    never removes a child.
+    """
+    key = (metric, values)
+    child = _LABELLED.get(key)
+    if child is None:
+        child = _LABELLED[key] = metric.labels(*values)
+    return child

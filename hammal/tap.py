@@ -25,7 +25,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from hammal import metrics
+from hammal.accept import FairListening
 from hammal.app import build_app
+from hammal.collector import CollectorTuning
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.listen import dual_stack_endpoint
 from hammal.logs import Destination, observer_name, set_destination
@@ -219,6 +221,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         raise usage.UsageError(str(failure))
 
     service = MultiService()
+    CollectorTuning(reactor).setServiceParent(service)
     factory: Any = ConnectionLimit(app.site, settings.max_connections)
     if settings.tls:
         cert_path, key_path = settings.tls_cert, settings.tls_key
@@ -343,9 +346,11 @@ def _tcp_endpoint(reactor: Any, description: str) -> Any:
 
 
 def _endpoint(reactor: Any, description: str) -> Any:
+    # TCP ports accept a bounded number of connections per reactor turn.
+    listening = FairListening(reactor)
     try:
         described = with_backlog(description)
-        return dual_stack_endpoint(reactor, described) or serverFromString(reactor, described)
+        return dual_stack_endpoint(listening, described) or serverFromString(listening, described)
     except (ValueError, KeyError, TypeError) as failure:
         raise usage.UsageError(f"{description!r} is not a valid endpoint: {failure}")
 

@@ -37,6 +37,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hammal.accept import FairListening
+
 #: The worker's index (1..N-1); absent in the main process (worker 0).
 WORKER_ENV = "HAMMAL_WORKER"
 #: The file descriptor of the inherited listening socket, in a worker.
@@ -159,7 +161,9 @@ class WorkerPool(Service):
             return
         self._sockets = self._make_sockets()
         own = self._sockets[0]
-        self._port = self._reactor.adoptStreamPort(own.fileno(), own.family, self._factory)
+        self._port = FairListening(self._reactor).adoptStreamPort(
+            own.fileno(), own.family, self._factory
+        )
         address = own.getsockname()
         log.info(
             "listening on {host} port {port} in {count} processes",
@@ -392,7 +396,7 @@ class AdoptedPort(Service):
         probe = socket.socket(fileno=os.dup(self._fd))
         family = probe.family
         probe.close()
-        self._port = self._reactor.adoptStreamPort(self._fd, family, self._factory)
+        self._port = FairListening(self._reactor).adoptStreamPort(self._fd, family, self._factory)
         os.close(self._fd)  # the reactor holds its own copy
 
     def stopService(self) -> Deferred[Any]:

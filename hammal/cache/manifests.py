@@ -72,6 +72,22 @@ INDEX_TYPES = frozenset(
 
 def accepted_types(accept_headers: Iterable[bytes]) -> frozenset[str]:
     """The manifest media types a client listed in its ``Accept`` headers."""
+    given = tuple(accept_headers)
+    known = _ACCEPTED.get(given)
+    if known is None:
+        if len(_ACCEPTED) >= _ACCEPTED_KEPT:
+            _ACCEPTED.clear()  # clients send a handful of distinct lists
+        known = _ACCEPTED[given] = _accepted_types(given)
+    return known
+
+
+#: accepted_types' answers by Accept headers: parsing them showed on every
+#: cache hit, and clients send the same few lists again and again.
+_ACCEPTED: dict[tuple[bytes, ...], frozenset[str]] = {}
+_ACCEPTED_KEPT = 1024
+
+
+def _accepted_types(accept_headers: Iterable[bytes]) -> frozenset[str]:
     types: set[str] = set()
     for value in accept_headers:
         for item in value.decode("latin-1").split(","):
@@ -384,7 +400,7 @@ class ManifestCache:
     ) -> Document:
         key = tag_key(self._upstream, name, tag, accepted)
         entry = await self._tag_entry(key)
-        stored = self._store.get(Digest.parse(entry.digest)) if entry is not None else None
+        stored = self._store.get(_digest(entry.digest)) if entry is not None else None
         if entry is not None and stored is not None:
             age = self._clock.seconds() - entry.checked_at
             if age < self._ttl:
@@ -587,6 +603,12 @@ class ManifestCache:
             return
         self._negative[key] = (self._clock.seconds() + self._negative_ttl, failure)
         trim_oldest(self._negative, 10000)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(text: str) -> Digest:
+    """C{Digest.parse}, remembered: a tag entry's digest is parsed on every hit."""
+    return Digest.parse(text)
 
 
 def _document(stored: StoredManifest, cache_status: str) -> Document:

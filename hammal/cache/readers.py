@@ -36,6 +36,7 @@ from zope.interface import implementer
 from hammal.cache.rawsocket import RawSocket
 from hammal.cache.writes import LocalCacheError, describe
 from hammal.stream import BodySource, TransferBroken
+from hammal.turns import QueuedCall, turn_queue
 
 
 class GrowingFile(Protocol):
@@ -114,7 +115,7 @@ class FileFollower:
         self._fd: int | None = None
         self._paused = False
         self._stopped = False
-        self._scheduled: IDelayedCall | None = None
+        self._scheduled: IDelayedCall | QueuedCall | None = None
         self._bypass = bypass
         self._tail: BodySource | None = None
         self._registered = False
@@ -131,7 +132,7 @@ class FileFollower:
         self._registered = True
         if self._fetch is not None:
             self._fetch.subscribe(self._progress)
-        self._run_pump()
+        self._schedule()  # the first send in a later turn, after the headers
 
     # IPushProducer.
 
@@ -162,8 +163,10 @@ class FileFollower:
             self._schedule()
 
     def _schedule(self) -> None:
+        # Through the clock's turn queue: thousands of readers woken at once
+        # send a bounded number per turn, between other requests.
         if self._scheduled is None or not self._scheduled.active():
-            self._scheduled = self._clock.callLater(0, self._run_pump)
+            self._scheduled = turn_queue(self._clock).call(self._run_pump)
 
     def _run_pump(self) -> None:
         """L{_pump}, whose failures end this reader (never the reactor's turn)."""

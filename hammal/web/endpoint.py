@@ -104,7 +104,7 @@ def set_cache_status(request: Request, status: str) -> None:
     request.setHeader(b"cache-status", status.encode())
     outcome = metrics.outcome_of(status)
     state = state_of(request)
-    metrics.cache_responses.labels(state.route, outcome).inc()
+    metrics.labelled(metrics.cache_responses, state.route, outcome).inc()
     state.cache_status = outcome
 
 

@@ -202,9 +202,9 @@ class HammalSite(Site):
         status = request.code
         if aborted and not state.aborted_by_server:
             status = CLIENT_CLOSED_REQUEST  # not the 200 it would have been
-        metrics.requests.labels(route, str(status)).inc()
-        metrics.response_bytes.labels(route).inc(request.sentLength)
-        metrics.request_duration.labels(route).observe(duration)
+        metrics.labelled(metrics.requests, route, str(status)).inc()
+        metrics.labelled(metrics.response_bytes, route).inc(request.sentLength)
+        metrics.labelled(metrics.request_duration, route).observe(duration)
         if self.status is not None:
             self.status.request_finished(
                 route,
