@@ -255,12 +255,19 @@ def build_app(
             blobs,
             manifests,
             referrers,
+            resumes=settings.retries,
         )
 
     def adhoc(host: str) -> PullService:
         """?upstream=HOST: speed-testing a mirror; its redirects are passed on."""
         url = f"https://{host}"
-        return PullService(client_for(url, None), settings.library_prefix_for(url), "pass", reactor)
+        return PullService(
+            client_for(url, None),
+            settings.library_prefix_for(url),
+            "pass",
+            reactor,
+            resumes=settings.retries,
+        )
 
     route_credentials = dict(settings.route_credentials)
     default = (

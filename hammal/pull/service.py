@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from hammal.cache.blobs import BlobCache
+from hammal.cache.bypass import StartUpstream
 from hammal.cache.layers import LayerKeeper
 from hammal.cache.manifests import ManifestCache, accepted_types
 from hammal.conditional import without_conditionals
@@ -30,6 +31,7 @@ from hammal.errors import (
 )
 from hammal.headers import relayed_response_headers
 from hammal.pull.referrers import Referrers, ReferrersCache
+from hammal.pull.resuming import ResumingBody
 from hammal.reference import Digest, Reference, upstream_name
 from hammal.replies import (
     CACHE_MISS,
@@ -39,7 +41,7 @@ from hammal.replies import (
     find_header,
     replace_header,
 )
-from hammal.stream import UpstreamBody, expected_length, not_a_blob
+from hammal.stream import BodySource, UpstreamBody, expected_length, not_a_blob
 from hammal.upstream.client import (
     REDIRECT_STATUSES,
     RegistryClient,
@@ -58,6 +60,8 @@ class PullService:
 
     @param blob_redirect: C{"follow"} streams blobs from wherever upstream
         redirects; C{"pass"} returns upstream's redirect to the client.
+    @param resumes: how many times a blob relayed uncached is resumed with
+        C{Range} when upstream breaks it mid-body (C{--retries}).
     """
 
     log = Logger()
@@ -71,8 +75,10 @@ class PullService:
         blobs: BlobCache | None = None,
         manifests: ManifestCacheFactory | None = None,
         referrers: ReferrersCache | None = None,
+        resumes: int = 0,
     ) -> None:
         self._client = client
+        self._resumes = resumes
         self._library_prefix = library_prefix
         self._follow_blob_redirects = blob_redirect == "follow"
         self._clock = clock
@@ -178,27 +184,28 @@ class PullService:
             announced = response.headers.getRawHeaders(b"content-length", [None])[0]
             length = int(announced) if announced and announced.isdigit() else None
             return BlobReply(response.code, relayed, length, None)
-        verify = digest if response.code == 200 else None
-        body = UpstreamBody(
-            response, self._clock, self._client.read_timeout, verify, self.upstream_host
-        )
+        body: BodySource
+        if response.code == 200:
+            body = ResumingBody(
+                response,
+                self._starter(name, digest, headers, trace),
+                self._clock,
+                self._client.read_timeout,
+                digest,
+                self._resumes,
+                self.upstream_host,
+            )
+        else:
+            body = UpstreamBody(
+                response, self._clock, self._client.read_timeout, None, self.upstream_host
+            )
         return BlobReply(response.code, relayed, expected_length(response), body)
 
-    async def _cached_blob(
-        self,
-        method: bytes,
-        name: str,
-        digest: Digest,
-        headers: Headers,
-        trace: Trace,
-        blobs: BlobCache,
-    ) -> BlobReply | IResponse | None:
+    def _starter(self, name: str, digest: Digest, headers: Headers, trace: Trace) -> StartUpstream:
         """
-        The answer through the cache (which decides hit, miss, range and
-        fill), or L{None} to go straight upstream, or upstream's answer to a
-        fetch the cache refused, to relay as is.
+        Starts upstream requests for blob C{digest} from an offset (fills,
+        resumes): the client's headers without its conditionals and range.
         """
-        # The fill is shared: nothing of one client's request goes with it.
         upstream_headers = without_conditionals(headers)
         upstream_headers.removeHeader(b"range")
         upstream_name = self.upstream_name(name)
@@ -216,9 +223,28 @@ class PullService:
                     f"blobs/{digest}",
                     attempt_headers,
                     trace,  # resumes count against the client that started the fetch
+                    follow_redirects=self._follow_blob_redirects,
                 )
             )
 
+        return start
+
+    async def _cached_blob(
+        self,
+        method: bytes,
+        name: str,
+        digest: Digest,
+        headers: Headers,
+        trace: Trace,
+        blobs: BlobCache,
+    ) -> BlobReply | IResponse | None:
+        """
+        The answer through the cache (which decides hit, miss, range and
+        fill), or L{None} to go straight upstream, or upstream's answer to a
+        fetch the cache refused, to relay as is.
+        """
+        # The fill is shared: nothing of one client's request goes with it.
+        start = self._starter(name, digest, headers, trace)
         layers = self._layers
         return await blobs.serve(
             method,
@@ -226,7 +252,7 @@ class PullService:
             headers,
             start,
             self.upstream_host,
-            upstream_name,
+            self.upstream_name(name),
             stale_layer=None if layers is None else layers.named_by_stale,
         )
 

@@ -17,6 +17,8 @@ faults, load, a redis outage and bad input.
   integration environment).
 * ``test_bad_input``: hypothesis over paths, names, references, digests and
   headers, plus oversized and malformed requests on raw sockets.
+* ``test_harness``: the upstream below cuts transfers short only when a
+  fault says so, however slowly its client reads.
 
 The upstream of most tests is ``upstream.FaultyRegistry``, a threaded
 raw-socket registry with faults on demand; ``support`` starts hammal in a

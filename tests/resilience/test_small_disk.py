@@ -241,6 +241,25 @@ class SmallDiskTests(FixtureCase):
         self.assertTrue(any(self.stored(blob) for blob in image.layers[:3]))
         self.assertCacheSound(sandbox)
 
+    def test_upstream_breaks_a_blob_larger_than_the_disk(self) -> None:
+        """
+        Upstream resets the connection in the middle of a 66 MiB layer that
+        streams through uncached: hammal resumes it with C{Range}, and
+        skopeo's pull is exact (before, skopeo failed with a reset).
+        """
+        sandbox = self.start()
+        image = self.image([66 * MiB])
+        blob = image.layers[0]
+        self.registry.add_fault("reset", f"/blobs/{blob.digest}", after=20 * MiB)
+        self.skopeo(sandbox, image)
+        ranges = [e.range for e in self.registry.entries(f"/blobs/{blob.digest}")]
+        self.assertEqual(len(ranges), 2, ranges)
+        self.assertIsNone(ranges[0])
+        self.assertRegex(ranges[1] or "", r"^bytes=\d+-%d$" % (len(blob.data) - 1))
+        self.assertFalse(self.stored(blob))
+        self.assertIn("resuming uncached", sandbox.hammal.log_text())
+        self.assertCacheSound(sandbox)
+
     def test_disk_full(self) -> None:
         """With the disk 100 % full, pulls are exact, counted as write errors."""
         sandbox = self.start()

@@ -39,7 +39,9 @@ Faults match ``/token`` requests too (``hang`` with ``after``: a token
 response whose body stalls).
 
 Everything is bounded: request heads (64 KiB), handler lifetimes (``hang``
-gives up after 120 s), and :meth:`FaultyRegistry.stop` closes every socket.
+gives up after 120 s), a client that takes no byte of a response for 60 s,
+and :meth:`FaultyRegistry.stop` closes every socket. A client that reads
+slowly is never cut off: only faults cut transfers short.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 MAX_HEAD = 64 * 1024
 HANG_LIMIT = 120.0
+#: How long a client may leave a response unread (not one byte taken)
+#: before the server gives up on it. A reader that is merely slow, or
+#: paused by backpressure on a busy machine, is never cut off.
+SEND_STALL = 60.0
 
 
 def _digest(data: bytes) -> str:
@@ -316,8 +322,7 @@ class FaultyRegistry:
                 )
             )
 
-    @staticmethod
-    def _send_head(conn: socket.socket, status: int, headers: List[Tuple[str, str]]) -> None:
+    def _send_head(self, conn: socket.socket, status: int, headers: List[Tuple[str, str]]) -> None:
         reason = {
             200: "OK",
             206: "Partial Content",
@@ -328,7 +333,7 @@ class FaultyRegistry:
             416: "Range Not Satisfiable",
         }.get(status, "Status")
         lines = [f"HTTP/1.1 {status} {reason}"] + [f"{k}: {v}" for k, v in headers]
-        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self._send(conn, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
     def _simple(
         self,
@@ -350,7 +355,7 @@ class FaultyRegistry:
             ],
         )
         if method != "HEAD" and body:
-            conn.sendall(body)
+            self._send(conn, body)
 
     def _error(self, conn: socket.socket, method: str, status: int, code: str) -> None:
         body = json.dumps(
@@ -411,7 +416,7 @@ class FaultyRegistry:
             )
             if method == "HEAD":
                 return  # a HEAD's answer is complete without its body
-            conn.sendall(body[: max(0, min(fault.after, len(body) - 1))])
+            self._send(conn, body[: max(0, min(fault.after, len(body) - 1))])
             self._hang(conn)
         if fault is not None and fault.kind == "status":
             self._record(method, path, headers, fault.code, fault)
@@ -510,9 +515,9 @@ class FaultyRegistry:
             conn, 200, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         )
         if fault is not None and fault.kind == "hang":
-            conn.sendall(body[: max(0, min(fault.after, len(body) - 1))])
+            self._send(conn, body[: max(0, min(fault.after, len(body) - 1))])
             self._hang(conn)
-        conn.sendall(body)
+        self._send(conn, body)
 
     def _body(
         self,
@@ -565,7 +570,7 @@ class FaultyRegistry:
         if fault is not None and fault.kind == "no-length" and method == "GET":
             self._send_head(conn, status, [("Content-Type", ctype), ("Connection", "close")])
             body = memoryview(data)[start:end]
-            conn.sendall(body if fault.after < 0 else body[: fault.after])
+            self._send(conn, body if fault.after < 0 else body[: fault.after])
             raise _Close()
         head = [
             ("Content-Type", ctype),
@@ -585,7 +590,7 @@ class FaultyRegistry:
         kind = fault.kind if fault else None
         if kind in ("reset", "hang"):
             cut = max(0, min(fault.after, len(body)))  # type: ignore[union-attr]
-            conn.sendall(body[:cut])
+            self._send(conn, body[:cut])
             if kind == "hang":
                 self._hang(conn)
             time.sleep(0.05)
@@ -599,13 +604,35 @@ class FaultyRegistry:
             while sent < len(body):
                 if self._stopping.is_set():
                     raise _Close()
-                conn.sendall(body[sent : sent + step])
+                self._send(conn, body[sent : sent + step])
                 sent += min(step, len(body) - sent)
                 delay = t0 + sent / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
             return
-        conn.sendall(body)
+        self._send(conn, body)
+
+    def _send(self, conn: socket.socket, data: bytes | memoryview) -> None:
+        """
+        Send all of C{data} at the client's pace, giving up only after
+        L{SEND_STALL} seconds in which it took nothing, or when the server
+        stops. (A socket timeout bounds a whole C{sendall}: with the 1 s one
+        of the connection, a large body read at less than its size per
+        second was cut off partway, which looked like upstream dropping.)
+        """
+        view = memoryview(data).cast("B")
+        progress = time.monotonic()
+        while view:
+            if self._stopping.is_set():
+                raise _Close()
+            try:
+                sent = conn.send(view[: 1 << 20])
+            except socket.timeout:
+                if time.monotonic() - progress > SEND_STALL:
+                    raise _Close()
+                continue
+            view = view[sent:]
+            progress = time.monotonic()
 
     def _hang(self, conn: socket.socket) -> None:
         """Say nothing until the client leaves (or the server stops)."""
