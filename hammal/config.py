@@ -83,7 +83,12 @@ PARAMETERS: tuple[OptionSpec, ...] = (
         None,
         "File holding the upstream password, instead of --upstream-password (which ps shows).",
     ),
-    OptionSpec("redis", None, "redis://[:password@]host[:port][/db] for a shared token cache."),
+    OptionSpec(
+        "redis",
+        None,
+        "redis://[:password@]host[:port][/db] shared by instances: upstream tokens, tag"
+        " entries, --auth passthrough logins, cluster fill leases.",
+    ),
     OptionSpec(
         "storage",
         "file",

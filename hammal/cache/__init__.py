@@ -14,10 +14,11 @@ The pull-through cache: the policy here, the bytes on disk below.
   first, then upstream; a cluster adds the lease holder between).
 - L{coordinate}, L{shared_room}, L{takeover}: several processes sharing one
   directory (one fill per digest, one size limit, a fill taken over when
-  its process dies); L{sweep}: the periodic clean-up.
+  its process dies; L{liveness}: whether a writer's process still runs);
+  L{sweep}: the periodic clean-up.
 - L{readers}: readers of a complete or growing cache file (pread, and
-  C{os.sendfile} on plain TCP through L{rawsocket}); L{bypass}: going on from upstream when the
-  cache fails locally.
+  C{os.sendfile} on plain TCP through L{rawsocket}); L{bypass}: going on
+  from upstream when the cache fails locally.
 - L{manifests}: manifests by digest on disk, tag entries with a TTL and
   stale-if-error; L{layers}: which layers a stale manifest named.
 - L{writes}: local write failures, reported once a minute.

@@ -4,7 +4,8 @@ The resource tree: routing and HTTP translation, no registry logic.
 - L{root}: ``/``, ``/healthz``, ``/readyz``, ``/metrics``.
 - L{v2}: ``/v2`` and its base; L{auth}: ``/v2/auth``, ``/v2/token``;
   L{repository}: ``/v2/<name>/(manifests|blobs|tags|referrers)/...``;
-  L{endpoint}: what they share.
+  L{endpoint}: what they share; L{routes}: ``/v2/...`` paths parsed into
+  routes.
 - L{respond}: the one place that writes documents, errors and streams.
 - L{state}: the typed record of one request (route, upstream, trace...).
 - L{gate}: client authentication and access rules.
