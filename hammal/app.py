@@ -41,6 +41,7 @@ from hammal.cache.sources import ReadThrough
 from hammal.cache.storage import BlobStorage
 from hammal.cache.store import BlobStore
 from hammal.cache.sweep import CacheSweep
+from hammal.cache.threads import DedicatedThread
 from hammal.cache.writes import WriteErrors
 from hammal.cluster.peer import mount_peer_endpoint
 from hammal.cluster.setup import build_cluster
@@ -176,8 +177,13 @@ def build_app(
             )
     if settings.proxies.active:
         _log.info("outbound proxy: {proxies}", proxies=settings.proxies.describe())
+    hash_thread: DedicatedThread | None = None
     if offload is None:
         offload = _thread_pool_offload(reactor)
+        if settings.no_hold_tail:
+            # Nobody waits for the hash but the commit: a thread of its own,
+            # below the transfer's priority.
+            hash_thread = DedicatedThread(reactor, "hammal-fill-hash")
     tokens = _token_cache(redis, reactor)
     policy = (
         RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
@@ -197,6 +203,7 @@ def build_app(
             offload,
             _blob_storage(local_blobs, objects, store_health),
             write_errors,
+            hash_thread,
         )
         if local_blobs is not None
         else None
@@ -343,6 +350,8 @@ def build_app(
     ]
     if local_blobs is not None:
         services.append(CacheSweep(local_blobs, reactor, offload=offload))
+    if hash_thread is not None:
+        services.append(hash_thread)
     # The upstreams' challenges known before the first pull (time to first byte).
     services.append(
         UpstreamWarmUp([member for route in status_routes for member in _members(route.client)])
@@ -498,6 +507,7 @@ def _blob_cache(
     offload: Offload,
     storage: BlobStorage,
     write_errors: WriteErrors | None = None,
+    hash_offload: Offload | None = None,
 ) -> BlobCache:
     """The blob cache over C{storage}, sharing fills with the directory's other processes."""
     if settings.cache_dir is None:
@@ -518,6 +528,7 @@ def _blob_cache(
         write_errors=write_errors,
         hold_tail=not settings.no_hold_tail,
         coordinator=coordinator,
+        hash_offload=hash_offload,
     )
 
 

@@ -331,6 +331,90 @@ class FetchPipelineTests(_FetchHarness):
         self.assertFalse(os.path.exists(fetch.path))
         self.assertEqual(_mismatches(), before + 1)
 
+    def test_no_hold_tail_pauses_on_the_writer_only(self) -> None:
+        """
+        Without the held tail a hasher that lags does not pause upstream:
+        once the writer caught up, upstream reads on, however far behind
+        the hash is; the commit still waits for the digest.
+        """
+        self.patch(fetch_module, "MAX_BACKLOG", 2500)
+        chunks = [bytes([n]) * 1000 for n in range(6)]
+        blob = b"".join(chunks)
+        fetch, response = self.fetch(blob, hold_tail=False)
+        for chunk in chunks[:3]:
+            response.send(chunk)
+        self.assertTrue(response.transport.paused)  # the writer is behind
+        self.offload.run_only(fetch_module._write_chunks)
+        self.assertFalse(response.transport.paused)  # the hasher has done nothing
+        for chunk in chunks[3:]:
+            response.send(chunk)
+        self.offload.run_only(fetch_module._write_chunks)
+        self.assertFalse(response.transport.paused)
+        self.assertEqual((fetch.written, fetch.readable), (6000, 6000))
+        response.end()
+        self.assertFalse(fetch.verified)  # waits for the hasher
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+        with open(self.store.path(fetch.digest), "rb") as stored:
+            self.assertEqual(stored.read(), blob)
+
+    def test_no_hold_tail_hasher_reads_the_file_in_slices(self) -> None:
+        """
+        Without the held tail the hasher holds no received chunk: it reads
+        what was written back from the file, a bounded slice per job, so
+        memory stays flat however far it lags.
+        """
+        self.patch(fetch_module, "HASH_SLICE", 1500)
+        self.patch(fetch_module, "HASH_READ", 400)
+        chunks = [bytes([n]) * 1000 for n in range(4)]
+        blob = b"".join(chunks)
+        fetch, response = self.fetch(blob, hold_tail=False)
+        for chunk in chunks:
+            response.send(chunk)
+        self.assertEqual(self.offload.of(fetch_module._hash_chunks), [])
+        self.offload.run_only(fetch_module._write_chunks)
+        self.assertEqual(fetch.written, 4000)
+        self.assertEqual(len(fetch._unwritten), 0)  # no chunk kept for the hasher
+        slices = []
+        while self.offload.jobs:  # one job at a time: each starts the next slice
+            f, args, d = self.offload.jobs.pop(0)
+            self.assertIs(f, fetch_module._hash_file)
+            slices.append(args[2:])
+            d.callback(f(*args))
+        # the first chunk's write started one (the rest were not written yet)
+        self.assertEqual(slices, [(0, 1000), (1000, 2500), (2500, 4000)])
+        response.end()
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+
+    def test_no_hold_tail_hashes_on_its_own_offload(self) -> None:
+        """The hasher that follows the file runs where C{hash_offload} says."""
+        hashing = _HeldOffload()
+        blob = b"z" * 3000
+        response = _Response(len(blob))
+        fetch = BlobFetch(
+            Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest()),
+            self.store,
+            self.clock,
+            lambda offset: succeed(response),
+            read_timeout=30,
+            resumes=0,
+            upstream="upstream.test",
+            offload=self.offload,
+            hold_tail=False,
+            hash_offload=hashing,
+        )
+        Deferred.fromCoroutine(fetch.run())
+        response.send(blob)
+        response.end()
+        self.offload.run_all()
+        self.assertEqual(self.offload.of(fetch_module._hash_file), [])
+        self.assertEqual(len(hashing.of(fetch_module._hash_file)), 1)
+        self.assertFalse(fetch.verified)
+        hashing.run_all()
+        self.offload.run_all()  # fdatasync
+        self.assertTrue(fetch.complete)
+
     def test_held_tail_mismatch_never_readable_whole(self) -> None:
         """With the held tail a corrupt blob is never readable to its end."""
         blob = b"x" * 3000
