@@ -195,7 +195,7 @@ def build_app(
         cluster_http = make_cluster_http(reactor, settings.connect_timeout)
     objects = _object_store(settings, reactor, cluster_http)
     store_health = StoreHealth(reactor)
-    local_blobs = _local_blobs(settings)
+    local_blobs = _local_blobs(settings, offload)
     blobs = (
         _blob_cache(
             settings,
@@ -486,13 +486,13 @@ def _blob_storage(
     return S3BlobStorage(local, objects, health)
 
 
-def _local_blobs(settings: Settings) -> BlobStore | None:
+def _local_blobs(settings: Settings, offload: Offload) -> BlobStore | None:
     """The blobs of --cache-dir (opened), or L{None} without one."""
     if settings.cache_dir is None:
         return None
     store = BlobStore(settings.cache_dir, settings.cache_max_size, settings.cache_min_free)
     # --cache-max-size for every process using the directory (--workers, or not)
-    store.shared = SharedRoom(settings.cache_dir)
+    store.shared = SharedRoom(settings.cache_dir, offload=offload)
     try:
         store.shared.open()
         store.open()
