@@ -138,8 +138,9 @@ class _FetchHarness(SynchronousTestCase):
 class FetchPipelineTests(_FetchHarness):
     def test_chunks_batched_and_hashed_in_hand(self) -> None:
         """
-        Chunks arriving while a write runs go in one batch; the hasher is
-        handed the very objects received (the file is never read back).
+        Chunks arriving while a write runs go in one batch; the writer
+        hashes the very objects received, in the same job (one hand-off per
+        batch; the file is never read back).
         """
         chunks = [bytes([n]) * 1000 for n in range(5)]
         blob = b"".join(chunks)
@@ -148,16 +149,18 @@ class FetchPipelineTests(_FetchHarness):
         self.patch(os, "pread", lambda *a: reads.append(a) or b"")
         for chunk in chunks:
             response.send(chunk)
-        writes = self.offload.of(fetch_module._write_chunks)
-        hashes = self.offload.of(fetch_module._hash_chunks)
-        # one job of each kind started with the first chunk
+        writes = self.offload.of(fetch_module._write_and_hash)
+        # one job, started with the first chunk, and nothing else
         self.assertEqual(len(writes), 1)
-        self.assertEqual(len(hashes), 1)
+        self.assertEqual(len(self.offload.jobs), 1)
         self.assertIs(writes[0][2][0], chunks[0])
-        self.assertIs(hashes[0][1][0], chunks[0])
+        self.assertIs(writes[0][3], fetch._hasher)
         self.assertEqual((fetch.received, fetch.written, fetch.readable), (5000, 0, 0))
-        self.offload.run_all()  # the rest went as one batch of each
-        self.assertEqual(len(self.offload.of(fetch_module._write_chunks)), 0)
+        f, args, d = self.offload.jobs.pop(0)
+        d.callback(f(*args))
+        # the rest went as one batch
+        self.assertEqual([len(a[2]) for a in self.offload.of(fetch_module._write_and_hash)], [4])
+        self.offload.run_all()
         self.assertEqual(fetch.written, 5000)
         self.assertEqual(fetch.readable, 5000 - fetch_module.TAIL_HOLD)  # the tail held
         response.end()
@@ -183,7 +186,7 @@ class FetchPipelineTests(_FetchHarness):
         self.assertEqual(woken[-1], 1000)  # told when written (and when received)
         response.send(chunks[1])
         response.send(chunks[2])
-        self.offload.run_only(fetch_module._write_chunks)  # written, not hashed
+        self.offload.run_only(fetch_module._write_and_hash)  # written and hashed, not ended
         self.assertEqual(fetch.written, 3000)
         self.assertEqual(fetch.readable, 3000 - fetch_module.TAIL_HOLD)
         self.assertFalse(fetch.verified)
@@ -209,7 +212,7 @@ class FetchPipelineTests(_FetchHarness):
         self.assertEqual(fetch.sendable, 3000 - fetch_module.TAIL_HOLD)
         self.assertEqual(bytes(fetch.buffered(1000, 3000)), chunks[1])  # one chunk at most
         self.assertEqual(bytes(fetch.buffered(2000, fetch.sendable)), chunks[2][:-1])
-        self.offload.run_only(fetch_module._write_chunks)
+        self.offload.run_only(fetch_module._write_and_hash)
         self.assertEqual(fetch.written, 3000)
         self.assertIsNone(fetch.buffered(0, 1000))  # in the file now
         self.assertEqual(fetch.sendable, 3000 - fetch_module.TAIL_HOLD)
@@ -266,7 +269,7 @@ class FetchPipelineTests(_FetchHarness):
         real = self.offload.__call__
 
         def counting(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-            if f is fetch_module._write_chunks:
+            if f is fetch_module._write_and_hash:
                 started.append(len(args[2]))
             return real(f, *args)
 
@@ -495,7 +498,7 @@ class ReaderAheadOfWriterTests(_FetchHarness):
         self.assertEqual(consumer.data, chunks[0] + chunks[1])
         self.assertEqual(fetch.written, 0)
         f, args, d = self.offload.jobs.pop(0)
-        self.assertIs(f, fetch_module._write_chunks)
+        self.assertIs(f, fetch_module._write_and_hash)
         d.errback(OSError(28, "No space left on device"))
         self.clock.advance(0)
         self.assertEqual(asked, [(2000, None)])

@@ -13,8 +13,10 @@ bytes go out as soon as they are written, and a corrupt transfer is never
 seen complete by anyone (unless the fetch was told not to hold the tail:
 C{--no-hold-tail}).
 
-The event loop only receives: each chunk goes, uncopied, to a writer and a
-hasher that run off the event loop (C{offload}) in batches. Readers need not
+The event loop only receives: each chunk goes, uncopied, to a writer that
+runs off the event loop (C{offload}) in batches and hashes each batch right
+after writing it, while it is in the CPU's cache (one hand-off per batch
+for both). Readers need not
 wait for the writer: what arrived and is not written yet is theirs from
 memory (C{sendable}, L{BlobFetch.buffered}); the rest from the file. When
 the tail is not held, nobody waits for the hash but the commit: upstream
@@ -115,6 +117,16 @@ def _hash_chunks(hasher: Any, chunks: list[bytes]) -> int:
     return sum(len(chunk) for chunk in chunks)
 
 
+def _write_and_hash(fd: int, offset: int, chunks: list[bytes], hasher: Any) -> int:
+    """
+    L{_write_chunks}, then L{_hash_chunks} of the same chunks while they
+    are in the CPU's cache: one hand-off per batch for both; the end offset.
+    """
+    end = _write_chunks(fd, offset, chunks)
+    _hash_chunks(hasher, chunks)
+    return end
+
+
 def _hash_file(fd: int, hasher: Any, start: int, end: int) -> int:
     """
     Feed bytes C{start} to C{end} of the file C{fd} to C{hasher}, read back
@@ -213,7 +225,6 @@ class BlobFetch(FillNews):
         self._writing: Deferred[int] | None = None
         self._hasher = digest.hasher()
         self._hashed = 0
-        self._to_hash: list[bytes] = []
         self._hashing: Deferred[int] | None = None
         self._drain_waiter: Deferred[None] | None = None
         self._broken: LocalCacheError | None = None
@@ -360,8 +371,8 @@ class BlobFetch(FillNews):
     def append(self, data: bytes) -> None:
         """
         Take a chunk from upstream: the same C{bytes} object (no copy) goes
-        to the file writer and (with the held tail) to the hasher, each on a
-        thread of its own and in batches of whatever arrived meanwhile.
+        to the file writer, on a thread in batches of whatever arrived
+        meanwhile, which (with the held tail) hashes what it wrote.
         Readers may use what was written, but for the tail until the digest
         matched (unless the tail is not held): see L{_release}.
         """
@@ -376,8 +387,6 @@ class BlobFetch(FillNews):
         self.received += len(data)
         self._last_received = len(data)
         self._to_write.append(data)
-        if self._hold_tail:  # else the hasher reads the file: see _hash_more
-            self._to_hash.append(data)
         self._unwritten.append(data)
         self._write_more()
         self._hash_more()
@@ -387,10 +396,10 @@ class BlobFetch(FillNews):
             self._upstream_paused = True
             self._writer.pause()
 
-    # The file writer and the hasher each follow the received chunks on a
-    # thread (os.pwrite and hashlib release the GIL), so the event loop
-    # neither copies into the page cache nor waits for sha256. What they
-    # have not both taken is bounded: past MAX_BACKLOG upstream is paused.
+    # The file writer follows the received chunks on a thread (os.pwrite
+    # and hashlib release the GIL) and hashes each batch it wrote, so the
+    # event loop neither copies into the page cache nor waits for sha256.
+    # What it has not taken is bounded: past MAX_BACKLOG upstream is paused.
     # Without the held tail, readers need not wait for the hash: upstream
     # pauses on the writer only, and the hasher follows the file instead
     # of the chunks, so however far it lags it holds no memory.
@@ -406,8 +415,18 @@ class BlobFetch(FillNews):
         if self._broken is not None or self.failure is not None:
             return
         chunks, self._to_write = self._to_write, []
-        self._writing = self._offload(_write_chunks, self._fd, self.written, chunks)
-        self._writing.addCallbacks(self._wrote_to, self._write_failed)
+        if self._hold_tail:
+            self._writing = self._offload(
+                _write_and_hash, self._fd, self.written, chunks, self._hasher
+            )
+            self._writing.addCallbacks(self._wrote_and_hashed, self._write_failed)
+        else:
+            self._writing = self._offload(_write_chunks, self._fd, self.written, chunks)
+            self._writing.addCallbacks(self._wrote_to, self._write_failed)
+
+    def _wrote_and_hashed(self, end: int) -> None:
+        self._hashed = end
+        self._wrote_to(end)
 
     def _wrote_to(self, end: int) -> None:
         self._writing = None
@@ -465,20 +484,15 @@ class BlobFetch(FillNews):
         self._cache_failed(LocalCacheError(f"cannot write the cache file: {_reason(failure)}"))
 
     def _hash_more(self) -> None:
-        if self._hashing is not None or self._broken is not None or self.failure is not None:
+        """Without the held tail: hash the next slice of what was written, from the file."""
+        if self._hold_tail or self._hashing is not None or self._fd is None:
             return
-        if not self._hold_tail:
-            if self._hashed >= self.written or self._fd is None:
-                return
-            end = min(self.written, self._hashed + HASH_SLICE)
-            self._hashing = self._hash_offload(
-                _hash_file, self._fd, self._hasher, self._hashed, end
-            )
-        elif self._to_hash:
-            chunks, self._to_hash = self._to_hash, []
-            self._hashing = self._offload(_hash_chunks, self._hasher, chunks)
-        else:
+        if self._broken is not None or self.failure is not None:
             return
+        if self._hashed >= self.written:
+            return
+        end = min(self.written, self._hashed + HASH_SLICE)
+        self._hashing = self._hash_offload(_hash_file, self._fd, self._hasher, self._hashed, end)
         self._hashing.addCallbacks(self._hashed_some, self._hash_failed)
 
     def _hashed_some(self, count: int) -> None:
@@ -510,7 +524,6 @@ class BlobFetch(FillNews):
             self._writing is None
             and self._hashing is None
             and not self._to_write
-            and not self._to_hash
             and (self._hold_tail or self._hashed >= self.written)
         )
 
@@ -520,7 +533,6 @@ class BlobFetch(FillNews):
             return
         self._broken = broken
         self._to_write.clear()
-        self._to_hash.clear()
         self._unwritten.clear()
         if self._drain_waiter is not None:
             waiter, self._drain_waiter = self._drain_waiter, None
@@ -577,7 +589,6 @@ class BlobFetch(FillNews):
             self._write_errors.record("blob", str(self.digest), failure.message)
         self.failure = failure
         self._to_write.clear()
-        self._to_hash.clear()
         self._unwritten.clear()
         self._start_failed(failure)
         if self._spare is not None:
