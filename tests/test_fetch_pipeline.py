@@ -24,6 +24,7 @@ from hammal.cache import fetch as fetch_module
 from hammal.cache.fetch import BlobFetch, DigestMismatch
 from hammal.cache.readers import BlobReader
 from hammal.cache.store import BlobStore
+from hammal.cache.writes import LocalCacheError
 from hammal.reference import Digest
 
 
@@ -389,6 +390,27 @@ class FetchPipelineTests(_FetchHarness):
         response.end()
         self.offload.run_all()
         self.assertTrue(fetch.complete)
+
+    def test_no_hold_tail_read_back_failure_fails_locally(self) -> None:
+        """
+        The hasher cannot read the file back: the fill fails as the cache's
+        fault (not a digest mismatch), nothing is stored, the file goes.
+        """
+        blob = b"r" * 3000
+        before = _mismatches()
+        fetch, response = self.fetch(blob, hold_tail=False)
+        response.send(blob)
+        self.offload.run_only(fetch_module._write_chunks)
+        f, args, d = self.offload.jobs.pop(0)
+        self.assertIs(f, fetch_module._hash_file)
+        d.errback(OSError(5, "Input/output error"))
+        response.end()
+        self.offload.run_all()
+        self.assertIsInstance(fetch.failure, LocalCacheError)
+        self.assertFalse(fetch.complete)
+        self.assertNotIn(fetch.digest, self.store)
+        self.assertFalse(os.path.exists(fetch.path))
+        self.assertEqual(_mismatches(), before)
 
     def test_no_hold_tail_hashes_on_its_own_offload(self) -> None:
         """The hasher that follows the file runs where C{hash_offload} says."""
