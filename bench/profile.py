@@ -156,6 +156,9 @@ def main(argv: List[str] | None = None) -> int:
         " thread spends waiting to get the GIL back drops out",
     )
     parser.add_argument("--buffer-size", default="1M")
+    parser.add_argument(
+        "--no-hold-tail", action="store_true", help="profile hammal started with --no-hold-tail"
+    )
     args = parser.parse_args(argv)
     if not os.access(PY_SPY, os.X_OK):
         print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
@@ -170,7 +173,12 @@ def main(argv: List[str] | None = None) -> int:
         small = build_image(images_dir, "bench/small", "1", [64 * 1024] * 100, seed=22)
         images.append(small)
     upstream = BenchUpstream(workdir).start(images)
-    hammal = HammalBench(workdir, upstream, buffer_size=args.buffer_size)
+    hammal = HammalBench(
+        workdir,
+        upstream,
+        buffer_size=args.buffer_size,
+        extra_args=["--no-hold-tail"] if args.no_hold_tail else [],
+    )
     layers = image.layers
 
     def url(digest: str) -> str:

@@ -41,6 +41,7 @@ from hammal.cache.sources import ReadThrough
 from hammal.cache.storage import BlobStorage
 from hammal.cache.store import BlobStore
 from hammal.cache.sweep import CacheSweep
+from hammal.cache.threads import DedicatedThread
 from hammal.cache.writes import WriteErrors
 from hammal.cluster.peer import mount_peer_endpoint
 from hammal.cluster.setup import build_cluster
@@ -176,8 +177,13 @@ def build_app(
             )
     if settings.proxies.active:
         _log.info("outbound proxy: {proxies}", proxies=settings.proxies.describe())
+    hash_thread: DedicatedThread | None = None
     if offload is None:
         offload = _thread_pool_offload(reactor)
+        if settings.no_hold_tail:
+            # Nobody waits for the hash but the commit: a thread of its own,
+            # below the transfer's priority.
+            hash_thread = DedicatedThread(reactor, "hammal-fill-hash")
     tokens = _token_cache(redis, reactor)
     policy = (
         RetryPolicy(retries=settings.retries, base=settings.retry_backoff)
@@ -189,7 +195,7 @@ def build_app(
         cluster_http = make_cluster_http(reactor, settings.connect_timeout)
     objects = _object_store(settings, reactor, cluster_http)
     store_health = StoreHealth(reactor)
-    local_blobs = _local_blobs(settings)
+    local_blobs = _local_blobs(settings, offload)
     blobs = (
         _blob_cache(
             settings,
@@ -197,6 +203,7 @@ def build_app(
             offload,
             _blob_storage(local_blobs, objects, store_health),
             write_errors,
+            hash_thread,
         )
         if local_blobs is not None
         else None
@@ -350,6 +357,8 @@ def build_app(
     ]
     if local_blobs is not None:
         services.append(CacheSweep(local_blobs, reactor, offload=offload))
+    if hash_thread is not None:
+        services.append(hash_thread)
     # The upstreams' challenges known before the first pull (time to first byte).
     services.append(
         UpstreamWarmUp([member for route in status_routes for member in _members(route.client)])
@@ -484,13 +493,13 @@ def _blob_storage(
     return S3BlobStorage(local, objects, health)
 
 
-def _local_blobs(settings: Settings) -> BlobStore | None:
+def _local_blobs(settings: Settings, offload: Offload) -> BlobStore | None:
     """The blobs of --cache-dir (opened), or L{None} without one."""
     if settings.cache_dir is None:
         return None
     store = BlobStore(settings.cache_dir, settings.cache_max_size, settings.cache_min_free)
     # --cache-max-size for every process using the directory (--workers, or not)
-    store.shared = SharedRoom(settings.cache_dir)
+    store.shared = SharedRoom(settings.cache_dir, offload=offload)
     try:
         store.shared.open()
         store.open()
@@ -505,6 +514,7 @@ def _blob_cache(
     offload: Offload,
     storage: BlobStorage,
     write_errors: WriteErrors | None = None,
+    hash_offload: Offload | None = None,
 ) -> BlobCache:
     """The blob cache over C{storage}, sharing fills with the directory's other processes."""
     if settings.cache_dir is None:
@@ -525,6 +535,7 @@ def _blob_cache(
         write_errors=write_errors,
         hold_tail=not settings.no_hold_tail,
         coordinator=coordinator,
+        hash_offload=hash_offload,
     )
 
 

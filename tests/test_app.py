@@ -12,6 +12,7 @@ from twisted.web import http
 
 from hammal.app import App, build_app
 from hammal.cache.fetch import run_here
+from hammal.cache.threads import DedicatedThread
 from hammal.config import Settings
 from tests.fakes import REGISTRY, FakeUpstream, stub_for
 
@@ -87,3 +88,28 @@ class HoldTailTests(SynchronousTestCase):
         app = _app(cache_dir=self.mktemp(), no_hold_tail=True)
         assert app.blobs is not None
         self.assertFalse(app.blobs.hold_tail)
+
+    def test_no_hold_tail_hashes_on_a_thread_of_its_own(self) -> None:
+        """
+        With --no-hold-tail and the default offload, fills hash on a
+        dedicated thread of lower priority, started with the services;
+        with the tail held, no such thread.
+        """
+        stub = stub_for(FakeUpstream())
+        built = {}
+        for hold in (True, False):
+            built[hold] = build_app(
+                Settings(
+                    upstream=f"https://{REGISTRY}",
+                    cache_dir=self.mktemp(),
+                    no_hold_tail=not hold,
+                ),
+                MemoryReactorClock(),
+                http_client=stub,
+                redirect_client=stub,
+            )
+        threads = [s for s in built[False].services if isinstance(s, DedicatedThread)]
+        self.assertEqual(len(threads), 1)
+        assert built[False].blobs is not None
+        self.assertIs(built[False].blobs._hash_offload, threads[0])
+        self.assertFalse(any(isinstance(s, DedicatedThread) for s in built[True].services))

@@ -224,18 +224,19 @@ class BlobWriteFailureTests(SynchronousTestCase):
 
     def test_hash_failure_fails_the_fill_once(self) -> None:
         """
-        Hashing a batch fails part-way: the fill fails locally (the hasher
-        is not fed twice, so no false digest mismatch), and the client gets
-        the blob from upstream.
+        Hashing a batch fails part-way (after the writer wrote it): the
+        fill fails locally (the hasher is not fed twice, so no false digest
+        mismatch), and the client gets the blob from upstream.
         """
         from hammal.cache import fetch as fetch_module
 
         failed: list[bool] = []
 
         def flaky(f: Any, *args: Any) -> Any:
-            if f is fetch_module._hash_chunks and not failed:
+            if f is fetch_module._write_and_hash and not failed:
                 failed.append(True)
-                hasher, chunks = args
+                fd, offset, chunks, hasher = args
+                fetch_module._write_chunks(fd, offset, chunks)
                 hasher.update(chunks[0][: len(chunks[0]) // 2])
                 return fail(OSError(5, "Input/output error"))
             return succeed(f(*args))

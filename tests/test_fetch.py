@@ -97,6 +97,16 @@ class _Response:
         self.protocol.connectionLost(Failure(ResponseDone()))
 
 
+def _settle(d: Deferred[Any], f: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Run a held job as a thread pool would: its exception fails C{d}."""
+    try:
+        result = f(*args)
+    except Exception as failure:
+        d.errback(failure)
+    else:
+        d.callback(result)
+
+
 class _HeldOffload:
     """An offload whose jobs run only when the test says so."""
 
@@ -116,17 +126,17 @@ class _HeldOffload:
         while any(g is f for g, _, _ in self.jobs):
             job = next(job for job in self.jobs if job[0] is f)
             self.jobs.remove(job)
-            job[2].callback(f(*job[1]))
+            _settle(job[2], f, job[1])
 
     def run_all(self) -> None:
         while self.jobs:
             f, args, d = self.jobs.pop(0)
-            d.callback(f(*args))
+            _settle(d, f, args)
 
     def run_next(self) -> None:
         """Run the first held job."""
         f, args, d = self.jobs.pop(0)
-        d.callback(f(*args))
+        _settle(d, f, args)
 
     def fail_next(self, f: Callable[..., Any], error: Exception) -> None:
         """The first held job of C{f} fails with C{error} (without running)."""
@@ -186,8 +196,9 @@ class _FetchHarness(SynchronousTestCase):
 class FetchPipelineTests(_FetchHarness):
     def test_chunks_batched_and_hashed_in_hand(self) -> None:
         """
-        Chunks arriving while a write runs go in one batch; the hasher is
-        handed the very objects received (the file is never read back).
+        Chunks arriving while a write runs go in one batch; the writer
+        hashes the very objects received, in the same job (one hand-off per
+        batch; the file is never read back).
         """
         chunks = [bytes([n]) * 1000 for n in range(5)]
         blob = b"".join(chunks)
@@ -196,16 +207,18 @@ class FetchPipelineTests(_FetchHarness):
         self.patch(os, "pread", lambda *a: reads.append(a) or b"")
         for chunk in chunks:
             response.send(chunk)
-        writes = self.offload.of(fetch_module._write_chunks)
-        hashes = self.offload.of(fetch_module._hash_chunks)
-        # one job of each kind started with the first chunk
+        writes = self.offload.of(fetch_module._write_and_hash)
+        # one job, started with the first chunk, and nothing else
         self.assertEqual(len(writes), 1)
-        self.assertEqual(len(hashes), 1)
+        self.assertEqual(len(self.offload.jobs), 1)
         self.assertIs(writes[0][2][0], chunks[0])
-        self.assertIs(hashes[0][1][0], chunks[0])
+        self.assertIs(writes[0][3], fetch._hasher)
         self.assertEqual((fetch.received, fetch.written, fetch.readable), (5000, 0, 0))
-        self.offload.run_all()  # the rest went as one batch of each
-        self.assertEqual(len(self.offload.of(fetch_module._write_chunks)), 0)
+        f, args, d = self.offload.jobs.pop(0)
+        d.callback(f(*args))
+        # the rest went as one batch
+        self.assertEqual([len(a[2]) for a in self.offload.of(fetch_module._write_and_hash)], [4])
+        self.offload.run_all()
         self.assertEqual(fetch.written, 5000)
         self.assertEqual(fetch.readable, 5000 - fetch_module.TAIL_HOLD)  # the tail held
         response.end()
@@ -231,7 +244,7 @@ class FetchPipelineTests(_FetchHarness):
         self.assertEqual(woken[-1], 1000)  # told when written (and when received)
         response.send(chunks[1])
         response.send(chunks[2])
-        self.offload.run_only(fetch_module._write_chunks)  # written, not hashed
+        self.offload.run_only(fetch_module._write_and_hash)  # written and hashed, not ended
         self.assertEqual(fetch.written, 3000)
         self.assertEqual(fetch.readable, 3000 - fetch_module.TAIL_HOLD)
         self.assertFalse(fetch.verified)
@@ -257,7 +270,7 @@ class FetchPipelineTests(_FetchHarness):
         self.assertEqual(fetch.sendable, 3000 - fetch_module.TAIL_HOLD)
         self.assertEqual(bytes(fetch.buffered(1000, 3000)), chunks[1])  # one chunk at most
         self.assertEqual(bytes(fetch.buffered(2000, fetch.sendable)), chunks[2][:-1])
-        self.offload.run_only(fetch_module._write_chunks)
+        self.offload.run_only(fetch_module._write_and_hash)
         self.assertEqual(fetch.written, 3000)
         self.assertIsNone(fetch.buffered(0, 1000))  # in the file now
         self.assertEqual(fetch.sendable, 3000 - fetch_module.TAIL_HOLD)
@@ -314,7 +327,7 @@ class FetchPipelineTests(_FetchHarness):
         real = self.offload.__call__
 
         def counting(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-            if f is fetch_module._write_chunks:
+            if f is fetch_module._write_and_hash:
                 started.append(len(args[2]))
             return real(f, *args)
 
@@ -378,6 +391,111 @@ class FetchPipelineTests(_FetchHarness):
         self.assertNotIn(wrong, self.store)
         self.assertFalse(os.path.exists(fetch.path))
         self.assertEqual(_mismatches(), before + 1)
+
+    def test_no_hold_tail_pauses_on_the_writer_only(self) -> None:
+        """
+        Without the held tail a hasher that lags does not pause upstream:
+        once the writer caught up, upstream reads on, however far behind
+        the hash is; the commit still waits for the digest.
+        """
+        self.patch(fetch_module, "MAX_BACKLOG", 2500)
+        chunks = [bytes([n]) * 1000 for n in range(6)]
+        blob = b"".join(chunks)
+        fetch, response = self.fetch(blob, hold_tail=False)
+        for chunk in chunks[:3]:
+            response.send(chunk)
+        self.assertTrue(response.transport.paused)  # the writer is behind
+        self.offload.run_only(fetch_module._write_chunks)
+        self.assertFalse(response.transport.paused)  # the hasher has done nothing
+        for chunk in chunks[3:]:
+            response.send(chunk)
+        self.offload.run_only(fetch_module._write_chunks)
+        self.assertFalse(response.transport.paused)
+        self.assertEqual((fetch.written, fetch.readable), (6000, 6000))
+        response.end()
+        self.assertFalse(fetch.verified)  # waits for the hasher
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+        with open(self.store.path(fetch.digest), "rb") as stored:
+            self.assertEqual(stored.read(), blob)
+
+    def test_no_hold_tail_hasher_reads_the_file_in_slices(self) -> None:
+        """
+        Without the held tail the hasher holds no received chunk: it reads
+        what was written back from the file, a bounded slice per job, so
+        memory stays flat however far it lags.
+        """
+        self.patch(fetch_module, "HASH_SLICE", 1500)
+        self.patch(fetch_module, "HASH_READ", 400)
+        chunks = [bytes([n]) * 1000 for n in range(4)]
+        blob = b"".join(chunks)
+        fetch, response = self.fetch(blob, hold_tail=False)
+        for chunk in chunks:
+            response.send(chunk)
+        self.assertEqual(self.offload.of(fetch_module._hash_chunks), [])
+        self.offload.run_only(fetch_module._write_chunks)
+        self.assertEqual(fetch.written, 4000)
+        self.assertEqual(len(fetch._unwritten), 0)  # no chunk kept for the hasher
+        slices = []
+        while self.offload.jobs:  # one job at a time: each starts the next slice
+            f, args, d = self.offload.jobs.pop(0)
+            self.assertIs(f, fetch_module._hash_file)
+            slices.append(args[2:])
+            d.callback(f(*args))
+        # the first chunk's write started one (the rest were not written yet)
+        self.assertEqual(slices, [(0, 1000), (1000, 2500), (2500, 4000)])
+        response.end()
+        self.offload.run_all()
+        self.assertTrue(fetch.complete)
+
+    def test_no_hold_tail_read_back_failure_fails_locally(self) -> None:
+        """
+        The hasher cannot read the file back: the fill fails as the cache's
+        fault (not a digest mismatch), nothing is stored, the file goes.
+        """
+        blob = b"r" * 3000
+        before = _mismatches()
+        fetch, response = self.fetch(blob, hold_tail=False)
+        response.send(blob)
+        self.offload.run_only(fetch_module._write_chunks)
+        f, args, d = self.offload.jobs.pop(0)
+        self.assertIs(f, fetch_module._hash_file)
+        d.errback(OSError(5, "Input/output error"))
+        response.end()
+        self.offload.run_all()
+        self.assertIsInstance(fetch.failure, LocalCacheError)
+        self.assertFalse(fetch.complete)
+        self.assertNotIn(fetch.digest, self.store)
+        self.assertFalse(os.path.exists(fetch.path))
+        self.assertEqual(_mismatches(), before)
+
+    def test_no_hold_tail_hashes_on_its_own_offload(self) -> None:
+        """The hasher that follows the file runs where C{hash_offload} says."""
+        hashing = _HeldOffload()
+        blob = b"z" * 3000
+        response = _Response(len(blob))
+        fetch = BlobFetch(
+            Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest()),
+            self.store,
+            self.clock,
+            lambda offset: succeed(response),
+            read_timeout=30,
+            resumes=0,
+            upstream="upstream.test",
+            offload=self.offload,
+            hold_tail=False,
+            hash_offload=hashing,
+        )
+        Deferred.fromCoroutine(fetch.run())
+        response.send(blob)
+        response.end()
+        self.offload.run_all()
+        self.assertEqual(self.offload.of(fetch_module._hash_file), [])
+        self.assertEqual(len(hashing.of(fetch_module._hash_file)), 1)
+        self.assertFalse(fetch.verified)
+        hashing.run_all()
+        self.offload.run_all()  # fdatasync
+        self.assertTrue(fetch.complete)
 
     def test_held_tail_mismatch_never_readable_whole(self) -> None:
         """With the held tail a corrupt blob is never readable to its end."""
@@ -459,7 +577,7 @@ class ReaderAheadOfWriterTests(_FetchHarness):
         self.assertEqual(consumer.data, chunks[0] + chunks[1])
         self.assertEqual(fetch.written, 0)
         f, args, d = self.offload.jobs.pop(0)
-        self.assertIs(f, fetch_module._write_chunks)
+        self.assertIs(f, fetch_module._write_and_hash)
         d.errback(OSError(28, "No space left on device"))
         self.clock.advance(0)
         self.assertEqual(asked, [(2000, None)])
@@ -952,14 +1070,13 @@ class BacklogTests(_FetchTestCase):
         offload = _HeldOffload()
         response = _Response(len(BLOB))
         self.start(_Upstream(response), offload=offload)
-        response.send(BLOB[:1000])  # written and hashed in a first batch each
+        response.send(BLOB[:1000])  # written and hashed in a first batch
         response.send(BLOB[1000:1500])
         self.assertFalse(response.transport.paused)
         response.send(BLOB[1500:2100])
         self.assertTrue(response.transport.paused)  # 2100 behind
-        offload.run_next()  # the first write
-        offload.run_next()  # the first hash
-        self.assertEqual(offload.jobs[0][0], fetch_module._write_chunks)
+        offload.run_next()  # the first batch, written and hashed
+        self.assertEqual(offload.jobs[0][0], fetch_module._write_and_hash)
         self.assertTrue(response.transport.paused)  # 1100 behind: more than half
         offload.run_all()
         self.assertFalse(response.transport.paused)
@@ -1004,7 +1121,7 @@ class LocalFailureTests(_FetchTestCase):
         fetch = self.start(_Upstream(response), offload=offload)
         response.send(BLOB)
         response.end()
-        offload.fail_next(fetch_module._write_chunks, OSError(errno.EIO, "Input/output error"))
+        offload.fail_next(fetch_module._write_and_hash, OSError(errno.EIO, "Input/output error"))
         offload.run_all()
         self.assertIn("Input/output error", self.assertLocal(fetch, errors))
 
@@ -1015,7 +1132,7 @@ class LocalFailureTests(_FetchTestCase):
         response = _Response(len(BLOB))
         fetch = self.start(_Upstream(response), offload=offload)
         response.send(BLOB[:1000])
-        offload.fail_next(fetch_module._write_chunks, MemoryError("out of memory"))
+        offload.fail_next(fetch_module._write_and_hash, MemoryError("out of memory"))
         offload.run_all()
         message = self.assertLocal(fetch, errors)
         self.assertEqual(message, "cannot write the cache file: out of memory")
@@ -1031,7 +1148,12 @@ class LocalFailureTests(_FetchTestCase):
         response = _Response(len(BLOB))
         fetch = self.start(_Upstream(response), offload=offload)
         response.send(BLOB[:1000])
-        offload.fail_next(fetch_module._hash_chunks, OSError(errno.EIO, "Input/output error"))
+
+        def broken(hasher: Any, chunks: list[bytes]) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        self.patch(fetch_module, "_hash_chunks", broken)
+        offload.run_next()  # the batch is written, then its hashing fails
         self.assertTrue(response.transport.stopped)
         response.send(BLOB[1000:])  # late bytes from the stopping connection are ignored
         offload.run_all()

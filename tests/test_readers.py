@@ -829,7 +829,7 @@ class FollowFromMemoryTests(SynchronousTestCase):
         self.assertEqual(read(), chunks[0])
         for chunk in chunks[1:]:
             response.send(chunk)
-        offload.run_only(fetch_module._write_chunks)  # then sent from the file
+        offload.run_only(fetch_module._write_and_hash)  # then sent from the file
         got = b""
         for _ in range(20):
             clock.advance(0)

@@ -182,6 +182,7 @@ class BlobCache:
         write_errors: WriteErrors | None = None,
         hold_tail: bool = True,
         coordinator: LockFileCoordinator | None = None,
+        hash_offload: Offload | None = None,
     ) -> None:
         self.store = store
         #: Shares fills with the other processes of the cache directory.
@@ -196,6 +197,8 @@ class BlobCache:
         self._deadline = deadline
         #: Whether a fill's last chunk waits for the digest (see BlobFetch).
         self.hold_tail = hold_tail
+        #: Where a fill that does not hold its tail hashes (see BlobFetch).
+        self._hash_offload = hash_offload
         self._fetches: dict[str, GrowingFill] = {}
         self._transfers: dict[GrowingFill, Transfer] = {}
         self.fetches_started = 0
@@ -253,6 +256,7 @@ class BlobCache:
             self._deadline,
             self.write_errors,
             hold_tail=self.hold_tail,
+            hash_offload=self._hash_offload,
         )
         key = str(digest)
         self._fetches[key] = fetch

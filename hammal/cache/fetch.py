@@ -13,10 +13,16 @@ bytes go out as soon as they are written, and a corrupt transfer is never
 seen complete by anyone (unless the fetch was told not to hold the tail:
 C{--no-hold-tail}).
 
-The event loop only receives: each chunk goes, uncopied, to a writer and a
-hasher that run off the event loop (C{offload}) in batches. Readers need not
+The event loop only receives: each chunk goes, uncopied, to a writer that
+runs off the event loop (C{offload}) in batches and hashes each batch right
+after writing it, while it is in the CPU's cache (one hand-off per batch
+for both). Readers need not
 wait for the writer: what arrived and is not written yet is theirs from
-memory (C{sendable}, L{BlobFetch.buffered}); the rest from the file.
+memory (C{sendable}, L{BlobFetch.buffered}); the rest from the file. When
+the tail is not held, nobody waits for the hash but the commit: upstream
+pauses on the writer alone, and the hasher (C{hash_offload}, a thread of
+lower priority) follows the written file at its own pace, reading it back
+in slices, so it may lag without holding any received chunk.
 
 The cache's own failures are not upstream's: a disk that is full, fails a
 write or cannot be hashed makes the fetch fail with L{LocalCacheError}
@@ -67,6 +73,10 @@ RESERVE_STEP = 8 * 1024 * 1024
 CHECK_FREE_EVERY = 4 * 1024 * 1024
 #: Received bytes not yet written and hashed, past which upstream is paused.
 MAX_BACKLOG = 8 * 1024 * 1024
+#: A hasher that follows the written file reads it back this much at a time.
+HASH_READ = 1024 * 1024
+#: ... and reports progress (one hand-off) after hashing at most this much.
+HASH_SLICE = 16 * 1024 * 1024
 #: Bytes at the end of a blob of known size that readers get only once the
 #: digest matched: one is enough for no client to hold a corrupt blob whole
 #: (as L{hammal.cache.sibling} holds back for the processes that follow).
@@ -107,6 +117,47 @@ def _hash_chunks(hasher: Any, chunks: list[bytes]) -> int:
     return sum(len(chunk) for chunk in chunks)
 
 
+class _HashFailed(Exception):
+    """Hashing failed in L{_write_and_hash} (after the write): C{reason} says why."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+def _write_and_hash(fd: int, offset: int, chunks: list[bytes], hasher: Any) -> int:
+    """
+    L{_write_chunks}, then L{_hash_chunks} of the same chunks while they
+    are in the CPU's cache: one hand-off per batch for both; the end offset.
+
+    @raise _HashFailed: when the hashing, not the write, failed.
+    """
+    end = _write_chunks(fd, offset, chunks)
+    try:
+        _hash_chunks(hasher, chunks)
+    except Exception as failure:
+        raise _HashFailed(failure) from failure
+    return end
+
+
+def _hash_file(fd: int, hasher: Any, start: int, end: int) -> int:
+    """
+    Feed bytes C{start} to C{end} of the file C{fd} to C{hasher}, read back
+    (from the page cache) C{HASH_READ} at a time into one buffer (runs on a
+    thread); returns how many bytes it hashed.
+    """
+    buffer = bytearray(min(HASH_READ, max(end - start, 1)))
+    view = memoryview(buffer)
+    offset = start
+    while offset < end:
+        count = os.preadv(fd, [view[: min(len(buffer), end - offset)]], offset)
+        if count <= 0:
+            raise OSError(errno.EIO, "the cache file ended before what was written")
+        hasher.update(view[:count])
+        offset += count
+    return offset - start
+
+
 def _reason(failure: Failure) -> str:
     if isinstance(failure.value, OSError):
         return describe(failure.value)
@@ -145,6 +196,7 @@ class BlobFetch(FillNews):
         deadline: float | None = None,
         write_errors: WriteErrors | None = None,
         hold_tail: bool = True,
+        hash_offload: Offload | None = None,
     ) -> None:
         self.digest = digest
         self.store = store
@@ -154,6 +206,8 @@ class BlobFetch(FillNews):
         self._resumes = resumes
         self._upstream = upstream
         self._offload = offload
+        #: Where the hasher runs when it follows the file (no tail held).
+        self._hash_offload = hash_offload if hash_offload is not None else offload
         # Each upstream answer (headers, or an error body) within this: the
         # fill is shared, and every waiter would hang with it.
         self._bounds = ReadBounds(
@@ -184,7 +238,6 @@ class BlobFetch(FillNews):
         self._writing: Deferred[int] | None = None
         self._hasher = digest.hasher()
         self._hashed = 0
-        self._to_hash: list[bytes] = []
         self._hashing: Deferred[int] | None = None
         self._drain_waiter: Deferred[None] | None = None
         self._broken: LocalCacheError | None = None
@@ -318,7 +371,8 @@ class BlobFetch(FillNews):
                 raise LocalCacheError("the cache disk is nearly full")
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # Read and write: without the held tail the hasher reads it back.
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
     def _receive(self, response: IResponse, skip: int) -> Deferred[None]:
         writer = _FileWriter(self, skip, self._clock, self._read_timeout, self._upstream)
@@ -330,10 +384,10 @@ class BlobFetch(FillNews):
     def append(self, data: bytes) -> None:
         """
         Take a chunk from upstream: the same C{bytes} object (no copy) goes
-        to the file writer and to the hasher, each on a thread of its own
-        and in batches of whatever arrived meanwhile. Readers may use what
-        was written, but for the tail until the digest matched (unless the
-        tail is not held): see L{_release}.
+        to the file writer, on a thread in batches of whatever arrived
+        meanwhile, which (with the held tail) hashes what it wrote.
+        Readers may use what was written, but for the tail until the digest
+        matched (unless the tail is not held): see L{_release}.
         """
         if self._fd is None:
             raise RuntimeError("hammal bug: expected self._fd is not None")
@@ -346,7 +400,6 @@ class BlobFetch(FillNews):
         self.received += len(data)
         self._last_received = len(data)
         self._to_write.append(data)
-        self._to_hash.append(data)
         self._unwritten.append(data)
         self._write_more()
         self._hash_more()
@@ -356,12 +409,17 @@ class BlobFetch(FillNews):
             self._upstream_paused = True
             self._writer.pause()
 
-    # The file writer and the hasher each follow the received chunks on a
-    # thread (os.pwrite and hashlib release the GIL), so the event loop
-    # neither copies into the page cache nor waits for sha256. What they
-    # have not both taken is bounded: past MAX_BACKLOG upstream is paused.
+    # The file writer follows the received chunks on a thread (os.pwrite
+    # and hashlib release the GIL) and hashes each batch it wrote, so the
+    # event loop neither copies into the page cache nor waits for sha256.
+    # What it has not taken is bounded: past MAX_BACKLOG upstream is paused.
+    # Without the held tail, readers need not wait for the hash: upstream
+    # pauses on the writer only, and the hasher follows the file instead
+    # of the chunks, so however far it lags it holds no memory.
 
     def _backlog(self) -> int:
+        if not self._hold_tail:
+            return self.received - self.written
         return self.received - min(self.written, self._hashed)
 
     def _write_more(self) -> None:
@@ -370,8 +428,18 @@ class BlobFetch(FillNews):
         if self._broken is not None or self.failure is not None:
             return
         chunks, self._to_write = self._to_write, []
-        self._writing = self._offload(_write_chunks, self._fd, self.written, chunks)
-        self._writing.addCallbacks(self._wrote_to, self._write_failed)
+        if self._hold_tail:
+            self._writing = self._offload(
+                _write_and_hash, self._fd, self.written, chunks, self._hasher
+            )
+            self._writing.addCallbacks(self._wrote_and_hashed, self._write_failed)
+        else:
+            self._writing = self._offload(_write_chunks, self._fd, self.written, chunks)
+            self._writing.addCallbacks(self._wrote_to, self._write_failed)
+
+    def _wrote_and_hashed(self, end: int) -> None:
+        self._hashed = end
+        self._wrote_to(end)
 
     def _wrote_to(self, end: int) -> None:
         self._writing = None
@@ -383,6 +451,7 @@ class BlobFetch(FillNews):
         self.written = end
         self._release()
         self._write_more()
+        self._hash_more()
         self._moved_on()
         self._notify()
 
@@ -425,15 +494,22 @@ class BlobFetch(FillNews):
 
     def _write_failed(self, failure: Failure) -> None:
         self._writing = None
+        if isinstance(failure.value, _HashFailed):
+            reason = _reason(Failure(failure.value.reason))
+            self._cache_failed(LocalCacheError(f"cannot hash the cache file: {reason}"))
+            return
         self._cache_failed(LocalCacheError(f"cannot write the cache file: {_reason(failure)}"))
 
     def _hash_more(self) -> None:
-        if self._hashing is not None or not self._to_hash:
+        """Without the held tail: hash the next slice of what was written, from the file."""
+        if self._hold_tail or self._hashing is not None or self._fd is None:
             return
         if self._broken is not None or self.failure is not None:
             return
-        chunks, self._to_hash = self._to_hash, []
-        self._hashing = self._offload(_hash_chunks, self._hasher, chunks)
+        if self._hashed >= self.written:
+            return
+        end = min(self.written, self._hashed + HASH_SLICE)
+        self._hashing = self._hash_offload(_hash_file, self._fd, self._hasher, self._hashed, end)
         self._hashing.addCallbacks(self._hashed_some, self._hash_failed)
 
     def _hashed_some(self, count: int) -> None:
@@ -465,7 +541,7 @@ class BlobFetch(FillNews):
             self._writing is None
             and self._hashing is None
             and not self._to_write
-            and not self._to_hash
+            and (self._hold_tail or self._hashed >= self.written)
         )
 
     def _cache_failed(self, broken: LocalCacheError) -> None:
@@ -474,7 +550,6 @@ class BlobFetch(FillNews):
             return
         self._broken = broken
         self._to_write.clear()
-        self._to_hash.clear()
         self._unwritten.clear()
         if self._drain_waiter is not None:
             waiter, self._drain_waiter = self._drain_waiter, None
@@ -531,7 +606,6 @@ class BlobFetch(FillNews):
             self._write_errors.record("blob", str(self.digest), failure.message)
         self.failure = failure
         self._to_write.clear()
-        self._to_hash.clear()
         self._unwritten.clear()
         self._start_failed(failure)
         if self._spare is not None:
@@ -566,15 +640,21 @@ class BlobFetch(FillNews):
     def _close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            if self._writing is None:
+            running = [job for job in (self._writing, self._hashing) if job is not None]
+            if not running:
                 os.close(fd)
-            else:
-                # A write still runs on it: close when it ends.
-                def close_after(result: Any) -> Any:
-                    os.close(fd)
-                    return result
+                return
+            # A write or a read-back still runs on it: close when they end.
+            left = [len(running)]
 
-                self._writing.addBoth(close_after)
+            def close_after(result: Any) -> Any:
+                left[0] -= 1
+                if not left[0]:
+                    os.close(fd)
+                return result
+
+            for job in running:
+                job.addBoth(close_after)
 
 
 class _FileWriter(Protocol):

@@ -16,15 +16,24 @@ reservation ignored (and removed) at once, whatever it wrote.
 
 The lock is held only while one process decides (a rescan and perhaps
 some evictions), never across I/O of a fill.
+
+A reservation is published under the lock, before it is granted. What a
+commit or the end of a fill changes is published off the event loop
+(C{offload}; a rename can wait tens of milliseconds on a disk busy with
+a fill's writes), one write at a time, the latest value winning: until
+it lands, the others count this process's old, larger reservation, which
+errs on the side of room.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from hammal.cache.liveness import writer_alive
@@ -34,14 +43,31 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+_Published = tuple[int, int]
+
+
+def _in_place(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    return maybeDeferred(f, *args)
+
 
 class SharedRoom:
     """The room reserved by every process sharing the cache directory C{root}."""
 
     def __init__(
-        self, root: str, pid: int | None = None, alive: Callable[[int], bool] = writer_alive
+        self,
+        root: str,
+        pid: int | None = None,
+        alive: Callable[[int], bool] = writer_alive,
+        offload: Callable[..., Deferred[Any]] = _in_place,
     ) -> None:
         self._pid = os.getpid() if pid is None else pid
+        self._offload = offload
+        #: The value to publish: the latest asked for (read by the writing thread).
+        self._wanted: _Published | None = None
+        #: A publish running on the offload, if any.
+        self._publishing: Deferred[_Published | None] | None = None
+        #: One write of our file at a time (the event loop's or the offload's).
+        self._write_lock = threading.Lock()
         self._alive = alive
         self._folder = os.path.join(root, "reservations")
         self._lock = os.path.join(self._folder, ".lock")
@@ -98,10 +124,47 @@ class SharedRoom:
     def publish(self, reserved: int, changes: int) -> None:
         """
         Make our reservation (C{reserved} bytes) and our count of blob
-        C{changes} known to the others.
+        C{changes} known to the others, now (under the reservation lock:
+        before a reservation is granted).
         """
-        if (reserved, changes) == self._published:
+        with self._write_lock:
+            self._wanted = (reserved, changes)
+            self._write((reserved, changes))
+
+    def publish_soon(self, reserved: int, changes: int) -> None:
+        """
+        L{publish} off the event loop: at most one write in flight; what
+        changes meanwhile is written once it ended (the latest value).
+        """
+        self._wanted = (reserved, changes)
+        if self._publishing is not None or self._wanted == self._published:
             return
+        self._publishing = self._offload(self._publish_wanted)
+        self._publishing.addCallbacks(self._published_one, self._publish_crashed)
+
+    def _publish_wanted(self) -> _Published | None:
+        """Write the latest value asked for (on the offload); the value written."""
+        with self._write_lock:
+            wanted = self._wanted
+            if wanted is not None:
+                self._write(wanted)
+            return wanted
+
+    def _published_one(self, attempted: _Published | None) -> None:
+        self._publishing = None
+        # Changed while the job ran: write again (not after a failure of the same value).
+        if self._wanted is not None and self._wanted not in (attempted, self._published):
+            self.publish_soon(*self._wanted)
+
+    def _publish_crashed(self, failure: Any) -> None:
+        self._publishing = None
+        log.failure("publishing the cache reservation failed", failure)
+
+    def _write(self, value: _Published) -> None:
+        """Replace our file with C{value} (under C{_write_lock}); never raises OSError."""
+        if value == self._published:
+            return
+        reserved, changes = value
         temporary = f"{self._own}.tmp"
         try:
             with open(temporary, "w") as published:
@@ -129,7 +192,7 @@ class SharedRoom:
                 self._seen = (processes, changes)
             store.foreign = reserved
             granted = store.reserve_here(size)
-            store.publish()
+            self.publish(store.reserved, store.changes)
         return granted
 
 

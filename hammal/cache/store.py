@@ -91,6 +91,9 @@ class SharedAccounting(Protocol):
     def publish(self, reserved: int, changes: int) -> None:
         """Tell the other processes what this one reserved and changed."""
 
+    def publish_soon(self, reserved: int, changes: int) -> None:
+        """L{publish}, off the event loop (the latest value wins)."""
+
 
 class BlobStore:
     """
@@ -399,9 +402,13 @@ class BlobStore:
         self.publish()
 
     def publish(self) -> None:
-        """Tell the other processes of the directory what we reserved and changed."""
+        """
+        Tell the other processes of the directory what we reserved and
+        changed (soon: off the event loop; a reservation itself is
+        published at once, under the directory's lock).
+        """
         if self.shared is not None:
-            self.shared.publish(self.reserved, self.changes)
+            self.shared.publish_soon(self.reserved, self.changes)
 
     def refresh(self, foreign: int) -> None:
         """
