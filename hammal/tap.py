@@ -29,6 +29,7 @@ from hammal.accept import FairListening
 from hammal.app import build_app
 from hammal.collector import CollectorTuning
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
+from hammal.fairpoll import FairPolling
 from hammal.listen import dual_stack_endpoint
 from hammal.logs import Destination, observer_name, set_destination
 from hammal.selfsigned import ensure_self_signed, listening_names, listening_port, tls_directory
@@ -222,6 +223,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
     service = MultiService()
     CollectorTuning(reactor).setServiceParent(service)
+    # The epoll reactor handles a bounded number of ready sockets per turn.
+    FairPolling(reactor).setServiceParent(service)
     factory: Any = ConnectionLimit(app.site, settings.max_connections)
     if settings.tls:
         cert_path, key_path = settings.tls_cert, settings.tls_key

@@ -125,6 +125,7 @@ LAYERS: list[set[str]] = [
         "accept",
         "turns",
         "collector",
+        "fairpoll",
     },
     {"reference", "metrics"},
     {"errors", ""},

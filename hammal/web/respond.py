@@ -14,6 +14,7 @@ from twisted.web.server import Request
 
 from hammal.errors import RegistryError
 from hammal.replies import BlobReply, Document
+from hammal.web.send_now import send_now, tcp_connection
 from hammal.web.state import client_gone, state_of
 
 _log = Logger()
@@ -75,9 +76,11 @@ def write_document(request: Request, document: Document) -> None:
     # A 304 has no body, and no length unless the 200's (RFC 9110 8.6).
     length = None if document.status == 304 else document.content_length
     start_response(request, document.status, document.headers, length)
+    connection = tcp_connection(request)
     if document.body:
         request.write(document.body)
     request.finish()
+    send_now(connection)  # in this turn, not after a round of ready sockets
 
 
 async def write_stream(request: Request, reply: BlobReply) -> None:

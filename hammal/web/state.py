@@ -57,5 +57,15 @@ def state_of(request: Request) -> RequestState:
 
 
 def client_gone(request: Request) -> bool:
-    """Whether C{request}'s client has disconnected (nothing can be written)."""
-    return bool(getattr(request, "_disconnected", False))
+    """
+    Whether C{request}'s client has disconnected (nothing can be written).
+
+    True also while the connection is being torn down: Twisted stops the
+    transport's producer (a blob body, which then fails) before it tells
+    the channel and the request that the connection was lost.
+    """
+    if getattr(request, "_disconnected", False):
+        return True
+    channel = getattr(request, "channel", None)
+    transport = getattr(channel, "transport", None)
+    return bool(getattr(transport, "disconnected", False))
