@@ -12,10 +12,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
+from hammal.cache.readers import tcp_transport
 from hammal.replies import Document
 from hammal.web.limits import ConnectionLimit
 from hammal.web.respond import write_document
-from hammal.web.send_now import send_now, tcp_connection
+from hammal.web.send_now import send_now
 from hammal.web.site import HammalSite
 
 BODY = b'{"schemaVersion": 2}'
@@ -72,12 +73,12 @@ class RealTCPTests(TestCase):
 
 
 class NotTCPTests(SynchronousTestCase):
-    def test_no_tcp_connection(self) -> None:
+    def test_no_tcp_transport(self) -> None:
         request = DummyRequest([b""])
-        self.assertIsNone(tcp_connection(request))  # type: ignore[arg-type]
+        self.assertIsNone(tcp_transport(request))  # type: ignore[arg-type]
         send_now(None)  # nothing to do
 
     def test_string_transport(self) -> None:
         request = DummyRequest([b""])
         request.channel = type("C", (), {"transport": StringTransport()})()
-        self.assertIsNone(tcp_connection(request))  # type: ignore[arg-type]
+        self.assertIsNone(tcp_transport(request))  # type: ignore[arg-type]

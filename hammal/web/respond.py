@@ -12,9 +12,10 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from hammal.cache.readers import tcp_transport
 from hammal.errors import RegistryError
 from hammal.replies import BlobReply, Document
-from hammal.web.send_now import send_now, tcp_connection
+from hammal.web.send_now import send_now
 from hammal.web.state import client_gone, state_of
 
 _log = Logger()
@@ -76,7 +77,7 @@ def write_document(request: Request, document: Document) -> None:
     # A 304 has no body, and no length unless the 200's (RFC 9110 8.6).
     length = None if document.status == 304 else document.content_length
     start_response(request, document.status, document.headers, length)
-    connection = tcp_connection(request)
+    connection = tcp_transport(request)
     if document.body:
         request.write(document.body)
     request.finish()

@@ -11,35 +11,13 @@ L{send_now} sends what the request's plain TCP connection holds right away
 (what the reactor would do in the next turn, C{doWrite}), when that is
 safe: a connection still open and not closing, whose writes are not paused.
 TLS and HTTP/2 connections, and anything not a Twisted TCP connection, are
-left to the reactor.
+left to the reactor. The connection is found as the cache readers find
+it (L{hammal.cache.readers.tcp_transport}).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet import tcp
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOProtocol
-from twisted.web.http import Request
-
-#: Wrappers looked through to find the TCP connection (the connection
-#: limit's wrapper, possibly another).
-_MAX_WRAPPERS = 4
-
-
-def tcp_connection(request: Request) -> tcp.Connection | None:
-    """The plain TCP connection C{request} is written to, or L{None}."""
-    transport: Any = getattr(getattr(request, "channel", None), "transport", None)
-    for _ in range(_MAX_WRAPPERS + 1):
-        if isinstance(transport, tcp.Connection):
-            return transport
-        if isinstance(transport, TLSMemoryBIOProtocol) or not isinstance(
-            transport, ProtocolWrapper
-        ):
-            return None
-        transport = transport.transport
-    return None
 
 
 def send_now(connection: tcp.Connection | None) -> None:
