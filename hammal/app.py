@@ -36,6 +36,7 @@ from hammal.cache.blobs import BlobCache
 from hammal.cache.coordinate import LockFileCoordinator
 from hammal.cache.fetch import Offload
 from hammal.cache.manifests import DiskTagStore, ManifestCache, ManifestStore, RemoteManifests
+from hammal.cache.pump import BodyPumps
 from hammal.cache.shared_room import SharedRoom
 from hammal.cache.sources import ReadThrough
 from hammal.cache.storage import BlobStorage
@@ -178,8 +179,11 @@ def build_app(
     if settings.proxies.active:
         _log.info("outbound proxy: {proxies}", proxies=settings.proxies.describe())
     hash_thread: DedicatedThread | None = None
+    pumps: BodyPumps | None = None
     if offload is None:
         offload = _thread_pool_offload(reactor)
+        # Long upstream bodies on plain TCP read off the event loop.
+        pumps = BodyPumps(reactor)
         if settings.no_hold_tail:
             # Nobody waits for the hash but the commit: a thread of its own,
             # below the transfer's priority.
@@ -204,6 +208,7 @@ def build_app(
             _blob_storage(local_blobs, objects, store_health),
             write_errors,
             hash_thread,
+            pumps,
         )
         if local_blobs is not None
         else None
@@ -359,6 +364,8 @@ def build_app(
         services.append(CacheSweep(local_blobs, reactor, offload=offload))
     if hash_thread is not None:
         services.append(hash_thread)
+    if pumps is not None and blobs is not None:
+        services.append(pumps)
     # The upstreams' challenges known before the first pull (time to first byte).
     services.append(
         UpstreamWarmUp([member for route in status_routes for member in _members(route.client)])
@@ -515,6 +522,7 @@ def _blob_cache(
     storage: BlobStorage,
     write_errors: WriteErrors | None = None,
     hash_offload: Offload | None = None,
+    pumps: BodyPumps | None = None,
 ) -> BlobCache:
     """The blob cache over C{storage}, sharing fills with the directory's other processes."""
     if settings.cache_dir is None:
@@ -536,6 +544,7 @@ def _blob_cache(
         hold_tail=not settings.no_hold_tail,
         coordinator=coordinator,
         hash_offload=hash_offload,
+        pumps=pumps,
     )
 
 

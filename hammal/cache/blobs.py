@@ -19,6 +19,7 @@ from hammal.cache.bypass import UpstreamTail
 from hammal.cache.coordinate import LockFileCoordinator, hold_lease
 from hammal.cache.fetch import BlobFetch, Offload, StartUpstream, run_here
 from hammal.cache.growing import GrowingFill
+from hammal.cache.pump import BodyPumps
 from hammal.cache.readers import BlobReader, Bypass, FileSender, tcp_transport
 from hammal.cache.sibling import SiblingFill
 from hammal.cache.sources import FillSources
@@ -183,6 +184,7 @@ class BlobCache:
         hold_tail: bool = True,
         coordinator: LockFileCoordinator | None = None,
         hash_offload: Offload | None = None,
+        pumps: BodyPumps | None = None,
     ) -> None:
         self.store = store
         #: Shares fills with the other processes of the cache directory.
@@ -199,6 +201,8 @@ class BlobCache:
         self.hold_tail = hold_tail
         #: Where a fill that does not hold its tail hashes (see BlobFetch).
         self._hash_offload = hash_offload
+        #: Where fills read long upstream bodies off the event loop (see BlobFetch).
+        self._pumps = pumps
         self._fetches: dict[str, GrowingFill] = {}
         self._transfers: dict[GrowingFill, Transfer] = {}
         self.fetches_started = 0
@@ -257,6 +261,7 @@ class BlobCache:
             self.write_errors,
             hold_tail=self.hold_tail,
             hash_offload=self._hash_offload,
+            pumps=self._pumps,
         )
         key = str(digest)
         self._fetches[key] = fetch

@@ -38,6 +38,7 @@ import os
 from collections import deque
 from typing import Any, Callable
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -48,6 +49,9 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.cache.bypass import StartUpstream, starts_at
 from hammal.cache.growing import FillNews
+from hammal.cache.preallocate import preallocate
+from hammal.cache.pump import BodyPump, BodyPumps
+from hammal.cache.rawsocket import body_connection
 from hammal.cache.storage import BlobStorage
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
@@ -81,6 +85,9 @@ HASH_SLICE = 16 * 1024 * 1024
 #: digest matched: one is enough for no client to hold a corrupt blob whole
 #: (as L{hammal.cache.sibling} holds back for the processes that follow).
 TAIL_HOLD = 1
+#: A body with at least this much left is read by a pump thread (when the
+#: fill has L{BodyPumps} and a plain TCP connection), not on the event loop.
+PUMP_AT_LEAST = 1024 * 1024
 
 Offload = Callable[..., Deferred[Any]]
 """Runs C{f(*args)} off the event loop (a thread pool) and returns its result."""
@@ -197,6 +204,7 @@ class BlobFetch(FillNews):
         write_errors: WriteErrors | None = None,
         hold_tail: bool = True,
         hash_offload: Offload | None = None,
+        pumps: BodyPumps | None = None,
     ) -> None:
         self.digest = digest
         self.store = store
@@ -247,6 +255,8 @@ class BlobFetch(FillNews):
         self._reserved = 0
         self._checked_free_at = 0
         self._spare: IResponse | None = None
+        self._pumps = pumps
+        self._pump: BodyPump | None = None
         FillNews.__init__(self)
         self.finished: Deferred[None] = Deferred()
 
@@ -373,13 +383,93 @@ class BlobFetch(FillNews):
     def _open(self) -> None:
         # Read and write: without the held tail the hasher reads it back.
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        if self.size is not None:
+            try:
+                preallocate(self._fd, self.size)  # steadier, cheaper writes
+            except OSError:
+                os.close(self._fd)
+                self._fd = None
+                self._unlink()
+                raise
 
     def _receive(self, response: IResponse, skip: int) -> Deferred[None]:
         writer = _FileWriter(self, skip, self._clock, self._read_timeout, self._upstream)
         self._writer = writer
         self._upstream_paused = False
         response.deliverBody(writer)
-        return writer.done
+        connection = writer.connection_to_pump()
+        if (
+            connection is None
+            or self._pumps is None
+            or self.size is None
+            or self.size - self.received < PUMP_AT_LEAST
+        ):
+            return writer.done
+        return Deferred.fromCoroutine(self._pump_body(writer, connection))
+
+    async def _pump_body(self, writer: _FileWriter, connection: tcp.Connection) -> None:
+        """
+        The rest of the body on a pump thread (L{hammal.cache.pump}): the
+        event loop stops reading the socket, the bytes that came with the
+        headers are written and hashed first, then the pump takes over; if
+        every pump is busy the event loop reads on after all.
+        """
+        connection.stopReading()
+        writer.hand_over()
+        try:
+            # The headers may have been parsed from the middle of a read:
+            # the rest of that read reaches the writer when the read ends.
+            await _next_turn(self._clock)
+            await self._drained()
+        except BaseException:
+            connection.abortConnection()
+            raise
+        started = None
+        if self._pumps is not None and self._fd is not None and self.size is not None:
+            started = self._pumps.start(
+                connection.fileno(),
+                self._fd,
+                self.received,
+                self.size - self.received,
+                self._hasher if self._hold_tail else None,
+                self._read_timeout,
+                self._upstream,
+                self._pumped,
+            )
+        if started is None:
+            writer.take_back()
+            connection.startReading()
+            await writer.done
+            return
+        self._pump, done = started
+        try:
+            self._pumped(await done)
+        finally:
+            self._pump = None
+            # The body was read past Twisted's HTTP client: the connection
+            # cannot carry another request.
+            connection.abortConnection()
+
+    def _pumped(self, end: int) -> None:
+        """The pump wrote (and with the held tail, hashed) the file up to C{end}."""
+        if end <= self.received or self._broken is not None or self.failure is not None:
+            return
+        count = end - self.received
+        try:
+            self._ensure_room(end)
+        except LocalCacheError as broken:
+            self._cache_failed(broken)
+            return
+        metrics.upstream_bytes.inc(count)
+        if self._reserved:
+            self.store.wrote(count)
+        self.received = self.written = end
+        self._last_received = count
+        if self._hold_tail:
+            self._hashed = end
+        self._release()
+        self._hash_more()
+        self._notify()
 
     def append(self, data: bytes) -> None:
         """
@@ -554,6 +644,8 @@ class BlobFetch(FillNews):
         if self._drain_waiter is not None:
             waiter, self._drain_waiter = self._drain_waiter, None
             waiter.errback(broken)
+        elif self._pump is not None:
+            self._pump.stop(broken)
         elif self._writer is not None:
             self._writer.abandon(broken)
 
@@ -657,6 +749,12 @@ class BlobFetch(FillNews):
                 job.addBoth(close_after)
 
 
+def _next_turn(clock: IReactorTime) -> Deferred[None]:
+    turn: Deferred[None] = Deferred()
+    clock.callLater(0, turn.callback, None)
+    return turn
+
+
 class _FileWriter(Protocol):
     """Receives one upstream response body into a L{BlobFetch}."""
 
@@ -669,8 +767,29 @@ class _FileWriter(Protocol):
         self._clock = clock
         self._upstream = upstream
         self._idle = IdleTimer(clock, idle_timeout, self._timed_out)
+        self._handed_over = False
 
     def connectionMade(self) -> None:
+        self._idle.arm()
+
+    def connection_to_pump(self) -> tcp.Connection | None:
+        """
+        The plain TCP connection the rest of the body could be pumped from:
+        L{None} over TLS, for a test double, or once the body ended or
+        while bytes of it are still to be skipped.
+        """
+        if self.done.called or self._skip:
+            return None
+        return body_connection(self.transport)
+
+    def hand_over(self) -> None:
+        """The rest of the body is read elsewhere (a pump): stop watching for it."""
+        self._handed_over = True
+        self._idle.cancel()
+
+    def take_back(self) -> None:
+        """The body comes here again after L{hand_over} (no pump was free)."""
+        self._handed_over = False
         self._idle.arm()
 
     def dataReceived(self, data: bytes) -> None:
@@ -706,7 +825,7 @@ class _FileWriter(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._idle.cancel()
-        if self.done.called:
+        if self.done.called or self._handed_over:
             return
         broken = body_broken(reason, self._upstream, self._fetch.received)
         if broken is None:

@@ -34,3 +34,16 @@ class RawSocket:
         """
         self._transport.producerPaused = True
         self._transport.startWriting()
+
+
+def body_connection(transport: object) -> tcp.Connection | None:
+    """
+    The plain TCP connection under the transport twisted.web's HTTP client
+    gives a response body's protocol (a C{TransportProxyProducer} around
+    it), or L{None} when there is none (TLS, a test double, the response
+    over already).
+    """
+    connection = getattr(transport, "_producer", None)
+    if isinstance(connection, tcp.Connection):
+        return connection
+    return None

@@ -1,0 +1,293 @@
+"""
+Tests for L{hammal.cache.pump}: a fill's upstream body read on a pump
+thread straight from the socket, over real TCP (a twisted.web upstream on
+127.0.0.1, Twisted's HTTP client, the real reactor and threads).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.static import File
+
+from hammal.cache import fetch as fetch_module
+from hammal.cache.fetch import BlobFetch, DigestMismatch, run_here
+from hammal.cache.pump import BodyPumps
+from hammal.cache.rawsocket import body_connection
+from hammal.cache.store import BlobStore
+from hammal.cache.writes import LocalCacheError
+from hammal.errors import UpstreamTimeout
+from hammal.reference import Digest
+
+MiB = 1024 * 1024
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+class _BreaksOnce(Resource):
+    """
+    Announces the whole blob, sends half and drops the connection the first
+    time; answers a C{Range} request properly (C{206}) after that.
+    """
+
+    isLeaf = True
+
+    def __init__(self, blob: bytes) -> None:
+        super().__init__()
+        self.blob = blob
+        self.requests = 0
+
+    def render_GET(self, request: Any) -> Any:
+        self.requests += 1
+        request.setHeader(b"content-type", b"application/octet-stream")
+        wanted = request.getHeader(b"range")
+        if wanted is None:
+            request.setHeader(b"content-length", b"%d" % len(self.blob))
+            request.write(self.blob[: len(self.blob) // 2])
+            reactor.callLater(0.05, request.channel.transport.abortConnection)
+            return NOT_DONE_YET
+        start = int(wanted.split(b"=")[1].split(b"-")[0])
+        request.setResponseCode(206)
+        request.setHeader(
+            b"content-range", b"bytes %d-%d/%d" % (start, len(self.blob) - 1, len(self.blob))
+        )
+        request.setHeader(b"content-length", b"%d" % (len(self.blob) - start))
+        return self.blob[start:]
+
+
+class _Stalls(Resource):
+    """Announces the whole blob, sends a part and then nothing."""
+
+    isLeaf = True
+
+    def __init__(self, blob: bytes, sent: int) -> None:
+        super().__init__()
+        self.blob = blob
+        self.sent = sent
+        self.open: list[Any] = []
+
+    def render_GET(self, request: Any) -> Any:
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", b"%d" % len(self.blob))
+        request.write(self.blob[: self.sent])
+        self.open.append(request)
+        return NOT_DONE_YET
+
+
+class PumpedFillTests(TestCase):
+    """A fill of a blob of known length over plain TCP, pumped on a thread."""
+
+    def setUp(self) -> None:
+        self.root = self.mktemp()
+        self.store = BlobStore(self.root)
+        self.store.open()
+        files = self.mktemp()
+        os.makedirs(files)
+        self.files = files
+        self.web = Resource()
+        self.web.putChild(b"files", File(files, defaultType="application/octet-stream"))
+        port = reactor.listenTCP(0, Site(self.web), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = b"http://127.0.0.1:%d/" % port.getHost().port
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.pumps = BodyPumps(reactor, threads=2)
+        self.pumps.startService()
+        self.addCleanup(self.pumps.stopService)
+
+    def blob_file(self, name: str, data: bytes) -> bytes:
+        with open(os.path.join(self.files, name), "wb") as out:
+            out.write(data)
+        return self.base + b"files/" + name.encode()
+
+    def fetch(
+        self,
+        url: bytes,
+        digest: Digest,
+        hold_tail: bool = True,
+        resumes: int = 0,
+        read_timeout: float = 30,
+        pumps: BodyPumps | None = None,
+    ) -> BlobFetch:
+        def start(offset: int) -> Deferred[Any]:
+            headers = Headers()
+            if offset:
+                headers.addRawHeader(b"range", b"bytes=%d-" % offset)
+            return self.agent.request(b"GET", url, headers)
+
+        return BlobFetch(
+            digest,
+            self.store,
+            reactor,
+            start,
+            read_timeout=read_timeout,
+            resumes=resumes,
+            upstream="upstream.test",
+            offload=run_here,
+            hold_tail=hold_tail,
+            hash_offload=run_here,
+            pumps=self.pumps if pumps is None else pumps,
+        )
+
+    @inlineCallbacks
+    def test_blob_pumped_verified_and_stored(self) -> Any:
+        """
+        A 5 MiB blob goes through a pump thread (not the event loop), is
+        hashed on the way and committed under its digest, byte for byte.
+        """
+        blob = os.urandom(5 * MiB + 123)
+        digest = _digest(blob)
+        fetch = self.fetch(self.blob_file("good", blob), digest)
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertIsNone(fetch.failure)
+        self.assertTrue(fetch.complete)
+        self.assertEqual(self.pumps.started, 1)
+        with open(self.store.path(digest), "rb") as stored:
+            self.assertEqual(hashlib.sha256(stored.read()).hexdigest(), digest.hex)
+
+    @inlineCallbacks
+    def test_without_held_tail_the_hasher_follows_the_pumped_file(self) -> Any:
+        """With C{--no-hold-tail} the pump only writes; the digest still decides the commit."""
+        blob = os.urandom(3 * MiB)
+        digest = _digest(blob)
+        fetch = self.fetch(self.blob_file("loose", blob), digest, hold_tail=False)
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertTrue(fetch.complete)
+        self.assertEqual(self.pumps.started, 1)
+        self.assertTrue(os.path.exists(self.store.path(digest)))
+
+    @inlineCallbacks
+    def test_corrupt_bytes_never_stored(self) -> Any:
+        """Bytes that do not hash to the digest fail the fill, and nothing is stored."""
+        blob = os.urandom(4 * MiB)
+        digest = _digest(blob)
+        corrupt = bytearray(blob)
+        corrupt[3 * MiB] ^= 0xFF
+        fetch = self.fetch(self.blob_file("corrupt", bytes(corrupt)), digest)
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertIsInstance(fetch.failure, DigestMismatch)
+        self.assertEqual(self.pumps.started, 1)
+        self.assertFalse(fetch.complete)
+        self.assertLess(fetch.readable, len(blob))
+        self.assertFalse(os.path.exists(self.store.path(digest)))
+        self.assertFalse(os.path.exists(fetch.path))
+
+    @inlineCallbacks
+    def test_broken_body_resumes_with_range(self) -> Any:
+        """
+        Upstream dropping the connection mid-body ends the pump with the
+        bytes it wrote; the fill asks for the rest with C{Range} and the
+        blob is whole and verified.
+        """
+        blob = os.urandom(6 * MiB)
+        digest = _digest(blob)
+        breaks = _BreaksOnce(blob)
+        self.web.putChild(b"breaks", breaks)
+        fetch = self.fetch(self.base + b"breaks", digest, resumes=2)
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertIsNone(fetch.failure)
+        self.assertTrue(fetch.complete)
+        self.assertEqual(breaks.requests, 2)
+        self.assertEqual(fetch.upstream_requests, 2)
+        with open(self.store.path(digest), "rb") as stored:
+            self.assertEqual(stored.read(), blob)
+
+    @inlineCallbacks
+    def test_silent_upstream_times_out(self) -> Any:
+        """A pumped body that stops arriving fails the fill after the read timeout."""
+        blob = os.urandom(4 * MiB)
+        stalls = _Stalls(blob, sent=2 * MiB)
+        self.web.putChild(b"stalls", stalls)
+        fetch = self.fetch(self.base + b"stalls", _digest(blob), read_timeout=0.5)
+        yield Deferred.fromCoroutine(fetch.run())
+        for request in stalls.open:
+            request.channel.transport.abortConnection()
+        self.assertIsInstance(fetch.failure, UpstreamTimeout)
+        self.assertEqual(self.pumps.started, 1)
+        self.assertFalse(os.path.exists(fetch.path))
+
+    @inlineCallbacks
+    def test_stopping_ends_a_pump(self) -> Any:
+        """Stopping the pumps (hammal shutting down) ends a pump blocked on a silent upstream."""
+        blob = os.urandom(4 * MiB)
+        stalls = _Stalls(blob, sent=2 * MiB)
+        self.web.putChild(b"stalls", stalls)
+        fetch = self.fetch(self.base + b"stalls", _digest(blob))
+        running = Deferred.fromCoroutine(fetch.run())
+        while fetch.received < 2 * MiB:  # the pump has the socket
+            yield _turn()
+        yield self.pumps.stopService()
+        yield running
+        for request in stalls.open:
+            request.channel.transport.abortConnection()
+        self.assertIsInstance(fetch.failure, LocalCacheError)
+
+    @inlineCallbacks
+    def test_event_loop_reads_when_no_pump_is_free(self) -> Any:
+        """With every pump thread busy the fill reads on the event loop, as before."""
+        busy = BodyPumps(reactor, threads=0)
+        busy.startService()
+        self.addCleanup(busy.stopService)
+        blob = os.urandom(3 * MiB)
+        digest = _digest(blob)
+        fetch = self.fetch(self.blob_file("nopump", blob), digest, pumps=busy)
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertTrue(fetch.complete)
+        self.assertEqual(busy.started, 0)
+        with open(self.store.path(digest), "rb") as stored:
+            self.assertEqual(stored.read(), blob)
+
+    @inlineCallbacks
+    def test_no_room_for_the_file(self) -> Any:
+        """
+        A disk that cannot give the blob's blocks up front fails the fill as
+        the cache's own failure (its waiters go on uncached), file removed.
+        """
+
+        def no_room(fd: int, size: int) -> bool:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(fetch_module, "preallocate", no_room)
+        blob = os.urandom(2 * MiB)
+        fetch = self.fetch(self.blob_file("noroom", blob), _digest(blob))
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertIsInstance(fetch.failure, LocalCacheError)
+        self.assertEqual(self.pumps.started, 0)
+        self.assertFalse(os.path.exists(fetch.path))
+        yield _turn()  # the unclaimed answer is dropped
+        yield _turn()
+
+    @inlineCallbacks
+    def test_small_bodies_stay_on_the_event_loop(self) -> Any:
+        """A body under a MiB is not worth a thread: no pump starts."""
+        blob = os.urandom(200 * 1024)
+        digest = _digest(blob)
+        fetch = self.fetch(self.blob_file("small", blob), digest)
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertTrue(fetch.complete)
+        self.assertEqual(self.pumps.started, 0)
+
+
+class BodyConnectionTests(TestCase):
+    def test_only_plain_tcp(self) -> None:
+        """Anything but a plain TCP connection under the body's transport is not pumped."""
+        self.assertIsNone(body_connection(None))
+        self.assertIsNone(body_connection(object()))
+
+
+def _turn() -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(0.01, d.callback, None)
+    return d
