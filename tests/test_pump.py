@@ -21,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
 from hammal.cache import fetch as fetch_module
+from hammal.cache import pump as pump_module
 from hammal.cache.fetch import BlobFetch, DigestMismatch, run_here
 from hammal.cache.pump import BodyPumps
 from hammal.cache.rawsocket import body_connection
@@ -156,6 +157,38 @@ class PumpedFillTests(TestCase):
         self.assertEqual(self.pumps.started, 1)
         with open(self.store.path(digest), "rb") as stored:
             self.assertEqual(hashlib.sha256(stored.read()).hexdigest(), digest.hex)
+
+    @inlineCallbacks
+    def test_copies_where_splice_is_missing(self) -> Any:
+        """Without C{os.splice} the pump reads into a buffer and writes it, all the same."""
+        self.patch(pump_module, "_can_splice", lambda: False)
+        blob = os.urandom(3 * MiB + 7)
+        digest = _digest(blob)
+        fetch = self.fetch(self.blob_file("copied", blob), digest)
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertTrue(fetch.complete)
+        self.assertEqual(self.pumps.started, 1)
+        with open(self.store.path(digest), "rb") as stored:
+            self.assertEqual(stored.read(), blob)
+
+    @inlineCallbacks
+    def test_copies_where_splice_cannot_move_the_bytes(self) -> Any:
+        """A C{splice} refused for these descriptors (EINVAL) falls back to copying."""
+        refused: list[int] = []
+
+        def refuse(*args: Any, **kwargs: Any) -> int:
+            refused.append(1)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+        self.patch(os, "splice", refuse)
+        blob = os.urandom(3 * MiB)
+        digest = _digest(blob)
+        fetch = self.fetch(self.blob_file("refused", blob), digest)
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertTrue(fetch.complete)
+        self.assertEqual(refused, [1])
+        with open(self.store.path(digest), "rb") as stored:
+            self.assertEqual(stored.read(), blob)
 
     @inlineCallbacks
     def test_without_held_tail_the_hasher_follows_the_pumped_file(self) -> Any:

@@ -1,30 +1,36 @@
 """
-Upstream blob bodies read straight from the socket, on threads of their own.
+Upstream blob bodies moved straight from the socket to the cache file, on
+threads of their own.
 
 Twisted reads an upstream body on the event loop: a C{recv} into a new
 C{bytes} object per read, the HTTP client's parser per chunk, a hand-off
 to the writer's thread per batch and a wake-up of the event loop back.
 For the body of a blob of known length on a plain TCP connection none of
 that is needed: once the response's headers are parsed, the fill stops the
-reactor reading the socket and hands it to a L{BodyPump}, which reads it
-into one buffer on a thread of its own, writes each read to the cache file
-at its offset and, when the fill verifies before releasing its tail, hashes
-it while it is in the CPU's cache. The read, the C{pwrite} and sha256 all
-release the GIL, so the pump runs beside the event loop, which is left
+reactor reading the socket and hands it to a L{BodyPump}, which moves the
+bytes on a thread of its own with C{splice} (socket to pipe to file: the
+bytes never enter Python), or, where C{splice} cannot, reads them into one
+buffer and writes them at their offset. When the fill verifies before
+releasing its tail, a second thread hashes what was written, read back
+from the page cache, while the pump moves the next bytes. Every call there
+releases the GIL, so the pump runs beside the event loop, which is left
 with sending the written bytes to clients; it hears of the pump's progress
 at most once per turn.
 
 A pump is bounded like every upstream read: it gives up after the read
 timeout without a byte (L{UpstreamTimeout}), on an early end or a reset
-(L{TransferBroken}: the fill resumes with C{Range}), on a cache file that
-cannot be written or hashed (L{LocalCacheError}), and when the event loop
-stops it (L{BodyPump.stop}). The socket stays the reactor's: it is closed
-there, once the pump's thread has let go of it.
+(L{TransferBroken}: the fill resumes with C{Range} from what was written
+and hashed), on a cache file that cannot be written or hashed
+(L{LocalCacheError}), and when the event loop stops it (L{BodyPump.stop}).
+The socket stays the reactor's: it is closed there, once the pump's thread
+has let go of it.
+
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import queue
 import select
@@ -45,8 +51,8 @@ __all__ = ["PUMP_READ", "PUMP_THREADS", "BodyPump", "BodyPumps"]
 
 #: How much a pump asks of the socket at once (one buffer per pump).
 PUMP_READ = 1024 * 1024
-#: Buffers going round between a pump and its hasher (memory per pump).
-HASH_RING = 4
+#: fcntl's F_SETPIPE_SZ (Linux): a pipe that holds a whole read.
+F_SETPIPE_SZ = 1031
 #: Pumps at once; a fill finding them all busy reads on the event loop.
 PUMP_THREADS = 8
 
@@ -115,58 +121,99 @@ class BodyPump:
 
     def run(self) -> int:
         """Pump the body; returns the end offset, or raises why it stopped."""
-        size = min(PUMP_READ, max(self._end - self._start, 1))
-        hashing = _PipelinedHash(self._hasher, size) if self._hasher is not None else None
-        single = bytearray(size)
+        hashing = (
+            _FileHash(self._hasher, self._file_fd, self._start)
+            if self._hasher is not None
+            else None
+        )
         poller = select.poll()
         poller.register(self._socket_fd, select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         position = self._start
+        move = _Splice() if _can_splice() else None
+        buffer = None
         try:
             while position < self._end:
-                buffer = hashing.free_buffer() if hashing is not None else single
-                count = self._read(poller, memoryview(buffer), position)
-                self._write(memoryview(buffer)[:count], position)
+                self._wait_readable(poller, position)
+                count = 0
+                if move is not None:
+                    try:
+                        count = self._splice(move, position)
+                    except _NoSplice:
+                        move.close()
+                        move = None
+                if move is None:
+                    if buffer is None:
+                        buffer = bytearray(min(PUMP_READ, self._end - self._start))
+                    count = self._copy(memoryview(buffer), position)
+                if not count:
+                    continue  # nothing there after all: wait again
                 if hashing is not None:
-                    hashing.hash(buffer, count)
+                    hashing.hash(count)
                 position += count
                 self.position = position
                 if not self._told:
                     self._told = True
                     self._reactor.callFromThread(self._tell)
         finally:
+            if move is not None:
+                move.close()
             if hashing is not None:
                 # Whatever ended the pump, the hasher has taken exactly the
                 # bytes written: a resume goes on from there.
                 hashing.finish()
         return position
 
-    def _read(self, poller: select.poll, view: memoryview, position: int) -> int:
-        """Read what the socket has (waiting for it within the idle timeout)."""
+    def _wait_readable(self, poller: select.poll, position: int) -> None:
+        """Until the socket has bytes (or an end), within the idle timeout."""
         while True:
             if self._stopping is not None:
                 raise self._stopping
-            try:
-                count = os.readv(self._socket_fd, [view[: self._end - position]])
-            except BlockingIOError:
-                if not poller.poll(self._idle_ms):
-                    raise UpstreamTimeout(
-                        f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
-                        f" after {position} bytes"
-                    ) from None
-                continue
-            except OSError as failure:
-                raise TransferBroken(
-                    f"{self._upstream} broke the connection after {position} bytes:"
-                    f" {describe(failure)}"
-                ) from failure
-            if count == 0:
-                raise TransferBroken(
-                    f"{self._upstream} closed the connection after {position} of {self._end} bytes"
+            ready = dict(poller.poll(self._idle_ms))
+            if self._stopping is not None:
+                raise self._stopping
+            if not ready:
+                raise UpstreamTimeout(
+                    f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
+                    f" after {position} bytes"
                 )
-            return count
+            if self._socket_fd in ready:
+                return
 
-    def _write(self, data: memoryview, offset: int) -> None:
+    def _splice(self, move: _Splice, position: int) -> int:
+        """Move what the socket has to the file through the pipe; how much (0: nothing yet)."""
+        want = min(PUMP_READ, self._end - position)
+        try:
+            count = os.splice(
+                self._socket_fd, move.into, want, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+            )
+        except BlockingIOError:
+            return 0
+        except OSError as failure:
+            if failure.errno in _SPLICE_UNSUPPORTED and position == self._start:
+                raise _NoSplice() from failure
+            raise self._broken(position, failure) from failure
+        if count == 0:
+            raise self._ended_early(position)
+        left = count
+        try:
+            while left:
+                left -= os.splice(move.out, self._file_fd, left, offset_dst=position + count - left)
+        except OSError as failure:
+            raise LocalCacheError(f"cannot write the cache file: {describe(failure)}") from failure
+        return count
+
+    def _copy(self, view: memoryview, position: int) -> int:
+        """Read what the socket has into C{view} and write it to the file; how much."""
+        try:
+            count = os.readv(self._socket_fd, [view[: self._end - position]])
+        except BlockingIOError:
+            return 0
+        except OSError as failure:
+            raise self._broken(position, failure) from failure
+        if count == 0:
+            raise self._ended_early(position)
+        data, offset = view[:count], position
         try:
             while data:
                 written = os.pwrite(self._file_fd, data, offset)
@@ -176,54 +223,92 @@ class BodyPump:
                 data = data[written:]
         except OSError as failure:
             raise LocalCacheError(f"cannot write the cache file: {describe(failure)}") from failure
+        return count
+
+    def _broken(self, position: int, failure: OSError) -> TransferBroken:
+        return TransferBroken(
+            f"{self._upstream} broke the connection after {position} bytes: {describe(failure)}"
+        )
+
+    def _ended_early(self, position: int) -> TransferBroken:
+        return TransferBroken(
+            f"{self._upstream} closed the connection after {position} of {self._end} bytes"
+        )
 
 
-class _PipelinedHash:
+#: What C{splice} answers where it cannot move these descriptors' bytes.
+_SPLICE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def _can_splice() -> bool:
+    return hasattr(os, "splice")
+
+
+class _NoSplice(Exception):
+    """C{splice} cannot move this socket's bytes to this file: copy them instead."""
+
+
+class _Splice:
+    """The pipe a pump moves bytes through, socket to file, without copying them to Python."""
+
+    def __init__(self) -> None:
+        self.out, self.into = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.into, F_SETPIPE_SZ, PUMP_READ)
+        except OSError:
+            pass  # a smaller pipe only means more, smaller moves
+
+    def close(self) -> None:
+        os.close(self.out)
+        os.close(self.into)
+
+
+class _FileHash:
     """
-    Hashes a pump's buffers on a thread of its own, while the pump reads and
-    writes the next: C{HASH_RING} buffers go round between the two, so the
-    hash lags at most that many reads and holds no more memory.
+    Hashes what a pump wrote, read back from the file (the page cache) on a
+    thread of its own while the pump moves the next bytes: in order, one
+    buffer, however far it lags.
     """
 
-    def __init__(self, hasher: Any, size: int) -> None:
+    def __init__(self, hasher: Any, fd: int, start: int) -> None:
         self._hasher = hasher
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        self._full: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
-        for _ in range(HASH_RING):
-            self._free.put(bytearray(size))
+        self._fd = fd
+        self._at = start
+        self._written: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="hammal-pump-hash", daemon=True)
         self._thread.start()
 
-    def free_buffer(self) -> bytearray:
-        """A buffer the hasher is done with (waits for one)."""
+    def hash(self, count: int) -> None:
+        """The next C{count} bytes of the file were written: hash them."""
         if self._failure is not None:
             raise _hash_failed(self._failure)
-        return self._free.get()
-
-    def hash(self, buffer: bytearray, count: int) -> None:
-        """Hash the first C{count} bytes of C{buffer}, in order, on the hashing thread."""
-        self._full.put((buffer, count))
+        self._written.put(count)
 
     def finish(self) -> None:
-        """Wait until everything handed over was hashed; raise if hashing failed."""
-        self._full.put(None)
+        """Wait until everything written was hashed; raise if hashing failed."""
+        self._written.put(None)
         self._thread.join()
         if self._failure is not None:
             raise _hash_failed(self._failure)
 
     def _run(self) -> None:
+        view = memoryview(bytearray(PUMP_READ))
         while True:
-            item = self._full.get()
-            if item is None:
+            count = self._written.get()
+            if count is None:
                 return
-            buffer, count = item
-            if self._failure is None:
+            while count and self._failure is None:
                 try:
-                    self._hasher.update(memoryview(buffer)[:count])
+                    got = os.preadv(self._fd, [view[: min(len(view), count)]], self._at)
+                    if got <= 0:
+                        raise OSError(errno.EIO, "the cache file ended before what was written")
+                    self._hasher.update(view[:got])
                 except Exception as failure:
                     self._failure = failure
-            self._free.put(buffer)
+                    return
+                self._at += got
+                count -= got
 
 
 def _hash_failed(failure: BaseException) -> LocalCacheError:
