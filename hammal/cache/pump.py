@@ -24,7 +24,6 @@ and hashed), on a cache file that cannot be written or hashed
 (L{LocalCacheError}), and when the event loop stops it (L{BodyPump.stop}).
 The socket stays the reactor's: it is closed there, once the pump's thread
 has let go of it.
-
 """
 
 from __future__ import annotations
