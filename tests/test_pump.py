@@ -303,6 +303,25 @@ class PumpedFillTests(TestCase):
         yield _turn()
 
     @inlineCallbacks
+    def test_disk_filling_up_stops_the_pump(self) -> Any:
+        """
+        The free-space floor, checked as the pump reports progress, stops a
+        pump mid-body when the disk fills up: the fill fails as the cache's
+        own failure and its file is removed.
+        """
+        self.patch(self.store, "has_room", lambda size=0: False)
+        blob = os.urandom(6 * MiB)
+        stalls = _Stalls(blob, sent=5 * MiB)  # never ends: only the floor can stop it
+        self.web.putChild(b"fills", stalls)
+        fetch = self.fetch(self.base + b"fills", _digest(blob))
+        yield Deferred.fromCoroutine(fetch.run())
+        for request in stalls.open:
+            request.channel.transport.abortConnection()
+        self.assertIsInstance(fetch.failure, LocalCacheError)
+        self.assertEqual(self.pumps.started, 1)
+        self.assertFalse(os.path.exists(fetch.path))
+
+    @inlineCallbacks
     def test_small_bodies_stay_on_the_event_loop(self) -> Any:
         """A body under a MiB is not worth a thread: no pump starts."""
         blob = os.urandom(200 * 1024)
