@@ -81,7 +81,9 @@ class BodyPump:
         progress: Progress,
     ) -> None:
         self._reactor = reactor
-        self._socket_fd = socket_fd
+        # A descriptor of the pump's own for the socket: whatever happens to
+        # the reactor's, the pump never reads a number reused for another file.
+        self._socket_fd = os.dup(socket_fd)
         self._file_fd = file_fd
         self._start = offset
         self._end = offset + length
@@ -111,10 +113,13 @@ class BodyPump:
         self._progress(self.position)
 
     def close(self) -> None:
-        """Release the pump's own descriptor (after L{run} returned)."""
+        """Release the pump's own descriptors (after L{run} returned)."""
         if self._wake >= 0:
             os.close(self._wake)
             self._wake = -1
+        if self._socket_fd >= 0:
+            os.close(self._socket_fd)
+            self._socket_fd = -1
 
     # On the pump thread.
 
