@@ -441,11 +441,15 @@ class BlobFetch(FillNews):
             connection.startReading()
             await writer.done
             return
-        self._pump, done = started
+        pump, done = started
+        self._pump = pump
         try:
-            self._pumped(await done)
+            await done
         finally:
             self._pump = None
+            # Whatever ended it, the file (and the hash) hold exactly this
+            # much: a resume goes on from there.
+            self._pumped(pump.position)
             # The body was read past Twisted's HTTP client: the connection
             # cannot carry another request.
             connection.abortConnection()
