@@ -68,7 +68,8 @@ def summarize(collapsed: str, top: int = 25) -> str:
             other_samples += count
             other[leaf] += count
             continue
-        if leaf.startswith("EPollReactor.doPoll") or leaf.startswith("doPoll"):
+        # waiting in epoll: Twisted's doPoll, or hammal's bounded poller's poll
+        if leaf.split(" ")[0].rsplit(".", 1)[-1] in ("doPoll", "poll"):
             idle += count
             continue
         busy += count
