@@ -157,6 +157,7 @@ class PumpedFillTests(TestCase):
         self.assertEqual(self.pumps.started, 1)
         with open(self.store.path(digest), "rb") as stored:
             self.assertEqual(hashlib.sha256(stored.read()).hexdigest(), digest.hex)
+        self.assertEqual((self.store.reserved, self.store.reserved_written), (0, 0))
 
     @inlineCallbacks
     def test_copies_where_splice_is_missing(self) -> Any:
@@ -216,6 +217,32 @@ class PumpedFillTests(TestCase):
         self.assertLess(fetch.readable, len(blob))
         self.assertFalse(os.path.exists(self.store.path(digest)))
         self.assertFalse(os.path.exists(fetch.path))
+        self.assertEqual((self.store.reserved, self.store.reserved_written), (0, 0))
+
+    @inlineCallbacks
+    def test_preallocated_blocks_count_as_written(self) -> Any:
+        """
+        The file's blocks, allocated up front, count as on the disk from
+        the start (the free-space floor does not count them twice), and the
+        reservation is given back whole when the fill ends early.
+        """
+        blob = os.urandom(4 * MiB)
+        stalls = _Stalls(blob, sent=2 * MiB)
+        self.web.putChild(b"stalls", stalls)
+        fetch = self.fetch(self.base + b"stalls", _digest(blob), read_timeout=0.5)
+        running = Deferred.fromCoroutine(fetch.run())
+        while fetch.received < 2 * MiB:
+            yield _turn()
+        self.assertEqual(self.store.reserved, 4 * MiB)
+        with open(fetch.path, "rb") as temporary:
+            allocated = os.fstat(temporary.fileno()).st_blocks * 512 >= 4 * MiB
+        # preallocated: nothing left to write; else what is not written yet
+        self.assertEqual(self.store.unwritten(), 0 if allocated else 4 * MiB - fetch.received)
+        yield running
+        for request in stalls.open:
+            request.channel.transport.abortConnection()
+        self.assertIsInstance(fetch.failure, UpstreamTimeout)
+        self.assertEqual((self.store.reserved, self.store.reserved_written), (0, 0))
 
     @inlineCallbacks
     def test_broken_body_resumes_with_range(self) -> Any:

@@ -253,6 +253,10 @@ class BlobFetch(FillNews):
         self._writer: _FileWriter | None = None
         self._write_errors = write_errors if write_errors is not None else WriteErrors(clock)
         self._reserved = 0
+        #: Bytes the store was told were written (L{BlobStorage.wrote}): the
+        #: file's preallocated blocks count from the start.
+        self._accounted = 0
+        self._preallocated = 0
         self._checked_free_at = 0
         self._spare: IResponse | None = None
         self._pumps = pumps
@@ -286,7 +290,7 @@ class BlobFetch(FillNews):
         finally:
             self._close()
             if self._reserved:
-                self.store.unreserve(self._reserved, self.written)
+                self.store.unreserve(self._reserved, self._accounted)
                 self._reserved = 0
             if not self.finished.called:
                 self.finished.callback(None)
@@ -385,12 +389,27 @@ class BlobFetch(FillNews):
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         if self.size is not None:
             try:
-                preallocate(self._fd, self.size)  # steadier, cheaper writes
+                if preallocate(self._fd, self.size):  # steadier, cheaper writes
+                    # The disk's free space fell by the whole blob now.
+                    self._preallocated = self.size
+                    self._account_written(0)
             except OSError:
                 os.close(self._fd)
                 self._fd = None
                 self._unlink()
                 raise
+
+    def _account_written(self, end: int) -> None:
+        """
+        Tell the store what of the reservation is on disk now: the file up
+        to C{end}, or its preallocated blocks if more (counted once).
+        """
+        if not self._reserved:
+            return
+        on_disk = max(end, self._preallocated)
+        if on_disk > self._accounted:
+            self.store.wrote(on_disk - self._accounted)
+            self._accounted = on_disk
 
     def _receive(self, response: IResponse, skip: int) -> Deferred[None]:
         writer = _FileWriter(self, skip, self._clock, self._read_timeout, self._upstream)
@@ -465,8 +484,7 @@ class BlobFetch(FillNews):
             self._cache_failed(broken)
             return
         metrics.upstream_bytes.inc(count)
-        if self._reserved:
-            self.store.wrote(count)
+        self._account_written(end)
         self.received = self.written = end
         self._last_received = count
         if self._hold_tail:
@@ -537,8 +555,7 @@ class BlobFetch(FillNews):
 
     def _wrote_to(self, end: int) -> None:
         self._writing = None
-        if self._reserved:
-            self.store.wrote(end - self.written)
+        self._account_written(end)
         at = self.written
         while self._unwritten and at + len(self._unwritten[0]) <= end:
             at += len(self._unwritten.popleft())
@@ -685,7 +702,7 @@ class BlobFetch(FillNews):
             raise RuntimeError("hammal bug: expected self._fd is not None")
         try:
             await self._offload(os.fdatasync, self._fd)
-            self.store.commit(self.path, self.digest, self._reserved, self.written)
+            self.store.commit(self.path, self.digest, self._reserved, self._accounted)
             self._reserved = 0
         except OSError as failure:
             # Not stored: readers finish from the files they hold open;
