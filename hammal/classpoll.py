@@ -52,11 +52,16 @@ ARRIVING = "arriving"
 BULK = "bulk"
 
 #: Ready sockets of each class handled per reactor turn, after the
-#: interactive ones, in this order. A first request costs up to a
-#: millisecond on a loaded machine (parse, route, open the blob, headers),
-#: a streaming socket's write or close ~0.3-0.4 ms: together about 20 ms of
-#: work a turn at worst, which bounds what an interactive request waits.
-BUDGETS: Mapping[str, int] = {ARRIVING: 16, BULK: 32}
+#: interactive ones, in this order. A first request costs 0.5-1 ms on a
+#: loaded machine (parse, route, open the blob, headers), a streaming
+#: socket's write or close 0.2-0.4 ms. A client sending one request after
+#: another on a keep-alive connection gets one answer per turn, so turns
+#: must stay well under its pace: measured with bench's crowd row (3,000
+#: arriving, a manifest GET due every 10 ms), arriving 16 and bulk 16 or
+#: 32 gave p99 17-440 ms (turns of 11-45 ms while the crowd arrived),
+#: arriving 8 89 ms, arriving 4 (as many as a listening port accepts per
+#: turn, L{hammal.accept}) 14-23 ms with bulk 8, 16 or 32.
+BUDGETS: Mapping[str, int] = {ARRIVING: 4, BULK: 16}
 
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
 
