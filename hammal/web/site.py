@@ -135,15 +135,19 @@ def _limited_channel(
     """
 
     class _LimitedChannel(http.HTTPChannel):
+        _arriving = False
+
         def connectionMade(self) -> None:
             super().connectionMade()
             # Until its first response is done, behind the connections
             # already answered (hammal.classpoll).
-            classify(self.transport, ARRIVING)
+            self._arriving = classify(self.transport, ARRIVING)
 
         def requestDone(self, request: http.Request) -> None:
             super().requestDone(request)
-            classify(self.transport, INTERACTIVE)
+            if self._arriving:
+                self._arriving = False
+                classify(self.transport, INTERACTIVE)
 
     if max_headers is not None:
         _LimitedChannel.maxHeaders = max_headers
