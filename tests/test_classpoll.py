@@ -6,12 +6,15 @@ arrivals and the blob streams of a crowd, which still get their share.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
+import ssl
 from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -27,8 +30,11 @@ from hammal.classpoll import (
 )
 from hammal.fairpoll import FairPolling
 from hammal.replies import BlobReply, Document
+from hammal.tls import ReloadingServerTLS
+from hammal.web.limits import ConnectionLimit
 from hammal.web.respond import write_document, write_stream
 from hammal.web.site import HammalSite
+from tests.integration.pki import generate_pki
 
 try:
     from twisted.internet.epollreactor import EPollReactor
@@ -456,7 +462,7 @@ class RealTCPTests(TestCase):
         """Every ready bulk socket is served, round-robin, a budget per turn."""
         crowd, reads = self._ready_crowd()
         start = self.turns.count
-        while self.turns.count < start + 2 * self.READY // self.BUDGET + 2:
+        while self.turns.count < start + 3 * self.READY // self.BUDGET:
             yield _next_turn()
         self.assertGreaterEqual(min(ready.reads for ready in crowd), 2)
 
@@ -544,7 +550,7 @@ class _Registry(Resource):
 class HammalConnectionsTests(TestCase):
     """hammal's site puts its connections in classes, over real TCP."""
 
-    def setUp(self) -> None:
+    def setUp(self) -> Any:
         if not isinstance(reactor, EPollReactor or ()):  # pragma: no cover
             raise self.skipTest("not the epoll reactor")
         classes = ConnectionClasses(reactor)
@@ -554,11 +560,19 @@ class HammalConnectionsTests(TestCase):
             raise self.skipTest("not classed")
         self.poller = classes.poller
         self.resource = _Registry(self.poller)
-        port = reactor.listenTCP(0, HammalSite(self.resource, reactor), interface="127.0.0.1")
+        port = reactor.listenTCP(0, self.factory(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
         self.addCleanup(self.client.close)
         self.client.setblocking(False)
+        return self.connected()
+
+    def factory(self) -> Any:
+        """What C{makeService} listens with, without TLS."""
+        return ConnectionLimit(HammalSite(self.resource, reactor), 100)
+
+    def connected(self) -> Any:
+        return None
 
     def _get(self, path: str) -> None:
         self.client.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -593,11 +607,36 @@ def _response(client: socket.socket, body: bytes) -> Any:
     data = b""
     while not data.endswith(body):
         try:
-            chunk = client.recv(65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+            chunk = client.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError):
             yield _next_turn()
             continue
         if not chunk:
             raise ConnectionError(f"closed after {data!r}")
         data += chunk
     return data
+
+
+class HammalTLSConnectionsTests(HammalConnectionsTests):
+    """The same through TLS, as C{makeService} wraps the site with C{--tls}."""
+
+    def factory(self) -> Any:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        pki = generate_pki(directory)
+        tls = ReloadingServerTLS(pki.tls_chain, pki.tls_key)
+        return TLSMemoryBIOFactory(tls, False, super().factory())
+
+    @defer.inlineCallbacks
+    def connected(self) -> Any:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.client = context.wrap_socket(self.client, do_handshake_on_connect=False)
+        self.addCleanup(self.client.close)  # it took the socket over
+        while True:
+            try:
+                self.client.do_handshake()
+                return
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                yield _next_turn()
