@@ -27,6 +27,7 @@ from twisted.web.server import Site
 from hammal import metrics
 from hammal.accept import FairListening
 from hammal.app import build_app
+from hammal.classpoll import ConnectionClasses
 from hammal.collector import CollectorTuning
 from hammal.config import FLAGS, LISTS, PARAMETERS, REGEX_LISTS, ConfigError, Settings, env_flag
 from hammal.fairpoll import FairPolling
@@ -225,6 +226,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     CollectorTuning(reactor).setServiceParent(service)
     # The epoll reactor handles a bounded number of ready sockets per turn.
     FairPolling(reactor).setServiceParent(service)
+    # ... and requests on open connections before arrivals and blob streams.
+    ConnectionClasses(reactor).setServiceParent(service)
     factory: Any = ConnectionLimit(app.site, settings.max_connections)
     if settings.tls:
         cert_path, key_path = settings.tls_cert, settings.tls_key

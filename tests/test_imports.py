@@ -126,6 +126,7 @@ LAYERS: list[set[str]] = [
         "turns",
         "collector",
         "fairpoll",
+        "classpoll",
     },
     {"reference", "metrics"},
     {"errors", ""},

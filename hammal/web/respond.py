@@ -10,9 +10,11 @@ import json
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
 from hammal.cache.readers import tcp_transport
+from hammal.classpoll import BULK, INTERACTIVE, classify
 from hammal.errors import RegistryError
 from hammal.replies import BlobReply, Document
 from hammal.web.send_now import send_now
@@ -94,6 +96,11 @@ async def write_stream(request: Request, reply: BlobReply) -> None:
         request.finish()
         return
     request.write(b"")  # headers now: clients give up on slow ones
+    # Its socket's writes and close wait behind requests on other
+    # connections (hammal.classpoll); HTTP/2 streams share their connection.
+    connection = request.channel.transport if isinstance(request.channel, HTTPChannel) else None
+    if connection is not None:
+        classify(connection, BULK)
     try:
         await reply.body.deliver(request)
     except CancelledError:
@@ -105,6 +112,9 @@ async def write_stream(request: Request, reply: BlobReply) -> None:
             _log.warn("aborting {path}: {error}", path=request.uri[:512], error=error.message)
             abort_client(request)
         return
+    finally:
+        if connection is not None:
+            classify(connection, INTERACTIVE)
     request.unregisterProducer()
     if not client_gone(request):
         request.finish()

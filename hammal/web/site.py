@@ -19,6 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from hammal import metrics
+from hammal.classpoll import ARRIVING, INTERACTIVE, classify
 from hammal.status.recorder import StatusRecorder
 from hammal.web.forwarded import Forwarded, ForwardedHeaders
 from hammal.web.state import state_of
@@ -134,7 +135,19 @@ def _limited_channel(
     """
 
     class _LimitedChannel(http.HTTPChannel):
-        pass
+        _arriving = False
+
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            # Until its first response is done, behind the connections
+            # already answered (hammal.classpoll).
+            self._arriving = classify(self.transport, ARRIVING)
+
+        def requestDone(self, request: http.Request) -> None:
+            super().requestDone(request)
+            if self._arriving:
+                self._arriving = False
+                classify(self.transport, INTERACTIVE)
 
     if max_headers is not None:
         _LimitedChannel.maxHeaders = max_headers
