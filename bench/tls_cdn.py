@@ -239,6 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true", help="leave Distribution out")
     parser.add_argument(
+        "--no-hold-tail", action="store_true", help="both hammals with --no-hold-tail"
+    )
+    parser.add_argument(
         "--threads", action="store_true", help="CPU seconds per GiB of each thread of the proxy"
     )
     args = parser.parse_args(argv)
@@ -249,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     blob, size = big.largest_layer
     base = BenchUpstream(workdir).start([big])
     upstream = TLSUpstream(workdir, base).start()
-    ca = ["--upstream-ca", upstream.ca_cert]
+    ca = ["--upstream-ca", upstream.ca_cert] + (["--no-hold-tail"] if args.no_hold_tail else [])
     proxies: List[HammalBench | DistributionPeer] = [
         HammalBench(workdir, upstream, buffer_size="1M", extra_args=ca),  # type: ignore[arg-type]
         EventLoopHammal(workdir, upstream, ca),
