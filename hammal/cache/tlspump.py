@@ -35,8 +35,10 @@ from hammal.stream import TransferBroken
 
 __all__ = ["TLS_READ", "TLSBodyPump"]
 
-#: Ciphertext read from the socket at once.
-TLS_READ = 256 * 1024
+#: Ciphertext read from the socket at once: as much as the plaintext
+#: buffer, so each write (and each progress report to the event loop) is
+#: about a MiB (256 KiB reads cost the event loop twice as much per GiB).
+TLS_READ = PUMP_READ
 #: Plaintext asked of OpenSSL at once: more than a record (16 KiB) holds,
 #: small enough for pyOpenSSL's temporary buffer to stay off C{mmap}.
 RECORD_READ = 64 * 1024
