@@ -12,15 +12,16 @@ from typing import Any
 
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
-from hammal.cache.fetch import BlobFetch, DigestMismatch, run_here
+from hammal.cache.fetch import BlobFetch, DigestMismatch, _FileWriter, run_here
 from hammal.cache.pump import BodyPumps
 from hammal.cache.store import BlobStore
 from hammal.cache.tlsbody import TLSBody
@@ -288,3 +289,40 @@ class TLSPumpedFillTests(TestCase):
         yield Deferred.fromCoroutine(fetch.run())
         self.assertTrue(fetch.complete)
         self.assertEqual(self.pumps.started, 0)
+
+
+class _Transport:
+    """A body's transport that counts what the writer asks of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+class HandedOverWriterTests(SynchronousTestCase):
+    def test_resume_does_not_read_a_pumped_socket(self) -> None:
+        """
+        Once the body is handed over to a pump, resuming the writer (the
+        file writer caught up) never has the event loop read the socket
+        the pump reads; once taken back, it does again.
+        """
+        clock = Clock()
+        writer = _FileWriter(None, 0, clock, 30, "upstream.test")  # type: ignore[arg-type]
+        transport = _Transport()
+        writer.makeConnection(transport)  # type: ignore[arg-type]
+        writer.pause()
+        writer.hand_over()
+        writer.resume()
+        self.assertEqual(transport.calls, ["pause"])
+        writer.take_back()
+        writer.resume()
+        self.assertEqual(transport.calls, ["pause", "resume"])
+        self.assertEqual(clock.getDelayedCalls()[0].getTime(), 30)
