@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -29,6 +30,8 @@ from hammal.cache.writes import LocalCacheError
 from hammal.errors import UpstreamTimeout
 from hammal.reference import Digest
 from hammal.selfsigned import ensure_self_signed
+from hammal.upstream.forward_proxy import _TunnelEndpointFactory
+from hammal.upstream.proxy_rules import parse_proxy_url
 from tests.test_pump import _BreaksOnce, _digest, _Stalls, _turn
 
 MiB = 1024 * 1024
@@ -57,8 +60,8 @@ class _ClosesTLSOnce(_BreaksOnce):
         transport.loseConnection()
 
 
-def tls_upstream(test: TestCase, web: Resource) -> tuple[bytes, Agent]:
-    """A TLS listener on 127.0.0.1 serving C{web}, and an Agent that trusts it."""
+def tls_upstream(test: TestCase, web: Resource) -> tuple[bytes, Agent, BrowserLikePolicyForHTTPS]:
+    """A TLS listener on 127.0.0.1 serving C{web}, an Agent that trusts it, and its policy."""
     made = ensure_self_signed(test.mktemp(), ["localhost"], ["127.0.0.1"])
     with open(made.cert_path, "rb") as cert_file, open(made.key_path, "rb") as key_file:
         cert_pem, key_pem = cert_file.read(), key_file.read()
@@ -68,7 +71,7 @@ def tls_upstream(test: TestCase, web: Resource) -> tuple[bytes, Agent]:
     pool = HTTPConnectionPool(reactor, persistent=False)
     policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert_pem))
     agent = Agent(reactor, contextFactory=policy, pool=pool)
-    return b"https://127.0.0.1:%d/" % port.getHost().port, agent
+    return b"https://127.0.0.1:%d/" % port.getHost().port, agent, policy
 
 
 class TLSPumpedFillTests(TestCase):
@@ -82,7 +85,7 @@ class TLSPumpedFillTests(TestCase):
         self.files = files
         self.web = Resource()
         self.web.putChild(b"files", File(files, defaultType="application/octet-stream"))
-        self.base, self.agent = tls_upstream(self, self.web)
+        self.base, self.agent, self.policy = tls_upstream(self, self.web)
         self.pumps = BodyPumps(reactor, threads=2)
         self.pumps.startService()
         self.addCleanup(self.pumps.stopService)
@@ -289,6 +292,94 @@ class TLSPumpedFillTests(TestCase):
         yield Deferred.fromCoroutine(fetch.run())
         self.assertTrue(fetch.complete)
         self.assertEqual(self.pumps.started, 0)
+
+
+class _ProxiedTarget(Protocol):
+    """The proxy's connection to the target of a C{CONNECT}."""
+
+    def __init__(self, client: _ConnectProxy) -> None:
+        self.client = client
+
+    def dataReceived(self, data: bytes) -> None:
+        self.client.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.client.transport.loseConnection()
+
+
+class _ConnectProxy(Protocol):
+    """
+    A forward proxy that knows C{CONNECT} only: it connects to the target
+    named, answers C{200} and relays bytes both ways (as tinyproxy does).
+    """
+
+    def __init__(self, relaying: set[_ConnectProxy]) -> None:
+        self.head = b""
+        self.target: _ProxiedTarget | None = None
+        self.relaying = relaying
+
+    def connectionMade(self) -> None:
+        self.relaying.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.target is not None:
+            self.target.transport.write(data)
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            return
+        request, _, rest = self.head.partition(b"\r\n\r\n")
+        host, port = request.split(b" ")[1].rsplit(b":", 1)
+        self.head = b""
+        target = _ProxiedTarget(self)
+        self.transport.pauseProducing()
+        connecting = ClientCreator(reactor, lambda: target).connectTCP(host.decode(), int(port))
+
+        def connected(protocol: _ProxiedTarget) -> None:
+            self.target = protocol
+            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if rest:
+                protocol.transport.write(rest)
+            self.transport.resumeProducing()
+
+        connecting.addCallbacks(connected, lambda failure: self.transport.loseConnection())
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.relaying.discard(self)
+        if self.target is not None:
+            self.target.transport.loseConnection()
+
+
+class TunnelledTLSPumpTests(TLSPumpedFillTests):
+    """
+    The same fills through an outbound proxy's C{CONNECT} tunnel (TLS to
+    the upstream inside it, as hammal's C{--upstream-proxy} makes them):
+    past the open tunnel the bytes are the upstream's, and the pump reads
+    them alike.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        relaying: set[_ConnectProxy] = set()
+        proxy_port = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: _ConnectProxy(relaying)), interface="127.0.0.1"
+        )
+        self.addCleanup(proxy_port.stopListening)
+        self.addCleanup(self.closed, relaying)
+        proxy = parse_proxy_url(f"http://127.0.0.1:{proxy_port.getHost().port}", "test")
+        endpoints = _TunnelEndpointFactory(reactor, proxy, self.policy, 10)
+        self.agent = Agent.usingEndpointFactory(
+            reactor, endpoints, HTTPConnectionPool(reactor, persistent=False)
+        )
+
+    @inlineCallbacks
+    def closed(self, relaying: set[_ConnectProxy]) -> Any:
+        """Until the tunnels closed (TLS closes over two more hops here), within 2 s."""
+        for _ in range(200):
+            if not relaying:
+                break
+            yield _turn()
+        yield _turn()
 
 
 class _Transport:

@@ -41,7 +41,7 @@ class TLSBodyTests(TestCase):
         self.web = Resource()
         self.stalls = _Stalls(os.urandom(256 * 1024), sent=64 * 1024)
         self.web.putChild(b"stalls", self.stalls)
-        self.base, self.agent = tls_upstream(self, self.web)
+        self.base, self.agent, _ = tls_upstream(self, self.web)
 
     def tearDown(self) -> None:
         for request in self.stalls.open:

@@ -60,7 +60,7 @@ class TLSBody:
             if tls._lostTLSConnection or tls._aborted or tls.disconnecting:
                 return "the TLS connection is closing"
             if _reads_for(connection.protocol) is not tls:
-                return "TLS is not directly over the TCP connection"
+                return "TLS is not over the TCP connection alone"
             if not connection.connected or connection.disconnecting:
                 return "the TCP connection is closing"
             if tls._appSendBuffer or tls._producer is not None:
@@ -84,20 +84,31 @@ class TLSBody:
 
 def _reads_for(protocol: object) -> object:
     """
-    The protocol the TCP connection's bytes go to: an endpoint's wrapper
-    hands them on unchanged as they come (nothing kept in between).
+    The protocol the TCP connection's bytes go to, past the layers that
+    hand them on unchanged as they come, keeping nothing: an endpoint's
+    wrapper, an open C{CONNECT} tunnel (its C{relayed_to}).
     """
-    if isinstance(protocol, _WrappingProtocol):
-        return protocol._wrappedProtocol
-    return protocol
+    for _ in range(_MOST_LAYERS):
+        if isinstance(protocol, _WrappingProtocol):
+            protocol = protocol._wrappedProtocol
+            continue
+        relayed_to = getattr(protocol, "relayed_to", None)
+        if not callable(relayed_to):
+            return protocol
+        protocol = relayed_to()
+    return None
+
+
+#: Layers between a TCP connection and its TLS layer looked through.
+_MOST_LAYERS = 4
 
 
 def tls_body_connection(transport: object) -> TLSBody | None:
     """
     The TLS connection under the transport twisted.web's HTTP client gives
     a response body's protocol (a C{TransportProxyProducer} around it), or
-    L{None} when there is none (plain TCP, a tunnel through a proxy, a
-    test double, the response over already).
+    L{None} when there is none (plain TCP, a test double, the response
+    over already).
     """
     tls = getattr(transport, "_producer", None)
     if not isinstance(tls, TLSMemoryBIOProtocol):
