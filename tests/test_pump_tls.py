@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
+from hammal import metrics
 from hammal.cache.fetch import BlobFetch, DigestMismatch, _FileWriter, run_here
 from hammal.cache.pump import BodyPumps
 from hammal.cache.store import BlobStore
@@ -58,6 +59,12 @@ class _ClosesTLSOnce(_BreaksOnce):
         # waits for it before it sends close_notify.
         transport.unregisterProducer()
         transport.loseConnection()
+
+
+def _pumped(kind: str) -> float:
+    """hammal_pumped_bodies_total{kind} so far."""
+    value = metrics.REGISTRY.get_sample_value("hammal_pumped_bodies_total", {"kind": kind})
+    return value or 0.0
 
 
 def tls_upstream(test: TestCase, web: Resource) -> tuple[bytes, Agent, BrowserLikePolicyForHTTPS]:
@@ -150,10 +157,12 @@ class TLSPumpedFillTests(TestCase):
         blob = os.urandom(5 * MiB + 123)
         digest = _digest(blob)
         fetch = self.fetch(self.blob_file("good", blob), digest)
+        counted = _pumped("tls")
         yield Deferred.fromCoroutine(fetch.run())
         self.assertIsNone(fetch.failure)
         self.assertTrue(fetch.complete)
         self.assertEqual(self.pumps.started_by_kind, {"tls": 1})
+        self.assertEqual(_pumped("tls"), counted + 1)
         self.assertStored(digest, blob)
 
     @inlineCallbacks

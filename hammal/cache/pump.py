@@ -42,6 +42,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from hammal import metrics
 from hammal.cache.writes import LocalCacheError, describe
 from hammal.errors import RegistryError, UpstreamTimeout
 from hammal.stream import TransferBroken
@@ -378,6 +379,7 @@ class BodyPumps(Service):
         self._running.add(pump)
         self.started += 1
         self.started_by_kind[pump.kind] = self.started_by_kind.get(pump.kind, 0) + 1
+        metrics.labelled(metrics.pumped_bodies, pump.kind).inc()
         done = deferToThreadPool(self._reactor, self._pool, pump.run)
 
         def ended(result: Any) -> Any:
