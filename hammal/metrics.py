@@ -191,6 +191,14 @@ sibling_fills = Counter(
     registry=REGISTRY,
 )
 
+pumped_bodies = Counter(
+    "hammal_pumped_bodies",
+    "Upstream blob bodies read on a pump thread instead of the event loop, by connection"
+    " (tcp, tls).",
+    ["kind"],
+    registry=REGISTRY,
+)
+
 
 _LABELLED: dict[tuple[object, tuple[str, ...]], Any] = {}
 

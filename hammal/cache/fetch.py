@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 from collections import deque
+from functools import partial
 from typing import Any, Callable
 
 from twisted.internet import tcp
@@ -53,6 +54,8 @@ from hammal.cache.preallocate import preallocate
 from hammal.cache.pump import BodyPump, BodyPumps
 from hammal.cache.rawsocket import body_connection
 from hammal.cache.storage import BlobStorage
+from hammal.cache.tlsbody import TLSBody, tls_body_connection
+from hammal.cache.tlspump import TLSBodyPump
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
 from hammal.reference import Digest
@@ -86,7 +89,7 @@ HASH_SLICE = 16 * 1024 * 1024
 #: (as L{hammal.cache.sibling} holds back for the processes that follow).
 TAIL_HOLD = 1
 #: A body with at least this much left is read by a pump thread (when the
-#: fill has L{BodyPumps} and a plain TCP connection), not on the event loop.
+#: fill has L{BodyPumps} and a TCP connection, plain or TLS), not on the event loop.
 PUMP_AT_LEAST = 1024 * 1024
 
 Offload = Callable[..., Deferred[Any]]
@@ -417,6 +420,10 @@ class BlobFetch(FillNews):
         self._upstream_paused = False
         response.deliverBody(writer)
         connection = writer.connection_to_pump()
+        tls = None
+        if connection is None:
+            tls = writer.tls_to_pump()
+            connection = tls.tcp if tls is not None else None
         if (
             connection is None
             or self._pumps is None
@@ -424,27 +431,52 @@ class BlobFetch(FillNews):
             or self.size - self.received < PUMP_AT_LEAST
         ):
             return writer.done
-        return Deferred.fromCoroutine(self._pump_body(writer, connection))
+        return Deferred.fromCoroutine(self._pump_body(writer, connection, tls))
 
-    async def _pump_body(self, writer: _FileWriter, connection: tcp.Connection) -> None:
+    async def _pump_body(
+        self, writer: _FileWriter, connection: tcp.Connection, tls: TLSBody | None = None
+    ) -> None:
         """
-        The rest of the body on a pump thread (L{hammal.cache.pump}): the
-        event loop stops reading the socket, the bytes that came with the
-        headers are written and hashed first, then the pump takes over; if
-        every pump is busy the event loop reads on after all.
+        The rest of the body on a pump thread (L{hammal.cache.pump}; over
+        TLS L{hammal.cache.tlspump}): the event loop stops reading the
+        socket, the bytes that came with the headers are written and hashed
+        first, then the pump takes over; if every pump is busy (or the TLS
+        connection cannot be handed over) the event loop reads on after all.
         """
         connection.stopReading()
         writer.hand_over()
+
+        def drop() -> None:
+            if tls is not None:
+                tls.abort()
+            else:
+                connection.abortConnection()
+
         try:
             # The headers may have been parsed from the middle of a read:
             # the rest of that read reaches the writer when the read ends.
             await _next_turn(self._clock)
             await self._drained()
         except BaseException:
-            connection.abortConnection()
+            drop()
             raise
         started = None
-        if self._pumps is not None and self._fd is not None and self.size is not None:
+        pump_type: Callable[..., BodyPump] = BodyPump
+        problem = tls.problem() if tls is not None else None
+        if problem is not None:
+            self.log.info(
+                "{digest} read on the event loop: {problem}",
+                digest=str(self.digest),
+                problem=problem,
+            )
+        elif tls is not None:
+            pump_type = partial(TLSBodyPump, tls=tls.connection())
+        if (
+            problem is None
+            and self._pumps is not None
+            and self._fd is not None
+            and self.size is not None
+        ):
             started = self._pumps.start(
                 connection.fileno(),
                 self._fd,
@@ -454,6 +486,7 @@ class BlobFetch(FillNews):
                 self._read_timeout,
                 self._upstream,
                 self._pumped,
+                pump_type,
             )
         if started is None:
             writer.take_back()
@@ -471,7 +504,7 @@ class BlobFetch(FillNews):
             self._pumped(pump.position)
             # The body was read past Twisted's HTTP client: the connection
             # cannot carry another request.
-            connection.abortConnection()
+            drop()
 
     def _pumped(self, end: int) -> None:
         """The pump wrote (and with the held tail, hashed) the file up to C{end}."""
@@ -803,6 +836,16 @@ class _FileWriter(Protocol):
             return None
         return body_connection(self.transport)
 
+    def tls_to_pump(self) -> TLSBody | None:
+        """
+        The TLS connection the rest of the body could be pumped from (see
+        L{connection_to_pump}); whether it can be taken over is known once
+        the event loop stopped reading it (L{TLSBody.problem}).
+        """
+        if self.done.called or self._skip:
+            return None
+        return tls_body_connection(self.transport)
+
     def hand_over(self) -> None:
         """The rest of the body is read elsewhere (a pump): stop watching for it."""
         self._handed_over = True
@@ -835,8 +878,8 @@ class _FileWriter(Protocol):
 
     def resume(self) -> None:
         """Read upstream again after L{pause}."""
-        if self.done.called:
-            return
+        if self.done.called or self._handed_over:
+            return  # a pump reads the socket: the event loop must not
         self._idle.arm()
         _producer(self.transport).resumeProducing()
 
@@ -847,7 +890,7 @@ class _FileWriter(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._idle.cancel()
         if self.done.called or self._handed_over:
-            return
+            return  # a pump reads the socket: the event loop must not
         broken = body_broken(reason, self._upstream, self._fetch.received)
         if broken is None:
             self.done.callback(None)

@@ -42,11 +42,12 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from hammal import metrics
 from hammal.cache.writes import LocalCacheError, describe
 from hammal.errors import RegistryError, UpstreamTimeout
 from hammal.stream import TransferBroken
 
-__all__ = ["PUMP_READ", "PUMP_THREADS", "BodyPump", "BodyPumps"]
+__all__ = ["PUMP_READ", "PUMP_THREADS", "BodyPump", "BodyPumps", "write_at"]
 
 #: How much a pump asks of the socket at once (one buffer per pump).
 PUMP_READ = 1024 * 1024
@@ -67,6 +68,9 @@ class BodyPump:
 
     @ivar position: the file offset written up to (set by the pump thread).
     """
+
+    #: What the pump reads from: counted per kind in L{BodyPumps.started_by_kind}.
+    kind = "tcp"
 
     def __init__(
         self,
@@ -217,16 +221,7 @@ class BodyPump:
             raise self._broken(position, failure) from failure
         if count == 0:
             raise self._ended_early(position)
-        data, offset = view[:count], position
-        try:
-            while data:
-                written = os.pwrite(self._file_fd, data, offset)
-                if written <= 0:
-                    raise OSError(errno.EIO, "the cache file accepts no more bytes")
-                offset += written
-                data = data[written:]
-        except OSError as failure:
-            raise LocalCacheError(f"cannot write the cache file: {describe(failure)}") from failure
+        write_at(self._file_fd, view[:count], position)
         return count
 
     def _broken(self, position: int, failure: OSError) -> TransferBroken:
@@ -238,6 +233,19 @@ class BodyPump:
         return TransferBroken(
             f"{self._upstream} closed the connection after {position} of {self._end} bytes"
         )
+
+
+def write_at(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of C{data} to the file C{fd} at C{offset} (L{LocalCacheError} if it cannot)."""
+    try:
+        while data:
+            written = os.pwrite(fd, data, offset)
+            if written <= 0:
+                raise OSError(errno.EIO, "the cache file accepts no more bytes")
+            offset += written
+            data = data[written:]
+    except OSError as failure:
+        raise LocalCacheError(f"cannot write the cache file: {describe(failure)}") from failure
 
 
 #: What C{splice} answers where it cannot move these descriptors' bytes.
@@ -333,6 +341,8 @@ class BodyPumps(Service):
         self._running: set[BodyPump] = set()
         #: Bodies handed to a pump since start.
         self.started = 0
+        #: ... of them, per L{BodyPump.kind}.
+        self.started_by_kind: dict[str, int] = {}
 
     def start(
         self,
@@ -344,15 +354,18 @@ class BodyPumps(Service):
         idle_timeout: float,
         upstream: str,
         progress: Progress,
+        pump_type: Callable[..., BodyPump] = BodyPump,
     ) -> tuple[BodyPump, Deferred[int]] | None:
         """
         Pump a body on a thread: the pump and its end offset (or failure),
         on the event loop once the thread let go of both descriptors;
         L{None} when every pump thread is busy or the service is stopped.
+        C{pump_type} makes the pump from these arguments (a L{BodyPump}
+        for a plain TCP socket).
         """
         if not self.running or len(self._running) >= self._threads:
             return None
-        pump = BodyPump(
+        pump = pump_type(
             self._reactor,
             socket_fd,
             file_fd,
@@ -365,6 +378,8 @@ class BodyPumps(Service):
         )
         self._running.add(pump)
         self.started += 1
+        self.started_by_kind[pump.kind] = self.started_by_kind.get(pump.kind, 0) + 1
+        metrics.labelled(metrics.pumped_bodies, pump.kind).inc()
         done = deferToThreadPool(self._reactor, self._pool, pump.run)
 
         def ended(result: Any) -> Any:

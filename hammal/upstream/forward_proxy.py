@@ -115,6 +115,15 @@ class _TunnelProtocol(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def relayed_to(self) -> IProtocol | None:
+        """
+        The protocol every byte from the proxy goes to, unchanged and as it
+        comes (nothing kept here), once the tunnel is open; L{None} before.
+        """
+        if self._buffer:
+            return None
+        return self._inner
+
     def dataReceived(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.dataReceived(data)
