@@ -671,6 +671,23 @@ class FileSenderTests(SynchronousTestCase):
         self.assertEqual(turns, [[100], [1000] * 4, [1000] * 4, [1000, 1000, 140]])
         self.assertEqual(self.read(), BLOB)
 
+    def test_whole_in_the_first_send_finishes_in_that_turn(self) -> None:
+        """
+        A response whose every byte went in the first sendfile (a config
+        blob) is finished in the same turn: a client that read it all and
+        closed at once must not find the request still open (it was logged
+        as a 499 the client aborted).
+        """
+        small = BLOB[:705]
+        sender = self.sender(small)
+        turns = 0
+        for _ in _until(lambda: self.request.sentLength == len(small)):
+            self.clock.turn()
+            turns += 1
+        self.assertTrue(sender.done.called, f"sent all in turn {turns}, not finished in it")
+        self.assertEqual(self.successResultOf(sender.done), len(small))
+        self.assertEqual(self.read(), small)
+
     def test_full_socket_waits_for_the_transport(self) -> None:
         """
         A full socket (EAGAIN): the sender asks the transport to resume it

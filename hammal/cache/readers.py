@@ -373,6 +373,11 @@ class FileSender(FileFollower):
             self._consumer.channel.resetTimeout()
             if self._first:
                 self._first = False
+                if self._offset >= limit and self._delivered(limit):
+                    # All of it in one send: finished now, not in a later
+                    # turn in which the client may have read it and left.
+                    self._finish(None)
+                    return
                 break  # the rest in a later turn
         self._schedule()
 
