@@ -187,7 +187,7 @@ def build_app(
         if settings.no_hold_tail:
             # Nobody waits for the hash but the commit: a thread of its own,
             # below the transfer's priority.
-            hash_thread = DedicatedThread(reactor, "hammal-fill-hash", idle=True)
+            hash_thread = DedicatedThread(reactor, "hammal-fill-hash")
     tokens = _token_cache(redis, reactor)
     policy = (
         RetryPolicy(retries=settings.retries, base=settings.retry_backoff)

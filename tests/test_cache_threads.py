@@ -74,59 +74,7 @@ class LowerPriorityTests(SynchronousTestCase):
         lower_priority(5)  # no exception
 
 
-class RunWhenIdleTests(SynchronousTestCase):
-    def test_only_the_calling_thread(self) -> None:
-        """The thread gets Linux's idle priority; the process's other threads do not."""
-
-        def idled() -> tuple[bool, int]:
-            return threads.run_when_idle(), os.sched_getscheduler(0)
-
-        done, policy = _in_a_thread(idled)
-        self.assertTrue(done)
-        self.assertEqual(policy, os.SCHED_IDLE)
-        self.assertEqual(os.sched_getscheduler(0), os.SCHED_OTHER)
-
-    def test_refusal_is_not_an_error(self) -> None:
-        """Where the system refuses, it says so and the thread runs as it is."""
-
-        def refuse(*args: Any) -> None:
-            raise PermissionError(1, "Operation not permitted")
-
-        self.patch(os, "sched_setscheduler", refuse)
-        self.assertFalse(threads.run_when_idle())
-
-
 class DedicatedThreadTests(SynchronousTestCase):
-    def test_idle_thread_falls_back_to_nice(self) -> None:
-        """
-        An idle-priority thread asks for idle priority once; where that is
-        refused it is lowered by steps instead.
-        """
-        asked: list[str] = []
-        self.patch(threads, "run_when_idle", lambda: asked.append("idle") or False)
-        self.patch(threads, "lower_priority", lambda by: asked.append(f"nice {by}"))
-        reactor = _Reactor()
-        worker = DedicatedThread(reactor, "test-hash", lower_by=4, idle=True)  # type: ignore[arg-type]
-        worker.startService()
-        self.addCleanup(worker.stopService)
-        for _ in range(2):
-            worker(int)
-            reactor.deliver()
-        self.assertEqual(asked, ["idle", "nice 4"])
-
-    def test_idle_thread(self) -> None:
-        """Granted idle priority, the thread is not lowered by steps too."""
-        asked: list[str] = []
-        self.patch(threads, "run_when_idle", lambda: asked.append("idle") or True)
-        self.patch(threads, "lower_priority", lambda by: asked.append(f"nice {by}"))
-        reactor = _Reactor()
-        worker = DedicatedThread(reactor, "test-hash", idle=True)  # type: ignore[arg-type]
-        worker.startService()
-        self.addCleanup(worker.stopService)
-        worker(int)
-        reactor.deliver()
-        self.assertEqual(asked, ["idle"])
-
     def test_runs_jobs_on_one_lowered_thread(self) -> None:
         """
         Jobs run one after another on the same thread, lowered once, not

@@ -121,6 +121,7 @@ class PumpedFillTests(TestCase):
         resumes: int = 0,
         read_timeout: float = 30,
         pumps: BodyPumps | None = None,
+        hash_offload: Any = run_here,
     ) -> BlobFetch:
         def start(offset: int) -> Deferred[Any]:
             headers = Headers()
@@ -138,7 +139,7 @@ class PumpedFillTests(TestCase):
             upstream="upstream.test",
             offload=run_here,
             hold_tail=hold_tail,
-            hash_offload=run_here,
+            hash_offload=hash_offload,
             pumps=self.pumps if pumps is None else pumps,
         )
 
@@ -193,14 +194,28 @@ class PumpedFillTests(TestCase):
 
     @inlineCallbacks
     def test_without_held_tail_the_hasher_follows_the_pumped_file(self) -> Any:
-        """With C{--no-hold-tail} the pump only writes; the digest still decides the commit."""
+        """
+        With C{--no-hold-tail} the pump only writes and the hash waits for
+        it to end (no core taken from the transfer); the digest still
+        decides the commit.
+        """
         blob = os.urandom(3 * MiB)
         digest = _digest(blob)
-        fetch = self.fetch(self.blob_file("loose", blob), digest, hold_tail=False)
+        pumping_when_hashed: list[bool] = []
+
+        def hash_offload(f: Any, *args: Any) -> Deferred[Any]:
+            pumping_when_hashed.append(fetch._pump is not None)
+            return run_here(f, *args)
+
+        fetch = self.fetch(
+            self.blob_file("loose", blob), digest, hold_tail=False, hash_offload=hash_offload
+        )
         yield Deferred.fromCoroutine(fetch.run())
         self.assertTrue(fetch.complete)
         self.assertEqual(self.pumps.started, 1)
         self.assertTrue(os.path.exists(self.store.path(digest)))
+        self.assertTrue(pumping_when_hashed)  # hashed, once the pump was done
+        self.assertNotIn(True, pumping_when_hashed)
 
     @inlineCallbacks
     def test_corrupt_bytes_never_stored(self) -> Any:

@@ -502,6 +502,7 @@ class BlobFetch(FillNews):
             # Whatever ended it, the file (and the hash) hold exactly this
             # much: a resume goes on from there.
             self._pumped(pump.position)
+            self._hash_more()  # without the held tail, the hash starts now
             # The body was read past Twisted's HTTP client: the connection
             # cannot carry another request.
             drop()
@@ -649,6 +650,11 @@ class BlobFetch(FillNews):
         if self._hold_tail or self._hashing is not None or self._fd is None:
             return
         if self._broken is not None or self.failure is not None:
+            return
+        if self._pump is not None:
+            # A pump is moving the body: hash once it is done, so that the
+            # hash takes no core from the transfer (and its thread never
+            # holds the GIL the event loop wants meanwhile).
             return
         if self._hashed >= self.written:
             return

@@ -6,10 +6,7 @@ hasher that follows the written file (C{--no-hold-tail}) is better on a
 thread of its own at a lower CPU priority: nobody waits for it but the
 commit, so on a busy machine it yields the cores to the transfer (the
 event loop, the writer, the client), and other pool work keeps its
-priority. "Lower" there is Linux's idle priority where allowed: at nice 10
-the hasher still took a core's worth of time from a cold transfer on two
-cores (``--no-hold-tail`` 0.57x nginx's figure), at idle priority it waits
-for the transfer's spare time (0.82x in the same run).
+priority.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["LOWER_PRIORITY_BY", "DedicatedThread", "lower_priority", "run_when_idle"]
+__all__ = ["LOWER_PRIORITY_BY", "DedicatedThread", "lower_priority"]
 
 log = Logger()
 
@@ -51,29 +48,11 @@ def lower_priority(by: int) -> None:
         log.info("cannot lower a thread's priority: {error}", error=str(failure))
 
 
-def run_when_idle() -> bool:
-    """
-    Give the calling thread only the CPU time nothing else wants (Linux's
-    C{SCHED_IDLE}: a weight of 3 against an ordinary thread's 1024, so it
-    still progresses on a machine that is never idle). Whether it was done.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError) as failure:
-        log.info("cannot run a thread at idle priority: {error}", error=str(failure))
-        return False
-    return True
-
-
-def _run_lowered(by: int, idle: bool, f: Callable[..., Any], *args: Any) -> Any:
-    """
-    Run C{f(*args)}, this thread lowered first (once per thread): to idle
-    priority if C{idle} (else, or where refused, by C{by} steps).
-    """
-    if getattr(_state, "lowered", None) != (by, idle):
-        _state.lowered = (by, idle)
-        if not (idle and run_when_idle()):
-            lower_priority(by)
+def _run_lowered(by: int, f: Callable[..., Any], *args: Any) -> Any:
+    """Run C{f(*args)}, this thread lowered by C{by} steps first (once per thread)."""
+    if getattr(_state, "lowered", None) != by:
+        _state.lowered = by
+        lower_priority(by)
     return f(*args)
 
 
@@ -81,27 +60,19 @@ class DedicatedThread(Service):
     """
     One thread, started and stopped with hammal's services, that runs the
     jobs handed to it one after another (an L{hammal.cache.fetch.Offload}),
-    C{lower_by} steps below the rest of the process, or with C{idle} only
-    on CPU time nothing else wants (L{run_when_idle}).
+    C{lower_by} steps below the rest of the process.
     """
 
     def __init__(
-        self,
-        reactor: IReactorFromThreads,
-        name: str,
-        lower_by: int = LOWER_PRIORITY_BY,
-        idle: bool = False,
+        self, reactor: IReactorFromThreads, name: str, lower_by: int = LOWER_PRIORITY_BY
     ) -> None:
         self._reactor = reactor
         self._lower_by = lower_by
-        self._idle = idle
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
 
     def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Run C{f(*args)} on the thread; its result (or failure) comes back on the reactor."""
-        return deferToThreadPool(
-            self._reactor, self.pool, _run_lowered, self._lower_by, self._idle, f, *args
-        )
+        return deferToThreadPool(self._reactor, self.pool, _run_lowered, self._lower_by, f, *args)
 
     def startService(self) -> None:
         super().startService()
