@@ -177,32 +177,41 @@ class WorkersTests(unittest.TestCase):
 
     def test_cold_crowd_on_both_workers_one_upstream_fetch(self) -> None:
         """10 concurrent cold GETs of a blob arriving at 4 MiB/s land on both
-        workers: one upstream GET, every client gets exact bytes."""
+        workers: one upstream GET, every client gets exact bytes. Which
+        worker accepts a connection is the kernel's choice: a crowd that all
+        landed on one worker shows nothing about sharing a fill, so the
+        crowd of another blob is tried (three at most)."""
         hammal = self.start(2)
-        spec = CRAWL[0]
-        self.upstream.admin("POST", "fault", kind="slow", rate=4 * MiB)
-        with ThreadPoolExecutor(max_workers=10) as pool:
-            results = list(pool.map(lambda _: self.get(hammal, spec), range(10)))
-        for i, got in enumerate(results):
-            self.expect_blob(got, spec, f"client {i}")
-        gets = self.upstream.gets(spec)
-        self.expect(len(gets) == 1, f"{len(gets)} upstream GETs of the blob, expected 1: {gets}")
+        before: Dict[str, float] = {}
+        landed: List[Dict[str, float]] = []
+        for spec in CRAWL[:3]:
+            self.upstream.admin("POST", "fault", kind="slow", rate=4 * MiB)
+            with ThreadPoolExecutor(max_workers=10) as pool:
+                results = list(pool.map(lambda _: self.get(hammal, spec), range(10)))
+            for i, got in enumerate(results):
+                self.expect_blob(got, spec, f"client {i}")
+            gets = self.upstream.gets(spec)
+            self.expect(len(gets) == 1, f"{len(gets)} upstream GETs of a blob, expected 1: {gets}")
 
-        # A scrape shows its own process live and the others as of their
-        # last snapshot (at most 2 s old): wait for a view of all 10.
-        seen: List[Dict[str, float]] = []
+            # A scrape shows its own process live and the others as of
+            # their last snapshot (at most 2 s old): wait for all 10.
+            seen: List[Dict[str, float]] = []
 
-        def on_both() -> bool:
-            seen.append(worker_counts(hammal))
-            return sum(seen[-1].values()) == 10 and set(seen[-1]) == {"0", "1"}
+            def all_counted() -> bool:
+                seen.append(worker_counts(hammal))
+                return sum(seen[-1].values()) - sum(before.values()) == 10
 
-        try:
-            wait_until(on_both, "blob requests on both workers", timeout=10)
-        except Exception:
-            self.fail(
-                f"blob requests by worker, last seen: {seen[-1:]} (expected some on each)"
-                f"\n{self.diagnostics()}"
-            )
+            try:
+                wait_until(all_counted, "the crowd's blob requests counted", timeout=10)
+            except Exception:
+                self.fail(f"blob requests by worker, last seen: {seen[-1:]}\n{self.diagnostics()}")
+            now = seen[-1]
+            crowd = {worker: now[worker] - before.get(worker, 0) for worker in now}
+            landed.append(crowd)
+            if crowd.get("0", 0) > 0 and crowd.get("1", 0) > 0:
+                return
+            before = now
+        self.fail(f"three crowds each landed on one worker: {landed}\n{self.diagnostics()}")
 
     def test_kill_9_a_worker_mid_fill(self) -> None:
         """The worker filling a blob is killed with -9 while 6 clients read it:
