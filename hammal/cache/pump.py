@@ -129,14 +129,8 @@ class BodyPump:
 
     def run(self) -> int:
         """Pump the body; returns the end offset, or raises why it stopped."""
-        hashing = (
-            _FileHash(self._hasher, self._file_fd, self._start)
-            if self._hasher is not None
-            else None
-        )
-        poller = select.poll()
-        poller.register(self._socket_fd, select.POLLIN)
-        poller.register(self._wake, select.POLLIN)
+        hashing = self._hash_behind()
+        poller = self._poller(select.POLLIN)
         position = self._start
         move = _Splice() if _can_splice() else None
         buffer = None
@@ -159,10 +153,7 @@ class BodyPump:
                 if hashing is not None:
                     hashing.hash(count)
                 position += count
-                self.position = position
-                if not self._told:
-                    self._told = True
-                    self._reactor.callFromThread(self._tell)
+                self._moved_to(position)
         finally:
             if move is not None:
                 move.close()
@@ -171,6 +162,26 @@ class BodyPump:
                 # bytes written: a resume goes on from there.
                 hashing.finish()
         return position
+
+    def _hash_behind(self) -> _FileHash | None:
+        """The thread hashing what was written, if this pump hashes."""
+        if self._hasher is None:
+            return None
+        return _FileHash(self._hasher, self._file_fd, self._start)
+
+    def _poller(self, events: int) -> select.poll:
+        """A poll of the socket for C{events}, woken by L{stop} too."""
+        poller = select.poll()
+        poller.register(self._socket_fd, events)
+        poller.register(self._wake, select.POLLIN)
+        return poller
+
+    def _moved_to(self, position: int) -> None:
+        """The file holds the body up to C{position}: tell the event loop (once per turn)."""
+        self.position = position
+        if not self._told:
+            self._told = True
+            self._reactor.callFromThread(self._tell)
 
     def _wait_readable(self, poller: select.poll, position: int) -> None:
         """Until the socket has bytes (or an end), within the idle timeout."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from OpenSSL import SSL
 
-from hammal.cache.pump import PUMP_READ, BodyPump, _FileHash, write_at
+from hammal.cache.pump import PUMP_READ, BodyPump, write_at
 from hammal.errors import UpstreamTimeout
 from hammal.stream import TransferBroken
 
@@ -63,14 +63,8 @@ class TLSBodyPump(BodyPump):
 
     def run(self) -> int:
         """Decrypt and write the body; returns the end offset, or raises why it stopped."""
-        hashing = (
-            _FileHash(self._hasher, self._file_fd, self._start)
-            if self._hasher is not None
-            else None
-        )
-        poller = select.poll()
-        poller.register(self._socket_fd, select.POLLIN)
-        poller.register(self._wake, select.POLLIN)
+        hashing = self._hash_behind()
+        poller = self._poller(select.POLLIN)
         plain = memoryview(bytearray(min(PUMP_READ, self._end - self._start)))
         raw = memoryview(bytearray(TLS_READ))
         position = self._start
@@ -87,10 +81,7 @@ class TLSBodyPump(BodyPump):
                 if hashing is not None:
                     hashing.hash(count)
                 position += count
-                self.position = position
-                if not self._told:
-                    self._told = True
-                    self._reactor.callFromThread(self._tell)
+                self._moved_to(position)
         finally:
             if hashing is not None:
                 # Whatever ended the pump, the hasher has taken exactly the
@@ -166,9 +157,7 @@ class TLSBodyPump(BodyPump):
             except OSError as failure:
                 raise self._broken(position, failure) from failure
             if poller is None:
-                poller = select.poll()
-                poller.register(self._socket_fd, select.POLLOUT)
-                poller.register(self._wake, select.POLLIN)
+                poller = self._poller(select.POLLOUT)
             if not poller.poll(self._idle_ms):
                 raise UpstreamTimeout(
                     f"{self._upstream} took nothing for {self._idle_timeout:g} seconds"
