@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from bench.ttfb import request_bytes
 from tests.integration.environment import _die_with_parent, clean_env
 
 CURL_BIN = shutil.which("curl") or "/usr/bin/curl"
@@ -250,12 +251,6 @@ def wrk(
 # -- slow readers ----------------------------------------------------------------
 
 
-def _request_bytes(path: str, host: str, headers: Sequence[Tuple[str, str]]) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
 def _slow_socket(port: int, rcvbuf: int) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # before connect, so the window never grows past it
@@ -278,7 +273,7 @@ def slow_reader(
     a second (for RSS sampling); then close. Returns what was read."""
     s = _slow_socket(port, rcvbuf)
     try:
-        s.sendall(_request_bytes(path, f"127.0.0.1:{port}", headers))
+        s.sendall(request_bytes(path, f"127.0.0.1:{port}", headers, close=False))
         head = b""
         got = 0
         t0 = time.monotonic()
@@ -347,7 +342,7 @@ def many_slow_readers(
     socks: List[socket.socket] = []
     state: Dict[int, _Reader] = {}
     connect_errors = 0
-    request = _request_bytes(path, f"127.0.0.1:{port}", headers)
+    request = request_bytes(path, f"127.0.0.1:{port}", headers, close=False)
     try:
         deadline = time.monotonic() + 60
         for _ in range(count):

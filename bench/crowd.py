@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from bench.ttfb import request_bytes
+
 #: How often every connected socket gets its allowance (seconds).
 _STEP = 0.1
 
@@ -49,12 +51,6 @@ class CrowdResult:
     notes: List[str] = field(default_factory=list)
 
 
-def _request_bytes(path: str, host: str, headers: Sequence[Tuple[str, str]]) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
 def slow_crowd(
     port: int,
     path: str,
@@ -77,7 +73,7 @@ def slow_crowd(
     sel = selectors.DefaultSelector()
     readers: List[_Reader] = []
     errors: Dict[str, int] = {}
-    request = _request_bytes(path, f"{host}:{port}", headers)
+    request = request_bytes(path, f"{host}:{port}", headers, close=False)
 
     def error(name: str) -> None:
         errors[name] = errors.get(name, 0) + 1

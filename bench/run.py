@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from bench import machine
@@ -41,6 +42,7 @@ from bench.clients import (
 from bench.cluster import cluster_row
 from bench.cluster import describe as describe_cluster
 from bench.crowd import slow_crowd
+from bench.hashing import hashed_get
 from bench.latency import ProbeProcess
 from bench.stack import (
     ACCEPT_ALL,
@@ -294,12 +296,40 @@ class Bench:
         direct = [curl_get(cdn_url).speed / 1e6 for _ in range(runs)]
         log(f"client ceiling (curl from the CDN directly): {[round(x) for x in direct]} MB/s")
         self.figures["cdn_direct_MBps"] = {"runs": direct, "median": median(direct)}
+        self.figures["hashing_client_MBps"] = self.hashing_ceilings(runs, cdn_url)
         self.figures["cold_MBps"] = {k: {"runs": v, "median": median(v)} for k, v in cold.items()}
         self.figures["no_hold_tail"] = {
             "available": self.no_hold_tail is not None,
             "reason": self.no_hold_tail_reason,
         }
         self.figures["warm_MBps"] = {k: {"runs": v, "median": median(v)} for k, v in warm.items()}
+
+    def hashing_ceilings(self, runs: int, cdn_url: str) -> Dict[str, Any]:
+        """
+        The blob received by a client that hashes it on a second thread
+        (L{bench.hashing}): through nginx (a proxy that neither hashes nor
+        stores, the hash left to the client) and straight from the CDN. No
+        proxy doing nginx's work plus the hash can beat the first here.
+        """
+        cdn = urllib.parse.urlsplit(cdn_url)
+        sources = {
+            "nginx": (self.nginx.port, self.blob_path(), self.nginx.client_headers(self.big.repo)),
+            "cdn": (cdn.port or 80, cdn.path, []),
+        }
+        found: Dict[str, Any] = {}
+        for name, (port, path, headers) in sources.items():
+            speeds = []
+            for r in range(runs):
+                got = hashed_get(port, path, headers)
+                if got.error or got.status != 200 or got.digest != self.blob:
+                    raise RuntimeError(
+                        f"hashing client via {name} run {r + 1}: {got.status} {got.error}"
+                        f" {got.digest} (wanted {self.blob})"
+                    )
+                speeds.append(round(got.speed / 1e6))
+            found[name] = {"runs": speeds, "median": median(speeds)}
+            log(f"hashing client (sha256 on a 2nd thread) via {name}: {speeds} MB/s")
+        return found
 
     def concurrent(self) -> None:
         runs, n = self.cfg.runs, self.cfg.concurrent
@@ -811,6 +841,14 @@ class Bench:
             lines.append(
                 f"{'client ceiling: curl from the CDN (MB/s)':<44}"
                 f"{fmt(f['cdn_direct_MBps']['median']):>10}"
+            )
+        hashing = f.get("hashing_client_MBps")
+        if hashing:
+            lines.append(
+                f"{'hashing client via nginx (MB/s)':<44}{'-':>10}"
+                f"{fmt(hashing['nginx']['median']):>10}"
+                f"   (sha256 at the client on a 2nd thread; from the CDN directly:"
+                f" {fmt(hashing['cdn']['median'])})"
             )
         if "concurrent_cold" in f:
             cc = f["concurrent_cold"]

@@ -31,13 +31,19 @@ class FirstByte:
     error: str = ""
 
 
-def _request(path: str, host: str, headers: Sequence[Tuple[str, str]]) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+def request_bytes(
+    path: str, host: str, headers: Sequence[Tuple[str, str]], close: bool = True
+) -> bytes:
+    """An HTTP/1.1 GET of C{path}; with C{close}, asking the server to close after answering."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}"]
+    if close:
+        lines.append("Connection: close")
     lines += [f"{k}: {v}" for k, v in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _content_length(head: bytes) -> Optional[int]:
+def content_length(head: bytes) -> Optional[int]:
+    """The C{Content-Length} of a response head, if it has one."""
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length" and value.strip().isdigit():
@@ -75,7 +81,7 @@ def first_body_byte(
 
     try:
         with socket.create_connection((host, port), timeout=min(10.0, timeout)) as s:
-            s.sendall(_request(path, f"{host}:{port}", headers))
+            s.sendall(request_bytes(path, f"{host}:{port}", headers))
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -94,7 +100,7 @@ def first_body_byte(
                     head, _, rest = head.partition(b"\r\n\r\n")
                     parts = head.split(b" ", 2)
                     status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-                    length = _content_length(head)
+                    length = content_length(head)
                     if on_headers is not None:
                         on_headers()
                     count = len(rest)

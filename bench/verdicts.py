@@ -92,12 +92,19 @@ def judge(
             f"{hammal:.0f} vs {dist:.0f} MB/s",
         )
         r = _ratio(hammal, sha256_MBps)
+        detail = f"{hammal:.0f} vs {sha256_MBps:.0f} MB/s"
+        ceiling = (figures.get("hashing_client_MBps") or {}).get("nginx", {}).get("median")
+        if ceiling is not None:
+            detail += (
+                f"; nginx + a hashing client: {ceiling:.0f}"
+                f" ({_ratio(ceiling, sha256_MBps)}x, the ceiling of a hashing proxy here)"
+            )
         add(
             "cold blob: hammal / sha256 on one core",
             r,
             f">= {COLD_VS_SHA256}x",
             None if r is None else r >= COLD_VS_SHA256,
-            f"{hammal:.0f} vs {sha256_MBps:.0f} MB/s",
+            detail,
         )
         nht = figures.get("no_hold_tail", {})
         if NO_HOLD_TAIL in cold and cold[NO_HOLD_TAIL]["median"] is not None:

@@ -7,6 +7,7 @@ PASS/MISS verdicts and what ``--quick`` runs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import resource
@@ -24,6 +25,7 @@ from twisted.web.static import Data
 
 from bench import machine
 from bench.crowd import slow_crowd
+from bench.hashing import hashed_get
 from bench.latency import ProbeProcess, paced_gets, percentile
 from bench.run import QUICK_SECTIONS, SECTIONS, chosen_sections
 from bench.ttfb import first_body_byte
@@ -211,6 +213,56 @@ class FirstBodyByteTests(TestCase):
         result = yield deferToThread(first_body_byte, port, "/", timeout=5)
         self.assertEqual((result.status, result.ttfb_s), (0, 0.0))
         self.assertIn("ConnectionRefused", result.error)
+
+
+class HashedGetTests(TestCase):
+    """The hashing client (the ceiling of a hashing proxy) over real TCP."""
+
+    @inlineCallbacks
+    def test_digest_of_a_body_over_many_buffers(self) -> Any:
+        body = os.urandom(9 * 1024 * 1024 + 12345)  # more than two receive buffers
+        seen: List[Any] = []
+
+        class Blob(Data):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                seen.append(request.getHeader(b"x-test"))
+                return super().render_GET(request)
+
+        port = _listen(self, Blob(body, "application/octet-stream"))
+        got = yield deferToThread(hashed_get, port, "/", [("X-Test", "2")], timeout=30)
+        self.assertEqual((got.status, got.body_bytes, got.error), (200, len(body), ""))
+        self.assertEqual(got.digest, "sha256:" + hashlib.sha256(body).hexdigest())
+        self.assertGreater(got.speed, 0)
+        self.assertEqual(seen, [b"2"])
+
+    @inlineCallbacks
+    def test_short_body_is_an_error(self) -> Any:
+        class Short(web_resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                request.setHeader(b"content-length", b"1000")
+                request.write(b"abc")
+                request.loseConnection()
+                return NOT_DONE_YET
+
+        port = _listen(self, Short())
+        got = yield deferToThread(hashed_get, port, "/", timeout=30)
+        self.assertEqual(got.body_bytes, 3)
+        self.assertIn("3 of 1000", got.error)
+        self.assertEqual(got.speed, 0.0)
+
+    @inlineCallbacks
+    def test_nothing_listening(self) -> Any:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        got = yield deferToThread(hashed_get, port, "/", timeout=5)
+        self.assertEqual(got.status, 0)
+        self.assertIn("ConnectionRefused", got.error)
 
 
 class PercentileTests(SynchronousTestCase):
@@ -422,6 +474,13 @@ class VerdictTests(SynchronousTestCase):
         self.assertEqual((crowd.verdict, crowd.value), ("PASS", 12.0))
         self.assertIn("PASS", crowd.line())
         self.assertEqual(v["warm blob: hammal / Distribution warm"].issue, "earlier")
+
+    def test_hashing_ceiling_in_the_sha256_line(self) -> None:
+        figures = _figures(hashing_client_MBps={"nginx": {"median": 770}, "cdn": {"median": 1340}})
+        line = self.verdicts(figures, sha256=1400.0)["cold blob: hammal / sha256 on one core"]
+        self.assertIn("nginx + a hashing client: 770 (0.55x", line.detail)
+        plain = self.verdicts(_figures(), sha256=1400.0)["cold blob: hammal / sha256 on one core"]
+        self.assertNotIn("hashing client", plain.detail)
 
     def test_issue_12_first(self) -> None:
         issues = [v.issue for v in judge(_figures(), 1100.0)]
