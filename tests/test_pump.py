@@ -218,6 +218,52 @@ class PumpedFillTests(TestCase):
         self.assertNotIn(True, pumping_when_hashed)
 
     @inlineCallbacks
+    def test_without_held_tail_the_pump_does_not_wait_for_the_hash(self) -> Any:
+        """
+        With C{--no-hold-tail} the pump needs the first bytes written, not
+        hashed: behind a busy hash thread it starts all the same.
+        """
+        blob = os.urandom(3 * MiB)
+        digest = _digest(blob)
+        hashing_at_pump_start: list[bool] = []
+
+        def hash_offload(f: Any, *args: Any) -> Deferred[Any]:
+            if fetch._pump is not None or hashing_at_pump_start:
+                return run_here(f, *args)
+            waiting: Deferred[Any] = Deferred()
+
+            def run() -> None:
+                if timer.active():
+                    timer.cancel()
+                if not waiting.called:
+                    waiting.callback(f(*args))
+
+            # The busy hash thread: it gets to this slice once the pump has
+            # started (or, should the pump wait for it, after 5 s).
+            timer = reactor.callLater(5, run)  # type: ignore[attr-defined]
+            pending_hashes.append(run)
+            return waiting
+
+        pending_hashes: list[Any] = []
+        start = self.pumps.start
+
+        def start_pump(*args: Any) -> Any:
+            hashing_at_pump_start.append(fetch._hashing is not None)
+            for run in pending_hashes:
+                reactor.callLater(0, run)  # type: ignore[attr-defined]
+            return start(*args)
+
+        self.patch(self.pumps, "start", start_pump)
+        fetch = self.fetch(
+            self.blob_file("busy-hash", blob), digest, hold_tail=False, hash_offload=hash_offload
+        )
+        yield Deferred.fromCoroutine(fetch.run())
+        self.assertTrue(fetch.complete)
+        self.assertEqual(hashing_at_pump_start, [True])
+        with open(self.store.path(digest), "rb") as stored:
+            self.assertEqual(stored.read(), blob)
+
+    @inlineCallbacks
     def test_corrupt_bytes_never_stored(self) -> Any:
         """Bytes that do not hash to the digest fail the fill, and nothing is stored."""
         blob = os.urandom(4 * MiB)

@@ -251,6 +251,7 @@ class BlobFetch(FillNews):
         self._hashed = 0
         self._hashing: Deferred[int] | None = None
         self._drain_waiter: Deferred[None] | None = None
+        self._drain_hashed = True  # whether the waiter waits for the hash too
         self._broken: LocalCacheError | None = None
         self._upstream_paused = False
         self._writer: _FileWriter | None = None
@@ -456,7 +457,9 @@ class BlobFetch(FillNews):
             # The headers may have been parsed from the middle of a read:
             # the rest of that read reaches the writer when the read ends.
             await _next_turn(self._clock)
-            await self._drained()
+            # The pump goes on writing from where the file ends; the hash
+            # (without the held tail) may lag behind, on a thread of its own.
+            await self._drained(hashed=self._hold_tail)
         except BaseException:
             drop()
             raise
@@ -682,17 +685,16 @@ class BlobFetch(FillNews):
             self._upstream_paused = False
             if self._writer is not None:
                 self._writer.resume()
-        if self._drain_waiter is not None and self._idle():
+        if self._drain_waiter is not None and self._idle(self._drain_hashed):
             waiter, self._drain_waiter = self._drain_waiter, None
             waiter.callback(None)
 
-    def _idle(self) -> bool:
-        return (
-            self._writing is None
-            and self._hashing is None
-            and not self._to_write
-            and (self._hold_tail or self._hashed >= self.written)
-        )
+    def _idle(self, hashed: bool = True) -> bool:
+        """Every byte received was written and, if C{hashed}, hashed."""
+        written = self._writing is None and not self._to_write
+        if not hashed or self._hold_tail:  # with the held tail, the writer hashes
+            return written
+        return written and self._hashing is None and self._hashed >= self.written
 
     def _cache_failed(self, broken: LocalCacheError) -> None:
         """The file could not be written or hashed: the fill fails locally, once."""
@@ -709,14 +711,15 @@ class BlobFetch(FillNews):
         elif self._writer is not None:
             self._writer.abandon(broken)
 
-    def _drained(self) -> Deferred[None]:
-        """Fires once every byte received so far was written and hashed."""
+    def _drained(self, hashed: bool = True) -> Deferred[None]:
+        """Fires once every byte received so far was written and (if C{hashed}) hashed."""
         if self._broken is not None:
             return fail(self._broken)
-        if self._idle():
+        if self._idle(hashed):
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._drain_waiter = waiter
+        self._drain_hashed = hashed
         return waiter
 
     async def _verify_and_commit(self) -> None:
