@@ -614,7 +614,9 @@ class Bench:
         proxies: List[Proxy] = [self.hammal, self.peer, self.nginx]
         if self.no_hold_tail is not None:
             proxies.append(self.no_hold_tail)
-        for r in range(self.cfg.runs):
+        # Each sample is one GET of a few ms: twice as many samples as runs
+        # (at least 5) keep one slow token or connection from moving the median.
+        for r in range(max(5, 2 * self.cfg.runs)):
             for proxy in proxies:
                 extra = proxy is self.no_hold_tail
                 name = NO_HOLD_TAIL if extra else proxy.name
