@@ -493,6 +493,7 @@ class BlobFetch(FillNews):
                 self._upstream,
                 self._pumped,
                 pump_type,
+                min_rate=self._min_rate,
             )
         if started is None:
             writer.take_back()
