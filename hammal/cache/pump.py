@@ -216,15 +216,15 @@ class BodyPump:
             if self._stopping is not None:
                 raise self._stopping
             now = self._clock()
-            slow = self._floor.judge(now, position)
-            if slow is not None:
-                raise slow
             silent = now - self._heard_at
-            if silent >= self._idle_timeout:
+            if silent >= self._idle_timeout:  # silence, said as such where both apply
                 raise UpstreamTimeout(
                     f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
                     f" after {position} bytes"
                 )
+            slow = self._floor.judge(now, position)
+            if slow is not None:
+                raise slow
             if readable:
                 return
             wait = self._idle_timeout - silent
