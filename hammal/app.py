@@ -545,6 +545,7 @@ def _blob_cache(
         coordinator=coordinator,
         hash_offload=hash_offload,
         pumps=pumps,
+        min_rate=settings.upstream_min_rate,
     )
 
 

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from hammal.access.forwarding import FORWARDED_HEADERS
+from hammal.cache.minrate import DEFAULT_MIN_RATE
 from hammal.cache.store import FreeSpaceFloor
 from hammal.keyfile import ClusterKeyError, load_cluster_key
 from hammal.reference import is_docker_hub, registry_names
@@ -115,6 +116,12 @@ PARAMETERS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec("connect-timeout", "10", "Seconds to wait for an upstream connection."),
     OptionSpec("read-timeout", "30", "Seconds of upstream silence before giving up."),
+    OptionSpec(
+        "upstream-min-rate",
+        str(DEFAULT_MIN_RATE),
+        "Bytes per second a blob body from upstream must bring over each --read-timeout"
+        " window, else it is given up like silence; 0 turns it off.",
+    ),
     OptionSpec(
         "upstream-deadline",
         "120",
@@ -372,6 +379,17 @@ def _number(text: str, what: str, minimum: float, integer: bool = False) -> floa
     if value < minimum:
         raise ConfigError(f"{what} must be at least {minimum:g}")
     return value
+
+
+def _min_rate(text: str) -> int:
+    """C{--upstream-min-rate}: a whole number of bytes per second, 0 (off) or more."""
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()):
+        raise ConfigError(
+            "--upstream-min-rate must be a whole number of bytes per second (0 turns it off),"
+            f" not {text[:40]!r}"
+        )
+    return int(value)
 
 
 def port_description(text: str) -> str:
@@ -692,6 +710,8 @@ class Settings:
     cluster_key_file: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    #: Bytes per second a blob body must bring per read-timeout window (0: off).
+    upstream_min_rate: int = DEFAULT_MIN_RATE
     upstream_deadline: float = 120.0
     retries: int = 3
     retry_backoff: float = 0.5
@@ -897,6 +917,7 @@ class Settings:
             cluster_key_file=cluster_key_file,
             connect_timeout=_number(text("connect-timeout") or "10", "--connect-timeout", 0.001),
             read_timeout=_number(text("read-timeout") or "30", "--read-timeout", 0.001),
+            upstream_min_rate=_min_rate(text("upstream-min-rate") or str(DEFAULT_MIN_RATE)),
             upstream_deadline=_number(
                 text("upstream-deadline") or "120", "--upstream-deadline", 0.001
             ),

@@ -6,14 +6,16 @@ what it configures stays with the app rather than changing Twisted globally.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 
 from hammal.app import App, build_app
-from hammal.cache.fetch import run_here
+from hammal.cache.fetch import BlobFetch, run_here
 from hammal.cache.threads import DedicatedThread
 from hammal.config import Settings
+from hammal.reference import Digest
 from tests.fakes import REGISTRY, FakeUpstream, stub_for
 
 
@@ -113,3 +115,19 @@ class HoldTailTests(SynchronousTestCase):
         assert built[False].blobs is not None
         self.assertIs(built[False].blobs._hash_offload, threads[0])
         self.assertFalse(any(isinstance(s, DedicatedThread) for s in built[True].services))
+
+
+class UpstreamMinRateTests(SynchronousTestCase):
+    """--upstream-min-rate reaches every fill of the blob cache."""
+
+    def test_reaches_the_fills(self) -> None:
+        for rate in (1024, 0, 65536):
+            app = _app(cache_dir=self.mktemp(), upstream_min_rate=rate)
+            assert app.blobs is not None
+            self.assertEqual(app.blobs.min_rate, rate)
+            digest = Digest.parse("sha256:" + "ab" * 32)
+            fill, joined = app.blobs.fetch(digest, lambda offset: Deferred(), "upstream.test")
+            self.assertFalse(joined)
+            self.assertIsInstance(fill, BlobFetch)
+            assert isinstance(fill, BlobFetch)
+            self.assertEqual(fill._min_rate, rate)

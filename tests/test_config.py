@@ -695,3 +695,32 @@ class NoHoldTailTests(SynchronousTestCase):
         self.assertFalse(settings().no_hold_tail)
         self.assertTrue(settings(["--no-hold-tail"]).no_hold_tail)
         self.assertTrue(settings(environ={"HAMMAL_NO_HOLD_TAIL": "yes"}).no_hold_tail)
+
+
+class UpstreamMinRateTests(SynchronousTestCase):
+    """--upstream-min-rate: bytes per second a blob body must bring; 0 turns it off."""
+
+    def test_default(self) -> None:
+        self.assertEqual(settings().upstream_min_rate, 1024)
+        self.assertEqual(Settings().upstream_min_rate, 1024)
+
+    def test_command_line_and_environment(self) -> None:
+        self.assertEqual(settings(["--upstream-min-rate", "0"]).upstream_min_rate, 0)
+        self.assertEqual(settings(["--upstream-min-rate", "65536"]).upstream_min_rate, 65536)
+        environ = {"HAMMAL_UPSTREAM_MIN_RATE": "4096"}
+        self.assertEqual(settings(environ=environ).upstream_min_rate, 4096)
+        self.assertEqual(settings(["--upstream-min-rate", "10"], environ).upstream_min_rate, 10)
+        self.assertEqual(settings(environ={"HAMMAL_UPSTREAM_MIN_RATE": ""}).upstream_min_rate, 1024)
+
+    def test_invalid(self) -> None:
+        """Not a whole number of bytes per second, or below 0: a one-line usage error."""
+        for value in ("-1", "1.5", "fast", "nan", "1e3", "1K"):
+            for argv, environ in (
+                (["--upstream-min-rate", value], {}),
+                ([], {"HAMMAL_UPSTREAM_MIN_RATE": value}),
+            ):
+                error = self.assertRaises(UsageError, parse, argv, environ)
+                message = str(error)
+                self.assertNotIn("\n", message)
+                self.assertIn("--upstream-min-rate must be a whole number of bytes", message)
+                self.assertIn(repr(value), message)

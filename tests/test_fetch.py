@@ -30,6 +30,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from hammal import metrics
 from hammal.cache import fetch as fetch_module
 from hammal.cache.fetch import BlobFetch, DigestMismatch, run_here
+from hammal.cache.minrate import DEFAULT_MIN_RATE
 from hammal.cache.readers import BlobReader
 from hammal.cache.store import BlobStore, FreeSpaceFloor
 from hammal.cache.writes import LocalCacheError
@@ -650,6 +651,7 @@ class _FetchTestCase(SynchronousTestCase):
         digest: Digest = DIGEST,
         read_timeout: float = 30,
         hold_tail: bool = True,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> BlobFetch:
         """A fetch of C{digest} from C{upstream}, running."""
         fetch = BlobFetch(
@@ -662,6 +664,7 @@ class _FetchTestCase(SynchronousTestCase):
             upstream="upstream.test",
             offload=offload,
             hold_tail=hold_tail,
+            min_rate=min_rate,
         )
         Deferred.fromCoroutine(fetch.run())
         return fetch
@@ -1080,6 +1083,128 @@ class BacklogTests(_FetchTestCase):
         self.assertTrue(response.transport.paused)  # 1100 behind: more than half
         offload.run_all()
         self.assertFalse(response.transport.paused)
+
+
+class MinimumRateTests(_FetchTestCase):
+    """
+    A body that trickles (never silent for a read timeout, yet slower than
+    C{--upstream-min-rate}) is given up after a window of the read timeout,
+    the way silence is: resumed with C{Range}, then a timeout.
+    """
+
+    def trickle(self, response: _Response, at: int, size: int, every: float, until: float) -> int:
+        """Send C{size} bytes of the blob from C{at} each C{every} seconds up to C{until}."""
+        while at < len(BLOB) and self.clock.seconds() < until:
+            response.send(BLOB[at : at + size])
+            at = min(at + size, len(BLOB))
+            self.clock.advance(every)
+        return at
+
+    def test_trickle_below_the_rate_fails_after_one_window(self) -> None:
+        """
+        10 bytes every 10 s (1 B/s, under 10 B/s): never silent for the 30 s
+        read timeout, but given up once its first 30 s window ends short.
+        """
+        response = _Response(len(BLOB))
+        fetch = self.start(_Upstream(response), resumes=0, min_rate=10)
+        for _ in range(3):
+            response.send(BLOB[:10])
+            self.clock.advance(9.99)
+            self.assertIsNone(fetch.failure)
+            self.clock.advance(0.01)
+        failure = self.assertFailed(fetch, UpstreamTimeout)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(
+            failure.message,
+            "upstream.test sent 30 bytes in the last 30 s, below --upstream-min-rate 10 B/s",
+        )
+        self.assertEqual(failure.status, 504)
+
+    def test_trickle_resumes_with_a_range(self) -> None:
+        """A window that ends short resumes from the byte reached, like a read timeout."""
+        first = _Response(len(BLOB))
+        upstream = _Upstream(first, _resumed(30, body=BLOB[30:]))
+        fetch = self.start(upstream, resumes=1, min_rate=10)
+        self.trickle(first, 0, 10, every=10, until=30)
+        self.assertTrue(first.transport.stopped)
+        self.assertEqual(upstream.offsets, [0, 30])
+        self.assertStored(fetch)
+
+    def test_slow_body_above_the_rate_completes(self) -> None:
+        """110 bytes every 10 s (11 B/s, over 10 B/s) for 280 s: every byte, stored."""
+        response = _Response(len(BLOB))
+        upstream = _Upstream(response)
+        fetch = self.start(upstream, resumes=0, min_rate=10)
+        self.assertEqual(self.trickle(response, 0, 110, every=10, until=1000), len(BLOB))
+        self.assertIsNone(fetch.failure)
+        response.end()
+        self.assertEqual(upstream.offsets, [0])
+        self.assertStored(fetch)
+
+    def test_first_window_not_judged_early(self) -> None:
+        """
+        A slow start is judged on the whole window, not before it ends: one
+        byte in 29 s, then the rest of the window's due, passes.
+        """
+        response = _Response(len(BLOB))
+        fetch = self.start(_Upstream(response), resumes=0, min_rate=10)
+        response.send(BLOB[:1])
+        self.clock.advance(29)
+        self.assertIsNone(fetch.failure)
+        response.send(BLOB[1:300])
+        self.clock.advance(1)
+        self.assertIsNone(fetch.failure)
+        response.send(BLOB[300:])
+        response.end()
+        self.assertStored(fetch)
+
+    def test_each_window_is_judged(self) -> None:
+        """A fast first window does not excuse a slow second one."""
+        response = _Response(len(BLOB))
+        fetch = self.start(_Upstream(response), resumes=0, min_rate=10)
+        response.send(BLOB[:1000])
+        self.clock.advance(15)
+        response.send(BLOB[1000:2000])
+        self.clock.advance(15)
+        self.assertIsNone(fetch.failure)
+        self.trickle(response, 2000, 10, every=10, until=60)
+        failure = self.assertFailed(fetch, UpstreamTimeout)
+        self.assertIn("sent 30 bytes in the last 30 s", failure.message)
+
+    def test_zero_turns_it_off(self) -> None:
+        """With C{min_rate=0} only silence is judged: a trickle may take as long as it does."""
+        response = _Response(len(BLOB))
+        fetch = self.start(_Upstream(response), resumes=0, min_rate=0)
+        self.assertEqual(self.trickle(response, 0, 10, every=20, until=10_000), len(BLOB))
+        self.assertIsNone(fetch.failure)
+        response.end()
+        self.assertStored(fetch)
+
+    def test_not_judged_while_we_hold_upstream_back(self) -> None:
+        """
+        While the fetch itself pauses upstream (its writer behind), no
+        window is judged; a fresh one starts when reading resumes.
+        """
+        self.patch(fetch_module, "MAX_BACKLOG", 1500)
+        offload = _HeldOffload()
+        response = _Response(len(BLOB))
+        fetch = self.start(_Upstream(response), offload=offload, resumes=0, min_rate=100)
+        response.send(BLOB[:1000])
+        self.clock.advance(20)
+        response.send(BLOB[1000:2000])
+        self.assertTrue(response.transport.paused)
+        self.clock.advance(25)  # 45 s since the start, 2000 bytes: paused, not judged
+        self.assertIsNone(fetch.failure)
+        offload.run_all()
+        self.assertFalse(response.transport.paused)
+        self.clock.advance(10)
+        response.send(BLOB[2000:2010])
+        offload.run_all()
+        self.clock.advance(19.99)
+        self.assertIsNone(fetch.failure)
+        self.clock.advance(0.01)
+        failure = self.assertFailed(fetch, UpstreamTimeout)
+        self.assertIn("sent 10 bytes in the last 30 s", failure.message)
 
 
 class LocalFailureTests(_FetchTestCase):

@@ -340,6 +340,47 @@ class PumpedFillTests(TestCase):
         self.assertFalse(os.path.exists(fetch.path))
 
     @inlineCallbacks
+    def test_trickle_below_the_minimum_rate_fails(self) -> Any:
+        """
+        A pumped body that trickles a byte every 10 s (on the pumps' clock,
+        which the test moves) is never silent for the read timeout, but the
+        pump gives it up as an upstream timeout once a 30 s window brought
+        less than the fill's minimum rate.
+        """
+        now = [0.0]
+        pumps = BodyPumps(reactor, threads=1, clock=lambda: now[0])
+        pumps.startService()
+        self.addCleanup(pumps.stopService)
+        blob = os.urandom(4 * MiB)
+        stalls = _Stalls(blob, sent=100)
+        self.web.putChild(b"trickles", stalls)
+        fetch = self.fetch(self.base + b"trickles", _digest(blob), pumps=pumps)
+        running = Deferred.fromCoroutine(fetch.run())
+        while not stalls.open or not pumps.started:
+            yield _turn()
+        trickled = 0
+        while not running.called and trickled < 10:
+            now[0] += 10
+            stalls.open[0].write(b"x")
+            trickled += 1
+            while fetch.received < 100 + trickled and not running.called:
+                yield _turn()
+        given_up = running.called
+        if not given_up:
+            yield pumps.stopService()  # ends the pump: the test fails, and cleanly
+        yield running
+        for request in stalls.open:
+            if request.channel is not None:
+                request.channel.transport.abortConnection()
+        self.assertTrue(given_up, "a trickle 100 s long was not given up")
+        self.assertIsInstance(fetch.failure, UpstreamTimeout)
+        assert fetch.failure is not None
+        self.assertIn("below --upstream-min-rate 1024 B/s", fetch.failure.message)
+        self.assertLessEqual(trickled, 4)
+        self.assertEqual(pumps.started, 1)
+        self.assertFalse(os.path.exists(fetch.path))
+
+    @inlineCallbacks
     def test_stopping_ends_a_pump(self) -> Any:
         """Stopping the pumps (hammal shutting down) ends a pump blocked on a silent upstream."""
         blob = os.urandom(4 * MiB)

@@ -41,6 +41,41 @@ def _shuttle(source: SSL.Connection, target: SSL.Connection) -> None:
         target.bio_write(data)
 
 
+def tls_pair(
+    cert: str, key: str, version: int = SSL.TLS1_3_VERSION
+) -> tuple[SSL.Connection, SSL.Connection]:
+    """A client and a server connection (memory BIOs), their handshake done in memory."""
+    server_context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    server_context.use_certificate_file(cert)
+    server_context.use_privatekey_file(key)
+    server_context.set_max_proto_version(version)
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    done = [False, False]
+    for _ in range(20):
+        for index, side in enumerate((client, server)):
+            if not done[index]:
+                try:
+                    side.do_handshake()
+                    done[index] = True
+                except SSL.WantReadError:
+                    pass
+        _shuttle(client, server)
+        _shuttle(server, client)
+        if all(done):
+            break
+    # what the server sends after its handshake (TLS 1.3 tickets)
+    try:
+        client.recv(1)
+    except SSL.WantReadError:
+        pass
+    if done != [True, True]:
+        raise RuntimeError("the in-memory TLS handshake did not finish")
+    return client, server
+
+
 class TLSBodyPumpTests(SynchronousTestCase):
     def setUp(self) -> None:
         made = ensure_self_signed(self.mktemp(), ["localhost"], ["127.0.0.1"])
@@ -57,33 +92,7 @@ class TLSBodyPumpTests(SynchronousTestCase):
 
     def connect(self, version: int = SSL.TLS1_3_VERSION) -> None:
         """A client and a server connection, their handshake done in memory."""
-        server_context = SSL.Context(SSL.TLS_SERVER_METHOD)
-        server_context.use_certificate_file(self.cert)
-        server_context.use_privatekey_file(self.key)
-        server_context.set_max_proto_version(version)
-        self.client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
-        self.client.set_connect_state()
-        self.server = SSL.Connection(server_context, None)
-        self.server.set_accept_state()
-        done = [False, False]
-        for _ in range(20):
-            for index, side in enumerate((self.client, self.server)):
-                if not done[index]:
-                    try:
-                        side.do_handshake()
-                        done[index] = True
-                    except SSL.WantReadError:
-                        pass
-            _shuttle(self.client, self.server)
-            _shuttle(self.server, self.client)
-            if all(done):
-                break
-        # what the server sends after its handshake (TLS 1.3 tickets)
-        try:
-            self.client.recv(1)
-        except SSL.WantReadError:
-            pass
-        self.assertEqual(done, [True, True])
+        self.client, self.server = tls_pair(self.cert, self.key, version)
 
     def send(self, data: bytes) -> None:
         """The server sends C{data}: its records go on the wire."""

@@ -19,6 +19,7 @@ from hammal.cache.bypass import UpstreamTail
 from hammal.cache.coordinate import LockFileCoordinator, hold_lease
 from hammal.cache.fetch import BlobFetch, Offload, StartUpstream, run_here
 from hammal.cache.growing import GrowingFill
+from hammal.cache.minrate import DEFAULT_MIN_RATE
 from hammal.cache.pump import BodyPumps
 from hammal.cache.readers import BlobReader, Bypass, FileSender, tcp_transport
 from hammal.cache.sibling import SiblingFill
@@ -185,6 +186,7 @@ class BlobCache:
         coordinator: LockFileCoordinator | None = None,
         hash_offload: Offload | None = None,
         pumps: BodyPumps | None = None,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self.store = store
         #: Shares fills with the other processes of the cache directory.
@@ -203,6 +205,8 @@ class BlobCache:
         self._hash_offload = hash_offload
         #: Where fills read long upstream bodies off the event loop (see BlobFetch).
         self._pumps = pumps
+        #: Bytes per second a fill's upstream body must bring (see BlobFetch).
+        self.min_rate = min_rate
         self._fetches: dict[str, GrowingFill] = {}
         self._transfers: dict[GrowingFill, Transfer] = {}
         self.fetches_started = 0
@@ -262,6 +266,7 @@ class BlobCache:
             hold_tail=self.hold_tail,
             hash_offload=self._hash_offload,
             pumps=self._pumps,
+            min_rate=self.min_rate,
         )
         key = str(digest)
         self._fetches[key] = fetch

@@ -50,6 +50,7 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.cache.bypass import StartUpstream, starts_at
 from hammal.cache.growing import FillNews
+from hammal.cache.minrate import DEFAULT_MIN_RATE, RateWatch
 from hammal.cache.preallocate import preallocate
 from hammal.cache.pump import BodyPump, BodyPumps
 from hammal.cache.rawsocket import body_connection
@@ -208,12 +209,15 @@ class BlobFetch(FillNews):
         hold_tail: bool = True,
         hash_offload: Offload | None = None,
         pumps: BodyPumps | None = None,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self.digest = digest
         self.store = store
         self._clock = clock
         self._start_upstream = start_upstream
         self._read_timeout = read_timeout
+        #: Bytes per second a body must bring over each read timeout (0: any).
+        self._min_rate = min_rate
         self._resumes = resumes
         self._upstream = upstream
         self._offload = offload
@@ -416,7 +420,9 @@ class BlobFetch(FillNews):
             self._accounted = on_disk
 
     def _receive(self, response: IResponse, skip: int) -> Deferred[None]:
-        writer = _FileWriter(self, skip, self._clock, self._read_timeout, self._upstream)
+        writer = _FileWriter(
+            self, skip, self._clock, self._read_timeout, self._upstream, self._min_rate
+        )
         self._writer = writer
         self._upstream_paused = False
         response.deliverBody(writer)
@@ -490,6 +496,7 @@ class BlobFetch(FillNews):
                 self._upstream,
                 self._pumped,
                 pump_type,
+                min_rate=self._min_rate,
             )
         if started is None:
             writer.take_back()
@@ -822,7 +829,13 @@ class _FileWriter(Protocol):
     """Receives one upstream response body into a L{BlobFetch}."""
 
     def __init__(
-        self, fetch: BlobFetch, skip: int, clock: IReactorTime, idle_timeout: float, upstream: str
+        self,
+        fetch: BlobFetch,
+        skip: int,
+        clock: IReactorTime,
+        idle_timeout: float,
+        upstream: str,
+        min_rate: int = 0,
     ) -> None:
         self.done: Deferred[None] = Deferred()
         self._fetch = fetch
@@ -830,10 +843,13 @@ class _FileWriter(Protocol):
         self._clock = clock
         self._upstream = upstream
         self._idle = IdleTimer(clock, idle_timeout, self._timed_out)
+        # Over windows of the read timeout: a trickle is never silent for long.
+        self._rate = RateWatch(clock, min_rate, idle_timeout, upstream, self._stop)
         self._handed_over = False
 
     def connectionMade(self) -> None:
         self._idle.arm()
+        self._rate.start()
 
     def connection_to_pump(self) -> tcp.Connection | None:
         """
@@ -859,16 +875,19 @@ class _FileWriter(Protocol):
         """The rest of the body is read elsewhere (a pump): stop watching for it."""
         self._handed_over = True
         self._idle.cancel()
+        self._rate.stop()
 
     def take_back(self) -> None:
         """The body comes here again after L{hand_over} (no pump was free)."""
         self._handed_over = False
         self._idle.arm()
+        self._rate.start()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
         self._idle.touch()
+        self._rate.count(len(data))
         if self._skip:
             dropped = min(self._skip, len(data))
             data = data[dropped:]
@@ -883,6 +902,7 @@ class _FileWriter(Protocol):
     def pause(self) -> None:
         """Stop reading upstream for now (the writer or hasher is behind)."""
         self._idle.cancel()
+        self._rate.stop()  # our own choice: no window is judged on it
         _producer(self.transport).pauseProducing()
 
     def resume(self) -> None:
@@ -890,6 +910,7 @@ class _FileWriter(Protocol):
         if self.done.called or self._handed_over:
             return  # a pump reads the socket: the event loop must not
         self._idle.arm()
+        self._rate.start()
         _producer(self.transport).resumeProducing()
 
     def abandon(self, error: RegistryError) -> None:
@@ -898,6 +919,7 @@ class _FileWriter(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._idle.cancel()
+        self._rate.stop()
         if self.done.called or self._handed_over:
             return  # a pump reads the socket: the event loop must not
         broken = body_broken(reason, self._upstream, self._fetch.received)
@@ -916,6 +938,7 @@ class _FileWriter(Protocol):
 
     def _stop(self, error: RegistryError) -> None:
         self._idle.cancel()
+        self._rate.stop()
         if not self.done.called:
             self.done.errback(error)
         _producer(self.transport).stopProducing()

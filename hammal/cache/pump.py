@@ -18,7 +18,10 @@ with sending the written bytes to clients; it hears of the pump's progress
 at most once per turn.
 
 A pump is bounded like every upstream read: it gives up after the read
-timeout without a byte (L{UpstreamTimeout}), on an early end or a reset
+timeout without a byte, or when a window of the read timeout brought less
+than the minimum rate (L{hammal.cache.minrate}; both L{UpstreamTimeout},
+judged on the pump's monotonic clock, so time spent writing to a slow
+disk counts too), on an early end or a reset
 (L{TransferBroken}: the fill resumes with C{Range} from what was written
 and hashed), on a cache file that cannot be written or hashed
 (L{LocalCacheError}), and when the event loop stops it (L{BodyPump.stop}).
@@ -30,10 +33,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import queue
 import select
 import threading
+import time
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -43,6 +48,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from hammal import metrics
+from hammal.cache.minrate import DEFAULT_MIN_RATE, RateFloor
 from hammal.cache.writes import LocalCacheError, describe
 from hammal.errors import RegistryError, UpstreamTimeout
 from hammal.stream import TransferBroken
@@ -58,6 +64,8 @@ PUMP_THREADS = 8
 
 Progress = Callable[[int], None]
 """Called on the event loop with the file offset the pump has written up to."""
+Clock = Callable[[], float]
+"""Monotonic seconds, read on the pump thread (tests pass one they move)."""
 
 
 class BodyPump:
@@ -83,6 +91,8 @@ class BodyPump:
         idle_timeout: float,
         upstream: str,
         progress: Progress,
+        min_rate: int = DEFAULT_MIN_RATE,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._reactor = reactor
         # A descriptor of the pump's own for the socket: whatever happens to
@@ -96,6 +106,11 @@ class BodyPump:
         self._idle_timeout = idle_timeout
         self._upstream = upstream
         self._progress = progress
+        self._clock = clock
+        # Over windows of the read timeout, from when the pump starts (run).
+        self._floor = RateFloor(min_rate, idle_timeout, upstream, clock(), offset)
+        #: When upstream's last bytes came (on C{clock}): silence counts from there.
+        self._heard_at = clock()
         self.position = offset
         self._told = False
         self._stopping: RegistryError | None = None
@@ -129,6 +144,7 @@ class BodyPump:
 
     def run(self) -> int:
         """Pump the body; returns the end offset, or raises why it stopped."""
+        self._started()
         hashing = self._hash_behind()
         poller = self._poller(select.POLLIN)
         position = self._start
@@ -163,6 +179,11 @@ class BodyPump:
                 hashing.finish()
         return position
 
+    def _started(self) -> None:
+        """The pump thread begins: the first window and the silence count from now."""
+        self._heard_at = self._clock()
+        self._floor.restart(self._heard_at, self._start)
+
     def _hash_behind(self) -> _FileHash | None:
         """The thread hashing what was written, if this pump hashes."""
         if self._hasher is None:
@@ -178,26 +199,40 @@ class BodyPump:
 
     def _moved_to(self, position: int) -> None:
         """The file holds the body up to C{position}: tell the event loop (once per turn)."""
+        self._heard_at = self._clock()
         self.position = position
         if not self._told:
             self._told = True
             self._reactor.callFromThread(self._tell)
 
     def _wait_readable(self, poller: select.poll, position: int) -> None:
-        """Until the socket has bytes (or an end), within the idle timeout."""
+        """
+        Until the socket has bytes (or an end), within the idle timeout
+        and the minimum rate (C{position}: the body so far), both judged on
+        the pump's clock each time the poll wakes, before anything is read.
+        """
+        readable = False
         while True:
             if self._stopping is not None:
                 raise self._stopping
-            ready = dict(poller.poll(self._idle_ms))
-            if self._stopping is not None:
-                raise self._stopping
-            if not ready:
+            now = self._clock()
+            silent = now - self._heard_at
+            if silent >= self._idle_timeout:  # silence, said as such where both apply
                 raise UpstreamTimeout(
                     f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds"
                     f" after {position} bytes"
                 )
-            if self._socket_fd in ready:
+            slow = self._floor.judge(now, position)
+            if slow is not None:
+                raise slow
+            if readable:
                 return
+            wait = self._idle_timeout - silent
+            due = self._floor.due()
+            if due is not None:
+                wait = min(wait, due - now)
+            ready = dict(poller.poll(max(1, math.ceil(wait * 1000))))
+            readable = self._socket_fd in ready
 
     def _splice(self, move: _Splice, position: int) -> int:
         """Move what the socket has to the file through the pipe; how much (0: nothing yet)."""
@@ -345,9 +380,16 @@ class BodyPumps(Service):
     pump still running).
     """
 
-    def __init__(self, reactor: IReactorFromThreads, threads: int = PUMP_THREADS) -> None:
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        threads: int = PUMP_THREADS,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self._reactor = reactor
         self._threads = threads
+        #: The pumps' clock (their read timeout and minimum rate).
+        self._clock = clock
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="hammal-pump")
         self._running: set[BodyPump] = set()
         #: Bodies handed to a pump since start.
@@ -366,13 +408,15 @@ class BodyPumps(Service):
         upstream: str,
         progress: Progress,
         pump_type: Callable[..., BodyPump] = BodyPump,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> tuple[BodyPump, Deferred[int]] | None:
         """
         Pump a body on a thread: the pump and its end offset (or failure),
         on the event loop once the thread let go of both descriptors;
         L{None} when every pump thread is busy or the service is stopped.
         C{pump_type} makes the pump from these arguments (a L{BodyPump}
-        for a plain TCP socket).
+        for a plain TCP socket). C{min_rate} is the bytes per second the
+        body must bring over each window of C{idle_timeout} seconds.
         """
         if not self.running or len(self._running) >= self._threads:
             return None
@@ -386,6 +430,8 @@ class BodyPumps(Service):
             idle_timeout,
             upstream,
             progress,
+            min_rate=min_rate,
+            clock=self._clock,
         )
         self._running.add(pump)
         self.started += 1

@@ -17,8 +17,8 @@ socket itself: the event loop writes nothing on a connection whose body is
 pumped. A peer that starts a new handshake (TLS 1.2 renegotiation) ends the
 pump, like a close, a reset or a record that fails to decrypt: as
 L{TransferBroken}, after which the fill resumes with C{Range} on a new
-connection. Timeouts, stopping, and the cache's own failures are the plain
-pump's.
+connection. Timeouts (silence and the minimum rate, over body bytes),
+stopping, and the cache's own failures are the plain pump's.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class TLSBodyPump(BodyPump):
 
     def run(self) -> int:
         """Decrypt and write the body; returns the end offset, or raises why it stopped."""
+        self._started()
         hashing = self._hash_behind()
         poller = self._poller(select.POLLIN)
         plain = memoryview(bytearray(min(PUMP_READ, self._end - self._start)))
@@ -131,6 +132,7 @@ class TLSBodyPump(BodyPump):
             raise self._broken(position, failure) from failure
         if count == 0:
             raise self._ended_early(position)
+        self._heard_at = self._clock()  # a part of a record is upstream's bytes too
         self._tls.bio_write(raw[:count])
 
     def _send_pending(self, position: int) -> None:

@@ -221,6 +221,32 @@ class UpstreamFaultTests(_FaultCase):
         self.assertGreater(time.monotonic() - started, 1.0)
         self.assertEqual(len(self.blob_requests(img)), 1)
 
+    def test_trickling_upstream_is_given_up(self) -> None:
+        """
+        An upstream trickling 200 B/s, never silent for the 1 s read timeout
+        but under the default --upstream-min-rate (1024 B/s), is given up
+        each window: resumed with Range like silence, then a clean failure
+        once the resumes are spent; on the event loop (a small blob) and on
+        a pump thread (a large one). Without the faults, exact bytes.
+        """
+        img = self.image((64 * 1024, 3 * MiB))
+        for index in (0, 1):
+            self.registry.add_fault(
+                "slow", f"/blobs/{img.layers[index].digest}", count=-1, rate=200
+            )
+            started = time.monotonic()
+            resp = self.pull(img, index, timeout=40)
+            took = time.monotonic() - started
+            self.assertCleanFailure(resp, img, index)
+            self.assertLess(took, 3 * READ_TIMEOUT + 8)
+            gets = self.blob_requests(img, index)
+            self.assertEqual([g.fault for g in gets], ["slow"] * 3)  # --retries 2: two resumes
+            self.assertTrue(all(g.range and g.range.startswith("bytes=") for g in gets[1:]), gets)
+            self.registry.clear_faults()
+            self.assertExact(self.pull(img, index), img, index)
+        log = self.sandbox.hammal.log_text()[self.log_offset :]
+        self.assertIn("below --upstream-min-rate 1024 B/s", log)
+
     def test_client_leaves_during_a_hang(self) -> None:
         """A client giving up while upstream hangs leaks nothing (tearDown)."""
         img = self.image()

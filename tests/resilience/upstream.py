@@ -25,7 +25,8 @@ the first matching fault with uses left:
 ``hang``     send the headers and ``after`` body bytes (``after=-1``:
              nothing at all, not even headers), then stay silent until the
              client leaves or the server stops;
-``slow``     send the body at ``rate`` bytes/s;
+``slow``     send the body at ``rate`` bytes/s, in 20 sends a second (a rate
+             of a few bytes/s: a trickle, never silent for long);
 ``ignore-range``  answer a ``Range`` request with ``200`` and the whole body;
 ``status-hang``  answer ``code`` announcing an OCI error body, send ``after``
              bytes of it, then stay silent like ``hang``;
@@ -597,8 +598,8 @@ class FaultyRegistry:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             raise _Close()
         if kind == "slow":
-            rate = max(1024, fault.rate)  # type: ignore[union-attr]
-            step = max(1024, rate // 20)
+            rate = max(1, fault.rate)  # type: ignore[union-attr]
+            step = max(1, rate // 20)  # 20 sends a second: a trickle is never silent
             t0 = time.monotonic()
             sent = 0
             while sent < len(body):
