@@ -241,17 +241,18 @@ class PumpedFillTests(TestCase):
             # The busy hash thread: it gets to this slice once the pump has
             # started (or, should the pump wait for it, after 5 s).
             timer = reactor.callLater(5, run)  # type: ignore[attr-defined]
+            self.addCleanup(run)  # however the test ends, nothing is left waiting
             pending_hashes.append(run)
             return waiting
 
         pending_hashes: list[Any] = []
         start = self.pumps.start
 
-        def start_pump(*args: Any) -> Any:
+        def start_pump(*args: Any, **kwargs: Any) -> Any:
             hashing_at_pump_start.append(fetch._hashing is not None)
             for run in pending_hashes:
                 reactor.callLater(0, run)  # type: ignore[attr-defined]
-            return start(*args)
+            return start(*args, **kwargs)
 
         self.patch(self.pumps, "start", start_pump)
         fetch = self.fetch(
