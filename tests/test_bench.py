@@ -158,6 +158,25 @@ def _listen(test: TestCase, root: web_resource.Resource) -> int:
     return int(port.getHost().port)
 
 
+class _Short(web_resource.Resource):
+    """Announces 1000 bytes, sends 3 and closes."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        request.setHeader(b"content-length", b"1000")
+        request.write(b"abc")
+        request.loseConnection()
+        return NOT_DONE_YET
+
+
+def _unused_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class FirstBodyByteTests(TestCase):
     """The TTFB client over real TCP."""
 
@@ -190,26 +209,14 @@ class FirstBodyByteTests(TestCase):
 
     @inlineCallbacks
     def test_short_body_is_an_error(self) -> Any:
-        class Short(web_resource.Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> Any:
-                request.setHeader(b"content-length", b"1000")
-                request.write(b"abc")
-                request.loseConnection()
-                return NOT_DONE_YET
-
-        port = _listen(self, Short())
+        port = _listen(self, _Short())
         result = yield deferToThread(first_body_byte, port, "/", timeout=30)
         self.assertEqual(result.body_bytes, 3)
         self.assertIn("3 of 1000", result.error)
 
     @inlineCallbacks
     def test_nothing_listening(self) -> Any:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+        port = _unused_port()
         result = yield deferToThread(first_body_byte, port, "/", timeout=5)
         self.assertEqual((result.status, result.ttfb_s), (0, 0.0))
         self.assertIn("ConnectionRefused", result.error)
@@ -239,16 +246,7 @@ class HashedGetTests(TestCase):
 
     @inlineCallbacks
     def test_short_body_is_an_error(self) -> Any:
-        class Short(web_resource.Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> Any:
-                request.setHeader(b"content-length", b"1000")
-                request.write(b"abc")
-                request.loseConnection()
-                return NOT_DONE_YET
-
-        port = _listen(self, Short())
+        port = _listen(self, _Short())
         got = yield deferToThread(hashed_get, port, "/", timeout=30)
         self.assertEqual(got.body_bytes, 3)
         self.assertIn("3 of 1000", got.error)
@@ -256,10 +254,7 @@ class HashedGetTests(TestCase):
 
     @inlineCallbacks
     def test_nothing_listening(self) -> Any:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+        port = _unused_port()
         got = yield deferToThread(hashed_get, port, "/", timeout=5)
         self.assertEqual(got.status, 0)
         self.assertIn("ConnectionRefused", got.error)
@@ -408,10 +403,7 @@ class SlowCrowdTests(TestCase):
 
     @inlineCallbacks
     def test_refused(self) -> Any:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+        port = _unused_port()
         result = yield deferToThread(slow_crowd, port, "/blob", [], 5, 1024, 0.3)
         self.assertEqual((result.connected, result.held_open), (0, 0))
         self.assertEqual(result.connect_errors, {"ECONNREFUSED": 5})
