@@ -151,6 +151,28 @@ def _write_and_hash(fd: int, offset: int, chunks: list[bytes], hasher: Any) -> i
     return end
 
 
+def create_cache_file(path: str, size: int | None) -> tuple[int, bool]:
+    """
+    Create the cache file C{path} (it must not exist yet) for reading and
+    writing (without the held tail the hasher reads it back) and preallocate
+    C{size} bytes when known (steadier, cheaper writes): the descriptor and
+    whether it was preallocated. Runs on the offload: while the disk writes
+    back a lot, the file system can hold a create or an fallocate for
+    hundreds of milliseconds, which on the event loop would stall every
+    client (seen in the benchmark: 130-460 ms).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        return fd, size is not None and preallocate(fd, size)
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def _hash_file(fd: int, hasher: Any, start: int, end: int) -> int:
     """
     Feed bytes C{start} to C{end} of the file C{fd} to C{hasher}, read back
@@ -311,7 +333,7 @@ class BlobFetch(FillNews):
             self.content_type = content_type[0]
         try:
             self._make_room()
-            self._open()
+            await self._open()
         except (OSError, LocalCacheError) as failure:
             # A waiter may take this answer over and stream it uncached;
             # else it is dropped when the failure is known (see _fail).
@@ -392,20 +414,14 @@ class BlobFetch(FillNews):
             if not self.store.has_room():
                 raise LocalCacheError("the cache disk is nearly full")
 
-    def _open(self) -> None:
-        # Read and write: without the held tail the hasher reads it back.
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        if self.size is not None:
-            try:
-                if preallocate(self._fd, self.size):  # steadier, cheaper writes
-                    # The disk's free space fell by the whole blob now.
-                    self._preallocated = self.size
-                    self._account_written(0)
-            except OSError:
-                os.close(self._fd)
-                self._fd = None
-                self._unlink()
-                raise
+    async def _open(self) -> None:
+        """Create (and preallocate) the cache file, on the offload: see L{create_cache_file}."""
+        # (Nothing cancels a fill's run: the file it makes is always closed by it.)
+        self._fd, preallocated = await self._offload(create_cache_file, self.path, self.size)
+        if preallocated and self.size is not None:
+            # The disk's free space fell by the whole blob now.
+            self._preallocated = self.size
+            self._account_written(0)
 
     def _account_written(self, end: int) -> None:
         """
