@@ -19,7 +19,6 @@ from hammal.cache.bypass import UpstreamTail
 from hammal.cache.coordinate import LockFileCoordinator, hold_lease
 from hammal.cache.fetch import BlobFetch, Offload, StartUpstream, run_here
 from hammal.cache.growing import GrowingFill
-from hammal.cache.minrate import DEFAULT_MIN_RATE
 from hammal.cache.pump import BodyPumps
 from hammal.cache.readers import BlobReader, Bypass, FileSender, tcp_transport
 from hammal.cache.sibling import SiblingFill
@@ -29,6 +28,7 @@ from hammal.cache.takeover import TakenOver
 from hammal.cache.writes import LocalCacheError, WriteErrors
 from hammal.conditional import range_applies
 from hammal.errors import NotCachedUpstreamDown, UpstreamTimeout, UpstreamUnavailable
+from hammal.minrate import DEFAULT_MIN_RATE
 from hammal.ranges import content_range, parse_range
 from hammal.reference import Digest
 from hammal.replies import CACHE_COALESCED, CACHE_HIT, CACHE_MISS, BlobReply, HeaderList
