@@ -104,6 +104,7 @@ class CachedBody:
                 offset,
                 end,
                 self._digest,
+                self._cache.min_rate,
             )
 
         return bypass
@@ -205,7 +206,8 @@ class BlobCache:
         self._hash_offload = hash_offload
         #: Where fills read long upstream bodies off the event loop (see BlobFetch).
         self._pumps = pumps
-        #: Bytes per second a fill's upstream body must bring (see BlobFetch).
+        #: Bytes per second a fill's upstream body must bring (see BlobFetch),
+        #: and a bypass's (L{UpstreamTail}).
         self.min_rate = min_rate
         self._fetches: dict[str, GrowingFill] = {}
         self._transfers: dict[GrowingFill, Transfer] = {}
