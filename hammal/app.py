@@ -268,6 +268,7 @@ def build_app(
             manifests,
             referrers,
             resumes=settings.retries,
+            min_rate=settings.upstream_min_rate,
         )
 
     def adhoc(host: str) -> PullService:
@@ -279,6 +280,7 @@ def build_app(
             "pass",
             reactor,
             resumes=settings.retries,
+            min_rate=settings.upstream_min_rate,
         )
 
     route_credentials = dict(settings.route_credentials)

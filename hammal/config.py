@@ -16,9 +16,9 @@ from urllib.parse import unquote, urlsplit
 import attrs
 
 from hammal.access.forwarding import FORWARDED_HEADERS
-from hammal.cache.minrate import DEFAULT_MIN_RATE
 from hammal.cache.store import FreeSpaceFloor
 from hammal.keyfile import ClusterKeyError, load_cluster_key
+from hammal.minrate import DEFAULT_MIN_RATE
 from hammal.reference import is_docker_hub, registry_names
 from hammal.upstream.auth import Credentials
 from hammal.upstream.proxy_rules import ProxyRules

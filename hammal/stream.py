@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from hammal import metrics
 from hammal.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+from hammal.minrate import DEFAULT_MIN_RATE, RateWatch
 from hammal.reference import Digest
 
 
@@ -253,8 +254,15 @@ class BodyPipe(Protocol):
     its length and digest.
 
     The pipe is the consumer's producer: pauses from the consumer pause the
-    upstream transport (and the idle timer, since silence is then our
-    choice), and stopping the pipe drops the upstream connection.
+    upstream transport (and the idle timer and the rate watch, since
+    silence is then our choice), and stopping the pipe drops the upstream
+    connection.
+
+    Besides silence (C{idle_timeout}), a body slower than C{min_rate} bytes
+    per second over a window of C{idle_timeout} seconds is given up the
+    same way (L{hammal.minrate}; 0: never): a trickle is never silent for
+    long, and would hold the client's request and its upstream connection
+    for ever.
 
     @ivar done: fires with the number of bytes written once the body was
         complete and verified and its last chunk written; fails with
@@ -270,6 +278,7 @@ class BodyPipe(Protocol):
         expected_length: int | None = None,
         digest: Digest | None = None,
         upstream: str = "upstream",
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self.done: Deferred[int] = Deferred()
         self._consumer = consumer
@@ -284,17 +293,20 @@ class BodyPipe(Protocol):
         self._paused = False
         self._stopped = False
         self._idle = IdleTimer(clock, idle_timeout, self._timed_out)
+        self._rate = RateWatch(clock, min_rate, idle_timeout, upstream, self._fail)
 
     # Protocol: the upstream side.
 
     def connectionMade(self) -> None:
         self._consumer.registerProducer(self, True)
         self._idle.arm()
+        self._rate.start()
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
             return
         self._received += len(data)
+        self._rate.count(len(data))
         if self._expected_length is not None and self._received > self._expected_length:
             self._fail(TransferBroken(f"{self._upstream} sent more bytes than announced"))
             return
@@ -309,6 +321,7 @@ class BodyPipe(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._idle.cancel()
+        self._rate.stop()
         if self.done.called:
             return
         if self._stopped:
@@ -342,11 +355,14 @@ class BodyPipe(Protocol):
     def pauseProducing(self) -> None:
         self._paused = True
         self._idle.cancel()
+        self._rate.stop()  # our own choice: no window is judged on it
         _producer(self.transport).pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
-        self._idle.arm()
+        if not self._stopped:
+            self._idle.arm()
+            self._rate.start()
         _producer(self.transport).resumeProducing()
 
     def stopProducing(self) -> None:
@@ -354,12 +370,14 @@ class BodyPipe(Protocol):
         self._stopped = True
         self._pending = b""
         self._idle.cancel()
+        self._rate.stop()
         _producer(self.transport).stopProducing()
 
     # Internals.
 
     def _fail(self, error: Exception) -> None:
         self._idle.cancel()
+        self._rate.stop()
         self._pending = b""
         if not self.done.called:
             self.done.errback(error)
@@ -408,7 +426,10 @@ class BodySource(Protocol_):
 
 
 class UpstreamBody:
-    """A live upstream response body, verified through a L{BodyPipe}."""
+    """
+    A live upstream response body, verified through a L{BodyPipe}, bounded
+    by C{idle_timeout} of silence and C{min_rate} (see L{BodyPipe}).
+    """
 
     def __init__(
         self,
@@ -417,12 +438,14 @@ class UpstreamBody:
         idle_timeout: float,
         verify: Digest | None,
         upstream: str,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self._response = response
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._verify = verify
         self._upstream = upstream
+        self._min_rate = min_rate
         self._pipe: BodyPipe | None = None
 
     def deliver(self, consumer: IConsumer) -> Deferred[int]:
@@ -433,6 +456,7 @@ class UpstreamBody:
             expected_length(self._response),
             self._verify,
             self._upstream,
+            self._min_rate,
         )
         self._response.deliverBody(self._pipe)
         return self._pipe.done

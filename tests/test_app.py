@@ -118,7 +118,7 @@ class HoldTailTests(SynchronousTestCase):
 
 
 class UpstreamMinRateTests(SynchronousTestCase):
-    """--upstream-min-rate reaches every fill of the blob cache."""
+    """--upstream-min-rate reaches every fill of the blob cache, and every uncached relay."""
 
     def test_reaches_the_fills(self) -> None:
         for rate in (1024, 0, 65536):
@@ -131,3 +131,14 @@ class UpstreamMinRateTests(SynchronousTestCase):
             self.assertIsInstance(fill, BlobFetch)
             assert isinstance(fill, BlobFetch)
             self.assertEqual(fill._min_rate, rate)
+
+    def test_reaches_the_uncached_relays(self) -> None:
+        """
+        ... and every blob relayed uncached (C{--no-cache}, the cache's
+        bypass, a refused fill): the pull services hold it too.
+        """
+        for rate in (1024, 0, 65536):
+            for cache_dir in (None, self.mktemp()):
+                app = _app(cache_dir=cache_dir, upstream_min_rate=rate)
+                assert app.default is not None
+                self.assertEqual(app.default._min_rate, rate)

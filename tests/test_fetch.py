@@ -30,7 +30,6 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from hammal import metrics
 from hammal.cache import fetch as fetch_module
 from hammal.cache.fetch import BlobFetch, DigestMismatch, run_here
-from hammal.cache.minrate import DEFAULT_MIN_RATE
 from hammal.cache.readers import BlobReader
 from hammal.cache.store import BlobStore, FreeSpaceFloor
 from hammal.cache.writes import LocalCacheError
@@ -40,6 +39,7 @@ from hammal.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from hammal.minrate import DEFAULT_MIN_RATE
 from hammal.reference import Digest
 from hammal.stream import TransferBroken
 

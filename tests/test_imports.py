@@ -128,7 +128,7 @@ LAYERS: list[set[str]] = [
         "fairpoll",
         "classpoll",
     },
-    {"reference", "metrics"},
+    {"reference", "metrics", "minrate"},
     {"errors", ""},
 ]
 

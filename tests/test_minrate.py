@@ -1,5 +1,5 @@
 """
-Tests for L{hammal.cache.minrate}: the arithmetic of the minimum upstream
+Tests for L{hammal.minrate}: the arithmetic of the minimum upstream
 rate (L{RateFloor}) and its watch on a reactor clock (L{RateWatch}), on a
 L{Clock}. How fills use them: C{MinimumRateTests} in L{tests.test_fetch}
 (the event loop) and L{tests.test_pump} (pump threads, over real TCP).
@@ -10,8 +10,8 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hammal.cache.minrate import RateFloor, RateWatch
 from hammal.errors import UpstreamTimeout
+from hammal.minrate import RateFloor, RateWatch
 
 
 class RateFloorTests(SynchronousTestCase):

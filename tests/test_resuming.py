@@ -19,6 +19,8 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from hammal.cache.bypass import UpstreamTail
+from hammal.minrate import DEFAULT_MIN_RATE
 from hammal.pull.resuming import ResumingBody
 from hammal.reference import Digest
 from hammal.stream import TransferBroken
@@ -96,7 +98,9 @@ class ResumingBodyTests(SynchronousTestCase):
         self.asked.append((offset, end))
         return succeed(self.answers.pop(0))  # type: ignore[arg-type]
 
-    def body(self, resumes: int = 2, digest: Digest = DIGEST) -> tuple[ResumingBody, Deferred[int]]:
+    def body(
+        self, resumes: int = 2, digest: Digest = DIGEST, min_rate: int = DEFAULT_MIN_RATE
+    ) -> tuple[ResumingBody, Deferred[int]]:
         body = ResumingBody(
             self.first,  # type: ignore[arg-type]
             self.start,
@@ -105,6 +109,7 @@ class ResumingBodyTests(SynchronousTestCase):
             digest,
             resumes,
             "up.test",
+            min_rate=min_rate,
         )
         return body, body.deliver(self.consumer)
 
@@ -270,3 +275,203 @@ class ResumingBodyTests(SynchronousTestCase):
         self.assertIsNotNone(self.first.protocol)
         self.first.send(b"z" * (65 * 1024))
         self.assertTrue(self.first.transport.stopped)
+
+
+def trickle(clock: Clock, response: FakeResponse, seconds: int, size: int = 10) -> None:
+    """C{size} bytes a second for C{seconds}: never silent for the read timeout."""
+    for _ in range(seconds):
+        clock.advance(1.0)
+        response.send(b"t" * size)
+
+
+class ResumingMinRateTests(SynchronousTestCase):
+    """
+    ResumingBody under C{--upstream-min-rate}: a segment trickling below
+    the rate is given up after one window of the read timeout and resumed
+    with C{Range}, as silence is; the resumes are bounded the same way.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.consumer = StrictConsumer()
+        self.asked: list[tuple[int, int | None]] = []
+        self.answers: list[FakeResponse] = []
+
+    def start(self, offset: int, end: int | None = None) -> Deferred[IResponse]:
+        self.asked.append((offset, end))
+        return succeed(self.answers.pop(0))  # type: ignore[arg-type]
+
+    def body(
+        self, data: bytes, resumes: int = 2, min_rate: int = 100
+    ) -> tuple[FakeResponse, Deferred[int]]:
+        first = FakeResponse(length=len(data))
+        body = ResumingBody(
+            first,  # type: ignore[arg-type]
+            self.start,
+            self.clock,
+            IDLE,
+            Digest.of(data),
+            resumes,
+            "up.test",
+            min_rate=min_rate,
+        )
+        return first, body.deliver(self.consumer)
+
+    def test_trickle_resumed_with_range(self) -> None:
+        """
+        10 B/s against 100 B/s: after one window (5 s, 50 bytes) upstream
+        is dropped and the rest asked for from the first byte the client
+        was not given; a fast tail completes the exact body.
+        """
+        data = b"t" * 50 + b"r" * 950
+        tail = ranged(30, data)
+        self.answers.append(tail)
+        first, done = self.body(data)
+        trickle(self.clock, first, 4)
+        self.assertEqual(self.asked, [])
+        self.clock.advance(1.0)
+        self.assertTrue(first.transport.stopped)
+        first.cut()
+        # the client was given 30 bytes: the chunk held back is asked for again
+        self.assertEqual(self.asked, [(30, len(data))])
+        tail.send(data[30:])
+        tail.end()
+        self.assertEqual(self.successResultOf(done), len(data))
+        self.assertEqual(self.consumer.received, data)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_trickling_resumes_are_bounded(self) -> None:
+        """
+        Every resume trickling too (an upstream slow for everyone): each
+        is given up after a window, then the relay fails with the client's
+        body cut short, after C{resumes} resumes.
+        """
+        data = b"t" * 3000
+        again = ranged(30, data)
+        self.answers.append(again)
+        first, done = self.body(data, resumes=1)
+        trickle(self.clock, first, 5)
+        first.cut()
+        trickle(self.clock, again, 4)
+        self.assertNoResult(done)
+        self.clock.advance(1.0)
+        self.assertTrue(again.transport.stopped)
+        again.cut()
+        failure = self.failureResultOf(done, TransferBroken)
+        self.assertIn("below --upstream-min-rate 100 B/s", failure.getErrorMessage())
+        self.assertEqual(len(self.asked), 1)
+        self.assertLess(len(self.consumer.received), len(data))
+
+    def test_slow_body_above_the_rate_completes(self) -> None:
+        """Slow but above the floor in every window: one request, exact bytes."""
+        data = b"t" * 2400
+        first, done = self.body(data)
+        trickle(self.clock, first, 12, size=200)
+        first.end()
+        self.assertEqual(self.successResultOf(done), len(data))
+        self.assertEqual(self.consumer.received, data)
+        self.assertEqual(self.asked, [])
+
+    def test_paused_client_is_not_judged(self) -> None:
+        """A client holding the relay paused (backpressure) does not get upstream dropped."""
+        data = b"p" * 1000
+        first, done = self.body(data)
+        first.send(b"p" * 100)
+        assert self.consumer.producer is not None
+        self.consumer.producer.pauseProducing()
+        self.clock.advance(60)
+        self.assertNoResult(done)
+        self.assertFalse(first.transport.stopped)
+        self.consumer.producer.resumeProducing()
+        first.send(data[100:])
+        first.end()
+        self.assertEqual(self.successResultOf(done), len(data))
+        self.assertEqual(self.asked, [])
+
+    def test_zero_turns_it_off(self) -> None:
+        """
+        With a rate of 0 a trickle is relayed, however long it takes, and
+        so is the trickling resume after a break.
+        """
+        data = b"t" * 1200
+        rest = ranged(590, data)
+        self.answers.append(rest)
+        first, done = self.body(data, min_rate=0)
+        trickle(self.clock, first, 60)
+        first.cut()
+        self.assertEqual(self.asked, [(590, len(data))])
+        trickle(self.clock, rest, 61)
+        rest.end()
+        self.assertEqual(self.successResultOf(done), len(data))
+        self.assertEqual(self.consumer.received, data)
+
+
+class UpstreamTailMinRateTests(SynchronousTestCase):
+    """
+    The cache bypass (L{UpstreamTail}: the rest of a blob straight from
+    upstream, uncached) under C{--upstream-min-rate}: a trickle ends as
+    silence does there, a failed transfer.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.consumer = FakeConsumer()
+        self.answer = ranged(1000)
+
+    def tail(self, **kwargs: Any) -> Deferred[int]:
+        tail = UpstreamTail(
+            lambda offset, end=None: succeed(self.answer),
+            self.clock,
+            IDLE,
+            "up.test",
+            1000,
+            None,
+            **kwargs,
+        )
+        return tail.deliver(self.consumer)
+
+    def test_trickle_below_the_rate_ends_after_one_window(self) -> None:
+        done = self.tail(min_rate=100)
+        trickle(self.clock, self.answer, 4)
+        self.assertNoResult(done)
+        self.clock.advance(1.0)
+        failure = self.failureResultOf(done, TransferBroken)
+        self.assertIn("up.test sent 40 bytes in the last 5 s", failure.getErrorMessage())
+        self.assertTrue(self.answer.transport.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_default_is_the_option_default(self) -> None:
+        done = self.tail()
+        trickle(self.clock, self.answer, 5, size=DEFAULT_MIN_RATE // 2)
+        self.failureResultOf(done, TransferBroken)
+
+    def test_slow_body_above_the_rate_completes(self) -> None:
+        done = self.tail(min_rate=100)
+        for index in range(0, 2500, 125):  # 125 B/s
+            self.clock.advance(1.0)
+            self.answer.send(DATA[1000 + index : 1125 + index])
+        self.answer.end()
+        self.assertEqual(self.successResultOf(done), len(DATA) - 1000)
+        self.assertEqual(self.consumer.received, DATA[1000:])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_paused_stream_is_not_judged(self) -> None:
+        done = self.tail(min_rate=100)
+        self.answer.send(b"x" * 10)
+        assert self.consumer.producer is not None
+        self.consumer.producer.pauseProducing()
+        self.clock.advance(60)
+        self.assertNoResult(done)
+        self.consumer.producer.resumeProducing()
+        trickle(self.clock, self.answer, 4)
+        self.assertNoResult(done)
+        self.clock.advance(1.0)
+        self.failureResultOf(done, TransferBroken)
+
+    def test_zero_turns_it_off(self) -> None:
+        done = self.tail(min_rate=0)
+        for _ in range(250):
+            self.clock.advance(1.0)
+            self.answer.send(b"q" * 10)
+        self.answer.end()
+        self.assertEqual(self.successResultOf(done), 2500)

@@ -18,6 +18,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from hammal.errors import UpstreamTimeout
+from hammal.minrate import DEFAULT_MIN_RATE
 from hammal.reference import Digest
 from hammal.stream import (
     DISCARD_GRACE,
@@ -26,6 +27,7 @@ from hammal.stream import (
     IdleTimer,
     ReadBounds,
     TransferBroken,
+    UpstreamBody,
     body_broken,
     discard_body,
     read_body,
@@ -44,7 +46,8 @@ class BodyPipeTests(SynchronousTestCase):
         self.transport = FakeProducerTransport()
 
     def pipe(self, length: int | None = len(DATA), digest: Digest | None = DIGEST) -> BodyPipe:
-        pipe = BodyPipe(self.consumer, self.clock, 5.0, length, digest, "up.test")
+        # Silence only: a few KB over seconds is below the default minimum rate.
+        pipe = BodyPipe(self.consumer, self.clock, 5.0, length, digest, "up.test", min_rate=0)
         pipe.makeConnection(self.transport)
         return pipe
 
@@ -155,6 +158,132 @@ class BodyPipeTests(SynchronousTestCase):
             pipe.dataReceived(b"z" * 10)
         self.assertEqual(len(pipe._pending), 10)
         self.assertEqual(len(self.consumer.received), (size - 1) * 10)
+
+
+class BodyPipeMinRateTests(SynchronousTestCase):
+    """
+    L{BodyPipe} under C{--upstream-min-rate}: a body that trickles (never
+    silent for the read timeout) is given up as silence is, once a window
+    of the read timeout brings less than the rate; the client's own
+    pauses are not judged.
+    """
+
+    IDLE = 5.0
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.consumer = FakeConsumer()
+        self.transport = FakeProducerTransport()
+
+    def pipe(self, min_rate: int, length: int | None = None) -> BodyPipe:
+        pipe = BodyPipe(
+            self.consumer, self.clock, self.IDLE, length, None, "up.test", min_rate=min_rate
+        )
+        pipe.makeConnection(self.transport)
+        return pipe
+
+    def trickle(self, pipe: BodyPipe, seconds: int, size: int = 10) -> None:
+        """C{size} bytes every second for C{seconds}: never silent for long."""
+        for _ in range(seconds):
+            self.clock.advance(1.0)
+            pipe.dataReceived(b"t" * size)
+
+    def test_default_is_the_option_default(self) -> None:
+        """Without C{min_rate}, a pipe holds the option's default floor."""
+        pipe = BodyPipe(self.consumer, self.clock, self.IDLE, None, None, "up.test")
+        pipe.makeConnection(self.transport)
+        self.trickle(pipe, 4, size=DEFAULT_MIN_RATE // 2)
+        self.assertNoResult(pipe.done)
+        self.trickle(pipe, 1, size=DEFAULT_MIN_RATE // 2)
+        self.failureResultOf(pipe.done, UpstreamTimeout)
+
+    def test_trickle_below_the_rate_ends_after_one_window(self) -> None:
+        """
+        10 B/s against a floor of 100 B/s: never silent, but the first
+        window (the read timeout, 5 s) ends it, as silence would.
+        """
+        pipe = self.pipe(100)
+        self.trickle(pipe, 4)
+        self.clock.advance(0.9)
+        self.assertNoResult(pipe.done)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(pipe.done, UpstreamTimeout)
+        self.assertIn("up.test sent 40 bytes in the last 5 s", failure.getErrorMessage())
+        self.assertIn("below --upstream-min-rate 100 B/s", failure.getErrorMessage())
+        self.assertTrue(self.transport.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.consumer.received, b"t" * 30)  # the last chunk is held back
+
+    def test_slow_body_above_the_rate_completes(self) -> None:
+        """
+        A body slower than the client could take, but above the floor in
+        every window, arrives whole and exact; nothing is left scheduled.
+        """
+        pipe = self.pipe(100, length=len(DATA))
+        for chunk in CHUNKS:
+            pipe.dataReceived(chunk)
+            self.clock.advance(4.0)  # 1000 B/4 s, then 500 B/4 s: at least 100 B/s
+        pipe.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(pipe.done), len(DATA))
+        self.assertEqual(self.consumer.received, DATA)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_paused_stream_is_not_judged(self) -> None:
+        """
+        While the client holds the pipe paused (backpressure), nothing
+        arriving is hammal's doing: no window is judged. After the resume a
+        window starts afresh, and a trickle is judged again at its end.
+        """
+        pipe = self.pipe(100)
+        self.trickle(pipe, 2)
+        pipe.pauseProducing()
+        self.clock.advance(60)
+        self.assertNoResult(pipe.done)
+        pipe.resumeProducing()
+        self.trickle(pipe, 4)
+        self.clock.advance(0.9)
+        self.assertNoResult(pipe.done)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(pipe.done, UpstreamTimeout)
+        self.assertIn("sent 40 bytes in the last 5 s", failure.getErrorMessage())
+
+    def test_zero_turns_it_off(self) -> None:
+        """With a rate of 0 only silence ends a body: a trickle goes on."""
+        pipe = self.pipe(0, length=600)
+        self.trickle(pipe, 60)
+        self.assertNoResult(pipe.done)
+        pipe.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(pipe.done), 600)
+        self.assertEqual(self.consumer.received, b"t" * 600)
+
+    def test_stopped_by_the_client_judges_no_more(self) -> None:
+        """A client that leaves leaves nothing scheduled."""
+        pipe = self.pipe(100)
+        self.trickle(pipe, 2)
+        pipe.stopProducing()
+        pipe.connectionLost(Failure(ResponseFailed([])))
+        self.failureResultOf(pipe.done, TransferBroken)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_upstream_body_passes_the_rate_on(self) -> None:
+        """L{UpstreamBody} (a ranged answer relayed uncached) holds the same floor."""
+        response = _BodyResponse()
+        body = UpstreamBody(
+            response,  # type: ignore[arg-type]
+            self.clock,
+            self.IDLE,
+            None,
+            "up.test",
+            min_rate=100,
+        )
+        done = body.deliver(self.consumer)
+        assert response.protocol is not None
+        for _ in range(5):
+            self.clock.advance(1.0)
+            response.protocol.dataReceived(b"t" * 10)
+        failure = self.failureResultOf(done, UpstreamTimeout)
+        self.assertIn("below --upstream-min-rate 100 B/s", failure.getErrorMessage())
+        self.assertTrue(response.transport.stopped)
 
 
 class _BodyResponse:

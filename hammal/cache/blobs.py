@@ -19,7 +19,6 @@ from hammal.cache.bypass import UpstreamTail
 from hammal.cache.coordinate import LockFileCoordinator, hold_lease
 from hammal.cache.fetch import BlobFetch, Offload, StartUpstream, run_here
 from hammal.cache.growing import GrowingFill
-from hammal.cache.minrate import DEFAULT_MIN_RATE
 from hammal.cache.pump import BodyPumps
 from hammal.cache.readers import BlobReader, Bypass, FileSender, tcp_transport
 from hammal.cache.sibling import SiblingFill
@@ -29,6 +28,7 @@ from hammal.cache.takeover import TakenOver
 from hammal.cache.writes import LocalCacheError, WriteErrors
 from hammal.conditional import range_applies
 from hammal.errors import NotCachedUpstreamDown, UpstreamTimeout, UpstreamUnavailable
+from hammal.minrate import DEFAULT_MIN_RATE
 from hammal.ranges import content_range, parse_range
 from hammal.reference import Digest
 from hammal.replies import CACHE_COALESCED, CACHE_HIT, CACHE_MISS, BlobReply, HeaderList
@@ -104,6 +104,7 @@ class CachedBody:
                 offset,
                 end,
                 self._digest,
+                self._cache.min_rate,
             )
 
         return bypass
@@ -205,7 +206,8 @@ class BlobCache:
         self._hash_offload = hash_offload
         #: Where fills read long upstream bodies off the event loop (see BlobFetch).
         self._pumps = pumps
-        #: Bytes per second a fill's upstream body must bring (see BlobFetch).
+        #: Bytes per second a fill's upstream body must bring (see BlobFetch),
+        #: and a bypass's (L{UpstreamTail}).
         self.min_rate = min_rate
         self._fetches: dict[str, GrowingFill] = {}
         self._transfers: dict[GrowingFill, Transfer] = {}

@@ -28,6 +28,8 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from hammal import metrics
+from hammal.errors import UpstreamTimeout
+from hammal.minrate import DEFAULT_MIN_RATE, RateWatch
 from hammal.reference import Digest
 from hammal.stream import TransferBroken, _producer, discard_body, expected_length, not_a_blob
 
@@ -53,7 +55,9 @@ def starts_at(response: IResponse, offset: int) -> bool:
 class UpstreamTail:
     """
     A L{hammal.stream.BodySource} for bytes C{[start, end)} of a blob (to
-    its end when C{end} is L{None}), fetched from upstream uncached.
+    its end when C{end} is L{None}), fetched from upstream uncached; given
+    up after C{idle_timeout} of silence, or a window of it that brought
+    less than C{min_rate} bytes per second (L{hammal.minrate}).
     """
 
     def __init__(
@@ -65,8 +69,10 @@ class UpstreamTail:
         start: int,
         end: int | None,
         digest: Digest | None = None,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self._digest = digest
+        self._min_rate = min_rate
         self._start_upstream = start_upstream
         self._clock = clock
         self._idle_timeout = idle_timeout
@@ -114,6 +120,7 @@ class UpstreamTail:
             count,
             self._upstream,
             self._digest if whole else None,
+            self._min_rate,
         )
         self._pipe = pipe
         response.deliverBody(pipe)
@@ -133,6 +140,8 @@ class _TailPipe(Protocol):
     Copies C{count} bytes (all, when L{None}) of an upstream body, after
     dropping C{skip}, into C{consumer}, as its push producer; checked
     against C{digest} when given (the last chunk is held back until it is).
+    A trickle below C{min_rate} ends it as silence does; the consumer's
+    pauses are not judged.
     """
 
     def __init__(
@@ -144,6 +153,7 @@ class _TailPipe(Protocol):
         count: int | None,
         upstream: str,
         digest: Digest | None = None,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self.done: Deferred[int] = Deferred()
         self._digest = digest
@@ -158,15 +168,18 @@ class _TailPipe(Protocol):
         self._sent = 0
         self._stopped = False
         self._idle: IDelayedCall | None = None
+        self._rate = RateWatch(clock, min_rate, idle_timeout, upstream, self._too_slow)
 
     def connectionMade(self) -> None:
         self._consumer.registerProducer(self, True)
         self._arm()
+        self._rate.start()
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped or self.done.called:
             return
         self._arm()
+        self._rate.count(len(data))
         metrics.upstream_bytes.inc(len(data))
         if self._skip:
             dropped = min(self._skip, len(data))
@@ -221,11 +234,13 @@ class _TailPipe(Protocol):
             self._complete()
 
     def pauseProducing(self) -> None:
-        self._disarm()
+        self._disarm()  # our own choice: neither silence nor the rate is judged
         _producer(self.transport).pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._arm()
+        if not self._stopped and not self.done.called:
+            self._arm()
+            self._rate.start()
         _producer(self.transport).resumeProducing()
 
     def stopProducing(self) -> None:
@@ -243,12 +258,20 @@ class _TailPipe(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        self._rate.stop()
 
     def _timed_out(self) -> None:
         self._idle = None
+        self._give_up(f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds")
+
+    def _too_slow(self, slow: UpstreamTimeout) -> None:
+        self._disarm()
+        self._give_up(slow.message)
+
+    def _give_up(self, message: str) -> None:
+        """Upstream is too slow (silent, or trickling): fail as a broken transfer."""
+        self._rate.stop()
         if not self.done.called:
-            self.done.errback(
-                TransferBroken(f"{self._upstream} sent nothing for {self._idle_timeout:g} seconds")
-            )
+            self.done.errback(TransferBroken(message))
         self._stopped = True
         _producer(self.transport).stopProducing()

@@ -50,7 +50,6 @@ from twisted.web.iweb import IResponse
 from hammal import metrics
 from hammal.cache.bypass import StartUpstream, starts_at
 from hammal.cache.growing import FillNews
-from hammal.cache.minrate import DEFAULT_MIN_RATE, RateWatch
 from hammal.cache.preallocate import preallocate
 from hammal.cache.pump import BodyPump, BodyPumps
 from hammal.cache.rawsocket import body_connection
@@ -59,6 +58,7 @@ from hammal.cache.tlsbody import TLSBody, tls_body_connection
 from hammal.cache.tlspump import TLSBodyPump
 from hammal.cache.writes import LocalCacheError, WriteErrors, describe
 from hammal.errors import RegistryError, UpstreamBadResponse, UpstreamTimeout
+from hammal.minrate import DEFAULT_MIN_RATE, RateWatch
 from hammal.reference import Digest
 from hammal.stream import (
     IdleTimer,

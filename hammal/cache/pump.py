@@ -19,7 +19,7 @@ at most once per turn.
 
 A pump is bounded like every upstream read: it gives up after the read
 timeout without a byte, or when a window of the read timeout brought less
-than the minimum rate (L{hammal.cache.minrate}; both L{UpstreamTimeout},
+than the minimum rate (L{hammal.minrate}; both L{UpstreamTimeout},
 judged on the pump's monotonic clock, so time spent writing to a slow
 disk counts too), on an early end or a reset
 (L{TransferBroken}: the fill resumes with C{Range} from what was written
@@ -48,9 +48,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from hammal import metrics
-from hammal.cache.minrate import DEFAULT_MIN_RATE, RateFloor
 from hammal.cache.writes import LocalCacheError, describe
 from hammal.errors import RegistryError, UpstreamTimeout
+from hammal.minrate import DEFAULT_MIN_RATE, RateFloor
 from hammal.stream import TransferBroken
 
 __all__ = ["PUMP_READ", "PUMP_THREADS", "BodyPump", "BodyPumps", "write_at"]

@@ -35,6 +35,7 @@ class FillingCache(Protocol):
     store: BlobStorage
     clock: IReactorTime
     read_timeout: float
+    min_rate: int
 
     def body(
         self,
@@ -114,6 +115,7 @@ class TakenOver:
                 self._offset,
                 self._end,
                 self._digest,
+                self._cache.min_rate,
             )
             return await self._body.deliver(consumer)
         if self._stopped:

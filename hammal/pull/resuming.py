@@ -5,7 +5,8 @@ mid-body.
 A blob the cache cannot take (over ``--cache-max-size``, a full disk, no
 cache at all) streams straight from upstream's answer to the client. Like
 a fill (L{hammal.cache.fetch.BlobFetch}), the relay that loses its upstream
-connection, or hears nothing for the read timeout, asks for the rest
+connection, hears nothing for the read timeout, or gets less than
+``--upstream-min-rate`` over a window of it, asks for the rest
 (``Range: bytes=N-``, up to C{resumes} times) and goes on: the client sees
 one seamless body instead of a connection cut partway, which clients such
 as skopeo report as a failed pull. The digest is checked over the whole
@@ -24,6 +25,7 @@ from zope.interface import implementer
 from hammal import metrics
 from hammal.cache.bypass import StartUpstream, UpstreamTail
 from hammal.errors import UpstreamTimeout
+from hammal.minrate import DEFAULT_MIN_RATE
 from hammal.reference import Digest
 from hammal.stream import BodyPipe, TransferBroken, UpstreamBody, expected_length
 
@@ -79,7 +81,8 @@ class ResumingBody:
     A L{hammal.stream.BodySource} for upstream's C{200} answer with a whole
     blob, C{response}, its body unread; bytes lost to a broken transfer are
     asked for again through C{start_upstream} (from an offset), at most
-    C{resumes} times.
+    C{resumes} times. Every segment is bounded by C{idle_timeout} of
+    silence and by C{min_rate} bytes per second over windows of it.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class ResumingBody:
         digest: Digest,
         resumes: int,
         upstream: str,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self._response = response
         self._start_upstream = start_upstream
@@ -99,6 +103,7 @@ class ResumingBody:
         self._digest = digest
         self._resumes = resumes
         self._upstream = upstream
+        self._min_rate = min_rate
         self._pipe: BodyPipe | None = None
         self._tail: UpstreamTail | None = None
         self._stopped = False
@@ -108,7 +113,9 @@ class ResumingBody:
 
     async def _relay(self, out: _Verifying) -> int:
         total = expected_length(self._response)
-        pipe = BodyPipe(out, self._clock, self._idle_timeout, total, None, self._upstream)
+        pipe = BodyPipe(
+            out, self._clock, self._idle_timeout, total, None, self._upstream, self._min_rate
+        )
         self._pipe = pipe
         self._response.deliverBody(pipe)
         segment: Deferred[int] = pipe.done
@@ -138,6 +145,7 @@ class ResumingBody:
                     self._upstream,
                     out.received,
                     total,
+                    min_rate=self._min_rate,
                 )
                 self._tail = tail
                 segment = tail.deliver(out)

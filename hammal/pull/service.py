@@ -30,6 +30,7 @@ from hammal.errors import (
     UpstreamBadResponse,
 )
 from hammal.headers import relayed_response_headers
+from hammal.minrate import DEFAULT_MIN_RATE
 from hammal.pull.referrers import Referrers, ReferrersCache
 from hammal.pull.resuming import ResumingBody
 from hammal.reference import Digest, Reference, upstream_name
@@ -62,6 +63,9 @@ class PullService:
         redirects; C{"pass"} returns upstream's redirect to the client.
     @param resumes: how many times a blob relayed uncached is resumed with
         C{Range} when upstream breaks it mid-body (C{--retries}).
+    @param min_rate: the bytes per second a blob relayed uncached must
+        bring over each read-timeout window (C{--upstream-min-rate}; 0: no
+        floor), as a fill's must.
     """
 
     log = Logger()
@@ -76,9 +80,11 @@ class PullService:
         manifests: ManifestCacheFactory | None = None,
         referrers: ReferrersCache | None = None,
         resumes: int = 0,
+        min_rate: int = DEFAULT_MIN_RATE,
     ) -> None:
         self._client = client
         self._resumes = resumes
+        self._min_rate = min_rate
         self._library_prefix = library_prefix
         self._follow_blob_redirects = blob_redirect == "follow"
         self._clock = clock
@@ -194,10 +200,16 @@ class PullService:
                 digest,
                 self._resumes,
                 self.upstream_host,
+                min_rate=self._min_rate,
             )
         else:
             body = UpstreamBody(
-                response, self._clock, self._client.read_timeout, None, self.upstream_host
+                response,
+                self._clock,
+                self._client.read_timeout,
+                None,
+                self.upstream_host,
+                min_rate=self._min_rate,
             )
         return BlobReply(response.code, relayed, expected_length(response), body)
 

@@ -319,3 +319,45 @@ class ConnectionRefusedTests(ResilienceCase):
         self.assertNoLeaks(sandbox, fds, est, slack=0, pool_limit=0)
         self.assertNoTraceback(sandbox)
         self.assertEqual(cache_problems(sandbox.cache_dir), [])
+
+
+class NoCacheFaultTests(_FaultCase):
+    """Faults of a registry hammal relays uncached (``--no-cache``)."""
+
+    @classmethod
+    def start_fixture(cls) -> None:
+        cls.registry = FaultyRegistry(redirect=cls.redirect)
+        cls.sandbox = start_sandboxed_hammal(
+            cls.registry.url,
+            read_timeout=READ_TIMEOUT,
+            retries=2,
+            retry_backoff=0.05,
+            extra_args=["--no-cache"],
+        )
+
+    def test_trickling_upstream_is_given_up(self) -> None:
+        """
+        Uncached, an upstream trickling 200 B/s (never silent for the 1 s
+        read timeout, under the default --upstream-min-rate of 1024 B/s) is
+        given up each window like silence: resumed twice with Range, then
+        the client's body is cut short. A slow upstream above the rate
+        (4 KiB/s) is relayed whole, and without the fault the exact bytes.
+        """
+        img = self.image((64 * 1024, 16 * 1024))
+        self.registry.add_fault("slow", f"/blobs/{img.layers[0].digest}", count=-1, rate=200)
+        started = time.monotonic()
+        resp = self.pull(img, timeout=40)
+        took = time.monotonic() - started
+        self.assertCleanFailure(resp, img)
+        self.assertLess(took, 3 * READ_TIMEOUT + 8)
+        gets = self.blob_requests(img)
+        self.assertEqual([g.fault for g in gets], ["slow"] * 3)  # --retries 2: two resumes
+        self.assertTrue(all(g.range and g.range.startswith("bytes=") for g in gets[1:]), gets)
+        log = self.sandbox.hammal.log_text()[self.log_offset :]
+        self.assertIn("below --upstream-min-rate 1024 B/s", log)
+        self.registry.clear_faults()
+        self.assertExact(self.pull(img), img)
+
+        self.registry.add_fault("slow", f"/blobs/{img.layers[1].digest}", count=-1, rate=4096)
+        self.assertExact(self.pull(img, 1, timeout=40), img, 1)
+        self.assertEqual([g.fault for g in self.blob_requests(img, 1)], ["slow"])

@@ -4,18 +4,24 @@ per second, judged over windows of ``--read-timeout`` seconds.
 
 The read timeout bounds upstream's silence only: a body that trickles a
 byte now and then is never silent for long, and would keep its fill, every
-client coalesced on it and a pump thread busy for ever. A deadline for the
+client coalesced on it and a pump thread busy for ever (or, uncached, the
+client's request and its upstream connection). A deadline for the
 whole body would cut a large layer over a slow link that is legitimately
 hours long. So, like curl's C{--speed-limit}/C{--speed-time}: once a body
 has been received for a whole window, what arrived in that window must
 reach C{rate x window} bytes, else the transfer is given up as an upstream
-timeout (L{UpstreamTimeout}), which the fill handles as it handles
-silence (a resume with C{Range}, then a 504 when the resumes are spent).
+timeout (L{UpstreamTimeout}), which each reader handles as it handles
+silence: a fill, and a blob relayed uncached
+(L{hammal.pull.resuming.ResumingBody}), resume with C{Range}, then fail
+(a 504, or a body cut short) when the resumes are spent;
+L{hammal.stream.BodyPipe} and the cache's bypass
+(L{hammal.cache.bypass.UpstreamTail}) fail the transfer.
 
 Windows follow each other: each is judged when it ends (or, on a pump
 thread, at the first look after its end) on the bytes and the seconds since
 the previous one. A window in which hammal itself held upstream back (its
-writer behind) is not judged: it starts afresh when reading resumes.
+writer behind, or the client: backpressure) is not judged: it starts
+afresh when reading resumes.
 
 L{RateFloor} is the arithmetic, on any clock (pump threads pass their
 monotonic one); L{RateWatch} runs it on the reactor's clock for a body
