@@ -111,7 +111,8 @@ def _settle(d: Deferred[Any], f: Callable[..., Any], args: tuple[Any, ...]) -> N
 class _HeldOffload:
     """
     An offload whose jobs run only when the test says so; but for the
-    creation of the cache file (run at once) unless C{hold_creates}.
+    creation and preallocation of the cache file (run at once) unless
+    C{hold_creates}.
     """
 
     def __init__(self, hold_creates: bool = False) -> None:
@@ -119,7 +120,8 @@ class _HeldOffload:
         self._hold_creates = hold_creates
 
     def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        if f is fetch_module.create_cache_file and not self._hold_creates:
+        creates = (fetch_module.create_cache_file, fetch_module.preallocate)
+        if f in creates and not self._hold_creates:
             return run_here(f, *args)
         d: Deferred[Any] = Deferred()
         self.jobs.append((f, args, d))
@@ -203,11 +205,12 @@ class _FetchHarness(SynchronousTestCase):
 class FetchPipelineTests(_FetchHarness):
     def test_cache_file_created_off_the_event_loop(self) -> None:
         """
-        Creating and preallocating the cache file is a job of the offload,
+        Creating and preallocating the cache file are jobs of the offload,
         not of the event loop: under heavy writeback the file system can
         hold a create or an fallocate for hundreds of milliseconds, which
         on the event loop stalls every client. The body is taken once the
-        file exists.
+        file exists; the first bytes go to readers before the
+        preallocation is done.
         """
         blob = b"x" * 5000
         response = _Response(len(blob))
@@ -231,7 +234,14 @@ class FetchPipelineTests(_FetchHarness):
         self.offload.run_next()
         self.assertTrue(os.path.exists(fetch.path))
         self.assertIs(self.successResultOf(started), fetch)
-        response.send(blob)
+        # The preallocation runs next, as the writer's first job; readers
+        # do not wait for it: they take the first bytes from memory.
+        self.assertEqual([f for f, _, _ in self.offload.jobs], [fetch_module.preallocate])
+        response.send(blob[:3000])
+        self.assertEqual((fetch.written, fetch.sendable), (0, 3000))
+        self.assertEqual(bytes(fetch.buffered(0, 3000) or b""), blob[:3000])
+        self.offload.run_next()
+        response.send(blob[3000:])
         response.end()
         self.offload.run_all()
         self.offload.run_all()

@@ -151,26 +151,16 @@ def _write_and_hash(fd: int, offset: int, chunks: list[bytes], hasher: Any) -> i
     return end
 
 
-def create_cache_file(path: str, size: int | None) -> tuple[int, bool]:
+def create_cache_file(path: str) -> int:
     """
     Create the cache file C{path} (it must not exist yet) for reading and
-    writing (without the held tail the hasher reads it back) and preallocate
-    C{size} bytes when known (steadier, cheaper writes): the descriptor and
-    whether it was preallocated. Runs on the offload: while the disk writes
-    back a lot, the file system can hold a create or an fallocate for
-    hundreds of milliseconds, which on the event loop would stall every
-    client (seen in the benchmark: 130-460 ms).
+    writing (without the held tail the hasher reads it back). Runs on the
+    offload, like the file's preallocation: while the disk writes back a
+    lot, the file system can hold a create or an C{fallocate} for hundreds
+    of milliseconds (the benchmark saw 136-337 ms), which on the event loop
+    would stall every client.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        return fd, size is not None and preallocate(fd, size)
-    except OSError:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        raise
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
 
 def _hash_file(fd: int, hasher: Any, start: int, end: int) -> int:
@@ -334,6 +324,8 @@ class BlobFetch(FillNews):
         try:
             self._make_room()
             await self._open()
+            if self._broken is not None:  # the preallocation failed at once
+                raise self._broken
         except (OSError, LocalCacheError) as failure:
             # A waiter may take this answer over and stream it uncached;
             # else it is dropped when the failure is known (see _fail).
@@ -415,13 +407,31 @@ class BlobFetch(FillNews):
                 raise LocalCacheError("the cache disk is nearly full")
 
     async def _open(self) -> None:
-        """Create (and preallocate) the cache file, on the offload: see L{create_cache_file}."""
+        """Create the cache file (on the offload), then preallocate it (L{_preallocate})."""
         # (Nothing cancels a fill's run: the file it makes is always closed by it.)
-        self._fd, preallocated = await self._offload(create_cache_file, self.path, self.size)
+        self._fd = await self._offload(create_cache_file, self.path)
+        self._preallocate()
+
+    def _preallocate(self) -> None:
+        """
+        Preallocate the blob's blocks (steadier, cheaper writes) as the
+        writer's first job: the first write waits for it, readers do not
+        (they take the first bytes from memory meanwhile), so a slow
+        C{fallocate} does not delay the first byte to clients.
+        """
+        if self.size is None or self._fd is None:
+            return
+        self._writing = self._offload(preallocate, self._fd, self.size)
+        self._writing.addCallbacks(self._preallocated_now, self._write_failed)
+
+    def _preallocated_now(self, preallocated: bool) -> None:
+        self._writing = None
         if preallocated and self.size is not None:
             # The disk's free space fell by the whole blob now.
             self._preallocated = self.size
-            self._account_written(0)
+            self._account_written(self.written)
+        self._write_more()
+        self._moved_on()
 
     def _account_written(self, end: int) -> None:
         """
