@@ -184,9 +184,18 @@ class _FetchHarness(SynchronousTestCase):
         sized: bool = True,
     ) -> tuple[BlobFetch, _Response]:
         response = _Response(len(blob) if sized else UNKNOWN_LENGTH)
+        fetch = self.make(blob, response, digest=digest, hold_tail=hold_tail)
+        Deferred.fromCoroutine(fetch.run())
+        self.assertIsNotNone(response.protocol)
+        return fetch, response
+
+    def make(
+        self, blob: bytes, response: _Response, digest: Digest | None = None, **options: Any
+    ) -> BlobFetch:
+        """A fill of C{blob} whose upstream answers C{response}, on the held offload."""
         if digest is None:
             digest = Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest())
-        fetch = BlobFetch(
+        return BlobFetch(
             digest,
             self.store,
             self.clock,
@@ -195,11 +204,8 @@ class _FetchHarness(SynchronousTestCase):
             resumes=0,
             upstream="upstream.test",
             offload=self.offload,
-            hold_tail=hold_tail,
+            **options,
         )
-        Deferred.fromCoroutine(fetch.run())
-        self.assertIsNotNone(response.protocol)
-        return fetch, response
 
 
 class FetchPipelineTests(_FetchHarness):
@@ -215,16 +221,7 @@ class FetchPipelineTests(_FetchHarness):
         blob = b"x" * 5000
         response = _Response(len(blob))
         self.offload = _HeldOffload(hold_creates=True)
-        fetch = BlobFetch(
-            Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest()),
-            self.store,
-            self.clock,
-            lambda offset: succeed(response),
-            read_timeout=30,
-            resumes=0,
-            upstream="upstream.test",
-            offload=self.offload,
-        )
+        fetch = self.make(blob, response)
         started = fetch.when_started()
         Deferred.fromCoroutine(fetch.run())
         self.assertFalse(os.path.exists(fetch.path))
@@ -529,18 +526,7 @@ class FetchPipelineTests(_FetchHarness):
         hashing = _HeldOffload()
         blob = b"z" * 3000
         response = _Response(len(blob))
-        fetch = BlobFetch(
-            Digest.parse("sha256:" + hashlib.sha256(blob).hexdigest()),
-            self.store,
-            self.clock,
-            lambda offset: succeed(response),
-            read_timeout=30,
-            resumes=0,
-            upstream="upstream.test",
-            offload=self.offload,
-            hold_tail=False,
-            hash_offload=hashing,
-        )
+        fetch = self.make(blob, response, hold_tail=False, hash_offload=hashing)
         Deferred.fromCoroutine(fetch.run())
         response.send(blob)
         response.end()
