@@ -209,6 +209,31 @@ class _FetchHarness(SynchronousTestCase):
 
 
 class FetchPipelineTests(_FetchHarness):
+    def test_preallocation_failing_later_fails_the_fill_cleanly(self) -> None:
+        """
+        A disk that refuses the blob's blocks once the fill has started
+        (the preallocation runs on the offload, after readers were told)
+        fails the fill as the cache's own failure: the upstream body is
+        dropped, the file removed and the reservation given back.
+        """
+        blob = b"y" * 5000
+        response = _Response(len(blob))
+        self.offload = _HeldOffload(hold_creates=True)
+        fetch = self.make(blob, response)
+        Deferred.fromCoroutine(fetch.run())
+        self.offload.run_next()  # the file exists, readers may follow
+        self.assertIsNotNone(response.protocol)
+        response.send(blob[:3000])
+        self.offload.fail_next(
+            fetch_module.preallocate, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        )
+        self.offload.run_all()
+        self.assertIsInstance(fetch.failure, LocalCacheError)
+        self.assertIn("No space left", str(fetch.failure))
+        self.assertTrue(response.transport.stopped)
+        self.assertFalse(os.path.exists(fetch.path))
+        self.assertEqual((self.store.reserved, self.store.reserved_written), (0, 0))
+
     def test_cache_file_created_off_the_event_loop(self) -> None:
         """
         Creating and preallocating the cache file are jobs of the offload,
